@@ -1,0 +1,1 @@
+"""Stage 2: hardware calibration and profiles (the contract between measurement and simulation)."""

@@ -1,0 +1,1 @@
+"""Stage 4: fitted cost model and configuration search."""

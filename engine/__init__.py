@@ -1,0 +1,1 @@
+"""A real, minimal offloading engine used to validate the simulator."""

@@ -1,0 +1,58 @@
+"""Write output files so that a failure never leaves a half-written file behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from moesim.errors import MoesimError
+
+
+def prepare_output_path(path: str | os.PathLike) -> Path:
+    """Create the parent folder of ``path`` and check it is writable, or raise a one-line error."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MoesimError(f"{path}: cannot create its folder ({exc.strerror or exc})") from None
+    if path.is_dir():
+        raise MoesimError(f"{path}: is a folder, expected a file path")
+    if not os.access(path.parent, os.W_OK):
+        raise MoesimError(f"{path}: folder {path.parent} is not writable")
+    return path
+
+
+def temp_path_for(path: Path) -> Path:
+    """A unique temp file beside ``path`` (same file system, so the final rename is atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path to write to; on success rename it onto ``path``, on failure remove it."""
+    final = prepare_output_path(path)
+    tmp = temp_path_for(final)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)

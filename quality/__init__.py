@@ -1,0 +1,1 @@
+"""Output quality (perplexity) under expert quantization and gating, and a small trained demo MoE."""
