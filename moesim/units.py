@@ -1,0 +1,42 @@
+"""Parse the sizes and durations users type on the command line ('16GiB', '3000MiB', '0.5s', '200ms')."""
+
+from __future__ import annotations
+
+import re
+
+from moesim.errors import MoesimError
+
+_BYTE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30,
+}
+_TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "min": 60.0}
+
+
+def parse_bytes(text: str | int, what: str = "size") -> int:
+    """'16GiB' -> 17179869184; a bare number is bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _BYTE_UNITS:
+        raise MoesimError(f"{what} '{text}': expected a number with an optional unit (B, KiB, MiB, GiB, MB, GB)")
+    return int(float(m.group(1)) * _BYTE_UNITS[m.group(2).lower()])
+
+
+def parse_seconds(text: str | float, what: str = "duration") -> float:
+    """'0.5s' -> 0.5, '200ms' -> 0.2; a bare number is seconds."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _TIME_UNITS:
+        raise MoesimError(f"{what} '{text}': expected a number with an optional unit (s, ms, us)")
+    return float(m.group(1)) * _TIME_UNITS[m.group(2).lower()]
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
