@@ -25,9 +25,19 @@ def prepare_output_path(path: str | os.PathLike) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def temp_path_for(path: Path) -> Path:
-    """A unique temp file beside ``path`` (same file system, so the final rename is atomic)."""
+    """A unique temp file beside ``path`` (same file system, so the final rename is atomic).
+
+    mkstemp creates it 0600; it gets the mode an ordinary new file would have, since it becomes the output.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     return Path(tmp)
 
