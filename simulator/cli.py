@@ -1,0 +1,312 @@
+"""`moesim simulate` (one configuration) and `moesim sweep` (a grid, in parallel, resumable)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from moesim.errors import MoesimError
+from moesim.quant import WeightFormat
+from moesim.units import parse_bytes
+
+DEFAULT_PROFILE = "rtx-3060"  # 12 GiB: the smallest GPU of the Mixtral-Offloading paper
+
+
+def _formats(text: Optional[str], flag: str) -> Optional[WeightFormat]:
+    if text is None or str(text).lower() in ("trace", "native"):
+        return None
+    try:
+        return WeightFormat.parse(text)
+    except MoesimError as exc:
+        raise MoesimError(f"{flag} {exc.message}") from None
+
+
+def _gating(text: Optional[str]):
+    from moesim.simulator.gating import GatingSpec
+
+    if text is None:
+        return None
+    if text in ("off", "adapmoe"):
+        return GatingSpec(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise MoesimError(f"--gating '{text}': expected off, adapmoe, or a threshold between 0 and 1") from None
+    return GatingSpec("uniform", value)
+
+
+def build_policy(name: str, eviction: Optional[str] = None, scope: Optional[str] = None,
+                 prefetch: Optional[str] = None, placement: Optional[str] = None, placement_rule: Optional[str] = None,
+                 transfer: Optional[str] = None, gating: Optional[str] = None,
+                 predictor_train: tuple[str, ...] = ()):
+    """A preset with any of its parts replaced (each part checked against its registry)."""
+    from moesim.simulator.cache import CACHE_POLICIES
+    from moesim.simulator.placement import PLACEMENTS, PlacementSpec
+    from moesim.simulator.prefetch import PREFETCHERS
+    from moesim.simulator.presets import get_preset
+    from moesim.simulator.transfer import transfer_spec
+
+    policy = get_preset(name)
+    cache = policy.cache
+    if eviction is not None:
+        CACHE_POLICIES.get(eviction, "--eviction")
+        cache = replace(cache, policy=eviction, initial="popular" if eviction == "static" else cache.initial)
+    if scope is not None:
+        cache = replace(cache, scope=scope)
+    pf = policy.prefetch
+    if prefetch is not None:
+        PREFETCHERS.get(prefetch, "--prefetch")
+        pf = replace(pf, policy=prefetch)
+    if predictor_train:
+        pf = replace(pf, train=tuple(predictor_train))
+    pl = policy.placement
+    if placement is not None:
+        PLACEMENTS.get(placement, "--placement")
+        pl = PlacementSpec(placement, pl.rule)
+    if placement_rule is not None:
+        pl = PlacementSpec(pl.policy, placement_rule)
+    tr = policy.transfer
+    if transfer is not None:
+        tr = transfer_spec(transfer, staging_experts=tr.staging_experts,
+                           prefetch_buffer_experts=tr.prefetch_buffer_experts, demand_priority=tr.demand_priority)
+    g = _gating(gating) or policy.gating
+    return policy.with_parts(cache=cache, prefetch=pf, placement=pl, transfer=tr, gating=g)
+
+
+def _fmt_s(x: float) -> str:
+    if x is None or math.isnan(x):
+        return "-"
+    return f"{x * 1e3:.2f} ms" if x < 1.0 else f"{x:.3f} s"
+
+
+def summary_text(result) -> str:
+    lab = result.label
+    m = result.memory
+    mib = 2**20
+    lines = [
+        f"trace {lab.trace} on {lab.profile}, policy {lab.policy}: cache {lab.cache_policy}/{lab.cache_scope}, "
+        f"prefetch {lab.prefetch}, placement {lab.placement}, transfer {lab.transfer}, gating {lab.gating}",
+        f"  experts          {lab.expert_format} ({result.expert_kernel or '-'} kernel), non-expert "
+        f"{lab.non_expert_format} ({result.non_expert_kernel or '-'}), batch {lab.batch}",
+        f"  cache            {result.cache_slots} expert slots, {m.cache_bytes / mib:.0f} MiB",
+        f"  peak GPU memory  {result.peak_gpu_mib:.0f} MiB of {lab.gpu_mem_mib:.0f} MiB (non-expert "
+        f"{m.non_expert_bytes / mib:.0f}, cache {m.cache_bytes / mib:.0f}, staging "
+        f"{(m.staging_bytes + m.prefetch_buffer_bytes) / mib:.0f}, KV {m.kv_cache_bytes / mib:.0f}, activations "
+        f"{m.activation_bytes / mib:.0f}, reserve {m.reserve_bytes / mib:.0f})",
+    ]
+    if not result.feasible:
+        lines.append(f"  DOES NOT FIT     {result.reason}")
+        return "\n".join(lines)
+    lines += [
+        f"  requests         {result.requests}, {result.output_tokens} output tokens, "
+        f"{result.makespan_s:.3f} s simulated",
+        f"  TTFT             {_fmt_s(result.ttft_mean_s)} mean, {_fmt_s(result.ttft_p50_s)} p50, "
+        f"{_fmt_s(result.ttft_p90_s)} p90",
+        f"  TPOT             {_fmt_s(result.tpot_mean_s)} mean, {_fmt_s(result.tpot_p50_s)} p50, "
+        f"{_fmt_s(result.tpot_p90_s)} p90",
+        f"  end-to-end       {_fmt_s(result.e2e_mean_s)} mean; {result.tokens_per_s:.2f} tokens/s "
+        f"({result.decode_tokens_per_s:.2f} in decode)",
+        f"  hit rate         {result.hit_rate:.3f} decode, {result.prefill_hit_rate:.3f} prefill",
+    ]
+    if result.prefetch_issued:
+        lines.append(f"  prefetch         {result.prefetch_issued} issued, precision {result.prefetch_precision:.3f}, "
+                     f"recall {result.prefetch_recall:.3f} (guess from {result.guess_source})")
+    lines += [
+        f"  PCIe             {result.h2d_bytes / mib:.0f} MiB host->device, {result.d2h_bytes / mib:.0f} MiB "
+        f"device->host",
+        f"  stall            {result.stall_s:.3f} s waiting for copies or the CPU",
+        f"  utilization      GPU {result.gpu_util:.2f}, PCIe H2D {result.h2d_util:.2f}, D2H {result.d2h_util:.2f}, "
+        f"CPU {result.cpu_util:.2f}",
+    ]
+    if not math.isnan(result.cpu_expert_fraction) and result.cpu_expert_fraction > 0:
+        lines.append(f"  CPU experts      {result.cpu_expert_fraction:.3f} of decode activations")
+    if result.gated_fraction > 0:
+        lines.append(f"  adaptive gating  skipped {result.gated_fraction:.3f} of decode activations")
+    return "\n".join(lines)
+
+
+def _notes(result, policy) -> list[str]:
+    notes = []
+    if "(for " in (result.expert_kernel or ""):
+        notes.append(f"the profile has no kernel for this expert format; timed with {result.expert_kernel}")
+    if policy.prefetch.policy in ("next-layer", "first-non-resident") and result.guess_source == "previous-token":
+        notes.append("the trace has no next_layer_guess column; the next-layer guess is the previous token's "
+                     "experts at that layer")
+    return notes
+
+
+@click.command(name="simulate")
+@click.option("--trace", "trace_spec", default=None,
+              help="Trace file or bundled name (default: the bundled Qwen3 trace).")
+@click.option("--profile", "profile_spec", default=DEFAULT_PROFILE, show_default=True,
+              help="Hardware profile: bundled name or PROFILE.json.")
+@click.option("--policy", default="lru", show_default=True, help="Preset: lru, mixtral-offloading, fiddler, ...")
+@click.option("--cache-experts", type=int, default=None, help="Cache size in experts per MoE layer (a global "
+              "cache gets as many per layer on average).")
+@click.option("--cache-mem", default=None, help="Cache size in bytes, e.g. 4000MiB (instead of --cache-experts).")
+@click.option("--gpu-mem", default=None, help="GPU memory budget, e.g. 16GiB (default: the profile's device). "
+              "Without a cache size the cache fills what is left.")
+@click.option("--expert-bits", default=None, help="Expert weight format: 16, 8, 4, 3, 2 or e.g. int2-g16-m8 "
+              "(default: the trace's own).")
+@click.option("--non-expert-bits", default=None, help="Non-expert weight format (default: the trace's own).")
+@click.option("--batch", type=int, default=1, show_default=True, help="Requests decoded together.")
+@click.option("--eviction", default=None, help="Replace the preset's cache rule: lru, lfu, fifo, static, belady, mrs.")
+@click.option("--scope", default=None, type=click.Choice(["layer", "global"]), help="Cache per layer or global.")
+@click.option("--prefetch", default=None, help="Replace the prefetcher: none, next-layer, first-non-resident, eam, "
+              "predictive, oracle.")
+@click.option("--placement", default=None, help="Replace the placement: gpu, fiddler, hybrimoe.")
+@click.option("--placement-rule", default=None, type=click.Choice(["profile", "code"]),
+              help="CPU/GPU decision from the profile's costs or the released code's constants.")
+@click.option("--transfer", default=None, help="Replace the transfer mode: swap, stream, sync, layer.")
+@click.option("--gating", default=None, help="Adaptive gating: off, adapmoe, or a uniform threshold.")
+@click.option("--predictor-train", multiple=True, help="Trace(s) the predictive prefetcher is fitted on "
+              "(default: the other bundled traces).")
+@click.option("--timeline", "timeline_path", default=None, type=click.Path(dir_okay=False),
+              help="Write a Chrome-trace JSON (open in Perfetto) of the GPU, PCIe and CPU lanes.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the result as JSON.")
+def simulate_command(trace_spec, profile_spec, policy, cache_experts, cache_mem, gpu_mem, expert_bits,
+                     non_expert_bits, batch, eviction, scope, prefetch, placement, placement_rule, transfer, gating,
+                     predictor_train, timeline_path, json_path):
+    """Replay a routing trace under one offloading policy on a modelled machine."""
+    from moesim.atomic import write_text_atomic
+    from moesim.simulator.config import SimConfig
+    from moesim.simulator.run import simulate
+    from moesim.simulator.timeline import Timeline
+    from moesim.simulator.sweep import trace_label
+    from moesim.traces import resolve_trace
+
+    trace_path = resolve_trace(trace_spec)
+    spec = build_policy(policy, eviction, scope, prefetch, placement, placement_rule, transfer, gating,
+                        tuple(predictor_train))
+    config = SimConfig(
+        policy=spec, cache_experts=cache_experts,
+        cache_bytes=parse_bytes(cache_mem, "--cache-mem") if cache_mem is not None else None,
+        gpu_mem_bytes=parse_bytes(gpu_mem, "--gpu-mem") if gpu_mem is not None else None,
+        expert_format=_formats(expert_bits, "--expert-bits"),
+        non_expert_format=_formats(non_expert_bits, "--non-expert-bits"), batch=batch,
+    )
+    timeline = Timeline(f"moesim {policy}") if timeline_path else None
+    result = simulate(trace_path, profile_spec, config, timeline=timeline,
+                      trace_name=trace_label(trace_spec) if trace_spec else trace_path.stem, profile_name=profile_spec)
+    click.echo(summary_text(result))
+    for note in _notes(result, spec):
+        click.echo(f"note: {note}", err=True)
+    if timeline is not None:
+        if result.feasible:
+            timeline.write(timeline_path)
+            click.echo(f"timeline: {timeline_path} ({len(timeline.events)} events; open in https://ui.perfetto.dev)")
+        else:
+            click.echo("timeline: not written (the configuration does not fit)", err=True)
+    if json_path:
+        write_text_atomic(json_path, json.dumps(_json_safe(result.to_dict()), indent=1, sort_keys=True) + "\n")
+        click.echo(f"result: {json_path}")
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _split(text: Optional[str]) -> list[str]:
+    if text is None:
+        return []
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+def _ints(text: Optional[str], flag: str) -> list[int]:
+    out = []
+    for t in _split(text):
+        try:
+            out.append(int(t))
+        except ValueError:
+            raise MoesimError(f"{flag} '{t}': expected a comma-separated list of integers") from None
+    return out
+
+
+def default_cache_sizes(trace_path: Path) -> list[int]:
+    """k, 2k, 4k, 8k experts per layer below the number of experts (at least three sizes)."""
+    from moesim.tracer import read_trace_meta
+
+    meta = read_trace_meta(trace_path)
+    k, E = meta.top_k, meta.num_experts
+    sizes = sorted({s for s in (k, 2 * k, 4 * k, 8 * k) if 1 <= s < E})
+    for extra in (E // 2, E - 2, E - 1):
+        if len(sizes) >= 3:
+            break
+        if 1 <= extra < E and extra not in sizes:
+            sizes = sorted(sizes + [extra])
+    return sizes
+
+
+@click.command(name="sweep")
+@click.option("--policy", "policies", default=None, help="Comma-separated presets (default: a representative set).")
+@click.option("--trace", "traces", default=None, help="Comma-separated traces or bundled names (default: the bundled "
+              "Qwen3 trace).")
+@click.option("--profile", "profiles", default=DEFAULT_PROFILE, show_default=True, help="Comma-separated profiles.")
+@click.option("--cache-experts", default=None, help="Comma-separated cache sizes in experts per layer "
+              "(default: k, 2k, 4k, 8k for the trace's top-k).")
+@click.option("--gpu-mem", default=None, help="Comma-separated GPU memory budgets (instead of --cache-experts).")
+@click.option("--expert-bits", default=None, help="Comma-separated expert formats, e.g. 16,4,2 (default: the trace's).")
+@click.option("--non-expert-bits", default=None, help="Non-expert weight format for every point.")
+@click.option("--batch", "batches", default="1", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--out", "out_dir", default="out/sweep", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for sweep.parquet, sweep.csv and sweep.png (a rerun resumes).")
+@click.option("--jobs", type=int, default=0, help="Worker processes (default: one per core).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-plot", is_flag=True, help="Do not draw the latency-vs-memory plot.")
+def sweep_command(policies, traces, profiles, cache_experts, gpu_mem, expert_bits, non_expert_bits, batches, out_dir,
+                  jobs, no_progress, no_plot):
+    """Simulate a grid of policies x traces x profiles x cache sizes x formats x batch sizes in parallel."""
+    from moesim.calib.profile import load_profile
+    from moesim.simulator.presets import DEFAULT_SWEEP_POLICIES, PRESETS
+    from moesim.simulator.sweep import PLOT, build_grid, finish, format_table, run_sweep, write_plot, write_tables
+    from moesim.traces import resolve_trace
+
+    policy_list = _split(policies) or list(DEFAULT_SWEEP_POLICIES)
+    for p in policy_list:
+        PRESETS.get(p, "--policy")
+    trace_list = _split(traces) or [None]
+    trace_paths = [resolve_trace(t) for t in trace_list]
+    trace_specs = [t if t is not None else p.stem for t, p in zip(trace_list, trace_paths)]
+    profile_list = _split(profiles) or [DEFAULT_PROFILE]
+    for p in profile_list:
+        load_profile(p)
+    if cache_experts is not None and gpu_mem is not None:
+        raise MoesimError("--cache-experts and --gpu-mem both given: expected one way to size the cache")
+    mems = [parse_bytes(m, "--gpu-mem") for m in _split(gpu_mem)]
+    sizes = _ints(cache_experts, "--cache-experts")
+    if not mems and not sizes:
+        sizes = default_cache_sizes(trace_paths[0])
+    bits = _split(expert_bits) or [None]
+    for b in bits:
+        if b is not None:
+            _formats(b, "--expert-bits")
+    if non_expert_bits is not None:
+        _formats(non_expert_bits, "--non-expert-bits")
+    batch_list = _ints(batches, "--batch") or [1]
+    for b in batch_list:
+        if b < 1:
+            raise MoesimError(f"--batch {b}: expected positive integers")
+    points = build_grid(trace_specs, profile_list, policy_list, sizes, mems, bits, non_expert_bits, batch_list)
+    out = Path(out_dir)
+    click.echo(f"sweep: {len(points)} configurations -> {out}", err=True)
+    rows = run_sweep(points, out, jobs=jobs, progress=not no_progress)
+    parquet, csv_path = write_tables(rows, out)
+    finish(out)
+    click.echo(format_table(rows))
+    click.echo(f"results: {parquet}, {csv_path}")
+    if not no_plot:
+        title = ", ".join(sorted({r['trace'] for r in rows})) + " on " + ", ".join(sorted({r['profile'] for r in rows}))
+        plot = write_plot(rows, out / PLOT, title=title)
+        if plot is not None:
+            click.echo(f"plot: {plot}")

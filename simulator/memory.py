@@ -1,0 +1,177 @@
+"""Peak GPU memory from its parts, cache sizing from a budget, and AdapMoE's DP over per-layer miss curves.
+
+Peak = non-expert weights at their format + cache slots + staging and prefetch buffers + KV cache for
+the largest batch's total context + activations of the largest step + the runtime's reserve (from the
+profile). A configuration whose peak exceeds the GPU memory budget is reported as not fitting.
+
+Activations are an estimate: the largest step's hidden states (4 x hidden per token: residual, norm,
+attention output, MoE output), one routed expert's intermediate per token (3 x expert intermediate), and
+fp32 logits for the sequences that sample, all at 16 bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from moesim.modelspec import ModelShape
+from moesim.simulator.cache import CacheCapacity
+from moesim.simulator.config import PolicySpec
+from moesim.simulator.results import MIB, MemoryBreakdown
+from moesim.simulator.workload import Workload
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    capacity: CacheCapacity
+    breakdown: MemoryBreakdown
+    budget_bytes: int
+    fits: bool
+    reason: str
+    slots: int  # experts the cache holds at most
+
+
+def kv_cache_bytes(shape: ModelShape, workload: Workload) -> int:
+    tokens = max(
+        (sum(workload.prompt_tokens[r] + workload.decode_tokens[r] for r in b.requests) for b in workload.batches),
+        default=0,
+    )
+    return shape.kv_cache_bytes(tokens)
+
+
+def activation_bytes(shape: ModelShape, workload: Workload) -> int:
+    step_tokens = max((s.tokens for s in workload.steps()), default=1)
+    rows = max(workload.batch, 1)
+    per_token = 4 * shape.hidden_size + 3 * shape.expert_intermediate_size
+    return int(step_tokens * per_token * 2 + rows * shape.vocab_size * 4)
+
+
+def lru_miss_curves(trace) -> np.ndarray:
+    """[L, E+1]: decode misses of a per-layer LRU with 0..E slots (the tracer's one-pass stack distances,
+    prefill warming the cache)."""
+    from moesim.tracer.stats import lru_hit_curve
+
+    curve = lru_hit_curve(trace, scope="layer", phase="decode")
+    return curve.layer_accesses[:, None] - curve.layer_hits
+
+
+def dp_cache_sizes(curves: np.ndarray, total_slots: int) -> list[int]:
+    """Split ``total_slots`` over layers to minimise the summed misses (AdapMoE's ``get_cache_size``)."""
+    L, S = curves.shape
+    E = S - 1
+    total_slots = int(min(max(total_slots, 0), L * E))
+    inf = np.iinfo(np.int64).max // 4
+    dp = np.full(total_slots + 1, inf, dtype=np.int64)
+    dp[0] = 0
+    choice = np.zeros((L, total_slots + 1), dtype=np.int64)
+    for layer in range(L):
+        new = np.full(total_slots + 1, inf, dtype=np.int64)
+        pick = np.zeros(total_slots + 1, dtype=np.int64)
+        for s in range(min(E, total_slots) + 1):
+            cand = np.full(total_slots + 1, inf, dtype=np.int64)
+            cand[s:] = dp[: total_slots + 1 - s] + curves[layer, s]
+            better = cand < new
+            new[better] = cand[better]
+            pick[better] = s
+        dp = new
+        choice[layer] = pick
+    # the whole budget is used when it can be (more slots never add misses)
+    t = int(np.flatnonzero(dp < inf).max())
+    sizes = [0] * L
+    for layer in range(L - 1, -1, -1):
+        s = int(choice[layer, t])
+        sizes[layer] = s
+        t -= s
+    return sizes
+
+
+def plan_memory(policy: PolicySpec, shape: ModelShape, expert_bytes: list[int], non_expert_bytes: int,
+                workload: Workload, profile, cache_experts: Optional[int], gpu_mem_bytes: Optional[int],
+                miss_curves: Optional[np.ndarray] = None, cache_mem: Optional[int] = None) -> MemoryPlan:
+    L, E = workload.num_layers, workload.num_experts
+    spec = policy.cache
+    transfer = policy.transfer
+    budget = int(gpu_mem_bytes if gpu_mem_bytes is not None else profile.device.memory_bytes)
+    max_eb = max(expert_bytes)
+    staging = transfer.staging_experts * max_eb
+    if transfer.mode == "layer":
+        staging = E * max_eb
+    prefetch_buf = transfer.prefetch_buffer_experts * max_eb
+    kv = kv_cache_bytes(shape, workload)
+    act = activation_bytes(shape, workload)
+    reserve = int(profile.runtime_reserve_bytes)
+    fixed = non_expert_bytes + staging + prefetch_buf + kv + act + reserve
+    per_layer_sum = sum(expert_bytes)
+    all_bytes = E * per_layer_sum
+
+    if policy.all_resident:
+        if spec.scope == "layer":
+            limits, unit = tuple([E] * L), "experts"
+        else:
+            limits, unit = (all_bytes,), "bytes"
+        cache_bytes = all_bytes
+    elif spec.initial == "first-layers":
+        if cache_experts is not None:
+            budget_for_cache = cache_experts * per_layer_sum
+        elif cache_mem is not None:
+            budget_for_cache = cache_mem
+        else:
+            budget_for_cache = max(0, int(budget * policy.memory_fraction) - fixed)
+        used, n_layers = 0, 0
+        for b in expert_bytes:
+            if used + E * b > budget_for_cache:
+                break
+            used += E * b
+            n_layers += 1
+        limits = tuple([E] * n_layers + [0] * (L - n_layers))
+        unit = "experts"
+        cache_bytes = used
+    else:
+        if cache_experts is not None:
+            per_layer = min(int(cache_experts), E)
+            total_bytes = per_layer * per_layer_sum
+            total_slots = per_layer * L
+        else:
+            if cache_mem is not None:
+                free = int(cache_mem)
+            else:
+                free = max(0, int(budget * policy.memory_fraction) - fixed)
+            per_layer = min(E, free // per_layer_sum) if per_layer_sum else 0
+            total_bytes = min(free, all_bytes)
+            # the DP may put slots on the layers with the biggest experts: count them at the biggest size
+            total_slots = min(L * E, int(free // max_eb))
+        if spec.scope == "layer":
+            unit = "experts"
+            if spec.sizing == "dp":
+                if miss_curves is None:
+                    raise ValueError("dp sizing needs miss curves")
+                limits = tuple(dp_cache_sizes(miss_curves, total_slots))
+            else:
+                limits = tuple([per_layer] * L)
+            cache_bytes = sum(n * b for n, b in zip(limits, expert_bytes))
+        elif spec.unit == "bytes" or cache_mem is not None:
+            unit = "bytes"
+            limits = (int(total_bytes),)
+            cache_bytes = int(total_bytes)
+        else:
+            unit = "experts"
+            limits = (int(total_bytes // max_eb),)
+            cache_bytes = limits[0] * max_eb
+    capacity = CacheCapacity(spec.scope if not (spec.initial == "first-layers") else "layer", unit, limits)
+    breakdown = MemoryBreakdown(non_expert_bytes, int(cache_bytes), int(staging), int(prefetch_buf), int(kv),
+                                int(act), reserve)
+    total = breakdown.total_bytes
+    fits = total <= budget
+    reason = ""
+    if not fits:
+        what = "every expert" if policy.all_resident else "this configuration"
+        reason = (f"{what} needs {total / MIB:.0f} MiB of GPU memory, the budget is {budget / MIB:.0f} MiB "
+                  f"(cache {cache_bytes / MIB:.0f} MiB, non-expert {non_expert_bytes / MIB:.0f} MiB, "
+                  f"KV {kv / MIB:.0f} MiB, reserve {reserve / MIB:.0f} MiB)")
+    if unit == "experts":
+        slots = sum(limits)
+    else:
+        slots = int(limits[0] // max_eb) if len(limits) == 1 else 0
+    return MemoryPlan(capacity, breakdown, budget, fits, reason, slots)

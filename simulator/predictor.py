@@ -1,0 +1,178 @@
+"""The learned next-layer expert predictor behind the ``predictive`` prefetcher.
+
+For a decode token at layer l, every expert j of layer l+1 gets three features, all computed causally
+from the same request's earlier tokens (its prompt, then the tokens decoded so far):
+
+``transition``  how often the experts this token uses at layer l were followed by j at layer l+1
+                (row-normalized transition counts, averaged over the token's experts)
+``recency``     1 if the previous token used j at layer l+1
+``popularity``  the share of earlier tokens that used j at layer l+1
+
+A logistic regression over these features (fitted once by Newton's method, outside the replay) is trained on
+*other* traces: the features do not depend on the model's size, so traces of any MoE model can train
+it. Its top-k experts by score are the guess for layer l+1. Predictions are computed for the whole
+trace before the replay, so the engine only reads a tuple per layer-step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from moesim.errors import MoesimError
+from moesim.tracer import DECODE, Trace, read_trace
+
+FEATURES = ("transition", "recency", "popularity")
+
+
+@dataclass(frozen=True)
+class PredictorWeights:
+    coef: tuple[float, ...]
+    intercept: float
+    trained_on: tuple[str, ...]
+    samples: int
+
+
+def _request_rows(trace: Trace) -> Iterator[tuple[list[dict[int, int]], list[dict[int, int]]]]:
+    """Per request: prompt tokens and decode tokens, each a {layer: row} map, in position order."""
+    c = trace.cells
+    req = c.request
+    bounds = np.flatnonzero(np.diff(req)) + 1
+    starts = np.concatenate([[0], bounds])
+    stops = np.concatenate([bounds, [len(req)]])
+    phase, pos, layer = c.phase.tolist(), c.position.tolist(), c.layer.tolist()
+    for a, b in zip(starts.tolist(), stops.tolist()):
+        prompt: dict[int, dict[int, int]] = {}
+        decode: dict[int, dict[int, int]] = {}
+        for i in range(a, b):
+            (decode if phase[i] == DECODE else prompt).setdefault(pos[i], {})[layer[i]] = i
+        yield [prompt[p] for p in sorted(prompt)], [decode[p] for p in sorted(decode)]
+
+
+def causal_samples(trace: Trace) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(row at layer l, features [E, 3], label [E] bool for layer l+1) for every decode token and layer."""
+    L, E = trace.meta.num_layers, trace.meta.num_experts
+    experts = trace.cells.experts.astype(np.int64)
+    for prompt, decode in _request_rows(trace):
+        trans = np.zeros((max(L - 1, 1), E, E))
+        seen = np.zeros((L, E))
+        tokens = 0
+        prev: dict[int, int] = {}
+
+        def update(tok: dict[int, int]) -> None:
+            for layer, row in tok.items():
+                cur = experts[row]
+                seen[layer, cur] += 1
+                nxt = tok.get(layer + 1)
+                if nxt is not None:
+                    trans[layer, cur[:, None], experts[nxt][None, :]] += 1
+
+        for tok in prompt:
+            update(tok)
+            tokens += 1
+            prev = tok
+        for tok in decode:
+            for layer in range(L - 1):
+                row, nxt = tok.get(layer), tok.get(layer + 1)
+                if row is None or nxt is None:
+                    continue
+                counts = trans[layer][experts[row]]
+                sums = counts.sum(axis=1, keepdims=True)
+                f_trans = (counts / np.maximum(sums, 1.0)).mean(axis=0)
+                f_rec = np.zeros(E)
+                prow = prev.get(layer + 1)
+                if prow is not None:
+                    f_rec[experts[prow]] = 1.0
+                f_pop = seen[layer + 1] / max(tokens, 1)
+                label = np.zeros(E, dtype=bool)
+                label[experts[nxt]] = True
+                yield row, np.stack([f_trans, f_rec, f_pop], axis=1), label
+            update(tok)
+            tokens += 1
+            prev = tok
+
+
+_FITTED: dict[tuple, PredictorWeights] = {}
+
+
+def fit_predictor(train: Sequence[Path]) -> PredictorWeights:
+    key = tuple(sorted(str(Path(p).resolve()) for p in train))
+    stamp = tuple((Path(p).stat().st_size, Path(p).stat().st_mtime_ns) if Path(p).exists() else (-1, -1) for p in key)
+    if (key, stamp) in _FITTED:
+        return _FITTED[(key, stamp)]
+    if not key:
+        raise MoesimError("prefetch 'predictive': no trace to fit the predictor on; pass --predictor-train TRACE")
+    feats, labels = [], []
+    for path in key:
+        for _, f, y in causal_samples(read_trace(path)):
+            feats.append(f)
+            labels.append(y)
+    if not feats:
+        raise MoesimError(f"prefetch 'predictive': the training traces ({', '.join(key)}) have no decode tokens")
+    X = np.concatenate(feats).astype(np.float64)
+    y = np.concatenate(labels)
+    if y.all() or not y.any():
+        raise MoesimError("prefetch 'predictive': the training traces give only one class to learn from")
+    # Candidates no feature speaks for are many and identical: fit them as two weighted rows.
+    zero = ~X.any(axis=1)
+    keep = ~zero
+    Xk = np.concatenate([X[keep], np.zeros((2, X.shape[1]))])
+    yk = np.concatenate([y[keep], [False, True]]).astype(np.float64)
+    wk = np.concatenate([np.ones(int(keep.sum())), [float((zero & ~y).sum()), float((zero & y).sum())]])
+    coef, intercept = fit_logistic(Xk, yk, wk)
+    weights = PredictorWeights(tuple(float(v) for v in coef), float(intercept), key, int(len(y)))
+    _FITTED[(key, stamp)] = weights
+    return weights
+
+
+def fit_logistic(X: np.ndarray, y: np.ndarray, w: np.ndarray, l2: float = 1.0, iters: int = 50
+                 ) -> tuple[np.ndarray, float]:
+    """Weighted L2-regularised logistic regression by Newton's method (the intercept is not penalised).
+
+    Minimises ``sum w_i * logloss_i + l2/2 * |coef|^2`` (scikit-learn's ``C=1/l2`` objective).
+    """
+    n, d = X.shape
+    A = np.hstack([X, np.ones((n, 1))])
+    theta = np.zeros(d + 1)
+    reg = np.full(d + 1, l2)
+    reg[-1] = 0.0
+    for _ in range(iters):
+        z = A @ theta
+        p = 1.0 / (1.0 + np.exp(-z))
+        grad = A.T @ (w * (p - y)) + reg * theta
+        H = (A * (w * p * (1 - p))[:, None]).T @ A + np.diag(reg) + 1e-9 * np.eye(d + 1)
+        step = np.linalg.solve(H, grad)
+        theta -= step
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    return theta[:d], float(theta[d])
+
+
+def predict_rows(trace: Trace, weights: PredictorWeights, top: int) -> dict[int, tuple[int, ...]]:
+    """Row at layer l -> the predictor's top experts for layer l+1, best first (ties to the lower id)."""
+    coef = np.asarray(weights.coef)
+    out: dict[int, tuple[int, ...]] = {}
+    for row, f, _ in causal_samples(trace):
+        score = f @ coef + weights.intercept
+        order = np.lexsort((np.arange(score.size), -score))[:top]
+        out[row] = tuple(int(e) for e in order)
+    return out
+
+
+def annotate(workload, predictions: dict[int, tuple[int, ...]]) -> None:
+    """Set each decode layer-step's ``predicted`` to the union of its rows' predictions, best first."""
+    for batch in workload.batches:
+        for step in batch.decode:
+            for work in step.layers:
+                if work is None:
+                    continue
+                seen: dict[int, None] = {}
+                lists = [predictions.get(r, ()) for r in work.rows]
+                for rank in range(max((len(p) for p in lists), default=0)):
+                    for p in lists:
+                        if rank < len(p):
+                            seen.setdefault(p[rank], None)
+                work.predicted = tuple(seen)

@@ -1,0 +1,183 @@
+"""Named presets: each published system's policy composed from the parts (offloading-systems.md §10).
+
+Quantization is not part of a preset: every preset runs at the trace's dtype unless ``--expert-bits`` /
+``--non-expert-bits`` say otherwise, so presets compare like for like. Each preset's docstring says what
+it models, what it leaves out, and whether it follows the released code or the paper.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from moesim.simulator.config import CacheSpec, PolicySpec
+from moesim.simulator.gating import GatingSpec
+from moesim.simulator.placement import PlacementSpec
+from moesim.simulator.policies import Registry
+from moesim.simulator.prefetch import PrefetchSpec
+from moesim.simulator.transfer import transfer_spec
+
+PRESETS: Registry[Callable[[], PolicySpec]] = Registry("policy")
+DEFAULT_SWEEP_POLICIES = ("lru", "mixtral-offloading", "moe-infinity", "fiddler", "adapmoe", "hybrimoe",
+                          "predictive", "belady")
+
+
+def _spec(name: str, cache: CacheSpec, prefetch: str = "none", placement: str = "gpu", transfer: str = "stream",
+          gating: GatingSpec = GatingSpec(), memory_fraction: float = 1.0, all_resident: bool = False,
+          **transfer_changes) -> PolicySpec:
+    return PolicySpec(name=name, cache=cache, prefetch=PrefetchSpec(prefetch), placement=PlacementSpec(placement),
+                      transfer=transfer_spec(transfer, **transfer_changes), gating=gating,
+                      memory_fraction=memory_fraction, all_resident=all_resident)
+
+
+@PRESETS.register("lru")
+def lru() -> PolicySpec:
+    """Per-layer LRU expert cache with demand loads on a separate copy stream (overlapping compute).
+
+    The plain reference cache: no prefetch, no CPU compute. ``--scope global`` gives one LRU over all
+    layers (BigMoeOnEdge's engine, with ``--cache-experts`` or ``--gpu-mem`` sizing the pool).
+    """
+    return _spec("lru", CacheSpec("lru"))
+
+
+@PRESETS.register("lfu")
+def lfu() -> PolicySpec:
+    """Per-layer LFU with per-request visit counts (MoE-Infinity's rule, without its global pool), copy stream."""
+    return _spec("lfu", CacheSpec("lfu"))
+
+
+@PRESETS.register("fifo")
+def fifo() -> PolicySpec:
+    """Per-layer FIFO cache, copy stream: the baseline a recency rule must beat."""
+    return _spec("fifo", CacheSpec("fifo"))
+
+
+@PRESETS.register("mixtral-offloading")
+def mixtral_offloading() -> PolicySpec:
+    """Mixtral-Offloading as released (dvmazur/mixtral-offloading ``ce54518``).
+
+    Models: per-layer LRU of ``--cache-experts`` slots (``8 - offload_per_layer``), starting full with the
+    highest-index experts (``expert_idx >= offload_per_layer`` start on the GPU); a miss is a *swap*
+    (H2D of the needed expert plus D2H of the evicted one, the host keeping only ``offload_size`` pinned
+    slots), both on the compute stream, so copies and expert GEMMs serialize; ``buffer_size=4`` device
+    staging buffers; no prefetch; prefill streams the union of the prompt's experts through the same LRU.
+    Leaves out: the 3-deep loading window (with everything on one stream it does not change the time);
+    quantization (the demo's HQQ 4-bit attention / 2-bit experts is ``--expert-bits int2-g16-m8
+    --non-expert-bits int4-g64-m8``).
+    """
+    return _spec("mixtral-offloading", CacheSpec("lru", initial="last-experts"), transfer="swap", staging_experts=4)
+
+
+@PRESETS.register("mixtral-offloading-paper")
+def mixtral_offloading_paper() -> PolicySpec:
+    """Mixtral-Offloading as the paper describes it (arXiv 2312.17238 §3), with speculative expert loading.
+
+    Models: per-layer LRU (k slots), layer l+1's gate applied to layer l's hidden state guesses l+1's
+    experts and every guessed non-resident expert is loaded into the LRU in the background on a copy
+    stream while layer l computes (wrong guesses cost only bandwidth); 4 staging buffers.
+    Leaves out: the released code's swap write-back (the paper's system keeps all experts on the host);
+    the guess is the trace's ``next_layer_guess`` (previous token's experts when the trace lacks it).
+    """
+    return _spec("mixtral-offloading-paper", CacheSpec("lru", initial="last-experts"), prefetch="next-layer",
+                 staging_experts=4)
+
+
+@PRESETS.register("moe-infinity")
+def moe_infinity() -> PolicySpec:
+    """MoE-Infinity as released (EfficientMoE/MoE-Infinity ``d617801``).
+
+    Models: one global expert cache sized in bytes (``device_memory_ratio`` 0.9 of the GPU minus the
+    dense weights when sized from memory), evicting the expert with the fewest in-request visits
+    (``incache_visit_count``, reset after prefill and after each request), a dedicated fetch stream
+    (pinned host memory) where on-demand fetches go before queued prefetches; prefetch is disabled as in
+    ``ArcherConfig.prefetch=False`` (``--prefetch eam`` enables the activation-matrix matching).
+    Leaves out: the SSD-to-host cold start, the 8 exec streams (experts of a layer run back to back here),
+    tie-breaking by container order (ties go to the least recently used).
+    """
+    return _spec("moe-infinity", CacheSpec("lfu", scope="global", unit="bytes"), memory_fraction=0.9,
+                 demand_priority=True)
+
+
+@PRESETS.register("fiddler")
+def fiddler() -> PolicySpec:
+    """Fiddler as released (efeslab/fiddler ``227715b``, ``src/fiddler/mixtral.py``).
+
+    Models: a static placement of the most popular experts filling the GPU (0.95 of device memory
+    minus what is allocated; popularity from the simulated trace, where Fiddler uses a profile of other
+    data); per layer and per expert, a resident expert runs on the GPU, a non-resident one on the CPU
+    when its tokens' CPU time is below one expert's copy time (the profile's real costs; ``--placement-rule
+    code`` uses the released 7/70 constants), otherwise its weights are copied synchronously from pageable
+    memory into one placeholder and never cached. Leaves out: the CPU and GPU work of one layer being
+    issued from one Python loop (here the CPU pool and the GPU run side by side); beam search.
+    """
+    return _spec("fiddler", CacheSpec("static", scope="global", unit="bytes", initial="popular"),
+                 placement="fiddler", transfer="sync", memory_fraction=0.95)
+
+
+@PRESETS.register("adapmoe")
+def adapmoe() -> PolicySpec:
+    """AdapMoE (PKU-SEC-Lab/AdapMoE ``2cfe8df``, ICCAD'24).
+
+    Models: per-layer LRU whose sizes come from a DP splitting the total budget (``--cache-experts`` x
+    layers) to minimise expected loads, here from per-layer LRU miss curves measured on the trace's decode
+    (AdapMoE hard-codes profiled accuracies); caches start full; a separate copy stream (H2D only, all
+    experts stay in pinned host memory); in decode, the first non-resident expert of layer l+1's guessed
+    top-k is prefetched into a side buffer and enters the cache only if used; adaptive gating skips the
+    second expert when its normalized weight is under sqrt(0.005/s_l); ``buffer_size=6``.
+    Leaves out: per-linear (w1/w3/w2) copy events (an expert's GEMM waits for its whole copy).
+    """
+    return _spec("adapmoe", CacheSpec("lru", sizing="dp", initial="last-experts"), prefetch="first-non-resident",
+                 gating=GatingSpec("adapmoe"), staging_experts=6, prefetch_buffer_experts=1)
+
+
+@PRESETS.register("hybrimoe")
+def hybrimoe() -> PolicySpec:
+    """HybriMoE (PKU-SEC-Lab/HybriMoE ``508a85b``, DAC'25).
+
+    Models: per-layer expert slots with MRS score eviction (alpha 0.5, top-p 12), all experts in pinned
+    host memory, loads on a copy stream; in decode the HSS greedy split of each layer's experts between
+    the GPU (resident first, non-resident after a copy) and the CPU (the tail), with the profile's costs
+    (``--placement-rule code`` uses the released constants); prefill runs on the GPU. ``prefetch_size``
+    defaults to 0 in the released code, so no prefetch. Leaves out: the GGUF CPU kernels (the profile's
+    CPU expert kernel stands in).
+    """
+    return _spec("hybrimoe", CacheSpec("mrs"), placement="hybrimoe")
+
+
+@PRESETS.register("predictive")
+def predictive() -> PolicySpec:
+    """Per-layer LRU plus a learned next-layer predictor (:mod:`moesim.simulator.predictor`): a logistic model
+    over transition, recency and popularity features fitted on *other* traces, whose top-k guess for layer
+    l+1 is loaded into the cache on the copy stream while layer l computes."""
+    return _spec("predictive", CacheSpec("lru"), prefetch="predictive")
+
+
+@PRESETS.register("static")
+def static() -> PolicySpec:
+    """Static per-layer placement of each layer's most popular experts; misses stream through a staging
+    buffer on the copy stream and are not kept (what a fixed hot list achieves)."""
+    return _spec("static", CacheSpec("static", initial="popular"), staging_experts=2)
+
+
+@PRESETS.register("belady")
+def belady() -> PolicySpec:
+    """Per-layer Belady's MIN (with bypass), demand loads on a copy stream: the optimal eviction bound
+    for these cache sizes. An oracle: it reads the future of the trace."""
+    return _spec("belady", CacheSpec("belady"), staging_experts=2)
+
+
+@PRESETS.register("all-gpu")
+def all_gpu() -> PolicySpec:
+    """No offloading: every expert resident. Reported as not fitting when the model does not fit."""
+    return _spec("all-gpu", CacheSpec("static", initial="all"), all_resident=True)
+
+
+@PRESETS.register("accelerate")
+def accelerate() -> PolicySpec:
+    """HF accelerate's naive offload (``device_map="auto"``): whole layers fill the GPU in order, and every
+    other layer's experts (all of them, routed or not) are copied synchronously from pageable host memory
+    at every forward pass. Leaves out: offloaded layers' attention weights (kept on the GPU here)."""
+    return _spec("accelerate", CacheSpec("static", initial="first-layers"), transfer="layer")
+
+
+def get_preset(name: str) -> PolicySpec:
+    return PRESETS.get(name, "--policy")()

@@ -1,0 +1,324 @@
+"""Build a simulation from (trace, profile, config) and turn the engine's counters into a :class:`SimResult`.
+
+Per-process memos keep what does not change across a sweep's configurations: the read trace, the
+compiled workload (per batch size and gating), the cost tables (per profile, formats and workload),
+the miss curves and the predictor's output. All are deterministic functions of their keys.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from moesim.quant import SUPPORTED_BITS, WeightFormat
+from moesim.simulator.cache import (
+    BeladyCache,
+    CacheGeometry,
+    FutureIndex,
+    make_cache,
+    popularity_order,
+)
+from moesim.simulator.config import PolicySpec, SimConfig
+from moesim.simulator.costs import CostTables, build_cost_tables
+from moesim.simulator.engine import Simulation
+from moesim.simulator.memory import MemoryPlan, lru_miss_curves, plan_memory
+from moesim.simulator.placement import make_placement
+from moesim.simulator.prefetch import make_prefetcher
+from moesim.simulator.results import MIB, RunLabel, SimResult, mean, percentile
+from moesim.simulator.timeline import Timeline
+from moesim.simulator.workload import Workload, compile_workload
+from moesim.tracer import Trace, read_trace
+
+class _Memo(OrderedDict):
+    """A small least-recently-used memo (a sweep worker needs a handful of entries)."""
+
+    def __init__(self, size: int = 32):
+        super().__init__()
+        self.size = size
+
+    def get_or(self, key, make):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = make()
+        self[key] = value
+        while len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+_TRACES = _Memo(8)
+_WORKLOADS = _Memo(16)
+_COSTS = _Memo(64)
+_CURVES = _Memo(8)
+_PREDICTIONS = _Memo(8)
+_PROFILES = _Memo(16)
+
+
+def _file_key(path: str | Path) -> tuple:
+    """A file's identity for memos: its path, and its size and time so a rewritten file is read again."""
+    p = Path(path).resolve()
+    try:
+        st = p.stat()
+        return (str(p), st.st_size, st.st_mtime_ns)
+    except OSError:
+        return (str(p), -1, -1)
+
+
+def load_trace_cached(path: str | Path) -> Trace:
+    return _TRACES.get_or(_file_key(path), lambda: read_trace(path))
+
+
+def load_profile_cached(spec: str):
+    from moesim.calib.profile import bundled_profiles, load_profile
+
+    key = spec if spec in bundled_profiles() else _file_key(spec)
+    return _PROFILES.get_or(key, lambda: load_profile(spec))
+
+
+def trace_format(dtype: str) -> WeightFormat:
+    """The weight format whose kernel times a trace's own dtype: gguf-q4_k_m and mxfp4 -> int4, q5/q6 and
+    float8 -> int8, 16- and 32-bit floats -> bf16 (the bytes stay the trace's own)."""
+    m = re.search(r"(?:q|int|fp|float)(\d+)", dtype.lower())
+    bits = int(m.group(1)) if m else 16
+    if bits >= 16:
+        return WeightFormat(16)
+    return WeightFormat(min(b for b in SUPPORTED_BITS if b >= bits))
+
+
+def _trace_key(trace: Trace) -> tuple:
+    # the trace object itself is part of the key, so an in-memory trace is never confused with another
+    return (trace.path and _file_key(trace.path), id(trace))
+
+
+def get_workload(trace: Trace, batch: int, policy: PolicySpec) -> Workload:
+    key = (_trace_key(trace), batch, policy.gating)
+    return _WORKLOADS.get_or(key, lambda: (trace, compile_workload(trace, batch=batch, gating=policy.gating)))[1]
+
+
+@dataclass
+class Prepared:
+    """Everything the engine needs, resolved; or a plan that does not fit."""
+
+    label: RunLabel
+    trace: Trace
+    workload: Workload
+    plan: MemoryPlan
+    expert_bytes: list[int]
+    expert_kernel: str
+    non_expert_kernel: str
+    profile: object
+    policy: PolicySpec
+
+
+def _label(trace_name: str, profile_name: str, config: SimConfig, plan_budget: int, dtype: str) -> RunLabel:
+    p = config.policy
+    return RunLabel(
+        trace=trace_name, profile=profile_name, policy=p.name, cache_policy=p.cache.policy,
+        cache_scope=p.cache.scope, prefetch=p.prefetch.policy, placement=p.placement.policy + (
+            "" if p.placement.rule == "profile" or p.placement.policy == "gpu" else f"-{p.placement.rule}"),
+        transfer=p.transfer.mode, gating=p.gating.label,
+        cache_experts=-1 if config.cache_experts is None else int(config.cache_experts),
+        cache_mem_mib=-1.0 if config.cache_bytes is None else round(config.cache_bytes / MIB, 3),
+        gpu_mem_mib=round(plan_budget / MIB, 3),
+        expert_format=config.expert_format.name if config.expert_format else dtype,
+        non_expert_format=config.non_expert_format.name if config.non_expert_format else dtype,
+        batch=config.batch,
+    )
+
+
+def prepare(trace: Trace, profile, config: SimConfig, trace_name: str = "", profile_name: str = "") -> Prepared:
+    meta = trace.meta
+    shape = meta.model
+    L = meta.num_layers
+    own = trace_format(meta.dtype)
+    if config.expert_format is not None:
+        expert_bytes = [config.expert_format.bytes_for(shape.expert_params)] * L
+        expert_kernel = config.expert_format.kernel
+    else:
+        expert_bytes = [int(b) for b in meta.expert_bytes]
+        expert_kernel = own.kernel
+    if config.non_expert_format is not None:
+        non_expert_bytes = config.non_expert_format.bytes_for(shape.non_expert_params)
+        non_expert_kernel = config.non_expert_format.kernel
+    else:
+        non_expert_bytes = int(meta.non_expert_bytes)
+        non_expert_kernel = own.kernel
+    workload = get_workload(trace, config.batch, config.policy)
+    curves = None
+    if config.policy.cache.sizing == "dp" and config.policy.cache.scope == "layer":
+        curves = _CURVES.get_or(_trace_key(trace), lambda: (trace, lru_miss_curves(trace)))[1]
+    plan = plan_memory(config.policy, shape, expert_bytes, non_expert_bytes, workload, profile,
+                       config.cache_experts, config.gpu_mem_bytes, curves, config.cache_bytes)
+    label = _label(trace_name or (trace.path.stem if trace.path else "trace"), profile_name or profile.name,
+                   config, plan.budget_bytes, meta.dtype)
+    return Prepared(label, trace, workload, plan, expert_bytes, expert_kernel, non_expert_kernel, profile,
+                    config.policy)
+
+
+def _costs(prep: Prepared, needs_cpu: bool) -> CostTables:
+    wl = prep.workload
+    shape = prep.trace.meta.model
+    key = (id(prep.profile), prep.profile.name, _trace_key(prep.trace), wl.batch, wl.gating,
+           tuple(prep.expert_bytes), prep.expert_kernel, prep.non_expert_kernel, needs_cpu)
+
+    def make():
+        prompt_lengths = {s.tokens for b in wl.batches for s in b.prefill}
+        decode_batches = {s.tokens for b in wl.batches for s in b.decode}
+        max_tokens = max([wl.max_tokens_per_expert] + [s.tokens for s in wl.steps()])
+        tables = build_cost_tables(prep.profile, shape, prep.expert_bytes, prep.expert_kernel,
+                                   prep.non_expert_kernel, max_tokens, prompt_lengths, decode_batches,
+                                   wl.max_context, needs_cpu)
+        return prep.profile, prep.trace, tables  # holding the objects keeps their ids from being reused
+
+    return _COSTS.get_or(key, make)[2]
+
+
+def _initial_keys(initial: str, prep: Prepared) -> list[tuple[int, int]]:
+    wl = prep.workload
+    L, E = wl.num_layers, wl.num_experts
+    if initial == "empty":
+        return []
+    if initial == "last-experts":
+        # Mixtral-Offloading: experts with index >= offload_per_layer start on the GPU
+        return [(layer, e) for e in range(E - 1, -1, -1) for layer in range(L)]
+    if initial == "popular":
+        return popularity_order(wl.popularity, prep.plan.capacity, _geometry(prep))
+    return [(layer, e) for layer in range(L) for e in range(E)]  # "all", "first-layers"
+
+
+def _geometry(prep: Prepared) -> CacheGeometry:
+    wl = prep.workload
+    return CacheGeometry(wl.num_layers, wl.num_experts, tuple(prep.expert_bytes))
+
+
+def _predictions(prep: Prepared, train: tuple[str, ...]) -> dict:
+    from moesim.simulator.predictor import fit_predictor, predict_rows
+    from moesim.traces import bundled_traces
+
+    own = prep.trace.path.resolve() if prep.trace.path is not None else None
+    if train:
+        paths = [Path(p) for p in train]
+    else:
+        paths = [p for p in bundled_traces().values() if own is None or p.resolve() != own]
+    weights = fit_predictor(paths)
+    key = (_trace_key(prep.trace), weights, prep.workload.top_k)
+    return _PREDICTIONS.get_or(key, lambda: (prep.trace, predict_rows(prep.trace, weights,
+                                                                      prep.workload.top_k)))[1]
+
+
+def infeasible_result(prep: Prepared) -> SimResult:
+    return SimResult(label=prep.label, feasible=False, reason=prep.plan.reason, memory=prep.plan.breakdown,
+                     cache_slots=prep.plan.slots, guess_source=prep.workload.guess_source)
+
+
+def run_prepared(prep: Prepared, record_hits: bool = False, timeline: Optional[Timeline] = None
+                 ) -> tuple[SimResult, Optional[np.ndarray]]:
+    if not prep.plan.fits:
+        return infeasible_result(prep), None
+    config_policy = prep.policy
+    wl = prep.workload
+    L, E = wl.num_layers, wl.num_experts
+    placement_needs_cpu = config_policy.placement.policy != "gpu"
+    costs = _costs(prep, placement_needs_cpu)
+    geometry = _geometry(prep)
+    cache = make_cache(config_policy.cache.policy, geometry, prep.plan.capacity, **config_policy.cache.params())
+    cache.preload(_initial_keys(config_policy.cache.initial, prep))
+    if isinstance(cache, BeladyCache):
+        cache.attach_future(FutureIndex(wl.future_uses()))
+    pf_spec = config_policy.prefetch
+    if pf_spec.policy == "predictive":
+        from moesim.simulator.predictor import annotate
+
+        annotate(wl, _predictions(prep, pf_spec.train))
+    prefetcher = make_prefetcher(pf_spec, wl)
+    transfer = config_policy.transfer
+    pageable = transfer.on_compute_stream and not transfer.pinned
+    copy_by_layer = costs.h2d_pageable_by_layer if pageable else costs.h2d_by_layer
+    placement = make_placement(config_policy.placement, costs, copy_by_layer)
+    layer_copy_s = layer_copy_bytes = None
+    if transfer.mode == "layer":
+        layer_copy_s, layer_copy_bytes = [], []
+        for layer in range(L):
+            missing = sum(1 for e in range(E) if not cache.contains(layer, e))
+            nbytes = missing * prep.expert_bytes[layer]
+            layer_copy_bytes.append(nbytes)
+            layer_copy_s.append(float(prep.profile.copy_time(nbytes, "h2d", pinned=transfer.pinned)) if nbytes else 0.0)
+    sim = Simulation(wl, costs, cache, prefetcher, placement, transfer, prep.trace.meta.model.hidden_size,
+                     layer_copy_s, layer_copy_bytes, record_hits=record_hits, timeline=timeline)
+    stats = sim.run()
+    result = _result(prep, costs, sim, stats)
+    hits = _hit_array(prep.trace, stats) if record_hits else None
+    return result, hits
+
+
+def _result(prep: Prepared, costs: CostTables, sim: Simulation, stats) -> SimResult:
+    wl = prep.workload
+    makespan = stats.makespan_s
+    dec_acc = sum(stats.decode_accesses)
+    dec_hit = sum(stats.decode_hits)
+    out_tokens = sum(wl.decode_tokens[r] + 1 for r in wl.prompt_tokens)
+    util = (lambda busy: busy / makespan if makespan > 0 else math.nan)
+    issued = stats.prefetch_issued
+    ttft = list(stats.ttft.values())
+    e2e = list(stats.e2e.values())
+    return SimResult(
+        label=prep.label, feasible=True, reason="", memory=prep.plan.breakdown, cache_slots=prep.plan.slots,
+        expert_kernel=costs.expert_kernel, cpu_kernel=costs.cpu_kernel, non_expert_kernel=costs.non_expert_kernel,
+        guess_source=wl.guess_source, requests=len(wl.prompt_tokens),
+        output_tokens=out_tokens,
+        ttft_mean_s=mean(ttft), ttft_p50_s=percentile(ttft, 50), ttft_p90_s=percentile(ttft, 90),
+        tpot_mean_s=mean(stats.token_intervals), tpot_p50_s=percentile(stats.token_intervals, 50),
+        tpot_p90_s=percentile(stats.token_intervals, 90),
+        e2e_mean_s=mean(e2e), e2e_p90_s=percentile(e2e, 90), makespan_s=makespan,
+        tokens_per_s=out_tokens / makespan if makespan > 0 else math.nan,
+        decode_tokens_per_s=stats.decode_tokens / stats.decode_time_s if stats.decode_time_s > 0 else math.nan,
+        hit_rate=dec_hit / dec_acc if dec_acc else math.nan,
+        prefill_hit_rate=stats.prefill_hits / stats.prefill_accesses if stats.prefill_accesses else math.nan,
+        hit_rate_per_layer=tuple(h / a if a else math.nan for h, a in zip(stats.decode_hits, stats.decode_accesses)),
+        prefetch_issued=issued,
+        prefetch_precision=stats.prefetch_used / issued if issued else math.nan,
+        prefetch_recall=(stats.prefetch_served / (stats.prefetch_served + stats.demand_loads)
+                         if (stats.prefetch_served + stats.demand_loads) and issued else math.nan),
+        h2d_bytes=int(sim.h2d.bytes), d2h_bytes=int(sim.d2h.bytes), stall_s=stats.stall_s,
+        gpu_util=util(stats.gpu_busy_s), h2d_util=util(sim.h2d.busy_s), d2h_util=util(sim.d2h.busy_s),
+        cpu_util=util(sim.cpu.busy_s),
+        cpu_expert_fraction=stats.decode_cpu / dec_acc if dec_acc else math.nan,
+        gated_fraction=1.0 - wl.kept_activations / wl.routed_activations if wl.routed_activations else 0.0,
+        sim_events=stats.waits + sim.h2d.jobs + sim.d2h.jobs + sim.cpu.jobs,
+    )
+
+
+def _hit_array(trace: Trace, stats) -> np.ndarray:
+    """Bool [rows, k]: the simulated hit of every routed expert of every replayed row."""
+    ex = trace.cells.experts
+    out = np.zeros(ex.shape, dtype=bool)
+    for rows, got in stats.hit_records:
+        if not got:
+            continue
+        for r in rows:
+            for s, e in enumerate(ex[r].tolist()):
+                if e in got:
+                    out[r, s] = True
+    return out
+
+
+def simulate(trace: Trace | str | Path, profile, config: SimConfig, *, record_hits: bool = False,
+             timeline: Optional[Timeline] = None, trace_name: str = "", profile_name: str = ""):
+    """Run one configuration. Returns the :class:`SimResult` (and the per-row hit array if asked)."""
+    if not isinstance(trace, Trace):
+        from moesim.traces import resolve_trace
+
+        trace = load_trace_cached(resolve_trace(str(trace)))
+    if isinstance(profile, str):
+        profile_name = profile_name or profile
+        profile = load_profile_cached(profile)
+    prep = prepare(trace, profile, config, trace_name, profile_name)
+    result, hits = run_prepared(prep, record_hits=record_hits, timeline=timeline)
+    return (result, hits) if record_hits else result

@@ -1,0 +1,208 @@
+"""Presets, prefetchers, placements, gating, sizing and the SimPy lanes."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import simpy
+
+from moesim.errors import MoesimError
+from moesim.simulator.cli import build_policy
+from moesim.simulator.config import SimConfig
+from moesim.simulator.costs import CostTables
+from moesim.simulator.gating import GatingSpec, keep_mask
+from moesim.simulator.memory import dp_cache_sizes
+from moesim.simulator.placement import HybriMoEPlacement, PlacementSpec
+from moesim.simulator.presets import PRESETS, get_preset
+from moesim.simulator.run import simulate
+from moesim.simulator.timeline import Timeline
+from moesim.simulator.transfer import Lane
+from moesim.tracer import DECODE, PREFILL
+from test_sim_support import EXPERT_BYTES, round_profile, write_tiny_trace
+
+MS = 1e-3
+BW = EXPERT_BYTES / MS
+
+
+def profile(**kw):
+    kw.setdefault("h2d_bytes_per_s", BW)
+    kw.setdefault("d2h_bytes_per_s", BW)
+    return round_profile(**kw)
+
+
+def test_every_issue_preset_exists_documents_itself_and_composes_its_system():
+    required = {"lru", "lfu", "mixtral-offloading", "mixtral-offloading-paper", "moe-infinity", "fiddler",
+                "adapmoe", "hybrimoe", "predictive", "static", "belady", "all-gpu", "accelerate"}
+    assert required <= set(PRESETS.names())
+    for name in PRESETS.names():
+        assert len(PRESETS.get(name).__doc__ or "") > 40, name
+    mo = get_preset("mixtral-offloading")
+    assert (mo.cache.policy, mo.cache.scope, mo.cache.initial) == ("lru", "layer", "last-experts")
+    assert (mo.transfer.mode, mo.transfer.write_back, mo.transfer.staging_experts) == ("swap", True, 4)
+    assert mo.prefetch.policy == "none"
+    assert get_preset("mixtral-offloading-paper").prefetch.policy == "next-layer"
+    mi = get_preset("moe-infinity")
+    assert (mi.cache.policy, mi.cache.scope, mi.cache.unit) == ("lfu", "global", "bytes")
+    assert mi.transfer.mode == "stream" and mi.transfer.demand_priority and mi.memory_fraction == 0.9
+    assert mi.prefetch.policy == "none"
+    fd = get_preset("fiddler")
+    assert (fd.cache.policy, fd.cache.initial, fd.placement.policy, fd.transfer.mode) == (
+        "static", "popular", "fiddler", "sync")
+    assert not fd.transfer.pinned and fd.memory_fraction == 0.95
+    ad = get_preset("adapmoe")
+    assert (ad.cache.sizing, ad.prefetch.policy, ad.gating.mode) == ("dp", "first-non-resident", "adapmoe")
+    assert ad.transfer.mode == "stream" and not ad.transfer.write_back and ad.transfer.staging_experts == 6
+    hy = get_preset("hybrimoe")
+    assert (hy.cache.policy, hy.cache.alpha, hy.cache.top_p, hy.placement.policy) == ("mrs", 0.5, 12, "hybrimoe")
+    assert get_preset("accelerate").transfer.mode == "layer"
+    assert get_preset("all-gpu").all_resident
+
+
+def test_parts_can_be_replaced_from_their_registries():
+    p = build_policy("lru", eviction="belady", scope="global", prefetch="oracle", placement="fiddler",
+                     placement_rule="code", transfer="swap", gating="0.2")
+    assert (p.cache.policy, p.cache.scope, p.prefetch.policy, p.placement.policy, p.placement.rule) == (
+        "belady", "global", "oracle", "fiddler", "code")
+    assert p.transfer.mode == "swap" and p.gating == GatingSpec("uniform", 0.2)
+    for bad in ({"eviction": "arc"}, {"prefetch": "psychic"}, {"placement": "tpu"}, {"transfer": "carrier-pigeon"}):
+        with pytest.raises(MoesimError, match="expected one of"):
+            build_policy("lru", **bad)
+
+
+def test_dp_sizes_spend_the_budget_where_misses_fall_most():
+    # layer 0 gains a lot from a second slot, layer 1 nothing
+    curves = np.array([[10, 8, 0, 0], [10, 2, 2, 2]])
+    assert dp_cache_sizes(curves, 3) == [2, 1]
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 5, size=(3, 4)).cumsum(axis=1)[:, ::-1]  # non-increasing miss curves
+    for total in range(0, 10):
+        sizes = dp_cache_sizes(raw, total)
+        best = min(sum(raw[l, s] for l, s in enumerate(c)) for c in itertools.product(range(4), repeat=3)
+                   if sum(c) <= total)
+        assert sum(raw[l, s] for l, s in enumerate(sizes)) == best and sum(sizes) <= total
+
+
+def test_adaptive_gating_drops_only_small_second_experts_in_decode():
+    thr = GatingSpec("adapmoe").thresholds(32)
+    assert thr[0] == pytest.approx(np.sqrt(0.005 / 46.7)) and thr[-1] == pytest.approx(0.5)
+    assert np.all(np.diff(thr) > 0)
+    weights = np.array([[0.9, 0.1], [0.6, 0.4], [0.9, 0.1]], dtype=np.float32)
+    layers = np.array([31, 31, 31])
+    decode = np.array([True, True, False])
+    keep = keep_mask(weights, layers, decode, GatingSpec("uniform", 0.2), 32)
+    assert keep.tolist() == [[True, False], [True, True], [True, True]]
+    assert keep_mask(weights, layers, decode, GatingSpec(), 32).all()
+
+
+def test_gating_removes_activations_and_bytes(tmp_path):
+    tokens = [[[0, 1]], [[2, 3]], [[1, 0]]]
+    weights = [[[0.5, 0.5]], [[0.95, 0.05]], [[0.5, 0.5]]]
+    path = write_tiny_trace(tmp_path / "t.parquet", tokens, prompt=1, top_k=2, weights=weights)
+    off = simulate(path, profile(), SimConfig(get_preset("lru"), cache_experts=4))
+    on = simulate(path, profile(), SimConfig(build_policy("lru", gating="0.1"), cache_experts=4))
+    assert off.gated_fraction == 0.0 and on.gated_fraction == pytest.approx(0.25)
+    assert on.h2d_bytes == off.h2d_bytes - EXPERT_BYTES
+    assert on.tpot_mean_s < off.tpot_mean_s
+
+
+def test_hybrimoe_split_sends_the_small_tail_to_the_cpu():
+    tables = CostTables(
+        gpu_expert=[0.0] + [1 * MS] * 8, cpu_expert=[0.0] + [t * 1.5 * MS for t in range(1, 9)],
+        act_d2h=[0.0] * 9, act_h2d=[0.0] * 9, act_d2h_conc=[0.0] * 9, act_h2d_conc=[0.0] * 9,
+        h2d_by_layer=[5 * MS], h2d_conc_by_layer=[5 * MS],
+        h2d_pageable_by_layer=[10 * MS], d2h_by_layer=[5 * MS], d2h_conc_by_layer=[5 * MS],
+        prefill_non_expert={}, decode_non_expert={}, head={}, layer_overhead_s=0, step_overhead_s=0,
+        dense_layers=0, shared_experts=0, expert_kernel="bf16", cpu_kernel="bf16", non_expert_kernel="bf16",
+        expert_bytes_by_layer=[1],
+    )
+    hsm = HybriMoEPlacement(tables, PlacementSpec("hybrimoe"), tables.h2d_by_layer)
+    resident = {0, 1}
+    flags = hsm.place(0, DECODE, [0, 1, 2, 3], [4, 3, 2, 1], lambda l, e: e in resident)
+    # GPU: residents 0 and 1 (1 ms each); expert 2 would need a 5 ms copy; the CPU does 3 (1.5 ms), then 2 (3 ms)
+    assert flags == [False, False, True, True]
+    assert hsm.place(0, PREFILL, [0, 1, 2, 3], [4, 3, 2, 1], lambda l, e: e in resident) is None
+
+
+def test_eam_prefetch_learns_from_earlier_requests(tmp_path):
+    # three requests with the same cyclic routing: later ones match the earlier ones' activation matrices
+    L, E = 4, 8
+    tokens = [[[0] for _ in range(L)]] + [[[(3 * layer + t % 3) % E] for layer in range(L)] for t in range(12)]
+    path = write_tiny_trace(tmp_path / "t.parquet", tokens, prompt=1, num_experts=E, requests=3)
+    for capacity in (2, 3):
+        plain = simulate(path, profile(), SimConfig(get_preset("moe-infinity"), cache_experts=capacity))
+        eam = simulate(path, profile(), SimConfig(build_policy("moe-infinity", prefetch="eam"),
+                                                  cache_experts=capacity))
+        assert plain.prefetch_issued == 0
+        assert eam.prefetch_issued > 0 and eam.prefetch_precision > 0
+        assert eam.hit_rate > plain.hit_rate
+        assert eam.tpot_mean_s < plain.tpot_mean_s
+
+
+def test_predictive_prefetch_is_fitted_on_other_traces(tmp_path):
+    from moesim.simulator.predictor import fit_predictor
+    from moesim.traces import bundled_traces
+
+    paths = bundled_traces()
+    others = [paths["gemma-4-26b-a4b-bigmoeonedge"], paths["gpt-oss-120b-bigmoeonedge"]]
+    w = fit_predictor(others)
+    assert w.coef[0] > 0 and w.samples > 100_000  # transition evidence raises the score
+    r = simulate(paths["qwen3-30b-a3b-bigmoeonedge"], round_profile(),
+                 SimConfig(get_preset("predictive"), cache_experts=24, gpu_mem_bytes=1 << 40))
+    base = simulate(paths["qwen3-30b-a3b-bigmoeonedge"], round_profile(),
+                    SimConfig(get_preset("lru"), cache_experts=24, gpu_mem_bytes=1 << 40))
+    assert r.prefetch_issued > 0 and 0 < r.prefetch_precision <= 1 and 0 < r.prefetch_recall <= 1
+    assert r.hit_rate > base.hit_rate
+    with pytest.raises(MoesimError, match="trace file not found|not a file"):
+        simulate(paths["qwen3-30b-a3b-bigmoeonedge"], round_profile(),
+                 SimConfig(build_policy("predictive", predictor_train=(str(tmp_path / "none.parquet"),)),
+                           cache_experts=4, gpu_mem_bytes=1 << 40))
+
+
+def test_accelerate_copies_every_offloaded_layer_whole_each_step(tmp_path):
+    tokens = [[[0], [0], [0]], [[1], [1], [1]], [[2], [2], [2]]]
+    path = write_tiny_trace(tmp_path / "t.parquet", tokens, prompt=1)
+    # room for one layer's 4 experts: layer 0 stays, layers 1 and 2 are copied (pageable, 2 ms each)
+    r = simulate(path, profile(), SimConfig(get_preset("accelerate"), cache_bytes=4 * EXPERT_BYTES))
+    assert r.cache_slots == 4
+    assert r.h2d_bytes == 3 * 2 * 4 * EXPERT_BYTES
+    assert r.tpot_mean_s == pytest.approx(3 * (2 * MS + MS) + 2 * 8 * MS, rel=1e-9)
+
+
+def test_moe_infinity_sizes_its_global_cache_from_ninety_percent_of_memory(tmp_path):
+    path = write_tiny_trace(tmp_path / "t.parquet", [[[0], [1]], [[1], [2]]], prompt=1)
+    prof = profile(memory_bytes=10 * 2**20)
+    r = simulate(path, prof, SimConfig(get_preset("moe-infinity")))
+    m = r.memory
+    fixed = m.non_expert_bytes + m.kv_cache_bytes + m.activation_bytes + m.reserve_bytes
+    assert m.cache_bytes == min(int(10 * 2**20 * 0.9) - fixed, 2 * 4 * EXPERT_BYTES)
+
+
+def test_lane_serves_demand_before_queued_prefetches_and_promotes():
+    env = simpy.Environment()
+    lane = Lane(env, "PCIe H2D")
+    done = {}
+
+    def driver():
+        a = lane.submit(1.0, label="prefetch a", background=True)
+        b = lane.submit(1.0, label="prefetch b", background=True)
+        yield env.timeout(0.5)
+        c = lane.submit(1.0, label="demand c")
+        for name, job in (("a", a), ("b", b), ("c", c)):
+            job.done.callbacks.append(lambda ev, n=name: done.__setitem__(n, env.now))
+
+    env.process(driver())
+    env.run()
+    # a had already started when c came; c overtakes the queued b
+    assert done == {"a": 1.0, "c": 2.0, "b": 3.0}
+    assert lane.busy_s == 3.0 and lane.jobs == 3
+
+
+def test_timeline_has_cpu_lane_events_for_cpu_experts(tmp_path):
+    path = write_tiny_trace(tmp_path / "t.parquet", [[[0]], [[1]]], prompt=1)
+    tl = Timeline()
+    simulate(path, profile(), SimConfig(build_policy("lru", placement="fiddler", placement_rule="code"),
+                                        cache_experts=0), timeline=tl)
+    tids = {e[0] for e in tl.events}
+    assert 1 in tids and 4 in tids  # GPU and CPU lanes
