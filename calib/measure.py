@@ -1,0 +1,495 @@
+"""The measurements behind a profile: each function times one family of operations over a grid and
+returns a :class:`MeasuredSeries` (raw medians and spreads; fitting happens in :mod:`moesim.calib.fit`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moesim.calib.kernels import ExpertFFN, KernelInfo
+from moesim.calib.layers import AttentionLayer, build_tiny_model, decode_call, prefill_call
+from moesim.calib.profile import MeasuredSeries
+from moesim.calib.timing import Budget, Timer, summarize
+from moesim.modelspec import ModelShape
+
+
+@dataclass(frozen=True)
+class Grids:
+    """What to measure; :func:`grids_for` picks the full or the quick set."""
+
+    expert_tokens: tuple[int, ...]
+    cpu_expert_tokens: tuple[int, ...]
+    cpu_threads: tuple[int, ...]
+    copy_bytes: tuple[int, ...]
+    decode: tuple[tuple[int, int], ...]  # (batch, context)
+    prefill_tokens: tuple[int, ...]
+    head_tokens: tuple[int, ...]
+    budget_expert_s: float
+    budget_cpu_expert_s: float
+    budget_copy_s: float
+    budget_non_expert_s: float
+    budget_head_s: float
+    complete: bool = False  # measure every grid point whatever the budgets (quick grids are small)
+
+
+def _threads_grid(cores: int, quick: bool) -> tuple[int, ...]:
+    if cores <= 2 or quick:
+        return tuple(sorted({1, cores})) if not quick else (cores,)
+    return tuple(sorted({1, cores // 2, cores}))
+
+
+def grids_for(device: torch.device, quick: bool, cores: int) -> Grids:
+    kib, mib = 2**10, 2**20
+    if device.type == "cuda":
+        if quick:
+            return Grids(
+                expert_tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+                cpu_expert_tokens=(1, 2, 4, 8, 16),
+                cpu_threads=_threads_grid(cores, True),
+                copy_bytes=tuple(4**i * 16 * kib for i in range(0, 8)),  # 16 KiB .. 256 MiB
+                decode=tuple((b, c) for b in (1, 8, 32) for c in (128, 1024, 4096)),
+                prefill_tokens=(16, 64, 256, 1024, 2048),
+                head_tokens=(1, 8, 64, 512),
+                budget_expert_s=4, budget_cpu_expert_s=8, budget_copy_s=6, budget_non_expert_s=6, budget_head_s=2,
+            )
+        return Grids(
+            expert_tokens=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096),
+            cpu_expert_tokens=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            cpu_threads=_threads_grid(cores, False),
+            copy_bytes=tuple(2**i * 4 * kib for i in range(0, 18)),  # 4 KiB .. 512 MiB
+            decode=tuple((b, c) for b in (1, 2, 4, 8, 16, 32, 64) for c in (16, 256, 1024, 2048, 4096, 8192)),
+            prefill_tokens=(8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+            head_tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            budget_expert_s=25, budget_cpu_expert_s=18, budget_copy_s=30, budget_non_expert_s=40, budget_head_s=10,
+        )
+    if quick:
+        # Sparse but spanning the full grid's range (memory-bound 1 token to compute-bound 256), so the
+        # fit sees both roofs; every point is measured (the budgets only cap repeats).
+        return Grids(
+            expert_tokens=(1, 2, 4, 16, 64, 256),
+            cpu_expert_tokens=(1, 2, 4, 16, 64, 256),
+            cpu_threads=_threads_grid(cores, True),
+            copy_bytes=(256 * kib, mib, 4 * mib, 16 * mib, 64 * mib),
+            decode=((1, 128), (1, 2048), (4, 512), (8, 2048), (16, 256)),
+            prefill_tokens=(16, 64, 256, 512),
+            head_tokens=(1, 4, 16, 64, 256),
+            budget_expert_s=0, budget_cpu_expert_s=0, budget_copy_s=3, budget_non_expert_s=0, budget_head_s=0,
+            complete=True,
+        )
+    return Grids(
+        expert_tokens=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512),
+        cpu_expert_tokens=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512),
+        cpu_threads=_threads_grid(cores, False),
+        copy_bytes=tuple(2**i * 64 * kib for i in range(0, 13)),  # 64 KiB .. 256 MiB
+        decode=tuple((b, c) for b in (1, 2, 4, 8, 16) for c in (16, 256, 1024, 2048, 4096)),
+        prefill_tokens=(8, 16, 32, 64, 128, 256, 512, 1024),
+        head_tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        budget_expert_s=40, budget_cpu_expert_s=30, budget_copy_s=30, budget_non_expert_s=50, budget_head_s=15,
+    )
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 * 2**20))
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(base):
+            path = os.path.join(base, entry, "size")
+            if os.path.exists(path):
+                text = open(path).read().strip()
+                mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1)
+                best = max(best, int(text.rstrip("KMG")) * mult)
+    except OSError:
+        pass
+    return best or 32 * 2**20
+
+
+def expert_series(key: str, shape: ModelShape, info: KernelInfo, device: torch.device, act_dtype: torch.dtype,
+                  tokens: tuple[int, ...], timer: Timer, budget: Budget, threads: int | None) -> MeasuredSeries:
+    """One expert FFN at the model's shape versus tokens routed to it.
+
+    Several experts with distinct weights are cycled when one would fit in the last-level cache, so
+    every call streams its weights from memory as a real MoE layer's consecutive experts do.
+    """
+    h, inter = shape.hidden_size, shape.expert_intermediate_size
+    weight_bytes = shape.expert_params * info.weight_bits_per_param / 8
+    copies = max(1, min(8, math.ceil(2 * last_level_cache_bytes(device) / max(weight_bytes, 1))))
+    experts = [ExpertFFN(h, inter, info.kernel, device, act_dtype, seed=i, int8_mode=info.int8_mode)
+               for i in range(copies)]
+    counter = [0]
+    gen = torch.Generator(device="cpu").manual_seed(7)
+
+    def make(x):
+        inp = torch.randn(int(x["tokens"]), h, generator=gen).to(device, act_dtype)
+
+        def run():
+            counter[0] = (counter[0] + 1) % copies
+            return experts[counter[0]](inp)
+
+        return run
+
+    points = timer.grid([{"tokens": t} for t in tokens], make, budget)
+    experts.clear()  # free the weights before the next series allocates its own
+    return MeasuredSeries(
+        key=key,
+        description=f"one routed expert FFN (fused gate+up, SiLU product, down), {info.kernel}, versus tokens",
+        shape=shape.to_dict(),
+        params={"kernel": info.kernel, "library": info.library, "int8_mode": info.int8_mode,
+                "weight_bits_per_param": info.weight_bits_per_param, "threads": threads, "device": str(device),
+                "activation_dtype": str(act_dtype).replace("torch.", ""), "weight_copies_cycled": copies},
+        points=tuple(points),
+    )
+
+
+def fastest_kernel(shape: ModelShape, infos: list[KernelInfo], device: torch.device, act_dtype: torch.dtype,
+                   timer: Timer) -> tuple[KernelInfo, dict[str, float]]:
+    """Of several implementations of one format, the fastest at 1 and 64 tokens (summed), with the times."""
+    if len(infos) == 1:
+        return infos[0], {}
+    h, inter = shape.hidden_size, shape.expert_intermediate_size
+    times = {}
+    for info in infos:
+        ffn = ExpertFFN(h, inter, info.kernel, device, act_dtype, int8_mode=info.int8_mode)
+        total = 0.0
+        for tokens in (1, 64):
+            x = torch.randn(tokens, h).to(device, act_dtype)
+            total += timer.point({}, lambda: ffn(x)).median_s
+        times[info.library] = total
+    best = min(infos, key=lambda i: times[i.library])
+    return best, times
+
+
+FLOOR_HIDDEN, FLOOR_INTERMEDIATE = 256, 512
+
+
+def floor_series(key: str, info: KernelInfo, device: torch.device, act_dtype: torch.dtype, timer: Timer,
+                 threads: int | None) -> MeasuredSeries:
+    """The same kernel on a tiny expert: its time is the launch cost, the floor of every expert call."""
+    ffn = ExpertFFN(FLOOR_HIDDEN, FLOOR_INTERMEDIATE, info.kernel, device, act_dtype, seed=99, int8_mode=info.int8_mode)
+    gen = torch.Generator(device="cpu").manual_seed(8)
+
+    def make(x):
+        inp = torch.randn(int(x["tokens"]), FLOOR_HIDDEN, generator=gen).to(device, act_dtype)
+        return lambda: ffn(inp)
+
+    points = timer.grid([{"tokens": 1.0}, {"tokens": 4.0}], make, Budget(0.0), min_points=2)
+    return MeasuredSeries(
+        key=f"floor/{key}", description=f"launch floor: the {info.kernel} expert kernel on a tiny "
+                                        f"{FLOOR_HIDDEN}x{FLOOR_INTERMEDIATE} expert",
+        shape=None, params={"kernel": info.kernel, "library": info.library, "hidden": FLOOR_HIDDEN,
+                            "intermediate": FLOOR_INTERMEDIATE, "threads": threads, "device": str(device)},
+        points=tuple(points),
+    )
+
+
+# ------------------------------------------------------------------------------------------ copies
+
+
+class CopyBench:
+    """Copies between the host and the device (on CPU: two separate memory regions).
+
+    CUDA: ``Tensor.copy_`` between a pinned or pageable host buffer and device memory on a dedicated
+    stream, timed with CUDA events around it (a pageable copy returns only when done, so its events
+    bracket the driver's staging too). CPU: "pinned" is one memcpy between two pre-faulted buffers; "pageable" copies
+    through a 4 MiB bounce buffer in chunks, the path a CUDA driver takes for pageable memory.
+    Concurrent copies run the two directions from two threads at once, each timed on its own.
+    """
+
+    STAGING = 4 * 2**20
+
+    def __init__(self, device: torch.device, max_bytes: int):
+        self.device = device
+        self.max_bytes = max_bytes
+        cuda = device.type == "cuda"
+        self.host = {
+            True: torch.empty(max_bytes, dtype=torch.uint8, pin_memory=cuda).fill_(1),
+            False: torch.empty(max_bytes, dtype=torch.uint8).fill_(2),
+        }
+        self.host_out = {
+            True: torch.empty(max_bytes, dtype=torch.uint8, pin_memory=cuda).fill_(3),
+            False: torch.empty(max_bytes, dtype=torch.uint8).fill_(4),
+        }
+        self.dev_in = torch.empty(max_bytes, dtype=torch.uint8, device=device).fill_(5)
+        self.dev_out = torch.empty(max_bytes, dtype=torch.uint8, device=device).fill_(6)
+        self.staging = torch.empty(self.STAGING, dtype=torch.uint8).fill_(7) if not cuda else None
+        self.streams = {d: torch.cuda.Stream(device) for d in ("h2d", "d2h")} if cuda else {}
+
+    def _copy(self, direction: str, pinned: bool, n: int) -> float:
+        """One copy of ``n`` bytes; returns its time (CUDA events on its stream; wall clock on CPU)."""
+        if direction == "h2d":
+            src, dst = self.host[pinned][:n], self.dev_in[:n]
+        else:
+            src, dst = self.dev_out[:n], self.host_out[pinned][:n]
+        if self.device.type == "cuda":
+            stream = self.streams[direction]
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(stream):
+                start.record(stream)
+                dst.copy_(src, non_blocking=pinned)
+                end.record(stream)
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        if pinned:
+            dst.copy_(src)
+        else:
+            for off in range(0, n, self.STAGING):
+                m = min(self.STAGING, n - off)
+                self.staging[:m].copy_(src[off:off + m])
+                dst[off:off + m].copy_(self.staging[:m])
+        return time.perf_counter() - t0
+
+    def time_alone(self, direction: str, pinned: bool, n: int) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return self._copy(direction, pinned, n)
+
+    def time_concurrent(self, pinned: bool, n: int) -> tuple[float, float]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        barrier = threading.Barrier(2)
+        out: dict[str, float] = {}
+
+        def work(direction: str):
+            barrier.wait()
+            out[direction] = self._copy(direction, pinned, n)
+
+        threads = [threading.Thread(target=work, args=(d,)) for d in ("h2d", "d2h")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out["h2d"], out["d2h"]
+
+
+def copy_series(device: torch.device, sizes: tuple[int, ...], timer: Timer, budget: Budget) -> list[MeasuredSeries]:
+    bench = CopyBench(device, max(sizes))
+    p = timer.policy
+    samples: dict[str, dict[int, list[float]]] = {}
+    for pinned in (True, False):
+        tag = "pinned" if pinned else "pageable"
+        for n in sizes:
+            for _ in range(p.warmup):
+                bench.time_alone("h2d", pinned, n)
+                bench.time_alone("d2h", pinned, n)
+                bench.time_concurrent(pinned, n)
+        reps = 0
+        spent0 = budget.spent
+        while True:
+            for n in sizes:
+                for direction in ("h2d", "d2h"):
+                    samples.setdefault(f"copy/{direction}/{tag}/alone", {}).setdefault(n, []).append(
+                        bench.time_alone(direction, pinned, n))
+                a, b = bench.time_concurrent(pinned, n)
+                samples.setdefault(f"copy/h2d/{tag}/concurrent", {}).setdefault(n, []).append(a)
+                samples.setdefault(f"copy/d2h/{tag}/concurrent", {}).setdefault(n, []).append(b)
+            reps += 1
+            spent = budget.spent - spent0
+            if reps >= p.max_repeats or (reps >= p.min_repeats and (spent >= budget.seconds / 2 or budget.exhausted)):
+                break
+    out = []
+    kind = "memcpy between two host memory regions" if device.type == "cpu" else "host <-> CUDA device"
+    for key, per_size in samples.items():
+        _, direction, tag, mode = key.split("/")
+        out.append(MeasuredSeries(
+            key=key, description=f"{direction} copy ({kind}), {tag}, {mode}, versus bytes", shape=None,
+            params={"device": str(device), "direction": direction, "pinned": tag == "pinned",
+                    "concurrent": mode == "concurrent", "threads": torch.get_num_threads()},
+            points=tuple(summarize({"bytes": float(n)}, s) for n, s in sorted(per_size.items())),
+        ))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ non-expert
+
+
+def decode_series(al: AttentionLayer, shape: ModelShape, grid: tuple[tuple[int, int], ...], timer: Timer,
+                  budget: Budget) -> MeasuredSeries:
+    xs = sorted(({"batch": float(b), "context": float(c)} for b, c in grid),
+                key=lambda x: x["batch"] * (x["context"] + 512))
+    points = timer.grid(xs, lambda x: decode_call(al, int(x["batch"]), int(x["context"])), budget)
+    return MeasuredSeries(
+        key="non_expert/bf16/decode",
+        description="one decoder layer without its routed experts (norms, attention with KV cache, router), "
+                    "one new token for each of `batch` sequences at KV length `context`",
+        shape=shape.to_dict(),
+        params={"layer_idx": al.layer_idx, "dtype": str(al.dtype).replace("torch.", ""), "attention": "sdpa",
+                "threads": torch.get_num_threads()},
+        points=tuple(points),
+    )
+
+
+def prefill_series(al: AttentionLayer, shape: ModelShape, tokens: tuple[int, ...], timer: Timer,
+                   budget: Budget) -> MeasuredSeries:
+    points = timer.grid([{"tokens": float(t)} for t in tokens], lambda x: prefill_call(al, int(x["tokens"])), budget)
+    return MeasuredSeries(
+        key="non_expert/bf16/prefill",
+        description="one decoder layer without its routed experts over a prompt of `tokens` tokens (causal)",
+        shape=shape.to_dict(),
+        params={"layer_idx": al.layer_idx, "dtype": str(al.dtype).replace("torch.", ""), "attention": "sdpa",
+                "threads": torch.get_num_threads()},
+        points=tuple(points),
+    )
+
+
+class _RMSNorm(torch.nn.Module):
+    def __init__(self, hidden: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def head_series(shape: ModelShape, device: torch.device, dtype: torch.dtype, tokens: tuple[int, ...], timer: Timer,
+                budget: Budget) -> MeasuredSeries:
+    """Final RMSNorm, lm_head and greedy argmax over ``tokens`` rows at the model's vocabulary size."""
+    g = torch.Generator(device="cpu").manual_seed(11)
+    lm_head = (torch.randn(shape.vocab_size, shape.hidden_size, generator=g) * shape.hidden_size ** -0.5)
+    lm_head = lm_head.to(device, dtype)
+    norm = _RMSNorm(shape.hidden_size).to(device, dtype)
+
+    def make(x):
+        hidden = torch.randn(int(x["tokens"]), shape.hidden_size, generator=g).to(device, dtype)
+
+        def run():
+            with torch.no_grad():
+                return F.linear(norm(hidden), lm_head).argmax(dim=-1)
+
+        return run
+
+    points = timer.grid([{"tokens": float(t)} for t in tokens], make, budget)
+    return MeasuredSeries(
+        key="head", description="final norm + lm_head + argmax versus rows", shape=shape.to_dict(),
+        params={"dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads()}, points=tuple(points),
+    )
+
+
+# ------------------------------------------------------------------------------------------ overheads
+
+
+@dataclass(frozen=True)
+class Overheads:
+    layer_s: float
+    step_s: float
+    series: tuple[MeasuredSeries, ...]
+    note: str
+
+
+def overhead_series(tiny_cfg, device: torch.device, dtype: torch.dtype, timer: Timer,
+                    statistic: str = "median") -> Overheads:
+    """Fixed Python/launch costs, measured on the model's architecture shrunk to tiny widths.
+
+    * ``step``: whole tiny models with few and with more decoder layers each run one-token forward
+      steps plus greedy argmax; the step time is a straight line in the number of layers, and its
+      intercept (minus a tiny norm + lm_head call, which the head model's latency covers) is the
+      per-step cost: embedding, cache and mask set-up, model-level bookkeeping.
+    * ``layer``: the slope (one decoder layer inside the model) minus the same layer with its routed
+      experts removed (the non-expert model's latency covers that part) minus top_k tiny expert FFNs
+      (the expert model's latency covers those): what is left is the MoE block's routing bookkeeping.
+    Both are clamped at zero (on a GPU the launch costs of a tiny layer can already exceed what the
+    separate models' latencies leave).
+    """
+    from moesim.calib.layers import NoExperts, StaticKVCache, _decoder_layers, _rotary, tiny_config
+    from moesim.modelspec import find_moe_layers
+
+    text = getattr(tiny_cfg, "text_config", None) or tiny_cfg
+    total_layers = int(text.num_hidden_layers)
+    probe = build_tiny_model(tiny_cfg, torch.device("meta"), dtype)
+    first_moe = find_moe_layers(probe)[0][0]
+    del probe
+    few = first_moe + 1
+    more = min(total_layers, few + 6)
+    models = {n: build_tiny_model(tiny_config(tiny_cfg, n), device, dtype) for n in sorted({few, more})}
+    model = models[few]
+    hidden_size = int(text.hidden_size)
+    layers = _decoder_layers(model)
+    idx, block = find_moe_layers(model)[0]
+    layer = layers[idx]
+    top_k = int(getattr(block, "top_k", None) or getattr(text, "num_experts_per_tok", 2))
+    hidden = torch.randn(1, 1, hidden_size).to(device, dtype)
+    positions = torch.tensor([[16]], device=device)
+    rot = _rotary(model)
+    pe = rot(hidden, positions) if rot is not None else None
+    cache_position = torch.tensor([16], device=device)
+
+    bare = copy.copy(layer)  # the same modules, but a MoE block whose experts do nothing
+    bare_block = copy.copy(block)
+    bare_block.experts = NoExperts()
+    for name, child in layer.named_children():
+        if child is block:
+            setattr(bare, name, bare_block)
+
+    def layer_call(mod):
+        cache = StaticKVCache(16)
+
+        def run():
+            with torch.no_grad():
+                return mod(hidden, position_embeddings=pe, attention_mask=None, position_ids=positions,
+                           past_key_values=cache, cache_position=cache_position, use_cache=True)
+        return run
+
+    inter = int(getattr(text, "moe_intermediate_size", None) or getattr(text, "intermediate_size", 64))
+    ffn = ExpertFFN(hidden_size, inter, "bf16", device, dtype)
+    x1 = torch.randn(1, hidden_size).to(device, dtype)
+    ids = torch.tensor([[5]], device=device)
+
+    def step_call(m):
+        def run():
+            with torch.no_grad():
+                return m(input_ids=ids, use_cache=True).logits[:, -1].argmax(-1)
+        return run
+
+    head_w = torch.randn(int(text.vocab_size), hidden_size).to(device, dtype)
+    norm = _RMSNorm(hidden_size).to(device, dtype)
+
+    def run_head():
+        with torch.no_grad():
+            return F.linear(norm(x1), head_w).argmax(-1)
+
+    calls = {0.0: layer_call(layer), 1.0: layer_call(bare), 2.0: lambda: ffn(x1), 3.0: run_head}
+    for n, m in models.items():
+        calls[100.0 + n] = step_call(m)
+    # tiny shapes warm up slowly (oneDNN/cuBLAS pick kernels per shape): extra warm-up calls
+    for fn in calls.values():
+        for _ in range(3):
+            fn()
+    pts = timer.grid([{"what": k} for k in calls], lambda x: calls[x["what"]], Budget(0.0), min_points=len(calls))
+    by = {p.x["what"]: p for p in pts}
+    v = lambda key: by[key].value(statistic)
+    if more > few:
+        per_layer = (v(100.0 + more) - v(100.0 + few)) / (more - few)
+    else:
+        per_layer = v(0.0)
+    intercept = v(100.0 + few) - few * per_layer
+    layer_s = max(0.0, per_layer - v(1.0) - top_k * v(2.0))
+    step_s = max(0.0, intercept - v(3.0))
+    series = MeasuredSeries(
+        key="overhead",
+        description="tiny-width model of the same architecture: x.what 0 = MoE decoder layer alone, 1 = the layer "
+                    "without routed experts, 2 = one expert FFN, 3 = norm + lm_head + argmax, 100+L = whole-model "
+                    "one-token step with L decoder layers + argmax",
+        shape=None,
+        params={"layers_timed": sorted(models), "top_k": top_k, "hidden_size": hidden_size,
+                "threads": torch.get_num_threads(), "statistic": statistic},
+        points=tuple(pts),
+    )
+    note = (f"{statistic} times on a tiny-width {text.model_type}: step = {few} layers {v(100.0 + few) * 1e6:.0f} us, "
+            f"{more} layers {v(100.0 + more) * 1e6:.0f} us -> {per_layer * 1e6:.0f} us per layer, intercept "
+            f"{intercept * 1e6:.0f} us - head {v(3.0) * 1e6:.0f} us = step overhead; layer overhead = per layer - "
+            f"layer without experts {v(1.0) * 1e6:.0f} us - {top_k} x expert FFN {v(2.0) * 1e6:.0f} us")
+    return Overheads(layer_s, step_s, (series,), note)

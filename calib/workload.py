@@ -1,0 +1,85 @@
+"""How much arithmetic and memory traffic each calibrated operation does, for any model shape.
+
+The fitted cost models are roofline-shaped (a fixed latency plus the larger of compute time and
+memory time), so they need the floating-point operations and the bytes moved of a query. These
+formulas are the single place that defines them; measurement, fitting and prediction all use them,
+which is what lets a profile measured at one model's shape predict another's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moesim.modelspec import ModelShape
+
+ACT_BYTES = 2.0  # activations and the KV cache are 16-bit in every calibrated kernel
+
+
+@dataclass(frozen=True)
+class Work:
+    """FLOPs and bytes of one operation (arrays broadcast together)."""
+
+    flops: np.ndarray
+    nbytes: np.ndarray
+
+
+def expert_work(shape: ModelShape, tokens, weight_bits_per_param: float) -> Work:
+    """One routed expert's FFN: gate, up and down projections for ``tokens`` rows.
+
+    Every expert parameter takes part in one multiply-add per token, hence 2 FLOPs per parameter per
+    token. Bytes: the weights once (at the kernel's own bits per parameter) plus activations in and out
+    and the intermediate gate/up/act tensors.
+    """
+    t = np.asarray(tokens, dtype=np.float64)
+    h, inter = shape.hidden_size, shape.expert_intermediate_size
+    flops = 2.0 * shape.expert_params * t
+    weights = shape.expert_params * weight_bits_per_param / 8.0
+    acts = t * (2 * h + 4 * inter) * ACT_BYTES
+    return Work(flops, weights + acts)
+
+
+def attention_params(shape: ModelShape) -> int:
+    """Parameters of one layer's attention projections, router and the two norms (no experts)."""
+    h = shape.hidden_size
+    q = h * shape.num_attention_heads * shape.head_dim
+    kv = 2 * h * shape.num_key_value_heads * shape.head_dim
+    o = shape.num_attention_heads * shape.head_dim * h
+    router = h * shape.num_experts
+    return q + kv + o + router + 2 * h
+
+
+def kv_bytes_per_token(shape: ModelShape) -> float:
+    per = shape.kv_bytes_per_token_per_layer_fp16
+    return float(per or 2 * shape.num_key_value_heads * shape.head_dim * ACT_BYTES)
+
+
+def decode_work(shape: ModelShape, batch, context) -> Work:
+    """One decoder layer without its experts, ``batch`` sequences each adding one token at KV length ``context``."""
+    b = np.asarray(batch, dtype=np.float64)
+    c = np.asarray(context, dtype=np.float64)
+    p = attention_params(shape)
+    qk_av = 4.0 * shape.num_attention_heads * shape.head_dim * c  # QK^T and AV for one query row
+    flops = b * (2.0 * p + qk_av)
+    nbytes = p * ACT_BYTES + b * c * kv_bytes_per_token(shape) + b * 4 * shape.hidden_size * ACT_BYTES
+    return Work(flops, nbytes)
+
+
+def prefill_work(shape: ModelShape, tokens) -> Work:
+    """One decoder layer without its experts over a ``tokens``-long prompt (causal attention)."""
+    t = np.asarray(tokens, dtype=np.float64)
+    p = attention_params(shape)
+    qk_av = 4.0 * shape.num_attention_heads * shape.head_dim * t * (t + 1) / 2.0
+    flops = 2.0 * p * t + qk_av
+    nbytes = p * ACT_BYTES + t * kv_bytes_per_token(shape) + t * 6 * shape.hidden_size * ACT_BYTES
+    return Work(flops, nbytes)
+
+
+def head_work(shape: ModelShape, tokens) -> Work:
+    """Final norm and lm_head for ``tokens`` rows (the embedding lookup is a gather, bytes only)."""
+    t = np.asarray(tokens, dtype=np.float64)
+    vh = float(shape.vocab_size) * shape.hidden_size
+    flops = 2.0 * vh * t
+    nbytes = vh * ACT_BYTES + t * (shape.vocab_size * 4 + 3 * shape.hidden_size * ACT_BYTES)
+    return Work(flops, nbytes)
