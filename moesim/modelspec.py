@@ -106,6 +106,28 @@ def _first_attr(config: Any, keys: tuple[str, ...], default: Any = None) -> Any:
     return default
 
 
+def hub_unreachable_reason(timeout: float = 5.0) -> str | None:
+    """None when the Hugging Face hub answers a TCP connect; otherwise why not.
+
+    A quick check before asking the hub, which spares the user the hub client's half minute of retries.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    host = url.hostname or "huggingface.co"
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"cannot connect to {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
 def load_hf_config(spec: str | Path):
     """Load a transformers config from a bundled name, a local file or folder, or a hub id."""
     from transformers import AutoConfig
@@ -125,13 +147,14 @@ def load_hf_config(spec: str | Path):
         if not (path / "config.json").is_file():
             raise MoesimError(f"{path}: folder has no config.json")
         return AutoConfig.from_pretrained(str(path))
+    offline = hub_unreachable_reason()
     try:
-        return AutoConfig.from_pretrained(spec_str)
-    except Exception as exc:  # hub unreachable, unknown id, ...
+        return AutoConfig.from_pretrained(spec_str, local_files_only=offline is not None)
+    except Exception as exc:  # unknown id, not cached while offline, ...
         known = ", ".join(sorted(bundled))
+        why = offline or type(exc).__name__
         raise MoesimError(
-            f"model config '{spec_str}': not a bundled name ({known}), a local config, or a reachable hub id "
-            f"({type(exc).__name__})"
+            f"model config '{spec_str}': not a bundled name ({known}), a local config, or a reachable hub id ({why})"
         ) from None
 
 

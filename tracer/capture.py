@@ -29,18 +29,17 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from torch import nn
 
 from moesim.errors import MoesimError
+from moesim.modelspec import hub_unreachable_reason
 from moesim.modelspec import ModelShape, find_moe_layers, shape_from_config
 from moesim.tracer.format import DECODE, PREFILL, TraceCells, TraceMeta, TraceSource, TraceWriter
 from moesim.tracer.prompts import PromptSet
@@ -317,23 +316,6 @@ def resolve_device(spec: Optional[str]) -> torch.device:
     return device
 
 
-def _hub_unreachable_reason(timeout: float = 5.0) -> Optional[str]:
-    """None when the Hugging Face hub answers a TCP connect; otherwise why not (a quick check that spares
-    the user the hub client's retries)."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    url = urlparse(constants.ENDPOINT)
-    host = url.hostname or "huggingface.co"
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as exc:
-        return f"cannot connect to {host}:{port}: {exc.strerror or exc}"
-    return None
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
@@ -353,7 +335,7 @@ def _load_config(spec: str) -> tuple[Any, bool]:
             raise MoesimError(f"--model {spec}: config.json is not a usable transformers config ({_first_line(exc)})") from None
     if path.exists():
         raise MoesimError(f"--model {spec}: is a file, expected a model folder (config.json, weights, tokenizer) or a hub id")
-    reason = _hub_unreachable_reason()
+    reason = hub_unreachable_reason()
     try:
         return AutoConfig.from_pretrained(spec, local_files_only=reason is not None), reason is not None
     except Exception as exc:
