@@ -1,0 +1,85 @@
+"""`moesim validate`: run a configuration on the real offloading engine and report the simulator's error."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from moesim.errors import MoesimError
+
+
+def _policies(policy: str, all_presets: bool) -> tuple[str, ...]:
+    from moesim.simulator.presets import PRESETS, get_preset
+
+    if all_presets:
+        return tuple(PRESETS.names())
+    names = tuple(p.strip() for p in policy.split(",") if p.strip())
+    for name in names:
+        get_preset(name)  # one-line error for an unknown name
+    if not names:
+        raise MoesimError("--policy: expected a preset name")
+    return names
+
+
+@click.command("validate")
+@click.option("--trace", "trace_spec", default=None, help="Trace file or bundled name (default: the bundled Qwen3 trace).")
+@click.option("--policy", default="lru", show_default=True, help="Preset, or several separated by commas.")
+@click.option("--all-presets", is_flag=True, help="Every preset the device supports (the others are listed as not run).")
+@click.option("--cache-experts", type=int, required=True, help="Cache size in experts per MoE layer.")
+@click.option("--model-config", default=None, help="Model whose shapes to run: bundled name (mixtral-8x7b, ...), "
+              "config.json or folder (default: the trace's own model).")
+@click.option("--model", "checkpoint", default=None, help="A Hugging Face checkpoint folder: its real weights.")
+@click.option("--layers", type=int, default=None, help="Run only the first N decoder layers.")
+@click.option("--device", default="cpu", show_default=True, help="cpu (the host plays the device) or cuda[:N].")
+@click.option("--profile", "profile_spec", default=None, help="Hardware profile calibrated on this machine.")
+@click.option("--calibrate", is_flag=True, help="Calibrate this machine at the engine's exact shape first (quick).")
+@click.option("--expert-format", default="bf16", show_default=True, type=click.Choice(["bf16", "int8", "int4"]),
+              help="Expert weights and kernel (quantized formats use torch's real int8/int4 kernels).")
+@click.option("--requests", type=int, default=1, show_default=True, help="Requests of the trace to run.")
+@click.option("--decode-tokens", type=int, default=32, show_default=True, help="Decode tokens per request to run.")
+@click.option("--warmup-steps", type=int, default=3, show_default=True,
+              help="Decode steps of the untimed warm-up (after the first prompt's prefill).")
+@click.option("--repeats", type=int, default=1, show_default=True, help="Measured runs per policy (median reported).")
+@click.option("--statistic", default="median", show_default=True, type=click.Choice(["median", "min"]),
+              help="Each token's measured time over the repeats.")
+@click.option("--fit-statistic", default="median", show_default=True,
+              type=click.Choice(["median", "p10", "min", "profile"]),
+              help="Refit the profile's raw measurements to this per-point statistic before predicting "
+                   "('profile': as calibrated).")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: the profile's).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for the JSON and Markdown reports (and the fitted trace).")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def validate_command(trace_spec, policy, all_presets, cache_experts, model_config, checkpoint, layers, device,
+                     profile_spec, calibrate, expert_format, requests, decode_tokens, warmup_steps, repeats, statistic,
+                     fit_statistic, threads, seed, out_dir, quiet):
+    """Simulate a configuration, run it on the real offloading engine, and report the error of every metric."""
+    from moesim.atomic import prepare_output_path
+    from moesim.engine.report import summary_table, write_report
+    from moesim.engine.validate import ValidateOptions, run_validation
+
+    out = Path(out_dir)
+    prepare_output_path(out / "validate.json")
+    if profile_spec is None and not calibrate:
+        raise MoesimError("no hardware profile: expected --profile P (calibrated on this machine) or --calibrate")
+    t0 = time.perf_counter()
+    log = (lambda msg: None) if quiet else (
+        lambda msg: click.echo(f"validate [{time.perf_counter() - t0:6.1f}s]: {msg}", err=True))
+    opts = ValidateOptions(
+        trace=trace_spec, policies=_policies(policy, all_presets), cache_experts=cache_experts,
+        model_config=model_config, model=checkpoint, layers=layers, device=device, profile=profile_spec,
+        calibrate=calibrate, expert_format=expert_format, requests=requests, decode_tokens=decode_tokens,
+        warmup_steps=warmup_steps, repeats=repeats, statistic=statistic,
+        fit_statistic=fit_statistic, seed=seed, threads=threads, out=out, log=log,
+    )
+    args = sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "validate" else []
+    report = run_validation(opts, command="moesim validate " + " ".join(shlex.quote(a) for a in args))
+    stem = f"validate-{report.settings['device'].replace(':', '')}-{expert_format}"
+    j, m = write_report(report, out, stem)
+    click.echo(summary_table(report.presets))
+    click.echo(f"wrote {j} and {m}")
