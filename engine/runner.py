@@ -43,7 +43,7 @@ import torch
 from moesim.engine.kernels import ExpertFormat, ExpertTensors
 from moesim.engine.lanes import Job, Lane, Marker
 from moesim.engine.memory import kv_cache_bytes
-from moesim.engine.policies import PolicyObjects
+from moesim.simulator.run import PolicyObjects
 from moesim.engine.store import BufferPool, DeviceBuffer, HostStore, copy_expert, new_bounce
 from moesim.errors import MoesimError
 from moesim.simulator.gating import keep_mask

@@ -12,7 +12,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from moesim.simulator.cache import (
 )
 from moesim.simulator.config import PolicySpec, SimConfig
 from moesim.simulator.costs import CostTables, build_cost_tables
+from moesim.simulator.transfer import TransferSpec
 from moesim.simulator.engine import Simulation
 from moesim.simulator.memory import MemoryPlan, lru_miss_curves, plan_memory
 from moesim.simulator.placement import make_placement
@@ -218,30 +219,44 @@ def infeasible_result(prep: Prepared) -> SimResult:
                      cache_slots=prep.plan.slots, guess_source=prep.workload.guess_source)
 
 
-def run_prepared(prep: Prepared, record_hits: bool = False, timeline: Optional[Timeline] = None
-                 ) -> tuple[SimResult, Optional[np.ndarray]]:
-    if not prep.plan.fits:
-        return infeasible_result(prep), None
-    config_policy = prep.policy
+@dataclass
+class PolicyObjects:
+    """The policy objects of one run, built once so the simulator and the real engine drive the same ones."""
+
+    cache: Any
+    prefetcher: Any
+    placement: Any
+    transfer: TransferSpec
+    costs: CostTables
+    layer_copy_s: Optional[list[float]]
+    layer_copy_bytes: Optional[list[int]]
+
+
+def build_policy_objects(prep: Prepared) -> PolicyObjects:
+    """Fresh cache, prefetcher and placement for one run of ``prep``, with the run's cost tables.
+
+    The cache gets the memory plan's capacity, the preset's initial residency and (Belady) the future; the
+    learned predictor's guesses are annotated onto the workload; accelerate's per-layer copy sizes follow
+    from the initial residency.
+    """
+    policy = prep.policy
     wl = prep.workload
     L, E = wl.num_layers, wl.num_experts
-    placement_needs_cpu = config_policy.placement.policy != "gpu"
-    costs = _costs(prep, placement_needs_cpu)
-    geometry = _geometry(prep)
-    cache = make_cache(config_policy.cache.policy, geometry, prep.plan.capacity, **config_policy.cache.params())
-    cache.preload(_initial_keys(config_policy.cache.initial, prep))
+    costs = _costs(prep, policy.placement.policy != "gpu")
+    cache = make_cache(policy.cache.policy, _geometry(prep), prep.plan.capacity, **policy.cache.params())
+    cache.preload(_initial_keys(policy.cache.initial, prep))
     if isinstance(cache, BeladyCache):
         cache.attach_future(FutureIndex(wl.future_uses()))
-    pf_spec = config_policy.prefetch
+    pf_spec = policy.prefetch
     if pf_spec.policy == "predictive":
         from moesim.simulator.predictor import annotate
 
         annotate(wl, _predictions(prep, pf_spec.train))
     prefetcher = make_prefetcher(pf_spec, wl)
-    transfer = config_policy.transfer
+    transfer = policy.transfer
     pageable = transfer.on_compute_stream and not transfer.pinned
     copy_by_layer = costs.h2d_pageable_by_layer if pageable else costs.h2d_by_layer
-    placement = make_placement(config_policy.placement, costs, copy_by_layer)
+    placement = make_placement(policy.placement, costs, copy_by_layer)
     layer_copy_s = layer_copy_bytes = None
     if transfer.mode == "layer":
         layer_copy_s, layer_copy_bytes = [], []
@@ -250,15 +265,24 @@ def run_prepared(prep: Prepared, record_hits: bool = False, timeline: Optional[T
             nbytes = missing * prep.expert_bytes[layer]
             layer_copy_bytes.append(nbytes)
             layer_copy_s.append(float(prep.profile.copy_time(nbytes, "h2d", pinned=transfer.pinned)) if nbytes else 0.0)
-    sim = Simulation(wl, costs, cache, prefetcher, placement, transfer, prep.trace.meta.model.hidden_size,
-                     layer_copy_s, layer_copy_bytes, record_hits=record_hits, timeline=timeline)
+    return PolicyObjects(cache, prefetcher, placement, transfer, costs, layer_copy_s, layer_copy_bytes)
+
+
+def run_prepared(prep: Prepared, record_hits: bool = False, timeline: Optional[Timeline] = None
+                 ) -> tuple[SimResult, Optional[np.ndarray]]:
+    if not prep.plan.fits:
+        return infeasible_result(prep), None
+    objs = build_policy_objects(prep)
+    sim = Simulation(prep.workload, objs.costs, objs.cache, objs.prefetcher, objs.placement, objs.transfer,
+                     prep.trace.meta.model.hidden_size, objs.layer_copy_s, objs.layer_copy_bytes,
+                     record_hits=record_hits, timeline=timeline)
     stats = sim.run()
-    result = _result(prep, costs, sim, stats)
+    result = simulation_result(prep, objs.costs, sim, stats)
     hits = _hit_array(prep.trace, stats) if record_hits else None
     return result, hits
 
 
-def _result(prep: Prepared, costs: CostTables, sim: Simulation, stats) -> SimResult:
+def simulation_result(prep: Prepared, costs: CostTables, sim: Simulation, stats) -> SimResult:
     wl = prep.workload
     makespan = stats.makespan_s
     dec_acc = sum(stats.decode_accesses)
