@@ -264,8 +264,10 @@ def default_cache_sizes(trace_path: Path) -> list[int]:
 @click.option("--jobs", type=int, default=0, help="Worker processes (default: one per core).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--no-plot", is_flag=True, help="Do not draw the latency-vs-memory plot.")
+@click.option("--screen", is_flag=True, help="Skip the configurations the cost model predicts are dominated "
+              "(another one of the same trace, profile, formats and batch >5% faster in TPOT with no more GPU memory).")
 def sweep_command(policies, traces, profiles, cache_experts, gpu_mem, expert_bits, non_expert_bits, batches, out_dir,
-                  jobs, no_progress, no_plot):
+                  jobs, no_progress, no_plot, screen):
     """Simulate a grid of policies x traces x profiles x cache sizes x formats x batch sizes in parallel."""
     from moesim.calib.profile import load_profile
     from moesim.simulator.presets import DEFAULT_SWEEP_POLICIES, PRESETS
@@ -298,6 +300,12 @@ def sweep_command(policies, traces, profiles, cache_experts, gpu_mem, expert_bit
         if b < 1:
             raise MoesimError(f"--batch {b}: expected positive integers")
     points = build_grid(trace_specs, profile_list, policy_list, sizes, mems, bits, non_expert_bits, batch_list)
+    if screen:
+        from moesim.costmodel.screen import screen_points
+
+        screened = screen_points(points)
+        click.echo(screened.summary(), err=True)
+        points = screened.kept
     out = Path(out_dir)
     click.echo(f"sweep: {len(points)} configurations -> {out}", err=True)
     rows = run_sweep(points, out, jobs=jobs, progress=not no_progress)

@@ -1,0 +1,213 @@
+"""Fitting and test data: which configurations to simulate, and the simulator runs, cached on disk.
+
+Sampling (per trace x profile group, so every group is covered alike): every preset the same number
+of times (stratified over presets), and a Latin hypercube over the other knobs — cache size (log-uniform
+over 0..E experts per layer, since small caches are where the choices differ most), expert format,
+non-expert format and batch size — so each knob's range is covered evenly without a full grid. The fit
+plan and the test plan use different seeds, and a test configuration that happens to equal a fit
+configuration is dropped from the test set, so the test set holds only configurations never used in
+fitting.
+
+Runs go through the sweep machinery (:func:`moesim.simulator.sweep.run_sweep`: parallel over cores,
+resumable journal) into ``<repo>/.moesim-cache/costmodel/runs/<moesim hash>/<trace>-<hash>/<profile>-<hash>/``
+(a gitignored folder), so a changed trace, profile or simulator reruns exactly the runs it affects.
+Runs use an unlimited GPU memory budget: the timing of a configuration does not depend on the budget
+once its cache size is given, and memory is predicted by arithmetic (:mod:`moesim.costmodel.memory`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from moesim.costmodel.space import EXPERT_FORMATS, ConfigSet
+
+UNLIMITED_GPU_MEM = 2**40
+SAMPLED_BATCHES = (1, 1, 2, 4)  # batch 1 most often: it is the common offloading case
+SAMPLED_NON_EXPERT = (None, None, "16", "8", "4")  # the trace's own format most often
+
+
+# ---- versions --------------------------------------------------------------------------------------
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _package_dir(module: str) -> Path:
+    import importlib
+
+    return Path(importlib.import_module(module).__file__).resolve().parent
+
+
+@lru_cache(maxsize=1)
+def moesim_hash() -> str:
+    """The version of the code that produces the training targets: moesim's version, the simulator's
+    sources and the weight-format arithmetic (``moesim/quant.py``). A trace's and a profile's versions are
+    their files' hashes."""
+    from moesim import __version__
+
+    h = hashlib.sha256(__version__.encode())
+    # The command-line module only parses flags; it produces no target, so editing it keeps the fit fresh.
+    files = sorted(f for f in _package_dir("moesim.simulator").glob("*.py") if f.name != "cli.py")
+    core = _package_dir("moesim")
+    files += [core / "quant.py"]
+    for f in files:
+        if f.exists():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def trace_path(spec: str) -> Path:
+    from moesim.traces import resolve_trace
+
+    return resolve_trace(spec)
+
+
+def profile_path(spec: str) -> Path:
+    from moesim.calib.profile import bundled_profiles
+
+    bundled = bundled_profiles()
+    return Path(bundled[spec]) if spec in bundled else Path(spec)
+
+
+def trace_hash(spec: str) -> str:
+    return file_sha256(trace_path(spec))
+
+
+def profile_hash(spec: str) -> str:
+    return file_sha256(profile_path(spec))
+
+
+def cache_root() -> Path:
+    """``$MOESIM_CACHE/costmodel`` when set; else ``<repo>/.moesim-cache/costmodel`` in a source checkout
+    (gitignored), else ``~/.cache/moesim/costmodel``."""
+    env = os.environ.get("MOESIM_CACHE")
+    if env:
+        return Path(env) / "costmodel"
+    repo = _package_dir("moesim.costmodel").parent
+    if (repo / "pyproject.toml").exists():
+        return repo / ".moesim-cache" / "costmodel"
+    return Path.home() / ".cache" / "moesim" / "costmodel"
+
+
+# ---- sampling --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GroupPlan:
+    """Configurations to simulate for one trace on one profile."""
+
+    trace: str
+    profile: str
+    configs: ConfigSet
+
+
+def latin_hypercube(n: int, dims: int, rng: np.random.Generator) -> np.ndarray:
+    """[n, dims] in [0, 1): each dimension's n strata hit exactly once, in an independent random order."""
+    u = (np.arange(n)[:, None] + rng.random((n, dims))) / n
+    for d in range(dims):
+        u[:, d] = u[rng.permutation(n), d]
+    return u
+
+
+def sample_group(trace: str, profile: str, num_experts: int, presets: Sequence[str], per_preset: int,
+                 seed: int) -> GroupPlan:
+    key = f"{seed}|{trace}|{profile}".encode()
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
+    n = len(presets) * per_preset
+    u = latin_hypercube(n, 4, rng)
+    cache = np.clip(np.round(np.power(num_experts + 1.0, u[:, 0]) - 1.0), 0, num_experts).astype(int)
+    ebits = [EXPERT_FORMATS[int(x * len(EXPERT_FORMATS))] for x in u[:, 1]]
+    nbits = [SAMPLED_NON_EXPERT[int(x * len(SAMPLED_NON_EXPERT))] for x in u[:, 2]]
+    batch = [SAMPLED_BATCHES[int(x * len(SAMPLED_BATCHES))] for x in u[:, 3]]
+    pols = [p for p in presets for _ in range(per_preset)]
+    pols = [pols[i] for i in rng.permutation(n)]
+    rows = [(pols[i], int(cache[i]), ebits[i], nbits[i], int(batch[i])) for i in range(n)]
+    return GroupPlan(trace, profile, ConfigSet.from_rows(rows, policies=tuple(presets)))
+
+
+def make_plan(traces: Sequence[str], profiles: Sequence[str], presets: Sequence[str], per_preset: int,
+              seed: int, exclude: Optional[dict[tuple[str, str], set]] = None) -> list[GroupPlan]:
+    from moesim.tracer import read_trace_meta
+
+    plans = []
+    for t in traces:
+        E = read_trace_meta(trace_path(t)).num_experts
+        for p in profiles:
+            g = sample_group(t, p, E, presets, per_preset, seed)
+            if exclude and (t, p) in exclude:
+                drop = exclude[(t, p)]
+                keep = [i for i, r in enumerate(g.configs.rows()) if r not in drop]
+                g = GroupPlan(t, p, g.configs.take(np.asarray(keep, dtype=int)))
+            plans.append(g)
+    return plans
+
+
+# ---- runs ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunSet:
+    """Simulated configurations of one (trace, profile) group and their result rows (sweep rows)."""
+
+    trace: str
+    profile: str
+    trace_sha256: str
+    profile_sha256: str
+    configs: ConfigSet
+    rows: list[dict]
+
+
+def group_dir(trace: str, profile: str) -> Path:
+    from moesim.simulator.sweep import trace_label
+
+    return (cache_root() / "runs" / moesim_hash()[:16] / f"{trace_label(trace)}-{trace_hash(trace)[:12]}"
+            / f"{Path(profile).stem}-{profile_hash(profile)[:12]}")
+
+
+def run_group(plan: GroupPlan, jobs: int = 0, progress: bool = False) -> RunSet:
+    """Simulate a group's configurations (cached runs are read back, the rest run in parallel)."""
+    from moesim.costmodel.space import sweep_point
+    from moesim.simulator.sweep import run_sweep
+
+    points = [sweep_point(plan.trace, plan.profile, r, UNLIMITED_GPU_MEM) for r in plan.configs.rows()]
+    rows = run_sweep(points, group_dir(plan.trace, plan.profile), jobs=jobs, progress=progress)
+    by_key = {r["point_key"]: r for r in rows}
+    ordered = [by_key[p.key()] for p in points]
+    return RunSet(plan.trace, plan.profile, trace_hash(plan.trace), profile_hash(plan.profile), plan.configs,
+                  ordered)
+
+
+def run_plan(plans: Sequence[GroupPlan], jobs: int = 0, progress: bool = False, log=None) -> list[RunSet]:
+    out = []
+    for i, g in enumerate(plans):
+        if log is not None:
+            log(f"[{i + 1}/{len(plans)}] {g.trace} on {g.profile}: {len(g.configs)} configurations")
+        out.append(run_group(g, jobs=jobs, progress=progress))
+    return out
+
+
+def cached_rows(plan: GroupPlan) -> Optional[RunSet]:
+    """The group's runs if every one of them is already cached; None otherwise (nothing is run)."""
+    from moesim.costmodel.space import sweep_point
+    from moesim.simulator.sweep import JOURNAL, PARQUET, _read_journal, _read_parquet_rows
+
+    d = group_dir(plan.trace, plan.profile)
+    done = _read_parquet_rows(d / PARQUET)
+    done.update(_read_journal(d / JOURNAL))
+    points = [sweep_point(plan.trace, plan.profile, r, UNLIMITED_GPU_MEM) for r in plan.configs.rows()]
+    if any(p.key() not in done for p in points):
+        return None
+    return RunSet(plan.trace, plan.profile, trace_hash(plan.trace), profile_hash(plan.profile), plan.configs,
+                  [done[p.key()] for p in points])
+
+
+def finite(x) -> bool:
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
