@@ -132,8 +132,11 @@ def lookup_quality(ctx: TraceProfileContext, configs: ConfigSet, table_path: str
         wf = own if fmt is None else WeightFormat.parse(fmt)
         for gated in (False, True):
             try:
-                values[(fi, gated)] = lookup_perplexity(table, name, wf.bits, wf.group_size,
-                                                        ADAPMOE_BUDGET if gated else 0.0, ctx.k)
+                # Gated rows must be the simulator's AdapMoE rule (per-layer thresholds stretched over depth),
+                # not a table's uniform-threshold rows at the same budget.
+                values[(fi, gated)] = lookup_perplexity(
+                    table, name, wf.bits, wf.group_size, ADAPMOE_BUDGET if gated else 0.0, ctx.k,
+                    gating_sensitivity="adapmoe-loglinear" if gated else None)
             except MoesimError as exc:
                 values[(fi, gated)] = math.nan
                 note = exc.message

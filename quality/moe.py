@@ -71,13 +71,15 @@ def checkpoint_sha256(folder: Path) -> str:
 
 
 def moe_layers_of(model) -> list[MoELayer]:
-    layers = []
-    for moe_index, (decoder_layer, block) in enumerate(find_moe_layers(model)):
-        router = getattr(block, "gate", None) or getattr(block, "router", None)
+    layers: list[MoELayer] = []
+    for decoder_layer, block in find_moe_layers(model):
+        router = getattr(block, "gate", None)
+        if router is None:
+            router = getattr(block, "router", None)
         experts = getattr(block, "experts", None)
         if router is None or experts is None or not hasattr(router, "top_k"):
             continue
-        layers.append(MoELayer(moe_index, decoder_layer, block, router, experts))
+        layers.append(MoELayer(len(layers), decoder_layer, block, router, experts))
     return layers
 
 
