@@ -230,10 +230,6 @@ def shape_from_config(config, model_id: str | None = None) -> ModelShape:
     )
 
 
-def _kv_bytes_per_token_per_layer_fp16(config, kv_heads: int, head_dim: int) -> int:
-    return _kv_bytes_per_token(config, kv_heads, head_dim)
-
-
 def _kv_bytes_per_token(config, kv_heads: int, head_dim: int) -> int:
     # Multi-head latent attention (DeepSeek-V2/V3) caches the compressed latent and the rope key.
     kv_lora_rank = getattr(config, "kv_lora_rank", None)
