@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ from moesim.tracer import DECODE, PREFILL, TraceCells, TraceMeta, TraceSource
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+# Tests run on CPU; MOESIM_TEST_DEVICE=cuda repeats the device-dependent ones (engine, validate, calib) on a GPU.
+TEST_DEVICE = os.environ.get("MOESIM_TEST_DEVICE", "cpu")
 
 
 def tiny_shape(num_layers: int = 3, num_experts: int = 8, top_k: int = 2) -> ModelShape:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import TEST_DEVICE
 from moesim.calib import facts, workload
 from moesim.calib.calibrate import CalibOptions, calibrate, format_model_table, refit
 from moesim.calib.fit import RooflineData, fit_copy, fit_roofline
@@ -172,7 +173,7 @@ def tiny_profile(tmp_path_factory):
         budget_expert_s=0.5, budget_cpu_expert_s=0.5, budget_copy_s=0.5, budget_non_expert_s=1, budget_head_s=0.3,
     )
     policy = RepeatPolicy(warmup=1, min_repeats=3, max_repeats=5, min_time_s=0.0, warmup_s=0.0)
-    profile = calibrate(CalibOptions(device="cpu", model_config=str(cfg), quick=True, name="tiny-cpu", threads=1,
+    profile = calibrate(CalibOptions(device=TEST_DEVICE, model_config=str(cfg), quick=True, name="tiny-cpu", threads=1,
                                      grids=grids, policy=policy))
     path = profile.save(tmp_path_factory.mktemp("out") / "tiny.json")
     return profile, path, cfg
@@ -182,7 +183,7 @@ def test_tiny_calibration_round_trip(tiny_profile):
     profile, path, cfg = tiny_profile
     loaded = load_profile(path)
     assert loaded.to_json() == profile.to_json()
-    assert loaded.name == "tiny-cpu" and not loaded.derived_from_specs and loaded.device.kind == "cpu"
+    assert loaded.name == "tiny-cpu" and not loaded.derived_from_specs and loaded.device.kind == TEST_DEVICE
     assert set(loaded.expert_kernels) == {"bf16", "int8", "int4"}
     assert loaded.fit_statistic == "p10"
     shape = load_model_shape(str(cfg))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_cells, tiny_meta, tiny_shape
+from conftest import TEST_DEVICE, random_cells, tiny_meta, tiny_shape
 from moesim.calib.kernels import ExpertFFN
 from moesim.engine.kernels import ExpertFormat, pack_expert
 from moesim.engine.lanes import Lane, Marker
@@ -26,15 +26,16 @@ TINY_CONFIG = dict(model_type="mixtral", hidden_size=128, intermediate_size=256,
 @pytest.mark.parametrize("kernel, mode", [("bf16", "pack"), ("int8", "pack"), ("int8", "int_mm"), ("int4", "pack")])
 def test_packed_expert_runs_calibrations_kernel_and_survives_a_copy(kernel, mode):
     """A slot filled by copy_expert computes what calibration's ExpertFFN computes with the same weights."""
-    ref = ExpertFFN(128, 256, kernel, torch.device("cpu"), torch.bfloat16, seed=5, int8_mode=mode)
+    device = torch.device(TEST_DEVICE)
+    ref = ExpertFFN(128, 256, kernel, device, torch.bfloat16, seed=5, int8_mode=mode)
     g = torch.Generator().manual_seed(5)
     gate_up = torch.randn(512, 128, generator=g) * 128 ** -0.5
     down = torch.randn(128, 256, generator=g) * 256 ** -0.5
     fmt = ExpertFormat(kernel, mode)
-    host = pack_expert(gate_up, down, fmt, torch.bfloat16)
-    slot = host.empty_like(torch.device("cpu"))
+    host = pack_expert(gate_up.to(device), down.to(device), fmt, torch.bfloat16)
+    slot = host.empty_like(device)
     assert copy_expert(slot, host, pinned=False, bounce=new_bounce()) == host.nbytes
-    x = torch.randn(3, 128, generator=g).to(torch.bfloat16)
+    x = torch.randn(3, 128, generator=g).to(device, torch.bfloat16)
     y = slot.forward(x).float()
     y_ref = ref(x).float()
     assert torch.allclose(y, y_ref, rtol=2e-2, atol=2e-2), (y - y_ref).abs().max()
@@ -191,7 +192,7 @@ def test_checkpoint_outputs_do_not_depend_on_the_policy(checkpoint, tmp_path):
     from moesim.engine.validate import ValidateOptions, Validator
 
     root, trace_path = checkpoint
-    v = Validator(ValidateOptions(trace=str(trace_path), model=str(root), cache_experts=1, device="cpu",
+    v = Validator(ValidateOptions(trace=str(trace_path), model=str(root), cache_experts=1, device=TEST_DEVICE,
                                   profile="rtx-3060", requests=None, decode_tokens=None, warmup_steps=1,
                                   out=tmp_path))
     assert v.engine.store.source == str(root)

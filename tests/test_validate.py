@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import random_cells, tiny_meta, tiny_shape
+from conftest import TEST_DEVICE, random_cells, tiny_meta, tiny_shape
 from moesim.cli import cli
 from moesim.engine.policies import DecisionLog, simulate_with_log
 from moesim.engine.validate import ValidateOptions, Validator, compare
@@ -38,7 +38,7 @@ def validator(tiny):
     root, trace = tiny
     # a spec-derived GPU profile: decisions, bytes and memory do not depend on where the engine runs
     return Validator(ValidateOptions(trace=str(trace), model_config=str(root / "config.json"), cache_experts=3,
-                                     device="cpu", profile="rtx-3060", requests=None, decode_tokens=None,
+                                     device=TEST_DEVICE, profile="rtx-3060", requests=None, decode_tokens=None,
                                      warmup_steps=2, out=root / "out"))
 
 
