@@ -70,14 +70,15 @@ def decode_data(series: MeasuredSeries, statistic: str = "median") -> RooflineDa
     c = np.array([p.x["context"] for p in series.points])
     w = workload.decode_work(shape, b, c)
     times = np.array([p.value(statistic) for p in series.points])
-    return RooflineData(w.flops, w.nbytes, times, {"batch": b, "context": c})
+    return RooflineData(w.flops, w.nbytes, times, {"batch": b, "context": c}, *w.attention_parts())
 
 
 def tokens_data(series: MeasuredSeries, work_fn, statistic: str = "median") -> RooflineData:
     shape = series.model_shape()
     t = np.array([p.x["tokens"] for p in series.points])
     w = work_fn(shape, t)
-    return RooflineData(w.flops, w.nbytes, np.array([p.value(statistic) for p in series.points]), {"tokens": t})
+    return RooflineData(w.flops, w.nbytes, np.array([p.value(statistic) for p in series.points]), {"tokens": t},
+                        *w.attention_parts())
 
 
 def fit_expert(series: MeasuredSeries, statistic: str = "median") -> ExpertKernelModel:

@@ -8,7 +8,13 @@
   - ``soft-roofline``: ``(a^p + b^p)^(1/p)`` knee with p fitted (real kernels bend smoothly);
   - ``soft-roofline+correction``: plus a measured factor versus the size variable, interpolated
     piecewise-linearly in log x between measured points and held at its edge values outside them
-    (an interpolating regressor on the roofline's residuals, so it still generalises across shapes).
+    (an interpolating regressor on the roofline's residuals, so it still generalises across shapes);
+  - ``soft-roofline+attention`` (layers with attention only): attention's arithmetic over the KV cache
+    at its own FLOP rate, added to a soft roofline of everything else (the KV cache's bytes stay in
+    that roofline's memory side, where a GPU's memory-bound attention belongs). On a CPU, attention
+    runs tens of times below the matrix products' FLOP rate, and one shared roofline then misses
+    decode by a factor of several at long contexts. (Within one model's shape attention FLOPs and KV
+    bytes grow together, so a second bandwidth could not be told apart from this rate.)
 
 The leave-one-out error of a model is the mean |relative error| predicting each measured point from a
 fit made without it (the whole fit, candidate parameters and correction included).
@@ -69,10 +75,23 @@ class RooflineData:
     nbytes: np.ndarray
     times: np.ndarray
     x: dict[str, np.ndarray]
+    attention_flops: np.ndarray | None = None  # the attention share of flops and nbytes (None: no attention)
+    attention_nbytes: np.ndarray | None = None
 
     def subset(self, keep: np.ndarray) -> "RooflineData":
         x = {k: v[keep] for k, v in self.x.items()}
-        return RooflineData(self.flops[keep], self.nbytes[keep], self.times[keep], x)
+        af = None if self.attention_flops is None else self.attention_flops[keep]
+        an = None if self.attention_nbytes is None else self.attention_nbytes[keep]
+        return RooflineData(self.flops[keep], self.nbytes[keep], self.times[keep], x, af, an)
+
+    @property
+    def has_attention(self) -> bool:
+        return self.attention_flops is not None and bool(np.any(self.attention_flops > 0))
+
+    def parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(FLOPs other than attention's, all bytes, attention FLOPs)."""
+        af = np.zeros_like(self.flops) if self.attention_flops is None else self.attention_flops
+        return self.flops - af, self.nbytes, af
 
     @property
     def size(self) -> int:
@@ -86,12 +105,15 @@ def _knee(a: np.ndarray, b: np.ndarray, p: float | None) -> np.ndarray:
     return m * ((a / m) ** p + (b / m) ** p) ** (1.0 / p)
 
 
-def _fit_base(d: RooflineData, soft: bool) -> tuple[float, float, float, float | None]:
+def _fit_base(d: RooflineData, soft: bool, attention: bool = False):
+    """(latency, flop rate, bandwidth, sharpness, attention flop rate) by least squares on log time; the
+    attention rate is None unless ``attention``."""
     t = d.times
-    small = np.argsort(d.flops)[: max(2, d.size // 4)]
-    big = np.argsort(d.flops)[-max(2, d.size // 4):]
-    bw0 = float(np.median(d.nbytes[small] / t[small]))
-    fl0 = float(np.max(d.flops[big] / t[big]))
+    flops, nbytes, af = d.parts() if attention else (d.flops, d.nbytes, None)
+    small = np.argsort(flops)[: max(2, d.size // 4)]
+    big = np.argsort(flops)[-max(2, d.size // 4):]
+    bw0 = float(np.median(nbytes[small] / t[small]))
+    fl0 = float(np.max(flops[big] / t[big]))
     lat0 = float(np.min(t)) * 0.05
     x0 = [np.log(max(lat0, 1e-9)), np.log(fl0 * 1.2), np.log(bw0 * 1.2)]
     lo = [np.log(1e-9), np.log(fl0 * 0.5), np.log(bw0 * 0.5)]
@@ -100,18 +122,29 @@ def _fit_base(d: RooflineData, soft: bool) -> tuple[float, float, float, float |
         x0.append(np.log(3.0))
         lo.append(0.0)
         hi.append(np.log(32.0))
+    if attention:
+        heavy = np.argsort(af / np.maximum(flops, 1e-300))[-max(2, d.size // 4):]
+        afl0 = float(np.median(af[heavy] / t[heavy]))
+        x0.append(np.log(afl0 * 2.0))
+        lo.append(np.log(afl0 * 0.5))
+        hi.append(np.log(afl0 * 1e6))
 
-    def resid(theta):
+    def unpack(theta):
         lat, fl, bw = np.exp(theta[:3])
         p = float(np.exp(theta[3])) if soft else None
-        pred = lat + _knee(d.flops / fl, d.nbytes / bw, p)
+        afl = float(np.exp(theta[-1])) if attention else None
+        return float(lat), float(fl), float(bw), p, afl
+
+    def resid(theta):
+        lat, fl, bw, p, afl = unpack(theta)
+        pred = lat + _knee(flops / fl, nbytes / bw, p)
+        if attention:
+            pred = pred + af / afl
         return np.log(pred) - np.log(t)
 
     x0 = np.clip(x0, np.array(lo) + 1e-9, np.array(hi) - 1e-9)
-    res = least_squares(resid, x0, bounds=(lo, hi), method="trf", x_scale="jac", max_nfev=400)
-    lat, fl, bw = (float(v) for v in np.exp(res.x[:3]))
-    p = float(np.exp(res.x[3])) if soft else None
-    return lat, fl, bw, p
+    res = least_squares(resid, x0, bounds=(lo, hi), method="trf", x_scale="jac", max_nfev=400 if not attention else 800)
+    return unpack(res.x)
 
 
 def _correction(d: RooflineData, var: str, lat: float, fl: float, bw: float, p: float | None):
@@ -125,7 +158,8 @@ def _correction(d: RooflineData, var: str, lat: float, fl: float, bw: float, p: 
 
 def _fit_candidate(d: RooflineData, method: str, corr_var: str) -> RooflineModel:
     soft = method != "roofline"
-    lat, fl, bw, p = _fit_base(d, soft)
+    attention = method.endswith("+attention")
+    lat, fl, bw, p, afl = _fit_base(d, soft, attention)
     cx: tuple[float, ...] = ()
     cf: tuple[float, ...] = ()
     var = ""
@@ -133,10 +167,14 @@ def _fit_candidate(d: RooflineData, method: str, corr_var: str) -> RooflineModel
         var = corr_var
         cx, cf = _correction(d, corr_var, lat, fl, bw, p)
     return RooflineModel(latency_s=lat, flops_per_s=fl, bytes_per_s=bw, sharpness=p, correction_var=var,
-                         correction_x=cx, correction_factor=cf, method=method)
+                         correction_x=cx, correction_factor=cf, method=method, attention_flops_per_s=afl)
 
 
 def _predict(m: RooflineModel, d: RooflineData) -> np.ndarray:
+    if m.attention_flops_per_s is not None:
+        flops, nbytes, af = d.parts()
+        return (m.latency_s + _knee(flops / m.flops_per_s, nbytes / m.bytes_per_s, m.sharpness)
+                + af / m.attention_flops_per_s)
     base = _knee(d.flops / m.flops_per_s, d.nbytes / m.bytes_per_s, m.sharpness)
     corr = 1.0
     if m.correction_var:
@@ -163,6 +201,8 @@ def fit_roofline(d: RooflineData, corr_var: str = "", extrapolation: str = "roof
         methods = ("roofline", "soft-roofline")
         if corr_var and np.unique(d.x[corr_var]).size >= 5:
             methods += ("soft-roofline+correction",)
+        if d.has_attention and d.size >= 5:
+            methods += ("soft-roofline+attention",)
     scores: dict[str, np.ndarray] = {m: loo_errors(d, m, corr_var) for m in methods}
     best = methods[0]
     for m in methods[1:]:
@@ -174,6 +214,7 @@ def fit_roofline(d: RooflineData, corr_var: str = "", extrapolation: str = "roof
         latency_s=model.latency_s, flops_per_s=model.flops_per_s, bytes_per_s=model.bytes_per_s,
         sharpness=model.sharpness, correction_var=model.correction_var, correction_x=model.correction_x,
         correction_factor=model.correction_factor, ranges=ranges, extrapolation=extrapolation, method=best,
+        attention_flops_per_s=model.attention_flops_per_s,
         loo_rel_error=float(scores[best].mean()), n_points=d.size, loo_max_rel_error=float(scores[best].max()),
         alternatives=tuple((m, float(s.mean())) for m, s in scores.items() if m != best),
     )

@@ -201,15 +201,22 @@ class CopyBench:
     stream, timed with CUDA events around it (a pageable copy returns only when done, so its events
     bracket the driver's staging too). CPU: "pinned" is one memcpy between two pre-faulted buffers; "pageable" copies
     through a 4 MiB bounce buffer in chunks, the path a CUDA driver takes for pageable memory.
-    Concurrent copies run the two directions from two threads at once, each timed on its own.
+    Concurrent copies on CUDA run the two directions from two threads released together, each timed
+    on its own; on CPU the timed direction runs against a partner thread that copies the other way
+    for as long as the timed copies last (:class:`_Partner`).
     """
 
     STAGING = 4 * 2**20
 
     def __init__(self, device: torch.device, max_bytes: int):
         self.device = device
-        self.max_bytes = max_bytes
         cuda = device.type == "cuda"
+        if not cuda:
+            # Each CPU copy reads and writes memory not touched since the last lap over buffers of several
+            # times the last-level cache: an engine copies a different expert each time, never a cached one.
+            max_bytes = max(max_bytes, 4 * last_level_cache_bytes(device))
+        self.max_bytes = max_bytes
+        self.offsets = {"h2d": 0, "d2h": 0}
         self.host = {
             True: torch.empty(max_bytes, dtype=torch.uint8, pin_memory=cuda).fill_(1),
             False: torch.empty(max_bytes, dtype=torch.uint8).fill_(2),
@@ -225,10 +232,16 @@ class CopyBench:
 
     def _copy(self, direction: str, pinned: bool, n: int) -> float:
         """One copy of ``n`` bytes; returns its time (CUDA events on its stream; wall clock on CPU)."""
+        off = 0
+        if self.device.type == "cpu":
+            off = self.offsets[direction]
+            if off + n > self.max_bytes:
+                off = 0
+            self.offsets[direction] = off + -(-n // 4096) * 4096
         if direction == "h2d":
-            src, dst = self.host[pinned][:n], self.dev_in[:n]
+            src, dst = self.host[pinned][off:off + n], self.dev_in[off:off + n]
         else:
-            src, dst = self.dev_out[:n], self.host_out[pinned][:n]
+            src, dst = self.dev_out[off:off + n], self.host_out[pinned][off:off + n]
         if self.device.type == "cuda":
             stream = self.streams[direction]
             start = torch.cuda.Event(enable_timing=True)
@@ -272,11 +285,61 @@ class CopyBench:
         return out["h2d"], out["d2h"]
 
 
+class _Partner:
+    """A thread that keeps copying in one direction until stopped: the other direction's steady load.
+
+    Timing one copy against a partner started at the same instant (a barrier) overlaps them only in
+    part when thread wake-up jitter is comparable to the copy (always, for small copies on a CPU); a
+    partner already running when the timed copies start, and still running when they end, measures
+    what the simulator asks for: a copy's time while the other direction is busy.
+    """
+
+    def __init__(self, bench: CopyBench, direction: str, pinned: bool, n: int):
+        self.stop = threading.Event()
+        self.started = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(bench, direction, pinned, n), daemon=True)
+
+    def _run(self, bench: CopyBench, direction: str, pinned: bool, n: int) -> None:
+        while not self.stop.is_set():
+            bench._copy(direction, pinned, n)
+            self.started.set()
+
+    def __enter__(self) -> "_Partner":
+        self.thread.start()
+        self.started.wait()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def _cpu_copy_samples(bench: CopyBench, sizes: tuple[int, ...], policy,
+                      samples: dict[str, dict[int, list[float]]]) -> None:
+    """CPU: per size, a warm-up copy then a block of timed copies, alone and against a running partner."""
+    per_block = max(policy.min_repeats, min(policy.max_repeats, 11))
+    for pinned in (True, False):
+        tag = "pinned" if pinned else "pageable"
+        for n in sizes:
+            for direction in ("h2d", "d2h"):
+                bench.time_alone(direction, pinned, n)
+                samples.setdefault(f"copy/{direction}/{tag}/alone", {})[n] = [
+                    bench.time_alone(direction, pinned, n) for _ in range(per_block)]
+                other = "d2h" if direction == "h2d" else "h2d"
+                with _Partner(bench, other, pinned, n):
+                    bench.time_alone(direction, pinned, n)
+                    # twice the samples: sharing the memory bus (and the GIL between copies) spreads them more
+                    samples.setdefault(f"copy/{direction}/{tag}/concurrent", {})[n] = [
+                        bench.time_alone(direction, pinned, n) for _ in range(2 * per_block)]
+
+
 def copy_series(device: torch.device, sizes: tuple[int, ...], timer: Timer, budget: Budget) -> list[MeasuredSeries]:
     bench = CopyBench(device, max(sizes))
     p = timer.policy
     samples: dict[str, dict[int, list[float]]] = {}
-    for pinned in (True, False):
+    if device.type == "cpu":
+        _cpu_copy_samples(bench, sizes, p, samples)
+    for pinned in (True, False) if device.type == "cuda" else ():
         tag = "pinned" if pinned else "pageable"
         for n in sizes:
             for _ in range(p.warmup):

@@ -163,6 +163,9 @@ class RooflineModel:
     # kernel sequence asynchronously, so a small expert takes max(launch time, GPU time), not their sum;
     # measured on a tiny expert of the same kernel (0 when not measured).
     floor_s: float = 0.0
+    # Attention's arithmetic over the KV cache at its own rate (method "...+attention"), added to the
+    # roofline, which then covers the other FLOPs; None when attention shares the one roofline.
+    attention_flops_per_s: float | None = None
 
     def base_time(self, flops, nbytes) -> np.ndarray:
         a = np.asarray(flops, dtype=np.float64) / self.flops_per_s
@@ -181,7 +184,12 @@ class RooflineModel:
 
     def predict(self, work: workload.Work, values: dict[str, Any], what: str) -> np.ndarray:
         _check_ranges(self.ranges, self.extrapolation, values, what)
-        t = self.latency_s + self.base_time(work.flops, work.nbytes) * self.correction(values)
+        if self.attention_flops_per_s is not None:
+            af, _ = work.attention_parts()
+            t = (self.latency_s + self.base_time(np.asarray(work.flops) - af, work.nbytes) * self.correction(values)
+                 + af / self.attention_flops_per_s)
+        else:
+            t = self.latency_s + self.base_time(work.flops, work.nbytes) * self.correction(values)
         return np.maximum(t, self.floor_s) if self.floor_s > 0 else t
 
     def to_dict(self) -> dict[str, Any]:
@@ -201,7 +209,7 @@ class RooflineModel:
             "alternatives": {k: v for k, v in self.alternatives},
             "n_points": self.n_points,
             "floor_s": self.floor_s,
-        }
+        } | ({"attention_flops_per_s": self.attention_flops_per_s} if self.attention_flops_per_s is not None else {})
 
     @classmethod
     def from_fields(cls, f: _Fields) -> "RooflineModel":
@@ -224,6 +232,9 @@ class RooflineModel:
             for i, r in enumerate(f.req("ranges", list))
         )
         loo = f.opt("loo_rel_error", None, float)
+        attention = None
+        if f.opt("attention_flops_per_s", None, float) is not None:
+            attention = f.num("attention_flops_per_s", positive=True)
         return cls(
             latency_s=f.num("latency_s", nonneg=True),
             flops_per_s=f.num("flops_per_s", positive=True),
@@ -240,6 +251,7 @@ class RooflineModel:
             loo_max_rel_error=f.opt("loo_max_rel_error", None, float),
             alternatives=tuple((str(k), float(v)) for k, v in f.opt("alternatives", {}, dict).items()),
             floor_s=float(f.opt("floor_s", 0.0, float)),
+            attention_flops_per_s=attention,
         )
 
 

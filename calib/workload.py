@@ -19,10 +19,26 @@ ACT_BYTES = 2.0  # activations and the KV cache are 16-bit in every calibrated k
 
 @dataclass(frozen=True)
 class Work:
-    """FLOPs and bytes of one operation (arrays broadcast together)."""
+    """FLOPs and bytes of one operation (arrays broadcast together).
+
+    ``attention_flops`` and ``attention_nbytes`` are the share of the totals spent attending over the KV
+    cache (zero for operations without attention). They are kept apart because on some devices (a CPU
+    above all) attention runs far below the rates of the layer's matrix products, so a model that gives
+    it its own roofline predicts what one shared roofline cannot.
+    """
 
     flops: np.ndarray
     nbytes: np.ndarray
+    attention_flops: np.ndarray | float = 0.0
+    attention_nbytes: np.ndarray | float = 0.0
+
+    def attention_parts(self) -> tuple[np.ndarray, np.ndarray]:
+        """The attention FLOPs and bytes, broadcast to the totals' shape."""
+        f, b = np.broadcast_arrays(np.asarray(self.flops, dtype=np.float64),
+                                   np.asarray(self.attention_flops, dtype=np.float64))
+        n, a = np.broadcast_arrays(np.asarray(self.nbytes, dtype=np.float64),
+                                   np.asarray(self.attention_nbytes, dtype=np.float64))
+        return np.array(b), np.array(a)
 
 
 def expert_work(shape: ModelShape, tokens, weight_bits_per_param: float) -> Work:
@@ -61,9 +77,10 @@ def decode_work(shape: ModelShape, batch, context) -> Work:
     c = np.asarray(context, dtype=np.float64)
     p = attention_params(shape)
     qk_av = 4.0 * shape.num_attention_heads * shape.head_dim * c  # QK^T and AV for one query row
+    kv = b * c * kv_bytes_per_token(shape)
     flops = b * (2.0 * p + qk_av)
-    nbytes = p * ACT_BYTES + b * c * kv_bytes_per_token(shape) + b * 4 * shape.hidden_size * ACT_BYTES
-    return Work(flops, nbytes)
+    nbytes = p * ACT_BYTES + kv + b * 4 * shape.hidden_size * ACT_BYTES
+    return Work(flops, nbytes, b * qk_av, kv)
 
 
 def prefill_work(shape: ModelShape, tokens) -> Work:
@@ -71,9 +88,10 @@ def prefill_work(shape: ModelShape, tokens) -> Work:
     t = np.asarray(tokens, dtype=np.float64)
     p = attention_params(shape)
     qk_av = 4.0 * shape.num_attention_heads * shape.head_dim * t * (t + 1) / 2.0
+    kv = t * kv_bytes_per_token(shape)
     flops = 2.0 * p * t + qk_av
-    nbytes = p * ACT_BYTES + t * kv_bytes_per_token(shape) + t * 6 * shape.hidden_size * ACT_BYTES
-    return Work(flops, nbytes)
+    nbytes = p * ACT_BYTES + kv + t * 6 * shape.hidden_size * ACT_BYTES
+    return Work(flops, nbytes, qk_av, kv)
 
 
 def head_work(shape: ModelShape, tokens) -> Work:

@@ -64,6 +64,33 @@ def test_roofline_fit_recovers_parameters_and_transfers_across_shapes():
     assert np.max(np.abs(pred - truth) / truth) < 0.05
 
 
+def test_decode_fit_gives_attention_its_own_roofline_and_round_trips():
+    """A CPU-like layer: matrix products at 100 GFLOP/s, attention at 4 GFLOP/s. One shared roofline
+    cannot fit both; the two-roofline candidate wins, recovers the attention rate and predicts another
+    model's shape through the profile's serialised form."""
+    from moesim.calib.profile import RooflineModel, _Fields
+
+    mixtral = load_model_shape("mixtral-8x7b")
+    b, c = (np.array(v, float) for v in zip(*[(b, c) for b in (1, 2, 4, 8, 16) for c in (16, 256, 1024, 4096)]))
+
+    def truth(shape, b, c):
+        w = workload.decode_work(shape, b, c)
+        af, an = w.attention_parts()
+        return 2e-4 + np.maximum((w.flops - af) / 100e9, w.nbytes / 15e9) + af / 4e9
+
+    w = workload.decode_work(mixtral, b, c)
+    m = fit_roofline(RooflineData(w.flops, w.nbytes, truth(mixtral, b, c), {"batch": b, "context": c},
+                                  *w.attention_parts()))
+    assert m.method == "soft-roofline+attention" and m.loo_rel_error < 0.02
+    assert m.attention_flops_per_s == pytest.approx(4e9, rel=0.1)
+    assert dict(m.alternatives)["soft-roofline"] > 0.2  # the shared roofline misses by far
+    loaded = RooflineModel.from_fields(_Fields(json.loads(json.dumps(m.to_dict())), "model", "test"))
+    assert loaded == m
+    qwen = load_model_shape("qwen3-30b-a3b")
+    pred = loaded.predict(workload.decode_work(qwen, b, c), {"batch": b, "context": c}, "test")
+    assert np.max(np.abs(pred - truth(qwen, b, c)) / truth(qwen, b, c)) < 0.05
+
+
 def test_correction_candidate_wins_on_a_kinked_curve():
     tok = np.array([1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128], float)
     flops = 2e6 * tok
