@@ -64,18 +64,24 @@ def _dequant_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grou
 class Linear:
     """One weight matrix [N, K] in a given format; ``__call__(x)`` computes ``x @ w.T`` with the real kernel."""
 
-    def __init__(self, w: torch.Tensor, kernel: str, act_dtype: torch.dtype, int8_mode: str = "pack"):
+    def __init__(self, w: torch.Tensor, kernel: str, act_dtype: torch.dtype, int8_mode: str = "pack",
+                 keep_reference: bool = False):
+        # The dequantized fp32 reference is for checking the kernel (the probe, tests); building it for a
+        # Mixtral-sized expert took longer than quantizing, so timing runs go without.
         self.kernel = kernel
+        self.reference: torch.Tensor | None = None
         self.act_dtype = act_dtype
         self.n, self.k = w.shape
         device = w.device
         if kernel == "bf16":
             self.w = w.to(act_dtype).contiguous()
-            self.reference = self.w.float()
+            if keep_reference:
+                self.reference = self.w.float()
             self._fn: Callable = lambda x: F.linear(x, self.w)
         elif kernel == "int8":
             q, scale = _quant_int8_per_channel(w)
-            self.reference = (q.float() * scale[:, None])
+            if keep_reference:
+                self.reference = q.float() * scale[:, None]
             if int8_mode == "pack":
                 self.q = q.contiguous()
                 self.scale = scale.to(act_dtype)
@@ -86,7 +92,8 @@ class Linear:
                 self._fn = self._int_mm
         elif kernel == "int4":
             q, scale, zero = _quant_int4_groups(w, INT4_GROUP)
-            self.reference = _dequant_int4(q, scale, zero, INT4_GROUP)
+            if keep_reference:
+                self.reference = _dequant_int4(q, scale, zero, INT4_GROUP)
             sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(act_dtype)  # [K/g, N, 2]
             self.scales_and_zeros = sz
             if device.type == "cuda":
@@ -99,7 +106,8 @@ class Linear:
                                                                       self.scales_and_zeros)
         else:
             raise ValueError(f"no real kernel for '{kernel}'")
-        self.reference = self.reference.to(device)
+        if self.reference is not None:
+            self.reference = self.reference.to(device)
 
     def _int_mm(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
@@ -118,14 +126,14 @@ class ExpertFFN:
     """A routed expert (fused gate+up, SiLU-gated product, down) in one weight format."""
 
     def __init__(self, hidden: int, intermediate: int, kernel: str, device: torch.device, act_dtype: torch.dtype,
-                 seed: int = 0, int8_mode: str = "pack"):
+                 seed: int = 0, int8_mode: str = "pack", keep_reference: bool = False):
         g = torch.Generator(device="cpu").manual_seed(seed)
         std = hidden ** -0.5
         gate_up = (torch.randn(2 * intermediate, hidden, generator=g) * std).to(device)
         down = (torch.randn(hidden, intermediate, generator=g) * intermediate ** -0.5).to(device)
         self.intermediate = intermediate
-        self.gate_up = Linear(gate_up, kernel, act_dtype, int8_mode)
-        self.down = Linear(down, kernel, act_dtype, int8_mode)
+        self.gate_up = Linear(gate_up, kernel, act_dtype, int8_mode, keep_reference)
+        self.down = Linear(down, kernel, act_dtype, int8_mode, keep_reference)
         del gate_up, down
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,7 +193,7 @@ def probe_kernels(device: torch.device, act_dtype: torch.dtype) -> tuple[dict[st
         for mode in (int8_modes_for(device) if kernel == "int8" else ("pack",)):
             name = f"{kernel}/{mode}" if kernel == "int8" else kernel
             try:
-                ffn = ExpertFFN(256, 512, kernel, device, act_dtype, seed=3, int8_mode=mode)
+                ffn = ExpertFFN(256, 512, kernel, device, act_dtype, seed=3, int8_mode=mode, keep_reference=True)
                 y = ffn(x).float()
                 ref = ffn.reference(x.float())
                 err = float((y - ref).norm() / ref.norm())

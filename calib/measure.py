@@ -77,7 +77,7 @@ def grids_for(device: torch.device, quick: bool, cores: int) -> Grids:
             expert_tokens=(1, 2, 4, 16, 64, 256),
             cpu_expert_tokens=(1, 2, 4, 16, 64, 256),
             cpu_threads=_threads_grid(cores, True),
-            copy_bytes=(256 * kib, mib, 4 * mib, 16 * mib, 64 * mib),
+            copy_bytes=(64 * kib, 256 * kib, mib, 4 * mib, 16 * mib, 64 * mib),  # the full grid's lower end
             decode=((1, 128), (1, 2048), (4, 512), (8, 2048), (16, 256)),
             prefill_tokens=(16, 64, 256, 512),
             head_tokens=(1, 4, 16, 64, 256),
