@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moesim.calib.calibrate import CalibOptions, calibrate, format_model_table, series_data
+from moesim.calib.calibrate import CalibOptions, calibrate, format_model_table, series_data, series_statistic
 from moesim.calib.profile import HardwareProfile, MeasuredSeries, load_profile
 from moesim.modelspec import ModelShape
 
@@ -57,7 +57,8 @@ def held_out_table(quick: HardwareProfile, full: HardwareProfile) -> tuple[str, 
     disagreement at the points both measured (the machine's run-to-run drift, which no fit can remove),
     and the held-out error once the quick prediction is scaled by that shared-point ratio (the fit's own
     error: how well the sparse grid and the model shape interpolate)."""
-    quick_points = {s.key: {tuple(sorted(p.x.items())): p.value(full.fit_statistic) for p in s.points}
+    stat = {s.key: series_statistic(s.key, full.fit_statistic) for s in full.measurements}
+    quick_points = {s.key: {tuple(sorted(p.x.items())): p.value(stat.get(s.key, full.fit_statistic)) for p in s.points}
                     for s in quick.measurements}
     lines = [f"{'series':<30} {'held-out':>8} {'mean err':>9} {'max err':>8} {'<=10%':>6} {'drift':>7} "
              f"{'fit err':>8}   (quick predicts full's {full.fit_statistic}; drift: full / quick at shared points)"]
@@ -67,7 +68,7 @@ def held_out_table(quick: HardwareProfile, full: HardwareProfile) -> tuple[str, 
         if s.key == "overhead" or s.key not in quick_points:
             continue
         shared = quick_points[s.key]
-        ratios = [p.value(full.fit_statistic) / shared[k] for p in s.points
+        ratios = [p.value(stat[s.key]) / shared[k] for p in s.points
                   if (k := tuple(sorted(p.x.items()))) in shared]
         drift = float(np.median(ratios)) if ratios else 1.0
         errs, errs_fit = [], []
@@ -79,7 +80,7 @@ def held_out_table(quick: HardwareProfile, full: HardwareProfile) -> tuple[str, 
             except Exception as exc:  # e.g. a thread count the quick run did not measure
                 lines.append(f"{s.key:<30} cannot predict: {exc}")
                 break
-            actual = p.value(full.fit_statistic)
+            actual = p.value(stat[s.key])
             errs.append(abs(pred - actual) / actual)
             errs_fit.append(abs(pred * drift - actual) / actual)
         if errs:

@@ -101,11 +101,18 @@ def series_data(series: MeasuredSeries, statistic: str = "median") -> RooflineDa
     raise MoesimError(f"measured series '{key}': not a compute series")
 
 
+def series_statistic(key: str, statistic: str) -> str:
+    """The per-point statistic a series is fitted to: the profile's, except that a concurrent copy takes
+    the median. Its fastest samples are those its partner direction happened not to overlap (on a CPU
+    the partner is a thread between two copies), so a low percentile measures a copy alone again."""
+    return "median" if key.startswith("copy/") and key.endswith("/concurrent") else statistic
+
+
 def fit_series(series: MeasuredSeries, statistic: str = "median") -> RooflineModel | CopyModel | ExpertKernelModel:
     """The fitted model for one measured series, by its key."""
     key = series.key
     if key.startswith("copy/"):
-        return fit_copy(series, statistic)
+        return fit_copy(series, series_statistic(key, statistic))
     if key.startswith("expert/") or key.startswith("cpu_expert/"):
         return fit_expert(series, statistic)
     if key.endswith("/decode"):
