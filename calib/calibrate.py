@@ -24,6 +24,7 @@ from moesim.calib.measure import (
     floor_series,
     grids_for,
     head_series,
+    interference_series,
     overhead_series,
     prefill_series,
 )
@@ -122,6 +123,22 @@ def fit_series(series: MeasuredSeries, statistic: str = "median") -> RooflineMod
     raise MoesimError(f"measured series '{key}': no model is fitted to this kind of series")
 
 
+def fit_interference(measurements: tuple[MeasuredSeries, ...]) -> tuple[float, float]:
+    """(compute slowdown while copying, copy slowdown while computing): median time with the partner
+    over median time without, at least 1; (1, 1) when not measured (a GPU)."""
+    out = []
+    for key in ("interference/compute", "interference/copy"):
+        s = next((m for m in measurements if m.key == key), None)
+        if s is None:
+            out.append(1.0)
+            continue
+        by = {p.x["partner"]: p.value("median") for p in s.points}
+        if set(by) != {0.0, 1.0}:
+            raise MoesimError(f"measured series '{key}': expected points at partner 0 and 1, got {sorted(by)}")
+        out.append(round(max(1.0, by[1.0] / by[0.0]), 4))
+    return out[0], out[1]
+
+
 def fit_profile_models(measurements: tuple[MeasuredSeries, ...], statistic: str = "median"):
     """(expert, cpu_expert, copies, non_expert, head) models from a profile's raw measurements."""
     expert: dict[str, ExpertKernelModel] = {}
@@ -132,7 +149,7 @@ def fit_profile_models(measurements: tuple[MeasuredSeries, ...], statistic: str 
     floors = {s.key[len("floor/"):]: min(p.value(statistic) for p in s.points)
               for s in measurements if s.key.startswith("floor/")}
     for s in measurements:
-        if s.key == "overhead" or s.key.startswith("floor/"):
+        if s.key == "overhead" or s.key.startswith(("floor/", "interference/")):
             continue
         model = fit_series(s, statistic)
         if isinstance(model, ExpertKernelModel) and s.key in floors:
@@ -259,6 +276,10 @@ def calibrate(opts: CalibOptions) -> HardwareProfile:
     series.extend(copy_series(device, grids.copy_bytes, Timer(device, policy),
                               Budget(grids.budget_copy_s, grids.complete)))
 
+    if device.type == "cpu":
+        log("copies against compute ...")
+        series.extend(interference_series(shape, kernels["bf16"], device, act_dtype, threads))
+
     log("non-expert layer (decode, prefill) ...")
     layer = build_attention_layer(config, device, act_dtype, first_moe_layer=shape.moe_layer_ids[0])
     half = grids.budget_non_expert_s / 2
@@ -284,6 +305,7 @@ def calibrate(opts: CalibOptions) -> HardwareProfile:
     log(f"fitting to the per-point {statistic} ...")
     measurements = tuple(series)
     expert, cpu_expert, copies, non_expert, head = fit_profile_models(measurements, statistic)
+    slowdown = fit_interference(measurements)
     name, mem, dev_facts = facts.device_facts(device)
     dev_facts["kernels_not_available"] = {k: v for k, v in dropped.items()}
     dev_facts["kernel_choice_seconds_at_1_plus_64_tokens"] = kernel_choice
@@ -318,6 +340,8 @@ def calibrate(opts: CalibOptions) -> HardwareProfile:
         created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         measurements=measurements,
         fit_statistic=statistic,
+        compute_slowdown_with_copy=slowdown[0],
+        copy_slowdown_with_compute=slowdown[1],
     )
 
 
@@ -327,6 +351,11 @@ def refit(profile: HardwareProfile, statistic: str | None = None) -> HardwarePro
 
     stat = statistic or profile.fit_statistic
     expert, cpu_expert, copies, non_expert, head = fit_profile_models(profile.measurements, stat)
+    slowdown = fit_interference(profile.measurements)
+    if profile.derived_from_specs or not any(s.key.startswith("interference/") for s in profile.measurements):
+        slowdown = (profile.compute_slowdown_with_copy, profile.copy_slowdown_with_compute)
+    profile = dataclasses.replace(profile, compute_slowdown_with_copy=slowdown[0],
+                                  copy_slowdown_with_compute=slowdown[1])
     return dataclasses.replace(profile, expert_models=expert, cpu_expert_models=cpu_expert, copy_models=copies,
                                non_expert_models=non_expert, head_model=head, fit_statistic=stat)
 

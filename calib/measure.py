@@ -373,6 +373,78 @@ def copy_series(device: torch.device, sizes: tuple[int, ...], timer: Timer, budg
     return out
 
 
+class _Looping:
+    """A thread that calls ``fn`` until stopped (entered once it has finished one call)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.stop = threading.Event()
+        self.started = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.fn()
+            self.started.set()
+
+    def __enter__(self) -> "_Looping":
+        self.thread.start()
+        self.started.wait()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+INTERFERENCE_REPEATS = 9
+
+
+def interference_series(shape: ModelShape, info: KernelInfo, device: torch.device, act_dtype: torch.dtype,
+                        threads: int) -> list[MeasuredSeries]:
+    """CPU as the device: a decode expert FFN (1 token) with and without a host->device copy of one expert
+    running in another thread, and that copy with and without the FFN running.
+
+    On a GPU the copy engines and the SMs are separate hardware; on a CPU standing in for the device the
+    "copy engine" is a thread sharing the memory bus, and the cores, with the compute: the validation
+    engine's FFNs ran 20-35% slower and its copies twice as slow while the other was busy. Each timed
+    call overlaps a partner that runs for the whole block (see :class:`_Partner`).
+    """
+    h, inter = shape.hidden_size, shape.expert_intermediate_size
+    nbytes = int(shape.expert_params * info.weight_bits_per_param / 8)
+    ffn = ExpertFFN(h, inter, info.kernel, device, act_dtype, seed=11, int8_mode=info.int8_mode)
+    x = torch.randn(1, h, generator=torch.Generator().manual_seed(3)).to(device, act_dtype)
+    bench = CopyBench(device, nbytes)
+
+    def ffn_time() -> float:
+        t0 = time.perf_counter()
+        ffn(x)
+        return time.perf_counter() - t0
+
+    def block(fn) -> list[float]:
+        fn()
+        return [fn() for _ in range(INTERFERENCE_REPEATS)]
+
+    copy = lambda: bench.time_alone("h2d", True, nbytes)  # noqa: E731
+    compute = {0.0: block(ffn_time)}
+    with _Partner(bench, "h2d", True, nbytes):
+        compute[1.0] = block(ffn_time)
+    copies = {0.0: block(copy)}
+    with _Looping(lambda: ffn(x)):
+        copies[1.0] = block(copy)
+    common = {"kernel": info.kernel, "threads": threads, "copy_bytes": nbytes, "device": str(device)}
+    return [
+        MeasuredSeries(key="interference/compute", shape=shape.to_dict(), params=common,
+                       description="1-token expert FFN alone (partner 0) and while a host->device copy of one "
+                                   "expert runs in another thread (partner 1)",
+                       points=tuple(summarize({"partner": k}, v) for k, v in compute.items())),
+        MeasuredSeries(key="interference/copy", shape=shape.to_dict(), params=common,
+                       description="host->device copy of one expert alone (partner 0) and while 1-token expert "
+                                   "FFNs run in another thread (partner 1)",
+                       points=tuple(summarize({"partner": k}, v) for k, v in copies.items())),
+    ]
+
+
 # ------------------------------------------------------------------------------------------ non-expert
 
 

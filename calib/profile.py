@@ -464,6 +464,11 @@ class HardwareProfile:
     measurements: tuple[MeasuredSeries, ...] = ()
     fit_statistic: str = "median"  # which per-point statistic the models were fitted to
     schema_version: int = SCHEMA_VERSION
+    # A device that shares its memory bus and cores with the copy engine (a CPU standing in for the
+    # device) runs an expert FFN slower while a host->device copy is in flight, and the copy slower
+    # while the FFN runs: time ratios measured by calib (1.0: independent, as a GPU's DMA engines are).
+    compute_slowdown_with_copy: float = 1.0
+    copy_slowdown_with_compute: float = 1.0
 
     # ---- contract attributes
     @property
@@ -597,6 +602,9 @@ class HardwareProfile:
             "non_expert": {k: {p: m.to_dict() for p, m in v.items()} for k, v in self.non_expert_models.items()},
             "head": self.head_model.to_dict(),
             "fit_statistic": self.fit_statistic,
+        } | ({"interference": {"compute_with_copy": self.compute_slowdown_with_copy,
+                               "copy_with_compute": self.copy_slowdown_with_compute}}
+             if (self.compute_slowdown_with_copy, self.copy_slowdown_with_compute) != (1.0, 1.0) else {}) | {
             "measurements": [s.to_dict() for s in self.measurements] if include_measurements else [],
         }
 
@@ -646,6 +654,10 @@ class HardwareProfile:
                     raise MoesimError(f"{source}: field 'non_expert.{k}.{phase}': expected 'prefill' or 'decode'")
             non_expert[k] = {p: RooflineModel.from_fields(per.sub(p)) for p in per.data}
         overheads = f.sub("overheads")
+        slowdown = (1.0, 1.0)
+        if f.opt("interference", None, dict) is not None:
+            inter = f.sub("interference")
+            slowdown = (inter.num("compute_with_copy", positive=True), inter.num("copy_with_compute", positive=True))
         measurements = tuple(MeasuredSeries.from_fields(_Fields(s, f"measurements[{i}]", source))
                              for i, s in enumerate(f.opt("measurements", [], list)))
         return cls(
@@ -670,6 +682,8 @@ class HardwareProfile:
             measurements=measurements,
             fit_statistic=_statistic(f),
             schema_version=version,
+            compute_slowdown_with_copy=slowdown[0],
+            copy_slowdown_with_compute=slowdown[1],
         )
 
     def series(self, key: str) -> MeasuredSeries:

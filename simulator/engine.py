@@ -28,7 +28,7 @@ from moesim.simulator.costs import CostTables
 from moesim.simulator.placement import Placement
 from moesim.simulator.prefetch import PrefetchContext, Prefetcher
 from moesim.simulator.timeline import Timeline
-from moesim.simulator.transfer import Lane, TransferSpec
+from moesim.simulator.transfer import Lane, TransferSpec, stretched
 from moesim.simulator.workload import ForwardStep, Workload
 from moesim.tracer import DECODE
 
@@ -82,6 +82,11 @@ class Simulation:
         self.d2h = Lane(self.env, "PCIe D2H", record)
         self.h2d.peer, self.d2h.peer = self.d2h, self.h2d
         self.cpu = Lane(self.env, "CPU experts", record)
+        self.compute_busy_until = 0.0
+        self._compute_slowdown = costs.compute_slowdown_with_copy
+        if costs.copy_slowdown_with_compute != 1.0 or costs.compute_slowdown_with_copy != 1.0:
+            self.h2d.contended_by = lambda: self.compute_busy_until
+            self.h2d.slowdown = costs.copy_slowdown_with_compute
         self._segments: list[tuple[str, str, float]] = []  # (lane, label, seconds) of the pending time
         self._inflight: dict = {}  # key -> Job loading a cached expert
         self._buffer: dict = {}  # key -> Job: prefetches held outside the cache (AdapMoE)
@@ -106,6 +111,13 @@ class Simulation:
             self.timeline.gpu_segments(self.env.now, self._segments)
             self._segments.clear()
         self.stats.waits += 1
+        now = self.env.now
+        if self.h2d.contended_by is not None:
+            # compute and the copy in flight share the hardware: both slow down where they overlap
+            copy_until = self.h2d.busy_until
+            duration = stretched(duration, now, copy_until, self._compute_slowdown)
+            self.h2d.slow_down_current(now, now + duration)
+        self.compute_busy_until = now + duration
         return self.env.timeout(duration)
 
     def _driver(self):

@@ -17,7 +17,9 @@ A :class:`Lane` is one FIFO server with its own SimPy process: the host->device 
 device->host copy engine, and the host CPU pool that runs CPU experts. A job is served whole (no
 preemption); queued demand jobs go before queued background (prefetch) jobs when the policy says demand
 loads have priority. When both copy directions are busy at once a copy takes the profile's
-``concurrent=True`` time.
+``concurrent=True`` time. Where the profile measured that copies and compute share hardware (a CPU
+standing in for the device), the part of a copy that overlaps compute is stretched by the profile's
+``copy_slowdown_with_compute`` (``contended_by``/``slowdown``; the driver stretches compute likewise).
 """
 
 from __future__ import annotations
@@ -57,6 +59,15 @@ TRANSFERS.register("swap")(TransferSpec("swap", pinned=True, write_back=True, st
 TRANSFERS.register("stream")(TransferSpec("stream", pinned=True))
 TRANSFERS.register("sync")(TransferSpec("sync", pinned=False, staging_experts=1))
 TRANSFERS.register("layer")(TransferSpec("layer", pinned=False))
+
+
+def stretched(duration: float, start: float, other_busy_until: float, slowdown: float) -> float:
+    """``duration`` of work started at ``start`` whose overlap with another resource, busy until
+    ``other_busy_until``, runs ``slowdown`` times slower (the rest at full speed)."""
+    overlap = min(duration * slowdown, other_busy_until - start)
+    if overlap <= 0.0 or slowdown == 1.0:
+        return duration
+    return overlap + (duration - overlap / slowdown)
 
 
 def transfer_spec(name: str, **changes) -> TransferSpec:
@@ -104,6 +115,10 @@ class Lane:
         self.bytes = 0
         self.jobs = 0
         self.busy_until = 0.0
+        # another resource whose busy time slows this lane's jobs, and by what factor (1.0: independent)
+        self.contended_by: Optional[Callable[[], float]] = None  # returns that resource's busy-until time
+        self.slowdown = 1.0
+        self._extra = 0.0  # time added to the job in service by work that started beside it
         env.process(self._serve())
 
     def submit(self, duration: float, nbytes: int = 0, label: str = "", background: bool = False,
@@ -130,6 +145,15 @@ class Lane:
         job.background = False
         self._demand.append(job)
 
+    def slow_down_current(self, now: float, until: float) -> None:
+        """Work on the contending resource runs from ``now`` to ``until``: the job in service (if any)
+        progresses at 1/``slowdown`` of its speed over the overlap, so it ends later by the work it missed."""
+        overlap = min(self.busy_until, until) - now
+        if overlap > 0.0 and self.slowdown != 1.0:
+            extra = overlap * (1.0 - 1.0 / self.slowdown)
+            self._extra += extra
+            self.busy_until += extra
+
     def account(self, start: float, duration: float, nbytes: int, label: str) -> None:
         """Busy time spent outside the lane's own process (copies issued on the compute stream)."""
         self.busy_s += duration
@@ -154,9 +178,15 @@ class Lane:
             start = env.now
             peer = self.peer
             duration = job.concurrent_duration if (peer is not None and peer.busy_until > start) else job.duration
+            if self.contended_by is not None:
+                duration = stretched(duration, start, self.contended_by(), self.slowdown)
             self.busy_until = start + duration
             if duration > 0:
                 yield env.timeout(duration)
+            while self._extra > 0.0:
+                extra, self._extra = self._extra, 0.0
+                duration += extra
+                yield env.timeout(extra)
             self.busy_s += duration
             self.bytes += job.nbytes
             self.jobs += 1

@@ -221,6 +221,9 @@ def test_tiny_calibration_round_trip(tiny_profile):
     keys = {s.key for s in loaded.measurements}
     assert {"expert/bf16", "cpu_expert/bf16/1t", "copy/h2d/pinned/alone", "non_expert/bf16/decode", "head",
             "overhead"} <= keys
+    if loaded.device.kind == "cpu":  # copies and compute share the CPU: their mutual slowdowns are measured
+        assert {"interference/compute", "interference/copy"} <= keys
+        assert loaded.compute_slowdown_with_copy >= 1.0 and loaded.copy_slowdown_with_compute >= 1.0
     for s in loaded.measurements:
         for p in s.points:
             assert p.p10_s <= p.median_s <= p.p90_s and p.repeats >= 3

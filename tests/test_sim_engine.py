@@ -71,6 +71,29 @@ def test_copy_stream_overlaps_the_second_copy_with_the_first_ffn(tmp_path):
     assert serialized.tpot_mean_s == approx(7 * MS)
 
 
+def test_shared_hardware_slows_compute_and_copies_where_they_overlap(tmp_path):
+    """A CPU standing in for the device: FFNs run at half speed beside a copy, copies at a third beside an FFN."""
+    import dataclasses
+
+    path = write_tiny_trace(tmp_path / "t.parquet", [[[0, 1]], [[2, 3]]], prompt=1, top_k=2)
+    prof = dataclasses.replace(profile(expert_s=0.5 * MS), compute_slowdown_with_copy=2.0,
+                               copy_slowdown_with_compute=3.0)
+    r = simulate(path, prof, SimConfig(get_preset("lru"), cache_experts=2))
+    # copy 0 lands at 3 ms; FFN 0 starts beside copy 1 (3-4 ms alone): FFN 0 takes 1 ms instead of 0.5,
+    # copy 1 gets a third of a millisecond done by 4 and the remaining 2/3 ms alone (ends 4.667); FFN 1 then
+    assert r.ttft_mean_s == approx((5 + 1 / 6) * MS)
+    assert r.tpot_mean_s == approx((5 + 1 / 6) * MS)
+    # copies on the compute stream never overlap compute: the slowdowns change nothing
+    serialized = simulate(path, prof, SimConfig(build_policy("lru", transfer="swap"), cache_experts=2))
+    assert serialized.ttft_mean_s == approx(5 * MS) and serialized.tpot_mean_s == approx(7 * MS)
+    # the profile's factors survive its JSON form
+    from moesim.calib.profile import HardwareProfile
+
+    back = HardwareProfile.from_dict(prof.to_dict())
+    assert (back.compute_slowdown_with_copy, back.copy_slowdown_with_compute) == (2.0, 3.0)
+    assert "interference" not in profile().to_dict()
+
+
 def test_cpu_expert_costs_activations_both_ways_plus_the_cpu_ffn(tmp_path):
     path = write_tiny_trace(tmp_path / "t.parquet", [[[0]], [[1]]], prompt=1)
     prof = profile()
