@@ -44,14 +44,14 @@ def fmt_check(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def trace_with_moesim(folder: Path, work: Path) -> None:
+def trace_with_moesim(folder: Path, work: Path) -> Path | None:
     """Record a few GSM8K prompts with `moesim trace` and print `moesim trace stats` on the result."""
     try:
         import moesim.tracer.capture  # noqa: F401
         import moesim.tracer.stats  # noqa: F401
     except ImportError as exc:
         print(f"\nmoesim trace not available ({exc}); routing above comes from the router outputs")
-        return
+        return None
     prompts = SHARED / "data" / "gsm8k" / "test.jsonl"
     out = work / "demo-gsm8k.parquet"
     cmd = [sys.executable, "-m", "moesim.cli", "trace", "--prompts", str(prompts), "--model", str(folder),
@@ -60,11 +60,30 @@ def trace_with_moesim(folder: Path, work: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True)
     print((done.stdout + done.stderr).strip()[-2000:])
     if done.returncode != 0:
-        return
+        return None
     print("\n$ moesim trace stats demo-gsm8k.parquet")
     done = subprocess.run([sys.executable, "-m", "moesim.cli", "trace", "stats", str(out)],
                           capture_output=True, text=True)
     print((done.stdout + done.stderr).strip()[-4000:])
+    return out
+
+
+def search_with_bound(trace: Path, table: str, checkpoint_sha: str, bound: float, work: Path) -> tuple[dict, dict]:
+    """`moesim search` on the demo model's trace, without and with ``--max-ppl bound``: (free, bounded)."""
+    import json
+
+    results = []
+    for extra in ([], ["--max-ppl", f"{bound:.4f}"]):
+        out = work / f"search{len(results)}.json"
+        cmd = [sys.executable, "-m", "moesim.cli", "search", "--trace", str(trace), "--profile", "rtx-3060",
+               "--quality-table", table, "--quality-model", checkpoint_sha, "--policy", "lru,fiddler,mixtral-offloading",
+               "--json", str(out)] + extra
+        print("\n$ moesim search --trace demo-gsm8k.parquet --profile rtx-3060 --quality-table TABLE "
+              "--policy lru,fiddler,mixtral-offloading" + (f" --max-ppl {bound:.4f}" if extra else ""))
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        print((done.stdout + done.stderr).strip()[-1500:])
+        results.append(json.loads(out.read_text()) if out.is_file() else {})
+    return results[0], results[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=str(REPO / "build" / "demo-model"), help="demo model folder")
     parser.add_argument("--quick", action="store_true", help="train the --quick demo model if none is there")
     parser.add_argument("--retrain", action="store_true", help="train even if the folder holds a model")
-    parser.add_argument("--max-tokens", type=int, default=65536, help="test tokens scored per setting")
+    parser.add_argument("--max-tokens", type=int, default=None, help="test tokens scored per setting (default: all)")
     parser.add_argument("--out", default=str(REPO / "build" / "quality-demo.json"), help="quality table to write")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-trace", action="store_true", help="skip `moesim trace`")
@@ -161,9 +180,36 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {fmt_check(reuse == len(stats))} step-to-step reuse above uniform ({stats[0].uniform_reuse_rate:.3f}) "
           f"in {reuse} of {len(stats)} layers")
 
+    # 16 -> 8 bits: the expected cost of 8-bit rounding (second order in the rounding step) is about
+    # (step8 / step4)^2 = 1/289 of the 4-bit one, far below what the test set resolves, so that step is
+    # judged by the paired test as well: no step may improve perplexity significantly (by 2 SE or more).
+    steps = [paired_nll_difference(a, b) for a, b in zip(ladder, ladder[1:])]
+    no_better = all(d > -2 * se for d, se in steps)
+    resolved = [f"{b0}->{b1}" for (b0, b1), (d, se) in zip(zip(bits, bits[1:]), steps) if d > 2 * se]
+    print(f"  {fmt_check(no_better)} no step from 16 to 2 bits improves perplexity significantly (paired, 2 SE); "
+          f"significantly worse: {', '.join(resolved) or 'none'}")
+
     if not args.no_trace:
         with tempfile.TemporaryDirectory() as work:
-            trace_with_moesim(folder, Path(work))
+            trace = trace_with_moesim(folder, Path(work))
+            if trace is not None:
+                by_bits = {b: r.perplexity for b, r in zip(bits, ladder)}
+                bound = (by_bits[4] + by_bits[3]) / 2  # between the 4-bit and 3-bit perplexities
+                free, bounded = search_with_bound(trace, args.out, table.rows[0].checkpoint_sha256, bound, Path(work))
+                chosen_free, chosen = free.get("chosen") or {}, bounded.get("chosen") or {}
+                over = [c for c in bounded.get("confirmed", []) if c.get("perplexity") and c["perplexity"] > bound]
+                print(f"\n  unbounded choice: {chosen_free.get('policy')} with {chosen_free.get('expert_bits')}-bit "
+                      f"experts, perplexity {chosen_free.get('perplexity')}")
+                print(f"  bounded choice:   {chosen.get('policy')} with {chosen.get('expert_bits')}-bit experts, "
+                      f"perplexity {chosen.get('perplexity')}")
+                free_ppl = chosen_free.get("perplexity")
+                ok = bool(chosen) and chosen.get("perplexity") is not None and chosen["perplexity"] <= bound
+                ok = ok and all(not c["meets"] for c in over)
+                # not vacuous only if the bound rules out what the search would otherwise pick
+                ok = ok and free_ppl is not None and free_ppl > bound
+                print(f"  {fmt_check(ok)} search --max-ppl {bound:.3f} rejects the unbounded choice (perplexity "
+                      f"{free_ppl if free_ppl is None else round(free_ppl, 3)}) and picks one within the bound; "
+                      f"{len(over)} other confirmed configurations over it are marked as not meeting it")
     return 0
 
 

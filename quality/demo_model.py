@@ -34,9 +34,13 @@ EOS = "<|endoftext|>"
 
 @dataclass(frozen=True)
 class DemoConfig:
+    # A narrow model trained for more steps beat a wider one trained for fewer in the same time (test
+    # perplexity 71 against 99 at hidden 256 / 600 steps, both ~8 min here), and its experts matter more:
+    # 4-bit experts cost it +0.34% perplexity, against -0.02% for the wider model, whose quality barely
+    # reacted to weight rounding at all.
     vocab_size: int = 4096
-    hidden_size: int = 256
-    intermediate_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 256
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
@@ -44,10 +48,10 @@ class DemoConfig:
     top_k: int = 2
     seq_len: int = 128
     batch_size: int = 16
-    steps: int = 600
-    learning_rate: float = 2e-3
+    steps: int = 1500
+    learning_rate: float = 3e-3
     warmup_steps: int = 30
-    final_lr_ratio: float = 0.1  # cosine decay ends at this share of the peak learning rate
+    final_lr_ratio: float = 0.02  # cosine decay ends at this share of the peak learning rate
     weight_decay: float = 0.1
     router_aux_loss_coef: float = 0.01
     initializer_range: float = 0.02
