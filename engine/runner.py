@@ -569,7 +569,9 @@ class _Run:
         for l2, e2 in acc.evicted:
             k2 = l2 * E + e2
             unused.pop(k2, None)
-            inflight.pop(k2, None)
+            job = inflight.pop(k2, None)
+            if job is not None and l2 == layer and e2 in acc.hits:
+                layer_jobs[k2] = job  # a hit still landing, evicted by this layer's misses: wait for its copy
         if decode:
             stats.decode_accesses[layer] += len(experts)
             stats.decode_hits[layer] += len(acc.hits) + (len(misses) - len(loads))

@@ -248,7 +248,11 @@ class Simulation:
             for l2, e2 in acc.evicted:
                 k2 = l2 * E + e2
                 unused.pop(k2, None)
-                inflight.pop(k2, None)
+                job = inflight.pop(k2, None)
+                if job is not None and l2 == layer and e2 in acc.hits:
+                    # a hit whose prefetch is still landing, evicted by this layer's own misses (fewer
+                    # slots than experts): it is computed first, but only once its copy is in
+                    layer_jobs[k2] = job
             if decode:
                 stats.decode_accesses[layer] += len(experts)
                 stats.decode_hits[layer] += len(acc.hits) + (len(misses) - len(loads))

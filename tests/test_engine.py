@@ -224,3 +224,30 @@ def test_checkpoint_outputs_do_not_depend_on_the_policy(checkpoint, tmp_path):
 
         real = AutoModelForCausalLM.from_pretrained(root, dtype=torch.bfloat16)(input_ids=ids, logits_to_keep=1).logits
     assert not torch.allclose(bare, real, atol=1e-3)
+
+
+def test_slow_copies_never_let_an_expert_compute_before_its_weights_land(checkpoint, tmp_path, monkeypatch):
+    """The copy thread sleeps before every copy, so prefetches are still landing when their layer runs. A
+    prefetched hit evicted by its own layer's misses (1 slot, top-2) once computed on half-copied weights."""
+    import random
+
+    import moesim.engine.runner as runner
+    from moesim.engine.validate import ValidateOptions, Validator
+
+    root, trace_path = checkpoint
+    v = Validator(ValidateOptions(trace=str(trace_path), model=str(root), cache_experts=1, device=TEST_DEVICE,
+                                  profile="rtx-3060", requests=None, decode_tokens=None, warmup_steps=1,
+                                  out=tmp_path))
+    v.engine.record_outputs = True
+    ref = torch.stack(v.measure("all-gpu").stats.outputs)
+    copy, rng = runner.copy_expert, random.Random(1)
+
+    def slow_copy(dst, src, pinned, bounce):
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(rng.random() * 0.004)
+        return copy(dst, src, pinned, bounce)
+
+    monkeypatch.setattr(runner, "copy_expert", slow_copy)
+    for policy in ("mixtral-offloading-paper", "lru", "moe-infinity"):
+        diff = (torch.stack(v.measure(policy).stats.outputs) - ref).abs()
+        assert diff.max() < 0.15, (policy, diff.max())
