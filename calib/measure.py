@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -286,22 +287,24 @@ class CopyBench:
 
 
 class _Partner:
-    """A thread that keeps copying in one direction until stopped: the other direction's steady load.
+    """A thread that calls ``fn`` until stopped (entered once it has finished one call): the load that a
+    timed copy or FFN runs against.
 
     Timing one copy against a partner started at the same instant (a barrier) overlaps them only in
     part when thread wake-up jitter is comparable to the copy (always, for small copies on a CPU); a
-    partner already running when the timed copies start, and still running when they end, measures
-    what the simulator asks for: a copy's time while the other direction is busy.
+    partner already running when the timed calls start, and still running when they end, measures
+    what the simulator asks for: a copy's time while the other direction (or compute) is busy.
     """
 
-    def __init__(self, bench: CopyBench, direction: str, pinned: bool, n: int):
+    def __init__(self, fn: Callable[[], object]):
+        self.fn = fn
         self.stop = threading.Event()
         self.started = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(bench, direction, pinned, n), daemon=True)
+        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self, bench: CopyBench, direction: str, pinned: bool, n: int) -> None:
+    def _run(self) -> None:
         while not self.stop.is_set():
-            bench._copy(direction, pinned, n)
+            self.fn()
             self.started.set()
 
     def __enter__(self) -> "_Partner":
@@ -326,7 +329,7 @@ def _cpu_copy_samples(bench: CopyBench, sizes: tuple[int, ...], policy,
                 samples.setdefault(f"copy/{direction}/{tag}/alone", {})[n] = [
                     bench.time_alone(direction, pinned, n) for _ in range(per_block)]
                 other = "d2h" if direction == "h2d" else "h2d"
-                with _Partner(bench, other, pinned, n):
+                with _Partner(lambda: bench._copy(other, pinned, n)):
                     bench.time_alone(direction, pinned, n)
                     # twice the samples: sharing the memory bus (and the GIL between copies) spreads them more
                     samples.setdefault(f"copy/{direction}/{tag}/concurrent", {})[n] = [
@@ -373,30 +376,6 @@ def copy_series(device: torch.device, sizes: tuple[int, ...], timer: Timer, budg
     return out
 
 
-class _Looping:
-    """A thread that calls ``fn`` until stopped (entered once it has finished one call)."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.stop = threading.Event()
-        self.started = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            self.fn()
-            self.started.set()
-
-    def __enter__(self) -> "_Looping":
-        self.thread.start()
-        self.started.wait()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-
-
 INTERFERENCE_REPEATS = 9
 
 
@@ -427,10 +406,10 @@ def interference_series(shape: ModelShape, info: KernelInfo, device: torch.devic
 
     copy = lambda: bench.time_alone("h2d", True, nbytes)  # noqa: E731
     compute = {0.0: block(ffn_time)}
-    with _Partner(bench, "h2d", True, nbytes):
+    with _Partner(lambda: bench._copy("h2d", True, nbytes)):
         compute[1.0] = block(ffn_time)
     copies = {0.0: block(copy)}
-    with _Looping(lambda: ffn(x)):
+    with _Partner(lambda: ffn(x)):
         copies[1.0] = block(copy)
     common = {"kernel": info.kernel, "threads": threads, "copy_bytes": nbytes, "device": str(device)}
     return [

@@ -53,19 +53,7 @@ class Timer:
         while len(out) < p.min_repeats or (spent < p.min_time_s and len(out) < p.max_repeats):
             if setup:
                 setup()
-            if self.device.type == "cuda":
-                self.sync()
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                dt = start.elapsed_time(end) / 1e3
-            else:
-                t0 = time.perf_counter()
-                fn()
-                dt = time.perf_counter() - t0
+            dt = self.once(fn)
             out.append(dt)
             spent += dt
         return out
