@@ -71,7 +71,7 @@ def decode_data(series: MeasuredSeries, statistic: str = "median") -> RooflineDa
     c = np.array([p.x["context"] for p in series.points])
     w = workload.decode_work(shape, b, c)
     times = np.array([p.value(statistic) for p in series.points])
-    return RooflineData(w.flops, w.nbytes, times, {"batch": b, "context": c}, *w.attention_parts())
+    return RooflineData(w.flops, w.nbytes, times, {"batch": b, "context": c}, w.attention_share())
 
 
 def tokens_data(series: MeasuredSeries, work_fn, statistic: str = "median") -> RooflineData:
@@ -79,7 +79,7 @@ def tokens_data(series: MeasuredSeries, work_fn, statistic: str = "median") -> R
     t = np.array([p.x["tokens"] for p in series.points])
     w = work_fn(shape, t)
     return RooflineData(w.flops, w.nbytes, np.array([p.value(statistic) for p in series.points]), {"tokens": t},
-                        *w.attention_parts())
+                        w.attention_share())
 
 
 def fit_expert(series: MeasuredSeries, statistic: str = "median") -> ExpertKernelModel:
@@ -123,14 +123,15 @@ def fit_series(series: MeasuredSeries, statistic: str = "median") -> RooflineMod
     raise MoesimError(f"measured series '{key}': no model is fitted to this kind of series")
 
 
-def fit_interference(measurements: tuple[MeasuredSeries, ...]) -> tuple[float, float]:
+def fit_interference(measurements: tuple[MeasuredSeries, ...],
+                     unmeasured: tuple[float, float] = (1.0, 1.0)) -> tuple[float, float]:
     """(compute slowdown while copying, copy slowdown while computing): median time with the partner
-    over median time without, at least 1; (1, 1) when not measured (a GPU)."""
+    over median time without, at least 1; ``unmeasured`` where a series is absent (a GPU: 1, independent)."""
     out = []
-    for key in ("interference/compute", "interference/copy"):
+    for key, default in zip(("interference/compute", "interference/copy"), unmeasured):
         s = next((m for m in measurements if m.key == key), None)
         if s is None:
-            out.append(1.0)
+            out.append(default)
             continue
         by = {p.x["partner"]: p.value("median") for p in s.points}
         if set(by) != {0.0, 1.0}:
@@ -351,13 +352,11 @@ def refit(profile: HardwareProfile, statistic: str | None = None) -> HardwarePro
 
     stat = statistic or profile.fit_statistic
     expert, cpu_expert, copies, non_expert, head = fit_profile_models(profile.measurements, stat)
-    slowdown = fit_interference(profile.measurements)
-    if profile.derived_from_specs or not any(s.key.startswith("interference/") for s in profile.measurements):
-        slowdown = (profile.compute_slowdown_with_copy, profile.copy_slowdown_with_compute)
-    profile = dataclasses.replace(profile, compute_slowdown_with_copy=slowdown[0],
-                                  copy_slowdown_with_compute=slowdown[1])
+    slowdown = fit_interference(profile.measurements,
+                                (profile.compute_slowdown_with_copy, profile.copy_slowdown_with_compute))
     return dataclasses.replace(profile, expert_models=expert, cpu_expert_models=cpu_expert, copy_models=copies,
-                               non_expert_models=non_expert, head_model=head, fit_statistic=stat)
+                               non_expert_models=non_expert, head_model=head, fit_statistic=stat,
+                               compute_slowdown_with_copy=slowdown[0], copy_slowdown_with_compute=slowdown[1])
 
 
 def _slug(text: str) -> str:

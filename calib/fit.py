@@ -75,14 +75,12 @@ class RooflineData:
     nbytes: np.ndarray
     times: np.ndarray
     x: dict[str, np.ndarray]
-    attention_flops: np.ndarray | None = None  # the attention share of flops and nbytes (None: no attention)
-    attention_nbytes: np.ndarray | None = None
+    attention_flops: np.ndarray | None = None  # the attention share of flops (None: no attention)
 
     def subset(self, keep: np.ndarray) -> "RooflineData":
         x = {k: v[keep] for k, v in self.x.items()}
         af = None if self.attention_flops is None else self.attention_flops[keep]
-        an = None if self.attention_nbytes is None else self.attention_nbytes[keep]
-        return RooflineData(self.flops[keep], self.nbytes[keep], self.times[keep], x, af, an)
+        return RooflineData(self.flops[keep], self.nbytes[keep], self.times[keep], x, af)
 
     @property
     def has_attention(self) -> bool:

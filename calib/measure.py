@@ -385,8 +385,9 @@ def interference_series(shape: ModelShape, info: KernelInfo, device: torch.devic
     running in another thread, and that copy with and without the FFN running.
 
     On a GPU the copy engines and the SMs are separate hardware; on a CPU standing in for the device the
-    "copy engine" is a thread sharing the memory bus, and the cores, with the compute: the validation
-    engine's FFNs ran 20-35% slower and its copies twice as slow while the other was busy. Each timed
+    "copy engine" is a thread sharing the memory bus, and the cores, with the compute: in the first
+    CPU validation run the engine's FFNs ran 20-35% slower and its copies twice as slow while the other
+    was busy. Each timed
     call overlaps a partner that runs for the whole block (see :class:`_Partner`).
     """
     h, inter = shape.hidden_size, shape.expert_intermediate_size

@@ -185,7 +185,7 @@ class RooflineModel:
     def predict(self, work: workload.Work, values: dict[str, Any], what: str) -> np.ndarray:
         _check_ranges(self.ranges, self.extrapolation, values, what)
         if self.attention_flops_per_s is not None:
-            af, _ = work.attention_parts()
+            af = work.attention_share()
             t = (self.latency_s + self.base_time(np.asarray(work.flops) - af, work.nbytes) * self.correction(values)
                  + af / self.attention_flops_per_s)
         else:

@@ -21,24 +21,20 @@ ACT_BYTES = 2.0  # activations and the KV cache are 16-bit in every calibrated k
 class Work:
     """FLOPs and bytes of one operation (arrays broadcast together).
 
-    ``attention_flops`` and ``attention_nbytes`` are the share of the totals spent attending over the KV
-    cache (zero for operations without attention). They are kept apart because on some devices (a CPU
-    above all) attention runs far below the rates of the layer's matrix products, so a model that gives
-    it its own roofline predicts what one shared roofline cannot.
+    ``attention_flops`` is the share of ``flops`` spent attending over the KV cache (zero for operations
+    without attention). It is kept apart because on some devices (a CPU above all) attention runs far
+    below the rate of the layer's matrix products, so a model that gives it its own rate predicts what
+    one shared roofline cannot. (The KV cache's bytes stay in ``nbytes``.)
     """
 
     flops: np.ndarray
     nbytes: np.ndarray
     attention_flops: np.ndarray | float = 0.0
-    attention_nbytes: np.ndarray | float = 0.0
 
-    def attention_parts(self) -> tuple[np.ndarray, np.ndarray]:
-        """The attention FLOPs and bytes, broadcast to the totals' shape."""
-        f, b = np.broadcast_arrays(np.asarray(self.flops, dtype=np.float64),
-                                   np.asarray(self.attention_flops, dtype=np.float64))
-        n, a = np.broadcast_arrays(np.asarray(self.nbytes, dtype=np.float64),
-                                   np.asarray(self.attention_nbytes, dtype=np.float64))
-        return np.array(b), np.array(a)
+    def attention_share(self) -> np.ndarray:
+        """``attention_flops`` broadcast to the shape of ``flops``."""
+        return np.array(np.broadcast_arrays(np.asarray(self.flops, dtype=np.float64),
+                                            np.asarray(self.attention_flops, dtype=np.float64))[1])
 
 
 def expert_work(shape: ModelShape, tokens, weight_bits_per_param: float) -> Work:
@@ -80,7 +76,7 @@ def decode_work(shape: ModelShape, batch, context) -> Work:
     kv = b * c * kv_bytes_per_token(shape)
     flops = b * (2.0 * p + qk_av)
     nbytes = p * ACT_BYTES + kv + b * 4 * shape.hidden_size * ACT_BYTES
-    return Work(flops, nbytes, b * qk_av, kv)
+    return Work(flops, nbytes, b * qk_av)
 
 
 def prefill_work(shape: ModelShape, tokens) -> Work:
@@ -91,7 +87,7 @@ def prefill_work(shape: ModelShape, tokens) -> Work:
     kv = t * kv_bytes_per_token(shape)
     flops = 2.0 * p * t + qk_av
     nbytes = p * ACT_BYTES + kv + t * 6 * shape.hidden_size * ACT_BYTES
-    return Work(flops, nbytes, qk_av, kv)
+    return Work(flops, nbytes, qk_av)
 
 
 def head_work(shape: ModelShape, tokens) -> Work:

@@ -124,6 +124,6 @@ def build_cost_tables(profile, shape: ModelShape, expert_bytes: list[int], exper
         expert_kernel=kernel_label(expert_kernel, ek), cpu_kernel=kernel_label(expert_kernel, ck) if ck else "",
         non_expert_kernel=kernel_label(non_expert_kernel, nk),
         expert_bytes_by_layer=[int(b) for b in expert_bytes],
-        compute_slowdown_with_copy=float(getattr(profile, "compute_slowdown_with_copy", 1.0)),
-        copy_slowdown_with_compute=float(getattr(profile, "copy_slowdown_with_compute", 1.0)),
+        compute_slowdown_with_copy=float(profile.compute_slowdown_with_copy),
+        copy_slowdown_with_compute=float(profile.copy_slowdown_with_compute),
     )

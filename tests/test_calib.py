@@ -75,12 +75,12 @@ def test_decode_fit_gives_attention_its_own_roofline_and_round_trips():
 
     def truth(shape, b, c):
         w = workload.decode_work(shape, b, c)
-        af, an = w.attention_parts()
+        af = w.attention_share()
         return 2e-4 + np.maximum((w.flops - af) / 100e9, w.nbytes / 15e9) + af / 4e9
 
     w = workload.decode_work(mixtral, b, c)
     m = fit_roofline(RooflineData(w.flops, w.nbytes, truth(mixtral, b, c), {"batch": b, "context": c},
-                                  *w.attention_parts()))
+                                  w.attention_share()))
     assert m.method == "soft-roofline+attention" and m.loo_rel_error < 0.02
     assert m.attention_flops_per_s == pytest.approx(4e9, rel=0.1)
     assert dict(m.alternatives)["soft-roofline"] > 0.2  # the shared roofline misses by far
