@@ -28,6 +28,7 @@ def calib_command(device: str, model_config: str, quick: bool, out: str, name: s
     """
     from moesim.atomic import prepare_output_path
     from moesim.calib.calibrate import CalibOptions, calibrate, format_model_table
+    from moesim.failures import reported_failures
 
     out_path = prepare_output_path(out)  # fail on a bad path before minutes of measuring
     import time
@@ -35,8 +36,9 @@ def calib_command(device: str, model_config: str, quick: bool, out: str, name: s
     t0 = time.perf_counter()
     log = (lambda msg: None) if quiet else (
         lambda msg: click.echo(f"calib [{time.perf_counter() - t0:5.1f}s]: {msg}", err=True))
-    profile = calibrate(CalibOptions(device=device, model_config=model_config, quick=quick, name=name or "",
-                                     threads=threads, statistic=statistic, log=log))
+    with reported_failures("calib") as steps:
+        profile = calibrate(CalibOptions(device=device, model_config=model_config, quick=quick, name=name or "",
+                                         threads=threads, statistic=statistic, log=steps.wrap(log)))
     profile.save(out_path)
     click.echo(format_model_table(profile))
     click.echo(f"wrote {out_path} ({profile.name}; {profile.notes})")

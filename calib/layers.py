@@ -3,9 +3,8 @@
 :func:`build_attention_layer` builds the model on the meta device (no memory), takes its first MoE
 decoder layer, swaps the routed experts for a module that returns zeros (so the layer forward is
 exactly norms + attention + router + residuals, plus shared experts where the model has them), then
-materialises only that layer on the device with random weights. :class:`StaticKVCache` plays the
-part of transformers' cache for one layer: it holds ``context`` random keys and values and appends
-one step in place (like transformers' StaticCache), so repeated decode calls see the same length.
+materialises only that layer on the device with random weights. :func:`decoder_step` times that layer
+over ``context`` random past tokens held in transformers' own dynamic cache.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from moesim.errors import MoesimError
+from moesim.hfcompat import PastContext, cache_argument, declares
 from moesim.modelspec import ModelShape, find_moe_layers, load_hf_config
 
 
@@ -127,38 +127,33 @@ def build_attention_layer(config, device: torch.device, dtype: torch.dtype, firs
     return AttentionLayer(layer, rotary, idx, int(text.hidden_size), device, dtype)
 
 
-class StaticKVCache:
-    """Duck-typed transformers cache for one layer: ``context`` random past tokens, one appended step.
+def decoder_step(layer: nn.Module, hidden: torch.Tensor, position_embeddings, positions: torch.Tensor,
+                 layer_idx: int, context: int, seed: int = 0):
+    """A zero-argument callable running ``layer`` on ``hidden`` over ``context`` random past tokens.
 
-    The first ``update`` allocates the buffers from the key/value shapes the attention produces (so
-    grouped-query, multi-head latent and other layouts all work) and fills the past with random data.
-    Each later ``update`` writes the new step at index ``context`` and returns ``[:context + step]``.
+    The past lives in the library's own dynamic cache (:class:`moesim.hfcompat.PastContext`), passed under
+    the keyword the installed transformers declares; each call appends the step and rewinds it, so every
+    timed call sees the same KV length and, like a real decode step, pays the cache append.
     """
+    kwargs = {"position_embeddings": position_embeddings, "attention_mask": None, "position_ids": positions,
+              "use_cache": True}
+    if declares(layer, "cache_position"):
+        kwargs["cache_position"] = torch.arange(context, context + hidden.shape[1], device=hidden.device)
+    keyword = cache_argument(layer)
 
-    is_compileable = False
+    def forward(cache):
+        with torch.no_grad():
+            return layer(hidden, **kwargs, **{keyword: cache})
 
-    def __init__(self, context: int):
-        self.context = context
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
+    past = PastContext(layer_idx, context, forward, seed=seed)
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        step = key_states.shape[-2]
-        if self.keys is None:
-            b, h, _, dk = key_states.shape
-            dv = value_states.shape[-1]
-            self.keys = torch.randn(b, h, self.context + step, dk, device=key_states.device, dtype=key_states.dtype)
-            self.values = torch.randn(b, value_states.shape[1], self.context + step, dv, device=value_states.device,
-                                      dtype=value_states.dtype)
-        self.keys[:, :, self.context:self.context + step] = key_states
-        self.values[:, :, self.context:self.context + step] = value_states
-        return self.keys[:, :, : self.context + step], self.values[:, :, : self.context + step]
+    def run():
+        try:
+            return forward(past.cache)
+        finally:
+            past.rewind()
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.context
-
-    def get_mask_sizes(self, cache_position, layer_idx: int = 0):
-        return self.context + cache_position.shape[0], 0
+    return run
 
 
 def decode_call(al: AttentionLayer, batch: int, context: int, seed: int = 0):
@@ -167,15 +162,7 @@ def decode_call(al: AttentionLayer, batch: int, context: int, seed: int = 0):
     hidden = torch.randn(batch, 1, al.hidden_size, generator=g).to(al.device, al.dtype)
     positions = torch.full((batch, 1), context, device=al.device, dtype=torch.long)
     pe = al.position_embeddings(hidden, positions)
-    cache = StaticKVCache(context)
-    cache_position = torch.tensor([context], device=al.device)
-
-    def run():
-        with torch.no_grad():
-            return al.layer(hidden, position_embeddings=pe, attention_mask=None, position_ids=positions,
-                            past_key_values=cache, cache_position=cache_position, use_cache=True)
-
-    return run
+    return decoder_step(al.layer, hidden, pe, positions, al.layer_idx, context, seed=seed)
 
 
 def prefill_call(al: AttentionLayer, tokens: int, seed: int = 0):
@@ -187,7 +174,7 @@ def prefill_call(al: AttentionLayer, tokens: int, seed: int = 0):
     def run():
         with torch.no_grad():
             return al.layer(hidden, position_embeddings=pe, attention_mask=None, position_ids=positions,
-                            past_key_values=None, use_cache=False)
+                            use_cache=False)
 
     return run
 

@@ -519,7 +519,7 @@ def overhead_series(tiny_cfg, device: torch.device, dtype: torch.dtype, timer: T
     Both are clamped at zero (on a GPU the launch costs of a tiny layer can already exceed what the
     separate models' latencies leave).
     """
-    from moesim.calib.layers import NoExperts, StaticKVCache, _decoder_layers, _rotary, tiny_config
+    from moesim.calib.layers import NoExperts, _decoder_layers, _rotary, decoder_step, tiny_config
     from moesim.modelspec import find_moe_layers
 
     text = getattr(tiny_cfg, "text_config", None) or tiny_cfg
@@ -540,8 +540,6 @@ def overhead_series(tiny_cfg, device: torch.device, dtype: torch.dtype, timer: T
     positions = torch.tensor([[16]], device=device)
     rot = _rotary(model)
     pe = rot(hidden, positions) if rot is not None else None
-    cache_position = torch.tensor([16], device=device)
-
     bare = copy.copy(layer)  # the same modules, but a MoE block whose experts do nothing
     bare_block = copy.copy(block)
     bare_block.experts = NoExperts()
@@ -550,13 +548,7 @@ def overhead_series(tiny_cfg, device: torch.device, dtype: torch.dtype, timer: T
             setattr(bare, name, bare_block)
 
     def layer_call(mod):
-        cache = StaticKVCache(16)
-
-        def run():
-            with torch.no_grad():
-                return mod(hidden, position_embeddings=pe, attention_mask=None, position_ids=positions,
-                           past_key_values=cache, cache_position=cache_position, use_cache=True)
-        return run
+        return decoder_step(mod, hidden, pe, positions, idx, 16)
 
     inter = int(getattr(text, "moe_intermediate_size", None) or getattr(text, "intermediate_size", 64))
     ffn = ExpertFFN(hidden_size, inter, "bf16", device, dtype)

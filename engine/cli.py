@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 import time
@@ -62,6 +63,7 @@ def validate_command(trace_spec, policy, all_presets, cache_experts, model_confi
     from moesim.atomic import prepare_output_path
     from moesim.engine.report import summary_table, write_report
     from moesim.engine.validate import ValidateOptions, run_validation
+    from moesim.failures import reported_failures
 
     out = Path(out_dir)
     prepare_output_path(out / "validate.json")
@@ -78,7 +80,9 @@ def validate_command(trace_spec, policy, all_presets, cache_experts, model_confi
         fit_statistic=fit_statistic, seed=seed, threads=threads, out=out, log=log,
     )
     args = sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "validate" else []
-    report = run_validation(opts, command="moesim validate " + " ".join(shlex.quote(a) for a in args))
+    with reported_failures("validate") as steps:
+        opts = dataclasses.replace(opts, log=steps.wrap(log))
+        report = run_validation(opts, command="moesim validate " + " ".join(shlex.quote(a) for a in args))
     stem = f"validate-{report.settings['device'].replace(':', '')}-{expert_format}"
     j, m = write_report(report, out, stem)
     click.echo(summary_table(report.presets))

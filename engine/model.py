@@ -8,7 +8,7 @@ Face checkpoint (:func:`load_checkpoint`) or are random (latency depends on shap
 
 The router still runs (its cost is real) but its choice is ignored: routing is forced from the trace,
 so the engine and the simulator see the same decisions. Each forward step is
-``model(input_ids, past_key_values, use_cache=True, logits_to_keep=1)`` and a greedy argmax, as a
+``model(input_ids, <cache>, use_cache=True, logits_to_keep=1)`` and a greedy argmax, as a
 generate loop does; calibration's non-expert, head and overhead models time the same modules.
 """
 

@@ -43,6 +43,7 @@ import torch
 from moesim.engine.kernels import ExpertFormat, ExpertTensors
 from moesim.engine.lanes import Job, Lane, Marker
 from moesim.engine.memory import kv_cache_bytes
+from moesim.hfcompat import cache_argument, returned_cache
 from moesim.simulator.run import PolicyObjects
 from moesim.engine.store import BufferPool, DeviceBuffer, HostStore, copy_expert, new_bounce
 from moesim.errors import MoesimError
@@ -384,7 +385,8 @@ class _Run:
     def _forward(self, step: ForwardStep, ids: torch.Tensor, kv):
         self.step = step
         try:
-            out = self.engine.model(input_ids=ids, past_key_values=kv, use_cache=True, logits_to_keep=1)
+            out = self.engine.model(input_ids=ids, use_cache=True, logits_to_keep=1,
+                                    **{cache_argument(self.engine.model): kv})
         finally:
             self.step = None
         logits = out.logits[:, -1]
@@ -395,7 +397,7 @@ class _Run:
         for lane in (self.h2d, self.cpu_lane):
             if lane is not None:
                 lane.check()
-        return nxt, out.past_key_values
+        return nxt, returned_cache(out)
 
     # ---- buffers
     def _release_victim(self, key: int, buf: DeviceBuffer, needed: dict) -> None:

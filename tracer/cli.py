@@ -93,6 +93,7 @@ def record(*, prompts: str, model: str, max_new_tokens: int, device: Optional[st
            temperature: Optional[float], top_p: Optional[float], top_k: Optional[int], ignore_eos: bool,
            next_layer_guess: bool, progress: bool) -> None:
     from moesim.tracer.capture import GenerationSettings, load_model, resolve_device, trace_prompts
+    from moesim.failures import reported_failures
     from moesim.tracer.prompts import load_prompts
 
     # Everything a user can get wrong is checked before the (slow) model load and before any file exists.
@@ -108,8 +109,11 @@ def record(*, prompts: str, model: str, max_new_tokens: int, device: Optional[st
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    loaded = load_model(model, device=device, dtype=dtype)
-    summary = trace_prompts(loaded, prompt_set, settings, out_path, progress=progress)
+    with reported_failures("trace") as steps:
+        steps.current = f"loading model {model}"
+        loaded = load_model(model, device=device, dtype=dtype)
+        steps.current = f"recording {len(prompt_set)} prompts"
+        summary = trace_prompts(loaded, prompt_set, settings, out_path, progress=progress)
     layers = loaded.shape.num_moe_layers
     if not summary.complete:
         if summary.path is None:
