@@ -10,44 +10,59 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from pathlib import Path
 
 import click
 
 from moesim import __version__
 from moesim.errors import MoesimError
 
-# command name -> "module:attribute"; one registry for the whole CLI.
-COMMANDS: dict[str, str] = {
-    "trace": "moesim.tracer.cli:trace_group",
-    "calib": "moesim.calib.cli:calib_command",
-    "profiles": "moesim.calib.cli:profiles_command",
-    "simulate": "moesim.simulator.cli:simulate_command",
-    "sweep": "moesim.simulator.cli:sweep_command",
-    "search": "moesim.costmodel.cli:search_command",
-    "costmodel": "moesim.costmodel.cli:costmodel_group",
-    "validate": "moesim.engine.cli:validate_command",
-    "quality": "moesim.quality.cli:quality_command",
-    "demo-model": "moesim.quality.cli:demo_model_command",
-    "doctor": "moesim.doctor:doctor_command",
+# command name -> ("module:attribute", summary); one registry for the whole CLI. The summary is what
+# `moesim --help` lists, so listing the commands imports none of their modules (numpy, pyarrow, torch);
+# a test checks that each summary opens its command's own help text.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "trace": ("moesim.tracer.cli:trace_group", "Record routing traces, import them, and summarise them."),
+    "calib": ("moesim.calib.cli:calib_command", "Measure this machine and write a hardware profile."),
+    "profiles": ("moesim.calib.cli:profiles_command", "List the bundled hardware profiles."),
+    "simulate": ("moesim.simulator.cli:simulate_command", "Replay a routing trace under one offloading policy."),
+    "sweep": ("moesim.simulator.cli:sweep_command", "Simulate a grid of policies x traces x profiles x cache sizes."),
+    "search": ("moesim.costmodel.cli:search_command", "Find the best configuration for a trace on a profile."),
+    "costmodel": ("moesim.costmodel.cli:costmodel_group", "Fit, inspect and query the cost model."),
+    "validate": ("moesim.engine.cli:validate_command",
+                 "Simulate a configuration, run it on the real offloading engine."),
+    "quality": ("moesim.quality.cli:quality_command", "Perplexity of a model with its experts quantized."),
+    "demo-model": ("moesim.quality.cli:demo_model_command", "Train a small Mixtral-architecture MoE."),
+    "doctor": ("moesim.doctor:doctor_command", "Print library versions, CUDA and NVML status."),
 }
 
 
 def _module_exists(module: str) -> bool:
+    """Whether ``module`` is installed, without running its package's ``__init__`` (which imports numpy)."""
+    package, _, leaf = module.rpartition(".")
     try:
-        return importlib.util.find_spec(module) is not None
+        spec = importlib.util.find_spec(package)
     except ModuleNotFoundError:
         return False
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any(Path(folder, f"{leaf}.py").is_file() or Path(folder, leaf, "__init__.py").is_file()
+               for folder in spec.submodule_search_locations)
 
 
 class _LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(name for name, target in COMMANDS.items() if _module_exists(target.split(":")[0]))
+        return sorted(name for name, (target, _) in COMMANDS.items() if _module_exists(target.split(":")[0]))
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        target = COMMANDS.get(name)
-        if target is None:
+        if name not in COMMANDS:
             return None
-        module_name, attr = target.split(":")
+        module_name, attr = COMMANDS[name][0].split(":")
         if not _module_exists(module_name):
             return None
         module = importlib.import_module(module_name)

@@ -110,6 +110,6 @@ def report() -> tuple[str, bool]:
 
 @click.command("doctor")
 def doctor_command() -> None:
-    """Print library versions, whether they are in moesim's tested ranges, and CUDA / NVML status."""
+    """Print library versions, CUDA and NVML status, and whether each library is in moesim's tested range."""
     text, _ = report()
     click.echo(text)
