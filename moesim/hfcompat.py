@@ -66,11 +66,8 @@ def new_cache():
 
 def layer_keys_values(cache: Any, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The key and value tensors one layer of a dynamic cache holds."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        layer = layers[layer_idx]
-        return layer.keys, layer.values
-    return cache.key_cache[layer_idx], cache.value_cache[layer_idx]
+    layer = cache.layers[layer_idx]
+    return layer.keys, layer.values
 
 
 class PastContext:
@@ -98,5 +95,6 @@ class PastContext:
             self.cache.update(random_like(keys), random_like(values), layer_idx)
 
     def rewind(self) -> None:
-        # A negative count removes that many newest tokens in every release that has ``crop``.
-        self.cache.crop(-self.step)
+        # Only this layer holds tokens: a whole-cache crop trips over the empty layers below it in some
+        # releases. A negative count removes that many newest tokens.
+        self.cache.layers[self.layer_idx].crop(-self.step)
