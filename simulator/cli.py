@@ -207,6 +207,15 @@ def simulate_command(trace_spec, profile_spec, policy, cache_experts, cache_mem,
         click.echo(f"result: {json_path}")
 
 
+def _command_line(name: str) -> str:
+    """The command as typed, when it was typed (tests call the command directly)."""
+    import shlex
+    import sys
+
+    args = sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == name else []
+    return " ".join(["moesim", name] + [shlex.quote(a) for a in args])
+
+
 def _json_safe(obj):
     if isinstance(obj, float) and math.isnan(obj):
         return None
@@ -266,13 +275,33 @@ def default_cache_sizes(trace_path: Path) -> list[int]:
 @click.option("--no-plot", is_flag=True, help="Do not draw the latency-vs-memory plot.")
 @click.option("--screen", is_flag=True, help="Skip the configurations the cost model predicts are dominated "
               "(another one of the same trace, profile, formats and batch >5% faster in TPOT with no more GPU memory).")
+@click.option("--list", "list_grids_", is_flag=True, help="List the grids swept into --out (nothing is run).")
+@click.option("--all", "show_all", is_flag=True, help="Print the table of every grid swept into --out (nothing is run).")
 def sweep_command(policies, traces, profiles, cache_experts, gpu_mem, expert_bits, non_expert_bits, batches, out_dir,
-                  jobs, no_progress, no_plot, screen):
-    """Simulate a grid of policies x traces x profiles x cache sizes x formats x batch sizes in parallel."""
+                  jobs, no_progress, no_plot, screen, list_grids_, show_all):
+    """Simulate a grid of policies x traces x profiles x cache sizes x formats x batch sizes in parallel.
+
+    --out is a results store: a rerun reuses the configurations whose trace, profile and simulator are
+    unchanged (by content), and every grid swept into it stays readable with --list and --all.
+    """
     from moesim.calib.profile import load_profile
     from moesim.simulator.presets import DEFAULT_SWEEP_POLICIES, PRESETS
-    from moesim.simulator.sweep import PLOT, build_grid, finish, format_table, run_sweep, write_plot, write_tables
+    from moesim.simulator.sweep import (PLOT, build_grid, check_writable, finish_grid, format_grid_list,
+                                        format_table, grid_rows, list_grids, run_sweep, start_grid, write_plot,
+                                        write_tables)
     from moesim.traces import resolve_trace
+
+    if list_grids_ or show_all:
+        records = list_grids(Path(out_dir))
+        if list_grids_ or not records:
+            click.echo(format_grid_list(records, Path(out_dir)))
+        if show_all:
+            for r in records:
+                click.echo(f"\ngrid {r.grid} ({r.created}, {r.points} points"
+                           f"{'' if r.finished else ', interrupted'}): {r.command}")
+                rows = grid_rows(r, Path(out_dir))
+                click.echo(format_table(rows) if rows else "(no finished table; rerun its command to complete it)")
+        return
 
     policy_list = _split(policies) or list(DEFAULT_SWEEP_POLICIES)
     for p in policy_list:
@@ -306,13 +335,15 @@ def sweep_command(policies, traces, profiles, cache_experts, gpu_mem, expert_bit
         screened = screen_points(points)
         click.echo(screened.summary(), err=True)
         points = screened.kept
-    out = Path(out_dir)
-    click.echo(f"sweep: {len(points)} configurations -> {out}", err=True)
-    rows = run_sweep(points, out, jobs=jobs, progress=not no_progress)
+    out = check_writable(Path(out_dir))
+    record = start_grid(points, out, _command_line("sweep"))
+    click.echo(f"sweep: {len(points)} configurations -> {out} (grid {record.grid})", err=True)
+    rows = run_sweep(points, out, jobs=jobs, progress=not no_progress,
+                     log=lambda msg: click.echo(f"sweep: {msg}", err=True))
     parquet, csv_path = write_tables(rows, out)
-    finish(out)
+    finish_grid(record, rows, out)
     click.echo(format_table(rows))
-    click.echo(f"results: {parquet}, {csv_path}")
+    click.echo(f"results: {parquet}, {csv_path} (this grid; earlier grids: moesim sweep --list --out {out})")
     if not no_plot:
         title = ", ".join(sorted({r['trace'] for r in rows})) + " on " + ", ".join(sorted({r['profile'] for r in rows}))
         plot = write_plot(rows, out / PLOT, title=title)
