@@ -29,7 +29,7 @@ def _policies(policy: str, all_presets: bool) -> tuple[str, ...]:
 @click.option("--trace", "trace_spec", default=None, help="Trace file or bundled name (default: the bundled Qwen3 trace).")
 @click.option("--policy", default="lru", show_default=True, help="Preset, or several separated by commas.")
 @click.option("--all-presets", is_flag=True, help="Every preset the device supports (the others are listed as not run).")
-@click.option("--cache-experts", type=int, required=True, help="Cache size in experts per MoE layer.")
+@click.option("--cache-experts", required=True, help="Cache size in experts per MoE layer, 0..E.")
 @click.option("--model-config", default=None, help="Model whose shapes to run: bundled name (mixtral-8x7b, ...), "
               "config.json or folder (default: the trace's own model).")
 @click.option("--model", "checkpoint", default=None, help="A Hugging Face checkpoint folder: its real weights.")
@@ -59,26 +59,39 @@ def validate_command(trace_spec, policy, all_presets, cache_experts, model_confi
                      profile_spec, calibrate, expert_format, requests, decode_tokens, warmup_steps, repeats, statistic,
                      fit_statistic, threads, seed, out_dir, quiet):
     """Simulate a configuration, run it on the real offloading engine, and report the error of every metric."""
-    from moesim.atomic import prepare_output_path
+    from moesim.atomic import check_output_target, prepare_output_path
     from moesim.engine.report import summary_table, write_report
     from moesim.engine.validate import ValidateOptions, run_validation
+    from moesim.options import check_cache_experts, one_int
+    from moesim.tracer import read_trace_meta
+    from moesim.traces import resolve_trace
 
     out = Path(out_dir)
-    prepare_output_path(out / "validate.json")
+    check_output_target(out / "validate.json")  # before any work, and without creating anything yet
     if profile_spec is None and not calibrate:
         raise MoesimError("no hardware profile: expected --profile P (calibrated on this machine) or --calibrate")
+    cache_experts = one_int(cache_experts, "--cache-experts", minimum=0)
+    check_cache_experts([cache_experts], read_trace_meta(resolve_trace(trace_spec)).num_experts)
+    policies = _policies(policy, all_presets)
+    created = not out.exists()
     t0 = time.perf_counter()
     log = (lambda msg: None) if quiet else (
         lambda msg: click.echo(f"validate [{time.perf_counter() - t0:6.1f}s]: {msg}", err=True))
     opts = ValidateOptions(
-        trace=trace_spec, policies=_policies(policy, all_presets), cache_experts=cache_experts,
+        trace=trace_spec, policies=policies, cache_experts=cache_experts,
         model_config=model_config, model=checkpoint, layers=layers, device=device, profile=profile_spec,
         calibrate=calibrate, expert_format=expert_format, requests=requests, decode_tokens=decode_tokens,
         warmup_steps=warmup_steps, repeats=repeats, statistic=statistic,
         fit_statistic=fit_statistic, seed=seed, threads=threads, out=out, log=log,
     )
     args = sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "validate" else []
-    report = run_validation(opts, command="moesim validate " + " ".join(shlex.quote(a) for a in args))
+    try:
+        prepare_output_path(out / "validate.json")
+        report = run_validation(opts, command="moesim validate " + " ".join(shlex.quote(a) for a in args))
+    except MoesimError:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a refused run leaves no empty output folder behind
+        raise
     stem = f"validate-{report.settings['device'].replace(':', '')}-{expert_format}"
     j, m = write_report(report, out, stem)
     click.echo(summary_table(report.presets))

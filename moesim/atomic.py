@@ -25,6 +25,26 @@ def prepare_output_path(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_output_target(path: str | os.PathLike) -> Path:
+    """Check ``path`` could be written (its nearest existing folder is writable) without creating anything.
+
+    Commands call this before long work so a read-only or misspelt target fails in a second, not after it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise MoesimError(f"{path}: is a folder, expected a file path")
+    parent = path.parent
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MoesimError(f"{path}: {parent} is a file, expected a folder")
+    if not os.access(parent, os.W_OK):
+        raise MoesimError(f"{path}: folder {parent} is not writable")
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

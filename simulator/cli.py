@@ -11,8 +11,9 @@ from typing import Optional
 import click
 
 from moesim.errors import MoesimError
+from moesim.options import (batch_list, byte_size, byte_sizes, cache_experts_list, check_batches,
+                            check_cache_experts, jobs_option, one_int, split_list, trace_requests)
 from moesim.quant import WeightFormat
-from moesim.units import parse_bytes
 
 DEFAULT_PROFILE = "rtx-3060"  # 12 GiB: the smallest GPU of the Mixtral-Offloading paper
 
@@ -146,7 +147,7 @@ def _notes(result, policy) -> list[str]:
 @click.option("--profile", "profile_spec", default=DEFAULT_PROFILE, show_default=True,
               help="Hardware profile: bundled name or PROFILE.json.")
 @click.option("--policy", default="lru", show_default=True, help="Preset: lru, mixtral-offloading, fiddler, ...")
-@click.option("--cache-experts", type=int, default=None, help="Cache size in experts per MoE layer (a global "
+@click.option("--cache-experts", default=None, help="Cache size in experts per MoE layer, 0..E (a global "
               "cache gets as many per layer on average).")
 @click.option("--cache-mem", default=None, help="Cache size in bytes, e.g. 4000MiB (instead of --cache-experts).")
 @click.option("--gpu-mem", default=None, help="GPU memory budget, e.g. 16GiB (default: the profile's device). "
@@ -154,7 +155,8 @@ def _notes(result, policy) -> list[str]:
 @click.option("--expert-bits", default=None, help="Expert weight format: 16, 8, 4, 3, 2 or e.g. int2-g16-m8 "
               "(default: the trace's own).")
 @click.option("--non-expert-bits", default=None, help="Non-expert weight format (default: the trace's own).")
-@click.option("--batch", type=int, default=1, show_default=True, help="Requests decoded together.")
+@click.option("--batch", default="1", show_default=True, help="Requests decoded together (at most the trace's "
+              "requests).")
 @click.option("--eviction", default=None, help="Replace the preset's cache rule: lru, lfu, fifo, static, belady, mrs.")
 @click.option("--scope", default=None, type=click.Choice(["layer", "global"]), help="Cache per layer or global.")
 @click.option("--prefetch", default=None, help="Replace the prefetcher: none, next-layer, first-non-resident, eam, "
@@ -173,23 +175,33 @@ def simulate_command(trace_spec, profile_spec, policy, cache_experts, cache_mem,
                      non_expert_bits, batch, eviction, scope, prefetch, placement, placement_rule, transfer, gating,
                      predictor_train, timeline_path, json_path):
     """Replay a routing trace under one offloading policy on a modelled machine."""
-    from moesim.atomic import write_text_atomic
+    from moesim.atomic import prepare_output_path, write_text_atomic
     from moesim.simulator.config import SimConfig
     from moesim.simulator.run import simulate
     from moesim.simulator.timeline import Timeline
     from moesim.simulator.sweep import trace_label
     from moesim.traces import resolve_trace
 
+    from moesim.tracer import read_trace_meta
+
     trace_path = resolve_trace(trace_spec)
     spec = build_policy(policy, eviction, scope, prefetch, placement, placement_rule, transfer, gating,
                         tuple(predictor_train))
+    cache_experts = one_int(cache_experts, "--cache-experts", minimum=0)
+    if cache_experts is not None:
+        check_cache_experts([cache_experts], read_trace_meta(trace_path).num_experts)
+    batch = one_int(batch, "--batch", minimum=1)
+    check_batches([batch], trace_requests(trace_path))
     config = SimConfig(
         policy=spec, cache_experts=cache_experts,
-        cache_bytes=parse_bytes(cache_mem, "--cache-mem") if cache_mem is not None else None,
-        gpu_mem_bytes=parse_bytes(gpu_mem, "--gpu-mem") if gpu_mem is not None else None,
+        cache_bytes=byte_size(cache_mem, "--cache-mem"), gpu_mem_bytes=byte_size(gpu_mem, "--gpu-mem"),
         expert_format=_formats(expert_bits, "--expert-bits"),
         non_expert_format=_formats(non_expert_bits, "--non-expert-bits"), batch=batch,
     )
+    if timeline_path:
+        prepare_output_path(timeline_path)
+    if json_path:
+        prepare_output_path(json_path)
     timeline = Timeline(f"moesim {policy}") if timeline_path else None
     result = simulate(trace_path, profile_spec, config, timeline=timeline,
                       trace_name=trace_label(trace_spec) if trace_spec else trace_path.stem, profile_name=profile_spec)
@@ -226,22 +238,6 @@ def _json_safe(obj):
     return obj
 
 
-def _split(text: Optional[str]) -> list[str]:
-    if text is None:
-        return []
-    return [t.strip() for t in str(text).split(",") if t.strip()]
-
-
-def _ints(text: Optional[str], flag: str) -> list[int]:
-    out = []
-    for t in _split(text):
-        try:
-            out.append(int(t))
-        except ValueError:
-            raise MoesimError(f"{flag} '{t}': expected a comma-separated list of integers") from None
-    return out
-
-
 def default_cache_sizes(trace_path: Path) -> list[int]:
     """k, 2k, 4k, 8k experts per layer below the number of experts (at least three sizes)."""
     from moesim.tracer import read_trace_meta
@@ -270,7 +266,7 @@ def default_cache_sizes(trace_path: Path) -> list[int]:
 @click.option("--batch", "batches", default="1", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--out", "out_dir", default="out/sweep", show_default=True, type=click.Path(file_okay=False),
               help="Folder for sweep.parquet, sweep.csv and sweep.png (a rerun resumes).")
-@click.option("--jobs", type=int, default=0, help="Worker processes (default: one per core).")
+@jobs_option()
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--no-plot", is_flag=True, help="Do not draw the latency-vs-memory plot.")
 @click.option("--screen", is_flag=True, help="Skip the configurations the cost model predicts are dominated "
@@ -303,32 +299,35 @@ def sweep_command(policies, traces, profiles, cache_experts, gpu_mem, expert_bit
                 click.echo(format_table(rows) if rows else "(no finished table; rerun its command to complete it)")
         return
 
-    policy_list = _split(policies) or list(DEFAULT_SWEEP_POLICIES)
+    from moesim.tracer import read_trace_meta
+
+    policy_list = split_list(policies, "--policy") or list(DEFAULT_SWEEP_POLICIES)
     for p in policy_list:
         PRESETS.get(p, "--policy")
-    trace_list = _split(traces) or [None]
+    trace_list = split_list(traces, "--trace") or [None]
     trace_paths = [resolve_trace(t) for t in trace_list]
     trace_specs = [t if t is not None else p.stem for t, p in zip(trace_list, trace_paths)]
-    profile_list = _split(profiles) or [DEFAULT_PROFILE]
+    profile_list = split_list(profiles, "--profile") or [DEFAULT_PROFILE]
     for p in profile_list:
         load_profile(p)
     if cache_experts is not None and gpu_mem is not None:
         raise MoesimError("--cache-experts and --gpu-mem both given: expected one way to size the cache")
-    mems = [parse_bytes(m, "--gpu-mem") for m in _split(gpu_mem)]
-    sizes = _ints(cache_experts, "--cache-experts")
+    mems = byte_sizes(gpu_mem, "--gpu-mem")
+    sizes = cache_experts_list(cache_experts)
+    for path in trace_paths:
+        check_cache_experts(sizes, read_trace_meta(path).num_experts)
     if not mems and not sizes:
         sizes = default_cache_sizes(trace_paths[0])
-    bits = _split(expert_bits) or [None]
+    bits = split_list(expert_bits, "--expert-bits") or [None]
     for b in bits:
         if b is not None:
             _formats(b, "--expert-bits")
     if non_expert_bits is not None:
         _formats(non_expert_bits, "--non-expert-bits")
-    batch_list = _ints(batches, "--batch") or [1]
-    for b in batch_list:
-        if b < 1:
-            raise MoesimError(f"--batch {b}: expected positive integers")
-    points = build_grid(trace_specs, profile_list, policy_list, sizes, mems, bits, non_expert_bits, batch_list)
+    batch_sizes = batch_list(batches) or [1]
+    for path in trace_paths:
+        check_batches(batch_sizes, trace_requests(path))
+    points = build_grid(trace_specs, profile_list, policy_list, sizes, mems, bits, non_expert_bits, batch_sizes)
     if screen:
         from moesim.costmodel.screen import screen_points
 
