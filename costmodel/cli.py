@@ -121,6 +121,13 @@ def search_command(trace_spec, profile_spec, objective, max_gpu_mem, max_tpot, m
             raise MoesimError(f"{name} {v}: expected a positive value")
     if front_points < 2:
         raise MoesimError(f"--front-points {front_points}: expected at least 2")
+    from moesim.atomic import check_output_target
+
+    # outputs are checked before the work, so a read-only target fails now rather than after the search
+    if report_dir is not None:
+        check_output_target(Path(report_dir) / "report.md")
+    if json_path is not None:
+        check_output_target(json_path)
     model = _load_model(model_path)
     ctx = TraceProfileContext(trace, profile_spec)
     space = _space(ctx, policies, cache_experts, expert_bits, non_expert_bits, batches)

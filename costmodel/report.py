@@ -18,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 
+from moesim.errors import MoesimError
 from moesim.atomic import atomic_path, write_text_atomic
 from moesim.costmodel.search import (
     GIB,
@@ -244,7 +245,10 @@ def markdown(result: SearchResult, plots: dict[str, Optional[Path]]) -> str:
 
 def write_report(result: SearchResult, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MoesimError(f"--report {out}: cannot create the folder ({exc.strerror or exc})") from None
     plots = {"pareto": write_pareto_plot(result, out / "pareto.png"),
              "quality": write_quality_plot(result, out / "quality.png")}
     write_text_atomic(out / "confirmed.csv", confirmed_csv(result))

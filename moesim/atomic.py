@@ -66,13 +66,18 @@ def temp_path_for(path: Path) -> Path:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path to write to; on success rename it onto ``path``, on failure remove it."""
     final = prepare_output_path(path)
-    tmp = temp_path_for(final)
+    try:
+        tmp = temp_path_for(final)
+    except OSError as exc:
+        raise MoesimError(f"{final}: cannot write ({exc.strerror or exc})") from None
     try:
         yield tmp
         os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError):  # a full disk or a lost mount: the user's to fix, said in one line
+            raise MoesimError(f"{final}: cannot write ({exc.strerror or exc}); nothing was written there") from None
         raise
 
 
