@@ -37,7 +37,9 @@ from moesim.costmodel.space import (
     format_label,
     simulate_command,
     sweep_point,
+    quality_caveat,
     validate_command,
+    validate_gap,
 )
 from moesim.errors import MoesimError
 from moesim.quant import WeightFormat
@@ -623,10 +625,16 @@ def format_result(r: SearchResult) -> str:
                f"hit rate {s['hit_rate']:.3f}" + (f", perplexity {c.perplexity:.3f}" if q else ""))
     out.append(f"  predicted  TPOT {_ms(c.predicted['tpot_s'])}, TTFT {_sec(c.predicted['ttft_s'])}, "
                f"{c.predicted['tokens_per_s']:.2f} tokens/s, peak GPU {c.predicted['peak_gpu_bytes'] / GIB:.2f} GiB")
+    caveat = quality_caveat(c.config, q)
+    if caveat:
+        out.append(f"  CAVEAT     {caveat}")
     sim, val = commands(r, c)
     out.append("reproduce:")
     out.append(f"  {sim}")
     out.append(f"  {val}")
+    gap = validate_gap(c.config)
+    if gap:
+        out.append(f"  (note: {gap})")
     out.append("")
     axis = {"ttft": "TTFT", "tokens-per-s": "tokens/s"}.get(r.objective, "TPOT")
     out.append(f"Pareto front ({axis} x peak GPU memory{' x perplexity' if q else ''}; simulated):")

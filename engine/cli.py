@@ -25,6 +25,26 @@ def _policies(policy: str, all_presets: bool) -> tuple[str, ...]:
     return names
 
 
+def engine_format(expert_bits: str | None, expert_format: str | None) -> str:
+    """The engine's expert format from --expert-bits (the grammar of every other command) or --expert-format."""
+    from moesim.costmodel.space import VALIDATE_FORMATS
+    from moesim.quant import WeightFormat
+
+    if expert_bits is None:
+        return expert_format or "bf16"
+    try:
+        bits = str(WeightFormat.parse(expert_bits).bits)
+    except MoesimError as exc:
+        raise MoesimError(f"--expert-bits {exc.message}") from None
+    if bits not in VALIDATE_FORMATS:
+        raise MoesimError(f"--expert-bits {expert_bits}: the engine has real kernels for "
+                          f"{', '.join(VALIDATE_FORMATS)}-bit experts only")
+    fmt = VALIDATE_FORMATS[bits]
+    if expert_format is not None and expert_format != fmt:
+        raise MoesimError(f"--expert-bits {expert_bits} and --expert-format {expert_format} disagree: give one")
+    return fmt
+
+
 @click.command("validate")
 @click.option("--trace", "trace_spec", default=None, help="Trace file or bundled name (default: the bundled Qwen3 trace).")
 @click.option("--policy", default="lru", show_default=True, help="Preset, or several separated by commas.")
@@ -37,8 +57,10 @@ def _policies(policy: str, all_presets: bool) -> tuple[str, ...]:
 @click.option("--device", default="cpu", show_default=True, help="cpu (the host plays the device) or cuda[:N].")
 @click.option("--profile", "profile_spec", default=None, help="Hardware profile calibrated on this machine.")
 @click.option("--calibrate", is_flag=True, help="Calibrate this machine at the engine's exact shape first (quick).")
-@click.option("--expert-format", default="bf16", show_default=True, type=click.Choice(["bf16", "int8", "int4"]),
-              help="Expert weights and kernel (quantized formats use torch's real int8/int4 kernels).")
+@click.option("--expert-bits", default=None, help="Expert weight bits, as in simulate/sweep/search: 16, 8 or 4 "
+              "(the engine's real bf16, int8 and int4 kernels; default 16).")
+@click.option("--expert-format", default=None, type=click.Choice(["bf16", "int8", "int4"]),
+              help="Same as --expert-bits 16|8|4 (older spelling).")
 @click.option("--requests", type=int, default=1, show_default=True, help="Requests of the trace to run.")
 @click.option("--decode-tokens", type=int, default=32, show_default=True, help="Decode tokens per request to run.")
 @click.option("--warmup-steps", type=int, default=3, show_default=True,
@@ -56,7 +78,8 @@ def _policies(policy: str, all_presets: bool) -> tuple[str, ...]:
               help="Folder for the JSON and Markdown reports (and the fitted trace).")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def validate_command(trace_spec, policy, all_presets, cache_experts, model_config, checkpoint, layers, device,
-                     profile_spec, calibrate, expert_format, requests, decode_tokens, warmup_steps, repeats, statistic,
+                     profile_spec, calibrate, expert_bits, expert_format, requests, decode_tokens, warmup_steps,
+                     repeats, statistic,
                      fit_statistic, threads, seed, out_dir, quiet):
     """Simulate a configuration, run it on the real offloading engine, and report the error of every metric."""
     from moesim.atomic import check_output_target, prepare_output_path
@@ -70,6 +93,7 @@ def validate_command(trace_spec, policy, all_presets, cache_experts, model_confi
     check_output_target(out / "validate.json")  # before any work, and without creating anything yet
     if profile_spec is None and not calibrate:
         raise MoesimError("no hardware profile: expected --profile P (calibrated on this machine) or --calibrate")
+    expert_format = engine_format(expert_bits, expert_format)
     cache_experts = one_int(cache_experts, "--cache-experts", minimum=0)
     check_cache_experts([cache_experts], read_trace_meta(resolve_trace(trace_spec)).num_experts)
     policies = _policies(policy, all_presets)
