@@ -468,32 +468,84 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
+ORACLE_NOTE = "oracle (knows the future; not realisable)"
+MARKERS = "os^Dv<>pP*hX"
+
+
+def is_oracle(row: dict) -> bool:
+    """A configuration that reads the future (Belady eviction, oracle prefetch): a bound, not a policy."""
+    return row.get("cache_policy") == "belady" or row.get("prefetch") == "oracle"
+
+
+@dataclass(frozen=True)
+class PlotSeries:
+    """One set of plotted points: a policy at one expert format and batch size."""
+
+    policy: str
+    expert_format: str
+    batch: int
+    oracle: bool
+    points: tuple[tuple[float, float], ...]  # (peak GPU GiB, TPOT ms)
+
+
+def plot_series(rows: list[dict]) -> list[PlotSeries]:
+    ok = [r for r in rows if r.get("feasible") and r.get("tpot_mean_s") is not None
+          and not math.isnan(r["tpot_mean_s"])]
+    groups: dict[tuple, list] = {}
+    for r in ok:
+        key = (r["policy"], str(r.get("expert_format")), int(r.get("batch") or 1), is_oracle(r))
+        groups.setdefault(key, []).append((r["peak_gpu_mib"] / 1024, r["tpot_mean_s"] * 1e3))
+    return [PlotSeries(p, f, b, o, tuple(pts)) for (p, f, b, o), pts in sorted(groups.items())]
+
+
+def realisable_front(series: list[PlotSeries]) -> list[tuple[float, float]]:
+    """The Pareto front of the policies one could run: oracles are drawn but never on it."""
+    return pareto_front([pt for s in series if not s.oracle for pt in s.points])
+
+
 def write_plot(rows: list[dict], path: Path, title: str = "") -> Optional[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    ok = [r for r in rows if r.get("feasible") and r.get("tpot_mean_s") is not None
-          and not math.isnan(r["tpot_mean_s"])]
-    if not ok:
+    series = plot_series(rows)
+    if not series:
         return None
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    policies = sorted({r["policy"] for r in ok})
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    policies = sorted({s.policy for s in series})
+    formats = sorted({s.expert_format for s in series})
+    batches = sorted({s.batch for s in series})
     cmap = plt.get_cmap("tab20")
-    for i, pol in enumerate(policies):
-        pts = [(r["peak_gpu_mib"] / 1024, r["tpot_mean_s"] * 1e3) for r in ok if r["policy"] == pol]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=pol, color=cmap(i % 20), s=28, zorder=3)
-    front = pareto_front([(r["peak_gpu_mib"] / 1024, r["tpot_mean_s"] * 1e3) for r in ok])
-    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", linewidth=1.2,
-            label="Pareto front", zorder=2)
+    color = {p: cmap(i % 20) for i, p in enumerate(policies)}
+    marker = {f: MARKERS[i % len(MARKERS)] for i, f in enumerate(formats)}
+    size = {b: 22 + 40 * i for i, b in enumerate(batches)}  # a larger batch, a larger marker
+    for s in series:
+        ax.scatter([p[0] for p in s.points], [p[1] for p in s.points], marker=marker[s.expert_format],
+                   s=size[s.batch], zorder=3, linewidths=1.2,
+                   facecolors="none" if s.oracle else color[s.policy], edgecolors=color[s.policy])
+    front = realisable_front(series)
+    if front:
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", linewidth=1.2, zorder=2)
+    handles = [Line2D([], [], linestyle="", marker="o", color=color[p], label=p + (" (oracle)" if any(
+        s.oracle for s in series if s.policy == p) else "")) for p in policies]
+    if len(formats) > 1:
+        handles += [Line2D([], [], linestyle="", marker=marker[f], color="grey", label=f"experts {f}") for f in formats]
+    if len(batches) > 1:
+        handles += [Line2D([], [], linestyle="", marker="o", color="grey", markersize=(size[b] ** 0.5),
+                           label=f"batch {b}") for b in batches]
+    handles.append(Line2D([], [], color="black", label="Pareto front (realisable policies)"))
+    if any(s.oracle for s in series):
+        handles.append(Line2D([], [], linestyle="", marker="o", markerfacecolor="none", color="grey",
+                              label=f"hollow: {ORACLE_NOTE}"))
     ax.set_xlabel("peak GPU memory (GiB)")
     ax.set_ylabel("time per output token, mean (ms)")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": None})
