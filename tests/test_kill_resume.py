@@ -74,3 +74,37 @@ def test_a_stale_temp_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_p
     stale.write_text("half")
     write_text_atomic(tmp_path / "out.json", "{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+WIKI = GSM8K.parents[1] / "wikitext-2"
+
+
+@pytest.mark.skipif(not (WIKI / "test.txt").is_file(), reason="shared WikiText-2 not present")
+def test_sigkill_during_demo_model_resumes_from_the_last_checkpoint_with_the_same_weights(tmp_path):
+    micro = ("dataclasses.replace(QUICK, steps=6, warmup_steps=1, train_chars=40_000, eval_max_tokens=512, "
+             "vocab_size=300, hidden_size=32, intermediate_size=64)")
+    code = textwrap.dedent(f"""
+        import dataclasses, os, signal, sys
+        from moesim.quality.demo_model import QUICK, train_demo_model
+        kill_at = sys.argv[2]
+        def log(line):
+            if kill_at and line.startswith(f"step {{kill_at}}/"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            print(line, flush=True)
+        train_demo_model(sys.argv[1], {micro}, log=log, checkpoint_every=2)
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    fresh = subprocess.run([sys.executable, "-c", code, str(tmp_path / "fresh"), ""], capture_output=True, text=True,
+                           env=env, timeout=600)
+    assert fresh.returncode == 0, fresh.stderr
+    killed = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m"), "5"], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert killed.returncode == -signal.SIGKILL
+    assert (tmp_path / ".m.checkpoint.pt").is_file() and not (tmp_path / "m").exists()
+    resumed = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m"), ""], capture_output=True, text=True,
+                             env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and "at step 4/6" in resumed.stdout
+    assert "step 1/6" not in resumed.stdout  # the finished steps were not trained again
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == (tmp_path / "fresh" / "model.safetensors").read_bytes()
+    assert not (tmp_path / ".m.checkpoint.pt").exists()
