@@ -159,7 +159,7 @@ def costmodel_group():
               "(default: 3).")
 @click.option("--seed", type=int, default=None, help="Sampling seed (default: 1).")
 @jobs_option("Simulator processes (default: one per core).")
-@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+@click.option("--out", "out_path", default=None, metavar="FILE", type=click.Path(dir_okay=False),
               help="Artifact to write (default: the bundled costmodel/artifacts/costmodel.json).")
 @click.option("--force", is_flag=True, help="Refit even when the artifact is up to date.")
 def fit_command(traces, profiles, per_preset, seed, jobs, out_path, force):
@@ -269,14 +269,14 @@ def predict_command(trace_spec, profile_spec, policy, cache_experts, expert_bits
     t0 = time.perf_counter()
     pred = model.predict(ctx, grid)
     dt = time.perf_counter() - t0
-    click.echo(f"{'policy':<26} {'cache':>5} {'experts':<10} {'non-expert':<10} {'batch':>5} {'peak_gib':>8} "
-               f"{'tpot_ms':>9} {'ttft_s':>8} {'tok/s':>8}")
+    click.echo(f"{'policy':<26} {'cache':>5} {'experts':<10} {'non-expert':<10} {'batch':>5} {'peak_gpu_mib':>12} "
+               f"{'tpot_ms':>9} {'ttft_ms':>9} {'tok/s':>8}")
     for i in range(len(grid)):
         p, c, e, n, b = grid.row(i)
         if pred.valid[i]:
-            nums = f"{pred.tpot_s[i] * 1e3:9.2f} {pred.ttft_s[i]:8.3f} {pred.tokens_per_s[i]:8.2f}"
+            nums = f"{pred.tpot_s[i] * 1e3:9.2f} {pred.ttft_s[i] * 1e3:9.1f} {pred.tokens_per_s[i]:8.2f}"
         else:
             nums = f"  cannot run: {pred.reason[i]}"
         click.echo(f"{p:<26} {c:>5} {format_label(e):<10} {format_label(n):<10} {b:>5} "
-                   f"{pred.peak_gpu_bytes[i] / 2**30:8.2f} {nums}")
+                   f"{pred.peak_gpu_bytes[i] / 2**20:12.0f} {nums}")
     click.echo(f"{len(grid)} configurations predicted in {dt:.2f} s", err=True)

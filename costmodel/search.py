@@ -563,8 +563,9 @@ def _device_kind(result: SearchResult) -> str:
     return load_profile_cached(result.profile).device.kind
 
 
-CONFIRMED_COLUMNS = ("policy", "cache", "experts", "non-expert", "batch", "peak_gib", "tpot_ms", "ttft_s", "tok/s",
-                     "pred_tpot_ms", "pred_ttft_s")
+# one unit per quantity in every table moesim prints: times in ms, memory in MiB
+CONFIRMED_COLUMNS = ("policy", "cache", "experts", "non-expert", "batch", "peak_gpu_mib", "tpot_ms", "ttft_ms", "tok/s",
+                     "pred_tpot_ms", "pred_ttft_ms")
 
 
 def confirmed_table(items: Sequence[Confirmed], with_quality: bool, mark: Optional[Confirmed] = None) -> str:
@@ -574,10 +575,10 @@ def confirmed_table(items: Sequence[Confirmed], with_quality: bool, mark: Option
         s = c.simulated
         ok = bool(s.get("feasible"))
         cells = [c.config[0], str(c.config[1]), format_label(c.config[2]), format_label(c.config[3]), str(c.config[4]),
-                 f"{(s.get('peak_gpu_mib') or 0) / 1024:.2f}",
-                 f"{s['tpot_mean_s'] * 1e3:.2f}" if ok else "-", f"{s['ttft_mean_s']:.3f}" if ok else "-",
+                 f"{(s.get('peak_gpu_mib') or 0):.0f}",
+                 f"{s['tpot_mean_s'] * 1e3:.2f}" if ok else "-", f"{s['ttft_mean_s'] * 1e3:.1f}" if ok else "-",
                  f"{s['tokens_per_s']:.2f}" if ok else "-",
-                 f"{c.predicted['tpot_s'] * 1e3:.2f}", f"{c.predicted['ttft_s']:.3f}"]
+                 f"{c.predicted['tpot_s'] * 1e3:.2f}", f"{c.predicted['ttft_s'] * 1e3:.1f}"]
         if with_quality:
             cells.append(f"{c.perplexity:.3f}" if math.isfinite(c.perplexity) else "-")
         note = "chosen" if mark is not None and c.index == mark.index else ("; ".join(c.violations))

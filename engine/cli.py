@@ -74,7 +74,7 @@ def engine_format(expert_bits: str | None, expert_format: str | None) -> str:
                    "('profile': as calibrated).")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: the profile's).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", required=True, metavar="FOLDER", type=click.Path(file_okay=False),
               help="Folder for the JSON and Markdown reports (and the fitted trace).")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def validate_command(trace_spec, policy, all_presets, cache_experts, model_config, checkpoint, layers, device,

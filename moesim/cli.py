@@ -58,6 +58,10 @@ class _LazyGroup(click.Group):
         except MoesimError as exc:
             click.echo(f"moesim: error: {exc.message}", err=True)
             ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            # every long command keeps what it finished (and says so where it can resume)
+            click.echo("moesim: interrupted", err=True)
+            ctx.exit(130)
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

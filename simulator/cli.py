@@ -264,7 +264,8 @@ def default_cache_sizes(trace_path: Path) -> list[int]:
 @click.option("--expert-bits", default=None, help="Comma-separated expert formats, e.g. 16,4,2 (default: the trace's).")
 @click.option("--non-expert-bits", default=None, help="Non-expert weight format for every point.")
 @click.option("--batch", "batches", default="1", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--out", "out_dir", default="out/sweep", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", default="out/sweep", show_default=True, metavar="FOLDER",
+              type=click.Path(file_okay=False),
               help="Folder for sweep.parquet, sweep.csv and sweep.png (a rerun resumes).")
 @jobs_option()
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -337,8 +338,13 @@ def sweep_command(policies, traces, profiles, cache_experts, gpu_mem, expert_bit
     out = check_writable(Path(out_dir))
     record = start_grid(points, out, _command_line("sweep"))
     click.echo(f"sweep: {len(points)} configurations -> {out} (grid {record.grid})", err=True)
-    rows = run_sweep(points, out, jobs=jobs, progress=not no_progress,
-                     log=lambda msg: click.echo(f"sweep: {msg}", err=True))
+    try:
+        rows = run_sweep(points, out, jobs=jobs, progress=not no_progress,
+                         log=lambda msg: click.echo(f"sweep: {msg}", err=True))
+    except KeyboardInterrupt:
+        click.echo(f"moesim: sweep interrupted; the finished configurations are kept in {out}; run the same command "
+                   f"again to resume", err=True)
+        raise SystemExit(130) from None
     parquet, csv_path = write_tables(rows, out)
     finish_grid(record, rows, out)
     click.echo(format_table(rows))

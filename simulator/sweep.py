@@ -251,6 +251,7 @@ def run_sweep(points: Sequence[SweepPoint], out_dir: Path, jobs: int = 0, progre
             bar = tqdm(total=len(points), initial=len(points) - len(todo), desc="sweep", unit="cfg",
                        dynamic_ncols=True)
         journal = _Journal(out_dir)
+        term = _TermAsInterrupt().__enter__()
         try:
             rows = map(run_point, todo) if pool is None else pool.imap_unordered(run_point, todo, chunksize=1)
             for row in rows:
@@ -267,14 +268,56 @@ def run_sweep(points: Sequence[SweepPoint], out_dir: Path, jobs: int = 0, progre
             if pool is not None:
                 pool.terminate()
                 pool.join()
+            term.__exit__(None, None, None)
     return [done[k] for k in keys if k in done]
 
 
 def _quiet_worker() -> None:
-    """Workers leave Ctrl-C and SIGTERM to the parent, which terminates them; they print nothing of their own."""
+    """Workers leave Ctrl-C to the parent, which terminates them, and die with it if it is killed (instead of
+    printing a BrokenPipe traceback when they find it gone)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class _TermAsInterrupt:
+    """While the pool runs, SIGTERM stops the sweep like Ctrl-C: the pool is terminated and finished rows kept."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+        return False
 
 
 COLUMNS = ROW_COLUMNS + ("point_key",)
@@ -408,12 +451,12 @@ TABLE_COLUMNS = (  # title, row column, format, alignment
     ("bits", "expert_format", "{}", "l"),
     ("batch", "batch", "{}", "r"),
     ("peak_gpu_mib", "peak_gpu_mib", "{:.0f}", "r"),
-    ("ttft_s", "ttft_mean_s", "{:.3f}", "r"),
+    ("ttft_ms", "ttft_mean_s", "ms", "r"),  # one unit per quantity: times in ms, memory in MiB
     ("tpot_ms", "tpot_mean_s", "ms", "r"),
     ("tok/s", "tokens_per_s", "{:.1f}", "r"),
     ("hit_rate", "hit_rate", "{:.3f}", "r"),
     ("h2d_mib", "h2d_mib", "{:.0f}", "r"),
-    ("stall_s", "stall_s", "{:.3f}", "r"),
+    ("stall_ms", "stall_s", "ms", "r"),
 )
 ALWAYS_SHOWN = ("policy", "cache_experts", "expert_format", "batch", "peak_gpu_mib")
 
