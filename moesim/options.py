@@ -111,10 +111,13 @@ def trace_requests(path) -> int:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from moesim.tracer import read_trace_meta
+
+    read_trace_meta(path)  # "not a moesim trace" before any column is looked for
     try:
         column = pq.read_table(path, columns=["request"]).column("request")
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
-        raise MoesimError(f"{path}: cannot read its request column ({exc})") from None
+        raise MoesimError(f"{path}: cannot read its request column ({str(exc).splitlines()[0]})") from None
     return int(pc.count_distinct(column).as_py())
 
 

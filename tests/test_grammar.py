@@ -102,3 +102,11 @@ def test_an_interrupted_sweep_prints_one_line_and_no_worker_output(tmp_path, how
     assert "Traceback" not in err and "BrokenPipe" not in err and "KeyboardInterrupt" not in err, err
     assert lines[-1].startswith("moesim: sweep interrupted"), err
     assert all(l.startswith(("sweep:", "moesim: sweep interrupted")) for l in lines), err
+
+
+def test_click_usage_errors_are_one_line_too(tmp_path):
+    (tmp_path / "f").write_text("x")
+    res = run(["sweep", "--out", str(tmp_path / "f")])
+    assert res.exit_code == 2
+    assert res.output.strip().count("\n") == 0 and res.output.startswith("moesim: error: Invalid value for '--out'")
+    assert "see moesim sweep --help" in res.output
