@@ -79,15 +79,16 @@ main(sys.argv[1:])
 WRAP_DEMO = """
 import dataclasses, os, sys
 from moesim.quality.demo_model import QUICK, train_demo_model
-cfg = dataclasses.replace(QUICK, steps=12, warmup_steps=1, train_chars=40_000, eval_max_tokens=512, vocab_size=300,
+cfg = dataclasses.replace(QUICK, steps=int(os.environ["DEMO_STEPS"]), warmup_steps=1, train_chars=40_000, eval_max_tokens=512, vocab_size=300,
                           hidden_size=32, intermediate_size=64)
 def log(line):
     if line.startswith("step "):
         with open(os.environ["UNITS_LOG"], "a") as f:
             f.write(line.split()[1].split("/")[0] + "\\n")
-train_demo_model(sys.argv[1], cfg, log=log, checkpoint_every=3)
+train_demo_model(sys.argv[1], cfg, log=log, checkpoint_every=int(os.environ["DEMO_BLOCK"]))
 """
-DEMO_BLOCK = 3  # steps per checkpoint: the demo-model's unit of work
+DEMO_STEPS = 60
+DEMO_BLOCK = 5  # steps per checkpoint: the demo-model's unit of work
 
 
 @dataclass
@@ -118,7 +119,7 @@ class Summary:
 
 def env_for(log: Path) -> dict:
     return dict(os.environ, UNITS_LOG=str(log), PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error",
-                HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+                HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", DEMO_STEPS=str(DEMO_STEPS), DEMO_BLOCK=str(DEMO_BLOCK))
 
 
 def lines(path: Path) -> list[str]:
@@ -209,7 +210,7 @@ class TraceCommand(Command):
 
     def argv(self, work):
         return [sys.executable, "-c", WRAP_TRACE, "trace", "--prompts", str(GSM8K), "--model", str(self.model),
-                "--limit", "8", "--max-new-tokens", "4", "--device", "cpu", "--no-progress",
+                "--limit", "12", "--max-new-tokens", "24", "--device", "cpu", "--no-progress",
                 "--out", str(work / "t.parquet")]
 
     def finished(self, log):
@@ -243,7 +244,7 @@ class TraceCommand(Command):
 
 
 class DemoCommand(Command):
-    name, unit, bound = "demo-model", f"checkpoint block ({DEMO_BLOCK} steps)", DEMO_BLOCK
+    name, unit, bound = "demo-model", f"training step (checkpoint every {DEMO_BLOCK})", DEMO_BLOCK
 
     def argv(self, work):
         return [sys.executable, "-c", WRAP_DEMO, str(work / "m")]
@@ -256,7 +257,7 @@ class DemoCommand(Command):
         import torch
 
         if (work / "m" / "demo_report.json").exists():
-            return 12
+            return DEMO_STEPS
         ckpt = work / ".m.checkpoint.pt"
         return int(torch.load(ckpt, map_location="cpu", weights_only=False)["step"]) if ckpt.exists() else 0
 
