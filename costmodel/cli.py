@@ -11,31 +11,17 @@ from typing import Optional
 import click
 
 from moesim.errors import MoesimError
-from moesim.units import parse_bytes, parse_seconds
+from moesim.options import (batch_list, byte_size, cache_experts_list, check_batches, check_cache_experts,
+                            jobs_option, split_list, trace_requests)
+from moesim.units import parse_seconds
 
 
-def _split(text: Optional[str]) -> list[str]:
-    return [t.strip() for t in str(text).split(",") if t.strip()] if text is not None else []
+def _split(text: Optional[str], flag: str = "") -> list[str]:
+    return split_list(text, flag)
 
 
 def _ints(text: Optional[str], flag: str) -> list[int]:
-    out = []
-    for t in _split(text):
-        if ".." in t:
-            lo, _, hi = t.partition("..")
-            try:
-                out.extend(range(int(lo), int(hi) + 1))
-            except ValueError:
-                raise MoesimError(f"{flag} '{t}': expected integers or ranges like 0..16") from None
-            continue
-        try:
-            out.append(int(t))
-        except ValueError:
-            raise MoesimError(f"{flag} '{t}': expected comma-separated integers or ranges like 0..16") from None
-    for v in out:
-        if v < 0:
-            raise MoesimError(f"{flag} {v}: expected non-negative integers")
-    return out
+    return batch_list(text, flag) if flag == "--batch" else cache_experts_list(text, flag)
 
 
 def _formats(text: Optional[str], flag: str) -> list[Optional[str]]:
@@ -58,15 +44,12 @@ def _space(ctx, policies, cache_experts, expert_bits, non_expert_bits, batches):
     pols = _split(policies)
     for p in pols:
         PRESETS.get(p, "--policy")
-    sizes = _ints(cache_experts, "--cache-experts")
-    for s in sizes:
-        if s > ctx.E:
-            raise MoesimError(f"--cache-experts {s}: the trace has {ctx.E} experts per layer")
+    sizes = cache_experts_list(cache_experts)
+    check_cache_experts(sizes, ctx.E)
     efs = _formats(expert_bits, "--expert-bits")
     nfs = _formats(non_expert_bits, "--non-expert-bits")
-    bs = _ints(batches, "--batch")
-    if any(b < 1 for b in bs):
-        raise MoesimError("--batch: expected positive integers")
+    bs = batch_list(batches)
+    check_batches(bs, trace_requests(ctx.trace_path))
     return SpaceSpec(tuple(pols) or base.policies, tuple(sizes) or base.cache_sizes, tuple(efs) or base.expert_formats,
                      tuple(nfs) or base.non_expert_formats, tuple(bs) or base.batches)
 
@@ -98,7 +81,7 @@ def _space(ctx, policies, cache_experts, expert_bits, non_expert_bits, batches):
               "simulator confirms (plus near-ties and the thinned Pareto front).")
 @click.option("--front-points", type=int, default=10, show_default=True, help="Predicted Pareto-front points to "
               "confirm.")
-@click.option("--jobs", type=int, default=0, help="Simulator processes (default: one per core).")
+@jobs_option("Simulator processes (default: one per core).")
 @click.option("--model", "model_path", default=None, type=click.Path(dir_okay=False),
               help="Cost model artifact (default: the bundled costmodel/artifacts/costmodel.json).")
 @click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False),
@@ -127,7 +110,7 @@ def search_command(trace_spec, profile_spec, objective, max_gpu_mem, max_tpot, m
     if max_ppl is not None and not (max_ppl > 0 and math.isfinite(max_ppl)):
         raise MoesimError(f"--max-ppl {max_ppl}: expected a positive number")
     constraints = Constraints(
-        max_gpu_mem=parse_bytes(max_gpu_mem, "--max-gpu-mem") if max_gpu_mem is not None else None,
+        max_gpu_mem=byte_size(max_gpu_mem, "--max-gpu-mem"),
         max_tpot=parse_seconds(max_tpot, "--max-tpot") if max_tpot is not None else None,
         max_ttft=parse_seconds(max_ttft, "--max-ttft") if max_ttft is not None else None,
         max_ppl=max_ppl,
@@ -138,6 +121,13 @@ def search_command(trace_spec, profile_spec, objective, max_gpu_mem, max_tpot, m
             raise MoesimError(f"{name} {v}: expected a positive value")
     if front_points < 2:
         raise MoesimError(f"--front-points {front_points}: expected at least 2")
+    from moesim.atomic import check_output_target
+
+    # outputs are checked before the work, so a read-only target fails now rather than after the search
+    if report_dir is not None:
+        check_output_target(Path(report_dir) / "report.md")
+    if json_path is not None:
+        check_output_target(json_path)
     model = _load_model(model_path)
     ctx = TraceProfileContext(trace, profile_spec)
     space = _space(ctx, policies, cache_experts, expert_bits, non_expert_bits, batches)
@@ -168,8 +158,8 @@ def costmodel_group():
 @click.option("--per-preset", type=int, default=None, help="Configurations per preset per trace x profile "
               "(default: 3).")
 @click.option("--seed", type=int, default=None, help="Sampling seed (default: 1).")
-@click.option("--jobs", type=int, default=0, help="Simulator processes (default: one per core).")
-@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+@jobs_option("Simulator processes (default: one per core).")
+@click.option("--out", "out_path", default=None, metavar="FILE", type=click.Path(dir_okay=False),
               help="Artifact to write (default: the bundled costmodel/artifacts/costmodel.json).")
 @click.option("--force", is_flag=True, help="Refit even when the artifact is up to date.")
 def fit_command(traces, profiles, per_preset, seed, jobs, out_path, force):
@@ -269,23 +259,24 @@ def predict_command(trace_spec, profile_spec, policy, cache_experts, expert_bits
     trace = trace_spec if trace_spec else resolve_trace(None).stem
     model = _load_model(model_path)
     ctx = TraceProfileContext(trace, profile_spec)
-    pols = _split(policy)
+    pols = _split(policy, "--policy")
     for p in pols:
         PRESETS.get(p, "--policy")
-    sizes = _ints(cache_experts, "--cache-experts")
+    sizes = cache_experts_list(cache_experts)
+    check_cache_experts(sizes, ctx.E)
     grid = enumerate_space(pols, sizes, _formats(expert_bits, "--expert-bits"),
                            _formats(non_expert_bits, "--non-expert-bits"), _ints(batches, "--batch") or [1])
     t0 = time.perf_counter()
     pred = model.predict(ctx, grid)
     dt = time.perf_counter() - t0
-    click.echo(f"{'policy':<26} {'cache':>5} {'experts':<10} {'non-expert':<10} {'batch':>5} {'peak_gib':>8} "
-               f"{'tpot_ms':>9} {'ttft_s':>8} {'tok/s':>8}")
+    click.echo(f"{'policy':<26} {'cache':>5} {'experts':<10} {'non-expert':<10} {'batch':>5} {'peak_gpu_mib':>12} "
+               f"{'tpot_ms':>9} {'ttft_ms':>9} {'tok/s':>8}")
     for i in range(len(grid)):
         p, c, e, n, b = grid.row(i)
         if pred.valid[i]:
-            nums = f"{pred.tpot_s[i] * 1e3:9.2f} {pred.ttft_s[i]:8.3f} {pred.tokens_per_s[i]:8.2f}"
+            nums = f"{pred.tpot_s[i] * 1e3:9.2f} {pred.ttft_s[i] * 1e3:9.1f} {pred.tokens_per_s[i]:8.2f}"
         else:
             nums = f"  cannot run: {pred.reason[i]}"
         click.echo(f"{p:<26} {c:>5} {format_label(e):<10} {format_label(n):<10} {b:>5} "
-                   f"{pred.peak_gpu_bytes[i] / 2**30:8.2f} {nums}")
+                   f"{pred.peak_gpu_bytes[i] / 2**20:12.0f} {nums}")
     click.echo(f"{len(grid)} configurations predicted in {dt:.2f} s", err=True)

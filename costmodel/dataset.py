@@ -197,11 +197,9 @@ def run_plan(plans: Sequence[GroupPlan], jobs: int = 0, progress: bool = False, 
 def cached_rows(plan: GroupPlan) -> Optional[RunSet]:
     """The group's runs if every one of them is already cached; None otherwise (nothing is run)."""
     from moesim.costmodel.space import sweep_point
-    from moesim.simulator.sweep import JOURNAL, PARQUET, _read_journal, _read_parquet_rows
+    from moesim.simulator.sweep import read_store
 
-    d = group_dir(plan.trace, plan.profile)
-    done = _read_parquet_rows(d / PARQUET)
-    done.update(_read_journal(d / JOURNAL))
+    done = read_store(group_dir(plan.trace, plan.profile))
     points = [sweep_point(plan.trace, plan.profile, r, UNLIMITED_GPU_MEM) for r in plan.configs.rows()]
     if any(p.key() not in done for p in points):
         return None

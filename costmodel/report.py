@@ -18,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 
+from moesim.errors import MoesimError
 from moesim.atomic import atomic_path, write_text_atomic
 from moesim.costmodel.search import (
     GIB,
@@ -28,7 +29,7 @@ from moesim.costmodel.search import (
     format_result,
     latency_metric,
 )
-from moesim.costmodel.space import format_label
+from moesim.costmodel.space import format_label, quality_caveat, validate_gap
 
 _LAT_LABEL = {"tpot": "time per output token, mean (ms)", "ttft": "time to first token, mean (s)",
               "tokens-per-s": "tokens per second"}
@@ -184,6 +185,9 @@ def result_json(result: SearchResult) -> dict:
         "confirmed": [item(c) for c in result.confirmed],
         "nearest": [item(c, budget=False) for c in result.nearest],
         "notes": list(result.notes), "model_stale": list(result.model_stale),
+        "caveats": [x for x in (result.chosen is not None and quality_caveat(result.chosen.config,
+                                                                               result.quality is not None),
+                                result.chosen is not None and validate_gap(result.chosen.config)) if x],
     }
 
 
@@ -216,7 +220,10 @@ def markdown(result: SearchResult, plots: dict[str, Optional[Path]]) -> str:
         c = result.chosen
         s = c.simulated
         sim, val = commands(result, c)
-        lines += ["## Chosen configuration", "", describe_config(c.config) + ".", "",
+        caveats = [x for x in (quality_caveat(c.config, q), validate_gap(c.config)) if x]
+        lines += ["## Chosen configuration", "", describe_config(c.config) + ".", ""]
+        lines += [f"**Caveat:** {x}." for x in caveats] + ([""] if caveats else [])
+        lines += [
                   "| | TPOT | TTFT | tokens/s | peak GPU memory |" + (" perplexity |" if q else ""),
                   "|---|---:|---:|---:|---:|" + ("---:|" if q else ""),
                   f"| simulated | {s['tpot_mean_s'] * 1e3:.2f} ms | {s['ttft_mean_s']:.3f} s | {s['tokens_per_s']:.2f} | "
@@ -244,7 +251,10 @@ def markdown(result: SearchResult, plots: dict[str, Optional[Path]]) -> str:
 
 def write_report(result: SearchResult, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MoesimError(f"--report {out}: cannot create the folder ({exc.strerror or exc})") from None
     plots = {"pareto": write_pareto_plot(result, out / "pareto.png"),
              "quality": write_quality_plot(result, out / "quality.png")}
     write_text_atomic(out / "confirmed.csv", confirmed_csv(result))

@@ -37,7 +37,9 @@ from moesim.costmodel.space import (
     format_label,
     simulate_command,
     sweep_point,
+    quality_caveat,
     validate_command,
+    validate_gap,
 )
 from moesim.errors import MoesimError
 from moesim.quant import WeightFormat
@@ -561,8 +563,9 @@ def _device_kind(result: SearchResult) -> str:
     return load_profile_cached(result.profile).device.kind
 
 
-CONFIRMED_COLUMNS = ("policy", "cache", "experts", "non-expert", "batch", "peak_gib", "tpot_ms", "ttft_s", "tok/s",
-                     "pred_tpot_ms", "pred_ttft_s")
+# one unit per quantity in every table moesim prints: times in ms, memory in MiB
+CONFIRMED_COLUMNS = ("policy", "cache", "experts", "non-expert", "batch", "peak_gpu_mib", "tpot_ms", "ttft_ms", "tok/s",
+                     "pred_tpot_ms", "pred_ttft_ms")
 
 
 def confirmed_table(items: Sequence[Confirmed], with_quality: bool, mark: Optional[Confirmed] = None) -> str:
@@ -572,10 +575,10 @@ def confirmed_table(items: Sequence[Confirmed], with_quality: bool, mark: Option
         s = c.simulated
         ok = bool(s.get("feasible"))
         cells = [c.config[0], str(c.config[1]), format_label(c.config[2]), format_label(c.config[3]), str(c.config[4]),
-                 f"{(s.get('peak_gpu_mib') or 0) / 1024:.2f}",
-                 f"{s['tpot_mean_s'] * 1e3:.2f}" if ok else "-", f"{s['ttft_mean_s']:.3f}" if ok else "-",
+                 f"{(s.get('peak_gpu_mib') or 0):.0f}",
+                 f"{s['tpot_mean_s'] * 1e3:.2f}" if ok else "-", f"{s['ttft_mean_s'] * 1e3:.1f}" if ok else "-",
                  f"{s['tokens_per_s']:.2f}" if ok else "-",
-                 f"{c.predicted['tpot_s'] * 1e3:.2f}", f"{c.predicted['ttft_s']:.3f}"]
+                 f"{c.predicted['tpot_s'] * 1e3:.2f}", f"{c.predicted['ttft_s'] * 1e3:.1f}"]
         if with_quality:
             cells.append(f"{c.perplexity:.3f}" if math.isfinite(c.perplexity) else "-")
         note = "chosen" if mark is not None and c.index == mark.index else ("; ".join(c.violations))
@@ -623,10 +626,16 @@ def format_result(r: SearchResult) -> str:
                f"hit rate {s['hit_rate']:.3f}" + (f", perplexity {c.perplexity:.3f}" if q else ""))
     out.append(f"  predicted  TPOT {_ms(c.predicted['tpot_s'])}, TTFT {_sec(c.predicted['ttft_s'])}, "
                f"{c.predicted['tokens_per_s']:.2f} tokens/s, peak GPU {c.predicted['peak_gpu_bytes'] / GIB:.2f} GiB")
+    caveat = quality_caveat(c.config, q)
+    if caveat:
+        out.append(f"  CAVEAT     {caveat}")
     sim, val = commands(r, c)
     out.append("reproduce:")
     out.append(f"  {sim}")
     out.append(f"  {val}")
+    gap = validate_gap(c.config)
+    if gap:
+        out.append(f"  (note: {gap})")
     out.append("")
     axis = {"ttft": "TTFT", "tokens-per-s": "tokens/s"}.get(r.objective, "TPOT")
     out.append(f"Pareto front ({axis} x peak GPU memory{' x perplexity' if q else ''}; simulated):")

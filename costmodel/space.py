@@ -148,16 +148,44 @@ VALIDATE_FORMATS = {"16": "bf16", "8": "int8", "4": "int4"}  # the engine's real
 
 def validate_command(trace: str, profile: str, row: tuple, model_config: Optional[str] = None,
                      device: Optional[str] = None, out: str = "out/validate") -> str:
-    """The ``moesim validate`` command for the same policy, cache size and (when the engine has that
-    kernel) expert format: ``--trace --policy --cache-experts [--model-config] [--device] [--profile]``."""
+    """The ``moesim validate`` command for the same policy, cache size and expert bits.
+
+    The engine has real kernels for 16-, 8- and 4-bit experts only; a narrower format is checked at 4 bits,
+    and :func:`validate_gap` says so (the command never silently drops the format).
+    """
     policy, cache, ebits, _, _ = row
     args = ["moesim", "validate", "--trace", trace, "--policy", policy, "--cache-experts", str(int(cache))]
-    fmt = VALIDATE_FORMATS.get(str(WeightFormat.parse(ebits).bits) if ebits is not None else "")
-    if fmt is not None:
-        args += ["--expert-format", fmt]
+    if ebits is not None:
+        bits = WeightFormat.parse(ebits).bits
+        args += ["--expert-bits", str(bits) if str(bits) in VALIDATE_FORMATS else "4"]
     args += _flag("--model-config", model_config) + _flag("--device", device)
     args += ["--profile", profile, "--out", out]
     return " ".join(shlex.quote(a) for a in args)
+
+
+def validate_gap(row: tuple) -> Optional[str]:
+    """Why the validate command cannot run exactly this configuration, or None."""
+    ebits = row[2]
+    if ebits is None:
+        return None
+    bits = WeightFormat.parse(ebits).bits
+    if str(bits) in VALIDATE_FORMATS:
+        return None
+    return (f"the real engine has no {bits}-bit expert kernel (it has {', '.join(VALIDATE_FORMATS)}), so the validate "
+            f"command checks the same configuration with 4-bit experts")
+
+
+def quality_caveat(row: tuple, has_quality_table: bool) -> Optional[str]:
+    """A chosen format below 4 bits costs quality the latency search does not see without a quality table."""
+    ebits = row[2]
+    if ebits is None or has_quality_table:
+        return None
+    bits = WeightFormat.parse(ebits).bits
+    if bits >= 4:
+        return None
+    return (f"{bits}-bit experts usually cost noticeable quality (perplexity), which this search did not measure; "
+            f"run `moesim quality --expert-bits 16,4,{bits}` and search again with --quality-table FILE --max-ppl P, "
+            f"or exclude it with --expert-bits trace,16,8,4")
 
 
 def unique_in_order(items: Iterable) -> list:

@@ -26,11 +26,31 @@ def _policies(policy: str, all_presets: bool) -> tuple[str, ...]:
     return names
 
 
+def engine_format(expert_bits: str | None, expert_format: str | None) -> str:
+    """The engine's expert format from --expert-bits (the grammar of every other command) or --expert-format."""
+    from moesim.costmodel.space import VALIDATE_FORMATS
+    from moesim.quant import WeightFormat
+
+    if expert_bits is None:
+        return expert_format or "bf16"
+    try:
+        bits = str(WeightFormat.parse(expert_bits).bits)
+    except MoesimError as exc:
+        raise MoesimError(f"--expert-bits {exc.message}") from None
+    if bits not in VALIDATE_FORMATS:
+        raise MoesimError(f"--expert-bits {expert_bits}: the engine has real kernels for "
+                          f"{', '.join(VALIDATE_FORMATS)}-bit experts only")
+    fmt = VALIDATE_FORMATS[bits]
+    if expert_format is not None and expert_format != fmt:
+        raise MoesimError(f"--expert-bits {expert_bits} and --expert-format {expert_format} disagree: give one")
+    return fmt
+
+
 @click.command("validate")
 @click.option("--trace", "trace_spec", default=None, help="Trace file or bundled name (default: the bundled Qwen3 trace).")
 @click.option("--policy", default="lru", show_default=True, help="Preset, or several separated by commas.")
 @click.option("--all-presets", is_flag=True, help="Every preset the device supports (the others are listed as not run).")
-@click.option("--cache-experts", type=int, required=True, help="Cache size in experts per MoE layer.")
+@click.option("--cache-experts", required=True, help="Cache size in experts per MoE layer, 0..E.")
 @click.option("--model-config", default=None, help="Model whose shapes to run: bundled name (mixtral-8x7b, ...), "
               "config.json or folder (default: the trace's own model).")
 @click.option("--model", "checkpoint", default=None, help="A Hugging Face checkpoint folder: its real weights.")
@@ -38,8 +58,10 @@ def _policies(policy: str, all_presets: bool) -> tuple[str, ...]:
 @click.option("--device", default="cpu", show_default=True, help="cpu (the host plays the device) or cuda[:N].")
 @click.option("--profile", "profile_spec", default=None, help="Hardware profile calibrated on this machine.")
 @click.option("--calibrate", is_flag=True, help="Calibrate this machine at the engine's exact shape first (quick).")
-@click.option("--expert-format", default="bf16", show_default=True, type=click.Choice(["bf16", "int8", "int4"]),
-              help="Expert weights and kernel (quantized formats use torch's real int8/int4 kernels).")
+@click.option("--expert-bits", default=None, help="Expert weight bits, as in simulate/sweep/search: 16, 8 or 4 "
+              "(the engine's real bf16, int8 and int4 kernels; default 16).")
+@click.option("--expert-format", default=None, type=click.Choice(["bf16", "int8", "int4"]),
+              help="Same as --expert-bits 16|8|4 (older spelling).")
 @click.option("--requests", type=int, default=1, show_default=True, help="Requests of the trace to run.")
 @click.option("--decode-tokens", type=int, default=32, show_default=True, help="Decode tokens per request to run.")
 @click.option("--warmup-steps", type=int, default=3, show_default=True,
@@ -53,36 +75,51 @@ def _policies(policy: str, all_presets: bool) -> tuple[str, ...]:
                    "('profile': as calibrated).")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: the profile's).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", required=True, metavar="FOLDER", type=click.Path(file_okay=False),
               help="Folder for the JSON and Markdown reports (and the fitted trace).")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def validate_command(trace_spec, policy, all_presets, cache_experts, model_config, checkpoint, layers, device,
-                     profile_spec, calibrate, expert_format, requests, decode_tokens, warmup_steps, repeats, statistic,
+                     profile_spec, calibrate, expert_bits, expert_format, requests, decode_tokens, warmup_steps,
+                     repeats, statistic,
                      fit_statistic, threads, seed, out_dir, quiet):
     """Simulate a configuration, run it on the real offloading engine, and report the error of every metric."""
-    from moesim.atomic import prepare_output_path
+    from moesim.atomic import check_output_target, prepare_output_path
     from moesim.engine.report import summary_table, write_report
     from moesim.engine.validate import ValidateOptions, run_validation
     from moesim.failures import reported_failures
+    from moesim.options import check_cache_experts, one_int
+    from moesim.tracer import read_trace_meta
+    from moesim.traces import resolve_trace
 
     out = Path(out_dir)
-    prepare_output_path(out / "validate.json")
+    check_output_target(out / "validate.json")  # before any work, and without creating anything yet
     if profile_spec is None and not calibrate:
         raise MoesimError("no hardware profile: expected --profile P (calibrated on this machine) or --calibrate")
+    expert_format = engine_format(expert_bits, expert_format)
+    cache_experts = one_int(cache_experts, "--cache-experts", minimum=0)
+    check_cache_experts([cache_experts], read_trace_meta(resolve_trace(trace_spec)).num_experts)
+    policies = _policies(policy, all_presets)
+    created = not out.exists()
     t0 = time.perf_counter()
     log = (lambda msg: None) if quiet else (
         lambda msg: click.echo(f"validate [{time.perf_counter() - t0:6.1f}s]: {msg}", err=True))
     opts = ValidateOptions(
-        trace=trace_spec, policies=_policies(policy, all_presets), cache_experts=cache_experts,
+        trace=trace_spec, policies=policies, cache_experts=cache_experts,
         model_config=model_config, model=checkpoint, layers=layers, device=device, profile=profile_spec,
         calibrate=calibrate, expert_format=expert_format, requests=requests, decode_tokens=decode_tokens,
         warmup_steps=warmup_steps, repeats=repeats, statistic=statistic,
         fit_statistic=fit_statistic, seed=seed, threads=threads, out=out, log=log,
     )
     args = sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "validate" else []
-    with reported_failures("validate") as steps:
-        opts = dataclasses.replace(opts, log=steps.wrap(log))
-        report = run_validation(opts, command="moesim validate " + " ".join(shlex.quote(a) for a in args))
+    try:
+        prepare_output_path(out / "validate.json")
+        with reported_failures("validate") as steps:
+            opts = dataclasses.replace(opts, log=steps.wrap(log))
+            report = run_validation(opts, command="moesim validate " + " ".join(shlex.quote(a) for a in args))
+    except MoesimError:  # a library failure (StepFailure) too
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a refused run leaves no empty output folder behind
+        raise
     stem = f"validate-{report.settings['device'].replace(':', '')}-{expert_format}"
     j, m = write_report(report, out, stem)
     click.echo(summary_table(report.presets))

@@ -25,6 +25,26 @@ def prepare_output_path(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_output_target(path: str | os.PathLike) -> Path:
+    """Check ``path`` could be written (its nearest existing folder is writable) without creating anything.
+
+    Commands call this before long work so a read-only or misspelt target fails in a second, not after it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise MoesimError(f"{path}: is a folder, expected a file path")
+    parent = path.parent
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MoesimError(f"{path}: {parent} is a file, expected a folder")
+    if not os.access(parent, os.W_OK):
+        raise MoesimError(f"{path}: folder {parent} is not writable")
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -34,25 +54,63 @@ def _umask() -> int:
 def temp_path_for(path: Path) -> Path:
     """A unique temp file beside ``path`` (same file system, so the final rename is atomic).
 
+    Its name carries the writer's process id, so a later writer can tell a temp file of a killed process
+    (removed by :func:`remove_stale_temps`) from one still being written.
+
     mkstemp creates it 0600; it gets the mode an ordinary new file would have, since it becomes the output.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     return Path(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> int:
+    """Remove the temp files of ``path`` that killed writers left behind (their process is gone)."""
+    path = Path(path)
+    removed = 0
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        pid_text = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _alive(int(pid_text)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed += 1
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path to write to; on success rename it onto ``path``, on failure remove it."""
     final = prepare_output_path(path)
-    tmp = temp_path_for(final)
+    remove_stale_temps(final)
+    try:
+        tmp = temp_path_for(final)
+    except OSError as exc:
+        raise MoesimError(f"{final}: cannot write ({exc.strerror or exc})") from None
     try:
         yield tmp
         os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError):  # a full disk or a lost mount: the user's to fix, said in one line
+            raise MoesimError(f"{final}: cannot write ({exc.strerror or exc}); nothing was written there") from None
         raise
 
 

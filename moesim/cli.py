@@ -74,6 +74,17 @@ class _LazyGroup(click.Group):
         except MoesimError as exc:
             click.echo(f"moesim: error: {exc.message}", err=True)
             ctx.exit(exc.exit_code)
+        except click.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                raise
+            # the same one-line shape as every other user mistake; the help is one command away
+            where = exc.ctx.command_path if exc.ctx is not None else "moesim"
+            click.echo(f"moesim: error: {exc.format_message()} (see {where} --help)", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            # every long command keeps what it finished (and says so where it can resume)
+            click.echo("moesim: interrupted", err=True)
+            ctx.exit(130)
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -12,6 +12,8 @@ class MoesimError(Exception):
     exit_code = 2
 
     def __init__(self, message: str):
+        # A value the user typed may hold a line break; shown escaped, the message stays one line.
+        message = message.replace("\r", "\\r").replace("\n", "\\n")
         super().__init__(message)
         self.message = message
 

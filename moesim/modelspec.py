@@ -245,5 +245,23 @@ def load_model_shape(spec: str | Path) -> ModelShape:
         from moesim.tracer import read_trace_meta
 
         return read_trace_meta(path).model
+    known = _precomputed_shape(str(spec))
+    if known is not None:
+        return known
     config = load_hf_config(spec)
     return shape_from_config(config, model_id=str(spec))
+
+
+def _precomputed_shape(name: str) -> ModelShape | None:
+    """A bundled config's shape without torch (see :mod:`moesim.bundled_shapes`), if its file is unchanged."""
+    import hashlib
+
+    from moesim.bundled_shapes import SHAPES
+
+    entry = SHAPES.get(name)
+    path = bundled_model_configs().get(name)
+    if entry is None or path is None:
+        return None
+    if hashlib.sha256(path.read_bytes()).hexdigest() != entry["config_sha256"]:
+        return None
+    return ModelShape.from_dict(entry["shape"], where=f"bundled shape '{name}'")

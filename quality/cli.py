@@ -128,7 +128,7 @@ def quality_command(model_path, expert_bits, group_size, quantizer, adaptive_gat
 
 
 @click.command(name="demo-model")
-@click.option("--out", required=True, help="Folder to write the model, tokenizer and demo_report.json into.")
+@click.option("--out", required=True, metavar="FOLDER", help="Folder to write the model, tokenizer and demo_report.json into.")
 @click.option("--quick", is_flag=True, help="A tiny model trained for seconds (for tests and smoke runs).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--steps", type=int, default=None, help="Override the number of training steps.")

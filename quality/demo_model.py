@@ -154,14 +154,59 @@ def _torch_threads(n: int):
         torch.set_num_threads(before)
 
 
+CHECKPOINT_EVERY = 25  # training steps between checkpoints: a kill loses at most this many
+
+
+def checkpoint_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.checkpoint.pt"
+
+
+def _checkpoint_key(cfg: DemoConfig, train_sha: str, test_sha: str) -> str:
+    # threads change the speed only where torch's CPU kernels are thread-count independent; they are
+    # part of the key anyway, since the same seed promises the same weights only at the same threads
+    return json.dumps({"config": dataclasses.asdict(cfg), "train": train_sha, "test": test_sha}, sort_keys=True)
+
+
+def _save_checkpoint(path: Path, key: str, step: int, model, optimizer, loss: float, seconds: float) -> None:
+    import torch
+
+    from moesim.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save({"key": key, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "loss": loss, "seconds": seconds}, tmp)
+
+
+def _load_checkpoint(path: Path, key: str, log: Callable[[str], None]):
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint is only a lost head start
+        log(f"checkpoint {path}: unreadable ({str(exc).splitlines()[0][:80]}); training from step 0")
+        return None
+    if state.get("key") != key:
+        log(f"checkpoint {path}: from other settings or data; training from step 0")
+        return None
+    return state
+
+
 def train_demo_model(
     out: str | os.PathLike,
     cfg: DemoConfig = FULL,
     train_text_path: str | os.PathLike | None = None,
     test_text_path: str | os.PathLike | None = None,
     log: Callable[[str], None] = lambda line: None,
+    checkpoint_every: int = CHECKPOINT_EVERY,
 ) -> DemoReport:
-    """Train, score and save the demo model into ``out`` (written beside it, then moved into place)."""
+    """Train, score and save the demo model into ``out`` (written beside it, then moved into place).
+
+    Every ``checkpoint_every`` steps the model, optimizer and step are saved beside ``out``; a rerun with the
+    same settings and data resumes from there and ends with the same weights as an uninterrupted run (the
+    batch stream is replayed from the seed). The checkpoint is removed once ``out`` is written.
+    """
     import torch
 
     from moesim.quality.data import load_eval_text, token_windows
@@ -194,10 +239,21 @@ def train_demo_model(
                                       betas=(0.9, 0.95))
         rng = np.random.default_rng(cfg.seed)
         batches = _batches(train_ids, cfg, rng)
-        model.train()
-        t_train = time.perf_counter()
+        ckpt = checkpoint_path(out)
+        key = _checkpoint_key(cfg, train_text.sha256, test_text.sha256)
+        state = _load_checkpoint(ckpt, key, log)
+        first, done_seconds = 0, 0.0
         loss_value = float("nan")
-        for step in range(cfg.steps):
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            first, loss_value, done_seconds = int(state["step"]), float(state["loss"]), float(state["seconds"])
+            for _ in range(first):
+                next(batches)  # the same batch stream as an uninterrupted run
+            log(f"resumed from {ckpt} at step {first}/{cfg.steps}")
+        model.train()
+        t_train = time.perf_counter() - done_seconds
+        for step in range(first, cfg.steps):
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(cfg, step)
             batch = torch.from_numpy(next(batches)).long()
@@ -211,6 +267,8 @@ def train_demo_model(
                 elapsed = time.perf_counter() - t_train
                 log(f"step {step + 1}/{cfg.steps}: loss {loss_value:.3f} (aux {float(output.aux_loss.detach()):.3f}), "
                     f"{(step + 1) / elapsed:.2f} steps/s")
+            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
+                _save_checkpoint(ckpt, key, step + 1, model, optimizer, loss_value, time.perf_counter() - t_train)
         train_seconds = time.perf_counter() - t_train
         model.eval()
 
@@ -234,6 +292,7 @@ def train_demo_model(
         uniform_reuse_rate=stats[0].uniform_reuse_rate,
     )
     _save_folder(out, model, tokenizer, report)
+    checkpoint_path(out).unlink(missing_ok=True)
     return report
 
 

@@ -11,8 +11,9 @@ from typing import Optional
 import click
 
 from moesim.errors import MoesimError
+from moesim.options import (batch_list, byte_size, byte_sizes, cache_experts_list, check_batches,
+                            check_cache_experts, jobs_option, one_int, split_list, trace_requests)
 from moesim.quant import WeightFormat
-from moesim.units import parse_bytes
 
 DEFAULT_PROFILE = "rtx-3060"  # 12 GiB: the smallest GPU of the Mixtral-Offloading paper
 
@@ -146,7 +147,7 @@ def _notes(result, policy) -> list[str]:
 @click.option("--profile", "profile_spec", default=DEFAULT_PROFILE, show_default=True,
               help="Hardware profile: bundled name or PROFILE.json.")
 @click.option("--policy", default="lru", show_default=True, help="Preset: lru, mixtral-offloading, fiddler, ...")
-@click.option("--cache-experts", type=int, default=None, help="Cache size in experts per MoE layer (a global "
+@click.option("--cache-experts", default=None, help="Cache size in experts per MoE layer, 0..E (a global "
               "cache gets as many per layer on average).")
 @click.option("--cache-mem", default=None, help="Cache size in bytes, e.g. 4000MiB (instead of --cache-experts).")
 @click.option("--gpu-mem", default=None, help="GPU memory budget, e.g. 16GiB (default: the profile's device). "
@@ -154,7 +155,8 @@ def _notes(result, policy) -> list[str]:
 @click.option("--expert-bits", default=None, help="Expert weight format: 16, 8, 4, 3, 2 or e.g. int2-g16-m8 "
               "(default: the trace's own).")
 @click.option("--non-expert-bits", default=None, help="Non-expert weight format (default: the trace's own).")
-@click.option("--batch", type=int, default=1, show_default=True, help="Requests decoded together.")
+@click.option("--batch", default="1", show_default=True, help="Requests decoded together (at most the trace's "
+              "requests).")
 @click.option("--eviction", default=None, help="Replace the preset's cache rule: lru, lfu, fifo, static, belady, mrs.")
 @click.option("--scope", default=None, type=click.Choice(["layer", "global"]), help="Cache per layer or global.")
 @click.option("--prefetch", default=None, help="Replace the prefetcher: none, next-layer, first-non-resident, eam, "
@@ -173,23 +175,33 @@ def simulate_command(trace_spec, profile_spec, policy, cache_experts, cache_mem,
                      non_expert_bits, batch, eviction, scope, prefetch, placement, placement_rule, transfer, gating,
                      predictor_train, timeline_path, json_path):
     """Replay a routing trace under one offloading policy on a modelled machine."""
-    from moesim.atomic import write_text_atomic
+    from moesim.atomic import prepare_output_path, write_text_atomic
     from moesim.simulator.config import SimConfig
     from moesim.simulator.run import simulate
     from moesim.simulator.timeline import Timeline
     from moesim.simulator.sweep import trace_label
     from moesim.traces import resolve_trace
 
+    from moesim.tracer import read_trace_meta
+
     trace_path = resolve_trace(trace_spec)
     spec = build_policy(policy, eviction, scope, prefetch, placement, placement_rule, transfer, gating,
                         tuple(predictor_train))
+    cache_experts = one_int(cache_experts, "--cache-experts", minimum=0)
+    if cache_experts is not None:
+        check_cache_experts([cache_experts], read_trace_meta(trace_path).num_experts)
+    batch = one_int(batch, "--batch", minimum=1)
+    check_batches([batch], trace_requests(trace_path))
     config = SimConfig(
         policy=spec, cache_experts=cache_experts,
-        cache_bytes=parse_bytes(cache_mem, "--cache-mem") if cache_mem is not None else None,
-        gpu_mem_bytes=parse_bytes(gpu_mem, "--gpu-mem") if gpu_mem is not None else None,
+        cache_bytes=byte_size(cache_mem, "--cache-mem"), gpu_mem_bytes=byte_size(gpu_mem, "--gpu-mem"),
         expert_format=_formats(expert_bits, "--expert-bits"),
         non_expert_format=_formats(non_expert_bits, "--non-expert-bits"), batch=batch,
     )
+    if timeline_path:
+        prepare_output_path(timeline_path)
+    if json_path:
+        prepare_output_path(json_path)
     timeline = Timeline(f"moesim {policy}") if timeline_path else None
     result = simulate(trace_path, profile_spec, config, timeline=timeline,
                       trace_name=trace_label(trace_spec) if trace_spec else trace_path.stem, profile_name=profile_spec)
@@ -207,6 +219,15 @@ def simulate_command(trace_spec, profile_spec, policy, cache_experts, cache_mem,
         click.echo(f"result: {json_path}")
 
 
+def _command_line(name: str) -> str:
+    """The command as typed, when it was typed (tests call the command directly)."""
+    import shlex
+    import sys
+
+    args = sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == name else []
+    return " ".join(["moesim", name] + [shlex.quote(a) for a in args])
+
+
 def _json_safe(obj):
     if isinstance(obj, float) and math.isnan(obj):
         return None
@@ -215,22 +236,6 @@ def _json_safe(obj):
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
     return obj
-
-
-def _split(text: Optional[str]) -> list[str]:
-    if text is None:
-        return []
-    return [t.strip() for t in str(text).split(",") if t.strip()]
-
-
-def _ints(text: Optional[str], flag: str) -> list[int]:
-    out = []
-    for t in _split(text):
-        try:
-            out.append(int(t))
-        except ValueError:
-            raise MoesimError(f"{flag} '{t}': expected a comma-separated list of integers") from None
-    return out
 
 
 def default_cache_sizes(trace_path: Path) -> list[int]:
@@ -259,60 +264,91 @@ def default_cache_sizes(trace_path: Path) -> list[int]:
 @click.option("--expert-bits", default=None, help="Comma-separated expert formats, e.g. 16,4,2 (default: the trace's).")
 @click.option("--non-expert-bits", default=None, help="Non-expert weight format for every point.")
 @click.option("--batch", "batches", default="1", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--out", "out_dir", default="out/sweep", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", default="out/sweep", show_default=True, metavar="FOLDER",
+              type=click.Path(file_okay=False),
               help="Folder for sweep.parquet, sweep.csv and sweep.png (a rerun resumes).")
-@click.option("--jobs", type=int, default=0, help="Worker processes (default: one per core).")
+@jobs_option()
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--no-plot", is_flag=True, help="Do not draw the latency-vs-memory plot.")
 @click.option("--screen", is_flag=True, help="Skip the configurations the cost model predicts are dominated "
               "(another one of the same trace, profile, formats and batch >5% faster in TPOT with no more GPU memory).")
+@click.option("--list", "list_grids_", is_flag=True, help="List the grids swept into --out (nothing is run).")
+@click.option("--all", "show_all", is_flag=True, help="Print the table of every grid swept into --out (nothing is run).")
 def sweep_command(policies, traces, profiles, cache_experts, gpu_mem, expert_bits, non_expert_bits, batches, out_dir,
-                  jobs, no_progress, no_plot, screen):
-    """Simulate a grid of policies x traces x profiles x cache sizes x formats x batch sizes in parallel."""
+                  jobs, no_progress, no_plot, screen, list_grids_, show_all):
+    """Simulate a grid of policies x traces x profiles x cache sizes x formats x batch sizes in parallel.
+
+    --out is a results store: a rerun reuses the configurations whose trace, profile and simulator are
+    unchanged (by content), and every grid swept into it stays readable with --list and --all.
+    """
     from moesim.calib.profile import load_profile
     from moesim.simulator.presets import DEFAULT_SWEEP_POLICIES, PRESETS
-    from moesim.simulator.sweep import PLOT, build_grid, finish, format_table, run_sweep, write_plot, write_tables
+    from moesim.simulator.sweep import (PLOT, build_grid, check_writable, finish_grid, format_grid_list,
+                                        format_table, grid_rows, list_grids, run_sweep, start_grid, write_plot,
+                                        write_tables)
     from moesim.traces import resolve_trace
 
-    policy_list = _split(policies) or list(DEFAULT_SWEEP_POLICIES)
+    if list_grids_ or show_all:
+        records = list_grids(Path(out_dir))
+        if list_grids_ or not records:
+            click.echo(format_grid_list(records, Path(out_dir)))
+        if show_all:
+            for r in records:
+                click.echo(f"\ngrid {r.grid} ({r.created}, {r.points} points"
+                           f"{'' if r.finished else ', interrupted'}): {r.command}")
+                rows = grid_rows(r, Path(out_dir))
+                click.echo(format_table(rows) if rows else "(no finished table; rerun its command to complete it)")
+        return
+
+    from moesim.tracer import read_trace_meta
+
+    policy_list = split_list(policies, "--policy") or list(DEFAULT_SWEEP_POLICIES)
     for p in policy_list:
         PRESETS.get(p, "--policy")
-    trace_list = _split(traces) or [None]
+    trace_list = split_list(traces, "--trace") or [None]
     trace_paths = [resolve_trace(t) for t in trace_list]
     trace_specs = [t if t is not None else p.stem for t, p in zip(trace_list, trace_paths)]
-    profile_list = _split(profiles) or [DEFAULT_PROFILE]
+    profile_list = split_list(profiles, "--profile") or [DEFAULT_PROFILE]
     for p in profile_list:
         load_profile(p)
     if cache_experts is not None and gpu_mem is not None:
         raise MoesimError("--cache-experts and --gpu-mem both given: expected one way to size the cache")
-    mems = [parse_bytes(m, "--gpu-mem") for m in _split(gpu_mem)]
-    sizes = _ints(cache_experts, "--cache-experts")
+    mems = byte_sizes(gpu_mem, "--gpu-mem")
+    sizes = cache_experts_list(cache_experts)
+    for path in trace_paths:
+        check_cache_experts(sizes, read_trace_meta(path).num_experts)
     if not mems and not sizes:
         sizes = default_cache_sizes(trace_paths[0])
-    bits = _split(expert_bits) or [None]
+    bits = split_list(expert_bits, "--expert-bits") or [None]
     for b in bits:
         if b is not None:
             _formats(b, "--expert-bits")
     if non_expert_bits is not None:
         _formats(non_expert_bits, "--non-expert-bits")
-    batch_list = _ints(batches, "--batch") or [1]
-    for b in batch_list:
-        if b < 1:
-            raise MoesimError(f"--batch {b}: expected positive integers")
-    points = build_grid(trace_specs, profile_list, policy_list, sizes, mems, bits, non_expert_bits, batch_list)
+    batch_sizes = batch_list(batches) or [1]
+    for path in trace_paths:
+        check_batches(batch_sizes, trace_requests(path))
+    points = build_grid(trace_specs, profile_list, policy_list, sizes, mems, bits, non_expert_bits, batch_sizes)
     if screen:
         from moesim.costmodel.screen import screen_points
 
         screened = screen_points(points)
         click.echo(screened.summary(), err=True)
         points = screened.kept
-    out = Path(out_dir)
-    click.echo(f"sweep: {len(points)} configurations -> {out}", err=True)
-    rows = run_sweep(points, out, jobs=jobs, progress=not no_progress)
+    out = check_writable(Path(out_dir))
+    record = start_grid(points, out, _command_line("sweep"))
+    click.echo(f"sweep: {len(points)} configurations -> {out} (grid {record.grid})", err=True)
+    try:
+        rows = run_sweep(points, out, jobs=jobs, progress=not no_progress,
+                         log=lambda msg: click.echo(f"sweep: {msg}", err=True))
+    except KeyboardInterrupt:
+        click.echo(f"moesim: sweep interrupted; the finished configurations are kept in {out}; run the same command "
+                   f"again to resume", err=True)
+        raise SystemExit(130) from None
     parquet, csv_path = write_tables(rows, out)
-    finish(out)
+    finish_grid(record, rows, out)
     click.echo(format_table(rows))
-    click.echo(f"results: {parquet}, {csv_path}")
+    click.echo(f"results: {parquet}, {csv_path} (this grid; earlier grids: moesim sweep --list --out {out})")
     if not no_plot:
         title = ", ".join(sorted({r['trace'] for r in rows})) + " on " + ", ".join(sorted({r['profile'] for r in rows}))
         plot = write_plot(rows, out / PLOT, title=title)

@@ -201,13 +201,14 @@ def _geometry(prep: Prepared) -> CacheGeometry:
 
 def _predictions(prep: Prepared, train: tuple[str, ...]) -> dict:
     from moesim.simulator.predictor import fit_predictor, predict_rows
-    from moesim.traces import bundled_traces
+    from moesim.traces import bundled_traces, verified_bundled_trace
 
     own = prep.trace.path.resolve() if prep.trace.path is not None else None
     if train:
         paths = [Path(p) for p in train]
-    else:
-        paths = [p for p in bundled_traces().values() if own is None or p.resolve() != own]
+    else:  # the fixed, checksummed bundled set; a user's file in traces/ never joins it
+        paths = [verified_bundled_trace(name) for name, p in bundled_traces().items()
+                 if own is None or p.resolve() != own]
     weights = fit_predictor(paths)
     key = (_trace_key(prep.trace), weights, prep.workload.top_k)
     return _PREDICTIONS.get_or(key, lambda: (prep.trace, predict_rows(prep.trace, weights,

@@ -1,30 +1,43 @@
 """Grid sweeps: every combination of policies, traces, profiles, cache sizes, expert formats and batch
 sizes, run in parallel over cores, resumable, written as Parquet and CSV with a latency-vs-memory plot.
 
-Resuming: each finished configuration is appended to ``<out>/sweep.journal.jsonl`` as it arrives; a
-rerun with the same output folder skips every configuration already in the journal (or in an existing
-``sweep.parquet``) and runs only the rest. The final tables are sorted in grid order, so they are
-byte-identical however the work was split or interrupted.
+The output folder is a results store that only grows:
+
+- ``store/rows-<writer>.jsonl``: every finished configuration, appended as it arrives, one journal per
+  writer process (so concurrent sweeps into one folder never write the same file). A configuration's key
+  holds the SHA-256 of the trace and profile *contents* and the simulator's version, so a rerun reuses a
+  row only when nothing it depends on changed; a recalibrated profile or a replaced trace is recomputed.
+- ``runs/<grid>/``: each grid's own ``grid.json`` (its command and size) and tables, kept when a later run
+  sweeps another grid into the same folder (``moesim sweep --list`` / ``--all``).
+- ``sweep.{parquet,csv,png}``: the latest run's grid.
+
+Tables are sorted in grid order, so they are byte-identical however the work was split or interrupted.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 import multiprocessing as mp
 import os
+import secrets
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 from moesim.atomic import atomic_path, write_text_atomic
+from moesim.content import profile_sha256, simulator_version, trace_sha256
 from moesim.errors import MoesimError
 from moesim.quant import WeightFormat
 from moesim.simulator.results import ROW_COLUMNS
 
-JOURNAL = "sweep.journal.jsonl"
+STORE = "store"
+RUNS = "runs"
+GRID = "grid.json"
 PARQUET = "sweep.parquet"
 CSV = "sweep.csv"
 PLOT = "sweep.png"
@@ -44,7 +57,19 @@ class SweepPoint:
     batch: int
 
     def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        """The point's settings plus the content hashes of what its result depends on."""
+        d = asdict(self)
+        d["trace_sha256"] = _content(trace_sha256, self.trace)
+        d["profile_sha256"] = _content(profile_sha256, self.profile)
+        d["simulator"] = simulator_version()
+        return json.dumps(d, sort_keys=True, default=str)
+
+
+def _content(digest: Callable[[str], str], spec: str) -> str:
+    try:
+        return digest(spec)
+    except MoesimError:
+        return "unreadable"  # the point itself reports why; a later readable file gets its own key
 
 
 def build_grid(traces: Sequence[str], profiles: Sequence[str], policies: Sequence[str],
@@ -133,9 +158,11 @@ def _warm(points: Sequence[SweepPoint]) -> None:
 
 def _read_journal(path: Path) -> dict[str, dict]:
     done: dict[str, dict] = {}
-    if not path.exists():
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
         return done
-    with open(path, encoding="utf-8") as f:
+    with f:
         for line in f:
             line = line.strip()
             if not line:
@@ -144,33 +171,70 @@ def _read_journal(path: Path) -> dict[str, dict]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by an interruption
-            if "point_key" in row:
+            if isinstance(row, dict) and "point_key" in row:
                 done[row["point_key"]] = row
     return done
 
 
-def _read_parquet_rows(path: Path) -> dict[str, dict]:
-    if not path.exists():
-        return {}
-    import pyarrow.parquet as pq
+def read_store(out_dir: Path) -> dict[str, dict]:
+    """Every row any writer has finished in ``out_dir``, by point key (journals read in name order)."""
+    done: dict[str, dict] = {}
+    for journal in sorted((Path(out_dir) / STORE).glob("rows-*.jsonl")):
+        done.update(_read_journal(journal))
+    return done
 
+
+def check_writable(out_dir: Path) -> Path:
+    """Create ``out_dir`` and prove a file can be written there, before any long work (one-line error)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MoesimError(f"--out {out_dir}: is a file, expected a folder")
     try:
-        table = pq.read_table(path)
-    except Exception:
-        return {}
-    if "point_key" not in table.column_names:
-        return {}
-    return {r["point_key"]: r for r in table.to_pylist()}
+        (out_dir / STORE).mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=out_dir / STORE)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise MoesimError(f"--out {out_dir}: cannot write there ({exc.strerror or exc})") from None
+    return out_dir
+
+
+class _Journal:
+    """This process's own append-only journal in the store (created on the first row)."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / STORE / f"rows-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
+        self.file = None
+
+    def append(self, row: dict) -> None:
+        try:
+            if self.file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.file = open(self.path, "a", encoding="utf-8")
+            self.file.write(json.dumps(row, sort_keys=True) + "\n")
+            self.file.flush()
+        except OSError as exc:
+            raise MoesimError(f"{self.path}: cannot record a finished configuration ({exc.strerror or exc})") from None
+
+    def close(self) -> None:
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass  # every row was flushed as it came; nothing is lost here
 
 
 def run_sweep(points: Sequence[SweepPoint], out_dir: Path, jobs: int = 0, progress: bool = True,
-              on_row: Optional[Callable[[dict], None]] = None) -> list[dict]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    journal = out_dir / JOURNAL
-    done = _read_parquet_rows(out_dir / PARQUET)
-    done.update(_read_journal(journal))
-    todo = [p for p in points if p.key() not in done]
+              on_row: Optional[Callable[[dict], None]] = None,
+              log: Optional[Callable[[str], None]] = None) -> list[dict]:
+    """Rows for ``points`` in grid order: stored ones whose inputs are unchanged are reused, the rest run."""
+    out_dir = check_writable(out_dir)
+    done = read_store(out_dir)
+    keys = [p.key() for p in points]
+    todo = [p for p, k in zip(points, keys) if k not in done]
+    if log is not None:
+        log(f"{len(points) - len(todo)} of {len(points)} configurations reused from earlier runs with the same "
+            f"trace, profile and simulator; {len(todo)} to simulate")
     jobs = jobs or (os.cpu_count() or 1)
     jobs = max(1, min(jobs, len(todo))) if todo else 1
     if todo:
@@ -179,31 +243,81 @@ def run_sweep(points: Sequence[SweepPoint], out_dir: Path, jobs: int = 0, progre
         if jobs > 1:
             # workers are forked before any progress-bar thread exists, and inherit the warmed memos
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            pool = mp.get_context(method).Pool(jobs)
+            pool = mp.get_context(method).Pool(jobs, initializer=_quiet_worker)
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=len(points), initial=len(points) - len(todo), desc="sweep", unit="cfg",
                        dynamic_ncols=True)
+        journal = _Journal(out_dir)
+        term = _TermAsInterrupt().__enter__()
         try:
-            with open(journal, "a", encoding="utf-8") as jf:
-                rows = map(run_point, todo) if pool is None else pool.imap_unordered(run_point, todo, chunksize=1)
-                for row in rows:
-                    done[row["point_key"]] = row
-                    jf.write(json.dumps(row, sort_keys=True) + "\n")
-                    jf.flush()
-                    if bar is not None:
-                        bar.update(1)
-                    if on_row is not None:
-                        on_row(row)
+            rows = map(run_point, todo) if pool is None else pool.imap_unordered(run_point, todo, chunksize=1)
+            for row in rows:
+                done[row["point_key"]] = row
+                journal.append(row)
+                if bar is not None:
+                    bar.update(1)
+                if on_row is not None:
+                    on_row(row)
         finally:
+            journal.close()
             if bar is not None:
                 bar.close()
             if pool is not None:
                 pool.terminate()
                 pool.join()
-    return [done[p.key()] for p in points if p.key() in done]
+            term.__exit__(None, None, None)
+    return [done[k] for k in keys if k in done]
+
+
+def _quiet_worker() -> None:
+    """Workers leave Ctrl-C to the parent, which terminates them, and die with it if it is killed (instead of
+    printing a BrokenPipe traceback when they find it gone)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class _TermAsInterrupt:
+    """While the pool runs, SIGTERM stops the sweep like Ctrl-C: the pool is terminated and finished rows kept."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+        return False
 
 
 COLUMNS = ROW_COLUMNS + ("point_key",)
@@ -248,9 +362,86 @@ def _csv_value(v) -> str:
     return str(v)
 
 
-def finish(out_dir: Path) -> None:
-    """Remove the journal once the tables hold every row."""
-    (Path(out_dir) / JOURNAL).unlink(missing_ok=True)
+def grid_id(points: Sequence[SweepPoint]) -> str:
+    """A grid's name: the hash of its points' keys in order (the same grid on the same inputs, the same id)."""
+    h = hashlib.sha256()
+    for p in points:
+        h.update(p.key().encode())
+        h.update(b"\n")
+    return h.hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class GridRecord:
+    """One grid swept into a folder: what ran, when, and where its tables are."""
+
+    grid: str
+    created: str  # UTC, ISO 8601
+    points: int
+    command: str
+    finished: bool
+
+    @property
+    def folder(self) -> str:
+        return f"{RUNS}/{self.grid}"
+
+
+def start_grid(points: Sequence[SweepPoint], out_dir: Path, command: str) -> GridRecord:
+    """Record a grid before it runs (so an interrupted one is still listed)."""
+    import datetime
+
+    gid = grid_id(points)
+    path = Path(out_dir) / RUNS / gid / GRID
+    old = _read_grid(path)
+    record = GridRecord(gid, old.created if old else
+                        datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                        len(points), command, bool(old and old.finished))
+    write_text_atomic(path, json.dumps(asdict(record), indent=1, sort_keys=True) + "\n")
+    return record
+
+
+def finish_grid(record: GridRecord, rows: list[dict], out_dir: Path) -> GridRecord:
+    """Write the grid's own tables under ``runs/<grid>/`` and mark it finished."""
+    folder = Path(out_dir) / record.folder
+    write_tables(rows, folder)
+    done = GridRecord(**{**asdict(record), "finished": True})
+    write_text_atomic(folder / GRID, json.dumps(asdict(done), indent=1, sort_keys=True) + "\n")
+    return done
+
+
+def _read_grid(path: Path) -> Optional[GridRecord]:
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+        return GridRecord(**{f: d[f] for f in ("grid", "created", "points", "command", "finished")})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def list_grids(out_dir: Path) -> list[GridRecord]:
+    """Every grid recorded in ``out_dir``, oldest first."""
+    records = [r for r in (_read_grid(p) for p in (Path(out_dir) / RUNS).glob(f"*/{GRID}")) if r is not None]
+    return sorted(records, key=lambda r: (r.created, r.grid))
+
+
+def grid_rows(record: GridRecord, out_dir: Path) -> list[dict]:
+    """A grid's rows, from its own tables (none until it finishes)."""
+    import pyarrow.parquet as pq
+
+    path = Path(out_dir) / record.folder / PARQUET
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception:
+        return []
+
+
+def format_grid_list(records: list[GridRecord], out_dir: Path) -> str:
+    if not records:
+        return f"no sweeps recorded in {out_dir}"
+    lines = [f"{'grid':<12}  {'created':<27}  {'points':>6}  {'state':<11}  command"]
+    for r in records:
+        lines.append(f"{r.grid:<12}  {r.created:<27}  {r.points:>6}  {'finished' if r.finished else 'interrupted':<11}"
+                     f"  {r.command}")
+    return "\n".join(lines)
 
 
 # ---- the readable table and the plot --------------------------------------------------------------
@@ -260,12 +451,12 @@ TABLE_COLUMNS = (  # title, row column, format, alignment
     ("bits", "expert_format", "{}", "l"),
     ("batch", "batch", "{}", "r"),
     ("peak_gpu_mib", "peak_gpu_mib", "{:.0f}", "r"),
-    ("ttft_s", "ttft_mean_s", "{:.3f}", "r"),
+    ("ttft_ms", "ttft_mean_s", "ms", "r"),  # one unit per quantity: times in ms, memory in MiB
     ("tpot_ms", "tpot_mean_s", "ms", "r"),
     ("tok/s", "tokens_per_s", "{:.1f}", "r"),
     ("hit_rate", "hit_rate", "{:.3f}", "r"),
     ("h2d_mib", "h2d_mib", "{:.0f}", "r"),
-    ("stall_s", "stall_s", "{:.3f}", "r"),
+    ("stall_ms", "stall_s", "ms", "r"),
 )
 ALWAYS_SHOWN = ("policy", "cache_experts", "expert_format", "batch", "peak_gpu_mib")
 
@@ -320,32 +511,84 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
+ORACLE_NOTE = "oracle (knows the future; not realisable)"
+MARKERS = "os^Dv<>pP*hX"
+
+
+def is_oracle(row: dict) -> bool:
+    """A configuration that reads the future (Belady eviction, oracle prefetch): a bound, not a policy."""
+    return row.get("cache_policy") == "belady" or row.get("prefetch") == "oracle"
+
+
+@dataclass(frozen=True)
+class PlotSeries:
+    """One set of plotted points: a policy at one expert format and batch size."""
+
+    policy: str
+    expert_format: str
+    batch: int
+    oracle: bool
+    points: tuple[tuple[float, float], ...]  # (peak GPU GiB, TPOT ms)
+
+
+def plot_series(rows: list[dict]) -> list[PlotSeries]:
+    ok = [r for r in rows if r.get("feasible") and r.get("tpot_mean_s") is not None
+          and not math.isnan(r["tpot_mean_s"])]
+    groups: dict[tuple, list] = {}
+    for r in ok:
+        key = (r["policy"], str(r.get("expert_format")), int(r.get("batch") or 1), is_oracle(r))
+        groups.setdefault(key, []).append((r["peak_gpu_mib"] / 1024, r["tpot_mean_s"] * 1e3))
+    return [PlotSeries(p, f, b, o, tuple(pts)) for (p, f, b, o), pts in sorted(groups.items())]
+
+
+def realisable_front(series: list[PlotSeries]) -> list[tuple[float, float]]:
+    """The Pareto front of the policies one could run: oracles are drawn but never on it."""
+    return pareto_front([pt for s in series if not s.oracle for pt in s.points])
+
+
 def write_plot(rows: list[dict], path: Path, title: str = "") -> Optional[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    ok = [r for r in rows if r.get("feasible") and r.get("tpot_mean_s") is not None
-          and not math.isnan(r["tpot_mean_s"])]
-    if not ok:
+    series = plot_series(rows)
+    if not series:
         return None
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    policies = sorted({r["policy"] for r in ok})
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    policies = sorted({s.policy for s in series})
+    formats = sorted({s.expert_format for s in series})
+    batches = sorted({s.batch for s in series})
     cmap = plt.get_cmap("tab20")
-    for i, pol in enumerate(policies):
-        pts = [(r["peak_gpu_mib"] / 1024, r["tpot_mean_s"] * 1e3) for r in ok if r["policy"] == pol]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=pol, color=cmap(i % 20), s=28, zorder=3)
-    front = pareto_front([(r["peak_gpu_mib"] / 1024, r["tpot_mean_s"] * 1e3) for r in ok])
-    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", linewidth=1.2,
-            label="Pareto front", zorder=2)
+    color = {p: cmap(i % 20) for i, p in enumerate(policies)}
+    marker = {f: MARKERS[i % len(MARKERS)] for i, f in enumerate(formats)}
+    size = {b: 22 + 40 * i for i, b in enumerate(batches)}  # a larger batch, a larger marker
+    for s in series:
+        ax.scatter([p[0] for p in s.points], [p[1] for p in s.points], marker=marker[s.expert_format],
+                   s=size[s.batch], zorder=3, linewidths=1.2,
+                   facecolors="none" if s.oracle else color[s.policy], edgecolors=color[s.policy])
+    front = realisable_front(series)
+    if front:
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", linewidth=1.2, zorder=2)
+    handles = [Line2D([], [], linestyle="", marker="o", color=color[p], label=p + (" (oracle)" if any(
+        s.oracle for s in series if s.policy == p) else "")) for p in policies]
+    if len(formats) > 1:
+        handles += [Line2D([], [], linestyle="", marker=marker[f], color="grey", label=f"experts {f}") for f in formats]
+    if len(batches) > 1:
+        handles += [Line2D([], [], linestyle="", marker="o", color="grey", markersize=(size[b] ** 0.5),
+                           label=f"batch {b}") for b in batches]
+    handles.append(Line2D([], [], color="black", label="Pareto front (realisable policies)"))
+    if any(s.oracle for s in series):
+        handles.append(Line2D([], [], linestyle="", marker="o", markerfacecolor="none", color="grey",
+                              label=f"hollow: {ORACLE_NOTE}"))
     ax.set_xlabel("peak GPU memory (GiB)")
     ax.set_ylabel("time per output token, mean (ms)")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": None})

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from moesim.cli import cli
-from moesim.simulator.sweep import JOURNAL, PARQUET, SweepPoint, build_grid, run_sweep, write_tables
+from moesim.simulator.sweep import PARQUET, STORE, SweepPoint, build_grid, run_sweep, write_tables
 
 TRACE = "gpt-oss-120b-bigmoeonedge"
 
@@ -100,7 +100,7 @@ def test_sweep_is_deterministic_across_worker_counts(tmp_path):
     assert csv_lines[0].startswith("trace,profile,policy,")
     assert "ttft_mean_s" in csv_lines[0] and "peak_gpu_mib" in csv_lines[0]
     assert (tmp_path / "a" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not (tmp_path / "a" / JOURNAL).exists()
+    assert len(list((tmp_path / "a" / STORE).glob("rows-*.jsonl"))) == 1
     assert "tpot_ms" in a.output and "belady" in a.output
 
 
@@ -111,9 +111,10 @@ def test_interrupted_sweep_continues_where_it_stopped(tmp_path):
     write_tables(rows, full)
     # an interruption after two configurations leaves a journal of two rows and no tables
     part = tmp_path / "part"
-    part.mkdir()
-    lines = (full / JOURNAL).read_text().splitlines()
-    (part / JOURNAL).write_text("\n".join(lines[:2]) + "\n" + lines[2][: len(lines[2]) // 2])
+    (part / STORE).mkdir(parents=True)
+    [journal] = (full / STORE).glob("rows-*.jsonl")
+    lines = journal.read_text().splitlines()
+    (part / STORE / journal.name).write_text("\n".join(lines[:2]) + "\n" + lines[2][: len(lines[2]) // 2])
     ran: list[SweepPoint] = []
     rows2 = run_sweep(points, part, jobs=1, progress=False, on_row=lambda r: ran.append(r["point_key"]))
     assert len(ran) == len(points) - 2

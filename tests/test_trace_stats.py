@@ -221,8 +221,8 @@ def test_readme_command_reads_well():
 
 
 def test_json_is_deterministic_and_complete(tmp_path):
-    a = run_cli("gpt-oss-120b-bigmoeonedge", "--json")
-    b = run_cli("gpt-oss-120b-bigmoeonedge", "--json")
+    a = run_cli("gpt-oss-120b-bigmoeonedge", "--json", "-")
+    b = run_cli("gpt-oss-120b-bigmoeonedge", "--json", "-")
     assert a.exit_code == 0 and a.output == b.output
     d = json.loads(a.output)
     assert list(d)[:3] == ["trace", "source", "model"]

@@ -476,6 +476,24 @@ class TraceSummary:
     generated_tokens: int
     seconds: float
     complete: bool
+    resumed: int = 0  # finished requests taken over from an interrupted earlier run
+
+
+def resumable_trace(out_path: Path, meta: TraceMeta):
+    """The interrupted trace at ``out_path`` when it was recorded from the same prompts file, model and
+    settings (so its finished requests are the ones this run would record); None otherwise."""
+    from moesim.tracer.format import read_trace
+
+    if not Path(out_path).is_file():
+        return None
+    try:
+        old = read_trace(out_path)
+    except MoesimError:
+        return None  # not a trace we can continue: it is replaced
+    same = (not old.complete and old.meta.source.kind == "prompts" and old.meta.source.sha256 == meta.source.sha256
+            and old.meta.source.details == meta.source.details and old.meta.model == meta.model
+            and old.meta.dtype == meta.dtype and tuple(old.meta.expert_bytes) == tuple(meta.expert_bytes))
+    return old if same else None
 
 
 def trace_meta(loaded: LoadedModel, prompts: PromptSet, settings: GenerationSettings, chat: bool) -> TraceMeta:
@@ -536,7 +554,8 @@ def trace_prompts(
 ) -> TraceSummary:
     """Generate for every prompt and write one row group per finished request.
 
-    An interruption (Ctrl-C) leaves a valid trace of the finished requests, marked interrupted.
+    Every finished request is saved at once, so any interruption (Ctrl-C, SIGKILL) leaves a valid trace of
+    the finished requests, marked interrupted; rerunning the same command resumes from it.
     """
     from tqdm import tqdm
 
@@ -556,12 +575,18 @@ def trace_prompts(
     recorder = RoutingRecorder(loaded.taps, next_layer_guess=settings.next_layer_guess)
     prefill = decode = generated = 0
     start = time.perf_counter()
-    writer = TraceWriter(out_path, meta)
+    previous = resumable_trace(Path(out_path), meta)
+    done = set(np.unique(previous.cells.request).tolist()) if previous is not None else set()
+    if previous is not None:
+        meta = previous.meta  # the same run continued: keep its creation time
+    writer = TraceWriter(out_path, meta, resume_from=previous)
     complete = True
     try:
-        with writer, recorder, tqdm(total=len(prompts), desc="trace", unit="prompt", disable=not progress,
-                                    dynamic_ncols=True) as bar:
+        with writer, recorder, tqdm(total=len(prompts), initial=len(done), desc="trace", unit="prompt",
+                                    disable=not progress, dynamic_ncols=True) as bar:
             for prompt, ids in zip(prompts.prompts, encoded):
+                if prompt.index in done:
+                    continue
                 seed = settings.seed + prompt.index if settings.do_sample else None
                 new_tokens = record_request(loaded, recorder, writer, prompt.index, ids, gen_config, seed)
                 prefill += len(ids)
@@ -575,5 +600,5 @@ def trace_prompts(
     return TraceSummary(
         path=writer.path if complete or writer.requests_written else None, requests=writer.requests_written,
         rows=writer.rows_written, prefill_tokens=prefill, decode_tokens=decode, generated_tokens=generated,
-        seconds=time.perf_counter() - start, complete=complete,
+        seconds=time.perf_counter() - start, complete=complete, resumed=writer.resumed_requests,
     )

@@ -49,7 +49,7 @@ def check_output_path(path: Path) -> None:
               help="Prompt field; default: the first of prompt, question, text, instruction that is present.")
 @click.option("--chat-template/--no-chat-template", "chat_template", default=None,
               help="Wrap each prompt as a user turn; default: when the tokenizer has a chat template.")
-@click.option("--out", "out", default=None, metavar="PATH",
+@click.option("--out", "out", default=None, metavar="FILE",
               help="Output trace; default traces/<model-name>-<prompts-stem>.parquet.")
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
 @click.option("--seed", type=int, default=0, show_default=True, help="With --sample: request i uses seed+i.")
@@ -68,7 +68,8 @@ def trace_group(ctx: click.Context, prompts: Optional[str], model: str, max_new_
     """Record routing traces (`moesim trace --prompts P --model M`), import them, and summarise them.
 
     Every token's top-k experts and applied weights at every MoE layer, in prefill and decode, are written
-    one request per row group; Ctrl-C keeps the finished requests.
+    one request per row group. Each finished request is saved at once: Ctrl-C or a kill keeps them, and
+    the same command run again resumes where it stopped.
     """
     if ctx.invoked_subcommand is not None:
         if prompts is not None:
@@ -115,6 +116,8 @@ def record(*, prompts: str, model: str, max_new_tokens: int, device: Optional[st
         steps.current = f"recording {len(prompt_set)} prompts"
         summary = trace_prompts(loaded, prompt_set, settings, out_path, progress=progress)
     layers = loaded.shape.num_moe_layers
+    if summary.resumed:
+        click.echo(f"moesim: resumed {out_path}: {summary.resumed} requests were already recorded there", err=True)
     if not summary.complete:
         if summary.path is None:
             click.echo("moesim: interrupted before any request finished; nothing written", err=True)

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moesim import __version__
-from moesim.atomic import prepare_output_path, temp_path_for
+from moesim.atomic import atomic_path, prepare_output_path
 from moesim.errors import MoesimError
 from moesim.modelspec import ModelShape
 
@@ -328,56 +328,59 @@ class Trace:
 
 # Writing ---------------------------------------------------------------------------------------
 class TraceWriter:
-    """Writes a trace one request (row group) at a time to a temp file, renamed into place on close.
+    """Writes a trace one request (row group) at a time, so that a kill loses at most the request in flight.
 
-    If the run is interrupted (an exception, Ctrl-C) after at least one request was written, the file is
-    still closed as valid Parquet holding the finished requests and marked ``interrupted`` in its
-    metadata; with no finished request nothing is left behind.
+    After every finished request the output file is replaced (temp file, then an atomic rename) by a valid
+    trace of all finished requests, marked ``interrupted`` in its metadata until :meth:`close` marks it
+    ``complete``. So whatever stops the run (an exception, Ctrl-C, SIGKILL, a power cut after the rename),
+    the output path holds either nothing or a readable trace of the finished requests, and a rerun can
+    resume from it (``resume_from``). With no finished request nothing is left behind.
     """
 
-    def __init__(self, path: str | os.PathLike, meta: TraceMeta):
+    def __init__(self, path: str | os.PathLike, meta: TraceMeta, resume_from: Optional["Trace"] = None):
         self.path = prepare_output_path(path)
         if not meta.created:
             meta = dataclasses.replace(meta, created=utc_now_iso())
         self.meta = meta
-        self._tmp = temp_path_for(self.path)
-        schema = SCHEMA.with_metadata({METADATA_KEY: meta.to_json().encode()})
-        self._writer = pq.ParquetWriter(self._tmp, schema, compression="zstd")
+        self._schema = SCHEMA.with_metadata({METADATA_KEY: meta.to_json().encode()})
+        self._tables: list[pa.Table] = []
         self.requests_written = 0
         self.rows_written = 0
+        if resume_from is not None:
+            for req in np.unique(resume_from.cells.request):
+                self._tables.append(resume_from.cells.take(np.flatnonzero(resume_from.cells.request == req)).to_arrow())
+                self.requests_written += 1
+                self.rows_written += int(self._tables[-1].num_rows)
+        self.resumed_requests = self.requests_written
 
     def write_request(self, cells: TraceCells) -> None:
-        """Append one request's rows (sorted into execution order) as one row group."""
+        """Append one request's rows (sorted into execution order) as one row group, and save."""
         if len(cells) == 0:
             return
         k = self.meta.model.top_k
         if cells.experts.ndim != 2 or cells.experts.shape[1] != k:
             raise MoesimError(f"{self.path}: experts must have shape [rows, {k}], got {cells.experts.shape}")
         ordered = cells.take(cells.execution_order())
-        self._writer.write_table(ordered.to_arrow(), row_group_size=max(len(ordered), 1))
+        self._tables.append(ordered.to_arrow())
+        self._save("interrupted")
         self.requests_written += 1
         self.rows_written += len(ordered)
 
-    def _finish(self, status: str) -> None:
-        self._writer.add_key_value_metadata({STATUS_KEY: status.encode()})
-        self._writer.close()
+    def _save(self, status: str) -> None:
+        with atomic_path(self.path) as tmp:
+            writer = pq.ParquetWriter(tmp, self._schema, compression="zstd")
+            for table in self._tables:
+                writer.write_table(table, row_group_size=max(table.num_rows, 1))
+            writer.add_key_value_metadata({STATUS_KEY: status.encode()})
+            writer.close()
 
     def close(self) -> Path:
-        self._finish("complete")
-        os.replace(self._tmp, self.path)
+        self._save("complete")
         return self.path
 
     def abort(self) -> Optional[Path]:
-        """Keep the finished requests (if any) as a valid, interrupted trace; otherwise remove the file."""
-        try:
-            self._finish("interrupted")
-        except Exception:
-            pass
-        if self.requests_written == 0:
-            self._tmp.unlink(missing_ok=True)
-            return None
-        os.replace(self._tmp, self.path)
-        return self.path
+        """The finished requests are already saved (marked interrupted); None when there are none."""
+        return self.path if self.requests_written else None
 
     def __enter__(self) -> "TraceWriter":
         return self

@@ -20,9 +20,10 @@ Formats
     JSON lines written by a hook on vLLM's fused-MoE expert selection, one object per (token, layer):
     ``{"dataset", "problem_id", "layer", "token_idx" | "token_pos", "experts", "gating_probs"}``.
     With ``token_idx`` (decode only) the index is the hook's per-layer counter, so a cell the hook
-    dropped (exact 0.5/0.5 top-2 ties) leaves that layer's later indices one step behind; the decode
-    step is recovered from the execution order of the lines instead (a new step wherever the layer
-    index stops increasing). With ``token_pos`` (raw) a new forward pass starts wherever the layer
+    dropped (exact 0.5/0.5 top-2 ties) leaves that layer's later indices one step behind. Line order
+    does not matter: a layer that lost no cell is placed at its token_idx; a layer that lost one is
+    re-aligned when the problem's lines are in execution order (a new step wherever the layer index
+    stops increasing) and otherwise dropped alone as ambiguous, with a count. With ``token_pos`` (raw) a new forward pass starts wherever the layer
     index stops increasing, the first pass of a problem is its prefill, and positions follow from the
     pass and the rank of ``token_pos`` inside it. Cells with the wrong number of experts, expert or
     layer ids out of range, repeated experts, or non-finite weights are dropped; cells not in
@@ -498,7 +499,8 @@ class VllmRepairs:
     dropped_repeated_expert: int = 0
     dropped_bad_weights: int = 0
     dropped_duplicate_cell: int = 0
-    dropped_unlocatable_problems: int = 0  # problems whose dropped cells could not be located
+    dropped_unlocatable_problems: int = 0  # kept for readers of older traces' details; no longer set
+    dropped_unlocatable_layers: int = 0  # (problem, layer) pairs that lost a cell at a step no line order shows
     dropped_unlocatable_cells: int = 0
     reordered_by_weight: int = 0
     layer_ids_were_decoder_layers: bool = False
@@ -517,9 +519,10 @@ class VllmRepairs:
                           ("dropped_duplicate_cell", "repeating a cell already read")):
             if getattr(self, name):
                 out.append(f"dropped {getattr(self, name)} cells {why}")
-        if self.dropped_unlocatable_problems:
-            out.append(f"dropped {self.dropped_unlocatable_problems} problems ({self.dropped_unlocatable_cells} "
-                       f"cells): lines not in execution order, so their dropped cells cannot be located")
+        if self.dropped_unlocatable_layers:
+            out.append(f"dropped {self.dropped_unlocatable_cells} cells of {self.dropped_unlocatable_layers} "
+                       f"(problem, layer) pairs that lost a cell at an unknown step (their lines are not in "
+                       f"execution order, so the step cannot be told); every other layer is placed by token_idx")
         if self.reordered_by_weight:
             out.append(f"reordered {self.reordered_by_weight} cells into descending weight order")
         if self.layer_ids_were_decoder_layers:
@@ -627,7 +630,7 @@ class VllmJsonlImporter:
         summary = [
             f"model {shape.model_id}: {shape.num_moe_layers} MoE layers x {shape.num_experts} experts, "
             f"top-{shape.top_k}; {form} form, {repairs.records} records",
-            f"{len(request_keys) - repairs.dropped_unlocatable_problems} request(s): {int(pre.sum())} prefill cells, "
+            f"{len(np.unique(cells.request))} request(s): {int(pre.sum())} prefill cells, "
             f"{int((~pre).sum())} decode cells",
         ] + repairs.lines()
         return ImportResult(meta=meta, cells=cells, summary=summary)
@@ -663,21 +666,28 @@ class VllmJsonlImporter:
 
     @staticmethod
     def _align_decode_only(records: list[VllmRecord], num_layers: int, repairs: VllmRepairs) -> None:
-        """Decode step = forward pass in file order; token_idx = the hook's per-layer counter.
+        """Decode step of each cell; token_idx = the hook's per-layer counter.
 
-        The lines of one problem are in execution order when every record's token_idx equals its pass
-        minus the passes before it that lack its layer (the hook's counter skips a dropped cell) and the
-        holes are few; then the pass is the step. Otherwise only token_idx is left, and a layer short of
-        cells has lost one at an unknown step, so such a problem cannot be repaired and is dropped.
+        Each line carries its layer and token_idx, so the lines' order does not decide what is imported:
+        a layer whose counter never skipped (it has a cell for every step) is placed at its token_idx
+        whatever the order. A layer that lost a cell (the hook drops exact 0.5/0.5 top-2 ties without
+        moving its counter) has its later cells one step behind at an unknown point; only the execution
+        order of the lines can show where, so when the problem's lines are in execution order (every
+        record's token_idx equals its pass minus the passes before it that lack its layer) those cells are
+        re-aligned, and otherwise that layer alone is dropped as ambiguous and said so.
         """
-        live: list[VllmRecord] = []
-        seen: set[tuple[int, int]] = set()
+        # One cell per (layer, token_idx); of repeated ones keep the same one in any line order.
+        best: dict[tuple[int, int], VllmRecord] = {}
         for r in records:
-            if (r.layer, r.index) in seen:  # the same counter value twice: a repeated line
+            key = (r.layer, r.index)
+            if key not in best or _canonical(r) < _canonical(best[key]):
+                best[key] = r
+        live: list[VllmRecord] = []
+        for r in records:
+            if best[(r.layer, r.index)] is r:
+                live.append(r)
+            else:
                 r.defect = r.defect or "duplicate_cell"
-                continue
-            seen.add((r.layer, r.index))
-            live.append(r)
         passes: list[list[VllmRecord]] = []
         for r in live:
             if not passes or r.layer <= passes[-1][-1].layer:
@@ -687,13 +697,15 @@ class VllmJsonlImporter:
         consistent = True
         for step, group in enumerate(passes):
             for r in group:
-                r.position = step
                 consistent &= r.layer >= num_layers or r.index == step - missing_before[r.layer]
             present = {r.layer for r in group}
             for layer in range(num_layers):
                 missing_before[layer] += layer not in present
         missing = len(passes) * num_layers - len(live)
         if consistent and 2 * missing <= len(live):
+            for step, group in enumerate(passes):
+                for r in group:
+                    r.position = step
             shifted = {r.layer for r in live if r.position != r.index}
             repairs.realigned_token_idx += sum(r.position != r.index for r in live)
             repairs.shifted_layers += len(shifted)
@@ -701,14 +713,16 @@ class VllmJsonlImporter:
             return
         steps = max(r.index for r in live) + 1
         per_layer = Counter(r.layer for r in live)
-        if all(per_layer.get(layer, 0) == steps for layer in range(num_layers)):
-            for r in live:
+        for r in live:
+            if per_layer[r.layer] == steps or r.layer >= num_layers:
                 r.position = r.index
-            return
-        repairs.dropped_unlocatable_problems += 1
-        repairs.dropped_unlocatable_cells += len(records)
-        for r in records:
-            r.defect = "unlocatable"
+            else:
+                r.defect = "unlocatable"
+        short = [layer for layer in range(num_layers) if 0 < per_layer.get(layer, 0) < steps]
+        if short:
+            repairs.dropped_unlocatable_layers += len(short)
+            repairs.dropped_unlocatable_cells += sum(per_layer[layer] for layer in short)
+        repairs.missing_cells += sum(steps - per_layer.get(layer, 0) for layer in range(num_layers))
 
     @staticmethod
     def _align_raw(records: list[VllmRecord], num_layers: int, repairs: VllmRepairs) -> None:
@@ -769,6 +783,11 @@ class VllmJsonlImporter:
         return cells.take(cells.execution_order()) if n else cells
 
 
+def _canonical(r: VllmRecord) -> tuple:
+    """An order for repeated cells that does not depend on where they sit in the file."""
+    return (json.dumps(r.experts), json.dumps(r.probs))
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -820,7 +839,7 @@ _HELP = "Convert another engine's routing dump SRC into a moesim trace.\n\n\b\nF
 @click.command(name="import", help=_HELP)
 @click.option("--format", "fmt", default=None, metavar="FORMAT", help=f"One of: {', '.join(IMPORTERS)}.")
 @click.argument("src", metavar="SRC")
-@click.option("--out", default=None, metavar="PATH", help="Output trace; default ./<SRC name>.parquet.")
+@click.option("--out", default=None, metavar="FILE", help="Output trace; default ./<SRC name>.parquet.")
 @click.option("--model-config", default=None, metavar="NAME_OR_PATH",
               help="Model config: a bundled name or a config.json path. Needed by vllm-jsonl; for "
                    "llama-route-csv it replaces the bundled config matched from the CSV.")

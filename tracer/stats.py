@@ -637,11 +637,12 @@ def write_plot(st: TraceStats, path: str | Path) -> Path:
 
 @click.command(name="stats")
 @click.argument("trace", required=False, metavar="TRACE")
-@click.option("--json", "as_json", is_flag=True, help="Write the statistics as JSON to stdout.")
+@click.option("--json", "json_path", default=None, metavar="FILE", help="Also write the statistics as JSON to FILE "
+              "('-': only the JSON, to stdout), as --json FILE does in every command.")
 @click.option("--plot", "plot", default=None, metavar="FILE.png", help="Also draw the LRU hit curves to FILE.png.")
 @click.option("--phase", default="decode", show_default=True, metavar="decode|prefill|all",
               help="Which accesses are counted (the cache always sees the whole trace in order).")
-def stats_command(trace: Optional[str], as_json: bool, plot: Optional[str], phase: str) -> None:
+def stats_command(trace: Optional[str], json_path: Optional[str], plot: Optional[str], phase: str) -> None:
     """Summarise TRACE (a trace file, or a bundled trace name; default the bundled Qwen3 trace).
 
     Expert popularity and entropy per layer, reuse between consecutive tokens, next-layer-guess accuracy
@@ -654,15 +655,24 @@ def stats_command(trace: Optional[str], as_json: bool, plot: Optional[str], phas
         raise MoesimError(f"--phase {phase}: expected one of {', '.join(PHASES)}")
     if plot is not None and Path(plot).suffix.lower() != ".png":
         raise MoesimError(f"--plot {plot}: expected a .png file name")
+    from moesim.atomic import check_output_target, write_text_atomic
+
+    for target in (plot, None if json_path == "-" else json_path):
+        if target is not None:
+            check_output_target(target)
     path = resolve_trace(trace)
     tr = read_trace(path)
     name = trace if trace and not Path(trace).exists() else path.stem
     st = trace_stats(tr, phase=phase, name=name)
     if plot is not None:
         write_plot(st, plot)
-    if as_json:
-        click.echo(json.dumps(to_json_dict(st), separators=(",", ":")))
-    else:
-        click.echo(format_text(st), nl=False)
-        if plot is not None:
-            click.echo(f"\nwrote {plot}")
+    text = json.dumps(to_json_dict(st), separators=(",", ":"))
+    if json_path == "-":
+        click.echo(text)
+        return
+    click.echo(format_text(st), nl=False)
+    if plot is not None:
+        click.echo(f"\nwrote {plot}")
+    if json_path is not None:
+        write_text_atomic(json_path, text + "\n")
+        click.echo(f"wrote {json_path}")

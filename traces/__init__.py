@@ -1,4 +1,12 @@
-"""Bundled real routing traces (see PROVENANCE.md beside this file)."""
+"""Bundled real routing traces (see PROVENANCE.md beside this file).
+
+The bundled set is fixed and checksummed: :data:`BUNDLED_SHA256` names every bundled trace and the SHA-256
+of its file. A file a user writes into this folder (``moesim trace --out traces/mine.parquet``) is an
+ordinary trace path, never a bundled one: it neither resolves by name nor joins the predictive
+prefetcher's default training set, so it cannot change results on the bundled traces. A bundled file whose
+bytes no longer match is refused rather than used. ``python traces/convert_bundled.py`` regenerates the
+files; update the hashes here when it changes them.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +15,43 @@ from pathlib import Path
 
 DEFAULT_TRACE = "qwen3-30b-a3b-bigmoeonedge"
 
+BUNDLED_SHA256: dict[str, str] = {
+    "gemma-4-26b-a4b-bigmoeonedge": "48bcfcc4b83623198e8bd69e27bcb49e56aaa55f9cc865196119a81599b4e3a9",
+    "gpt-oss-120b-bigmoeonedge": "0ac92a6e0845e4dbd857a365c2321d7fb68e07d6e2c1775d3d9d94f9cf91ae0e",
+    "qwen3-30b-a3b-bigmoeonedge": "35a1e6625afb12db1833eeecd350905969b8b43c673edf9e1a1e57d977254f0a",
+}
+
 
 def bundled_traces() -> dict[str, Path]:
-    """Bundled trace files by name (file stem)."""
+    """The bundled trace files by name: exactly the names of :data:`BUNDLED_SHA256`, whatever else is here."""
     root = resources.files("moesim.traces")
-    return {p.name[: -len(".parquet")]: Path(str(p)) for p in root.iterdir() if p.name.endswith(".parquet")}
+    return {name: Path(str(root / f"{name}.parquet")) for name in sorted(BUNDLED_SHA256)}
+
+
+def verified_bundled_trace(name: str) -> Path:
+    """The path of bundled trace ``name`` after checking its bytes are the shipped ones."""
+    from moesim.content import file_sha256
+    from moesim.errors import MoesimError
+
+    path = bundled_traces()[name]
+    if not path.is_file():
+        raise MoesimError(f"bundled trace '{name}': {path} is missing; reinstall moesim")
+    if file_sha256(path) != BUNDLED_SHA256[name]:
+        raise MoesimError(f"bundled trace '{name}': {path} differs from the shipped file (SHA-256 mismatch); "
+                          f"reinstall moesim or restore it with git")
+    return path
 
 
 def resolve_trace(name_or_path: str | None) -> Path:
     """A bundled trace name, or a path; ``None`` gives the default bundled trace."""
     from moesim.errors import MoesimError
 
-    bundled = bundled_traces()
     key = name_or_path or DEFAULT_TRACE
-    if key in bundled:
-        return bundled[key]
+    if key in BUNDLED_SHA256:
+        return verified_bundled_trace(key)
     path = Path(key)
-    if path.exists():
+    if path.is_file():
         return path
-    raise MoesimError(f"trace '{key}': not a file and not a bundled trace ({', '.join(sorted(bundled)) or 'none bundled'})")
+    if path.exists():
+        raise MoesimError(f"trace '{key}': is a folder, expected a trace file or a bundled name")
+    raise MoesimError(f"trace '{key}': not a file and not a bundled trace ({', '.join(sorted(BUNDLED_SHA256))})")

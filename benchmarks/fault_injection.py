@@ -1,0 +1,414 @@
+"""Kill long commands with SIGKILL at random points, rerun them, and count what survived.
+
+For each command (``sweep``, ``trace``, ``demo-model``; ``calib`` on request) the script first times one
+uninterrupted run, then ``--points`` times: starts the command in a fresh folder, SIGKILLs it at a random
+moment inside that time, checks every file it left (each must be readable by moesim's own reader; hidden
+temp files are counted apart), reruns the same command to completion and compares the result with the
+uninterrupted run. It reports per command:
+
+- resumed: reruns that finished and reproduced the uninterrupted result exactly;
+- units lost: units of work the killed process had finished but its files do not keep (a sweep
+  configuration, a traced request, a demo-model checkpoint block of training steps); the bound is the one
+  unit in flight;
+- unreadable files: files left by the kill that moesim cannot read (temp files counted separately, and
+  checked to be gone after the rerun);
+- tracebacks: Python tracebacks printed by the killed run or the rerun.
+
+A small wrapper counts the units a process finished (a line per unit in a side file, written before the
+unit's result is handed on), so "finished but not kept" is measured, not assumed.
+
+    python benchmarks/fault_injection.py [--points 20] [--commands sweep,trace,demo-model] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+GSM8K = SHARED / "data" / "gsm8k" / "test.jsonl"
+WIKI = SHARED / "data" / "wikitext-2" / "test.txt"
+
+# Each wrapper patches the function that finishes one unit so that it appends a line to $UNITS_LOG once the
+# unit is computed (before the command saves it), then runs the command.
+WRAP_SWEEP = """
+import os, sys
+import moesim.simulator.sweep as sweep
+real = sweep.run_point
+def counted(point):
+    row = real(point)
+    with open(os.environ["UNITS_LOG"], "a") as f:
+        f.write("1\\n")
+    return row
+sweep.run_point = counted
+from moesim.cli import main
+main(sys.argv[1:])
+"""
+WRAP_TRACE = """
+import os, sys
+import moesim.tracer.capture as capture
+real = capture.record_request
+def counted(*a, **k):
+    out = real(*a, **k)   # generated and saved
+    with open(os.environ["UNITS_LOG"], "a") as f:
+        f.write("1\\n")
+    return out
+real_gen = capture.generate_one
+def gen(*a, **k):
+    out = real_gen(*a, **k)  # generated, not yet saved: a finished unit of work
+    with open(os.environ["UNITS_LOG"] + ".generated", "a") as f:
+        f.write("1\\n")
+    return out
+capture.generate_one = gen
+capture.record_request = counted
+from moesim.cli import main
+main(sys.argv[1:])
+"""
+WRAP_DEMO = """
+import dataclasses, os, sys
+from moesim.quality.demo_model import QUICK, train_demo_model
+cfg = dataclasses.replace(QUICK, steps=int(os.environ["DEMO_STEPS"]), warmup_steps=1, train_chars=40_000, eval_max_tokens=512, vocab_size=300,
+                          hidden_size=32, intermediate_size=64)
+def log(line):
+    if line.startswith("step "):
+        with open(os.environ["UNITS_LOG"], "a") as f:
+            f.write(line.split()[1].split("/")[0] + "\\n")
+train_demo_model(sys.argv[1], cfg, log=log, checkpoint_every=int(os.environ["DEMO_BLOCK"]))
+"""
+DEMO_STEPS = 60
+DEMO_BLOCK = 5  # steps per checkpoint: the demo-model's unit of work
+
+
+@dataclass
+class Kill:
+    at_s: float
+    finished_units: int
+    kept_units: int
+    unreadable: list[str]
+    temps: list[str]
+    tracebacks: int
+    resumed: bool
+    temps_after: list[str]
+    note: str = ""
+
+    @property
+    def lost(self) -> int:
+        return max(0, self.finished_units - self.kept_units)
+
+
+@dataclass
+class Summary:
+    command: str
+    unit: str
+    bound: int
+    fresh_s: float
+    kills: list[Kill] = field(default_factory=list)
+
+
+def env_for(log: Path) -> dict:
+    return dict(os.environ, UNITS_LOG=str(log), PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error",
+                HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", DEMO_STEPS=str(DEMO_STEPS), DEMO_BLOCK=str(DEMO_BLOCK))
+
+
+def lines(path: Path) -> list[str]:
+    try:
+        return [l for l in path.read_text().splitlines() if l.strip()]
+    except FileNotFoundError:
+        return []
+
+
+class Command:
+    name = ""
+    unit = ""
+    bound = 1
+
+    def __init__(self, base: Path):
+        self.base = base
+
+    def argv(self, work: Path) -> list[str]:
+        raise NotImplementedError
+
+    def finished(self, log: Path) -> int:
+        return len(lines(log))
+
+    def kept(self, work: Path) -> int:
+        raise NotImplementedError
+
+    def unreadable(self, work: Path) -> list[str]:
+        raise NotImplementedError
+
+    def same_as_fresh(self, work: Path, fresh: Path) -> bool:
+        raise NotImplementedError
+
+
+class SweepCommand(Command):
+    name, unit, bound = "sweep", "configuration", 1
+
+    def argv(self, work):
+        return [sys.executable, "-c", WRAP_SWEEP, "sweep", "--trace", "qwen3-30b-a3b-bigmoeonedge", "--policy",
+                "lru,lfu,fifo,fiddler,mixtral-offloading", "--cache-experts", "6,12,24,48", "--jobs", "1",
+                "--no-progress", "--out", str(work / "out")]
+
+    def kept(self, work):
+        from moesim.simulator.sweep import read_store
+
+        return len(read_store(work / "out"))
+
+    def unreadable(self, work):
+        import pyarrow.parquet as pq
+
+        from moesim.simulator.sweep import list_grids, read_store
+
+        bad = []
+        out = work / "out"
+        try:
+            read_store(out)
+            list_grids(out)
+        except Exception as exc:  # noqa: BLE001
+            bad.append(f"store ({exc})")
+        for p in out.rglob("*"):
+            if not p.is_file() or p.name.endswith(".tmp"):
+                continue
+            try:
+                if p.suffix == ".parquet":
+                    pq.read_table(p)
+                elif p.suffix == ".json":
+                    json.loads(p.read_text())
+                elif p.suffix == ".csv":
+                    p.read_text().splitlines()[0]
+                elif p.suffix == ".png":
+                    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            except Exception:  # noqa: BLE001
+                bad.append(str(p.relative_to(work)))
+        return bad
+
+    def same_as_fresh(self, work, fresh):
+        return (work / "out" / "sweep.csv").read_bytes() == (fresh / "out" / "sweep.csv").read_bytes()
+
+
+class TraceCommand(Command):
+    name, unit, bound = "trace", "request", 1
+
+    def __init__(self, base):
+        super().__init__(base)
+        sys.path.insert(0, str(REPO / "tests"))
+        from test_trace_capture import FAMILIES, build_model_folder
+
+        self.model = build_model_folder(base / "model", FAMILIES["mixtral"], seed=5)
+
+    def argv(self, work):
+        return [sys.executable, "-c", WRAP_TRACE, "trace", "--prompts", str(GSM8K), "--model", str(self.model),
+                "--limit", "12", "--max-new-tokens", "24", "--device", "cpu", "--no-progress",
+                "--out", str(work / "t.parquet")]
+
+    def finished(self, log):
+        return len(lines(Path(str(log) + ".generated")))
+
+    def kept(self, work):
+        from moesim.tracer import read_trace
+
+        p = work / "t.parquet"
+        return read_trace(p).num_requests if p.exists() else 0
+
+    def unreadable(self, work):
+        from moesim.tracer import read_trace
+
+        bad = []
+        for p in work.glob("*.parquet"):
+            try:
+                read_trace(p)
+            except Exception:  # noqa: BLE001
+                bad.append(p.name)
+        return bad
+
+    def same_as_fresh(self, work, fresh):
+        import numpy as np
+
+        from moesim.tracer import read_trace
+
+        a, b = read_trace(work / "t.parquet"), read_trace(fresh / "t.parquet")
+        return a.complete and all(np.array_equal(getattr(a.cells, c), getattr(b.cells, c))
+                                  for c in ("request", "phase", "position", "layer", "experts", "weights", "token_id"))
+
+
+class DemoCommand(Command):
+    name, unit, bound = "demo-model", f"training step (checkpoint every {DEMO_BLOCK})", DEMO_BLOCK
+
+    def argv(self, work):
+        return [sys.executable, "-c", WRAP_DEMO, str(work / "m")]
+
+    def finished(self, log):
+        done = [int(x) for x in lines(log)]
+        return max(done) if done else 0  # steps
+
+    def kept(self, work):
+        import torch
+
+        if (work / "m" / "demo_report.json").exists():
+            return DEMO_STEPS
+        ckpt = work / ".m.checkpoint.pt"
+        return int(torch.load(ckpt, map_location="cpu", weights_only=False)["step"]) if ckpt.exists() else 0
+
+    def unreadable(self, work):
+        import torch
+
+        bad = []
+        ckpt = work / ".m.checkpoint.pt"
+        if ckpt.exists():
+            try:
+                torch.load(ckpt, map_location="cpu", weights_only=False)
+            except Exception:  # noqa: BLE001
+                bad.append(ckpt.name)
+        if (work / "m").exists():
+            try:
+                json.loads((work / "m" / "demo_report.json").read_text())
+            except Exception:  # noqa: BLE001
+                bad.append("m/demo_report.json")
+        return bad
+
+    def same_as_fresh(self, work, fresh):
+        return (work / "m" / "model.safetensors").read_bytes() == (fresh / "m" / "model.safetensors").read_bytes()
+
+
+class CalibCommand(Command):
+    """No checkpoint: the unit is the whole calibration (reported, not hidden)."""
+
+    name, unit, bound = "calib", "whole calibration", 1
+
+    def argv(self, work):
+        return [sys.executable, "-m", "moesim.cli", "calib", "--device", "cpu", "--quick", "--quiet",
+                "--out", str(work / "p.json")]
+
+    def finished(self, log):
+        return 0
+
+    def kept(self, work):
+        return 1 if (work / "p.json").exists() else 0
+
+    def unreadable(self, work):
+        from moesim.calib.profile import load_profile
+
+        bad = []
+        if (work / "p.json").exists():
+            try:
+                load_profile(str(work / "p.json"))
+            except Exception:  # noqa: BLE001
+                bad.append("p.json")
+        return bad
+
+    def same_as_fresh(self, work, fresh):
+        return (work / "p.json").exists()
+
+
+COMMANDS = {"sweep": SweepCommand, "trace": TraceCommand, "demo-model": DemoCommand, "calib": CalibCommand}
+
+
+def temps(work: Path) -> list[str]:
+    return sorted(str(p.relative_to(work)) for p in work.rglob("*.tmp"))
+
+
+def run_to_end(cmd: Command, work: Path, log: Path) -> tuple[int, str]:
+    r = subprocess.run(cmd.argv(work), capture_output=True, text=True, env=env_for(log), timeout=1800)
+    return r.returncode, r.stdout + r.stderr
+
+
+def kill_once(cmd: Command, work: Path, fresh: Path, at_s: float) -> Kill:
+    log = work / "units.log"
+    proc = subprocess.Popen(cmd.argv(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env_for(log))
+    try:
+        proc.wait(timeout=at_s)
+        note = "finished before the kill"
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        note = ""
+    out, err = proc.communicate()
+    finished = cmd.finished(log)
+    kept = cmd.kept(work)
+    unreadable = cmd.unreadable(work)
+    left = temps(work)
+    tracebacks = (out + err).count("Traceback")
+    log.unlink(missing_ok=True)
+    Path(str(log) + ".generated").unlink(missing_ok=True)
+    rc, text = run_to_end(cmd, work, work / "rerun.log")
+    tracebacks += text.count("Traceback")
+    resumed = rc == 0 and cmd.same_as_fresh(work, fresh)
+    return Kill(at_s, finished, kept, unreadable, left, tracebacks, resumed, temps(work), note)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", type=int, default=20, help="kills per command")
+    parser.add_argument("--commands", default="sweep,trace,demo-model", help=f"of {', '.join(COMMANDS)}")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    names = [c.strip() for c in args.commands.split(",") if c.strip()]
+    for n in names:
+        if n not in COMMANDS:
+            parser.error(f"--commands: unknown '{n}'")
+    if "trace" in names and not GSM8K.exists():
+        parser.error(f"trace needs {GSM8K}")
+    if "demo-model" in names and not WIKI.exists():
+        parser.error(f"demo-model needs {WIKI}")
+    rng = random.Random(args.seed)
+    base = Path(tempfile.mkdtemp(prefix="moesim-faults-"))
+    summaries = []
+    try:
+        for name in names:
+            cmd = COMMANDS[name](base)
+            fresh = base / f"{name}-fresh"
+            fresh.mkdir()
+            t0 = time.perf_counter()
+            rc, text = run_to_end(cmd, fresh, fresh / "units.log")
+            fresh_s = time.perf_counter() - t0
+            if rc != 0:
+                print(f"{name}: the uninterrupted run failed (exit {rc}): {text.strip().splitlines()[-1:]}")
+                continue
+            s = Summary(name, cmd.unit, cmd.bound, fresh_s)
+            for i in range(args.points):
+                work = base / f"{name}-{i}"
+                work.mkdir()
+                at = rng.uniform(0.1, 0.95) * fresh_s
+                k = kill_once(cmd, work, fresh, at)
+                s.kills.append(k)
+                print(f"{name} kill {i + 1:2d} at {at:5.1f}s: finished {k.finished_units}, kept {k.kept_units}, "
+                      f"lost {k.lost}, unreadable {len(k.unreadable)}, temp files {len(k.temps)} "
+                      f"(after rerun {len(k.temps_after)}), tracebacks {k.tracebacks}, "
+                      f"resumed {'yes' if k.resumed else 'NO'} {k.note}", flush=True)
+                shutil.rmtree(work, ignore_errors=True)
+            summaries.append(s)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print()
+    print("| command | unit | kills | runs resumed (same result) | units lost (max; bound) | unreadable files | "
+          "temp files left after the kill / after the rerun | tracebacks | uninterrupted run |")
+    print("|---|---|---:|---:|---|---:|---|---:|---:|")
+    ok = True
+    for s in summaries:
+        n = len(s.kills)
+        resumed = sum(k.resumed for k in s.kills)
+        lost = [k.lost for k in s.kills]
+        unreadable = sum(len(k.unreadable) for k in s.kills)
+        tb = sum(k.tracebacks for k in s.kills)
+        t_kill = sum(len(k.temps) for k in s.kills)
+        t_after = sum(len(k.temps_after) for k in s.kills)
+        print(f"| {s.command} | {s.unit} | {n} | {resumed}/{n} | total {sum(lost)}, max {max(lost, default=0)}; "
+              f"bound {s.bound} | {unreadable} | {t_kill} / {t_after} | {tb} | {s.fresh_s:.1f} s |")
+        ok &= resumed == n and max(lost, default=0) <= s.bound and unreadable == 0 and tb == 0 and t_after == 0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Content identities: what a stored result depends on, as hashes of bytes rather than names or paths.
+
+A result keyed by a file's *name* comes back stale after the file is rewritten in place (a recalibrated
+profile, a re-recorded trace); keyed by the file's *content*, it is recomputed. The simulator's identity is
+the hash of its sources, so a changed simulator recomputes too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from moesim.errors import MoesimError
+
+_BY_STAT: dict[tuple, str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (memoised per path, size and modification time, so a rewrite is seen)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise MoesimError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    digest = _BY_STAT.get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        try:
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError as exc:
+            raise MoesimError(f"{p}: cannot read ({exc.strerror or exc})") from None
+        digest = h.hexdigest()
+        _BY_STAT[key] = digest
+    return digest
+
+
+def _package_dir(module: str) -> Path:
+    return Path(importlib.import_module(module).__file__).resolve().parent
+
+
+@lru_cache(maxsize=1)
+def simulator_version() -> str:
+    """moesim's version plus the simulator's sources and the weight-format arithmetic (``moesim/quant.py``).
+
+    The simulator's command-line module only parses flags and produces no number, so it is left out.
+    """
+    from moesim import __version__
+
+    h = hashlib.sha256(__version__.encode())
+    files = sorted(f for f in _package_dir("moesim.simulator").glob("*.py") if f.name != "cli.py")
+    files += [_package_dir("moesim") / "quant.py"]
+    for f in files:
+        if f.exists():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def trace_sha256(spec: str | os.PathLike) -> str:
+    from moesim.traces import resolve_trace
+
+    return file_sha256(resolve_trace(str(spec)))
+
+
+def profile_file(spec: str | os.PathLike) -> Path:
+    from moesim.calib.profile import bundled_profiles
+
+    bundled = bundled_profiles()
+    return Path(bundled[str(spec)]) if str(spec) in bundled else Path(spec)
+
+
+def profile_sha256(spec: str | os.PathLike) -> str:
+    path = profile_file(spec)
+    if not path.is_file():
+        from moesim.calib.profile import load_profile
+
+        load_profile(str(spec))  # raises the one-line "not a bundled profile or a file" error
+    return file_sha256(path)
