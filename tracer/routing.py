@@ -7,7 +7,8 @@ One :class:`PhaseModel` per phase (prefill, decode) holds, for every MoE layer:
   popularity of every layer at once, which is the model's **cross-layer correlation** (expert at layer l
   -> expert at layer l+1). ``C = 1`` is plain per-layer popularity.
 - **drift** across requests: a fresh expert is drawn from a Polya urn, with weight ``drift[l] * p_l[e]``
-  plus the times e was already used at this layer in the request. Integrated out, that is a per-request
+  plus the times e was already used at this layer in the request, times the token class's tilt
+  ``class_popularity[c, l, e] / p_l[e]``. Without classes, integrated out, that is a per-request
   popularity ``Dirichlet(drift[l] * p_l)``: each request drifts from the layer popularity toward its own
   working set (small ``drift``: strong drift, a small working set). ``None``: every token draws from
   the layer popularity alone.

@@ -206,7 +206,7 @@ def _init_phase(cells, depth, phase, L, E, k, edges, classes: Optional[int], see
     pooled = (mom.hist * mom.cells[:, None, None]).sum(axis=0) / max(mom.cells.sum(), 1)
     target = (mom.hist * mom.cells[:, None, None] + SHRINK_CELLS * pooled[None]) / (mom.cells[:, None, None] + SHRINK_CELLS)
     target_mom = dataclasses.replace(mom, hist=target, share=pop)
-    copy = np.zeros_like(target[:, :, :-1]) if "locality" in parts else 0.5 * target[:, :, :-1]
+    copy = np.zeros_like(target[:, :, :-1])  # set from the excess reuse in fit_routing_cells
     drift = None if "drift" in parts else np.full(L, float(E))
     pm = PhaseModel(class_prior=prior, class_popularity=theta, depth_edges=edges, copy=copy,
                     weights=fit_weights(cells, phase, L), drift=drift)
@@ -219,19 +219,24 @@ def _correct(pm: PhaseModel, target: PhaseMoments, got: PhaseMoments, parts: fro
     copy = pm.copy if "locality" in parts else np.maximum(pm.copy + step * (target.hist[:, :, :-1] - got.hist[:, :, :-1]), 0.0)
     total = copy.sum(axis=2, keepdims=True)
     copy = np.where(total > 0.995, copy * (0.995 / np.maximum(total, 1e-12)), copy)
-    if "popularity" in parts:
-        return dataclasses.replace(pm, copy=copy)
+    if "popularity" in parts or pm.drift is not None:
+        # with the urn on, the popularity stays the maximum-likelihood fit: the urn's concentration alone is
+        # matched (correcting both lets a sharp popularity and a strong urn trade off against each other)
+        return _correct_drift(dataclasses.replace(pm, copy=copy), target, got)
     ratio = np.sqrt(np.maximum(target.share, 1e-9) / np.maximum(got.share, 1e-9))
     theta = pm.class_popularity * ratio[None]
     theta /= theta.sum(axis=2, keepdims=True)
+    return dataclasses.replace(pm, copy=copy, class_popularity=theta)
+
+
+def _correct_drift(pm: PhaseModel, target: PhaseMoments, got: PhaseMoments) -> PhaseModel:
     drift = pm.drift
     if drift is not None:
-        # first uses in a request come from the urn's popularity weight: too many -> lower the concentration
         # first uses in a request come from the urn's popularity weight: too many -> lower the concentration
         first_target = target.hist[:, :, -1].mean(axis=1)
         first_got = got.hist[:, :, -1].mean(axis=1)
         drift = np.clip(drift * (np.maximum(first_target, 1e-4) / np.maximum(first_got, 1e-4)), 0.01, 1e5)
-    return dataclasses.replace(pm, copy=copy, class_popularity=theta, drift=drift)
+    return dataclasses.replace(pm, drift=drift)
 
 
 def fit_routing_cells(cells: TraceCells, shape_meta, name: str, *, classes: Optional[int] = None,
@@ -264,6 +269,13 @@ def fit_routing_cells(cells: TraceCells, shape_meta, name: str, *, classes: Opti
                             non_expert_bytes=int(meta.non_expert_bytes), decode=ph[DECODE],
                             prefill=ph.get(PREFILL), fitted_to={}, created="")
 
+    if "locality" not in parts:
+        # copies explain only the reuse that popularity, token classes and the urn do not already produce:
+        # start them at the excess of the trace's depth histogram over a synthesis without copies
+        res = synthesize(model_of(phases), P, G, seed=seed + 1, disabled=("locality",))
+        for ph in phases:
+            got = phase_moments(res.cells, res.depth, ph, L, E, edges)
+            phases[ph] = dataclasses.replace(phases[ph], copy=np.maximum(targets[ph].hist[:, :, :-1] - got.hist[:, :, :-1], 0))
     if "locality" in parts and "drift" in parts:
         iterations = 0  # nothing is moment-matched: popularity stays the maximum-likelihood fit
     for it in range(iterations):

@@ -101,8 +101,12 @@ def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, state: "_Stac
     T = int(lengths.max()) if R else 0
     prior, logpop, cum_copy, drift = _phase_arrays(pm, disabled, L, E)
     pop_class = np.exp(logpop)  # [C, L, E]
-    if drift is not None:  # Polya urn: weight drift[l] * popularity + the request's own counts so far
-        pop_class = pop_class * np.asarray(drift, dtype=np.float64)[None, :, None]
+    if drift is not None:
+        # Polya urn: weight drift[l] * popularity + the request's own counts so far, tilted toward the token's
+        # class by theta_c / theta (so a request's counts of another class's experts do not wash out the class)
+        marginal = np.einsum("c,cle->le", prior, pop_class)
+        tilt = pop_class / np.maximum(marginal, 1e-300)[None]  # [C, L, E]
+        base = marginal * np.asarray(drift, dtype=np.float64)[:, None]  # [L, E]
     classes = rng.choice(prior.shape[0], size=(R, T), p=prior) if prior.shape[0] > 1 else np.zeros((R, T), int)
     cum_copy = np.tile(cum_copy, (R, 1, 1))  # [S, k, E]: stream s = r * L + l
     experts = np.zeros((R, T, L, k), dtype=np.int16)
@@ -116,8 +120,11 @@ def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, state: "_Stac
         if const_cum is not None:
             cum = const_cum
         else:
-            weight = pop_class[classes[:, t]].reshape(S, E)
-            cum = _row_cumsum(weight + state.counts if drift is not None else weight)
+            if drift is not None:
+                urn = np.tile(base, (R, 1)) + state.counts
+                cum = _row_cumsum(tilt[classes[:, t]].reshape(S, E) * urn)
+            else:
+                cum = _row_cumsum(pop_class[classes[:, t]].reshape(S, E))
         taken = np.zeros((S, E), dtype=bool)
         chosen = np.empty((S, k), dtype=np.int64)
         for j in range(k):
