@@ -64,7 +64,7 @@ def heldout(name: str, train, test_select, prompt_lens, output_lens, seeds: int)
     print("  (largest |synthetic - real| over capacities / lags / layers, mean of the seeds; H = normalized "
           "entropy per layer)")
     print("\n  full model, seed 0, side by side (moesim trace stats --against):")
-    print("\n".join("  " + line for line in side.rstrip().splitlines()))
+    print("\n".join(("  " + line).rstrip() for line in side.rstrip().splitlines()))
 
 
 def bigmoe_heldout(seeds: int) -> None:
@@ -130,7 +130,7 @@ def mixtral() -> None:
     st_p = measure(pop_only.cells.experts[rows_p].reshape(R, G, L, 2).astype(np.int64),
                    pop_only.depth[rows_p].reshape(R, G, L, 2).astype(np.int64))
     b1, b2 = per_layer_target(FIRST_CHOICE_REPETITION, L), per_layer_target(FIRST_OR_SECOND_REPETITION, L)
-    print(f"\n== Mixtral-8x7B routing model (bundled mixtral-8x7b-published) vs the statistics it was fitted to ==")
+    print("\n== Mixtral-8x7B routing model (bundled mixtral-8x7b-published) vs the statistics it was fitted to ==")
     print(f"  synthetic: {R} requests x ({P} prefill + {G} decode), seed 12345; repetition over decode steps")
     print(f"  {'layer':>5} {'first choice: paper':>20} {'synth':>6} {'diff':>6}   {'first or second: paper':>23} "
           f"{'synth':>6} {'diff':>6}   {'popularity-only synth (1st / 1st-or-2nd)':>40}")
@@ -218,7 +218,8 @@ def bad_inputs() -> None:
             full = ["trace", "synth", *args, *shape]
             r = subprocess.run([sys.executable, "-m", "moesim.cli", *full], capture_output=True, text=True)
             lines = [x for x in r.stderr.splitlines() if x.strip() and "Warning" not in x and "warn" not in x]
-            print(f"  {label}: exit {r.returncode}, file written: {Path(out).exists()}, stderr: {lines[-1] if lines else ''}")
+            print(f"  {label}: exit {r.returncode}, file written: {Path(out).exists()}, "
+                  f"stderr: {lines[-1] if lines else ''}")
 
 
 def main() -> int:

@@ -37,7 +37,7 @@ from moesim.tracer.format import DECODE, utc_now_iso
 from moesim.tracer.routing import PhaseModel, RoutingModel, WeightModel
 from moesim.tracer.synth import synthesize
 
-FREQUENCIES = Path("traces-raw") / "abhibambhaniya__mixtral-offloading-residency-info" / "src" / "expert_frequencies.npy"
+FREQUENCIES = Path("traces-raw", "abhibambhaniya__mixtral-offloading-residency-info", "src", "expert_frequencies.npy")
 REPORTED_LAYERS = (0, 15, 31)
 # arXiv 2401.04088 Table 5, per Pile subset: (layer 0, layer 15, layer 31), percent
 FIRST_CHOICE_REPETITION = {
@@ -73,13 +73,13 @@ class MixtralStats:
     share: np.ndarray  # [L, E]
 
 
-def measure(experts: np.ndarray, depth: np.ndarray, lengths_ok: bool = True) -> MixtralStats:
+def measure(experts: np.ndarray, depth: np.ndarray) -> MixtralStats:
     """From synthesized decode arrays experts/depth [R, T, L, 2]."""
     a, b = experts[:, 1:], experts[:, :-1]
     first = (a[..., 0] == b[..., 0]).mean(axis=(0, 1))
     shared = (a[..., :, None] == b[..., None, :]).any(axis=(-1, -2)).mean(axis=(0, 1))
     lru = {c: float(((depth >= 0) & (depth < c)).mean()) for c in HYBRIMOE_LRU}
-    L, E = experts.shape[2], int(experts.max()) + 1
+    L = experts.shape[2]
     share = np.zeros((L, 8))
     for l in range(L):
         share[l] = np.bincount(experts[:, :, l].reshape(-1), minlength=8)[:8]

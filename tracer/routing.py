@@ -31,7 +31,6 @@ requests are independent given their drift. ``tracer/routing_fit.py`` fits a mod
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -268,6 +267,3 @@ def default_depth_edges(num_experts: int, top_k: int) -> np.ndarray:
         edges.append(min(num_experts, 2 * edges[-1]))
     return np.asarray(edges, dtype=np.int64)
 
-
-def replace_phase(m: RoutingModel, phase: str, pm: PhaseModel) -> RoutingModel:
-    return dataclasses.replace(m, **{phase: pm})

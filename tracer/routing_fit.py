@@ -70,7 +70,6 @@ class PhaseMoments:
     hist: np.ndarray  # [L, k, B+1] share of each (layer, rank)'s cells in each depth bucket; last = first use
     cells: np.ndarray  # [L]
     share: np.ndarray  # [L, E] share of accesses per expert
-    spread: Optional[np.ndarray]  # [L] mean squared deviation of per-request shares, None with < 2 requests
 
 
 def phase_moments(cells: TraceCells, depth: np.ndarray, phase: int, L: int, E: int,
@@ -88,15 +87,7 @@ def phase_moments(cells: TraceCells, depth: np.ndarray, phase: int, L: int, E: i
     counts = np.zeros((L, E))
     np.add.at(counts, (np.repeat(layer, k), cells.experts[rows].astype(np.int64).reshape(-1)), 1.0)
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    reqs = np.unique(cells.request[rows])
-    spread = None
-    if reqs.size >= 2:
-        per = np.zeros((reqs.size, L, E))
-        ridx = np.searchsorted(reqs, cells.request[rows])
-        np.add.at(per, (np.repeat(ridx, k), np.repeat(layer, k), cells.experts[rows].astype(np.int64).reshape(-1)), 1.0)
-        per /= np.maximum(per.sum(axis=2, keepdims=True), 1)
-        spread = ((per - per.mean(axis=0, keepdims=True)) ** 2).sum(axis=2).mean(axis=0)
-    return PhaseMoments(hist=hist, cells=n, share=share, spread=spread)
+    return PhaseMoments(hist=hist, cells=n, share=share)
 
 
 
@@ -204,7 +195,8 @@ def _init_phase(cells, depth, phase, L, E, k, edges, classes: Optional[int], see
     prior, theta = fit_token_classes(cells, phase, L, E, pop, C, seed=seed)
     # shrink each layer's depth histogram toward the all-layer one (a layer has few cells)
     pooled = (mom.hist * mom.cells[:, None, None]).sum(axis=0) / max(mom.cells.sum(), 1)
-    target = (mom.hist * mom.cells[:, None, None] + SHRINK_CELLS * pooled[None]) / (mom.cells[:, None, None] + SHRINK_CELLS)
+    n = mom.cells[:, None, None]
+    target = (mom.hist * n + SHRINK_CELLS * pooled[None]) / (n + SHRINK_CELLS)
     target_mom = dataclasses.replace(mom, hist=target, share=pop)
     copy = np.zeros_like(target[:, :, :-1])  # set from the excess reuse in fit_routing_cells
     drift = None if "drift" in parts else np.full(L, float(E))
@@ -213,10 +205,12 @@ def _init_phase(cells, depth, phase, L, E, k, edges, classes: Optional[int], see
     return pm, target_mom
 
 
-def _correct(pm: PhaseModel, target: PhaseMoments, got: PhaseMoments, parts: frozenset, step: float = 1.0) -> PhaseModel:
+def _correct(pm: PhaseModel, target: PhaseMoments, got: PhaseMoments, parts: frozenset) -> PhaseModel:
     if "locality" in parts and "popularity" in parts:
         return pm
-    copy = pm.copy if "locality" in parts else np.maximum(pm.copy + step * (target.hist[:, :, :-1] - got.hist[:, :, :-1]), 0.0)
+    copy = pm.copy
+    if "locality" not in parts:
+        copy = np.maximum(pm.copy + (target.hist[:, :, :-1] - got.hist[:, :, :-1]), 0.0)
     total = copy.sum(axis=2, keepdims=True)
     copy = np.where(total > 0.995, copy * (0.995 / np.maximum(total, 1e-12)), copy)
     if "popularity" in parts or pm.drift is not None:
@@ -275,7 +269,8 @@ def fit_routing_cells(cells: TraceCells, shape_meta, name: str, *, classes: Opti
         res = synthesize(model_of(phases), P, G, seed=seed + 1, disabled=("locality",))
         for ph in phases:
             got = phase_moments(res.cells, res.depth, ph, L, E, edges)
-            phases[ph] = dataclasses.replace(phases[ph], copy=np.maximum(targets[ph].hist[:, :, :-1] - got.hist[:, :, :-1], 0))
+            excess = np.maximum(targets[ph].hist[:, :, :-1] - got.hist[:, :, :-1], 0.0)
+            phases[ph] = dataclasses.replace(phases[ph], copy=excess)
     if "locality" in parts and "drift" in parts:
         iterations = 0  # nothing is moment-matched: popularity stays the maximum-likelihood fit
     for it in range(iterations):
@@ -290,8 +285,8 @@ def fit_routing_cells(cells: TraceCells, shape_meta, name: str, *, classes: Opti
     fitted_to = {
         "parts_left_out": sorted(parts),
         "method": "popularity: ML with 0.5 pseudo-count; token classes: EM; weights: moments; locality (per-request "
-                  "LRU stack-distance histogram per layer and rank) and drift (spread of per-request shares): "
-                  f"moment matching through the generator, {iterations} rounds",
+                  "LRU stack-distance histogram per layer and rank) and drift (share of first uses of an expert in "
+                  f"a request): moment matching through the generator, {iterations} rounds",
         "sources": list(sources),
         "requests": int(prompt_lens.size),
         "prefill_cells_per_layer": int(prompt_lens.sum()),
