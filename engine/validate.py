@@ -566,6 +566,16 @@ def build_report(v: Validator, presets: list[PresetValidation], command: str = "
 def run_validation(opts: ValidateOptions, command: str = "") -> ValidationReport:
     """Every policy of ``opts``: predict, measure ``repeats`` times (policies interleaved), compare."""
     v = Validator(opts)
+    try:
+        return _validate(v, opts, command)
+    finally:
+        if v.device.type == "cpu":
+            # Flushing denormals steadies CPU timings, but it is process-wide state: leave the caller's
+            # arithmetic (numpy, hypothesis, later tests in the same process) as it was.
+            torch.set_flush_denormal(False)
+
+
+def _validate(v: Validator, opts: ValidateOptions, command: str) -> ValidationReport:
     runnable = []
     skipped: list[PresetValidation] = []
     for policy in opts.policies:

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from conftest import TEST_DEVICE, random_cells, tiny_meta, tiny_shape
@@ -104,6 +105,8 @@ def test_cli_writes_json_and_markdown(tiny, tmp_path):
     md = (out / "validate-cpu-bf16.md").read_text()
     assert "## Summary" in md and "TPOT mean" in md and "rtx-3060" in md
     assert (out / "trace-tiny-fit-cpu-bf16.parquet").exists()
+    # validate flushes denormals while it measures on a CPU, and leaves the process as it found it
+    assert torch.tensor([1e-310], dtype=torch.float64).mul(1.0).item() > 0.0
 
 
 @pytest.mark.parametrize("args, message", [
