@@ -10,6 +10,7 @@ metric: predicted, measured, relative error ``(predicted - measured) / measured`
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import math
 import platform
@@ -189,8 +190,6 @@ class Validator:
         self.profile, self.profile_ref = self._profile()
         if self.device.type == "cpu" or opts.threads:
             torch.set_num_threads(int(opts.threads or self.profile.cpu_threads))
-        if self.device.type == "cpu":
-            torch.set_flush_denormal(True)
         kernel = ExpertFormat(opts.expert_format).kernel
         if kernel not in self.profile.expert_kernels:
             raise MoesimError(f"--expert-format {kernel}: profile {self.profile.name} has no {kernel} expert kernel "
@@ -329,7 +328,8 @@ class Validator:
         t0 = time.perf_counter()
         self.engine.release_buffers()  # the run allocates its own: the measured peak is this policy's
         start_measurement(self.device)
-        stats = self.engine.run(prep, objects, warm, self.opts.warmup_steps)
+        with denormals_flushed(self.device):
+            stats = self.engine.run(prep, objects, warm, self.opts.warmup_steps)
         pool = self.engine._pool
         parts = {"non_expert": self.non_expert_bytes, "expert_buffers": pool.total_bytes if pool else 0,
                  "kv_cache": stats.kv_peak_bytes}
@@ -563,19 +563,26 @@ def build_report(v: Validator, presets: list[PresetValidation], command: str = "
     )
 
 
+@contextlib.contextmanager
+def denormals_flushed(device: torch.device):
+    """Flush denormals on a CPU while the engine is timed (they slow CPU kernels unevenly).
+
+    The setting is process-wide, so it is undone afterwards: the caller's arithmetic (numpy, later tests
+    in the same process) stays as it was.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def run_validation(opts: ValidateOptions, command: str = "") -> ValidationReport:
     """Every policy of ``opts``: predict, measure ``repeats`` times (policies interleaved), compare."""
     v = Validator(opts)
-    try:
-        return _validate(v, opts, command)
-    finally:
-        if v.device.type == "cpu":
-            # Flushing denormals steadies CPU timings, but it is process-wide state: leave the caller's
-            # arithmetic (numpy, hypothesis, later tests in the same process) as it was.
-            torch.set_flush_denormal(False)
-
-
-def _validate(v: Validator, opts: ValidateOptions, command: str) -> ValidationReport:
     runnable = []
     skipped: list[PresetValidation] = []
     for policy in opts.policies:
