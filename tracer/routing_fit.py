@@ -11,8 +11,8 @@ Per phase and layer:
 - locality and drift by moment matching through the generator itself: synthesize the training shape,
   compare, correct, repeat. The matched moments are the per-(layer, rank) histogram of the per-request
   LRU stack distance in the buckets of ``depth_edges`` (which fixes reuse at every lag and the LRU curve
-  at every capacity) for the copy probabilities, and the entropy of a request's expert counts per layer
-  (how much a request concentrates on its own working set) for the drift concentration. Copies start at
+  at every capacity) for the copy probabilities, and the share of first uses of an expert in a request
+  (how far a request strays beyond its working set) for the drift concentration. Copies start at
   the reuse a synthesis without them falls short of, so they explain only what popularity cannot.
 """
 
@@ -71,7 +71,6 @@ class PhaseMoments:
     hist: np.ndarray  # [L, k, B+1] share of each (layer, rank)'s cells in each depth bucket; last = first use
     cells: np.ndarray  # [L]
     share: np.ndarray  # [L, E] share of accesses per expert
-    entropy: np.ndarray  # [L] normalized entropy of each request's expert counts, mean over requests
 
 
 def phase_moments(cells: TraceCells, depth: np.ndarray, phase: int, L: int, E: int,
@@ -89,13 +88,7 @@ def phase_moments(cells: TraceCells, depth: np.ndarray, phase: int, L: int, E: i
     counts = np.zeros((L, E))
     np.add.at(counts, (np.repeat(layer, k), cells.experts[rows].astype(np.int64).reshape(-1)), 1.0)
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    reqs, ridx = np.unique(cells.request[rows], return_inverse=True)
-    per = np.zeros((reqs.size, L, E))
-    np.add.at(per, (np.repeat(ridx, k), np.repeat(layer, k), cells.experts[rows].astype(np.int64).reshape(-1)), 1.0)
-    p = per / np.maximum(per.sum(axis=2, keepdims=True), 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        h = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=2) / np.log(E)
-    return PhaseMoments(hist=hist, cells=n, share=share, entropy=h.mean(axis=0))
+    return PhaseMoments(hist=hist, cells=n, share=share)
 
 
 
@@ -234,9 +227,10 @@ def _correct(pm: PhaseModel, target: PhaseMoments, got: PhaseMoments, parts: fro
 def _correct_drift(pm: PhaseModel, target: PhaseMoments, got: PhaseMoments) -> PhaseModel:
     drift = pm.drift
     if drift is not None:
-        # a request concentrates on its own working set through the urn's counts: a request's expert counts
-        # more spread out (higher entropy) than the trace's -> lower the concentration
-        drift = np.clip(drift * np.exp(8.0 * (target.entropy - got.entropy)), 0.01, 1e5)
+        # first uses in a request come from the urn's popularity weight: too many -> lower the concentration
+        first_target = target.hist[:, :, -1].mean(axis=1)
+        first_got = got.hist[:, :, -1].mean(axis=1)
+        drift = np.clip(drift * (np.maximum(first_target, 1e-4) / np.maximum(first_got, 1e-4)), 0.01, 1e5)
     return dataclasses.replace(pm, drift=drift)
 
 
@@ -292,14 +286,14 @@ def fit_routing_cells(cells: TraceCells, shape_meta, name: str, *, classes: Opti
     fitted_to = {
         "parts_left_out": sorted(parts),
         "method": "popularity: ML with 0.5 pseudo-count; token classes: EM; weights: moments; locality (per-request "
-                  "LRU stack-distance histogram per layer and rank) and drift (entropy of a request's expert counts "
-                  f"per layer): moment matching through the generator, {iterations} rounds",
+                  "LRU stack-distance histogram per layer and rank) and drift (share of first uses of an expert "
+                  f"in a request): moment matching through the generator, {iterations} rounds",
         "sources": list(sources),
         "requests": int(prompt_lens.size),
         "prefill_cells_per_layer": int(prompt_lens.sum()),
         "decode_cells_per_layer": int(output_lens.sum()),
         "token_classes": {("prefill" if ph == PREFILL else "decode"): int(phases[ph].num_classes) for ph in phases},
-        "drift": "Polya-urn concentration per layer, moment-matched to the entropy of a request's expert counts",
+        "drift": "Polya-urn concentration per layer, moment-matched to the share of first uses in a request",
     }
     m = model_of(phases)
     return dataclasses.replace(m, fitted_to=fitted_to, created=utc_now_iso())

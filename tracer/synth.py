@@ -155,7 +155,8 @@ def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, state: "_Stac
             d = (u[:, None] >= cum_copy[:, j, :]).sum(axis=1)  # E means "draw a fresh expert"
             d = _by_uses_within_bucket(rng, d, bucket_of, edges, uses_by_depth)
             cand = state.order[streams, np.minimum(d, E - 1)]
-            use_copy = (d < E) & ~taken[streams, cand]
+            # only an expert already used in the request can be copied; a depth past them is a fresh draw
+            use_copy = (d < E) & ~taken[streams, cand] & state.used[streams, cand]
             e = cand.copy()
             need = np.flatnonzero(~use_copy)
             e[need] = _draw_fresh(rng, cum, taken, need)
