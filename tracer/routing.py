@@ -263,8 +263,9 @@ def read_routing(name_or_path: str | os.PathLike) -> RoutingModel:
 
 
 def default_depth_edges(num_experts: int, top_k: int) -> np.ndarray:
-    """Each depth up to 2k on its own (where reuse of the last tokens lives), then doubling buckets."""
-    edges = list(range(0, min(2 * top_k, num_experts) + 1))
+    """Each depth up to max(2k, 16) on its own (where reuse of the last tokens lives; every depth of a small
+    layer), then doubling buckets."""
+    edges = list(range(0, min(max(2 * top_k, 16), num_experts) + 1))
     while edges[-1] < num_experts:
         edges.append(min(num_experts, 2 * edges[-1]))
     return np.asarray(edges, dtype=np.int64)
