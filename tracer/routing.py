@@ -17,7 +17,8 @@ One :class:`PhaseModel` per phase (prefill, decode) holds, for every MoE layer:
   cell; the previous token's rank k-1) with probability ``copy[l, j, d]``, and otherwise draws a fresh
   expert. Depth d is exactly the LRU stack distance of ``tracer/stats.py``, so the copy probabilities
   control the reuse of every lag and the LRU curve at every capacity, not only reuse at t-1. Depths are
-  stored in buckets (``depth_edges``) and spread evenly inside one.
+  stored in buckets (``depth_edges``); inside a bucket the depth is drawn in proportion to the uses, so far
+  in the request, of the expert there (+0.5), so a request keeps returning to its own working set.
 - **routing weights** (``weights``): the sum of a cell's k weights ~ Normal(mean, std) (clipped > 0),
   and their shares ~ Dirichlet(alpha) sorted high to low, by rank.
 
@@ -77,7 +78,8 @@ class PhaseModel:
         return np.einsum("c,cle->le", self.class_prior, self.class_popularity)
 
     def copy_per_depth(self) -> np.ndarray:
-        """copy[l, j, d] for every depth 0..E-1 (bucket mass spread evenly over its depths)."""
+        """copy[l, j, d] for every depth 0..E-1 (bucket mass spread evenly; the generator then redraws the depth
+        inside the bucket by the uses of the experts there)."""
         edges = self.depth_edges
         width = np.diff(edges).astype(np.float64)
         per = np.repeat(self.copy / width, np.diff(edges), axis=2)
@@ -261,8 +263,9 @@ def read_routing(name_or_path: str | os.PathLike) -> RoutingModel:
 
 
 def default_depth_edges(num_experts: int, top_k: int) -> np.ndarray:
-    """Each depth up to 2k on its own (where reuse of the last tokens lives), then doubling buckets."""
-    edges = list(range(0, min(2 * top_k, num_experts) + 1))
+    """Each depth up to max(2k, 16) on its own (where reuse of the last tokens lives; every depth of a small
+    layer), then doubling buckets."""
+    edges = list(range(0, min(max(2 * top_k, 16), num_experts) + 1))
     while edges[-1] < num_experts:
         edges.append(min(num_experts, 2 * edges[-1]))
     return np.asarray(edges, dtype=np.int64)

@@ -12,7 +12,8 @@ Per phase and layer:
   compare, correct, repeat. The matched moments are the per-(layer, rank) histogram of the per-request
   LRU stack distance in the buckets of ``depth_edges`` (which fixes reuse at every lag and the LRU curve
   at every capacity) for the copy probabilities, and the share of first uses of an expert in a request
-  for the drift concentration.
+  (how far a request strays beyond its working set) for the drift concentration. Copies start at
+  the reuse a synthesis without them falls short of, so they explain only what popularity cannot.
 """
 
 from __future__ import annotations
@@ -285,8 +286,8 @@ def fit_routing_cells(cells: TraceCells, shape_meta, name: str, *, classes: Opti
     fitted_to = {
         "parts_left_out": sorted(parts),
         "method": "popularity: ML with 0.5 pseudo-count; token classes: EM; weights: moments; locality (per-request "
-                  "LRU stack-distance histogram per layer and rank) and drift (share of first uses of an expert in "
-                  f"a request): moment matching through the generator, {iterations} rounds",
+                  "LRU stack-distance histogram per layer and rank) and drift (share of first uses of an expert "
+                  f"in a request): moment matching through the generator, {iterations} rounds",
         "sources": list(sources),
         "requests": int(prompt_lens.size),
         "prefill_cells_per_layer": int(prompt_lens.sum()),

@@ -21,6 +21,7 @@ from moesim.modelspec import ModelShape
 from moesim.tracer.format import DECODE, PREFILL, Trace, TraceCells, TraceMeta, TraceSource
 from moesim.tracer.routing import PARTS, PhaseModel, RoutingModel
 
+BUCKET_PSEUDO_USES = 0.5  # an expert's weight inside its depth bucket: its uses in the request + this
 _LOG_FLOOR = -60.0  # log-probability given to experts of zero fitted popularity (never drawn in practice)
 
 
@@ -91,6 +92,25 @@ def _draw_fresh(rng, cum: np.ndarray, taken: np.ndarray, rows: np.ndarray) -> np
     return out
 
 
+def _by_uses_within_bucket(rng, d: np.ndarray, bucket_of: np.ndarray, edges: np.ndarray,
+                           uses_by_depth: np.ndarray) -> np.ndarray:
+    """Re-draw a copy depth inside its bucket in proportion to the uses (so far in the request) of the expert
+    at each depth: the bucket's mass is what the fit matched; inside it, experts a request keeps coming back
+    to come back more (its working set), not a uniformly random one of those last used about as long ago."""
+    E = uses_by_depth.shape[1]
+    lo, hi = edges[:-1][bucket_of[np.minimum(d, E - 1)]], edges[1:][bucket_of[np.minimum(d, E - 1)]]
+    rows = np.flatnonzero((d < E) & (hi - lo > 1))
+    if rows.size == 0:
+        return d
+    pos = np.arange(E)[None, :]
+    w = np.where((pos >= lo[rows, None]) & (pos < hi[rows, None]), uses_by_depth[rows], 0.0)
+    c = np.cumsum(w, axis=1)
+    v = rng.random(rows.size) * c[:, -1]
+    out = d.copy()
+    out[rows] = np.minimum((c <= v[:, None]).sum(axis=1), hi[rows] - 1)
+    return out
+
+
 def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, state: "_Stacks", k: int):
     """Advance every (request, layer) stream through ``lengths[r]`` cells of one phase.
 
@@ -109,6 +129,8 @@ def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, state: "_Stac
         base = marginal * np.asarray(drift, dtype=np.float64)[:, None]  # [L, E]
     classes = rng.choice(prior.shape[0], size=(R, T), p=prior) if prior.shape[0] > 1 else np.zeros((R, T), int)
     cum_copy = np.tile(cum_copy, (R, 1, 1))  # [S, k, E]: stream s = r * L + l
+    edges = pm.depth_edges
+    bucket_of = np.repeat(np.arange(len(edges) - 1), np.diff(edges))  # depth -> bucket
     experts = np.zeros((R, T, L, k), dtype=np.int16)
     depth = np.zeros((R, T, L, k), dtype=np.int16)
     streams = np.arange(S)
@@ -127,11 +149,14 @@ def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, state: "_Stac
                 cum = _row_cumsum(pop_class[classes[:, t]].reshape(S, E))
         taken = np.zeros((S, E), dtype=bool)
         chosen = np.empty((S, k), dtype=np.int64)
+        uses_by_depth = np.take_along_axis(state.counts, state.order, axis=1) + BUCKET_PSEUDO_USES
         for j in range(k):
             u = rng.random(S)
             d = (u[:, None] >= cum_copy[:, j, :]).sum(axis=1)  # E means "draw a fresh expert"
+            d = _by_uses_within_bucket(rng, d, bucket_of, edges, uses_by_depth)
             cand = state.order[streams, np.minimum(d, E - 1)]
-            use_copy = (d < E) & ~taken[streams, cand]
+            # only an expert already used in the request can be copied; a depth past them is a fresh draw
+            use_copy = (d < E) & ~taken[streams, cand] & state.used[streams, cand]
             e = cand.copy()
             need = np.flatnonzero(~use_copy)
             e[need] = _draw_fresh(rng, cum, taken, need)
