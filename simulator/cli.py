@@ -43,7 +43,7 @@ def _gating(text: Optional[str]):
 def build_policy(name: str, eviction: Optional[str] = None, scope: Optional[str] = None,
                  prefetch: Optional[str] = None, placement: Optional[str] = None, placement_rule: Optional[str] = None,
                  transfer: Optional[str] = None, gating: Optional[str] = None,
-                 predictor_train: tuple[str, ...] = ()):
+                 predictor_train: tuple[str, ...] = (), guess: Optional[str] = None):
     """A preset with any of its parts replaced (each part checked against its registry)."""
     from moesim.simulator.cache import CACHE_POLICIES
     from moesim.simulator.placement import PLACEMENTS, PlacementSpec
@@ -64,6 +64,8 @@ def build_policy(name: str, eviction: Optional[str] = None, scope: Optional[str]
         pf = replace(pf, policy=prefetch)
     if predictor_train:
         pf = replace(pf, train=tuple(predictor_train))
+    if guess is not None:
+        pf = replace(pf, guess=guess)
     pl = policy.placement
     if placement is not None:
         PLACEMENTS.get(placement, "--placement")
@@ -134,9 +136,17 @@ def _notes(result, policy) -> list[str]:
     notes = []
     if "(for " in (result.expert_kernel or ""):
         notes.append(f"the profile has no kernel for this expert format; timed with {result.expert_kernel}")
-    if policy.prefetch.policy in ("next-layer", "first-non-resident") and result.guess_source == "previous-token":
-        notes.append("the trace has no next_layer_guess column; the next-layer guess is the previous token's "
-                     "experts at that layer")
+    guessing = policy.prefetch.policy in ("next-layer", "first-non-resident")
+    if guessing and result.guess_source == "previous-token":
+        notes.append("the next-layer guess is the previous token's experts at that layer, which a cache of "
+                     ">= top-k slots always holds: expect few or no prefetches")
+    elif guessing and result.guess_source.startswith("accuracy-"):
+        notes.append(f"the trace has no next_layer_guess column; the next-layer guess is a model "
+                     f"(per-slot accuracy {result.guess_source.split('-', 1)[1]} against the real next layer, "
+                     f"--guess accuracy:P to change it)")
+    if policy.prefetch.policy != "none" and result.feasible and not result.prefetch_issued:
+        notes.append(f"prefetcher '{policy.prefetch.policy}' issued no prefetch in this run: the result equals "
+                     f"the same cache without prefetch")
     return notes
 
 
@@ -159,6 +169,8 @@ def _notes(result, policy) -> list[str]:
 @click.option("--scope", default=None, type=click.Choice(["layer", "global"]), help="Cache per layer or global.")
 @click.option("--prefetch", default=None, help="Replace the prefetcher: none, next-layer, first-non-resident, eam, "
               "predictive, oracle.")
+@click.option("--guess", default=None, help="Next-layer guess of next-layer/first-non-resident prefetch: auto "
+              "(the trace's column, else a guess model), trace, previous-token, or accuracy:P.")
 @click.option("--placement", default=None, help="Replace the placement: gpu, fiddler, hybrimoe.")
 @click.option("--placement-rule", default=None, type=click.Choice(["profile", "code"]),
               help="CPU/GPU decision from the profile's costs or the released code's constants.")
@@ -170,8 +182,8 @@ def _notes(result, policy) -> list[str]:
               help="Write a Chrome-trace JSON (open in Perfetto) of the GPU, PCIe and CPU lanes.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the result as JSON.")
 def simulate_command(trace_spec, profile_spec, policy, cache_experts, cache_mem, gpu_mem, expert_bits,
-                     non_expert_bits, batch, eviction, scope, prefetch, placement, placement_rule, transfer, gating,
-                     predictor_train, timeline_path, json_path):
+                     non_expert_bits, batch, eviction, scope, prefetch, guess, placement, placement_rule, transfer,
+                     gating, predictor_train, timeline_path, json_path):
     """Replay a routing trace under one offloading policy on a modelled machine."""
     from moesim.atomic import write_text_atomic
     from moesim.simulator.config import SimConfig
@@ -182,7 +194,7 @@ def simulate_command(trace_spec, profile_spec, policy, cache_experts, cache_mem,
 
     trace_path = resolve_trace(trace_spec)
     spec = build_policy(policy, eviction, scope, prefetch, placement, placement_rule, transfer, gating,
-                        tuple(predictor_train))
+                        tuple(predictor_train), guess)
     config = SimConfig(
         policy=spec, cache_experts=cache_experts,
         cache_bytes=parse_bytes(cache_mem, "--cache-mem") if cache_mem is not None else None,

@@ -41,7 +41,8 @@ def lru() -> PolicySpec:
 
 @PRESETS.register("lfu")
 def lfu() -> PolicySpec:
-    """Per-layer LFU with per-request visit counts (MoE-Infinity's rule, without its global pool), copy stream."""
+    """Per-layer LFU with per-request visit counts kept across evictions (MoE-Infinity's rule, without its
+    global pool), copy stream. ``--eviction lfu-forget`` is the textbook LFU that forgets on eviction."""
     return _spec("lfu", CacheSpec("lfu"))
 
 
@@ -74,8 +75,10 @@ def mixtral_offloading_paper() -> PolicySpec:
     Models: per-layer LRU (k slots), layer l+1's gate applied to layer l's hidden state guesses l+1's
     experts and every guessed non-resident expert is loaded into the LRU in the background on a copy
     stream while layer l computes (wrong guesses cost only bandwidth); 4 staging buffers.
-    Leaves out: the released code's swap write-back (the paper's system keeps all experts on the host);
-    the guess is the trace's ``next_layer_guess`` (previous token's experts when the trace lacks it).
+    Leaves out: the released code's swap write-back (the paper's system keeps all experts on the host).
+    The guess is the trace's ``next_layer_guess``; a trace without it gets the guess model (layer l+1's
+    real experts kept with a stated per-slot accuracy, ``--guess``), and the result reports the prefetch
+    precision and recall.
     """
     return _spec("mixtral-offloading-paper", CacheSpec("lru", initial="last-experts"), prefetch="next-layer",
                  staging_experts=4)

@@ -99,8 +99,10 @@ def _trace_key(trace: Trace) -> tuple:
 
 
 def get_workload(trace: Trace, batch: int, policy: PolicySpec) -> Workload:
-    key = (_trace_key(trace), batch, policy.gating)
-    return _WORKLOADS.get_or(key, lambda: (trace, compile_workload(trace, batch=batch, gating=policy.gating)))[1]
+    guess = policy.prefetch.guess
+    key = (_trace_key(trace), batch, policy.gating, guess)
+    return _WORKLOADS.get_or(key, lambda: (trace, compile_workload(trace, batch=batch, gating=policy.gating,
+                                                                   guess=guess)))[1]
 
 
 @dataclass

@@ -206,3 +206,22 @@ def test_timeline_has_cpu_lane_events_for_cpu_experts(tmp_path):
                                         cache_experts=0), timeline=tl)
     tids = {e[0] for e in tl.events}
     assert 1 in tids and 4 in tids  # GPU and CPU lanes
+
+
+def test_next_layer_prefetch_without_a_recorded_guess_uses_a_stated_guess_model(tmp_path):
+    # No next_layer_guess column and 2 slots per layer (>= top-k 1): the previous token's experts are always
+    # resident, so the old fallback issued no prefetch and mixtral-offloading-paper equalled plain LRU.
+    rng = np.random.default_rng(3)
+    tokens = [[[int(rng.integers(4))] for _ in range(3)] for _ in range(40)]
+    path = write_tiny_trace(tmp_path / "t.parquet", tokens, prompt=1)
+    cfg = lambda name, **kw: SimConfig(policy=build_policy(name, **kw), cache_experts=2)  # noqa: E731
+    paper = simulate(path, profile(), cfg("mixtral-offloading-paper"))
+    assert paper.guess_source == "accuracy-0.75"
+    assert paper.prefetch_issued > 0
+    assert 0 < paper.prefetch_precision <= 1 and 0 < paper.prefetch_recall <= 1
+    exact = simulate(path, profile(), cfg("mixtral-offloading-paper", guess="accuracy:1"))
+    assert exact.prefetch_precision == 1.0  # a perfect guess prefetches only experts that are then used
+    old = simulate(path, profile(), cfg("mixtral-offloading-paper", guess="previous-token"))
+    assert old.guess_source == "previous-token" and old.prefetch_issued == 0
+    with pytest.raises(MoesimError, match="--guess"):
+        build_policy("mixtral-offloading-paper", guess="accuracy:2")
