@@ -169,6 +169,8 @@ def _notes(result, policy) -> list[str]:
 @click.option("--scope", default=None, type=click.Choice(["layer", "global"]), help="Cache per layer or global.")
 @click.option("--prefetch", default=None, help="Replace the prefetcher: none, next-layer, first-non-resident, eam, "
               "predictive, oracle.")
+@click.option("--knob", "knobs", multiple=True, help="A system's own setting, NAME=VALUE: offload_per_layer "
+              "(mixtral-offloading), device_memory_ratio (moe-infinity), gpu_memory_fraction (fiddler).")
 @click.option("--guess", default=None, help="Next-layer guess of next-layer/first-non-resident prefetch: auto "
               "(the trace's column, else a guess model), trace, previous-token, or accuracy:P.")
 @click.option("--placement", default=None, help="Replace the placement: gpu, fiddler, hybrimoe.")
@@ -182,8 +184,8 @@ def _notes(result, policy) -> list[str]:
               help="Write a Chrome-trace JSON (open in Perfetto) of the GPU, PCIe and CPU lanes.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the result as JSON.")
 def simulate_command(trace_spec, profile_spec, policy, cache_experts, cache_mem, gpu_mem, expert_bits,
-                     non_expert_bits, batch, eviction, scope, prefetch, guess, placement, placement_rule, transfer,
-                     gating, predictor_train, timeline_path, json_path):
+                     non_expert_bits, batch, knobs, eviction, scope, prefetch, guess, placement, placement_rule,
+                     transfer, gating, predictor_train, timeline_path, json_path):
     """Replay a routing trace under one offloading policy on a modelled machine."""
     from moesim.atomic import write_text_atomic
     from moesim.simulator.config import SimConfig
@@ -202,6 +204,11 @@ def simulate_command(trace_spec, profile_spec, policy, cache_experts, cache_mem,
         expert_format=_formats(expert_bits, "--expert-bits"),
         non_expert_format=_formats(non_expert_bits, "--non-expert-bits"), batch=batch,
     )
+    if knobs:
+        from moesim.simulator.knobs import apply_knobs, parse_knobs
+        from moesim.tracer import read_trace_meta
+
+        config = apply_knobs(config, parse_knobs(knobs), read_trace_meta(trace_path).num_experts)
     timeline = Timeline(f"moesim {policy}") if timeline_path else None
     result = simulate(trace_path, profile_spec, config, timeline=timeline,
                       trace_name=trace_label(trace_spec) if trace_spec else trace_path.stem, profile_name=profile_spec)

@@ -23,10 +23,10 @@ DEFAULT_SWEEP_POLICIES = ("lru", "mixtral-offloading", "moe-infinity", "fiddler"
 
 def _spec(name: str, cache: CacheSpec, prefetch: str = "none", placement: str = "gpu", transfer: str = "stream",
           gating: GatingSpec = GatingSpec(), memory_fraction: float = 1.0, all_resident: bool = False,
-          **transfer_changes) -> PolicySpec:
+          memory_rule: str = "free", **transfer_changes) -> PolicySpec:
     return PolicySpec(name=name, cache=cache, prefetch=PrefetchSpec(prefetch), placement=PlacementSpec(placement),
                       transfer=transfer_spec(transfer, **transfer_changes), gating=gating,
-                      memory_fraction=memory_fraction, all_resident=all_resident)
+                      memory_fraction=memory_fraction, all_resident=all_resident, memory_rule=memory_rule)
 
 
 @PRESETS.register("lru")
@@ -89,7 +89,7 @@ def moe_infinity() -> PolicySpec:
     """MoE-Infinity as released (EfficientMoE/MoE-Infinity ``d617801``).
 
     Models: one global expert cache sized in bytes (``device_memory_ratio`` 0.9 of the GPU minus the
-    dense weights when sized from memory), evicting the expert with the fewest in-request visits
+    dense weights when sized from memory; ``--knob device_memory_ratio=R``), evicting the expert with the fewest in-request visits
     (``incache_visit_count``, reset after prefill and after each request), a dedicated fetch stream
     (pinned host memory) where on-demand fetches go before queued prefetches; prefetch is disabled as in
     ``ArcherConfig.prefetch=False`` (``--prefetch eam`` enables the activation-matrix matching).
@@ -97,7 +97,7 @@ def moe_infinity() -> PolicySpec:
     tie-breaking by container order (ties go to the least recently used).
     """
     return _spec("moe-infinity", CacheSpec("lfu", scope="global", unit="bytes"), memory_fraction=0.9,
-                 demand_priority=True)
+                 memory_rule="pool", demand_priority=True)
 
 
 @PRESETS.register("fiddler")
@@ -113,7 +113,7 @@ def fiddler() -> PolicySpec:
     issued from one Python loop (here the CPU pool and the GPU run side by side); beam search.
     """
     return _spec("fiddler", CacheSpec("static", scope="global", unit="bytes", initial="popular"),
-                 placement="fiddler", transfer="sync", memory_fraction=0.95)
+                 placement="fiddler", transfer="sync", memory_fraction=0.95, memory_rule="pool")
 
 
 @PRESETS.register("adapmoe")

@@ -175,8 +175,8 @@ def test_moe_infinity_sizes_its_global_cache_from_ninety_percent_of_memory(tmp_p
     prof = profile(memory_bytes=10 * 2**20)
     r = simulate(path, prof, SimConfig(get_preset("moe-infinity")))
     m = r.memory
-    fixed = m.non_expert_bytes + m.kv_cache_bytes + m.activation_bytes + m.reserve_bytes
-    assert m.cache_bytes == min(int(10 * 2**20 * 0.9) - fixed, 2 * 4 * EXPERT_BYTES)
+    # GetSparseCacheLimit: the pool (ratio x device memory) minus the dense weights only
+    assert m.cache_bytes == min(int(10 * 2**20 * 0.9) - m.non_expert_bytes, 2 * 4 * EXPERT_BYTES)
 
 
 def test_lane_serves_demand_before_queued_prefetches_and_promotes():
@@ -225,3 +225,21 @@ def test_next_layer_prefetch_without_a_recorded_guess_uses_a_stated_guess_model(
     assert old.guess_source == "previous-token" and old.prefetch_issued == 0
     with pytest.raises(MoesimError, match="--guess"):
         build_policy("mixtral-offloading-paper", guess="accuracy:2")
+
+
+def test_presets_speak_their_systems_knobs(tmp_path):
+    from moesim.simulator.knobs import apply_knobs, parse_knobs
+
+    path = write_tiny_trace(tmp_path / "t.parquet", [[[0], [1]], [[1], [2]]], prompt=1)
+    base = SimConfig(get_preset("mixtral-offloading"))
+    assert apply_knobs(base, parse_knobs(["offload_per_layer=3"]), 4).cache_experts == 1
+    prof = profile(memory_bytes=10 * 2**20)
+    cfg = apply_knobs(SimConfig(get_preset("moe-infinity")), parse_knobs(["device-memory-ratio=0.5"]), 4)
+    m = simulate(path, prof, cfg).memory
+    assert m.cache_bytes == min(int(10 * 2**20 * 0.5) - m.non_expert_bytes, 2 * 4 * EXPERT_BYTES)
+    with pytest.raises(MoesimError, match="not of preset 'lru'"):
+        apply_knobs(SimConfig(get_preset("lru")), parse_knobs(["offload_per_layer=2"]), 4)
+    with pytest.raises(MoesimError, match="integer 0..4"):
+        apply_knobs(base, parse_knobs(["offload_per_layer=9"]), 4)
+    with pytest.raises(MoesimError, match="NAME=VALUE"):
+        parse_knobs(["cache=2"])
