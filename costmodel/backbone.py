@@ -56,8 +56,12 @@ class OpCosts:
 
 
 def op_costs(fe: WorkloadFeatures, profile, shape, expert_bytes: list[int], expert_kernel: str,
-             non_expert_kernel: str) -> OpCosts:
+             non_expert_kernel: str, runtime: str = "none", expert_quantized: bool = False) -> OpCosts:
+    """``runtime``: the preset's implementation costs (:mod:`moesim.simulator.runtime`), added as the
+    simulator adds them (HQQ attention's extra cost is not included: the non-expert format's delta is
+    computed without a runtime)."""
     from moesim.simulator.costs import build_cost_tables
+    from moesim.simulator.runtime import apply_runtime, runtime_costs
 
     max_tokens = max([fe.max_tokens_per_expert] + fe.steps.tokens.tolist() + fe.prefills.tokens.tolist())
     args = (profile, shape, expert_bytes, expert_kernel, non_expert_kernel, max_tokens,
@@ -68,6 +72,8 @@ def op_costs(fe: WorkloadFeatures, profile, shape, expert_bytes: list[int], expe
     except MoesimError:
         ct = build_cost_tables(*args, False)
         cpu_ok = False
+    rt = runtime_costs(runtime)
+    ct = apply_runtime(ct, rt, expert_hqq=rt.hqq_traffic_factor > 1.0 and expert_quantized, attention_hqq=False)
     gpu = np.asarray(ct.gpu_expert)
     L = fe.num_layers
     shared = ct.shared_experts

@@ -23,10 +23,11 @@ DEFAULT_SWEEP_POLICIES = ("lru", "mixtral-offloading", "moe-infinity", "fiddler"
 
 def _spec(name: str, cache: CacheSpec, prefetch: str = "none", placement: str = "gpu", transfer: str = "stream",
           gating: GatingSpec = GatingSpec(), memory_fraction: float = 1.0, all_resident: bool = False,
-          memory_rule: str = "free", **transfer_changes) -> PolicySpec:
+          memory_rule: str = "free", runtime: str = "none", **transfer_changes) -> PolicySpec:
     return PolicySpec(name=name, cache=cache, prefetch=PrefetchSpec(prefetch), placement=PlacementSpec(placement),
                       transfer=transfer_spec(transfer, **transfer_changes), gating=gating,
-                      memory_fraction=memory_fraction, all_resident=all_resident, memory_rule=memory_rule)
+                      memory_fraction=memory_fraction, all_resident=all_resident, memory_rule=memory_rule,
+                      runtime=runtime)
 
 
 @PRESETS.register("lru")
@@ -61,11 +62,15 @@ def mixtral_offloading() -> PolicySpec:
     (H2D of the needed expert plus D2H of the evicted one, the host keeping only ``offload_size`` pinned
     slots), both on the compute stream, so copies and expert GEMMs serialize; ``buffer_size=4`` device
     staging buffers; no prefetch; prefill streams the union of the prompt's experts through the same LRU.
+    Runtime costs (``simulator/runtime.py``, ``mixtral-offloading``): the Python per-expert loop's launches
+    and two host syncs per expert, one sync per layer, and for HQQ formats the dequantize-then-matmul
+    traffic (5x the packed bytes) and HQQ attention's launches and traffic.
     Leaves out: the 3-deep loading window (with everything on one stream it does not change the time);
     quantization (the demo's HQQ 4-bit attention / 2-bit experts is ``--expert-bits int2-g16-m8
     --non-expert-bits int4-g64-m8``).
     """
-    return _spec("mixtral-offloading", CacheSpec("lru", initial="last-experts"), transfer="swap", staging_experts=4)
+    return _spec("mixtral-offloading", CacheSpec("lru", initial="last-experts"), transfer="swap", staging_experts=4,
+                 runtime="mixtral-offloading")
 
 
 @PRESETS.register("mixtral-offloading-paper")
@@ -93,11 +98,12 @@ def moe_infinity() -> PolicySpec:
     (``incache_visit_count``, reset after prefill and after each request), a dedicated fetch stream
     (pinned host memory) where on-demand fetches go before queued prefetches; prefetch is disabled as in
     ``ArcherConfig.prefetch=False`` (``--prefetch eam`` enables the activation-matrix matching).
+    Runtime costs (``moe-infinity``): two stream synchronisations and five launches per expert, one per layer.
     Leaves out: the SSD-to-host cold start, the 8 exec streams (experts of a layer run back to back here),
     tie-breaking by container order (ties go to the least recently used).
     """
     return _spec("moe-infinity", CacheSpec("lfu", scope="global", unit="bytes"), memory_fraction=0.9,
-                 memory_rule="pool", demand_priority=True)
+                 memory_rule="pool", demand_priority=True, runtime="moe-infinity")
 
 
 @PRESETS.register("fiddler")
@@ -109,11 +115,13 @@ def fiddler() -> PolicySpec:
     data); per layer and per expert, a resident expert runs on the GPU, a non-resident one on the CPU
     when its tokens' CPU time is below one expert's copy time (the profile's real costs; ``--placement-rule
     code`` uses the released 7/70 constants), otherwise its weights are copied synchronously from pageable
-    memory into one placeholder and never cached. Leaves out: the CPU and GPU work of one layer being
+    memory into one placeholder and never cached. Runtime costs (``fiddler``): per GPU expert the HF
+    module's launches, per CPU expert a synchronous activation copy, per layer a host read of the routing.
+    Leaves out: the CPU and GPU work of one layer being
     issued from one Python loop (here the CPU pool and the GPU run side by side); beam search.
     """
     return _spec("fiddler", CacheSpec("static", scope="global", unit="bytes", initial="popular"),
-                 placement="fiddler", transfer="sync", memory_fraction=0.95, memory_rule="pool")
+                 placement="fiddler", transfer="sync", memory_fraction=0.95, memory_rule="pool", runtime="fiddler")
 
 
 @PRESETS.register("adapmoe")
@@ -178,8 +186,9 @@ def all_gpu() -> PolicySpec:
 def accelerate() -> PolicySpec:
     """HF accelerate's naive offload (``device_map="auto"``): whole layers fill the GPU in order, and every
     other layer's experts (all of them, routed or not) are copied synchronously from pageable host memory
-    at every forward pass. Leaves out: offloaded layers' attention weights (kept on the GPU here)."""
-    return _spec("accelerate", CacheSpec("static", initial="first-layers"), transfer="layer")
+    at every forward pass; runtime costs (``accelerate``): one synchronous copy per parameter (28 per Mixtral
+    layer). Leaves out: offloaded layers' attention weights (kept on the GPU here)."""
+    return _spec("accelerate", CacheSpec("static", initial="first-layers"), transfer="layer", runtime="accelerate")
 
 
 def get_preset(name: str) -> PolicySpec:

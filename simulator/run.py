@@ -118,6 +118,8 @@ class Prepared:
     non_expert_kernel: str
     profile: object
     policy: PolicySpec
+    expert_quantized: bool = False  # the config asked for a quantized expert format
+    non_expert_quantized: bool = False
 
 
 def _label(trace_name: str, profile_name: str, config: SimConfig, plan_budget: int, dtype: str) -> RunLabel:
@@ -162,7 +164,9 @@ def prepare(trace: Trace, profile, config: SimConfig, trace_name: str = "", prof
     label = _label(trace_name or (trace.path.stem if trace.path else "trace"), profile_name or profile.name,
                    config, plan.budget_bytes, meta.dtype)
     return Prepared(label, trace, workload, plan, expert_bytes, expert_kernel, non_expert_kernel, profile,
-                    config.policy)
+                    config.policy,
+                    expert_quantized=bool(config.expert_format and config.expert_format.is_quantized),
+                    non_expert_quantized=bool(config.non_expert_format and config.non_expert_format.is_quantized))
 
 
 def _costs(prep: Prepared, needs_cpu: bool) -> CostTables:
@@ -181,6 +185,16 @@ def _costs(prep: Prepared, needs_cpu: bool) -> CostTables:
         return prep.profile, prep.trace, tables  # holding the objects keeps their ids from being reused
 
     return _COSTS.get_or(key, make)[2]
+
+
+def _runtime_costs(prep: Prepared, tables: CostTables) -> CostTables:
+    """The preset's runtime implementation costs added to the profile's cost tables."""
+    from moesim.simulator.runtime import apply_runtime, runtime_costs
+
+    runtime = runtime_costs(prep.policy.runtime)
+    hqq = runtime.hqq_traffic_factor > 1.0  # the released code runs every quantized weight through HQQ
+    return apply_runtime(tables, runtime, expert_hqq=hqq and prep.expert_quantized,
+                         attention_hqq=hqq and prep.non_expert_quantized)
 
 
 def _initial_keys(initial: str, prep: Prepared) -> list[tuple[int, int]]:
@@ -244,7 +258,7 @@ def build_policy_objects(prep: Prepared) -> PolicyObjects:
     policy = prep.policy
     wl = prep.workload
     L, E = wl.num_layers, wl.num_experts
-    costs = _costs(prep, policy.placement.policy != "gpu")
+    costs = _runtime_costs(prep, _costs(prep, policy.placement.policy != "gpu"))
     cache = make_cache(policy.cache.policy, _geometry(prep), prep.plan.capacity, **policy.cache.params())
     cache.preload(_initial_keys(policy.cache.initial, prep))
     if isinstance(cache, BeladyCache):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import simpy
 
 from moesim.errors import MoesimError
+from moesim.quant import WeightFormat
 from moesim.simulator.cli import build_policy
 from moesim.simulator.config import SimConfig
 from moesim.simulator.costs import CostTables
@@ -164,7 +166,8 @@ def test_accelerate_copies_every_offloaded_layer_whole_each_step(tmp_path):
     tokens = [[[0], [0], [0]], [[1], [1], [1]], [[2], [2], [2]]]
     path = write_tiny_trace(tmp_path / "t.parquet", tokens, prompt=1)
     # room for one layer's 4 experts: layer 0 stays, layers 1 and 2 are copied (pageable, 2 ms each)
-    r = simulate(path, profile(), SimConfig(get_preset("accelerate"), cache_bytes=4 * EXPERT_BYTES))
+    acc = get_preset("accelerate").with_parts(runtime="none")  # the copies alone, without per-parameter syncs
+    r = simulate(path, profile(), SimConfig(acc, cache_bytes=4 * EXPERT_BYTES))
     assert r.cache_slots == 4
     assert r.h2d_bytes == 3 * 2 * 4 * EXPERT_BYTES
     assert r.tpot_mean_s == pytest.approx(3 * (2 * MS + MS) + 2 * 8 * MS, rel=1e-9)
@@ -243,3 +246,21 @@ def test_presets_speak_their_systems_knobs(tmp_path):
         apply_knobs(base, parse_knobs(["offload_per_layer=9"]), 4)
     with pytest.raises(MoesimError, match="NAME=VALUE"):
         parse_knobs(["cache=2"])
+
+
+def test_runtime_costs_add_the_released_codes_launches_and_syncs(tmp_path):
+    from moesim.simulator.runtime import LAUNCH_S, SYNC_S
+
+    # one decode token, one layer, one resident expert: the runtime adds its per-expert and per-layer terms
+    path = write_tiny_trace(tmp_path / "t.parquet", [[[0]], [[0]]], prompt=1)
+    cfg = lambda runtime: SimConfig(get_preset("moe-infinity").with_parts(runtime=runtime),  # noqa: E731
+                                    cache_experts=2)
+    bare = simulate(path, profile(), cfg("none"))
+    real = simulate(path, profile(), cfg("moe-infinity"))
+    assert real.tpot_mean_s - bare.tpot_mean_s == pytest.approx(5 * LAUNCH_S + 2 * SYNC_S + SYNC_S)
+    # HQQ experts move 5x their packed bytes: Mixtral-Offloading's int2 expert call costs more than int4's kernel
+    mo = SimConfig(get_preset("mixtral-offloading"), cache_experts=2, expert_format=WeightFormat.parse("int2-g16-m8"))
+    mo_bare = replace(mo, policy=mo.policy.with_parts(runtime="none"))
+    assert simulate(path, profile(), mo).tpot_mean_s > simulate(path, profile(), mo_bare).tpot_mean_s
+    with pytest.raises(MoesimError, match="runtime 'x'"):
+        get_preset("lru").with_parts(runtime="x")
