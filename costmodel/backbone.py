@@ -55,6 +55,9 @@ class OpCosts:
     cpu_available: bool
 
 
+FIDDLER_CODE_CPU, FIDDLER_CODE_GPU = 7.0, 70.0  # efeslab/fiddler 227715b mixtral.py latency_cpu / latency_gpu
+
+
 def op_costs(fe: WorkloadFeatures, profile, shape, expert_bytes: list[int], expert_kernel: str,
              non_expert_kernel: str, runtime: str = "none", expert_quantized: bool = False) -> OpCosts:
     """``runtime``: the preset's implementation costs (:mod:`moesim.simulator.runtime`), added as the
@@ -168,7 +171,7 @@ def _effective_copies(fe: WorkloadFeatures, table: MissTable, oc: OpCosts) -> _C
 
 
 def _decode_expert_time(hist: np.ndarray, mode: str, placement: str, oc: OpCosts, cp: _Copies,
-                        swap_evicts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        swap_evicts: np.ndarray, code_rule: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Summed decode expert-phase time over cells, per capacity: (time, copy-wait time, cpu misses)."""
     C, A1, _ = hist.shape
     a = np.arange(A1)[None, :, None].astype(np.float64)
@@ -182,7 +185,8 @@ def _decode_expert_time(hist: np.ndarray, mode: str, placement: str, oc: OpCosts
     if placement == "fiddler":
         chain = _interp(oc.act_d2h, t) + _interp(oc.cpu, t) + _interp(oc.act_h2d, t)
         xp = cp.pageable
-        to_cpu = _interp(oc.cpu, t) < xp  # [C, 1, 1]
+        # the released constants (CPU 7 per token against a 70 transfer) or the profile's costs
+        to_cpu = (t * FIDDLER_CODE_CPU < FIDDLER_CODE_GPU) if code_rule else (_interp(oc.cpu, t) < xp)
         f = np.where(to_cpu, np.where(has_miss, np.maximum((a - m) * g, m * chain), a * g), a * g + m * xp)
         cpu_cnt = np.where(to_cpu, m + 0 * a, 0.0)
         copy_part = f - a * g
@@ -272,7 +276,7 @@ def _prefill_cells(fe: WorkloadFeatures, misses: Optional[np.ndarray], mode: str
     m = misses.astype(np.float64)
     x = oc.copy[pc.layer][:, None]
     if placement == "fiddler":
-        return _fiddler_prefill(fe, oc, expert_bytes)
+        return _fiddler_prefill(fe, oc, expert_bytes, spec.placement.rule == "code")
     if mode == "stream":
         Gm = G * m / a
         return np.where(m >= 1, np.maximum(np.maximum(G, m * x + Gm / np.maximum(m, 1)), x + Gm), G)
@@ -283,7 +287,8 @@ def _prefill_cells(fe: WorkloadFeatures, misses: Optional[np.ndarray], mode: str
     raise MoesimError(f"internal: no prefill timing for transfer mode '{mode}'")
 
 
-def _fiddler_prefill(fe: WorkloadFeatures, oc: OpCosts, expert_bytes: list[int]) -> np.ndarray:
+def _fiddler_prefill(fe: WorkloadFeatures, oc: OpCosts, expert_bytes: list[int], code_rule: bool = False
+                     ) -> np.ndarray:
     """Fiddler in prefill: resident experts on the GPU, others on the CPU when its time for their tokens
     beats a pageable copy, else copied synchronously; the layer ends when GPU and CPU are both done."""
     from moesim.costmodel.features import global_popularity_bytes
@@ -299,7 +304,7 @@ def _fiddler_prefill(fe: WorkloadFeatures, oc: OpCosts, expert_bytes: list[int])
     g = np.where(present, oc.gpu[tok], 0.0)
     cpu_t = oc.cpu[tok]
     xp = oc.copy_pageable[pc.layer][:, None]
-    to_cpu = present & (cpu_t < xp)
+    to_cpu = present & ((tok * FIDDLER_CODE_CPU < FIDDLER_CODE_GPU) if code_rule else (cpu_t < xp))
     chain = np.where(to_cpu, oc.act_d2h[tok] + cpu_t + oc.act_h2d[tok], 0.0)
     sync = np.where(present & ~to_cpu, xp + g, 0.0)
     caps = np.arange(E + 1)
@@ -350,8 +355,9 @@ def backbone(fe: WorkloadFeatures, spec: PolicySpec, oc: OpCosts, expert_bytes: 
         hist_u = fe.decode_histogram(table, weighted=False)
         evicts = (caps > 0).astype(np.float64)
         cp = _effective_copies(fe, table, oc)
-        dec_w, _, _ = _decode_expert_time(hist_w, mode, placement, oc, cp, evicts)
-        dec_u, copy, cpu_n = _decode_expert_time(hist_u, mode, placement, oc, cp, evicts)
+        code = spec.placement.rule == "code"
+        dec_w, _, _ = _decode_expert_time(hist_w, mode, placement, oc, cp, evicts, code)
+        dec_u, copy, cpu_n = _decode_expert_time(hist_u, mode, placement, oc, cp, evicts, code)
         accesses = max(dec.experts.sum(), 1)
         hit = 1.0 - table.decode.sum(axis=0) / accesses
     pre_cells = _prefill_cells(fe, None if table is None else table.prefill, mode, placement, oc, spec,

@@ -23,8 +23,10 @@ DEFAULT_SWEEP_POLICIES = ("lru", "mixtral-offloading", "moe-infinity", "fiddler"
 
 def _spec(name: str, cache: CacheSpec, prefetch: str = "none", placement: str = "gpu", transfer: str = "stream",
           gating: GatingSpec = GatingSpec(), memory_fraction: float = 1.0, all_resident: bool = False,
-          memory_rule: str = "free", runtime: str = "none", **transfer_changes) -> PolicySpec:
-    return PolicySpec(name=name, cache=cache, prefetch=PrefetchSpec(prefetch), placement=PlacementSpec(placement),
+          memory_rule: str = "free", runtime: str = "none", placement_rule: str = "profile",
+          **transfer_changes) -> PolicySpec:
+    return PolicySpec(name=name, cache=cache, prefetch=PrefetchSpec(prefetch),
+                      placement=PlacementSpec(placement, placement_rule),
                       transfer=transfer_spec(transfer, **transfer_changes), gating=gating,
                       memory_fraction=memory_fraction, all_resident=all_resident, memory_rule=memory_rule,
                       runtime=runtime)
@@ -121,7 +123,8 @@ def fiddler() -> PolicySpec:
     issued from one Python loop (here the CPU pool and the GPU run side by side); beam search.
     """
     return _spec("fiddler", CacheSpec("static", scope="global", unit="bytes", initial="popular"),
-                 placement="fiddler", transfer="sync", memory_fraction=0.95, memory_rule="pool", runtime="fiddler")
+                 placement="fiddler", placement_rule="code", transfer="sync", memory_fraction=0.95,
+                 memory_rule="pool", runtime="fiddler")
 
 
 @PRESETS.register("adapmoe")
