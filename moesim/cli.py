@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "validate": "moesim.engine.cli:validate_command",
     "quality": "moesim.quality.cli:quality_command",
     "demo-model": "moesim.quality.cli:demo_model_command",
+    "reproduce": "moesim.reproduce.cli:reproduce_command",
 }
 
 

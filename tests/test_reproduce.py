@@ -1,0 +1,112 @@
+"""The catalogue of published measurements, its reader, the routing models and `moesim reproduce`."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from moesim.cli import cli
+from moesim.errors import MoesimError
+from moesim.reproduce.catalogue import CATALOGUE, COLUMNS, read_catalogue
+from moesim.reproduce.routing import TABLE5_LAYERS, TABLE5_OVERLAP, mixtral_frequencies, synthetic_trace
+from moesim.reproduce.run import kendall_tau, predict
+
+
+def _rows():
+    return list(csv.DictReader(CATALOGUE.read_text().splitlines()))
+
+
+def _write(tmp_path, rows):
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    p = tmp_path / "cat.csv"
+    p.write_text(buf.getvalue())
+    return p
+
+
+def test_bundled_catalogue_reads_and_covers_the_issues_sources():
+    points = read_catalogue()
+    sources = {p.source for p in points}
+    assert {"study-table2", "moe-infinity-readme", "moe-infinity-paper", "fiddler-readme", "hybrimoe-table3",
+            "ktransformers-doc", "llamacpp-issues", "bigmoeonedge"} <= sources
+    study = [p for p in points if p.source == "study-table2"]
+    assert len(study) >= 11 and {p.metric for p in study} == {"ttft_s", "tpot_s", "peak_mem_mib"}
+    for p in points:  # a point either names its preset and routing, or says why it cannot be simulated
+        assert p.unsimulable or (p.preset and p.routing)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("metric", "latency", "field 'metric' = 'latency'"),
+    ("value", "fast", "field 'value' = 'fast'"),
+    ("knobs", "cache=3", "field 'knobs' = 'cache=3'"),
+    ("prompt_tokens", "16|x", "field 'prompt_tokens'"),
+    ("confidence", "sure", "field 'confidence'"),
+    ("preset", "", "field 'preset' is empty on a simulable point"),
+])
+def test_reader_rejects_a_bad_row_with_one_line_naming_the_field(tmp_path, field, value, message):
+    rows = _rows()[:3]
+    rows[1][field] = value
+    with pytest.raises(MoesimError, match="cat.csv line 3: " + message.replace("|", r"\|")):
+        read_catalogue(_write(tmp_path, rows))
+
+
+def test_reader_rejects_duplicate_ids_and_missing_columns(tmp_path):
+    rows = _rows()[:2]
+    rows[1]["id"] = rows[0]["id"]
+    with pytest.raises(MoesimError, match="used twice"):
+        read_catalogue(_write(tmp_path, rows))
+    p = tmp_path / "bad.csv"
+    p.write_text("id,source\nx,y\n")
+    with pytest.raises(MoesimError, match="header lacks column"):
+        read_catalogue(p)
+
+
+def test_mixtral_routing_model_matches_its_sources():
+    trace = synthetic_trace("mixtral-synth", "mixtral-8x7b", [8], [400])
+    c = trace.cells
+    L = trace.meta.num_layers
+    ex = c.experts.reshape(-1, L, 2)
+    freq = np.zeros((L, 8))
+    for layer in range(L):
+        np.add.at(freq[layer], ex[:, layer].reshape(-1), 1)
+    freq /= freq.sum(axis=1, keepdims=True)
+    assert np.abs(freq - mixtral_frequencies()).max() < 0.06  # popularity from the real frequencies
+    for layer, target in zip(TABLE5_LAYERS, TABLE5_OVERLAP):  # consecutive-token overlap from Table 5
+        a, b = ex[:-1, layer], ex[1:, layer]
+        overlap = np.mean([bool(set(x) & set(y)) for x, y in zip(a.tolist(), b.tolist())])
+        assert overlap == pytest.approx(target, abs=0.07)
+    again = synthetic_trace("mixtral-synth", "mixtral-8x7b", [8], [400])
+    assert np.array_equal(again.cells.experts, c.experts)  # deterministic
+
+
+def test_kendall_tau():
+    assert kendall_tau([1, 2, 3], [10, 20, 30]) == 1.0
+    assert kendall_tau([1, 2, 3], [3, 2, 1]) == -1.0
+
+
+def test_a_point_is_simulated_with_its_knobs_and_machine():
+    p = next(p for p in read_catalogue() if p.id == "study-mi25-mem")
+    o = predict(p)
+    assert o.simulated and o.synthetic and "a6000" in o.profile
+    assert abs(o.ratio - 1) < 0.10  # device_memory_ratio=0.25 of 48 GB, minus the dense weights
+    unsim = next(p for p in read_catalogue() if p.id == "kt-v02-2s")
+    assert predict(unsim).reason == "no DeepSeek-V3 shape or routing here"
+
+
+def test_reproduce_command_prints_and_writes_the_report(tmp_path):
+    rows = [r for r in _rows() if r["id"] in ("study-mo4-mem", "study-mi25-mem", "kt-v02-2s")]
+    cat = _write(tmp_path, rows)
+    out = tmp_path / "pub.md"
+    r = CliRunner().invoke(cli, ["reproduce", "--catalogue", str(cat), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "study-mo4-mem" in r.output and "no DeepSeek-V3 shape" in r.output
+    text = out.read_text()
+    assert "| study-mi25-mem |" in text and (tmp_path / "pub.png").exists()
+    bad = CliRunner().invoke(cli, ["reproduce", "--catalogue", str(cat), "--source", "nope"])
+    assert bad.exit_code == 2 and "no catalogue point matches" in bad.output
