@@ -155,6 +155,10 @@ def _notes(result, policy) -> list[str]:
               help="Trace file or bundled name (default: the bundled Qwen3 trace).")
 @click.option("--profile", "profile_spec", default=DEFAULT_PROFILE, show_default=True,
               help="Hardware profile: bundled name or PROFILE.json.")
+@click.option("--host", default=None, help="Host CPU the GPU sits in (calib/hosts.py), e.g. xeon-gold-6126-x2: "
+              "the profile is then composed from the GPU spec named by --profile, this host and --link.")
+@click.option("--link", default=None, type=click.Choice(["pcie3", "pcie4", "pcie5"]),
+              help="PCIe generation of the composed profile (default: the GPU's own).")
 @click.option("--policy", default="lru", show_default=True, help="Preset: lru, mixtral-offloading, fiddler, ...")
 @click.option("--cache-experts", type=int, default=None, help="Cache size in experts per MoE layer (a global "
               "cache gets as many per layer on average).")
@@ -183,7 +187,7 @@ def _notes(result, policy) -> list[str]:
 @click.option("--timeline", "timeline_path", default=None, type=click.Path(dir_okay=False),
               help="Write a Chrome-trace JSON (open in Perfetto) of the GPU, PCIe and CPU lanes.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the result as JSON.")
-def simulate_command(trace_spec, profile_spec, policy, cache_experts, cache_mem, gpu_mem, expert_bits,
+def simulate_command(trace_spec, profile_spec, host, link, policy, cache_experts, cache_mem, gpu_mem, expert_bits,
                      non_expert_bits, batch, knobs, eviction, scope, prefetch, guess, placement, placement_rule,
                      transfer, gating, predictor_train, timeline_path, json_path):
     """Replay a routing trace under one offloading policy on a modelled machine."""
@@ -209,9 +213,15 @@ def simulate_command(trace_spec, profile_spec, policy, cache_experts, cache_mem,
         from moesim.tracer import read_trace_meta
 
         config = apply_knobs(config, parse_knobs(knobs), read_trace_meta(trace_path).num_experts)
+    profile, profile_name = profile_spec, profile_spec
+    if host is not None or link is not None:
+        from moesim.calib.hosts import UNSTATED, compose_profile
+
+        profile = compose_profile(profile_spec, host or UNSTATED, link)
+        profile_name = profile.name
     timeline = Timeline(f"moesim {policy}") if timeline_path else None
-    result = simulate(trace_path, profile_spec, config, timeline=timeline,
-                      trace_name=trace_label(trace_spec) if trace_spec else trace_path.stem, profile_name=profile_spec)
+    result = simulate(trace_path, profile, config, timeline=timeline,
+                      trace_name=trace_label(trace_spec) if trace_spec else trace_path.stem, profile_name=profile_name)
     click.echo(summary_text(result))
     for note in _notes(result, spec):
         click.echo(f"note: {note}", err=True)

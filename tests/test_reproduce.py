@@ -110,3 +110,30 @@ def test_reproduce_command_prints_and_writes_the_report(tmp_path):
     assert "| study-mi25-mem |" in text and (tmp_path / "pub.png").exists()
     bad = CliRunner().invoke(cli, ["reproduce", "--catalogue", str(cat), "--source", "nope"])
     assert bad.exit_code == 2 and "no catalogue point matches" in bad.output
+
+
+def test_a_profile_states_its_host_and_takes_its_cpu_side_from_it():
+    from moesim.calib.hosts import CPU_BF16_KERNEL_FACTOR, compose_profile
+    from moesim.modelspec import load_model_shape
+
+    shape = load_model_shape("mixtral-8x7b")
+    skylake = compose_profile("quadro-rtx-6000", "xeon-gold-6126-x2", "pcie3")
+    zen3 = compose_profile("a6000", "threadripper-pro-5965wx", "pcie4")
+    assert skylake.host.facts["isa"] == "avx512" and skylake.host.facts["stated"] is True
+    assert "ASSUMED" in compose_profile("a6000").sources["host"]
+    one = lambda p: float(p.cpu_expert_time(shape, np.array([1]), kernel="bf16")[0])  # noqa: E731
+    # bandwidth-bound: bytes / (socket bandwidth x efficiency / ISA kernel factor)
+    bw_sky, bw_zen = 6 * 21.33e9, 8 * 25.6e9
+    f_sky, f_zen = CPU_BF16_KERNEL_FACTOR["avx512"].value, CPU_BF16_KERNEL_FACTOR["avx2"].value
+    assert one(zen3) / one(skylake) == pytest.approx((f_zen / bw_zen) / (f_sky / bw_sky), rel=0.05)
+    # PCIe Gen3 copies take longer than Gen4 (measured efficiencies per generation)
+    assert skylake.copy_time(352e6, "h2d", pinned=True) > 1.8 * zen3.copy_time(352e6, "h2d", pinned=True)
+    with pytest.raises(MoesimError, match="host 'nope'"):
+        compose_profile("a6000", "nope")
+
+
+def test_simulate_takes_a_host_and_a_link():
+    r = CliRunner().invoke(cli, ["simulate", "--profile", "quadro-rtx-6000", "--host", "xeon-gold-6126-x2",
+                                 "--link", "pcie3", "--policy", "fiddler", "--trace", "gpt-oss-120b-bigmoeonedge"])
+    assert r.exit_code == 0, r.output
+    assert "quadro-rtx-6000+xeon-gold-6126-x2+pcie3" in r.output
