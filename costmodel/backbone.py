@@ -89,8 +89,10 @@ def op_costs(fe: WorkloadFeatures, profile, shape, expert_bytes: list[int], expe
         + L * (ct.prefill_non_expert[p] + ct.layer_overhead_s + shared * gpu[p])
         for p in fe.prefills.tokens.tolist()])
     E = fe.num_experts
-    layer_copy = np.asarray(profile.copy_time(np.asarray(expert_bytes, dtype=np.float64) * E, "h2d",
-                                              pinned=False), dtype=np.float64).reshape(-1)
+    from moesim.simulator.run import accelerate_layer_copy_s
+
+    layer_copy = np.asarray([accelerate_layer_copy_s(profile, float(b) * E, E, False) for b in expert_bytes],
+                            dtype=np.float64)
     tpe = float(fe.decode.tokens.sum() / max(fe.decode.experts.sum(), 1))
     return OpCosts(
         gpu=gpu, cpu=np.asarray(ct.cpu_expert), act_d2h=np.asarray(ct.act_d2h), act_h2d=np.asarray(ct.act_h2d),

@@ -189,8 +189,7 @@ def all_gpu() -> PolicySpec:
 def accelerate() -> PolicySpec:
     """HF accelerate's naive offload (``device_map="auto"``): whole layers fill the GPU in order, and every
     other layer's experts (all of them, routed or not) are copied synchronously from pageable host memory
-    at every forward pass; runtime costs (``accelerate``): one synchronous copy per parameter (28 per Mixtral
-    layer). Leaves out: offloaded layers' attention weights (kept on the GPU here)."""
+    at every forward pass, one synchronous copy per weight matrix (each pays the copy latency). Leaves out: offloaded layers' attention weights (kept on the GPU here)."""
     return _spec("accelerate", CacheSpec("static", initial="first-layers"), transfer="layer", runtime="accelerate")
 
 

@@ -280,8 +280,21 @@ def build_policy_objects(prep: Prepared) -> PolicyObjects:
             missing = sum(1 for e in range(E) if not cache.contains(layer, e))
             nbytes = missing * prep.expert_bytes[layer]
             layer_copy_bytes.append(nbytes)
-            layer_copy_s.append(float(prep.profile.copy_time(nbytes, "h2d", pinned=transfer.pinned)) if nbytes else 0.0)
+            layer_copy_s.append(accelerate_layer_copy_s(prep.profile, nbytes, missing, transfer.pinned))
     return PolicyObjects(cache, prefetcher, placement, transfer, costs, layer_copy_s, layer_copy_bytes)
+
+
+def accelerate_layer_copy_s(profile, nbytes: float, experts: int, pinned: bool) -> float:
+    """accelerate copies an offloaded layer one parameter at a time (an AlignDevicesHook per module,
+    ``set_module_tensor_to_device`` per parameter, synchronous): the bytes once, plus a copy's fixed latency
+    for each of the 3 weight matrices of every expert beyond the first copy."""
+    if nbytes <= 0:
+        return 0.0
+    from moesim.calib.profile import copy_key
+
+    model = profile.copy_models.get(copy_key("h2d", pinned, False))
+    latency = float(model.latency_s) if model is not None else 0.0
+    return float(profile.copy_time(nbytes, "h2d", pinned=pinned)) + max(0, 3 * experts - 1) * latency
 
 
 def run_prepared(prep: Prepared, record_hits: bool = False, timeline: Optional[Timeline] = None

@@ -73,9 +73,10 @@ RUNTIMES: dict[str, RuntimeCosts] = {r.name: r for r in (
               "torch.where/index_add_; current_state.to('cpu') per CPU expert is a synchronous copy; per layer "
               "the routing is read on the host)"),
     RuntimeCosts(
-        "accelerate", layer_syncs=28,
+        "accelerate",
         where="huggingface/accelerate v0.26 hooks.py:279-310 (AlignDevicesHook per module: one synchronous "
-              "pageable .to(device) per parameter; a Mixtral layer has 8 x 3 expert + 4 attention parameters)"),
+              "pageable .to(device) per parameter); modelled in the 'layer' transfer itself: each offloaded "
+              "layer's copy pays a copy's fixed latency per expert weight matrix (simulator/run.py)"),
 )}
 
 # Fitted per-MoE-layer costs: runtime -> (seconds, catalogue point ids it was fitted on). Empty: nothing
