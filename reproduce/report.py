@@ -83,6 +83,10 @@ def write_markdown(path: Path, outcomes: list[Outcome], s: Scores, loso: dict[st
         out.append("None: every cost comes from a specification, a cited measurement or a stated assumption "
                    "(see the profile's `sources` and the presets' docstrings), so leave-one-source-out equals "
                    "each source's plain error.")
+    off = sorted((o for o in outcomes if o.simulated and o.abs_error > 0.30), key=lambda o: -o.factor)
+    out += ["", "## Points off by more than 30%", ""]
+    out += [f"- `{o.point.id}` ({o.point.system}, {o.point.metric}): ratio {o.ratio:.2f}"
+            + (f"; assumed: {o.point.assumed}" if o.point.assumed else "") for o in off] or ["None."]
     out += ["", f"![predicted vs published]({plot_name})", "", "## Points", "",
             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(r) + " |" for r in table_rows(outcomes)]
