@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from moesim.errors import MoesimError
-from moesim.calib.specs import GB, GIB, GPUS, PCIE_X16_BYTES_PER_S, Efficiency, GpuSpec, HostSpec, build_spec_profile
+from moesim.calib.specs import GB, GIB, GPUS, Efficiency, GpuSpec, HostSpec, build_spec_profile
 
 ISAS = ("avx2", "avx512", "avx512_bf16", "amx")
 
@@ -67,6 +67,20 @@ HOSTS: dict[str, HostCpu] = {h.name: h for h in (
 # The host a study left unstated: the GPU spec's own typical host, and the result says it was assumed.
 UNSTATED = "unstated"
 
+# Instruction set of the spec profiles' typical hosts (calib.specs), by cpu_name.
+TYPICAL_HOST_ISA = {
+    "8-core desktop CPU (DDR4-3200 x2)": ("avx2", "assumed: current desktop cores (Intel 12th gen and later, AMD "
+                                                  "Zen 2/3) have AVX2 and no AVX-512"),
+    "8-core mobile CPU (DDR4-3200 x2)": ("avx2", "assumed: mobile Intel/AMD cores of the RTX 30 laptop era have "
+                                                 "AVX2 and no AVX-512"),
+    "AMD Ryzen 9 7950X": ("avx512_bf16", "AMD Zen 4 supports AVX-512 including AVX512_BF16 (AMD product page)"),
+    "AMD Ryzen Threadripper PRO 5965WX": ("avx2", "Zen 3: AVX2, no AVX-512"),
+    "Intel Xeon Platinum 8259CL (8 vCPU)": ("avx512", "Cascade Lake: AVX-512 and VNNI, no BF16 (Intel ARK)"),
+    "Intel Xeon Cascade Lake (16 vCPU)": ("avx512", "Cascade Lake: AVX-512 and VNNI, no BF16 (Intel ARK)"),
+    "AMD EPYC 7742": ("avx2", "Zen 2: AVX2, no AVX-512"),
+    "Intel Xeon Platinum 8480C": ("amx", "Sapphire Rapids: AMX-BF16 (Intel ARK)"),
+}
+
 # Fraction of a socket's memory-channel peak that a batch-1 bf16 expert GEMV reaches with PyTorch on the CPU.
 CPU_MEMORY_EFFICIENCY = Efficiency(
     0.88, "llama.cpp Mixtral fp16 on a Xeon E5-2683 v4 (quad-channel DDR4-2133): 2.32 tok/s = about 60 GB/s of "
@@ -88,11 +102,15 @@ LINK_PINNED: dict[int, Efficiency] = {
                         "(gearshifft PR #82; component-costs 3.7)"),
     4: Efficiency(0.83, "PCIe 4.0 x16 H2D pinned 26.2 GB/s of 31.5 (Threadripper 5975WX + RTX 3090/A6000; "
                         "component-costs 3.8); nvbandwidth 23.9-26.4 GB/s on RTX 4090 (3.2)"),
-    5: Efficiency(0.56, "H100 H2D SM copy 35.0-35.4 GB/s of 63.0 (nvbandwidth issue #24; component-costs 3.4)"),
+    5: Efficiency(0.56, "H100 H2D SM copy 35.0-35.4 GB/s of 63.0 (nvbandwidth issue #24; component-costs 3.4); "
+                        "used only without a measured Gen5 profile"),
 }
+MEASURED_LINK_GEN = 5  # the PCIe generation of the measured GPU profile (h100-measured)
 LINK_PAGEABLE_OVER_PINNED = Efficiency(
     0.55, "PCIe 4.0 x16 H2D pageable 14.4 GB/s vs pinned 26.2 GB/s (component-costs 3.8); applied to every "
           "generation (no per-generation pageable figure was found)")
+# A swap on the compute stream (Mixtral-Offloading) copies at the pinned rate: 26.15 GB/s with the compute
+# stream saturated vs 26.2 alone on PCIe 4.0 (component-costs 3.8), so it needs no factor of its own.
 LINK_BIDIRECTIONAL = Efficiency(
     0.73, "nvbandwidth README: H2D 18.4-19.6 GB/s while D2H runs vs 25.9-26.2 GB/s alone (component-costs 3.1)")
 COPY_LATENCY_PINNED_S = (6e-6, "cudaMemcpyAsync submission about 5-7 us (DualPath arXiv 2602.21548 5.2; "
@@ -141,21 +159,19 @@ def _base_factors():
     return efficiencies_from_profiles(load_profile("h100-measured"), load_profile("cpu-calibrated"))
 
 
-def compose_profile(gpu: str, host: str = UNSTATED, link: str | None = None):
-    """A spec profile for ``gpu`` on ``host`` over ``link`` (pcie3/4/5; default: the GPU's own generation)."""
-    spec = gpu_spec(gpu)
-    if link is not None and link not in LINKS:
-        raise MoesimError(f"link '{link}': expected one of {', '.join(LINKS)}")
-    gen = LINKS[link] if link else spec.pcie_gen
-    if host == UNSTATED:
-        h = next((x for x in HOSTS.values() if x.cpu_name == spec.host.cpu_name), None)
-        cpu = h or HostCpu("assumed", spec.host.cpu_name, spec.host.description, spec.host.cores, "avx2",
-                           spec.host.memory_bandwidth, spec.host.memory_bytes, spec.host.source)
-    else:
-        cpu = host_cpu(host)
-    eff_base, lat_base = _base_factors()
-    eff = dict(eff_base)
-    lat = dict(lat_base)
+def host_of_spec(spec: GpuSpec) -> HostCpu:
+    """The GPU spec's own typical host as a :class:`HostCpu` (its ISA from :data:`TYPICAL_HOST_ISA`)."""
+    known = next((x for x in HOSTS.values() if x.cpu_name == spec.host.cpu_name), None)
+    if known is not None:
+        return known
+    isa, why = TYPICAL_HOST_ISA.get(spec.host.cpu_name, ("avx2", "assumed: AVX2, the common x86 baseline"))
+    return HostCpu("typical", spec.host.cpu_name, spec.host.description, spec.host.cores, isa,
+                   spec.host.memory_bandwidth, spec.host.memory_bytes, f"{spec.host.source}; ISA: {why}")
+
+
+def host_and_link_factors(eff: dict[str, Efficiency], lat: dict, cpu: HostCpu, gen: int):
+    """The spec profile's factors with the CPU side taken from ``cpu`` and the link from PCIe ``gen``."""
+    eff, lat = dict(eff), dict(lat)
     factor = CPU_BF16_KERNEL_FACTOR[cpu.isa]
     eff["host_memory"] = Efficiency(CPU_MEMORY_EFFICIENCY.value / factor.value,
                                     f"{CPU_MEMORY_EFFICIENCY.source}; divided by {factor.value:g} for {cpu.isa}: "
@@ -165,18 +181,36 @@ def compose_profile(gpu: str, host: str = UNSTATED, link: str | None = None):
     lanes = {"avx2": 32, "avx512": 64, "avx512_bf16": 128, "amx": 1024}[cpu.isa]
     eff["cpu_bf16_per_core_flops"] = Efficiency(lanes * 2.0e9 / factor.value,
                                                 f"{cpu.isa}: {lanes} flop/cycle x 2 GHz, over the kernel factor")
+    if gen == MEASURED_LINK_GEN and eff["pcie_pinned"].source.startswith("measured"):
+        # the measured GPU profile (h100-measured) was taken on a PCIe Gen5 link: its own copies apply as
+        # measured (pinned, pageable, bidirectional and their latencies)
+        return eff, lat
     eff["pcie_pinned"] = LINK_PINNED[gen]
     eff["pcie_pageable"] = Efficiency(LINK_PINNED[gen].value * LINK_PAGEABLE_OVER_PINNED.value,
                                       f"{LINK_PINNED[gen].source}; x {LINK_PAGEABLE_OVER_PINNED.source}")
     eff["pcie_concurrent"] = LINK_BIDIRECTIONAL
     lat["copy_pinned_s"] = COPY_LATENCY_PINNED_S
     lat["copy_pageable_s"] = COPY_LATENCY_PAGEABLE_S
+    return eff, lat
+
+
+def finish_profile(profile, cpu: HostCpu, stated: bool, gen: int):
+    """Say in the profile which host it assumes and where its link figures come from."""
+    profile.sources["host"] = cpu.source + ("" if stated else "; ASSUMED: the source does not state its host CPU")
+    profile.host.facts["isa"] = cpu.isa
+    profile.host.facts["stated"] = stated
+    profile.sources["link"] = f"PCIe Gen{gen} x16: {LINK_PINNED[gen].source}"
+    return profile
+
+
+def compose_profile(gpu: str, host: str = UNSTATED, link: str | None = None):
+    """A spec profile for ``gpu`` on ``host`` over ``link`` (pcie3/4/5; default: the GPU's own generation)."""
+    spec = gpu_spec(gpu)
+    if link is not None and link not in LINKS:
+        raise MoesimError(f"link '{link}': expected one of {', '.join(LINKS)}")
+    gen = LINKS[link] if link else spec.pcie_gen
+    cpu = host_of_spec(spec) if host == UNSTATED else host_cpu(host)
+    eff, lat = host_and_link_factors(*_base_factors(), cpu, gen)
     composed = replace(spec, name=f"{gpu}+{cpu.name}+pcie{gen}", host=cpu.as_host_spec(), pcie_gen=gen)
     profile = build_spec_profile(composed, eff, lat, ("h100-measured (GPU side)",))
-    profile.sources["host"] = (f"{cpu.source}" + ("; ASSUMED: the source does not state its host CPU"
-                                                   if host == UNSTATED else ""))
-    profile.host.facts["isa"] = cpu.isa
-    profile.host.facts["stated"] = host != UNSTATED
-    profile.sources["link"] = f"PCIe Gen{gen} x16: {LINK_PINNED[gen].source}"
-    _ = PCIE_X16_BYTES_PER_S[gen]
-    return profile
+    return finish_profile(profile, cpu, host != UNSTATED, gen)
