@@ -1,4 +1,4 @@
-"""`moesim trace`: record routing from a Hugging Face MoE model; `trace import` and `trace stats` below it."""
+"""`moesim trace`: record routing from a Hugging Face MoE model; `trace import`, `stats`, `fit` and `synth` below it."""
 
 from __future__ import annotations
 
@@ -127,6 +127,9 @@ def record(*, prompts: str, model: str, max_new_tokens: int, device: Optional[st
 # `import` and `stats` live beside the importers and statistics they drive.
 from moesim.tracer.importers import import_command  # noqa: E402
 from moesim.tracer.stats import stats_command  # noqa: E402
+from moesim.tracer.synth_cli import fit_command, synth_command  # noqa: E402
 
 trace_group.add_command(import_command, name="import")
 trace_group.add_command(stats_command, name="stats")
+trace_group.add_command(fit_command, name="fit")
+trace_group.add_command(synth_command, name="synth")

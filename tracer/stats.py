@@ -641,7 +641,10 @@ def write_plot(st: TraceStats, path: str | Path) -> Path:
 @click.option("--plot", "plot", default=None, metavar="FILE.png", help="Also draw the LRU hit curves to FILE.png.")
 @click.option("--phase", default="decode", show_default=True, metavar="decode|prefill|all",
               help="Which accesses are counted (the cache always sees the whole trace in order).")
-def stats_command(trace: Optional[str], as_json: bool, plot: Optional[str], phase: str) -> None:
+@click.option("--against", default=None, metavar="T2",
+              help="Compare with a second trace side by side: popularity, reuse at lags 1-4, LRU and Belady "
+                   "curves, next-layer predictability.")
+def stats_command(trace: Optional[str], as_json: bool, plot: Optional[str], phase: str, against: Optional[str]) -> None:
     """Summarise TRACE (a trace file, or a bundled trace name; default the bundled Qwen3 trace).
 
     Expert popularity and entropy per layer, reuse between consecutive tokens, next-layer-guess accuracy
@@ -655,6 +658,20 @@ def stats_command(trace: Optional[str], as_json: bool, plot: Optional[str], phas
     if plot is not None and Path(plot).suffix.lower() != ".png":
         raise MoesimError(f"--plot {plot}: expected a .png file name")
     path = resolve_trace(trace)
+    if against is not None:
+        from moesim.tracer.compare import caching_stats, format_side_by_side
+
+        if as_json or plot is not None:
+            raise MoesimError("--against: prints a text table; not used with --json or --plot")
+        other = resolve_trace(against)
+        a, b = read_trace(path), read_trace(other)
+        if (a.meta.num_layers, a.meta.num_experts, a.meta.top_k) != (b.meta.num_layers, b.meta.num_experts, b.meta.top_k):
+            raise MoesimError(f"--against {against}: {b.meta.num_layers} MoE layers x {b.meta.num_experts} experts "
+                              f"top-{b.meta.top_k}, expected the shape of {path.name} ({a.meta.num_layers} x "
+                              f"{a.meta.num_experts} top-{a.meta.top_k})")
+        click.echo(format_side_by_side(caching_stats(a, path.stem, phase), caching_stats(b, other.stem, phase), phase),
+                   nl=False)
+        return
     tr = read_trace(path)
     name = trace if trace and not Path(trace).exists() else path.stem
     st = trace_stats(tr, phase=phase, name=name)
