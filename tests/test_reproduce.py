@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from moesim.cli import cli
 from moesim.errors import MoesimError
 from moesim.reproduce.catalogue import CATALOGUE, COLUMNS, read_catalogue
-from moesim.reproduce.routing import TABLE5_LAYERS, TABLE5_OVERLAP, mixtral_frequencies, synthetic_trace
+from moesim.reproduce.routing import synthetic_trace
 from moesim.reproduce.run import kendall_tau, predict
 
 
@@ -67,22 +67,21 @@ def test_reader_rejects_duplicate_ids_and_missing_columns(tmp_path):
         read_catalogue(p)
 
 
-def test_mixtral_routing_model_matches_its_sources():
-    trace = synthetic_trace("mixtral-synth", "mixtral-8x7b", [8], [400])
-    c = trace.cells
-    L = trace.meta.num_layers
-    ex = c.experts.reshape(-1, L, 2)
-    freq = np.zeros((L, 8))
-    for layer in range(L):
-        np.add.at(freq[layer], ex[:, layer].reshape(-1), 1)
-    freq /= freq.sum(axis=1, keepdims=True)
-    assert np.abs(freq - mixtral_frequencies()).max() < 0.06  # popularity from the real frequencies
-    for layer, target in zip(TABLE5_LAYERS, TABLE5_OVERLAP):  # consecutive-token overlap from Table 5
-        a, b = ex[:-1, layer], ex[1:, layer]
-        overlap = np.mean([bool(set(x) & set(y)) for x, y in zip(a.tolist(), b.tolist())])
-        assert overlap == pytest.approx(target, abs=0.07)
-    again = synthetic_trace("mixtral-synth", "mixtral-8x7b", [8], [400])
-    assert np.array_equal(again.cells.experts, c.experts)  # deterministic
+def test_routing_sources_are_real_traces_or_named_routing_models():
+    from moesim.reproduce.routing import is_synthetic
+
+    assert is_synthetic("mixtral-8x7b-published") and is_synthetic("iid-uniform")
+    assert not is_synthetic("qwen3-30b-a3b-bigmoeonedge")
+    t = synthetic_trace("mixtral-8x7b-published", "mixtral-8x7b", [8, 8], [20, 20])
+    assert t.meta.source.kind == "synthetic" and t.meta.num_layers == 32
+    again = synthetic_trace("mixtral-8x7b-published", "mixtral-8x7b", [8, 8], [20, 20])
+    assert np.array_equal(again.cells.experts, t.cells.experts)  # deterministic
+    u = synthetic_trace("iid-uniform", "deepseek-v2-lite", [4], [4])
+    assert u.meta.top_k == 6 and (np.sort(u.cells.experts, axis=1)[:, 1:] != np.sort(u.cells.experts, axis=1)[:, :-1]).all()
+    with pytest.raises(MoesimError, match="not model deepseek-v2-lite"):
+        synthetic_trace("mixtral-8x7b-published", "deepseek-v2-lite", [4], [4])
+    with pytest.raises(MoesimError, match="routing 'nope'"):
+        synthetic_trace("nope", "mixtral-8x7b", [4], [4])
 
 
 def test_kendall_tau():
