@@ -462,9 +462,18 @@ def build_spec_profile(gpu: GpuSpec, eff: dict[str, Efficiency], lat: dict[str, 
 
 def build_all(measured_gpu: HardwareProfile | None = None,
               measured_cpu: HardwareProfile | None = None) -> list[HardwareProfile]:
+    from moesim.calib.hosts import finish_profile, host_and_link_factors, host_of_spec
+
     eff, lat = efficiencies_from_profiles(measured_gpu, measured_cpu)
     used = tuple(p.name for p in (measured_gpu, measured_cpu) if p is not None)
-    return [build_spec_profile(g, eff, lat, used) for g in GPUS]
+    out = []
+    for g in GPUS:
+        # the CPU side from this GPU's typical host (cores, ISA, channels) and the link from its PCIe
+        # generation, not from whichever machine was measured (calib/hosts.py)
+        cpu = host_of_spec(g)
+        e, lt = host_and_link_factors(eff, lat, cpu, g.pcie_gen)
+        out.append(finish_profile(build_spec_profile(g, e, lt, used), cpu, False, g.pcie_gen))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

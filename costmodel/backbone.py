@@ -55,9 +55,16 @@ class OpCosts:
     cpu_available: bool
 
 
+FIDDLER_CODE_CPU, FIDDLER_CODE_GPU = 7.0, 70.0  # efeslab/fiddler 227715b mixtral.py latency_cpu / latency_gpu
+
+
 def op_costs(fe: WorkloadFeatures, profile, shape, expert_bytes: list[int], expert_kernel: str,
-             non_expert_kernel: str) -> OpCosts:
+             non_expert_kernel: str, runtime: str = "none", expert_quantized: bool = False) -> OpCosts:
+    """``runtime``: the preset's implementation costs (:mod:`moesim.simulator.runtime`), added as the
+    simulator adds them (HQQ attention's extra cost is not included: the non-expert format's delta is
+    computed without a runtime)."""
     from moesim.simulator.costs import build_cost_tables
+    from moesim.simulator.runtime import apply_runtime, runtime_costs
 
     max_tokens = max([fe.max_tokens_per_expert] + fe.steps.tokens.tolist() + fe.prefills.tokens.tolist())
     args = (profile, shape, expert_bytes, expert_kernel, non_expert_kernel, max_tokens,
@@ -68,6 +75,8 @@ def op_costs(fe: WorkloadFeatures, profile, shape, expert_bytes: list[int], expe
     except MoesimError:
         ct = build_cost_tables(*args, False)
         cpu_ok = False
+    rt = runtime_costs(runtime)
+    ct = apply_runtime(ct, rt, expert_hqq=rt.hqq_traffic_factor > 1.0 and expert_quantized, attention_hqq=False)
     gpu = np.asarray(ct.gpu_expert)
     L = fe.num_layers
     shared = ct.shared_experts
@@ -80,8 +89,10 @@ def op_costs(fe: WorkloadFeatures, profile, shape, expert_bytes: list[int], expe
         + L * (ct.prefill_non_expert[p] + ct.layer_overhead_s + shared * gpu[p])
         for p in fe.prefills.tokens.tolist()])
     E = fe.num_experts
-    layer_copy = np.asarray(profile.copy_time(np.asarray(expert_bytes, dtype=np.float64) * E, "h2d",
-                                              pinned=False), dtype=np.float64).reshape(-1)
+    from moesim.simulator.run import accelerate_layer_copy_s
+
+    layer_copy = np.asarray([accelerate_layer_copy_s(profile, float(b) * E, E, False) for b in expert_bytes],
+                            dtype=np.float64)
     tpe = float(fe.decode.tokens.sum() / max(fe.decode.experts.sum(), 1))
     return OpCosts(
         gpu=gpu, cpu=np.asarray(ct.cpu_expert), act_d2h=np.asarray(ct.act_d2h), act_h2d=np.asarray(ct.act_h2d),
@@ -162,7 +173,7 @@ def _effective_copies(fe: WorkloadFeatures, table: MissTable, oc: OpCosts) -> _C
 
 
 def _decode_expert_time(hist: np.ndarray, mode: str, placement: str, oc: OpCosts, cp: _Copies,
-                        swap_evicts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        swap_evicts: np.ndarray, code_rule: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Summed decode expert-phase time over cells, per capacity: (time, copy-wait time, cpu misses)."""
     C, A1, _ = hist.shape
     a = np.arange(A1)[None, :, None].astype(np.float64)
@@ -176,7 +187,8 @@ def _decode_expert_time(hist: np.ndarray, mode: str, placement: str, oc: OpCosts
     if placement == "fiddler":
         chain = _interp(oc.act_d2h, t) + _interp(oc.cpu, t) + _interp(oc.act_h2d, t)
         xp = cp.pageable
-        to_cpu = _interp(oc.cpu, t) < xp  # [C, 1, 1]
+        # the released constants (CPU 7 per token against a 70 transfer) or the profile's costs
+        to_cpu = (t * FIDDLER_CODE_CPU < FIDDLER_CODE_GPU) if code_rule else (_interp(oc.cpu, t) < xp)
         f = np.where(to_cpu, np.where(has_miss, np.maximum((a - m) * g, m * chain), a * g), a * g + m * xp)
         cpu_cnt = np.where(to_cpu, m + 0 * a, 0.0)
         copy_part = f - a * g
@@ -266,7 +278,7 @@ def _prefill_cells(fe: WorkloadFeatures, misses: Optional[np.ndarray], mode: str
     m = misses.astype(np.float64)
     x = oc.copy[pc.layer][:, None]
     if placement == "fiddler":
-        return _fiddler_prefill(fe, oc, expert_bytes)
+        return _fiddler_prefill(fe, oc, expert_bytes, spec.placement.rule == "code")
     if mode == "stream":
         Gm = G * m / a
         return np.where(m >= 1, np.maximum(np.maximum(G, m * x + Gm / np.maximum(m, 1)), x + Gm), G)
@@ -277,7 +289,8 @@ def _prefill_cells(fe: WorkloadFeatures, misses: Optional[np.ndarray], mode: str
     raise MoesimError(f"internal: no prefill timing for transfer mode '{mode}'")
 
 
-def _fiddler_prefill(fe: WorkloadFeatures, oc: OpCosts, expert_bytes: list[int]) -> np.ndarray:
+def _fiddler_prefill(fe: WorkloadFeatures, oc: OpCosts, expert_bytes: list[int], code_rule: bool = False
+                     ) -> np.ndarray:
     """Fiddler in prefill: resident experts on the GPU, others on the CPU when its time for their tokens
     beats a pageable copy, else copied synchronously; the layer ends when GPU and CPU are both done."""
     from moesim.costmodel.features import global_popularity_bytes
@@ -293,7 +306,7 @@ def _fiddler_prefill(fe: WorkloadFeatures, oc: OpCosts, expert_bytes: list[int])
     g = np.where(present, oc.gpu[tok], 0.0)
     cpu_t = oc.cpu[tok]
     xp = oc.copy_pageable[pc.layer][:, None]
-    to_cpu = present & (cpu_t < xp)
+    to_cpu = present & ((tok * FIDDLER_CODE_CPU < FIDDLER_CODE_GPU) if code_rule else (cpu_t < xp))
     chain = np.where(to_cpu, oc.act_d2h[tok] + cpu_t + oc.act_h2d[tok], 0.0)
     sync = np.where(present & ~to_cpu, xp + g, 0.0)
     caps = np.arange(E + 1)
@@ -344,8 +357,9 @@ def backbone(fe: WorkloadFeatures, spec: PolicySpec, oc: OpCosts, expert_bytes: 
         hist_u = fe.decode_histogram(table, weighted=False)
         evicts = (caps > 0).astype(np.float64)
         cp = _effective_copies(fe, table, oc)
-        dec_w, _, _ = _decode_expert_time(hist_w, mode, placement, oc, cp, evicts)
-        dec_u, copy, cpu_n = _decode_expert_time(hist_u, mode, placement, oc, cp, evicts)
+        code = spec.placement.rule == "code"
+        dec_w, _, _ = _decode_expert_time(hist_w, mode, placement, oc, cp, evicts, code)
+        dec_u, copy, cpu_n = _decode_expert_time(hist_u, mode, placement, oc, cp, evicts, code)
         accesses = max(dec.experts.sum(), 1)
         hit = 1.0 - table.decode.sum(axis=0) / accesses
     pre_cells = _prefill_cells(fe, None if table is None else table.prefill, mode, placement, oc, spec,

@@ -151,7 +151,9 @@ class TraceProfileContext:
             eb = self.expert_bytes(efmt)
             own = self.expert_kernel(None)
             try:
-                oc = op_costs(fe, self.profile, self.shape, eb, self.expert_kernel(efmt), own)
+                quantized = efmt is not None and WeightFormat.parse(efmt).is_quantized
+                oc = op_costs(fe, self.profile, self.shape, eb, self.expert_kernel(efmt), own, spec.runtime,
+                              quantized)
             except MoesimError as exc:
                 self._tables[key] = _Table(None, None, exc.message)
                 return self._tables[key]

@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quality": ("moesim.quality.cli:quality_command", "Perplexity of a model with its experts quantized."),
     "demo-model": ("moesim.quality.cli:demo_model_command", "Train a small Mixtral-architecture MoE."),
     "doctor": ("moesim.doctor:doctor_command", "Print library versions, CUDA and NVML status."),
+    "reproduce": ("moesim.reproduce.cli:reproduce_command",
+                  "Simulate every published point with its preset and machine."),
 }
 
 

@@ -5,8 +5,10 @@ global pool over all layers, as MoE-Infinity and BigMoeOnEdge) and a *capacity* 
 in bytes (an expert costs its layer's expert bytes). The eviction rule is the subclass:
 
 ``lru``     least recently used (Mixtral-Offloading ``EvictionGroupInfo``; BigMoeOnEdge's global LRU)
-``lfu``     fewest visits in the current request, counts reset per request (MoE-Infinity's
-            ``incache_visit_count``); ties go to the least recently used
+``lfu``     fewest visits in the current request (MoE-Infinity's ``incache_visit_count``: only hits
+            count, an evicted expert keeps its count, all counts reset per request); ties go to the
+            least recently used
+``lfu-forget``  textbook LFU: counts forgotten on eviction, a demand admission counts one visit
 ``fifo``    first in, first out (a hit does not promote)
 ``static``  a fixed set, the most popular experts by a popularity count; never admits (Fiddler)
 ``belady``  Belady's MIN with bypass: evict, or do not admit, the expert used farthest in the future.
@@ -276,18 +278,26 @@ class FIFOCache(LRUCache):
 
 @CACHE_POLICIES.register("lfu")
 class LFUCache(ExpertCache):
-    """Least frequently used within the current request (MoE-Infinity's in-cache visit count).
+    """Least frequently used within the current request, as MoE-Infinity's released code counts it.
 
-    A demand admission counts as one visit, a prefetch as none; ``reset_request`` sets every count to
-    zero. Ties (frequent right after a reset) go to the least recently used, where the released code
-    takes its container's iteration order.
+    The count is ``incache_visit_count``, a field of the expert's ``Node`` (MoE-Infinity ``d617801``):
+    ``ArcherTaskPool::StartExec`` adds one only when the node is already on the GPU at the visit (a hit; a
+    demand load or a prefetch adds nothing), eviction does not touch it, so an expert evicted and fetched
+    again comes back with the visits it had, and ``ClearExpertCacheCounts`` zeroes every node's count
+    (after prefill and after each request, ``reset_request``). The victim is the resident expert with the
+    smallest count; ties go to the least recently used, where the released code takes its container's
+    iteration order.
+
+    ``forget=True`` is the textbook LFU this class implemented before (a count lives only while the expert
+    is resident, and a demand admission counts as one visit): kept as ``lfu-forget`` for comparison.
     """
 
     name = "lfu"
+    forget = False
 
     def __init__(self, geometry: CacheGeometry, capacity: CacheCapacity):
         super().__init__(geometry, capacity)
-        self._count: dict[int, int] = {}
+        self._count: dict[int, int] = {}  # every expert seen in this request, resident or not
         self._last: dict[int, int] = {}
         self._heaps: list[list[tuple[int, int, int]]] = [[] for _ in self._limit]
 
@@ -300,13 +310,21 @@ class LFUCache(ExpertCache):
         self._push(key)
 
     def _on_admit(self, key: int, pool: int, clock: int, used: bool) -> None:
-        self._count[key] = 1 if used else 0
+        if self.forget:
+            self._count[key] = 1 if used else 0
+        else:
+            self._count.setdefault(key, 0)  # the node's count survives its eviction; a load is no visit
         self._last[key] = clock
         self._push(key)
 
     def _on_remove(self, key: int, pool: int) -> None:
-        del self._count[key]
-        del self._last[key]
+        if self.forget:
+            del self._count[key]
+            del self._last[key]
+
+    def visit_count(self, layer: int, expert: int) -> int:
+        """The expert's count in the current request (0 when never visited, or forgotten)."""
+        return self._count.get(layer * self.E + expert, 0)
 
     def _victim(self, pool: int, protect: set[int], clock: int) -> int | None:
         heap = self._heaps[pool]
@@ -314,7 +332,7 @@ class LFUCache(ExpertCache):
         victim = None
         while heap:
             count, last, key = heapq.heappop(heap)
-            if self._count.get(key) != count or self._last.get(key) != last:
+            if key not in self._resident or self._count.get(key) != count or self._last.get(key) != last:
                 continue  # stale entry
             if key in protect:
                 skipped.append((count, last, key))
@@ -328,10 +346,19 @@ class LFUCache(ExpertCache):
     def reset_request(self) -> None:
         for key in self._count:
             self._count[key] = 0
-        for pool, heap in enumerate(self._heaps):
+        for heap in self._heaps:
             heap.clear()
-        for key in self._count:
+        for key in self._resident:
             self._push(key)
+
+
+@CACHE_POLICIES.register("lfu-forget")
+class LFUForgetCache(LFUCache):
+    """Textbook LFU: a count lives only while the expert is resident, and a demand admission is one visit.
+    Not what MoE-Infinity's released code does (see :class:`LFUCache`); kept to compare against."""
+
+    name = "lfu-forget"
+    forget = True
 
 
 @CACHE_POLICIES.register("static")

@@ -44,7 +44,7 @@ def _gating(text: Optional[str]):
 def build_policy(name: str, eviction: Optional[str] = None, scope: Optional[str] = None,
                  prefetch: Optional[str] = None, placement: Optional[str] = None, placement_rule: Optional[str] = None,
                  transfer: Optional[str] = None, gating: Optional[str] = None,
-                 predictor_train: tuple[str, ...] = ()):
+                 predictor_train: tuple[str, ...] = (), guess: Optional[str] = None):
     """A preset with any of its parts replaced (each part checked against its registry)."""
     from moesim.simulator.cache import CACHE_POLICIES
     from moesim.simulator.placement import PLACEMENTS, PlacementSpec
@@ -65,6 +65,8 @@ def build_policy(name: str, eviction: Optional[str] = None, scope: Optional[str]
         pf = replace(pf, policy=prefetch)
     if predictor_train:
         pf = replace(pf, train=tuple(predictor_train))
+    if guess is not None:
+        pf = replace(pf, guess=guess)
     pl = policy.placement
     if placement is not None:
         PLACEMENTS.get(placement, "--placement")
@@ -135,9 +137,17 @@ def _notes(result, policy) -> list[str]:
     notes = []
     if "(for " in (result.expert_kernel or ""):
         notes.append(f"the profile has no kernel for this expert format; timed with {result.expert_kernel}")
-    if policy.prefetch.policy in ("next-layer", "first-non-resident") and result.guess_source == "previous-token":
-        notes.append("the trace has no next_layer_guess column; the next-layer guess is the previous token's "
-                     "experts at that layer")
+    guessing = policy.prefetch.policy in ("next-layer", "first-non-resident")
+    if guessing and result.guess_source == "previous-token":
+        notes.append("the next-layer guess is the previous token's experts at that layer, which a cache of "
+                     ">= top-k slots always holds: expect few or no prefetches")
+    elif guessing and result.guess_source.startswith("accuracy-"):
+        notes.append(f"the trace has no next_layer_guess column; the next-layer guess is a model "
+                     f"(per-slot accuracy {result.guess_source.split('-', 1)[1]} against the real next layer, "
+                     f"--guess accuracy:P to change it)")
+    if policy.prefetch.policy != "none" and result.feasible and not result.prefetch_issued:
+        notes.append(f"prefetcher '{policy.prefetch.policy}' issued no prefetch in this run: the result equals "
+                     f"the same cache without prefetch")
     return notes
 
 
@@ -146,6 +156,10 @@ def _notes(result, policy) -> list[str]:
               help="Trace file or bundled name (default: the bundled Qwen3 trace).")
 @click.option("--profile", "profile_spec", default=DEFAULT_PROFILE, show_default=True,
               help="Hardware profile: bundled name or PROFILE.json.")
+@click.option("--host", default=None, help="Host CPU the GPU sits in (calib/hosts.py), e.g. xeon-gold-6126-x2: "
+              "the profile is then composed from the GPU spec named by --profile, this host and --link.")
+@click.option("--link", default=None, type=click.Choice(["pcie3", "pcie4", "pcie5"]),
+              help="PCIe generation of the composed profile (default: the GPU's own).")
 @click.option("--policy", default="lru", show_default=True, help="Preset: lru, mixtral-offloading, fiddler, ...")
 @click.option("--cache-experts", default=None, help="Cache size in experts per MoE layer, 0..E (a global "
               "cache gets as many per layer on average).")
@@ -161,6 +175,10 @@ def _notes(result, policy) -> list[str]:
 @click.option("--scope", default=None, type=click.Choice(["layer", "global"]), help="Cache per layer or global.")
 @click.option("--prefetch", default=None, help="Replace the prefetcher: none, next-layer, first-non-resident, eam, "
               "predictive, oracle.")
+@click.option("--knob", "knobs", multiple=True, help="A system's own setting, NAME=VALUE: offload_per_layer "
+              "(mixtral-offloading), device_memory_ratio (moe-infinity), gpu_memory_fraction (fiddler).")
+@click.option("--guess", default=None, help="Next-layer guess of next-layer/first-non-resident prefetch: auto "
+              "(the trace's column, else a guess model), trace, previous-token, or accuracy:P.")
 @click.option("--placement", default=None, help="Replace the placement: gpu, fiddler, hybrimoe.")
 @click.option("--placement-rule", default=None, type=click.Choice(["profile", "code"]),
               help="CPU/GPU decision from the profile's costs or the released code's constants.")
@@ -171,9 +189,9 @@ def _notes(result, policy) -> list[str]:
 @click.option("--timeline", "timeline_path", default=None, type=click.Path(dir_okay=False),
               help="Write a Chrome-trace JSON (open in Perfetto) of the GPU, PCIe and CPU lanes.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the result as JSON.")
-def simulate_command(trace_spec, profile_spec, policy, cache_experts, cache_mem, gpu_mem, expert_bits,
-                     non_expert_bits, batch, eviction, scope, prefetch, placement, placement_rule, transfer, gating,
-                     predictor_train, timeline_path, json_path):
+def simulate_command(trace_spec, profile_spec, host, link, policy, cache_experts, cache_mem, gpu_mem, expert_bits,
+                     non_expert_bits, batch, knobs, eviction, scope, prefetch, guess, placement, placement_rule,
+                     transfer, gating, predictor_train, timeline_path, json_path):
     """Replay a routing trace under one offloading policy on a modelled machine."""
     from moesim.atomic import prepare_output_path, write_text_atomic
     from moesim.simulator.config import SimConfig
@@ -186,7 +204,7 @@ def simulate_command(trace_spec, profile_spec, policy, cache_experts, cache_mem,
 
     trace_path = resolve_trace(trace_spec)
     spec = build_policy(policy, eviction, scope, prefetch, placement, placement_rule, transfer, gating,
-                        tuple(predictor_train))
+                        tuple(predictor_train), guess)
     cache_experts = one_int(cache_experts, "--cache-experts", minimum=0)
     if cache_experts is not None:
         check_cache_experts([cache_experts], read_trace_meta(trace_path).num_experts)
@@ -202,9 +220,19 @@ def simulate_command(trace_spec, profile_spec, policy, cache_experts, cache_mem,
         prepare_output_path(timeline_path)
     if json_path:
         prepare_output_path(json_path)
+    if knobs:
+        from moesim.simulator.knobs import apply_knobs, parse_knobs
+
+        config = apply_knobs(config, parse_knobs(knobs), read_trace_meta(trace_path).num_experts)
+    profile, profile_name = profile_spec, profile_spec
+    if host is not None or link is not None:
+        from moesim.calib.hosts import UNSTATED, compose_profile
+
+        profile = compose_profile(profile_spec, host or UNSTATED, link)
+        profile_name = profile.name
     timeline = Timeline(f"moesim {policy}") if timeline_path else None
-    result = simulate(trace_path, profile_spec, config, timeline=timeline,
-                      trace_name=trace_label(trace_spec) if trace_spec else trace_path.stem, profile_name=profile_spec)
+    result = simulate(trace_path, profile, config, timeline=timeline,
+                      trace_name=trace_label(trace_spec) if trace_spec else trace_path.stem, profile_name=profile_name)
     click.echo(summary_text(result))
     for note in _notes(result, spec):
         click.echo(f"note: {note}", err=True)

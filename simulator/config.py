@@ -54,7 +54,25 @@ class PolicySpec:
     transfer: TransferSpec
     gating: GatingSpec = GatingSpec()
     memory_fraction: float = 1.0  # share of GPU memory the system allows itself (when it sizes its cache)
+    # How a memory-sized cache is computed. "free": fraction x budget minus everything else on the GPU
+    # (non-expert weights, staging, KV, activations, runtime reserve). "pool": fraction x budget minus the
+    # non-expert weights only, as MoE-Infinity's GetSparseCacheLimit and Fiddler's calc_n_expert_on_gpu
+    # do (their KV cache, activations and CUDA context lie outside that sum).
+    memory_rule: str = "free"
+    # the released runtime's implementation costs (simulator/runtime.py): per-expert and per-layer dispatch,
+    # host synchronisations, HQQ dequantization traffic; "none" is an idealised engine
+    runtime: str = "none"
     all_resident: bool = False  # every expert must fit (no offloading)
+
+    def __post_init__(self):
+        if self.memory_rule not in ("free", "pool"):
+            raise MoesimError(f"memory rule '{self.memory_rule}': expected free or pool")
+        from moesim.simulator.runtime import RUNTIMES
+
+        if self.runtime not in RUNTIMES:
+            raise MoesimError(f"runtime '{self.runtime}': expected one of {', '.join(RUNTIMES)}")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise MoesimError(f"memory fraction {self.memory_fraction}: expected 0 < fraction <= 1")
 
     def with_parts(self, **changes) -> "PolicySpec":
         return replace(self, **changes)

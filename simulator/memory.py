@@ -103,6 +103,8 @@ def plan_memory(policy: PolicySpec, shape: ModelShape, expert_bytes: list[int], 
     act = activation_bytes(shape, workload)
     reserve = int(profile.runtime_reserve_bytes)
     fixed = non_expert_bytes + staging + prefetch_buf + kv + act + reserve
+    # what a memory-sized cache must leave free: everything, or the dense weights only (see PolicySpec)
+    carve = fixed if policy.memory_rule == "free" else non_expert_bytes
     per_layer_sum = sum(expert_bytes)
     all_bytes = E * per_layer_sum
 
@@ -118,7 +120,7 @@ def plan_memory(policy: PolicySpec, shape: ModelShape, expert_bytes: list[int], 
         elif cache_mem is not None:
             budget_for_cache = cache_mem
         else:
-            budget_for_cache = max(0, int(budget * policy.memory_fraction) - fixed)
+            budget_for_cache = max(0, int(budget * policy.memory_fraction) - carve)
         used, n_layers = 0, 0
         for b in expert_bytes:
             if used + E * b > budget_for_cache:
@@ -137,7 +139,7 @@ def plan_memory(policy: PolicySpec, shape: ModelShape, expert_bytes: list[int], 
             if cache_mem is not None:
                 free = int(cache_mem)
             else:
-                free = max(0, int(budget * policy.memory_fraction) - fixed)
+                free = max(0, int(budget * policy.memory_fraction) - carve)
             per_layer = min(E, free // per_layer_sum) if per_layer_sum else 0
             total_bytes = min(free, all_bytes)
             # the DP may put slots on the layers with the biggest experts: count them at the biggest size

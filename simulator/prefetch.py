@@ -19,8 +19,12 @@
 
 The guess of ``next-layer``/``first-non-resident`` is the trace's ``next_layer_guess`` column (recorded
 by applying layer l+1's router to layer l's MoE input). Traces without it (imports from engines that do
-not record it) fall back to the previous token's experts at layer l+1, and the result says so
-(``guess_source``). Guess-based prefetchers act in decode only, as AdapMoE's; the oracle also in prefill.
+not record it) get a guess model (``guess="auto"``): layer l+1's real experts, each kept with a stated
+accuracy (:data:`moesim.simulator.workload.DEFAULT_GUESS_ACCURACY`, from AdapMoE's measured accuracies)
+and otherwise replaced by a wrong expert; ``guess="accuracy:P"`` states another accuracy and
+``guess="previous-token"`` takes the previous token's experts (which a cache of >= top-k slots always
+holds, so it prefetches nothing). The result says which (``guess_source``) and reports the prefetches'
+precision and recall. Guess-based prefetchers act in decode only, as AdapMoE's; the oracle also in prefill.
 """
 
 from __future__ import annotations
@@ -42,6 +46,12 @@ class PrefetchSpec:
     limit: int = 0  # most experts one call may prefetch; 0 = the prefetcher's default
     eam_capacity: int = 1000  # MoE-Infinity trace_capacity
     train: tuple[str, ...] = ()  # predictive: traces to fit on (default: the bundled traces but the simulated one)
+    guess: str = "auto"  # next-layer guess: auto | trace | previous-token | accuracy:P (see the module doc)
+
+    def __post_init__(self):
+        from moesim.simulator.workload import parse_guess
+
+        parse_guess(self.guess)
 
 
 class PrefetchContext:

@@ -23,10 +23,13 @@ DEFAULT_SWEEP_POLICIES = ("lru", "mixtral-offloading", "moe-infinity", "fiddler"
 
 def _spec(name: str, cache: CacheSpec, prefetch: str = "none", placement: str = "gpu", transfer: str = "stream",
           gating: GatingSpec = GatingSpec(), memory_fraction: float = 1.0, all_resident: bool = False,
+          memory_rule: str = "free", runtime: str = "none", placement_rule: str = "profile",
           **transfer_changes) -> PolicySpec:
-    return PolicySpec(name=name, cache=cache, prefetch=PrefetchSpec(prefetch), placement=PlacementSpec(placement),
+    return PolicySpec(name=name, cache=cache, prefetch=PrefetchSpec(prefetch),
+                      placement=PlacementSpec(placement, placement_rule),
                       transfer=transfer_spec(transfer, **transfer_changes), gating=gating,
-                      memory_fraction=memory_fraction, all_resident=all_resident)
+                      memory_fraction=memory_fraction, all_resident=all_resident, memory_rule=memory_rule,
+                      runtime=runtime)
 
 
 @PRESETS.register("lru")
@@ -41,7 +44,8 @@ def lru() -> PolicySpec:
 
 @PRESETS.register("lfu")
 def lfu() -> PolicySpec:
-    """Per-layer LFU with per-request visit counts (MoE-Infinity's rule, without its global pool), copy stream."""
+    """Per-layer LFU with per-request visit counts kept across evictions (MoE-Infinity's rule, without its
+    global pool), copy stream. ``--eviction lfu-forget`` is the textbook LFU that forgets on eviction."""
     return _spec("lfu", CacheSpec("lfu"))
 
 
@@ -60,11 +64,15 @@ def mixtral_offloading() -> PolicySpec:
     (H2D of the needed expert plus D2H of the evicted one, the host keeping only ``offload_size`` pinned
     slots), both on the compute stream, so copies and expert GEMMs serialize; ``buffer_size=4`` device
     staging buffers; no prefetch; prefill streams the union of the prompt's experts through the same LRU.
+    Runtime costs (``simulator/runtime.py``, ``mixtral-offloading``): the Python per-expert loop's launches
+    and two host syncs per expert, one sync per layer, and for HQQ formats the dequantize-then-matmul
+    traffic (5x the packed bytes) and HQQ attention's launches and traffic.
     Leaves out: the 3-deep loading window (with everything on one stream it does not change the time);
     quantization (the demo's HQQ 4-bit attention / 2-bit experts is ``--expert-bits int2-g16-m8
     --non-expert-bits int4-g64-m8``).
     """
-    return _spec("mixtral-offloading", CacheSpec("lru", initial="last-experts"), transfer="swap", staging_experts=4)
+    return _spec("mixtral-offloading", CacheSpec("lru", initial="last-experts"), transfer="swap", staging_experts=4,
+                 runtime="mixtral-offloading")
 
 
 @PRESETS.register("mixtral-offloading-paper")
@@ -74,8 +82,10 @@ def mixtral_offloading_paper() -> PolicySpec:
     Models: per-layer LRU (k slots), layer l+1's gate applied to layer l's hidden state guesses l+1's
     experts and every guessed non-resident expert is loaded into the LRU in the background on a copy
     stream while layer l computes (wrong guesses cost only bandwidth); 4 staging buffers.
-    Leaves out: the released code's swap write-back (the paper's system keeps all experts on the host);
-    the guess is the trace's ``next_layer_guess`` (previous token's experts when the trace lacks it).
+    Leaves out: the released code's swap write-back (the paper's system keeps all experts on the host).
+    The guess is the trace's ``next_layer_guess``; a trace without it gets the guess model (layer l+1's
+    real experts kept with a stated per-slot accuracy, ``--guess``), and the result reports the prefetch
+    precision and recall.
     """
     return _spec("mixtral-offloading-paper", CacheSpec("lru", initial="last-experts"), prefetch="next-layer",
                  staging_experts=4)
@@ -86,15 +96,16 @@ def moe_infinity() -> PolicySpec:
     """MoE-Infinity as released (EfficientMoE/MoE-Infinity ``d617801``).
 
     Models: one global expert cache sized in bytes (``device_memory_ratio`` 0.9 of the GPU minus the
-    dense weights when sized from memory), evicting the expert with the fewest in-request visits
+    dense weights when sized from memory; ``--knob device_memory_ratio=R``), evicting the expert with the fewest in-request visits
     (``incache_visit_count``, reset after prefill and after each request), a dedicated fetch stream
     (pinned host memory) where on-demand fetches go before queued prefetches; prefetch is disabled as in
     ``ArcherConfig.prefetch=False`` (``--prefetch eam`` enables the activation-matrix matching).
+    Runtime costs (``moe-infinity``): two stream synchronisations and five launches per expert, one per layer.
     Leaves out: the SSD-to-host cold start, the 8 exec streams (experts of a layer run back to back here),
     tie-breaking by container order (ties go to the least recently used).
     """
     return _spec("moe-infinity", CacheSpec("lfu", scope="global", unit="bytes"), memory_fraction=0.9,
-                 demand_priority=True)
+                 memory_rule="pool", demand_priority=True, runtime="moe-infinity")
 
 
 @PRESETS.register("fiddler")
@@ -106,11 +117,14 @@ def fiddler() -> PolicySpec:
     data); per layer and per expert, a resident expert runs on the GPU, a non-resident one on the CPU
     when its tokens' CPU time is below one expert's copy time (the profile's real costs; ``--placement-rule
     code`` uses the released 7/70 constants), otherwise its weights are copied synchronously from pageable
-    memory into one placeholder and never cached. Leaves out: the CPU and GPU work of one layer being
+    memory into one placeholder and never cached. Runtime costs (``fiddler``): per GPU expert the HF
+    module's launches, per CPU expert a synchronous activation copy, per layer a host read of the routing.
+    Leaves out: the CPU and GPU work of one layer being
     issued from one Python loop (here the CPU pool and the GPU run side by side); beam search.
     """
     return _spec("fiddler", CacheSpec("static", scope="global", unit="bytes", initial="popular"),
-                 placement="fiddler", transfer="sync", memory_fraction=0.95)
+                 placement="fiddler", placement_rule="code", transfer="sync", memory_fraction=0.95,
+                 memory_rule="pool", runtime="fiddler")
 
 
 @PRESETS.register("adapmoe")
@@ -175,8 +189,8 @@ def all_gpu() -> PolicySpec:
 def accelerate() -> PolicySpec:
     """HF accelerate's naive offload (``device_map="auto"``): whole layers fill the GPU in order, and every
     other layer's experts (all of them, routed or not) are copied synchronously from pageable host memory
-    at every forward pass. Leaves out: offloaded layers' attention weights (kept on the GPU here)."""
-    return _spec("accelerate", CacheSpec("static", initial="first-layers"), transfer="layer")
+    at every forward pass, one synchronous copy per weight matrix (each pays the copy latency). Leaves out: offloaded layers' attention weights (kept on the GPU here)."""
+    return _spec("accelerate", CacheSpec("static", initial="first-layers"), transfer="layer", runtime="accelerate")
 
 
 def get_preset(name: str) -> PolicySpec:

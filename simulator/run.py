@@ -99,8 +99,10 @@ def _trace_key(trace: Trace) -> tuple:
 
 
 def get_workload(trace: Trace, batch: int, policy: PolicySpec) -> Workload:
-    key = (_trace_key(trace), batch, policy.gating)
-    return _WORKLOADS.get_or(key, lambda: (trace, compile_workload(trace, batch=batch, gating=policy.gating)))[1]
+    guess = policy.prefetch.guess
+    key = (_trace_key(trace), batch, policy.gating, guess)
+    return _WORKLOADS.get_or(key, lambda: (trace, compile_workload(trace, batch=batch, gating=policy.gating,
+                                                                   guess=guess)))[1]
 
 
 @dataclass
@@ -116,6 +118,8 @@ class Prepared:
     non_expert_kernel: str
     profile: object
     policy: PolicySpec
+    expert_quantized: bool = False  # the config asked for a quantized expert format
+    non_expert_quantized: bool = False
 
 
 def _label(trace_name: str, profile_name: str, config: SimConfig, plan_budget: int, dtype: str) -> RunLabel:
@@ -160,7 +164,9 @@ def prepare(trace: Trace, profile, config: SimConfig, trace_name: str = "", prof
     label = _label(trace_name or (trace.path.stem if trace.path else "trace"), profile_name or profile.name,
                    config, plan.budget_bytes, meta.dtype)
     return Prepared(label, trace, workload, plan, expert_bytes, expert_kernel, non_expert_kernel, profile,
-                    config.policy)
+                    config.policy,
+                    expert_quantized=bool(config.expert_format and config.expert_format.is_quantized),
+                    non_expert_quantized=bool(config.non_expert_format and config.non_expert_format.is_quantized))
 
 
 def _costs(prep: Prepared, needs_cpu: bool) -> CostTables:
@@ -179,6 +185,16 @@ def _costs(prep: Prepared, needs_cpu: bool) -> CostTables:
         return prep.profile, prep.trace, tables  # holding the objects keeps their ids from being reused
 
     return _COSTS.get_or(key, make)[2]
+
+
+def _runtime_costs(prep: Prepared, tables: CostTables) -> CostTables:
+    """The preset's runtime implementation costs added to the profile's cost tables."""
+    from moesim.simulator.runtime import apply_runtime, runtime_costs
+
+    runtime = runtime_costs(prep.policy.runtime)
+    hqq = runtime.hqq_traffic_factor > 1.0  # the released code runs every quantized weight through HQQ
+    return apply_runtime(tables, runtime, expert_hqq=hqq and prep.expert_quantized,
+                         attention_hqq=hqq and prep.non_expert_quantized)
 
 
 def _initial_keys(initial: str, prep: Prepared) -> list[tuple[int, int]]:
@@ -243,7 +259,7 @@ def build_policy_objects(prep: Prepared) -> PolicyObjects:
     policy = prep.policy
     wl = prep.workload
     L, E = wl.num_layers, wl.num_experts
-    costs = _costs(prep, policy.placement.policy != "gpu")
+    costs = _runtime_costs(prep, _costs(prep, policy.placement.policy != "gpu"))
     cache = make_cache(policy.cache.policy, _geometry(prep), prep.plan.capacity, **policy.cache.params())
     cache.preload(_initial_keys(policy.cache.initial, prep))
     if isinstance(cache, BeladyCache):
@@ -265,8 +281,21 @@ def build_policy_objects(prep: Prepared) -> PolicyObjects:
             missing = sum(1 for e in range(E) if not cache.contains(layer, e))
             nbytes = missing * prep.expert_bytes[layer]
             layer_copy_bytes.append(nbytes)
-            layer_copy_s.append(float(prep.profile.copy_time(nbytes, "h2d", pinned=transfer.pinned)) if nbytes else 0.0)
+            layer_copy_s.append(accelerate_layer_copy_s(prep.profile, nbytes, missing, transfer.pinned))
     return PolicyObjects(cache, prefetcher, placement, transfer, costs, layer_copy_s, layer_copy_bytes)
+
+
+def accelerate_layer_copy_s(profile, nbytes: float, experts: int, pinned: bool) -> float:
+    """accelerate copies an offloaded layer one parameter at a time (an AlignDevicesHook per module,
+    ``set_module_tensor_to_device`` per parameter, synchronous): the bytes once, plus a copy's fixed latency
+    for each of the 3 weight matrices of every expert beyond the first copy."""
+    if nbytes <= 0:
+        return 0.0
+    from moesim.calib.profile import copy_key
+
+    model = profile.copy_models.get(copy_key("h2d", pinned, False))
+    latency = float(model.latency_s) if model is not None else 0.0
+    return float(profile.copy_time(nbytes, "h2d", pinned=pinned)) + max(0, 3 * experts - 1) * latency
 
 
 def run_prepared(prep: Prepared, record_hits: bool = False, timeline: Optional[Timeline] = None

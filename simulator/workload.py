@@ -21,7 +21,28 @@ from moesim.errors import MoesimError
 from moesim.simulator.gating import GatingSpec, keep_mask
 from moesim.tracer import DECODE, PREFILL, Trace
 
-GUESS_SOURCES = ("auto", "trace", "previous-token")
+GUESS_SOURCES = ("auto", "trace", "previous-token", "accuracy:P")
+
+# The guess model's default per-slot accuracy when a trace has no recorded next-layer guess. Source:
+# AdapMoE (PKU-SEC-Lab/AdapMoE 2cfe8df, src/dp.py ``accs``) hard-codes the measured per-layer accuracy of
+# exactly this guess (layer l+1's gate on layer l's hidden state, Mixtral-8x7B) as about 0.57-0.94
+# (../shared/research/offloading-systems.md section 4); 0.75 is the middle of that range. Not fitted.
+DEFAULT_GUESS_ACCURACY = 0.75
+GUESS_SEED = 0  # the guess model's draws are seeded: the same trace gives the same guesses
+
+
+def parse_guess(text: str) -> tuple[str, float]:
+    """``auto`` | ``trace`` | ``previous-token`` | ``accuracy:P`` (0 <= P <= 1) -> (kind, accuracy)."""
+    if text in ("auto", "trace", "previous-token"):
+        return text, DEFAULT_GUESS_ACCURACY
+    if text.startswith("accuracy:"):
+        try:
+            p = float(text.split(":", 1)[1])
+        except ValueError:
+            p = -1.0
+        if 0.0 <= p <= 1.0:
+            return "accuracy", p
+    raise MoesimError(f"--guess '{text}': expected auto, trace, previous-token or accuracy:P with 0 <= P <= 1")
 
 
 @dataclass(slots=True)
@@ -60,7 +81,7 @@ class Workload:
     top_k: int
     batch: int
     gating: GatingSpec
-    guess_source: str  # "trace" | "previous-token"
+    guess_source: str  # "trace" | "previous-token" | "accuracy-P" (the guess model)
     batches: list[RequestBatch]
     prompt_tokens: dict[int, int]
     decode_tokens: dict[int, int]
@@ -146,8 +167,7 @@ def _work_from_rows(rows: list[int], ex: list, w: list, keep: list, guess: Optio
 def compile_workload(trace: Trace, batch: int = 1, gating: GatingSpec | None = None, guess: str = "auto") -> Workload:
     if batch < 1:
         raise MoesimError(f"--batch {batch}: expected a positive integer")
-    if guess not in GUESS_SOURCES:
-        raise MoesimError(f"guess source '{guess}': expected one of {', '.join(GUESS_SOURCES)}")
+    guess_kind, guess_accuracy = parse_guess(guess)
     gating = gating or GatingSpec()
     meta = trace.meta
     L, E, k = meta.num_layers, meta.num_experts, meta.top_k
@@ -155,10 +175,19 @@ def compile_workload(trace: Trace, batch: int = 1, gating: GatingSpec | None = N
     decode_mask = c.phase == DECODE
     keep_arr = keep_mask(c.weights, c.layer, decode_mask, gating, L)
     has_guess = c.next_layer_guess is not None and bool((c.next_layer_guess >= 0).any())
-    if guess == "trace" and not has_guess:
+    if guess_kind == "trace" and not has_guess:
         where = trace.path or "trace"
         raise MoesimError(f"{where}: has no 'next_layer_guess' column, which the next-layer guess needs")
-    source = "trace" if (guess in ("auto", "trace") and has_guess) else "previous-token"
+    # Without a recorded guess, "auto" draws guesses from a stated accuracy against the real next layer.
+    # (It used to take the previous token's experts, which a cache of >= top-k slots always holds, so
+    # next-layer prefetch issued nothing and silently equalled plain LRU.)
+    if guess_kind in ("auto", "trace") and has_guess:
+        source = "trace"
+    elif guess_kind == "previous-token":
+        source = "previous-token"
+    else:
+        source = f"accuracy-{guess_accuracy:g}"
+    rng = np.random.default_rng(GUESS_SEED)
 
     ex = c.experts.astype(np.int64).tolist()
     w = c.weights.astype(np.float64).tolist()
@@ -227,6 +256,8 @@ def compile_workload(trace: Trace, batch: int = 1, gating: GatingSpec | None = N
                     layers[layer] = _work_from_rows(rows, ex, w, keep, guess_rows, k)
             if source == "previous-token":
                 _fill_previous_token_guess(layers, active, j, decode, prefill, ex, k)
+            elif source != "trace":
+                _fill_model_guess(layers, active, j, decode, ex, k, E, guess_accuracy, rng)
             ctx = sum(prompt_len[r] + j + 1 for r in active) // len(active)
             dec_steps.append(ForwardStep(step_index, DECODE, tuple(active), len(active), max(ctx, 1), layers))
             step_index += 1
@@ -257,4 +288,26 @@ def _fill_previous_token_guess(layers, active, j, decode, prefill, ex, k) -> Non
             for i in rows:
                 for e in ex[i][:k]:
                     seen.setdefault(e, None)
+        work.guess = tuple(seen)
+
+
+def _fill_model_guess(layers, active, j, decode, ex, k, E, accuracy, rng) -> None:
+    """The guess model: layer l's guess for l+1 is l+1's real top-k, each slot of each token kept with
+    probability ``accuracy`` and otherwise replaced by an expert that token did not select."""
+    L = len(layers)
+    for layer in range(L - 1):
+        work = layers[layer]
+        if work is None:
+            continue
+        seen: dict[int, None] = {}
+        for s in range(k):
+            for r in active:
+                for i in decode[r][j][1].get(layer + 1, ()):
+                    real = ex[i][:k]
+                    if rng.random() < accuracy:
+                        seen.setdefault(real[s], None)
+                    else:
+                        others = [e for e in range(E) if e not in real]
+                        if others:
+                            seen.setdefault(others[int(rng.integers(len(others)))], None)
         work.guess = tuple(seen)

@@ -38,8 +38,12 @@ def test_h100_copy_of_a_mixtral_expert_over_gen5(mixtral):
     assert 5e-3 < t < 14e-3
     assert p.copy_time(nbytes, "h2d", pinned=False) > t
     assert p.copy_time(nbytes, "h2d", pinned=True, concurrent=True) > t
-    # Gen3 on the 3060 host is four times slower than Gen5
-    assert load_profile("rtx-3060").copy_time(nbytes) == pytest.approx(4 * t, rel=0.05)
+    # Gen3 on the 3060 host: a quarter of Gen5's link rate, at the efficiency measured on Gen3 (0.77) instead
+    # of the H100's measured 0.91 on Gen5
+    slow = load_profile("rtx-3060")
+    ratio = (p.efficiency["pcie_pinned"]["value"] * 63.015) / (slow.efficiency["pcie_pinned"]["value"] * 15.754)
+    assert slow.efficiency["pcie_pinned"]["value"] == pytest.approx(0.77)
+    assert slow.copy_time(nbytes) == pytest.approx(ratio * t, rel=0.05)
 
 
 def test_contract_queries_are_vectorised_and_sane(mixtral):

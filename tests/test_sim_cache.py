@@ -88,6 +88,24 @@ def test_lfu_counts_visits_per_request_and_resets():
     assert acc.evicted == [(0, 1)]
 
 
+def test_lfu_keeps_an_evicted_experts_count_as_moe_infinity_does():
+    # MoE-Infinity d617801: incache_visit_count is a field of the expert's Node, raised only by a visit while
+    # the node is on the GPU and zeroed only by ClearExpertCacheCounts, so it survives an eviction.
+    c = LFUCache(GEO, per_layer(2))
+    got = replay(c, [2, 3, 3, 2, 1, 3, 1, 2])
+    # t4: 1 evicts 3 (tie 1:1, 3 least recent); t5: 3 comes back with its count 1 and evicts 1 (count 0);
+    # t6: 1 evicts 2 (tie 1:1 with 3, 2 least recent); t7: 2 misses. Forgetting 3's count would evict 3 at t6.
+    assert got == [False, False, True, True, False, False, False, False]
+    assert c.visit_count(0, 3) == 1 and c.visit_count(0, 2) == 1  # 2 is not resident and keeps its count
+    c.reset_request()
+    assert c.visit_count(0, 2) == 0 and c.visit_count(0, 3) == 0
+
+
+def test_lfu_forget_is_the_textbook_rule_kept_for_comparison():
+    c = make_cache("lfu-forget", GEO, per_layer(2))
+    assert replay(c, [2, 3, 3, 2, 1, 3, 1, 2]) == [False, False, True, True, False, False, False, True]
+
+
 def test_static_never_admits_and_keeps_its_preload():
     c = StaticCache(GEO, per_layer(2))
     c.preload([(0, 5), (0, 6), (0, 7)])  # only two fit
@@ -181,7 +199,7 @@ def test_popularity_order_per_layer_and_global():
 
 
 def test_registry_lists_every_rule_and_rejects_unknown_ones():
-    assert set(CACHE_POLICIES.names()) == {"lru", "lfu", "fifo", "static", "belady", "mrs"}
+    assert set(CACHE_POLICIES.names()) == {"lru", "lfu", "lfu-forget", "fifo", "static", "belady", "mrs"}
     with pytest.raises(MoesimError, match="expected one of"):
         make_cache("arc", GEO, per_layer(1))
     with pytest.raises(MoesimError):

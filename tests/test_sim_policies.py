@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import simpy
 
 from moesim.errors import MoesimError
+from moesim.quant import WeightFormat
 from moesim.simulator.cli import build_policy
 from moesim.simulator.config import SimConfig
 from moesim.simulator.costs import CostTables
@@ -164,7 +166,8 @@ def test_accelerate_copies_every_offloaded_layer_whole_each_step(tmp_path):
     tokens = [[[0], [0], [0]], [[1], [1], [1]], [[2], [2], [2]]]
     path = write_tiny_trace(tmp_path / "t.parquet", tokens, prompt=1)
     # room for one layer's 4 experts: layer 0 stays, layers 1 and 2 are copied (pageable, 2 ms each)
-    r = simulate(path, profile(), SimConfig(get_preset("accelerate"), cache_bytes=4 * EXPERT_BYTES))
+    acc = get_preset("accelerate").with_parts(runtime="none")  # the copies alone, without per-parameter syncs
+    r = simulate(path, profile(), SimConfig(acc, cache_bytes=4 * EXPERT_BYTES))
     assert r.cache_slots == 4
     assert r.h2d_bytes == 3 * 2 * 4 * EXPERT_BYTES
     assert r.tpot_mean_s == pytest.approx(3 * (2 * MS + MS) + 2 * 8 * MS, rel=1e-9)
@@ -175,8 +178,8 @@ def test_moe_infinity_sizes_its_global_cache_from_ninety_percent_of_memory(tmp_p
     prof = profile(memory_bytes=10 * 2**20)
     r = simulate(path, prof, SimConfig(get_preset("moe-infinity")))
     m = r.memory
-    fixed = m.non_expert_bytes + m.kv_cache_bytes + m.activation_bytes + m.reserve_bytes
-    assert m.cache_bytes == min(int(10 * 2**20 * 0.9) - fixed, 2 * 4 * EXPERT_BYTES)
+    # GetSparseCacheLimit: the pool (ratio x device memory) minus the dense weights only
+    assert m.cache_bytes == min(int(10 * 2**20 * 0.9) - m.non_expert_bytes, 2 * 4 * EXPERT_BYTES)
 
 
 def test_lane_serves_demand_before_queued_prefetches_and_promotes():
@@ -206,3 +209,58 @@ def test_timeline_has_cpu_lane_events_for_cpu_experts(tmp_path):
                                         cache_experts=0), timeline=tl)
     tids = {e[0] for e in tl.events}
     assert 1 in tids and 4 in tids  # GPU and CPU lanes
+
+
+def test_next_layer_prefetch_without_a_recorded_guess_uses_a_stated_guess_model(tmp_path):
+    # No next_layer_guess column and 2 slots per layer (>= top-k 1): the previous token's experts are always
+    # resident, so the old fallback issued no prefetch and mixtral-offloading-paper equalled plain LRU.
+    rng = np.random.default_rng(3)
+    tokens = [[[int(rng.integers(4))] for _ in range(3)] for _ in range(40)]
+    path = write_tiny_trace(tmp_path / "t.parquet", tokens, prompt=1)
+    cfg = lambda name, **kw: SimConfig(policy=build_policy(name, **kw), cache_experts=2)  # noqa: E731
+    paper = simulate(path, profile(), cfg("mixtral-offloading-paper"))
+    assert paper.guess_source == "accuracy-0.75"
+    assert paper.prefetch_issued > 0
+    assert 0 < paper.prefetch_precision <= 1 and 0 < paper.prefetch_recall <= 1
+    exact = simulate(path, profile(), cfg("mixtral-offloading-paper", guess="accuracy:1"))
+    assert exact.prefetch_precision == 1.0  # a perfect guess prefetches only experts that are then used
+    old = simulate(path, profile(), cfg("mixtral-offloading-paper", guess="previous-token"))
+    assert old.guess_source == "previous-token" and old.prefetch_issued == 0
+    with pytest.raises(MoesimError, match="--guess"):
+        build_policy("mixtral-offloading-paper", guess="accuracy:2")
+
+
+def test_presets_speak_their_systems_knobs(tmp_path):
+    from moesim.simulator.knobs import apply_knobs, parse_knobs
+
+    path = write_tiny_trace(tmp_path / "t.parquet", [[[0], [1]], [[1], [2]]], prompt=1)
+    base = SimConfig(get_preset("mixtral-offloading"))
+    assert apply_knobs(base, parse_knobs(["offload_per_layer=3"]), 4).cache_experts == 1
+    prof = profile(memory_bytes=10 * 2**20)
+    cfg = apply_knobs(SimConfig(get_preset("moe-infinity")), parse_knobs(["device-memory-ratio=0.5"]), 4)
+    m = simulate(path, prof, cfg).memory
+    assert m.cache_bytes == min(int(10 * 2**20 * 0.5) - m.non_expert_bytes, 2 * 4 * EXPERT_BYTES)
+    with pytest.raises(MoesimError, match="not of preset 'lru'"):
+        apply_knobs(SimConfig(get_preset("lru")), parse_knobs(["offload_per_layer=2"]), 4)
+    with pytest.raises(MoesimError, match="integer 0..4"):
+        apply_knobs(base, parse_knobs(["offload_per_layer=9"]), 4)
+    with pytest.raises(MoesimError, match="NAME=VALUE"):
+        parse_knobs(["cache=2"])
+
+
+def test_runtime_costs_add_the_released_codes_launches_and_syncs(tmp_path):
+    from moesim.simulator.runtime import LAUNCH_S, SYNC_S
+
+    # one decode token, one layer, one resident expert: the runtime adds its per-expert and per-layer terms
+    path = write_tiny_trace(tmp_path / "t.parquet", [[[0]], [[0]]], prompt=1)
+    cfg = lambda runtime: SimConfig(get_preset("moe-infinity").with_parts(runtime=runtime),  # noqa: E731
+                                    cache_experts=2)
+    bare = simulate(path, profile(), cfg("none"))
+    real = simulate(path, profile(), cfg("moe-infinity"))
+    assert real.tpot_mean_s - bare.tpot_mean_s == pytest.approx(5 * LAUNCH_S + 2 * SYNC_S + SYNC_S)
+    # HQQ experts move 5x their packed bytes: Mixtral-Offloading's int2 expert call costs more than int4's kernel
+    mo = SimConfig(get_preset("mixtral-offloading"), cache_experts=2, expert_format=WeightFormat.parse("int2-g16-m8"))
+    mo_bare = replace(mo, policy=mo.policy.with_parts(runtime="none"))
+    assert simulate(path, profile(), mo).tpot_mean_s > simulate(path, profile(), mo_bare).tpot_mean_s
+    with pytest.raises(MoesimError, match="runtime 'x'"):
+        get_preset("lru").with_parts(runtime="x")

@@ -1,0 +1,216 @@
+"""Machines as three stated parts: a GPU (``calib.specs.GPUS``), a host CPU and the link between them.
+
+A spec profile used to carry one assumed host per GPU and CPU/link factors borrowed from whatever machine
+was measured (an AMX Xeon's CPU expert rate, an H100 box's PCIe efficiencies). A published measurement
+names its own host, so here the host is stated on its own and its CPU side is derived from that host's
+cores, instruction set and memory channels, and the link's efficiency from measurements on the same PCIe
+generation. ``compose_profile("a6000", "xeon-gold-6126-x2", "pcie3")`` builds the profile;
+``moesim simulate --host NAME [--link pcie3]`` does the same from the command line.
+
+The CPU expert at decode batch sizes is bound by memory bandwidth, so its time is the expert's bytes over
+(socket bandwidth x ``CPU_MEMORY_EFFICIENCY``) times the kernel class's factor for the instruction set
+(``CPU_BF16_KERNEL_FACTOR``): PyTorch's bf16 matmul on x86 without native bf16 instructions up-converts
+to fp32, and before PyTorch 2.6 AVX2-only machines had no batch-1 bf16 GEMV path at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+from moesim.errors import MoesimError
+from moesim.calib.specs import GB, GIB, GPUS, Efficiency, GpuSpec, HostSpec, build_spec_profile
+
+ISAS = ("avx2", "avx512", "avx512_bf16", "amx")
+
+
+@dataclass(frozen=True)
+class HostCpu:
+    name: str
+    cpu_name: str
+    description: str
+    cores: int  # cores of the socket the process runs on
+    isa: str  # widest vector/matrix extension PyTorch's bf16 matmul can use
+    memory_bandwidth: float  # bytes/s peak of one socket's channels
+    memory_bytes: int
+    source: str
+
+    def __post_init__(self):
+        if self.isa not in ISAS:
+            raise MoesimError(f"host {self.name}: isa '{self.isa}', expected one of {', '.join(ISAS)}")
+
+    def as_host_spec(self) -> HostSpec:
+        return HostSpec(self.description, self.cpu_name, self.cores, self.memory_bytes, self.memory_bandwidth,
+                        self.source)
+
+
+HOSTS: dict[str, HostCpu] = {h.name: h for h in (
+    HostCpu("xeon-gold-6126-x2", "Intel Xeon Gold 6126 (2 sockets)",
+            "Fiddler Env1 host: 2 x Xeon Gold 6126 (Skylake-SP, 12 cores each), 6 x DDR4-2666 per socket", 12,
+            "avx512", 6 * 21.33 * GB, 192 * GIB,
+            "Intel ARK Xeon Gold 6126: 12 cores, AVX-512, 6 channels DDR4-2666 (6 x 21.33 GB/s); Fiddler "
+            "README (48-core Skylake) and ICLR'25 text (2 x Xeon Gold 6126)"),
+    HostCpu("cascade-lake-32c", "Intel Xeon Cascade Lake (32 cores)",
+            "Fiddler Env2 host: 32-core Intel Cascade Lake, 6 x DDR4-2933", 32, "avx512", 6 * 23.47 * GB, 128 * GIB,
+            "Fiddler README (L4 + 32-core Cascade Lake); Intel ARK 2nd-gen Xeon Scalable: AVX-512 (VNNI, no "
+            "BF16), 6 channels DDR4-2933 per socket"),
+    HostCpu("xeon-gold-5220r-10c", "Intel Xeon Gold 5220R (10 cores used)",
+            "HybriMoE host: Xeon Gold 5220R restricted to 10 cores", 10, "avx512", 6 * 23.47 * GB, 256 * GIB,
+            "arXiv 2504.05897 VI; Intel ARK Xeon Gold 5220R: AVX-512, 6 channels DDR4-2933"),
+    HostCpu("threadripper-pro-5965wx", "AMD Ryzen Threadripper PRO 5965WX",
+            "typical workstation: 24-core Zen 3 (AVX2, no AVX-512), 8 x DDR4-3200", 24, "avx2", 8 * 25.6 * GB,
+            256 * GIB, "AMD product page: 24 cores, 8 channels DDR4-3200; Zen 3 has AVX2 and no AVX-512"),
+    HostCpu("i9-10900x", "Intel Core i9-10900X", "llmfit PR #755 host: 10 cores, quad-channel DDR4", 10, "avx512",
+            102 * GB, 128 * GIB, "AlexsJones/llmfit PR #755 (~102 GB/s measured quad-channel DDR4)"),
+)}
+
+# The host a study left unstated: the GPU spec's own typical host, and the result says it was assumed.
+UNSTATED = "unstated"
+
+# Instruction set of the spec profiles' typical hosts (calib.specs), by cpu_name.
+TYPICAL_HOST_ISA = {
+    "8-core desktop CPU (DDR4-3200 x2)": ("avx2", "assumed: current desktop cores (Intel 12th gen and later, AMD "
+                                                  "Zen 2/3) have AVX2 and no AVX-512"),
+    "8-core mobile CPU (DDR4-3200 x2)": ("avx2", "assumed: mobile Intel/AMD cores of the RTX 30 laptop era have "
+                                                 "AVX2 and no AVX-512"),
+    "AMD Ryzen 9 7950X": ("avx512_bf16", "AMD Zen 4 supports AVX-512 including AVX512_BF16 (AMD product page)"),
+    "AMD Ryzen Threadripper PRO 5965WX": ("avx2", "Zen 3: AVX2, no AVX-512"),
+    "Intel Xeon Platinum 8259CL (8 vCPU)": ("avx512", "Cascade Lake: AVX-512 and VNNI, no BF16 (Intel ARK)"),
+    "Intel Xeon Cascade Lake (16 vCPU)": ("avx512", "Cascade Lake: AVX-512 and VNNI, no BF16 (Intel ARK)"),
+    "AMD EPYC 7742": ("avx2", "Zen 2: AVX2, no AVX-512"),
+    "Intel Xeon Platinum 8480C": ("amx", "Sapphire Rapids: AMX-BF16 (Intel ARK)"),
+}
+
+# Fraction of a socket's memory-channel peak that a batch-1 bf16 expert GEMV reaches with PyTorch on the CPU.
+CPU_MEMORY_EFFICIENCY = Efficiency(
+    0.88, "llama.cpp Mixtral fp16 on a Xeon E5-2683 v4 (quad-channel DDR4-2133): 2.32 tok/s = about 60 GB/s of "
+          "68 GB/s peak (component-costs.md 2.9 and 6); a memory-bound GEMV streams the weights once")
+# Slowdown of PyTorch's bf16 matmul by instruction set, relative to a native bf16 GEMV (sources per entry).
+CPU_BF16_KERNEL_FACTOR: dict[str, Efficiency] = {
+    "avx2": Efficiency(3.5, "PyTorch PR #139220: bf16 decode 2.1 -> 7.4 tok/s on an AVX2-only x86 machine once a "
+                            "bf16 GEMV existed (PyTorch <= 2.5, which Fiddler pins, lacks it); component-costs 2.12"),
+    "avx512": Efficiency(2.0, "pytorch/torchchat#1253: on x86 without hardware bf16, MKL up-converts bf16 to fp32 "
+                              "and calls SGEMM, so bf16 decode is no faster than fp32 (twice the bytes of bf16); "
+                              "component-costs 2.11"),
+    "avx512_bf16": Efficiency(1.0, "native AVX512_BF16 dot products (PyTorch PR #139220: no change on such a CPU)"),
+    "amx": Efficiency(1.0, "native AMX bf16 tiles"),
+}
+
+# Host-to-device copy efficiency by PCIe generation (fraction of the x16 payload rate), with sources.
+LINK_PINNED: dict[int, Efficiency] = {
+    3: Efficiency(0.77, "bandwidthTest pinned 32 MiB, P100 on PCIe Gen3, NUMA-local: 12.15 GB/s of 15.75 "
+                        "(gearshifft PR #82; component-costs 3.7)"),
+    4: Efficiency(0.83, "PCIe 4.0 x16 H2D pinned 26.2 GB/s of 31.5 (Threadripper 5975WX + RTX 3090/A6000; "
+                        "component-costs 3.8); nvbandwidth 23.9-26.4 GB/s on RTX 4090 (3.2)"),
+    5: Efficiency(0.56, "H100 H2D SM copy 35.0-35.4 GB/s of 63.0 (nvbandwidth issue #24; component-costs 3.4); "
+                        "used only without a measured Gen5 profile"),
+}
+MEASURED_LINK_GEN = 5  # the PCIe generation of the measured GPU profile (h100-measured)
+LINK_PAGEABLE_OVER_PINNED = Efficiency(
+    0.55, "PCIe 4.0 x16 H2D pageable 14.4 GB/s vs pinned 26.2 GB/s (component-costs 3.8); applied to every "
+          "generation (no per-generation pageable figure was found)")
+# A swap on the compute stream (Mixtral-Offloading) copies at the pinned rate: 26.15 GB/s with the compute
+# stream saturated vs 26.2 alone on PCIe 4.0 (component-costs 3.8), so it needs no factor of its own.
+LINK_BIDIRECTIONAL = Efficiency(
+    0.73, "nvbandwidth README: H2D 18.4-19.6 GB/s while D2H runs vs 25.9-26.2 GB/s alone (component-costs 3.1)")
+COPY_LATENCY_PINNED_S = (6e-6, "cudaMemcpyAsync submission about 5-7 us (DualPath arXiv 2602.21548 5.2; "
+                               "component-costs 3.10)")
+COPY_LATENCY_PAGEABLE_S = (45e-6, "a synchronous copy: single 8 KiB D2H + synchronize 45.4 us, size-independent "
+                                  "to 1 MiB (kekzl/imp PR #1357; component-costs 3.11)")
+
+LINKS = {"pcie3": 3, "pcie4": 4, "pcie5": 5}
+
+EXTRA_GPUS: tuple[GpuSpec, ...] = (
+    GpuSpec(
+        "quadro-rtx-6000", "Quadro RTX 6000", 24 * GIB, 672 * GB, 130.5e12, 261e12, "7.5", 3, 16,
+        HOSTS["xeon-gold-6126-x2"].as_host_spec(),
+        sources={
+            "memory": "NVIDIA Quadro RTX 6000 datasheet (24 GB GDDR6, 672 GB/s; https://www.nvidia.com/content/dam/"
+                      "en-zz/Solutions/design-visualization/quadro-product-literature/quadro-rtx-6000-us-nvidia-"
+                      "704093-r4-web.pdf)",
+            "memory_bandwidth": "NVIDIA Quadro RTX 6000 datasheet: 672 GB/s",
+            "flops": "NVIDIA Quadro RTX 6000 datasheet: 130.5 TFLOPS tensor (fp16; Turing has no bf16), INT8 261 TOPS",
+            "pcie": "NVIDIA Quadro RTX 6000 datasheet: PCI Express 3.0 x16",
+        },
+        notes="Turing: no bf16 (the 16-bit kernel runs fp16), no int4 tinygemm kernel.",
+    ),
+)
+
+
+def gpu_spec(name: str) -> GpuSpec:
+    for g in GPUS + EXTRA_GPUS:
+        if g.name == name:
+            return g
+    raise MoesimError(f"GPU '{name}': expected one of {', '.join(g.name for g in GPUS + EXTRA_GPUS)}")
+
+
+def host_cpu(name: str) -> HostCpu:
+    if name not in HOSTS:
+        raise MoesimError(f"host '{name}': expected one of {', '.join(HOSTS)} (or '{UNSTATED}')")
+    return HOSTS[name]
+
+
+@lru_cache(maxsize=1)
+def _base_factors():
+    """The spec profiles' GPU-side factors (measured on the H100 box where measured, else stated)."""
+    from moesim.calib.profile import load_profile
+    from moesim.calib.specs import efficiencies_from_profiles
+
+    return efficiencies_from_profiles(load_profile("h100-measured"), load_profile("cpu-calibrated"))
+
+
+def host_of_spec(spec: GpuSpec) -> HostCpu:
+    """The GPU spec's own typical host as a :class:`HostCpu` (its ISA from :data:`TYPICAL_HOST_ISA`)."""
+    known = next((x for x in HOSTS.values() if x.cpu_name == spec.host.cpu_name), None)
+    if known is not None:
+        return known
+    isa, why = TYPICAL_HOST_ISA.get(spec.host.cpu_name, ("avx2", "assumed: AVX2, the common x86 baseline"))
+    return HostCpu("typical", spec.host.cpu_name, spec.host.description, spec.host.cores, isa,
+                   spec.host.memory_bandwidth, spec.host.memory_bytes, f"{spec.host.source}; ISA: {why}")
+
+
+def host_and_link_factors(eff: dict[str, Efficiency], lat: dict, cpu: HostCpu, gen: int):
+    """The spec profile's factors with the CPU side taken from ``cpu`` and the link from PCIe ``gen``."""
+    eff, lat = dict(eff), dict(lat)
+    factor = CPU_BF16_KERNEL_FACTOR[cpu.isa]
+    eff["host_memory"] = Efficiency(CPU_MEMORY_EFFICIENCY.value / factor.value,
+                                    f"{CPU_MEMORY_EFFICIENCY.source}; divided by {factor.value:g} for {cpu.isa}: "
+                                    f"{factor.source}")
+    # batch-1 experts are bandwidth-bound; the flop side only matters for prefill (AVX-512 2 FMA x 16 fp32
+    # lanes, AVX2 2 x 8, per cycle at about 2 GHz; stated, not measured)
+    lanes = {"avx2": 32, "avx512": 64, "avx512_bf16": 128, "amx": 1024}[cpu.isa]
+    eff["cpu_bf16_per_core_flops"] = Efficiency(lanes * 2.0e9 / factor.value,
+                                                f"{cpu.isa}: {lanes} flop/cycle x 2 GHz, over the kernel factor")
+    if gen == MEASURED_LINK_GEN and eff["pcie_pinned"].source.startswith("measured"):
+        # the measured GPU profile (h100-measured) was taken on a PCIe Gen5 link: its own copies apply as
+        # measured (pinned, pageable, bidirectional and their latencies)
+        return eff, lat
+    eff["pcie_pinned"] = LINK_PINNED[gen]
+    eff["pcie_pageable"] = Efficiency(LINK_PINNED[gen].value * LINK_PAGEABLE_OVER_PINNED.value,
+                                      f"{LINK_PINNED[gen].source}; x {LINK_PAGEABLE_OVER_PINNED.source}")
+    eff["pcie_concurrent"] = LINK_BIDIRECTIONAL
+    lat["copy_pinned_s"] = COPY_LATENCY_PINNED_S
+    lat["copy_pageable_s"] = COPY_LATENCY_PAGEABLE_S
+    return eff, lat
+
+
+def finish_profile(profile, cpu: HostCpu, stated: bool, gen: int):
+    """Say in the profile which host it assumes and where its link figures come from."""
+    profile.sources["host"] = cpu.source + ("" if stated else "; ASSUMED: the source does not state its host CPU")
+    profile.host.facts["isa"] = cpu.isa
+    profile.host.facts["stated"] = stated
+    profile.sources["link"] = f"PCIe Gen{gen} x16: {LINK_PINNED[gen].source}"
+    return profile
+
+
+def compose_profile(gpu: str, host: str = UNSTATED, link: str | None = None):
+    """A spec profile for ``gpu`` on ``host`` over ``link`` (pcie3/4/5; default: the GPU's own generation)."""
+    spec = gpu_spec(gpu)
+    if link is not None and link not in LINKS:
+        raise MoesimError(f"link '{link}': expected one of {', '.join(LINKS)}")
+    gen = LINKS[link] if link else spec.pcie_gen
+    cpu = host_of_spec(spec) if host == UNSTATED else host_cpu(host)
+    eff, lat = host_and_link_factors(*_base_factors(), cpu, gen)
+    composed = replace(spec, name=f"{gpu}+{cpu.name}+pcie{gen}", host=cpu.as_host_spec(), pcie_gen=gen)
+    profile = build_spec_profile(composed, eff, lat, ("h100-measured (GPU side)",))
+    return finish_profile(profile, cpu, host != UNSTATED, gen)

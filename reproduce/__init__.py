@@ -1,0 +1,1 @@
+"""Reproduce published measurements: the catalogue, routing models and `moesim reproduce`."""

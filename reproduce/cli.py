@@ -1,0 +1,39 @@
+"""`moesim reproduce`: simulate the catalogue of published measurements and compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command(name="reproduce")
+@click.option("--system", default=None, help="Only points of this system (substring of its name, or a preset).")
+@click.option("--source", default=None, help="Only points of this source table (the catalogue's 'source').")
+@click.option("--catalogue", "catalogue_path", default=None, type=click.Path(dir_okay=False),
+              help="Catalogue CSV (default: the bundled reproduce/catalogue.csv).")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="Markdown report to write (default: validation/published.md when no filter is given).")
+def reproduce_command(system, source, catalogue_path, out_path):
+    """Simulate every published point with its preset and machine; print published, predicted and ratio."""
+    from moesim.reproduce.catalogue import CATALOGUE, read_catalogue
+    from moesim.reproduce.report import format_console, format_scores, write_markdown, write_plot
+    from moesim.reproduce.run import filtered, leave_one_source_out, run_all, score
+
+    points = filtered(read_catalogue(catalogue_path or CATALOGUE), system, source)
+    outcomes = run_all(points)
+    click.echo(format_console(outcomes))
+    scores = score(outcomes)
+    fitted: list = []
+    loso = leave_one_source_out(outcomes, {})
+    for line in format_scores(scores, loso):
+        click.echo(line)
+    if out_path is None and system is None and source is None:
+        out_path = str(Path("validation") / "published.md")
+    if out_path:
+        md = Path(out_path)
+        md.parent.mkdir(parents=True, exist_ok=True)
+        plot = md.with_suffix(".png")
+        write_plot(plot, outcomes)
+        write_markdown(md, outcomes, scores, loso, fitted, plot.name)
+        click.echo(f"report: {md} (plot {plot})")

@@ -1,0 +1,79 @@
+"""Where a catalogue point's routing comes from: a named real trace, or a named routing model.
+
+- A bundled trace (``moesim.traces``, e.g. ``qwen3-30b-a3b-bigmoeonedge``): real routing, replayed as recorded.
+- A bundled routing model of ``moesim trace synth`` (``traces/routing/*.json``, e.g. ``mixtral-8x7b-published``:
+  Mixtral-8x7B routing fitted to published statistics, since no Mixtral trace exists here and nothing here
+  can run Mixtral): a synthetic trace of the point's prompt and output lengths (:mod:`moesim.tracer.synth`).
+- ``iid-uniform``: every token picks top-k distinct experts uniformly at random, a stated stand-in for
+  models whose routing is available in no form here (DeepSeek-V2-Lite).
+
+Synthetic traces are deterministic (fixed seed) and are marked synthetic in the report.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moesim.errors import MoesimError
+from moesim.modelspec import load_model_shape
+from moesim.tracer import DECODE, PREFILL, Trace, TraceCells, TraceMeta, TraceSource
+
+IID = "iid-uniform"
+SEED = 0
+
+
+def _routing_models() -> dict:
+    from moesim.tracer.routing import bundled_routing
+
+    return bundled_routing()
+
+
+def is_synthetic(routing: str) -> bool:
+    """A bundled trace's name means its real routing, even where a routing model shares the name."""
+    from moesim.traces import bundled_traces
+
+    if routing in bundled_traces():
+        return False
+    return routing == IID or routing in _routing_models()
+
+
+def synthetic_trace(routing: str, model: str, prompts: list[int], outputs: list[int], seed: int = SEED) -> Trace:
+    """A trace of ``len(prompts)`` requests (prompt, output lengths) from routing model ``routing``."""
+    if routing == IID:
+        return _iid_trace(model, prompts, outputs, seed)
+    if routing not in _routing_models():
+        raise MoesimError(f"routing '{routing}': expected a bundled trace, a bundled routing model "
+                          f"({', '.join(_routing_models())}) or {IID}")
+    from moesim.tracer.routing import read_routing
+    from moesim.tracer.synth import synthetic_trace as synth
+
+    rm = read_routing(routing)
+    shape = load_model_shape(model)
+    if (shape.num_moe_layers, shape.num_experts, shape.top_k) != (rm.num_layers, rm.num_experts, rm.top_k):
+        raise MoesimError(f"routing '{routing}' is for {rm.num_layers} x {rm.num_experts} top-{rm.top_k}, "
+                          f"not model {model}")
+    return synth(rm, np.asarray(prompts), np.asarray(outputs), seed=seed)
+
+
+def _iid_trace(model: str, prompts: list[int], outputs: list[int], seed: int) -> Trace:
+    shape = load_model_shape(model)
+    L, E, k = shape.num_moe_layers, shape.num_experts, shape.top_k
+    rng = np.random.default_rng(seed)
+    req, phase, pos, lay, exs = [], [], [], [], []
+    for r, (P, O) in enumerate(zip(prompts, outputs)):
+        for t in range(P + O):
+            for layer in range(L):
+                req.append(r)
+                phase.append(PREFILL if t < P else DECODE)
+                pos.append(t)
+                lay.append(layer)
+                exs.append(rng.choice(E, size=k, replace=False))
+    n = len(req)
+    w = np.full((n, k), 1.0 / k, dtype=np.float32)
+    cells = TraceCells(request=np.asarray(req, np.int32), phase=np.asarray(phase, np.uint8),
+                       position=np.asarray(pos, np.int32), layer=np.asarray(lay, np.int16),
+                       experts=np.asarray(exs, np.int16), weights=w)
+    meta = TraceMeta(model=shape, dtype="bfloat16", expert_bytes=tuple([shape.expert_bytes()] * L),
+                     non_expert_bytes=shape.non_expert_bytes(),
+                     source=TraceSource(kind="synthetic", path="", sha256="", details={"routing": IID, "seed": seed}))
+    return Trace(meta, cells)

@@ -1,0 +1,242 @@
+"""Simulate every catalogue point with its preset, knobs and machine, and score the predictions.
+
+A point's prediction comes from one ``simulate`` call per (prompt, output) configuration of the point (the
+mean over a grid when the source reports a mean), with a composed profile (:mod:`moesim.calib.hosts`) and
+the point's routing (:mod:`moesim.reproduce.routing`). Nothing here is tuned per point: the presets, the
+profiles and the routing models are the same for every point, and a point that cannot be simulated keeps
+its reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from statistics import median
+from typing import Callable, Iterable, Optional
+
+from moesim.errors import MoesimError
+from moesim.reproduce.catalogue import Point
+from moesim.reproduce.routing import is_synthetic, synthetic_trace
+
+REQUESTS_PER_CONFIG = 2  # batch-1 points replay this many requests (the second sees a warm cache)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    point: Point
+    predicted: float = math.nan
+    reason: str = ""  # why there is no prediction
+    profile: str = ""
+    synthetic: bool = False
+    notes: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.predicted / self.point.value if self.predicted == self.predicted else math.nan
+
+    @property
+    def simulated(self) -> bool:
+        return not self.reason
+
+    @property
+    def factor(self) -> float:
+        """How far off, as a factor >= 1 (2.0 = off by 2x either way)."""
+        r = self.ratio
+        return max(r, 1.0 / r) if r == r and r > 0 else math.inf
+
+    @property
+    def abs_error(self) -> float:
+        return abs(self.ratio - 1.0)
+
+    @property
+    def memory_check(self) -> bool:
+        return self.point.metric == "peak_mem_mib" and self.simulated
+
+
+_PROFILES: dict = {}
+_TRACES: dict = {}
+
+
+def _profile(p: Point):
+    from moesim.calib.hosts import compose_profile
+
+    key = (p.gpu, p.host, p.link or None)
+    if key not in _PROFILES:
+        _PROFILES[key] = compose_profile(p.gpu, p.host, p.link or None)
+    return _PROFILES[key]
+
+
+def _trace(p: Point, prompt: int, output: int, requests: int):
+    if is_synthetic(p.routing):
+        key = (p.routing, p.model, prompt, output, requests)
+        if key not in _TRACES:
+            _TRACES[key] = synthetic_trace(p.routing, p.model, [prompt] * requests, [output] * requests)
+        return _TRACES[key]
+    from moesim.simulator.run import load_trace_cached
+    from moesim.traces import resolve_trace
+
+    return load_trace_cached(resolve_trace(p.routing))
+
+
+def _config(p: Point, shape):
+    from moesim.quant import WeightFormat
+    from moesim.simulator.config import SimConfig
+    from moesim.simulator.knobs import apply_knobs
+    from moesim.simulator.presets import get_preset
+
+    knobs = dict(p.knobs)
+    vram = knobs.pop("gpu_mem_mib", None)
+    policy = get_preset(p.preset)
+    ef, nf = WeightFormat.parse(p.expert_format), WeightFormat.parse(p.non_expert_format)
+    cache_bytes = None
+    if vram:
+        # the GPU memory the system's own sizing rule saw (e.g. a study that limited it): the cache is what
+        # the rule gives for that memory; the run itself fits on the real card
+        cache_bytes = max(0, int(policy.memory_fraction * vram * 2**20) - nf.bytes_for(shape.non_expert_params))
+    config = SimConfig(policy=policy, batch=p.batch, cache_bytes=cache_bytes, expert_format=ef,
+                       non_expert_format=nf)
+    return apply_knobs(config, knobs, shape.num_experts)
+
+
+def _metric(result, metric: str) -> float:
+    return {
+        "tpot_s": result.tpot_mean_s, "ttft_s": result.ttft_mean_s, "tokens_per_s": result.tokens_per_s,
+        "decode_tokens_per_s": result.decode_tokens_per_s, "peak_mem_mib": result.peak_gpu_mib,
+    }[metric]
+
+
+def predict(p: Point) -> Outcome:
+    from moesim.simulator.run import simulate
+
+    if p.unsimulable:
+        return Outcome(p, reason=p.unsimulable)
+    try:
+        profile = _profile(p)
+        values = []
+        notes = set()
+        for prompt, output in itertools.product(p.prompts, p.outputs):
+            requests = max(p.batch, REQUESTS_PER_CONFIG if len(p.prompts) * len(p.outputs) == 1 else 1)
+            trace = _trace(p, prompt, output, requests)
+            config = _config(p, trace.meta.model)
+            result = simulate(trace, profile, config, trace_name=p.routing, profile_name=profile.name)
+            if not result.feasible:
+                return Outcome(p, reason=f"does not fit: {result.reason}", profile=profile.name,
+                               synthetic=is_synthetic(p.routing))
+            if "(for " in result.expert_kernel:
+                notes.add(f"experts timed with {result.expert_kernel}")
+            values.append(_metric(result, p.metric))
+        return Outcome(p, predicted=sum(values) / len(values), profile=profile.name,
+                       synthetic=is_synthetic(p.routing), notes="; ".join(sorted(notes)))
+    except MoesimError as exc:
+        return Outcome(p, reason=exc.message)
+
+
+def run_all(points: Iterable[Point], progress: Optional[Callable[[Outcome], None]] = None) -> list[Outcome]:
+    out = []
+    for p in points:
+        o = predict(p)
+        out.append(o)
+        if progress:
+            progress(o)
+    return out
+
+
+# ---- scores
+
+
+@dataclass(frozen=True)
+class Scores:
+    speed_points: int
+    median_abs_error: float
+    within_30: float
+    max_factor: float
+    worst: str
+    memory_points: int
+    memory_median_abs_error: float
+    memory_max_abs_error: float
+    memory_within_10: float
+    ttft_points: int
+    ttft_median_abs_error: float
+    kendall: dict[str, float]
+
+
+def kendall_tau(xs: list[float], ys: list[float]) -> float:
+    """Kendall's tau-b of two equal-length lists (nan with fewer than two distinct pairs)."""
+    conc = disc = tx = ty = 0
+    n = len(xs)
+    for i in range(n):
+        for j in range(i + 1, n):
+            dx = (xs[i] > xs[j]) - (xs[i] < xs[j])
+            dy = (ys[i] > ys[j]) - (ys[i] < ys[j])
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                tx += 1
+            elif dy == 0:
+                ty += 1
+            elif dx == dy:
+                conc += 1
+            else:
+                disc += 1
+    denom = math.sqrt((conc + disc + tx) * (conc + disc + ty))
+    return (conc - disc) / denom if denom else math.nan
+
+
+def score(outcomes: list[Outcome]) -> Scores:
+    speed = [o for o in outcomes if o.simulated and o.point.is_speed]
+    mem = [o for o in outcomes if o.memory_check and "not a check" not in o.point.unsimulable]
+    ttft = [o for o in outcomes if o.simulated and o.point.metric == "ttft_s"]
+    errs = [o.abs_error for o in speed]
+    worst = max(speed, key=lambda o: o.factor, default=None)
+    kendall = {}
+    for source in sorted({o.point.source for o in speed}):
+        for metric in sorted({o.point.metric for o in speed if o.point.source == source}):
+            group = [o for o in speed if o.point.source == source and o.point.metric == metric]
+            if len(group) >= 3:
+                kendall[f"{source} {metric}"] = kendall_tau([o.point.value for o in group],
+                                                            [o.predicted for o in group])
+    return Scores(
+        speed_points=len(speed), median_abs_error=median(errs) if errs else math.nan,
+        within_30=sum(e <= 0.30 for e in errs) / len(errs) if errs else math.nan,
+        max_factor=max((o.factor for o in speed), default=math.nan), worst=worst.point.id if worst else "",
+        memory_points=len(mem), memory_median_abs_error=median(o.abs_error for o in mem) if mem else math.nan,
+        memory_max_abs_error=max((o.abs_error for o in mem), default=math.nan),
+        memory_within_10=sum(o.abs_error <= 0.10 for o in mem) / len(mem) if mem else math.nan,
+        ttft_points=len(ttft), ttft_median_abs_error=median(o.abs_error for o in ttft) if ttft else math.nan,
+        kendall=kendall,
+    )
+
+
+def leave_one_source_out(outcomes: list[Outcome], fitted: dict[str, "FittedParameter"]) -> dict[str, float]:
+    """Median |error| of each source's speed points when the fitted parameters are fitted without it.
+
+    With no parameter fitted to published numbers, holding a source out changes nothing, so each source's
+    held-out error is its plain error."""
+    if fitted:
+        raise MoesimError("leave-one-source-out with fitted parameters is not implemented")
+    out = {}
+    for source in sorted({o.point.source for o in outcomes}):
+        errs = [o.abs_error for o in outcomes if o.point.source == source and o.simulated and o.point.is_speed]
+        if errs:
+            out[source] = median(errs)
+    return out
+
+
+@dataclass(frozen=True)
+class FittedParameter:
+    name: str
+    value: float
+    where: str
+    fitted_on: tuple[str, ...]
+
+
+def filtered(points: list[Point], system: Optional[str], source: Optional[str]) -> list[Point]:
+    out = points
+    if system:
+        out = [p for p in out if system.lower() in p.system.lower() or system.lower() == p.preset]
+    if source:
+        out = [p for p in out if p.source == source]
+    if not out:
+        raise MoesimError(f"no catalogue point matches --system {system or '-'} --source {source or '-'}")
+    return out

@@ -1,0 +1,117 @@
+"""Implementation costs of a system's released runtime: what its Python/C++ code adds to every expert call
+and every layer, beyond the kernels' arithmetic and the copies.
+
+The released systems drive one expert at a time from Python, synchronise with the GPU inside that loop,
+and (Mixtral-Offloading) run HQQ experts through dequantize-then-matmul kernels. Each term below is a count
+read from the released code times a unit cost with a source; the counts and their code locations are in
+:data:`RUNTIMES`. A runtime style belongs to a preset (``PolicySpec.runtime``); ``none`` adds nothing (the
+idealised engine the other presets describe).
+
+Unit costs:
+
+``LAUNCH_S``  one eager kernel launch, about 5 us (component-costs.md 4.1: 4-6 us per launch; 4.2: llama.cpp
+              5 us average). Counted only where a host synchronisation in the same loop exposes it.
+``SYNC_S``    one host synchronisation with an idle GPU, 35 us (component-costs 3.11: kernel launch +
+              synchronize 34.6 us, median of 300, size-independent).
+
+HQQ data movement (component-costs section 6, derived from hqq@37502bea): each HQQ linear call
+dequantizes its 8-bit scale and zero with 3 elementwise kernels each before one Triton matmul, so an
+expert moves about 5x its packed bytes through GPU memory per call (``hqq_traffic_factor``); 4-bit HQQ
+attention likewise moves about 1.25x the bf16 bytes of the attention weights (5 x 4/16).
+
+``layer_fitted_s`` is the only term fitted to published measurements: a per-MoE-layer cost the code counts
+do not explain. Its value, and the catalogue points it was fitted on, are in :data:`FITTED`;
+``moesim reproduce`` reports it and holds each source out in turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from moesim.errors import MoesimError
+
+LAUNCH_S = 5e-6
+SYNC_S = 35e-6
+
+
+@dataclass(frozen=True)
+class RuntimeCosts:
+    name: str = "none"
+    expert_kernels: int = 0  # launches per GPU expert call exposed by a sync in the same loop
+    expert_syncs: int = 0  # host synchronisations per GPU expert call
+    hqq_expert_launches: int = 0  # extra launches per expert when the experts are HQQ-quantized
+    cpu_expert_syncs: int = 0  # host synchronisations per CPU expert call
+    layer_kernels: int = 0  # exposed launches per MoE layer (outside the experts)
+    layer_syncs: int = 0  # host synchronisations per MoE layer
+    hqq_attention_launches: int = 0  # extra launches per layer when attention is HQQ-quantized
+    hqq_traffic_factor: float = 1.0  # bytes moved per packed byte by an HQQ expert call
+    where: str = ""  # code locations of the counts
+
+    @property
+    def layer_fitted_s(self) -> float:
+        return FITTED.get(self.name, (0.0, ()))[0]
+
+
+RUNTIMES: dict[str, RuntimeCosts] = {r.name: r for r in (
+    RuntimeCosts("none"),
+    RuntimeCosts(
+        "mixtral-offloading", expert_kernels=8, expert_syncs=2, hqq_expert_launches=18, layer_syncs=1,
+        hqq_attention_launches=24, hqq_traffic_factor=5.0,
+        where="dvmazur/mixtral-offloading ce54518 src/custom_layers.py:243-314 (per expert: 3 linears, SiLU, "
+              "multiply, torch.where + index_add_, two .tolist() syncs; per layer: unique().tolist()); "
+              "custom_layers.py:55-92 (per HQQ linear: 6 dequant kernels for scale and zero, then the Triton "
+              "matmul; 4 HQQ attention projections per layer)"),
+    RuntimeCosts(
+        "moe-infinity", expert_kernels=5, expert_syncs=2, layer_syncs=1,
+        where="EfficientMoE/MoE-Infinity d617801 core/parallel/expert_dispatcher.cpp:37-69, 339, 385, 392 "
+              "(cudaStreamSynchronize before and stream.synchronize after every expert; plain torch::matmul x3 "
+              "+ silu + multiply); moe_infinity/models/mixtral.py:40-118 (dispatch_local, output gathered "
+              "per layer)"),
+    RuntimeCosts(
+        "fiddler", expert_kernels=8, cpu_expert_syncs=1, layer_syncs=1,
+        where="efeslab/fiddler 227715b src/fiddler/mixtral.py:565-637 (HF expert module per expert with "
+              "torch.where/index_add_; current_state.to('cpu') per CPU expert is a synchronous copy; per layer "
+              "the routing is read on the host)"),
+    RuntimeCosts(
+        "accelerate",
+        where="huggingface/accelerate v0.26 hooks.py:279-310 (AlignDevicesHook per module: one synchronous "
+              "pageable .to(device) per parameter); modelled in the 'layer' transfer itself: each offloaded "
+              "layer's copy pays a copy's fixed latency per expert weight matrix (simulator/run.py)"),
+)}
+
+# Fitted per-MoE-layer costs: runtime -> (seconds, catalogue point ids it was fitted on). Empty: nothing
+# is fitted; ``moesim reproduce --fit`` prints the values that would be fitted.
+FITTED: dict[str, tuple[float, tuple[str, ...]]] = {}
+
+
+def runtime_costs(name: str) -> RuntimeCosts:
+    if name not in RUNTIMES:
+        raise MoesimError(f"runtime '{name}': expected one of {', '.join(RUNTIMES)}")
+    return RUNTIMES[name]
+
+
+def apply_runtime(tables, runtime: RuntimeCosts, expert_hqq: bool, attention_hqq: bool):
+    """Cost tables with the runtime's terms added (a new object; the memoised tables are not touched)."""
+    if runtime.name == "none":
+        return tables
+    expert_s = runtime.expert_kernels * LAUNCH_S + runtime.expert_syncs * SYNC_S
+    layer_s = runtime.layer_kernels * LAUNCH_S + runtime.layer_syncs * SYNC_S + runtime.layer_fitted_s
+    extra_ne = 0.0
+    if expert_hqq:
+        expert_s += runtime.hqq_expert_launches * LAUNCH_S
+        # dequantize-then-matmul moves hqq_traffic_factor x the packed bytes; the profile's kernel already
+        # charges them once, and its one-token call is bound by reading them
+        expert_s += (runtime.hqq_traffic_factor - 1.0) * tables.gpu_expert[1]
+    if attention_hqq:
+        layer_s += runtime.hqq_attention_launches * LAUNCH_S
+        # 4-bit attention is timed as bf16 (no 4-bit non-expert model); HQQ moves 5 x 4/16 = 1.25x that
+        one = tables.decode_non_expert.get(1)
+        extra_ne = 0.25 * (one[1] if one and len(one) > 1 else 0.0)
+    cpu_s = runtime.cpu_expert_syncs * SYNC_S
+    gpu = [t + expert_s if i else t for i, t in enumerate(tables.gpu_expert)]
+    cpu = [t + cpu_s if i else t for i, t in enumerate(tables.cpu_expert)]
+    decode = {b: [v + extra_ne for v in vals] for b, vals in tables.decode_non_expert.items()}
+    prefill = {p: v + extra_ne for p, v in tables.prefill_non_expert.items()}
+    return replace(tables, gpu_expert=gpu, cpu_expert=cpu, decode_non_expert=decode, prefill_non_expert=prefill,
+                   layer_overhead_s=tables.layer_overhead_s + layer_s)
+

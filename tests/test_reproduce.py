@@ -1,0 +1,138 @@
+"""The catalogue of published measurements, its reader, the routing models and `moesim reproduce`."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from moesim.cli import cli
+from moesim.errors import MoesimError
+from moesim.reproduce.catalogue import CATALOGUE, COLUMNS, read_catalogue
+from moesim.reproduce.routing import synthetic_trace
+from moesim.reproduce.run import kendall_tau, predict
+
+
+def _rows():
+    return list(csv.DictReader(CATALOGUE.read_text().splitlines()))
+
+
+def _write(tmp_path, rows):
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    p = tmp_path / "cat.csv"
+    p.write_text(buf.getvalue())
+    return p
+
+
+def test_bundled_catalogue_reads_and_covers_the_issues_sources():
+    points = read_catalogue()
+    sources = {p.source for p in points}
+    assert {"study-table2", "moe-infinity-readme", "moe-infinity-paper", "fiddler-readme", "hybrimoe-table3",
+            "ktransformers-doc", "llamacpp-issues", "bigmoeonedge"} <= sources
+    study = [p for p in points if p.source == "study-table2"]
+    assert len(study) >= 11 and {p.metric for p in study} == {"ttft_s", "tpot_s", "peak_mem_mib"}
+    for p in points:  # a point either names its preset and routing, or says why it cannot be simulated
+        assert p.unsimulable or (p.preset and p.routing)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("metric", "latency", "field 'metric' = 'latency'"),
+    ("value", "fast", "field 'value' = 'fast'"),
+    ("knobs", "cache=3", "field 'knobs' = 'cache=3'"),
+    ("prompt_tokens", "16|x", "field 'prompt_tokens'"),
+    ("confidence", "sure", "field 'confidence'"),
+    ("preset", "", "field 'preset' is empty on a simulable point"),
+])
+def test_reader_rejects_a_bad_row_with_one_line_naming_the_field(tmp_path, field, value, message):
+    rows = _rows()[:3]
+    rows[1][field] = value
+    with pytest.raises(MoesimError, match="cat.csv line 3: " + message.replace("|", r"\|")):
+        read_catalogue(_write(tmp_path, rows))
+
+
+def test_reader_rejects_duplicate_ids_and_missing_columns(tmp_path):
+    rows = _rows()[:2]
+    rows[1]["id"] = rows[0]["id"]
+    with pytest.raises(MoesimError, match="used twice"):
+        read_catalogue(_write(tmp_path, rows))
+    p = tmp_path / "bad.csv"
+    p.write_text("id,source\nx,y\n")
+    with pytest.raises(MoesimError, match="header lacks column"):
+        read_catalogue(p)
+
+
+def test_routing_sources_are_real_traces_or_named_routing_models():
+    from moesim.reproduce.routing import is_synthetic
+
+    assert is_synthetic("mixtral-8x7b-published") and is_synthetic("iid-uniform")
+    assert not is_synthetic("qwen3-30b-a3b-bigmoeonedge")
+    t = synthetic_trace("mixtral-8x7b-published", "mixtral-8x7b", [8, 8], [20, 20])
+    assert t.meta.source.kind == "synthetic" and t.meta.num_layers == 32
+    again = synthetic_trace("mixtral-8x7b-published", "mixtral-8x7b", [8, 8], [20, 20])
+    assert np.array_equal(again.cells.experts, t.cells.experts)  # deterministic
+    u = synthetic_trace("iid-uniform", "deepseek-v2-lite", [4], [4])
+    assert u.meta.top_k == 6 and (np.sort(u.cells.experts, axis=1)[:, 1:] != np.sort(u.cells.experts, axis=1)[:, :-1]).all()
+    with pytest.raises(MoesimError, match="not model deepseek-v2-lite"):
+        synthetic_trace("mixtral-8x7b-published", "deepseek-v2-lite", [4], [4])
+    with pytest.raises(MoesimError, match="routing 'nope'"):
+        synthetic_trace("nope", "mixtral-8x7b", [4], [4])
+
+
+def test_kendall_tau():
+    assert kendall_tau([1, 2, 3], [10, 20, 30]) == 1.0
+    assert kendall_tau([1, 2, 3], [3, 2, 1]) == -1.0
+
+
+def test_a_point_is_simulated_with_its_knobs_and_machine():
+    p = next(p for p in read_catalogue() if p.id == "study-mi25-mem")
+    o = predict(p)
+    assert o.simulated and o.synthetic and "a6000" in o.profile
+    assert abs(o.ratio - 1) < 0.10  # device_memory_ratio=0.25 of 48 GB, minus the dense weights
+    unsim = next(p for p in read_catalogue() if p.id == "kt-v02-2s")
+    assert predict(unsim).reason == "no DeepSeek-V3 shape or routing here"
+
+
+def test_reproduce_command_prints_and_writes_the_report(tmp_path):
+    rows = [r for r in _rows() if r["id"] in ("study-mo4-mem", "study-mi25-mem", "kt-v02-2s")]
+    cat = _write(tmp_path, rows)
+    out = tmp_path / "pub.md"
+    r = CliRunner().invoke(cli, ["reproduce", "--catalogue", str(cat), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "study-mo4-mem" in r.output and "no DeepSeek-V3 shape" in r.output
+    text = out.read_text()
+    assert "| study-mi25-mem |" in text and (tmp_path / "pub.png").exists()
+    bad = CliRunner().invoke(cli, ["reproduce", "--catalogue", str(cat), "--source", "nope"])
+    assert bad.exit_code == 2 and "no catalogue point matches" in bad.output
+
+
+def test_a_profile_states_its_host_and_takes_its_cpu_side_from_it():
+    from moesim.calib.hosts import CPU_BF16_KERNEL_FACTOR, compose_profile
+    from moesim.modelspec import load_model_shape
+
+    shape = load_model_shape("mixtral-8x7b")
+    skylake = compose_profile("quadro-rtx-6000", "xeon-gold-6126-x2", "pcie3")
+    zen3 = compose_profile("a6000", "threadripper-pro-5965wx", "pcie4")
+    assert skylake.host.facts["isa"] == "avx512" and skylake.host.facts["stated"] is True
+    assert "ASSUMED" in compose_profile("a6000").sources["host"]
+    one = lambda p: float(p.cpu_expert_time(shape, np.array([1]), kernel="bf16")[0])  # noqa: E731
+    # bandwidth-bound: bytes / (socket bandwidth x efficiency / ISA kernel factor)
+    bw_sky, bw_zen = 6 * 21.33e9, 8 * 25.6e9
+    f_sky, f_zen = CPU_BF16_KERNEL_FACTOR["avx512"].value, CPU_BF16_KERNEL_FACTOR["avx2"].value
+    assert one(zen3) / one(skylake) == pytest.approx((f_zen / bw_zen) / (f_sky / bw_sky), rel=0.05)
+    # PCIe Gen3 copies take longer than Gen4 (measured efficiencies per generation)
+    assert skylake.copy_time(352e6, "h2d", pinned=True) > 1.8 * zen3.copy_time(352e6, "h2d", pinned=True)
+    with pytest.raises(MoesimError, match="host 'nope'"):
+        compose_profile("a6000", "nope")
+
+
+def test_simulate_takes_a_host_and_a_link():
+    r = CliRunner().invoke(cli, ["simulate", "--profile", "quadro-rtx-6000", "--host", "xeon-gold-6126-x2",
+                                 "--link", "pcie3", "--policy", "fiddler", "--trace", "gpt-oss-120b-bigmoeonedge"])
+    assert r.exit_code == 0, r.output
+    assert "quadro-rtx-6000+xeon-gold-6126-x2+pcie3" in r.output
