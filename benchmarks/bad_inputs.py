@@ -78,9 +78,10 @@ def make_inputs(d: Path) -> None:
               "# layer=0 expert_bytes=100 dense_bytes=10\n"
               "turn,phase,step,layer,slot,expert,weight,residency,expert_bytes\n")
     (d / "noheader.route.csv").write_text("turn,phase,step,layer,slot,expert,weight,residency,expert_bytes\n")
-    (d / "badnum.route.csv").write_text(header + "0,decode,0,0,0,x,0.5,1,100\n0,decode,0,0,1,1,0.5,1,100\n")
-    (d / "badexpert.route.csv").write_text(header + "0,decode,0,0,0,9,0.5,1,100\n0,decode,0,0,1,1,0.5,1,100\n")
-    (d / "badphase.route.csv").write_text(header + "0,middle,0,0,0,0,0.5,1,100\n0,middle,0,0,1,1,0.5,1,100\n")
+    (d / "good.route.csv").write_text(header + "0,1,0,0,0,1,0.6,0,100\n0,1,0,0,1,2,0.4,0,100\n")
+    (d / "badnum.route.csv").write_text(header + "0,1,0,0,0,x,0.6,0,100\n0,1,0,0,1,2,0.4,0,100\n")
+    (d / "badexpert.route.csv").write_text(header + "0,1,0,0,0,9,0.6,0,100\n0,1,0,0,1,2,0.4,0,100\n")
+    (d / "badphase.route.csv").write_text(header + "0,7,0,0,0,1,0.6,0,100\n0,7,0,0,1,2,0.4,0,100\n")
     (d / "empty.route.csv").write_text("")
     cfg = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 64,
            "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
@@ -89,6 +90,7 @@ def make_inputs(d: Path) -> None:
     (d / "qwen-cfg.json").write_text(json.dumps(cfg))
     line = {"problem_id": 0, "layer": 0, "token_idx": 0, "experts": [1, 2], "gating_probs": [0.6, 0.4]}
     (d / "badjson.jsonl").write_text(json.dumps(line) + "\n{oops\n")
+    (d / "good.jsonl").write_text(json.dumps(line) + "\n")
     (d / "nofield.jsonl").write_text(json.dumps({k: v for k, v in line.items() if k != "experts"}) + "\n")
     (d / "mixed.jsonl").write_text(json.dumps(line) + "\n" + json.dumps({**line, "token_pos": 1, "token_idx": None})
                                    .replace('"token_idx": null, ', "") + "\n")
@@ -143,9 +145,9 @@ def cases() -> list[Case]:
                        ("empty.route.csv", "empty file"), ("missing.route.csv", "missing file")):
         add("route CSV", f"import: {what}", *lc, name, "--engine-cache-budget", "1MiB", "--model-config",
             "qwen-cfg.json", "--out", "i.parquet", output="i.parquet")
-    add("route CSV", "import: no budget", *lc, "badnum.route.csv", "--model-config", "qwen-cfg.json",
+    add("route CSV", "import: no budget", *lc, "good.route.csv", "--model-config", "qwen-cfg.json",
         "--out", "i.parquet", output="i.parquet")
-    add("route CSV", "import: budget not a size", *lc, "badnum.route.csv", "--engine-cache-budget", "lots",
+    add("route CSV", "import: budget not a size", *lc, "good.route.csv", "--engine-cache-budget", "lots",
         "--model-config", "qwen-cfg.json", "--out", "i.parquet", output="i.parquet")
     add("route CSV", "import: unknown format", "trace", "import", "--format", "sglang", "badnum.route.csv")
     for name, what in (("badjson.jsonl", "bad JSON on line 2"), ("nofield.jsonl", "no 'experts'"),
@@ -217,7 +219,7 @@ def cases() -> list[Case]:
     add("output", "simulate --timeline is a folder", "simulate", *t, "--timeline", "folder.parquet")
     add("output", "sweep --out is a file", *sw, *t, "--cache-experts", "4", "--out", "a-file")
     add("output", "search --report under a file", "search", *t, "--report", "a-file/rep")
-    add("output", "import --out is a folder", *vj, "badjson.jsonl", "--model-config", "mixtral-8x7b",
+    add("output", "import --out is a folder", *vj, "good.jsonl", "--model-config", "mixtral-8x7b",
         "--out", "folder.parquet")
     return c
 

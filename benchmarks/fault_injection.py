@@ -2,7 +2,7 @@
 
 For each command (``sweep``, ``trace``, ``demo-model``; ``calib`` on request) the script first times one
 uninterrupted run, then ``--points`` times: starts the command in a fresh folder, SIGKILLs it at a random
-moment inside that time, checks every file it left (each must be readable by moesim's own reader; hidden
+moment inside that time (every other kill among the units of work, after the start-up), checks every file it left (each must be readable by moesim's own reader; hidden
 temp files are counted apart), reruns the same command to completion and compares the result with the
 uninterrupted run. It reports per command:
 
@@ -324,6 +324,23 @@ def run_to_end(cmd: Command, work: Path, log: Path) -> tuple[int, str]:
     return r.returncode, r.stdout + r.stderr
 
 
+def timed_fresh_run(cmd: Command, work: Path) -> tuple[int, str, float, float]:
+    """Run to the end; also return when the first unit finished, so kills can land among the units
+    rather than in the start-up (imports, model load) that leaves nothing to lose."""
+    log = work / "units.log"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd.argv(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env_for(log))
+    first = None
+    while proc.poll() is None:
+        if first is None and cmd.finished(log) > 0:
+            first = time.perf_counter() - t0
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    total = time.perf_counter() - t0
+    return proc.returncode, out + err, total, first if first is not None else 0.0
+
+
 def kill_once(cmd: Command, work: Path, fresh: Path, at_s: float) -> Kill:
     log = work / "units.log"
     proc = subprocess.Popen(cmd.argv(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -370,9 +387,7 @@ def main() -> int:
             cmd = COMMANDS[name](base)
             fresh = base / f"{name}-fresh"
             fresh.mkdir()
-            t0 = time.perf_counter()
-            rc, text = run_to_end(cmd, fresh, fresh / "units.log")
-            fresh_s = time.perf_counter() - t0
+            rc, text, fresh_s, first_s = timed_fresh_run(cmd, fresh)
             if rc != 0:
                 print(f"{name}: the uninterrupted run failed (exit {rc}): {text.strip().splitlines()[-1:]}")
                 continue
@@ -380,7 +395,9 @@ def main() -> int:
             for i in range(args.points):
                 work = base / f"{name}-{i}"
                 work.mkdir()
-                at = rng.uniform(0.1, 0.95) * fresh_s
+                # half the kills anywhere in the run, half among the units (after the first one finished)
+                lo = 0.05 * fresh_s if i % 2 == 0 else 0.9 * first_s
+                at = rng.uniform(lo, 0.95 * fresh_s)
                 k = kill_once(cmd, work, fresh, at)
                 s.kills.append(k)
                 print(f"{name} kill {i + 1:2d} at {at:5.1f}s: finished {k.finished_units}, kept {k.kept_units}, "

@@ -571,8 +571,9 @@ def write_plot(rows: list[dict], path: Path, title: str = "") -> Optional[Path]:
     front = realisable_front(series)
     if front:
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", linewidth=1.2, zorder=2)
-    handles = [Line2D([], [], linestyle="", marker="o", color=color[p], label=p + (" (oracle)" if any(
-        s.oracle for s in series if s.policy == p) else "")) for p in policies]
+    oracles = {s.policy for s in series if s.oracle}
+    handles = [Line2D([], [], linestyle="", marker="o", color=color[p], label=p + (" (oracle)" if p in oracles else ""),
+                      markerfacecolor="none" if p in oracles else color[p]) for p in policies]
     if len(formats) > 1:
         handles += [Line2D([], [], linestyle="", marker=marker[f], color="grey", label=f"experts {f}") for f in formats]
     if len(batches) > 1:
