@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, seed, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import random_cells, tiny_meta
@@ -142,9 +142,6 @@ json_values = st.one_of(st.none(), st.booleans(), st.integers(-10, 10), st.float
                         st.text(max_size=5), st.lists(st.integers(), max_size=2), st.just({}))
 
 
-# A fixed seed keeps the suite deterministic: one unseeded full-suite run failed here once (open, not
-# reproduced in reruns); run with the seed removed to explore further.
-@seed(20261125)
 @SETTINGS
 @given(path=st.sampled_from(PROFILE_PATHS), value=json_values, delete=st.booleans())
 def test_a_damaged_profile_loads_or_gives_a_one_line_error(path, value, delete):
