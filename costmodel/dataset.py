@@ -21,12 +21,12 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from moesim.content import file_sha256, profile_file, simulator_version, trace_sha256
 from moesim.costmodel.space import EXPERT_FORMATS, ConfigSet
 
 UNLIMITED_GPU_MEM = 2**40
@@ -35,58 +35,14 @@ SAMPLED_NON_EXPERT = (None, None, "16", "8", "4")  # the trace's own format most
 
 
 # ---- versions --------------------------------------------------------------------------------------
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _package_dir(module: str) -> Path:
-    import importlib
-
-    return Path(importlib.import_module(module).__file__).resolve().parent
-
-
-@lru_cache(maxsize=1)
-def moesim_hash() -> str:
-    """The version of the code that produces the training targets: moesim's version, the simulator's
-    sources and the weight-format arithmetic (``moesim/quant.py``). A trace's and a profile's versions are
-    their files' hashes."""
-    from moesim import __version__
-
-    h = hashlib.sha256(__version__.encode())
-    # The command-line module only parses flags; it produces no target, so editing it keeps the fit fresh.
-    files = sorted(f for f in _package_dir("moesim.simulator").glob("*.py") if f.name != "cli.py")
-    core = _package_dir("moesim")
-    files += [core / "quant.py"]
-    for f in files:
-        if f.exists():
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def trace_path(spec: str) -> Path:
-    from moesim.traces import resolve_trace
-
-    return resolve_trace(spec)
-
-
-def profile_path(spec: str) -> Path:
-    from moesim.calib.profile import bundled_profiles
-
-    bundled = bundled_profiles()
-    return Path(bundled[spec]) if spec in bundled else Path(spec)
-
-
-def trace_hash(spec: str) -> str:
-    return file_sha256(trace_path(spec))
+# The training targets' versions are the content identities the sweep store keys its results by: the
+# simulator's sources (``moesim_hash``), and a trace's and a profile's file hashes.
+moesim_hash = simulator_version
+trace_hash = trace_sha256
 
 
 def profile_hash(spec: str) -> str:
-    return file_sha256(profile_path(spec))
+    return file_sha256(profile_file(spec))
 
 
 def cache_root() -> Path:
@@ -95,7 +51,7 @@ def cache_root() -> Path:
     env = os.environ.get("MOESIM_CACHE")
     if env:
         return Path(env) / "costmodel"
-    repo = _package_dir("moesim.costmodel").parent
+    repo = Path(__file__).resolve().parent.parent
     if (repo / "pyproject.toml").exists():
         return repo / ".moesim-cache" / "costmodel"
     return Path.home() / ".cache" / "moesim" / "costmodel"
@@ -137,11 +93,12 @@ def sample_group(trace: str, profile: str, num_experts: int, presets: Sequence[s
 
 def make_plan(traces: Sequence[str], profiles: Sequence[str], presets: Sequence[str], per_preset: int,
               seed: int, exclude: Optional[dict[tuple[str, str], set]] = None) -> list[GroupPlan]:
+    from moesim.traces import resolve_trace
     from moesim.tracer import read_trace_meta
 
     plans = []
     for t in traces:
-        E = read_trace_meta(trace_path(t)).num_experts
+        E = read_trace_meta(resolve_trace(t)).num_experts
         for p in profiles:
             g = sample_group(t, p, E, presets, per_preset, seed)
             if exclude and (t, p) in exclude:
