@@ -22,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Container, Iterator, Optional, Sequence
 
+from moesim.simulator.cache import CacheAccess
 from moesim.simulator.prefetch import PrefetchContext
 from moesim.simulator.workload import ForwardStep, LayerWork, RequestBatch
 from moesim.tracer import DECODE
@@ -160,7 +161,7 @@ class LayerPlan:
     gpu_tokens: tuple = ()  # their token counts
     cpu_experts: tuple = ()  # routed experts placed on the CPU
     cpu_tokens: tuple = ()
-    access: object = None  # the cache's CacheAccess for the device experts (hits, misses, evicted, bypassed)
+    access: Optional[CacheAccess] = None  # the cache's answer for the device experts: hits, misses, evicted, bypassed
     loads: Sequence[int] = ()  # misses that need a demand copy now (the others are in the prefetch side buffer)
     waits: dict = field(default_factory=dict)  # key -> job: issued copies that a device expert must wait for
     from_buffer: Sequence[int] = ()  # keys served from the side buffer (their copies are in ``waits``)
