@@ -1,8 +1,8 @@
 """The engine's concurrent resources: a copy engine and a CPU expert pool, each a worker thread.
 
-A :class:`Lane` mirrors the simulator's :class:`moesim.simulator.transfer.Lane`: one FIFO server that
-takes queued demand jobs before queued background (prefetch) jobs when asked to, and serves one job at a
-time. On CUDA a lane owns a CUDA stream: its worker issues the job's copies on that stream and records
+A :class:`Lane` mirrors the simulator's :class:`moesim.simulator.transfer.Lane`: one FIFO server with the
+same queue (:class:`moesim.simulator.decide.DemandFirstQueue`: queued demand jobs before queued background
+prefetches), serving one job at a time. On CUDA a lane owns a CUDA stream: its worker issues the job's copies on that stream and records
 an event, so the compute stream waits for exactly the copy it needs (``Marker.make_stream_wait``). At
 most two jobs are issued ahead on the stream (the next copy is queued while the previous one runs, so
 the link never idles between jobs), and queue priority applies to everything not yet issued. On the
@@ -22,6 +22,8 @@ from collections import deque
 from typing import Callable, Optional
 
 import torch
+
+from moesim.simulator.decide import DemandFirstQueue, QueuedJob
 
 STALL_TIMEOUT_S = 300.0  # a wait this long means a bug in the engine's ordering, never a slow copy
 
@@ -71,22 +73,23 @@ class Marker:
             self.event.synchronize()
 
 
-class Job:
+class Job(QueuedJob):
     """One unit of work on a lane. ``run(job, stream)`` does it; ``done`` is recorded after it."""
 
-    __slots__ = ("run", "done", "nbytes", "label", "background", "seq", "started", "cancelled", "key")
+    __slots__ = ("run", "done", "nbytes", "label", "cancelled", "key")
 
     def __init__(self, run: Callable[[Optional["torch.cuda.Stream"]], None], done: Marker, nbytes: int, label: str,
                  background: bool, seq: int, key: int = -1):
+        QueuedJob.__init__(self, seq, background)
         self.run = run
         self.done = done
         self.nbytes = nbytes
         self.label = label
-        self.background = background
-        self.seq = seq
-        self.started = False
         self.cancelled = False  # set before it starts: the work is redirected (see Lane.cancel)
         self.key = key
+
+    def landed(self) -> bool:
+        return self.done.is_done()
 
 
 class Lane:
@@ -98,8 +101,7 @@ class Lane:
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.depth = max(1, depth) if self.cuda else 1
-        self._demand: deque[Job] = deque()
-        self._background: deque[Job] = deque()
+        self._queue = DemandFirstQueue()
         self._cond = threading.Condition()
         self._stop = False
         self._seq = 0
@@ -116,21 +118,14 @@ class Lane:
         with self._cond:
             self._seq += 1
             job = Job(run, Marker(self.cuda, label), nbytes, label, background, self._seq, key)
-            (self._background if background else self._demand).append(job)
+            self._queue.push(job)
             self._cond.notify()
         return job
 
     def promote(self, job: Job) -> None:
         """A queued background job becomes demand (someone now waits on it)."""
         with self._cond:
-            if job.started or not job.background:
-                return
-            try:
-                self._background.remove(job)
-            except ValueError:
-                return
-            job.background = False
-            self._demand.append(job)
+            self._queue.promote(job)
 
     def cancel(self, job: Job) -> bool:
         """Mark a job that has not started yet as cancelled (its ``run`` sees it). False if it started."""
@@ -154,7 +149,7 @@ class Lane:
         """Wait until every submitted job is done."""
         while True:
             with self._cond:
-                idle = not self._demand and not self._background and self._busy is None
+                idle = not self._queue and self._busy is None
             if idle:
                 break
             time.sleep(0.0005)
@@ -177,17 +172,13 @@ class Lane:
         issued: deque[Job] = deque()
         while True:
             with self._cond:
-                while not self._demand and not self._background and not self._stop:
+                while not self._queue and not self._stop:
                     if issued:
                         break
                     self._cond.wait()
-                if self._stop and not self._demand and not self._background:
+                if self._stop and not self._queue:
                     return
-                job = None
-                if self._demand:
-                    job = self._demand.popleft()
-                elif self._background:
-                    job = self._background.popleft()
+                job = self._queue.pop()
                 if job is not None:
                     job.started = True
                     self._busy = job

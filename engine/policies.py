@@ -98,13 +98,12 @@ class RecordingPlacement(_Recorder):
 
 def simulate_with_log(prep: Prepared, log: Optional[DecisionLog] = None):
     """The simulator's result for ``prep``, with the policy objects built here (and their calls logged)."""
-    from moesim.simulator.engine import Simulation
+    from moesim.simulator.engine import build_simulation
     from moesim.simulator.run import infeasible_result, simulation_result
 
     if not prep.plan.fits:
         return infeasible_result(prep)
     objs = build_policy_objects(prep, log)
-    sim = Simulation(prep.workload, objs.costs, objs.cache, objs.prefetcher, objs.placement, objs.transfer,
-                     prep.trace.meta.model.hidden_size, objs.layer_copy_s, objs.layer_copy_bytes)
+    sim = build_simulation(prep, objs)
     stats = sim.run()
     return simulation_result(prep, objs.costs, sim, stats)

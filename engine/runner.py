@@ -3,11 +3,12 @@
 :class:`OffloadEngine` owns what does not change between runs (the model's non-expert modules on the
 device, the experts in host memory, the per-step routing tensors); :meth:`OffloadEngine.run` takes the
 simulator's :class:`~moesim.simulator.run.Prepared` and fresh policy objects and replays the workload,
-timing each forward step as a generate loop would. Each MoE layer is
-:meth:`_Run.layer`, a line-by-line counterpart of :meth:`moesim.simulator.engine.Simulation._forward`:
-the same calls on the same objects in the same order (``observe``, ``place``, ``access``, the side-buffer
-and prefetch bookkeeping, ``predict``/``insert``, ``observe``), with real work where the simulator adds
-modelled time:
+timing each forward step as a generate loop would (the batch loop is the simulator's
+:func:`~moesim.simulator.decide.replay_steps`). Each MoE layer is :meth:`_Run.layer`: the simulator's
+:class:`~moesim.simulator.decide.DecisionCore` makes every policy call (``observe``, ``place``, ``access``,
+the side-buffer and prefetch bookkeeping, ``predict``/``insert``, ``observe``) and orders the waits, as it
+does for :meth:`moesim.simulator.engine.Simulation._forward`; this module does real work where the
+simulator adds modelled time:
 
 ================  ==========================================  ==========================================
 transfer          loads                                        experts
@@ -47,8 +48,8 @@ from moesim.hfcompat import cache_argument, returned_cache
 from moesim.simulator.run import PolicyObjects
 from moesim.engine.store import BufferPool, DeviceBuffer, HostStore, copy_expert, new_bounce
 from moesim.errors import MoesimError
+from moesim.simulator.decide import DecisionCore, LayerPlan, RunCounters, replay_steps
 from moesim.simulator.gating import keep_mask
-from moesim.simulator.prefetch import PrefetchContext
 from moesim.simulator.run import Prepared
 from moesim.simulator.workload import ForwardStep, Workload
 from moesim.tracer import DECODE, Trace
@@ -63,26 +64,11 @@ class RouteEntry:
 
 
 @dataclass
-class EngineStats:
-    """Counters named as the simulator's :class:`moesim.simulator.engine.EngineStats`, plus measurements."""
+class EngineStats(RunCounters):
+    """The counters the simulator also fills (:class:`moesim.simulator.decide.RunCounters`; ``stall_s`` only on
+    CPU-as-device), plus the engine's measurements."""
 
-    num_layers: int
-    decode_accesses: list[int] = field(default_factory=list)
-    decode_hits: list[int] = field(default_factory=list)
-    prefill_accesses: int = 0
-    prefill_hits: int = 0
-    decode_cpu: int = 0
-    prefetch_issued: int = 0
-    prefetch_used: int = 0
-    prefetch_served: int = 0
-    demand_loads: int = 0
-    ttft: dict[int, float] = field(default_factory=dict)
-    e2e: dict[int, float] = field(default_factory=dict)
-    token_intervals: list[float] = field(default_factory=list)
     step_times: list[tuple[int, int, float]] = field(default_factory=list)  # (step index, phase, seconds)
-    makespan_s: float = 0.0
-    decode_time_s: float = 0.0
-    decode_tokens: int = 0
     h2d_bytes: int = 0  # expert loads and CPU experts' outputs
     d2h_bytes: int = 0  # write-backs and CPU experts' activations
     inline_copies: int = 0
@@ -90,7 +76,6 @@ class EngineStats:
     scratch_copies: int = 0  # copies of experts evicted before their copy started (redirected)
     extra_buffers: int = 0  # device buffers beyond the memory plan (bypassed loads with no staging buffer)
     kv_peak_bytes: int = 0  # the largest KV cache of the run
-    stall_s: float = 0.0  # CPU-as-device: the compute thread waiting for copies and CPU experts
     outputs: list = field(default_factory=list)  # per step, the last logits row (when the engine records outputs)
     copy_times: list = field(default_factory=list)  # (pinned, seconds or a CUDA event pair) per expert copy
     expert_times: list = field(default_factory=list)  # CPU-as-device: (tokens, seconds, phase) per device expert FFN
@@ -104,18 +89,6 @@ class EngineStats:
                 t = start.elapsed_time(end) / 1e3
             out.append((pinned, float(t)))
         return out
-
-    def __post_init__(self):
-        self.decode_accesses = [0] * self.num_layers
-        self.decode_hits = [0] * self.num_layers
-
-
-class _BufEntry:
-    __slots__ = ("job", "buffer")
-
-    def __init__(self, job: Job, buffer: DeviceBuffer):
-        self.job = job
-        self.buffer = buffer
 
 
 class OffloadEngine:
@@ -291,10 +264,10 @@ class _Run:
         self.bounce = new_bounce() if not self.cuda else None
         self.lane_bounce = new_bounce() if not self.cuda else None
         self.scratch: Optional[ExpertTensors] = None
-        self.inflight: dict[int, Job] = {}
-        self.buf: dict[int, _BufEntry] = {}
-        self.unused: dict[int, bool] = {}
-        self.ctx = PrefetchContext(self.L, objects.cache.contains)
+        self.core = DecisionCore(objects.cache, objects.prefetcher, objects.placement, self.stats, self.L, self.E)
+        self.side_buffers: dict[int, DeviceBuffer] = {}  # key -> buffer of a side-buffer prefetch (AdapMoE)
+        self._next_ids: Optional[torch.Tensor] = None
+        self._kv = None
         self.step: Optional[ForwardStep] = None
         self.layer_staging: list[DeviceBuffer] = []
         self.layer_missing: list[list[int]] = []
@@ -338,49 +311,29 @@ class _Run:
     def replay(self, batches, timed: bool) -> None:
         self.timed = timed
         st = self.stats
-        cache, prefetcher = self.o.cache, self.o.prefetcher
-        engine = self.engine
         if self.cuda:
             torch.cuda.synchronize(self.device)
         t_start = self._now()
         with torch.no_grad():
-            for batch in batches:
-                t0 = self._now()
-                prefetcher.begin_batch(batch.requests)
-                last: dict[int, float] = {}
-                kv = None
-                next_ids = None
-                for step in batch.prefill:
-                    r = step.requests[0]
-                    ids = engine._prompt(r, step.tokens)
-                    ts = self._now()
-                    next_ids, kv = self._forward(step, ids, None)
-                    now = self._now()
-                    st.step_times.append((step.index, step.phase, now - ts))
-                    st.ttft[r] = now - t0
-                    last[r] = now
-                cache.reset_request()
-                for step in batch.decode:
-                    ts = self._now()
-                    next_ids, kv = self._forward(step, next_ids, kv)
-                    now = self._now()
-                    st.step_times.append((step.index, step.phase, now - ts))
-                    st.decode_time_s += now - ts
-                    st.decode_tokens += step.tokens
-                    for r in step.requests:
-                        st.token_intervals.append(now - last.get(r, t0))
-                        last[r] = now
-                for r in batch.requests:
-                    st.e2e[r] = last.get(r, self._now()) - t0
-                st.kv_peak_bytes = max(st.kv_peak_bytes, kv_cache_bytes(kv))
-                cache.reset_request()
-                prefetcher.end_batch(batch.requests)
-                del kv
+            for step in replay_steps(batches, st, self.o.cache, self.o.prefetcher, self._now, self._step_timed,
+                                     self._batch_done):
+                if step.phase == DECODE:
+                    ids, kv = self._next_ids, self._kv
+                else:
+                    ids, kv = self.engine._prompt(step.requests[0], step.tokens), None
+                self._next_ids, self._kv = self._forward(step, ids, kv)
         st.makespan_s = self._now() - t_start
         self.h2d.drain()
         st.extra_buffers = self.pool.extra
         st.h2d_bytes += self.h2d.bytes
         st.lane_copies = self.h2d.jobs
+
+    def _step_timed(self, step: ForwardStep, seconds: float) -> None:
+        self.stats.step_times.append((step.index, step.phase, seconds))
+
+    def _batch_done(self, batch) -> None:
+        self.stats.kv_peak_bytes = max(self.stats.kv_peak_bytes, kv_cache_bytes(self._kv))
+        self._next_ids = self._kv = None
 
     def _forward(self, step: ForwardStep, ids: torch.Tensor, kv):
         self.step = step
@@ -514,250 +467,195 @@ class _Run:
         self.stats.h2d_bytes += nbytes
         return job, result
 
-    # ---- one MoE layer of the current step: the counterpart of Simulation._forward's loop body
+    # ---- one MoE layer of the current step: the decision core decides, this runs it on real buffers
     def layer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         step = self.step
         out = torch.zeros_like(hidden)
         work = step.layers[layer]
         if work is None:
             return out
-        o = self.o
-        cache, prefetcher, placement = o.cache, o.prefetcher, o.placement
-        transfer = self.transfer
-        stats = self.stats
-        pool = self.pool
-        E = self.E
-        inflight, buf, unused = self.inflight, self.buf, self.unused
-        decode = step.phase == DECODE
-        clock = step.index * self.L + layer
-        experts = work.experts
-        tokens = work.tokens
-        entries = self.routes[(step.index, layer)]
-        if cache.uses_scores:
-            cache.observe(layer, experts, work.weights)
-        place_active = placement.needs_cpu
-        cpu_flags = placement.place(layer, step.phase, experts, tokens, cache.contains) if place_active else None
-        if cpu_flags is None:
-            gpu_e: tuple = experts
-            cpu_e: tuple = ()
-        else:
-            gpu_e = tuple(e for e, c in zip(experts, cpu_flags) if not c)
-            cpu_e = tuple(e for e, c in zip(experts, cpu_flags) if c)
-        acc = cache.access(layer, gpu_e, clock)
-        lbase = layer * E
-        served = 0
-        if unused:
-            for e in acc.hits:
-                if unused.pop(lbase + e, None):
-                    served += 1
-        misses = acc.misses
-        layer_jobs: dict[int, Job] = {}
-        from_buffer: dict[int, DeviceBuffer] = {}
-        if buf:
-            loads = []
-            for e in misses:
-                entry = buf.pop(lbase + e, None)
-                if entry is not None:
-                    served += 1
-                    layer_jobs[lbase + e] = entry.job
-                    from_buffer[lbase + e] = entry.buffer
-                else:
-                    loads.append(e)
-            for key in [k for k in buf if k // E == layer]:
-                pool.release(buf.pop(key).buffer)  # guessed wrong: the buffer is released
-        else:
-            loads = misses
-        stats.prefetch_used += served
-        for l2, e2 in acc.evicted:
-            k2 = l2 * E + e2
-            unused.pop(k2, None)
-            job = inflight.pop(k2, None)
-            if job is not None and l2 == layer and e2 in acc.hits:
-                layer_jobs[k2] = job  # a hit still landing, evicted by this layer's misses: wait for its copy
-        if decode:
-            stats.decode_accesses[layer] += len(experts)
-            stats.decode_hits[layer] += len(acc.hits) + (len(misses) - len(loads))
-            stats.decode_cpu += len(cpu_e)
-            stats.prefetch_served += served
-            stats.demand_loads += len(loads)
-        else:
-            stats.prefill_accesses += len(experts)
-            stats.prefill_hits += len(acc.hits) + (len(misses) - len(loads))
-
-        # --- device buffers of this step's device experts: who reads which buffer
-        markers = {lbase + e: Marker(self.cuda, f"compute L{layer} E{e}") for e in gpu_e}
-        step_buf: dict[int, DeviceBuffer] = {}
-        for e in acc.hits:
-            key = lbase + e
-            b = pool.owner[key]
-            b.last_use = markers[key]
-            step_buf[key] = b
-        for key, b in from_buffer.items():
-            pool.bind(key, b)
-            b.last_use = markers[key]
-            step_buf[key] = b
-        victims = deque((l2 * E + e2) for l2, e2 in acc.evicted)
-
-        def release_next() -> bool:
-            while victims:
-                v = victims.popleft()
-                vb = pool.owner.get(v)
-                if vb is not None:
-                    self._release_victim(v, vb, markers)
-                    return True
-            return False
-
-        bypassed = set(acc.bypassed) if acc.bypassed else ()
-        computed: set[int] = set()
-
-        def compute(key: int) -> None:
-            self._compute(key, step_buf[key], entries[key - lbase], hidden, out, markers[key])
-            computed.add(key)
-
-        # --- loads of this layer's missing experts
-        layer_mode = transfer.mode == "layer"
-        if layer_mode:
-            if o.layer_copy_bytes and o.layer_copy_bytes[layer] > 0:
-                for i, e in enumerate(self.layer_missing[layer]):
-                    sb = self.layer_staging[i]
-                    key = lbase + e
-                    self._inline_load(key, sb)
-                    if e in gpu_e and key not in step_buf:
-                        step_buf[key] = sb
-                        sb.last_use = markers[key]
-        elif loads and transfer.on_compute_stream:
-            pending = {b.last_use: k for k, b in step_buf.items()}
-            for e in loads:
-                key = lbase + e
-                b = pool.take(release_next, grow=e in bypassed)
-                before = pending.get(b.last_use)
-                if before is not None and before not in computed:
-                    compute(before)  # streaming: the expert in this buffer is used first, then replaced
-                self._inline_load(key, b)
-                if e in bypassed:
-                    pool.release(b)
-                else:
-                    pool.bind(key, b)
-                b.job = None
-                b.last_use = markers[key]
-                pending[b.last_use] = key
-                step_buf[key] = b
-        elif loads:
-            for e in loads:
-                key = lbase + e
-                job = inflight.get(key)
-                if job is None:
-                    b = pool.take(release_next, grow=e in bypassed)
-                    fence = b.last_use
-                    b.last_use = markers[key]
-                    if e in bypassed:
-                        pool.release(b)
-                    else:
-                        pool.bind(key, b)
-                    job = self.h2d.submit(self._copy_job(key, b, fence), self.store[key].nbytes, f"load L{layer} E{e}",
-                                          False, key)
-                    b.job = job
-                    step_buf[key] = b
-                    if e not in bypassed:
-                        inflight[key] = job
-                elif key not in step_buf:
-                    step_buf[key] = pool.owner[key]
-                    step_buf[key].last_use = markers[key]
-                layer_jobs[key] = job
-        while release_next():
+        core = self.core
+        plan = core.begin_layer(step, layer, work)
+        lay = _LayerBuffers(self, plan, hidden, out)
+        lay.bind_resident()
+        if self.transfer.mode == "layer":
+            self._layer_copy(lay)
+        elif plan.loads and self.transfer.on_compute_stream:
+            self._inline_loads(lay)
+        elif plan.loads:
+            core.stream_loads(plan, lay.load, lay.reuse)
+        while lay.release_next():
             pass
-
-        # --- prefetch for later layers
-        pf_active = prefetcher.active and step.phase in prefetcher.phases
-        if pf_active:
-            ctx = self.ctx
-            ctx.layer, ctx.phase, ctx.step, ctx.work = layer, step.phase, step, work
-            preds = prefetcher.predict(ctx)
-            if preds:
-                protect = {lbase + e for e in gpu_e}
-                into_buffer = prefetcher.into_buffer
-                for pl, pe in preds:
-                    pkey = pl * E + pe
-                    if cache.contains_key(pkey) or pkey in buf:
-                        continue
-                    if into_buffer:
-                        b = pool.take(lambda: False)
-                        fence, b.last_use = b.last_use, Marker.done()
-                        job = self.h2d.submit(self._copy_job(pkey, b, fence), self.store[pkey].nbytes,
-                                              f"prefetch L{pl} E{pe}", transfer.demand_priority, pkey)
-                        b.job = job
-                        buf[pkey] = _BufEntry(job, b)
-                    else:
-                        ins = cache.insert(pl, pe, clock, protect)
-                        if not ins.admitted:
-                            continue
-                        for l2, e2 in ins.evicted:
-                            k2 = l2 * E + e2
-                            unused.pop(k2, None)
-                            inflight.pop(k2, None)
-                            vb = pool.owner.get(k2)
-                            if vb is not None:
-                                self._release_victim(k2, vb, markers)
-                        b = pool.take(lambda: False)
-                        fence, b.last_use = b.last_use, Marker.done()
-                        pool.bind(pkey, b)
-                        job = self.h2d.submit(self._copy_job(pkey, b, fence), self.store[pkey].nbytes,
-                                              f"prefetch L{pl} E{pe}", transfer.demand_priority, pkey)
-                        b.job = job
-                        inflight[pkey] = job
-                        unused[pkey] = True
-                    stats.prefetch_issued += 1
-        if prefetcher.wants_observe:
-            prefetcher.observe(step, layer, work)
-
-        # --- CPU experts run beside the device
-        cpu_job = None
-        if cpu_e:
-            cpu_job, cpu_result = self._cpu_job(layer, cpu_e, entries, hidden)
-
-        # --- device experts: ready ones first, then each as its copy lands
-        waiting = []
-        for e in gpu_e:
-            key = lbase + e
-            if key in computed:
-                continue
-            job = layer_jobs.get(key) if layer_jobs else None
-            if job is None:
-                job = inflight.get(key)
-            if job is not None and job.done.is_done():
-                if inflight.get(key) is job:
-                    del inflight[key]
-                job = None
-            if job is None:
-                if key not in step_buf:
-                    step_buf[key] = pool.owner[key]
-                compute(key)
-            else:
-                if job.background:
-                    self.h2d.promote(job)
-                waiting.append((job.seq, e, key, job))
-        if waiting:
-            waiting.sort(key=lambda w: w[0])
-            for _, e, key, job in waiting:
-                if self.cuda:
-                    job.done.make_stream_wait(self.compute_stream)
-                else:
-                    t0 = time.perf_counter()
-                    job.done.wait_issued()
-                    stats.stall_s += time.perf_counter() - t0
-                if inflight.get(key) is job:
-                    del inflight[key]
-                if key not in step_buf:
-                    step_buf[key] = pool.owner[key]
-                compute(key)
-        if cpu_job is not None:
-            t0 = time.perf_counter()
-            cpu_job.done.make_stream_wait(self.compute_stream)
-            if not self.cuda:
-                stats.stall_s += time.perf_counter() - t0
-            self.cpu_lane.check()
-            cpu_out = cpu_result["out"]
-            if self.cuda:
-                cpu_out.record_stream(self.compute_stream)  # made on the CPU lane's stream, read on this one
-            out.add_(cpu_out)
+        if plan.prefetches:
+            core.issue_prefetches(plan, self._prefetch_copy, lay.evicted)
+        cpu = self._cpu_job(layer, plan.cpu_experts, lay.entries, hidden) if plan.cpu_experts else None
+        self._device_experts(lay)
+        if cpu is not None:
+            self._add_cpu_output(*cpu, out)
         return out
+
+    def _layer_copy(self, lay: "_LayerBuffers") -> None:
+        """accelerate: every offloaded expert of the layer, copied inline into the staging buffers."""
+        layer = lay.plan.layer
+        copy_bytes = self.o.layer_copy_bytes
+        if not copy_bytes or copy_bytes[layer] <= 0:
+            return
+        for i, e in enumerate(self.layer_missing[layer]):
+            sb = self.layer_staging[i]
+            key = lay.base + e
+            self._inline_load(key, sb)
+            if e in lay.plan.gpu_experts and key not in lay.buffers:
+                lay.buffers[key] = sb
+                sb.last_use = lay.markers[key]
+
+    def _inline_loads(self, lay: "_LayerBuffers") -> None:
+        """Loads on the compute stream (swap, sync): a buffer whose expert is still to be computed is used
+        first, then replaced, so a layer with more misses than buffers streams through them."""
+        pool = self.pool
+        pending = {b.last_use: k for k, b in lay.buffers.items()}
+        for e in lay.plan.loads:
+            key = lay.base + e
+            bypassed = e in lay.bypassed
+            b = pool.take(lay.release_next, grow=bypassed)
+            before = pending.get(b.last_use)
+            if before is not None and before not in lay.computed:
+                lay.compute(before)
+            self._inline_load(key, b)
+            if bypassed:
+                pool.release(b)
+            else:
+                pool.bind(key, b)
+            b.job = None
+            b.last_use = lay.markers[key]
+            pending[b.last_use] = key
+            lay.buffers[key] = b
+
+    def _prefetch_copy(self, layer: int, e: int, key: int) -> Job:
+        """A prefetch's copy on the lane, into a free buffer: bound to the cache's key, or held aside."""
+        pool = self.pool
+        b = pool.take(_nothing_to_release)
+        fence, b.last_use = b.last_use, Marker.done()
+        if self.o.prefetcher.into_buffer:
+            self.side_buffers[key] = b
+        else:
+            pool.bind(key, b)
+        job = self.h2d.submit(self._copy_job(key, b, fence), self.store[key].nbytes, f"prefetch L{layer} E{e}",
+                              self.transfer.demand_priority, key)
+        b.job = job
+        return job
+
+    def _device_experts(self, lay: "_LayerBuffers") -> None:
+        """Ready experts first, then each after its own copy (the compute stream waits on its event)."""
+        core = self.core
+        pool = self.pool
+        for e, _ in core.ready_experts(lay.plan, self.h2d.promote, lay.computed):
+            key = lay.base + e
+            if key not in lay.buffers:
+                lay.buffers[key] = pool.owner[key]
+            lay.compute(key)
+        for _, e, _, job in core.landing_order():
+            if self.cuda:
+                job.done.make_stream_wait(self.compute_stream)
+            else:
+                t0 = time.perf_counter()
+                job.done.wait_issued()
+                self.stats.stall_s += time.perf_counter() - t0
+            key = lay.base + e
+            if key not in lay.buffers:
+                lay.buffers[key] = pool.owner[key]
+            lay.compute(key)
+
+    def _add_cpu_output(self, cpu_job: Job, cpu_result: dict, out: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        cpu_job.done.make_stream_wait(self.compute_stream)
+        if not self.cuda:
+            self.stats.stall_s += time.perf_counter() - t0
+        self.cpu_lane.check()
+        cpu_out = cpu_result["out"]
+        if self.cuda:
+            cpu_out.record_stream(self.compute_stream)  # made on the CPU lane's stream, read on this one
+        out.add_(cpu_out)
+
+
+def _nothing_to_release() -> bool:
+    return False
+
+
+class _LayerBuffers:
+    """One MoE layer's device side: which buffer each device expert reads, the marker after its compute, and
+    the buffers the cache's evictions free (released one at a time, as loads need them)."""
+
+    def __init__(self, run: _Run, plan: LayerPlan, hidden: torch.Tensor, out: torch.Tensor):
+        self.run = run
+        self.plan = plan
+        self.hidden = hidden
+        self.out = out
+        self.base = plan.base
+        self.entries = run.routes[(plan.step.index, plan.layer)]
+        self.markers = {plan.base + e: Marker(run.cuda, f"compute L{plan.layer} E{e}") for e in plan.gpu_experts}
+        self.buffers: dict[int, DeviceBuffer] = {}
+        self.victims = deque(l2 * run.E + e2 for l2, e2 in plan.access.evicted)
+        self.bypassed = set(plan.access.bypassed) if plan.access.bypassed else ()
+        self.computed: set[int] = set()
+
+    def bind_resident(self) -> None:
+        """Hits read their cached buffer; side-buffer prefetches that hit join the cache; wrong guesses' buffers
+        are freed."""
+        run = self.run
+        pool = run.pool
+        for key in self.plan.dropped:
+            pool.release(run.side_buffers.pop(key))
+        for e in self.plan.access.hits:
+            key = self.base + e
+            b = pool.owner[key]
+            b.last_use = self.markers[key]
+            self.buffers[key] = b
+        for key in self.plan.from_buffer:
+            b = run.side_buffers.pop(key)
+            pool.bind(key, b)
+            b.last_use = self.markers[key]
+            self.buffers[key] = b
+
+    def release_next(self) -> bool:
+        pool = self.run.pool
+        while self.victims:
+            v = self.victims.popleft()
+            vb = pool.owner.get(v)
+            if vb is not None:
+                self.run._release_victim(v, vb, self.markers)
+                return True
+        return False
+
+    def evicted(self, key: int) -> None:
+        """A prefetch's insertion evicted ``key``: its buffer is freed now."""
+        vb = self.run.pool.owner.get(key)
+        if vb is not None:
+            self.run._release_victim(key, vb, self.markers)
+
+    def load(self, plan: LayerPlan, e: int, key: int, kept: bool) -> Job:
+        """A demand load on the copy lane, into a free buffer (a bypassed expert's is released at once)."""
+        run = self.run
+        pool = run.pool
+        b = pool.take(self.release_next, grow=not kept)
+        fence = b.last_use
+        b.last_use = self.markers[key]
+        if kept:
+            pool.bind(key, b)
+        else:
+            pool.release(b)
+        job = run.h2d.submit(run._copy_job(key, b, fence), run.store[key].nbytes, f"load L{plan.layer} E{e}", False,
+                             key)
+        b.job = job
+        self.buffers[key] = b
+        return job
+
+    def reuse(self, key: int) -> None:
+        """A miss whose prefetch is still landing reads the prefetch's buffer."""
+        if key not in self.buffers:
+            b = self.buffers[key] = self.run.pool.owner[key]
+            b.last_use = self.markers[key]
+
+    def compute(self, key: int) -> None:
+        self.run._compute(key, self.buffers[key], self.entries[key - self.base], self.hidden, self.out,
+                          self.markers[key])
+        self.computed.add(key)

@@ -19,43 +19,37 @@ Cache, prefetch and placement are the plain-Python policy objects of :mod:`moesi
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Optional
 
 import simpy
 
 from moesim.simulator.cache import ExpertCache
 from moesim.simulator.costs import CostTables
+from moesim.simulator.decide import DecisionCore, LayerPlan, RunCounters, replay_steps
 from moesim.simulator.placement import Placement
-from moesim.simulator.prefetch import PrefetchContext, Prefetcher
+from moesim.simulator.prefetch import Prefetcher
 from moesim.simulator.timeline import Timeline
 from moesim.simulator.transfer import Lane, TransferSpec, stretched
 from moesim.simulator.workload import ForwardStep, Workload
 from moesim.tracer import DECODE
 
 
-class EngineStats:
+@dataclass
+class EngineStats(RunCounters):
     """Counters the engine fills; turned into a :class:`SimResult` by :mod:`moesim.simulator.run`."""
 
-    def __init__(self, num_layers: int):
-        self.decode_accesses = [0] * num_layers
-        self.decode_hits = [0] * num_layers
-        self.prefill_accesses = 0
-        self.prefill_hits = 0
-        self.decode_cpu = 0
-        self.prefetch_issued = 0
-        self.prefetch_used = 0  # prefetched experts that were accessed before leaving
-        self.prefetch_served = 0  # accesses served by a prefetch (decode)
-        self.demand_loads = 0  # accesses that needed a demand load (decode, GPU-placed)
-        self.stall_s = 0.0
-        self.gpu_busy_s = 0.0
-        self.waits = 0
-        self.ttft: dict[int, float] = {}
-        self.e2e: dict[int, float] = {}
-        self.token_intervals: list[float] = []
-        self.makespan_s = 0.0
-        self.decode_time_s = 0.0
-        self.decode_tokens = 0
-        self.hit_records: list[tuple[tuple[int, ...], frozenset]] = []
+    gpu_busy_s: float = 0.0
+    waits: int = 0  # events the driver waited for (SimPy timeouts and copies)
+    hit_records: list[tuple[tuple[int, ...], frozenset]] = field(default_factory=list)
+
+
+def build_simulation(prep, objects, record_hits: bool = False, timeline: Optional[Timeline] = None) -> "Simulation":
+    """The simulation of one prepared run (:class:`~moesim.simulator.run.Prepared`) driving ``objects``
+    (:class:`~moesim.simulator.run.PolicyObjects`)."""
+    return Simulation(prep.workload, objects.costs, objects.cache, objects.prefetcher, objects.placement,
+                      objects.transfer, prep.trace.meta.model.hidden_size, objects.layer_copy_s,
+                      objects.layer_copy_bytes, record_hits=record_hits, timeline=timeline)
 
 
 class Simulation:
@@ -76,6 +70,7 @@ class Simulation:
         self.timeline = timeline
         self.L, self.E = workload.num_layers, workload.num_experts
         self.stats = EngineStats(self.L)
+        self.core = DecisionCore(cache, prefetcher, placement, self.stats, self.L, self.E)
         self.env = simpy.Environment()
         record = timeline.record if timeline is not None else None
         self.h2d = Lane(self.env, "PCIe H2D", record)
@@ -88,15 +83,13 @@ class Simulation:
             self.h2d.contended_by = lambda: self.compute_busy_until
             self.h2d.slowdown = costs.copy_slowdown_with_compute
         self._segments: list[tuple[str, str, float]] = []  # (lane, label, seconds) of the pending time
-        self._inflight: dict = {}  # key -> Job loading a cached expert
-        self._buffer: dict = {}  # key -> Job: prefetches held outside the cache (AdapMoE)
-        self._prefetched_unused: dict = {}  # key -> True: prefetched into the cache, not used yet
-        self._ctx = PrefetchContext(self.L, cache.contains)
         if transfer.on_compute_stream:
             self._copy_in = costs.h2d_by_layer if transfer.pinned else costs.h2d_pageable_by_layer
         else:
             self._copy_in = costs.h2d_by_layer
         self._copy_in_conc = costs.h2d_conc_by_layer
+        self._expert_bytes = costs.expert_bytes_by_layer
+        self._prefetch_background = transfer.demand_priority
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> EngineStats:
@@ -122,30 +115,8 @@ class Simulation:
 
     def _driver(self):
         env = self.env
-        stats = self.stats
-        for batch in self.workload.batches:
-            t0 = env.now
-            self.prefetcher.begin_batch(batch.requests)
-            last: dict[int, float] = {}
-            for step in batch.prefill:
-                yield from self._forward(step)
-                r = step.requests[0]
-                stats.ttft[r] = env.now - t0
-                last[r] = env.now
-            self.cache.reset_request()
-            for step in batch.decode:
-                t_step = env.now
-                yield from self._forward(step)
-                now = env.now
-                stats.decode_time_s += now - t_step
-                stats.decode_tokens += step.tokens
-                for r in step.requests:
-                    stats.token_intervals.append(now - last.get(r, t0))
-                    last[r] = now
-            for r in batch.requests:
-                stats.e2e[r] = last.get(r, env.now) - t0
-            self.cache.reset_request()
-            self.prefetcher.end_batch(batch.requests)
+        for step in replay_steps(self.workload.batches, self.stats, self.cache, self.prefetcher, lambda: env.now):
+            yield from self._forward(step)
 
     def _cpu_experts(self, layer: int, tokens: tuple) -> simpy.Event:
         """CPU-placed experts of one layer: their tokens' activations go down the D2H link, the CPU pool
@@ -161,20 +132,72 @@ class Simulation:
                               then=((self.cpu, ffn, ffn, 0, f"cpu experts L{layer} x{n}"), up))
         return job.done
 
+    # ---- copies: on a lane (the decision core asks for them), or serialized into the compute stream
+    def _submit_load(self, plan: LayerPlan, e: int, key: int, kept: bool):
+        layer = plan.layer
+        return self.h2d.submit(self._copy_in[layer], self._expert_bytes[layer], f"load L{layer} E{e}", False,
+                               self._copy_in_conc[layer])
+
+    def _submit_prefetch(self, layer: int, e: int, key: int):
+        return self.h2d.submit(self._copy_in[layer], self._expert_bytes[layer], f"prefetch L{layer} E{e}",
+                               self._prefetch_background, self._copy_in_conc[layer])
+
+    def _inline_copies(self, plan: LayerPlan, pending: float) -> float:
+        """Loads (and Mixtral-Offloading's write-backs of the evicted) issued on the compute stream: the stream
+        copies, so each adds to the pending compute time and counts as a stall."""
+        stats = self.stats
+        layer = plan.layer
+        eb = self.costs.expert_bytes_by_layer
+        tl = self.timeline is not None
+        d_in = self._copy_in[layer]
+        for e in plan.loads:
+            pending += d_in
+            stats.stall_s += d_in
+            self.h2d.busy_s += d_in
+            self.h2d.bytes += eb[layer]
+            if tl:
+                self._segments.append(("h2d", f"load L{layer} E{e}", d_in))
+        if self.transfer.write_back:
+            d2h_t = self.costs.d2h_by_layer
+            for l2, e2 in plan.access.evicted:
+                d = d2h_t[l2]
+                pending += d
+                stats.stall_s += d
+                self.d2h.busy_s += d
+                self.d2h.bytes += eb[l2]
+                if tl:
+                    self._segments.append(("d2h", f"write-back L{l2} E{e2}", d))
+        return pending
+
+    def _layer_copy(self, layer: int, pending: float) -> float:
+        """accelerate: the layer's offloaded experts, copied whole on the compute stream every forward pass."""
+        d = self.layer_copy_s[layer]
+        if d > 0.0:
+            pending += d
+            self.stats.stall_s += d
+            self.h2d.busy_s += d
+            self.h2d.bytes += self.layer_copy_bytes[layer]
+            if self.timeline is not None:
+                self._segments.append(("h2d", f"layer copy L{layer}", d))
+        return pending
+
+    def _record_hits(self, plan: LayerPlan) -> None:
+        got = set(plan.access.hits)
+        got.update(e for e in plan.access.misses if e not in plan.loads)
+        self.stats.hit_records.append((plan.work.rows, frozenset(got)))
+
     # ------------------------------------------------------------------------------------------
     def _forward(self, step: ForwardStep):
+        """One forward pass on the compute stream: the decision core decides each MoE layer, this driver
+        turns the decisions into modelled time, sleeping only where another process matters."""
         env = self.env
         costs = self.costs
-        cache = self.cache
+        core = self.core
         stats = self.stats
         transfer = self.transfer
-        prefetcher = self.prefetcher
-        placement = self.placement
-        L, E = self.L, self.E
         tl = self.timeline is not None
         segs = self._segments
-        decode = step.phase == DECODE
-        if decode:
+        if step.phase == DECODE:
             ne = costs.decode_non_expert[step.tokens][step.context]
             head = costs.head[step.tokens]
         else:
@@ -184,215 +207,76 @@ class Simulation:
         lo = costs.layer_overhead_s
         shared = costs.shared_experts * gpu[step.tokens] if costs.shared_experts else 0.0
         pending = costs.step_overhead_s + head + costs.dense_layers * ne  # GPU-stream time not yet slept
-        stats.gpu_busy_s += head + costs.dense_layers * ne
+        busy = stats.gpu_busy_s + (head + costs.dense_layers * ne)  # stats.gpu_busy_s, summed locally
         if tl:
             segs.append(("gpu", f"step {step.index} head", pending))
         on_compute = transfer.on_compute_stream
         layer_mode = transfer.mode == "layer"
-        write_back = transfer.write_back
-        background = transfer.demand_priority
-        copy_in = self._copy_in
-        copy_in_conc = self._copy_in_conc
-        d2h_t = costs.d2h_by_layer
-        eb = costs.expert_bytes_by_layer
-        pf_active = prefetcher.active and step.phase in prefetcher.phases
-        pf_observe = prefetcher.wants_observe
-        place_active = placement.needs_cpu
-        inflight = self._inflight
-        buf = self._buffer
-        unused = self._prefetched_unused
-        base_clock = step.index * L
+        record_hits = self.record_hits
+        begin_layer, issue_prefetches = core.begin_layer, core.issue_prefetches
+        ready_experts, landing_order = core.ready_experts, core.landing_order
+        promote = self.h2d.promote
+        attention = ne + lo + shared  # each MoE layer's attention, router and shared experts on the stream
+        attention_busy = ne + shared
         for layer, work in enumerate(step.layers):
-            pending += ne + lo + shared
-            stats.gpu_busy_s += ne + shared
+            pending += attention
+            busy += attention_busy
             if tl:
-                segs.append(("gpu", f"attn L{layer}", ne + lo + shared))
+                segs.append(("gpu", f"attn L{layer}", attention))
             if work is None:
                 continue
-            clock = base_clock + layer
-            experts = work.experts
-            tokens = work.tokens
-            if cache.uses_scores:
-                cache.observe(layer, experts, work.weights)
-            cpu_flags = placement.place(layer, step.phase, experts, tokens, cache.contains) if place_active else None
-            if cpu_flags is None:
-                gpu_e, gpu_t = experts, tokens
-                cpu_t: tuple = ()
-            else:
-                gpu_e = tuple(e for e, c in zip(experts, cpu_flags) if not c)
-                gpu_t = tuple(t for t, c in zip(tokens, cpu_flags) if not c)
-                cpu_t = tuple(t for t, c in zip(tokens, cpu_flags) if c)
-            acc = cache.access(layer, gpu_e, clock)
-            lbase = layer * E
-            served = 0
-            if unused:
-                for e in acc.hits:
-                    if unused.pop(lbase + e, None):
-                        served += 1
-            misses = acc.misses
-            layer_jobs: dict = {}
-            if buf:
-                loads = []
-                for e in misses:
-                    job = buf.pop(lbase + e, None)
-                    if job is not None:
-                        served += 1
-                        layer_jobs[lbase + e] = job
-                    else:
-                        loads.append(e)
-                for key in [k for k in buf if k // E == layer]:
-                    del buf[key]  # guessed wrong: the buffer is released
-            else:
-                loads = misses
-            stats.prefetch_used += served
-            for l2, e2 in acc.evicted:
-                k2 = l2 * E + e2
-                unused.pop(k2, None)
-                job = inflight.pop(k2, None)
-                if job is not None and l2 == layer and e2 in acc.hits:
-                    # a hit whose prefetch is still landing, evicted by this layer's own misses (fewer
-                    # slots than experts): it is computed first, but only once its copy is in
-                    layer_jobs[k2] = job
-            if decode:
-                stats.decode_accesses[layer] += len(experts)
-                stats.decode_hits[layer] += len(acc.hits) + (len(misses) - len(loads))
-                stats.decode_cpu += len(cpu_t)
-                stats.prefetch_served += served
-                stats.demand_loads += len(loads)
-            else:
-                stats.prefill_accesses += len(experts)
-                stats.prefill_hits += len(acc.hits) + (len(misses) - len(loads))
-            if self.record_hits:
-                got = set(acc.hits)
-                got.update(e for e in misses if e not in loads)
-                stats.hit_records.append((work.rows, frozenset(got)))
+            plan = begin_layer(step, layer, work)
+            if record_hits:
+                self._record_hits(plan)
 
             # --- loads of this layer's missing experts
             if layer_mode:
-                if self.layer_copy_s[layer] > 0.0:
-                    d = self.layer_copy_s[layer]
-                    pending += d
-                    stats.stall_s += d
-                    self.h2d.busy_s += d
-                    self.h2d.bytes += self.layer_copy_bytes[layer]
-                    if tl:
-                        segs.append(("h2d", f"layer copy L{layer}", d))
-            elif loads and on_compute:
-                d_in = copy_in[layer]
-                for e in loads:
-                    pending += d_in
-                    stats.stall_s += d_in
-                    self.h2d.busy_s += d_in
-                    self.h2d.bytes += eb[layer]
-                    if tl:
-                        segs.append(("h2d", f"load L{layer} E{e}", d_in))
-                if write_back:
-                    for l2, e2 in acc.evicted:
-                        d = d2h_t[l2]
-                        pending += d
-                        stats.stall_s += d
-                        self.d2h.busy_s += d
-                        self.d2h.bytes += eb[l2]
-                        if tl:
-                            segs.append(("d2h", f"write-back L{l2} E{e2}", d))
-            elif loads:
+                pending = self._layer_copy(layer, pending)
+            elif plan.loads and on_compute:
+                pending = self._inline_copies(plan, pending)
+            elif plan.loads:
                 if pending > 0.0:
                     yield self._sleep(pending)
                     pending = 0.0
-                bypassed = acc.bypassed
-                for e in loads:
-                    key = lbase + e
-                    job = inflight.get(key)
-                    if job is None:
-                        job = self.h2d.submit(copy_in[layer], eb[layer], f"load L{layer} E{e}", False,
-                                              copy_in_conc[layer])
-                        if not bypassed or e not in bypassed:
-                            inflight[key] = job
-                    layer_jobs[key] = job
+                core.stream_loads(plan, self._submit_load)
 
             # --- prefetch for later layers
-            if pf_active:
-                ctx = self._ctx
-                ctx.layer, ctx.phase, ctx.step, ctx.work = layer, step.phase, step, work
-                preds = prefetcher.predict(ctx)
-                if preds:
-                    if pending > 0.0:
-                        yield self._sleep(pending)
-                        pending = 0.0
-                    protect = {lbase + e for e in gpu_e}
-                    into_buffer = prefetcher.into_buffer
-                    for pl, pe in preds:
-                        pkey = pl * E + pe
-                        if cache.contains_key(pkey) or pkey in buf:
-                            continue
-                        if into_buffer:
-                            buf[pkey] = self.h2d.submit(copy_in[pl], eb[pl], f"prefetch L{pl} E{pe}", background,
-                                                        copy_in_conc[pl])
-                        else:
-                            ins = cache.insert(pl, pe, clock, protect)
-                            if not ins.admitted:
-                                continue
-                            for l2, e2 in ins.evicted:
-                                k2 = l2 * E + e2
-                                unused.pop(k2, None)
-                                inflight.pop(k2, None)
-                            inflight[pkey] = self.h2d.submit(copy_in[pl], eb[pl], f"prefetch L{pl} E{pe}",
-                                                             background, copy_in_conc[pl])
-                            unused[pkey] = True
-                        stats.prefetch_issued += 1
-            if pf_observe:
-                prefetcher.observe(step, layer, work)
+            if plan.prefetches:
+                if pending > 0.0:
+                    yield self._sleep(pending)
+                    pending = 0.0
+                issue_prefetches(plan, self._submit_prefetch)
 
             # --- CPU experts run beside the GPU
             cpu_task = None
-            if cpu_t:
+            if plan.cpu_tokens:
                 if pending > 0.0:
                     yield self._sleep(pending)
                     pending = 0.0
-                cpu_task = self._cpu_experts(layer, cpu_t)
+                cpu_task = self._cpu_experts(layer, plan.cpu_tokens)
 
             # --- GPU experts: ready ones first, then each as its copy lands
-            waiting = None
-            for e, t in zip(gpu_e, gpu_t):
-                key = lbase + e
-                job = layer_jobs.get(key) if layer_jobs else None
-                if job is None:
-                    job = inflight.get(key)
-                if job is not None and job.done.triggered:
-                    if inflight.get(key) is job:
-                        del inflight[key]
-                    job = None
-                if job is None:
-                    c = gpu[t]
-                    pending += c
-                    stats.gpu_busy_s += c
-                    if tl:
-                        segs.append(("gpu", f"expert L{layer} E{e}", c))
-                else:
-                    if job.background:
-                        self.h2d.promote(job)
-                    if waiting is None:
-                        waiting = []
-                    waiting.append((job.seq, e, t, key, job))
-            if waiting:
-                waiting.sort()
-                for _, e, t, key, job in waiting:
+            for e, t in ready_experts(plan, promote):
+                c = gpu[t]
+                pending += c
+                busy += c
+                if tl:
+                    segs.append(("gpu", f"expert L{layer} E{e}", c))
+            for _, e, t, job in landing_order():
+                if not job.done.triggered:
+                    if pending > 0.0:
+                        yield self._sleep(pending)
+                        pending = 0.0
                     if not job.done.triggered:
-                        if pending > 0.0:
-                            yield self._sleep(pending)
-                            pending = 0.0
-                        if not job.done.triggered:
-                            t0 = env.now
-                            stats.waits += 1
-                            yield job.done
-                            stats.stall_s += env.now - t0
-                    if inflight.get(key) is job:
-                        del inflight[key]
-                    c = gpu[t]
-                    pending += c
-                    stats.gpu_busy_s += c
-                    if tl:
-                        segs.append(("gpu", f"expert L{layer} E{e}", c))
+                        t0 = env.now
+                        stats.waits += 1
+                        yield job.done
+                        stats.stall_s += env.now - t0
+                c = gpu[t]
+                pending += c
+                busy += c
+                if tl:
+                    segs.append(("gpu", f"expert L{layer} E{e}", c))
             if cpu_task is not None and not cpu_task.triggered:
                 if pending > 0.0:
                     yield self._sleep(pending)
@@ -402,6 +286,7 @@ class Simulation:
                     stats.waits += 1
                     yield cpu_task
                     stats.stall_s += env.now - t0
+        stats.gpu_busy_s = busy
         if pending > 0.0:
             yield self._sleep(pending)
             pending = 0.0

@@ -27,7 +27,7 @@ from moesim.simulator.cache import (
 from moesim.simulator.config import PolicySpec, SimConfig
 from moesim.simulator.costs import CostTables, build_cost_tables
 from moesim.simulator.transfer import TransferSpec
-from moesim.simulator.engine import Simulation
+from moesim.simulator.engine import Simulation, build_simulation
 from moesim.simulator.memory import MemoryPlan, lru_miss_curves, plan_memory
 from moesim.simulator.placement import make_placement
 from moesim.simulator.prefetch import make_prefetcher
@@ -303,9 +303,7 @@ def run_prepared(prep: Prepared, record_hits: bool = False, timeline: Optional[T
     if not prep.plan.fits:
         return infeasible_result(prep), None
     objs = build_policy_objects(prep)
-    sim = Simulation(prep.workload, objs.costs, objs.cache, objs.prefetcher, objs.placement, objs.transfer,
-                     prep.trace.meta.model.hidden_size, objs.layer_copy_s, objs.layer_copy_bytes,
-                     record_hits=record_hits, timeline=timeline)
+    sim = build_simulation(prep, objs, record_hits=record_hits, timeline=timeline)
     stats = sim.run()
     result = simulation_result(prep, objs.costs, sim, stats)
     hits = _hit_array(prep.trace, stats) if record_hits else None

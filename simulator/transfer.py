@@ -24,13 +24,13 @@ standing in for the device), the part of a copy that overlaps compute is stretch
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import simpy
 
 from moesim.errors import MoesimError
+from moesim.simulator.decide import DemandFirstQueue, QueuedJob
 from moesim.simulator.policies import Registry
 
 TRANSFER_MODES = ("swap", "stream", "sync", "layer")
@@ -74,23 +74,25 @@ def transfer_spec(name: str, **changes) -> TransferSpec:
     return replace(TRANSFERS.get(name, "--transfer"), **changes)
 
 
-class Job:
+class Job(QueuedJob):
     """One unit of work on a lane; ``done`` fires when it (and the stages chained after it) have been served."""
 
-    __slots__ = ("done", "duration", "concurrent_duration", "nbytes", "label", "started", "seq", "background",
-                 "then")
+    __slots__ = ("done", "duration", "concurrent_duration", "nbytes", "label", "then")
 
     def __init__(self, done: simpy.Event, duration: float, concurrent_duration: float, nbytes: int, label: str,
                  seq: int, background: bool, then: tuple = ()):
+        self.seq = seq
+        self.background = background
+        self.started = False
         self.done = done
         self.duration = duration
         self.concurrent_duration = concurrent_duration
         self.nbytes = nbytes
         self.label = label
-        self.started = False
-        self.seq = seq
-        self.background = background
         self.then = then  # stages to submit when this one is served: (lane, duration, concurrent, bytes, label)
+
+    def landed(self) -> bool:
+        return self.done.triggered
 
 
 class Lane:
@@ -106,8 +108,7 @@ class Lane:
         self.env = env
         self.name = name
         self.peer: Optional[Lane] = None  # the other copy direction, for contention
-        self._demand: deque[Job] = deque()
-        self._background: deque[Job] = deque()
+        self._queue = DemandFirstQueue()
         self._wake: Optional[simpy.Event] = None
         self._record = record
         self._seq = 0
@@ -128,7 +129,7 @@ class Lane:
         job = Job(self.env.event() if done is None else done, duration,
                   duration if concurrent_duration is None else concurrent_duration, nbytes, label, self._seq,
                   background, then)
-        (self._background if background else self._demand).append(job)
+        self._queue.push(job)
         wake = self._wake
         if wake is not None and not wake.triggered:
             wake.succeed()
@@ -136,14 +137,7 @@ class Lane:
 
     def promote(self, job: Job) -> None:
         """A queued background job becomes demand (someone now waits on it)."""
-        if job.started or not job.background:
-            return
-        try:
-            self._background.remove(job)
-        except ValueError:
-            return
-        job.background = False
-        self._demand.append(job)
+        self._queue.promote(job)
 
     def slow_down_current(self, now: float, until: float) -> None:
         """Work on the contending resource runs from ``now`` to ``until``: the job in service (if any)
@@ -164,12 +158,10 @@ class Lane:
 
     def _serve(self):
         env = self.env
+        queue = self._queue
         while True:
-            if self._demand:
-                job = self._demand.popleft()
-            elif self._background:
-                job = self._background.popleft()
-            else:
+            job = queue.pop()
+            if job is None:
                 self._wake = env.event()
                 yield self._wake
                 self._wake = None
