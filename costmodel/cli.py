@@ -12,7 +12,8 @@ import click
 
 from moesim.errors import MoesimError
 from moesim.options import (batch_list, byte_size, cache_experts_list, check_batches, check_cache_experts,
-                            jobs_option, split_list, trace_requests)
+                            jobs_option, split_list)
+from moesim.tracer.format import trace_requests
 from moesim.units import parse_seconds
 
 

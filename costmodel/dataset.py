@@ -26,7 +26,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from moesim.content import file_sha256, profile_file, simulator_version, trace_sha256
+from moesim.content import file_sha256, simulator_version
+from moesim.simulator.identity import profile_file, trace_sha256
 from moesim.costmodel.space import EXPERT_FORMATS, ConfigSet
 
 UNLIMITED_GPU_MEM = 2**40

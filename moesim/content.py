@@ -60,25 +60,3 @@ def simulator_version() -> str:
             h.update(f.name.encode())
             h.update(f.read_bytes())
     return h.hexdigest()
-
-
-def trace_sha256(spec: str | os.PathLike) -> str:
-    from moesim.traces import resolve_trace
-
-    return file_sha256(resolve_trace(str(spec)))
-
-
-def profile_file(spec: str | os.PathLike) -> Path:
-    from moesim.calib.profile import bundled_profiles
-
-    bundled = bundled_profiles()
-    return Path(bundled[str(spec)]) if str(spec) in bundled else Path(spec)
-
-
-def profile_sha256(spec: str | os.PathLike) -> str:
-    path = profile_file(spec)
-    if not path.is_file():
-        from moesim.calib.profile import load_profile
-
-        load_profile(str(spec))  # raises the one-line "not a bundled profile or a file" error
-    return file_sha256(path)

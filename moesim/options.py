@@ -106,21 +106,6 @@ def check_batches(values: list[int], requests: int, flag: str = "--batch") -> No
                               f"batch holds at most {requests}; record or import a trace with more requests")
 
 
-def trace_requests(path) -> int:
-    """How many requests a trace holds (reads only its request column)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from moesim.tracer import read_trace_meta
-
-    read_trace_meta(path)  # "not a moesim trace" before any column is looked for
-    try:
-        column = pq.read_table(path, columns=["request"]).column("request")
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
-        raise MoesimError(f"{path}: cannot read its request column ({str(exc).splitlines()[0]})") from None
-    return int(pc.count_distinct(column).as_py())
-
-
 # ---- worker processes ----------------------------------------------------------------------------
 def jobs_count(value: Optional[int], flag: str = "--jobs") -> int:
     """Worker processes: 0 means one per core; a negative count is an error."""

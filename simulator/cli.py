@@ -12,8 +12,9 @@ import click
 
 from moesim.errors import MoesimError
 from moesim.options import (batch_list, byte_size, byte_sizes, cache_experts_list, check_batches,
-                            check_cache_experts, jobs_option, one_int, split_list, trace_requests)
+                            check_cache_experts, jobs_option, one_int, split_list)
 from moesim.quant import WeightFormat
+from moesim.tracer.format import trace_requests
 
 DEFAULT_PROFILE = "rtx-3060"  # 12 GiB: the smallest GPU of the Mixtral-Offloading paper
 

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 from moesim.atomic import atomic_path, write_text_atomic
-from moesim.content import profile_sha256, simulator_version, trace_sha256
+from moesim.content import simulator_version
+from moesim.simulator.identity import profile_sha256, trace_sha256
 from moesim.errors import MoesimError
 from moesim.quant import WeightFormat
 from moesim.simulator.results import ROW_COLUMNS

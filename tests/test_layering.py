@@ -31,8 +31,10 @@ ORDER = ("moesim", "tracer", "traces", "calib", "quality", "simulator", "costmod
 KNOWN_UPWARD = {
     ("moesim/modelspec.py", "tracer"),  # a trace file's metadata as a model shape
     ("tracer/stats.py", "traces"),  # bundled trace names on the command line
+    ("tracer/synth_cli.py", "traces"),  # bundled routing-model names on the command line
     ("simulator/cli.py", "costmodel"),  # sweep --screen asks the cost model which points to skip
     ("traces/convert_bundled.py", "cli"),  # a maintenance script that runs `moesim trace import`; never imported
+    ("traces/fit_bundled_routing.py", "cli"),  # a maintenance script that runs `moesim trace fit`; never imported
 }
 
 

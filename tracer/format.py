@@ -506,3 +506,16 @@ def _validate_cells(cells: TraceCells, meta: TraceMeta, path: Path) -> None:
         fail(cells.position < 0, "position", ">= 0")
     if cells.next_layer_guess is not None and (cells.next_layer_guess >= E).any():
         fail((cells.next_layer_guess >= E).any(axis=1), "next_layer_guess", f"-1..{E - 1}")
+
+
+def trace_requests(path) -> int:
+    """How many requests a trace holds (reads only its request column)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    read_trace_meta(path)  # "not a moesim trace" before any column is looked for
+    try:
+        column = pq.read_table(path, columns=["request"]).column("request")
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
+        raise MoesimError(f"{path}: cannot read its request column ({str(exc).splitlines()[0]})") from None
+    return int(pc.count_distinct(column).as_py())
