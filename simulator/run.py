@@ -101,8 +101,21 @@ def _trace_key(trace: Trace) -> tuple:
 def get_workload(trace: Trace, batch: int, policy: PolicySpec) -> Workload:
     guess = policy.prefetch.guess
     key = (_trace_key(trace), batch, policy.gating, guess)
-    return _WORKLOADS.get_or(key, lambda: (trace, compile_workload(trace, batch=batch, gating=policy.gating,
-                                                                   guess=guess)))[1]
+    return _WORKLOADS.get_or(key, lambda: (trace, _compile_cached(trace, batch, policy.gating, guess)))[1]
+
+
+def _compile_cached(trace: Trace, batch: int, gating, guess: str) -> Workload:
+    """A compiled workload, kept on disk by the trace file's content (a sweep's workers and later runs load it
+    instead of compiling it again); an in-memory trace is compiled every time."""
+    make = lambda: compile_workload(trace, batch=batch, gating=gating, guess=guess)  # noqa: E731
+    if trace.path is None:
+        return make()
+    from moesim.content import file_sha256
+    from moesim.diskcache import cached, code_version
+
+    parts = (code_version("moesim.simulator.workload", "moesim.simulator.gating", "moesim.tracer"),
+             file_sha256(trace.path), batch, repr(gating), guess)
+    return cached("workload", parts, make)
 
 
 @dataclass
