@@ -127,33 +127,61 @@ def run_point(point: SweepPoint) -> dict:
     return row
 
 
-def _warm(points: Sequence[SweepPoint]) -> None:
-    """Load and compile what every worker would otherwise redo (forked workers inherit it)."""
-    from moesim.simulator.run import get_workload, load_profile_cached, load_trace_cached
-    from moesim.traces import resolve_trace
+def _warm_units(points: Sequence[SweepPoint]) -> list[SweepPoint]:
+    """One point per piece of set-up the grid shares: the learned predictor of each (trace, batch, preset)
+    that prefetches with it (the costliest, listed first), then each compiled workload not yet covered."""
+    from moesim.simulator.presets import get_preset
 
-    seen = set()
+    predictive, plain, covered = [], [], set()
     for p in points:
-        if (p.trace, p.batch, p.policy) in seen:
-            continue
-        seen.add((p.trace, p.batch, p.policy))
         try:
-            trace = load_trace_cached(resolve_trace(p.trace))
-            load_profile_cached(p.profile)
-            config = point_config(p)
-            get_workload(trace, p.batch, config.policy)
+            policy = get_preset(p.policy)
         except MoesimError:
             continue  # reported by the point itself
-    if any(p.policy == "predictive" for p in points):
-        for p in points:
-            if p.policy == "predictive":
-                try:
-                    from moesim.simulator.run import prepare, _predictions  # noqa: F401
-                    trace = load_trace_cached(resolve_trace(p.trace))
-                    prep = prepare(trace, load_profile_cached(p.profile), point_config(p))
-                    _predictions(prep, ())
-                except MoesimError:
-                    pass
+        workload = (p.trace, p.batch, policy.gating, policy.prefetch.guess)
+        if policy.prefetch.policy == "predictive":
+            if (workload, p.policy) not in covered:
+                covered.update({(workload, p.policy), workload})
+                predictive.append(p)
+        else:
+            plain.append((workload, p))
+    units = list(predictive)
+    for workload, p in plain:
+        if workload not in covered:  # a predictive unit compiles the same workload
+            covered.add(workload)
+            units.append(p)
+    return units
+
+
+def _warm_unit(p: SweepPoint) -> None:
+    """Load and compile what the points like ``p`` share (kept in this process's memos and on disk)."""
+    from moesim.simulator.run import _predictions, get_workload, load_profile_cached, load_trace_cached, prepare
+    from moesim.traces import resolve_trace
+
+    try:
+        trace = load_trace_cached(resolve_trace(p.trace))
+        profile = load_profile_cached(p.profile)
+        config = point_config(p)
+        get_workload(trace, p.batch, config.policy)
+        if config.policy.prefetch.policy == "predictive":
+            _predictions(prepare(trace, profile, config), config.policy.prefetch.train)
+    except MoesimError:
+        pass  # reported by the point itself
+
+
+def _warm(points: Sequence[SweepPoint], pool_jobs: int = 1) -> None:
+    """Prepare what every worker would otherwise redo, before the workers fork (they inherit the memos).
+
+    With several workers the pieces are first computed in parallel into the on-disk cache, so this process
+    only loads them: a serial warm-up here would leave all but one core idle (issue #14)."""
+    units = _warm_units(points)
+    if pool_jobs > 1 and len(units) > 1:
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        with mp.get_context(method).Pool(min(pool_jobs, len(units)), initializer=_quiet_worker) as pool:
+            for _ in pool.imap_unordered(_warm_unit, units, chunksize=1):
+                pass
+    for p in units:
+        _warm_unit(p)
 
 
 def _read_journal(path: Path) -> dict[str, dict]:
@@ -238,7 +266,7 @@ def run_sweep(points: Sequence[SweepPoint], out_dir: Path, jobs: int = 0, progre
     jobs = jobs or (os.cpu_count() or 1)
     jobs = max(1, min(jobs, len(todo))) if todo else 1
     if todo:
-        _warm(todo)
+        _warm(todo, jobs)
         pool = None
         if jobs > 1:
             # workers are forked before any progress-bar thread exists, and inherit the warmed memos
