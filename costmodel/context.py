@@ -110,7 +110,7 @@ class TraceProfileContext:
     # ---- on-disk cache -----------------------------------------------------------------------------
     # The tables are deterministic in the trace's and profile's contents and the code, and rebuilding them
     # is most of a search's time (issue #14), so evaluate() keeps them on disk under that key.
-    def _cache_parts(self) -> Optional[tuple]:
+    def cache_parts(self) -> Optional[tuple]:
         from moesim.content import file_sha256, profile_sha256
         from moesim.diskcache import code_version
 
@@ -136,18 +136,22 @@ class TraceProfileContext:
 
         self._cache_key = None
         self._saved_size = 0
-        parts = self._cache_parts()
-        state = load("costmodel-context", entry_key(parts)) if parts else None
+        parts = self.cache_parts()
+        if not parts:
+            return
+        # contexts of one key in one process share their tables (a search builds more than one)
+        state = _STATES.get(parts) or load("costmodel-context", entry_key(parts))
         if isinstance(state, dict) and set(state) == set(self._state()):
             self._features, self._tables = state["features"], state["tables"]
             self._ne_delta, self._parts, self._dp = state["ne_delta"], state["parts"], state["dp"]
             self._saved_size = self._size()
+        _STATES[parts] = self._state()
 
     def save_cached(self) -> None:
         """Store the tables built so far, when this context built any the cache lacks."""
         from moesim.diskcache import entry_key, store
 
-        parts = self._cache_parts()
+        parts = self.cache_parts()
         if parts and self._size() > self._saved_size:
             store("costmodel-context", entry_key(parts), self._state())
             self._saved_size = self._size()
@@ -326,6 +330,7 @@ class TraceProfileContext:
 
 _FEATURES: dict = {}
 _FEATURES_KEEP = 12
+_STATES: dict = {}  # cache key -> a context's tables, shared by the contexts of one process
 
 
 def workload_features(trace, path, batch: int, gating, label: str) -> tuple[WorkloadFeatures, object]:

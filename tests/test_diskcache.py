@@ -86,21 +86,31 @@ def test_predictor_fit_is_keyed_by_content_not_path(tmp_path, monkeypatch):
     assert len(fits) == 2 and other.coef != first.coef
 
 
-def test_cost_model_tables_hit_gives_identical_predictions_and_a_changed_trace_misses(tmp_path):
+def test_cost_model_tables_hit_gives_identical_predictions_and_a_changed_trace_misses(tmp_path, monkeypatch):
+    from moesim.costmodel import context
     from moesim.costmodel.context import TraceProfileContext
+    from moesim.costmodel.model import CostModel
     from moesim.costmodel.search import build_space, default_space
 
+    monkeypatch.setattr(context, "_STATES", {})
     path = str(_trace(tmp_path / "t.parquet", 3))
     cold = TraceProfileContext(path, "rtx-3060")
     assert cold._size() == 0
     configs = build_space(default_space(cold), cold.E)
     ev_cold = cold.evaluate(configs)
+    model = CostModel.load()
+    pred_cold = model.predict(cold, configs)
+    monkeypatch.setattr(context, "_STATES", {})  # as a new process: from disk only
     warm = TraceProfileContext(path, "rtx-3060")
     assert warm._size() == cold._size() > 0  # loaded, nothing rebuilt
     ev_warm = warm.evaluate(configs)
     for name in ("valid", "ttft_s", "tpot_s", "makespan_s", "peak_gpu_bytes", "hit_rate", "features"):
         np.testing.assert_array_equal(getattr(ev_cold, name), getattr(ev_warm, name))
     assert ev_cold.reason == ev_warm.reason
+    monkeypatch.setattr(CostModel, "_predict", lambda *a: pytest.fail("predictions not served from disk"))
+    pred_warm = model.predict(warm, configs)
+    for name in ("tpot_s", "ttft_s", "tokens_per_s", "peak_gpu_bytes"):
+        np.testing.assert_array_equal(getattr(pred_cold, name), getattr(pred_warm, name))
     _trace(tmp_path / "t.parquet", 4)  # the same path, other routing
     changed = TraceProfileContext(path, "rtx-3060")
     assert changed._size() == 0
