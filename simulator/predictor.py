@@ -109,8 +109,15 @@ def fit_predictor(train: Sequence[Path]) -> PredictorWeights:
     from moesim.diskcache import cached, code_version
 
     # on disk by the training traces' contents: the same set under other paths reuses the fit
-    parts = ("fit", code_version(__name__, "moesim.tracer"), tuple(sorted(file_sha256(p) for p in key)))
-    coef, intercept, samples = cached("predictor", parts, lambda: _fit(key))
+    try:
+        digests = tuple(sorted(file_sha256(p) for p in key))
+    except MoesimError:
+        digests = None  # a missing or unreadable trace: _fit reports it as reading any trace would
+    if digests is None:
+        coef, intercept, samples = _fit(key)
+    else:
+        coef, intercept, samples = cached("predictor", ("fit", code_version(__name__, "moesim.tracer"), digests),
+                                          lambda: _fit(key))
     weights = PredictorWeights(coef, intercept, key, samples)
     _FITTED[(key, stamp)] = weights
     return weights

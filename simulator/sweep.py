@@ -252,10 +252,23 @@ class _Journal:
                 pass  # every row was flushed as it came; nothing is lost here
 
 
+EXECUTORS = ("local", "ray")
+
+
 def run_sweep(points: Sequence[SweepPoint], out_dir: Path, jobs: int = 0, progress: bool = True,
               on_row: Optional[Callable[[dict], None]] = None,
-              log: Optional[Callable[[str], None]] = None) -> list[dict]:
-    """Rows for ``points`` in grid order: stored ones whose inputs are unchanged are reused, the rest run."""
+              log: Optional[Callable[[str], None]] = None, executor: str = "local",
+              address: Optional[str] = None) -> list[dict]:
+    """Rows for ``points`` in grid order: stored ones whose inputs are unchanged are reused, the rest run.
+
+    ``executor`` "local" runs them on ``jobs`` processes of this machine (0: one per core); "ray" on a Ray
+    cluster (``address``; none: a local Ray instance of ``jobs`` CPUs). Either way the rows arrive here and go
+    into the same journal, so a sweep can be stopped on one executor and resumed on the other.
+    """
+    if executor not in EXECUTORS:
+        raise MoesimError(f"--executor {executor}: expected one of {', '.join(EXECUTORS)}")
+    if address is not None and executor != "ray":
+        raise MoesimError("--address is the Ray cluster to run on: it needs --executor ray")
     out_dir = check_writable(out_dir)
     done = read_store(out_dir)
     keys = [p.key() for p in points]
@@ -263,15 +276,13 @@ def run_sweep(points: Sequence[SweepPoint], out_dir: Path, jobs: int = 0, progre
     if log is not None:
         log(f"{len(points) - len(todo)} of {len(points)} configurations reused from earlier runs with the same "
             f"trace, profile and simulator; {len(todo)} to simulate")
-    jobs = jobs or (os.cpu_count() or 1)
-    jobs = max(1, min(jobs, len(todo))) if todo else 1
     if todo:
-        _warm(todo, jobs)
-        pool = None
-        if jobs > 1:
-            # workers are forked before any progress-bar thread exists, and inherit the warmed memos
-            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            pool = mp.get_context(method).Pool(jobs, initializer=_quiet_worker)
+        if executor == "ray":
+            from moesim.simulator.sweep_ray import ray_rows
+
+            rows, stop = ray_rows(todo, jobs, address)
+        else:
+            rows, stop = _local_rows(todo, jobs)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -281,7 +292,6 @@ def run_sweep(points: Sequence[SweepPoint], out_dir: Path, jobs: int = 0, progre
         journal = _Journal(out_dir)
         term = _TermAsInterrupt().__enter__()
         try:
-            rows = map(run_point, todo) if pool is None else pool.imap_unordered(run_point, todo, chunksize=1)
             for row in rows:
                 done[row["point_key"]] = row
                 journal.append(row)
@@ -293,11 +303,27 @@ def run_sweep(points: Sequence[SweepPoint], out_dir: Path, jobs: int = 0, progre
             journal.close()
             if bar is not None:
                 bar.close()
-            if pool is not None:
-                pool.terminate()
-                pool.join()
+            stop()
             term.__exit__(None, None, None)
     return [done[k] for k in keys if k in done]
+
+
+def _local_rows(todo: Sequence[SweepPoint], jobs: int) -> tuple[Iterable[dict], Callable[[], None]]:
+    """The rows of ``todo`` from ``jobs`` processes of this machine, as they finish, and how to stop them."""
+    jobs = jobs or (os.cpu_count() or 1)
+    jobs = max(1, min(jobs, len(todo)))
+    _warm(todo, jobs)
+    if jobs == 1:
+        return map(run_point, todo), lambda: None
+    # workers are forked before any progress-bar thread exists, and inherit the warmed memos
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    pool = mp.get_context(method).Pool(jobs, initializer=_quiet_worker)
+
+    def stop() -> None:
+        pool.terminate()
+        pool.join()
+
+    return pool.imap_unordered(run_point, todo, chunksize=1), stop
 
 
 def _quiet_worker() -> None:
