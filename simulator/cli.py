@@ -202,9 +202,6 @@ def simulate_command(trace_spec, profile_spec, host, link, policy, cache_experts
 
     from moesim.tracer import read_trace_meta
 
-    if address is not None and executor != "ray":
-        raise MoesimError("--address is the Ray cluster to run on: it needs --executor ray")
-
     trace_path = resolve_trace(trace_spec)
     spec = build_policy(policy, eviction, scope, prefetch, placement, placement_rule, transfer, gating,
                         tuple(predictor_train), guess)
@@ -272,9 +269,6 @@ def _json_safe(obj):
 def default_cache_sizes(trace_path: Path) -> list[int]:
     """k, 2k, 4k, 8k experts per layer below the number of experts (at least three sizes)."""
     from moesim.tracer import read_trace_meta
-
-    if address is not None and executor != "ray":
-        raise MoesimError("--address is the Ray cluster to run on: it needs --executor ray")
 
     meta = read_trace_meta(trace_path)
     k, E = meta.top_k, meta.num_experts
