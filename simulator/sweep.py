@@ -258,7 +258,7 @@ EXECUTORS = ("local", "ray")
 def run_sweep(points: Sequence[SweepPoint], out_dir: Path, jobs: int = 0, progress: bool = True,
               on_row: Optional[Callable[[dict], None]] = None,
               log: Optional[Callable[[str], None]] = None, executor: str = "local",
-              address: Optional[str] = None) -> list[dict]:
+              address: Optional[str] = None, label: str = "sweep") -> list[dict]:
     """Rows for ``points`` in grid order: stored ones whose inputs are unchanged are reused, the rest run.
 
     ``executor`` "local" runs them on ``jobs`` processes of this machine (0: one per core); "ray" on a Ray
@@ -285,10 +285,9 @@ def run_sweep(points: Sequence[SweepPoint], out_dir: Path, jobs: int = 0, progre
             rows, stop = _local_rows(todo, jobs)
         bar = None
         if progress:
-            from tqdm import tqdm
+            from moesim.progress import Progress
 
-            bar = tqdm(total=len(points), initial=len(points) - len(todo), desc="sweep", unit="cfg",
-                       dynamic_ncols=True)
+            bar = Progress(len(points), label, "cfg", initial=len(points) - len(todo))
         journal = _Journal(out_dir)
         term = _TermAsInterrupt().__enter__()
         try:
