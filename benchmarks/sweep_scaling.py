@@ -68,7 +68,8 @@ def main(argv=None) -> int:
                 if ref is None:
                     ref = (parquet, csv)
                 elif (parquet, csv) != ref:
-                    print(f"tables differ: {jobs} worker(s), {executor}, repeat {r}")
+                    which = " and ".join(n for n, a, b in (("parquet", parquet, ref[0]), ("csv", csv, ref[1])) if a != b)
+                    print(f"tables differ ({which}): {jobs} worker(s), {executor}, repeat {r}")
                     return 1
                 print(f"  {jobs} worker(s) ({executor}): {wall:6.1f} s   load average {os.getloadavg()[0]:.2f}")
     best1, bestn = min(one), min(many)
