@@ -27,9 +27,13 @@ def grid(n_configs: int):
     return build_grid(traces, ["rtx-3060"], PRESETS.names(), [1, 2, 4, 8, 16, 32], [], [None], None, [1])[:n_configs]
 
 
-def timed_sweep(points, out: Path, jobs: int, executor: str) -> tuple[float, bytes, bytes]:
+def timed_sweep(points, out: Path, jobs: int, executor: str) -> tuple[float, float, bytes, bytes]:
     """Wall seconds of one sweep into the fresh folder ``out`` (run in a fresh process, so no memo of an
-    earlier run helps it), and its Parquet and CSV bytes."""
+    earlier run helps it), the CPU seconds of that process and its workers, and its Parquet and CSV bytes.
+
+    The CPU seconds do not depend on the load: equal totals for 1 and N workers mean no work is repeated
+    per worker, so on idle cores the wall time divides by N up to the serial part."""
+    import resource
     import subprocess
 
     code = ("import sys, time, json; from pathlib import Path; sys.path.insert(0, %r); "
@@ -40,11 +44,14 @@ def timed_sweep(points, out: Path, jobs: int, executor: str) -> tuple[float, byt
             "wall = time.perf_counter() - t0; write_tables(rows, Path(%r)); print(wall)"
             % (str(Path(__file__).parent), len(points), executor, executor, str(out), jobs, str(out)))
     env = dict(os.environ, MOESIM_CACHE_DIR=str(out / "cache"))  # a cold on-disk cache for every run
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     if proc.returncode != 0:
         raise SystemExit(f"sweep with {jobs} worker(s) failed:\n{proc.stderr}")
     wall = float(proc.stdout.strip().splitlines()[-1])
-    return wall, (out / "sweep.parquet").read_bytes(), (out / "sweep.csv").read_bytes()
+    return wall, cpu, (out / "sweep.parquet").read_bytes(), (out / "sweep.csv").read_bytes()
 
 
 def main(argv=None) -> int:
@@ -63,7 +70,7 @@ def main(argv=None) -> int:
         for r in range(args.repeats):
             for jobs, executor, walls in ((1, "local", one), (args.jobs, args.executor, many)):
                 out = Path(tmp) / f"r{r}-j{jobs}-{executor}"
-                wall, parquet, csv = timed_sweep(points, out, jobs, executor)
+                wall, cpu, parquet, csv = timed_sweep(points, out, jobs, executor)
                 walls.append(wall)
                 if ref is None:
                     ref = (parquet, csv)
@@ -71,7 +78,8 @@ def main(argv=None) -> int:
                     which = " and ".join(n for n, a, b in (("parquet", parquet, ref[0]), ("csv", csv, ref[1])) if a != b)
                     print(f"tables differ ({which}): {jobs} worker(s), {executor}, repeat {r}")
                     return 1
-                print(f"  {jobs} worker(s) ({executor}): {wall:6.1f} s   load average {os.getloadavg()[0]:.2f}")
+                print(f"  {jobs} worker(s) ({executor}): {wall:6.1f} s wall, {cpu:6.1f} CPU s (all processes)   "
+                      f"load average {os.getloadavg()[0]:.2f}")
     best1, bestn = min(one), min(many)
     print(f"tables byte-identical across {2 * args.repeats} runs")
     print(f"speed-up {args.jobs} workers ({args.executor}) vs 1: {best1 / bestn:.2f}x "

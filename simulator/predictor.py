@@ -177,8 +177,11 @@ def predict_rows(trace: Trace, weights: PredictorWeights, top: int) -> dict[int,
     from moesim.content import file_sha256
     from moesim.diskcache import cached, code_version
 
-    parts = ("predict", code_version(__name__, "moesim.tracer"), file_sha256(trace.path), weights.coef,
-             weights.intercept, top)
+    try:
+        digest = file_sha256(trace.path)
+    except MoesimError:  # the file went away after it was read: nothing to key the entry by
+        return _predict_rows(trace, weights, top)
+    parts = ("predict", code_version(__name__, "moesim.tracer"), digest, weights.coef, weights.intercept, top)
     return cached("predictor", parts, lambda: _predict_rows(trace, weights, top))
 
 

@@ -112,9 +112,14 @@ def _compile_cached(trace: Trace, batch: int, gating, guess: str) -> Workload:
         return make()
     from moesim.content import file_sha256
     from moesim.diskcache import cached, code_version
+    from moesim.errors import MoesimError
 
-    parts = (code_version("moesim.simulator.workload", "moesim.simulator.gating", "moesim.tracer"),
-             file_sha256(trace.path), batch, repr(gating), guess)
+    try:
+        digest = file_sha256(trace.path)
+    except MoesimError:  # the file went away after it was read: nothing to key the entry by
+        return make()
+    parts = (code_version("moesim.simulator.workload", "moesim.simulator.gating", "moesim.tracer"), digest, batch,
+             repr(gating), guess)
     return cached("workload", parts, make)
 
 
