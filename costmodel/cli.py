@@ -136,7 +136,7 @@ def search_command(trace_spec, profile_spec, objective, max_gpu_mem, max_tpot, m
     log = lambda msg: click.echo(f"search [{time.perf_counter() - t0:6.1f}s]: {msg}", err=True)  # noqa: E731
     result = search(trace, profile_spec, objective, constraints, model=model, space=space,
                     quality_table=quality_table, quality_model=quality_model, confirm=confirm,
-                    front_points=front_points, jobs=jobs, log=log)
+                    front_points=front_points, jobs=jobs, log=log, progress=True)
     click.echo(format_result(result), nl=False)
     if report_dir is not None:
         files = write_report(result, report_dir)

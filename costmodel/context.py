@@ -105,6 +105,56 @@ class TraceProfileContext:
         self._ne_delta: dict = {}
         self._parts: dict = {}
         self._dp: Optional[np.ndarray] = None
+        self._load_cached()
+
+    # ---- on-disk cache -----------------------------------------------------------------------------
+    # The tables are deterministic in the trace's and profile's contents and the code, and rebuilding them
+    # is most of a search's time (issue #14), so evaluate() keeps them on disk under that key.
+    def cache_parts(self) -> Optional[tuple]:
+        from moesim.content import file_sha256, profile_sha256
+        from moesim.diskcache import code_version
+
+        if self._cache_key is None:
+            try:
+                self._cache_key = (code_version("moesim.costmodel", "moesim.simulator", "moesim.tracer",
+                                                "moesim.quant", "moesim.modelspec", "moesim.calib.profile"),
+                                   file_sha256(self.trace_path), profile_sha256(self.profile_spec))
+            except MoesimError:
+                self._cache_key = ()  # an unreadable file: no caching
+        return self._cache_key or None
+
+    def _state(self) -> dict:
+        return {"features": self._features, "tables": self._tables, "ne_delta": self._ne_delta,
+                "parts": self._parts, "dp": self._dp}
+
+    def _size(self) -> int:
+        return (len(self._features) + len(self._tables) + len(self._ne_delta) + len(self._parts)
+                + (self._dp is not None))
+
+    def _load_cached(self) -> None:
+        from moesim.diskcache import entry_key, load
+
+        self._cache_key = None
+        self._saved_size = 0
+        parts = self.cache_parts()
+        if not parts:
+            return
+        # contexts of one key in one process share their tables (a search builds more than one)
+        state = _STATES.get(parts) or load("costmodel-context", entry_key(parts))
+        if isinstance(state, dict) and set(state) == set(self._state()):
+            self._features, self._tables = state["features"], state["tables"]
+            self._ne_delta, self._parts, self._dp = state["ne_delta"], state["parts"], state["dp"]
+            self._saved_size = self._size()
+        _STATES[parts] = self._state()
+
+    def save_cached(self) -> None:
+        """Store the tables built so far, when this context built any the cache lacks."""
+        from moesim.diskcache import entry_key, store
+
+        parts = self.cache_parts()
+        if parts and self._size() > self._saved_size:
+            store("costmodel-context", entry_key(parts), self._state())
+            self._saved_size = self._size()
 
     # ---- formats -----------------------------------------------------------------------------------
     def expert_bytes(self, fmt: Optional[str]) -> list[int]:
@@ -270,6 +320,7 @@ class TraceProfileContext:
             rows[:, col["log_decode_steps"]] = math.log(max(len(fe.steps.tokens), 1))
             rows[:, col["scope_global"]:] = np.asarray(policy_flags(spec))[None, :]
             X[idx] = rows
+        self.save_cached()
         return Evaluated(valid, reason, out["ttft"], out["tpot"], out["makespan"], out["pre"], out["dec"],
                          out["tokens"], mem, out["hit"], X)
 
@@ -279,6 +330,7 @@ class TraceProfileContext:
 
 _FEATURES: dict = {}
 _FEATURES_KEEP = 12
+_STATES: dict = {}  # cache key -> a context's tables, shared by the contexts of one process
 
 
 def workload_features(trace, path, batch: int, gating, label: str) -> tuple[WorkloadFeatures, object]:

@@ -78,6 +78,24 @@ class CostModel:
 
     # ---- prediction --------------------------------------------------------------------------------
     def predict(self, ctx: TraceProfileContext, configs: ConfigSet) -> Predictions:
+        """Predictions for ``configs``, kept on disk by the context's contents, this model and the configs
+        (the fitted correction over a search's ~40k configurations is most of a warm search)."""
+        parts = ctx.cache_parts()
+        if parts is None:
+            return self._predict(ctx, configs)
+        import hashlib
+
+        from moesim.diskcache import cached
+
+        h = hashlib.sha256(self.to_json().encode())
+        h.update(repr((configs.policies, configs.expert_formats, configs.non_expert_formats)).encode())
+        for col in (configs.policy, configs.cache_experts, configs.expert_format, configs.non_expert_format,
+                    configs.batch):
+            h.update(str(col.dtype).encode())
+            h.update(np.ascontiguousarray(col).tobytes())
+        return cached("costmodel-predictions", (*parts, h.hexdigest()), lambda: self._predict(ctx, configs))
+
+    def _predict(self, ctx: TraceProfileContext, configs: ConfigSet) -> Predictions:
         ev = ctx.evaluate(configs)
         X = np.nan_to_num(ev.features, nan=0.0, posinf=0.0, neginf=0.0)
         valid = ev.valid

@@ -331,13 +331,15 @@ class Confirmer:
     """Runs configurations through the simulator (the sweep machinery), caching rows on disk."""
 
     def __init__(self, ctx: TraceProfileContext, gpu_mem_bytes: Optional[int], jobs: int = 0,
-                 cache_dir: Optional[Path] = None, log: Callable[[str], None] = lambda m: None):
+                 cache_dir: Optional[Path] = None, log: Callable[[str], None] = lambda m: None,
+                 progress: bool = False):
         from moesim.costmodel.dataset import cache_root, moesim_hash, profile_hash, trace_hash
 
         self.ctx = ctx
         self.gpu_mem_bytes = gpu_mem_bytes
         self.jobs = jobs
         self.log = log
+        self.progress = progress
         self.calls = 0
         self.dir = cache_dir or (cache_root() / "search" / moesim_hash()[:16]
                                  / f"{ctx.label}-{trace_hash(ctx.trace_spec)[:12]}"
@@ -352,7 +354,8 @@ class Confirmer:
             return []
         self.calls += len(points)
         self.log(f"confirming {len(points)} configurations with the simulator")
-        rows = run_sweep(points, self.dir, jobs=self.jobs, progress=False)
+        rows = run_sweep(points, self.dir, jobs=self.jobs, progress=self.progress,
+                         label="search: confirming")
         by_key = {r["point_key"]: r for r in rows}
         return [by_key[p.key()] for p in points]
 
@@ -366,7 +369,8 @@ def _predicted_dict(pred: Predictions, i: int) -> dict[str, float]:
 def search(trace: str, profile: str, objective: str = "tpot", constraints: Constraints = Constraints(),
            model: Optional[CostModel] = None, space: Optional[SpaceSpec] = None, quality_table: Optional[str] = None,
            quality_model: Optional[str] = None, confirm: int = 8, front_points: int = 10, jobs: int = 0,
-           cache_dir: Optional[Path] = None, log: Callable[[str], None] = lambda m: None) -> SearchResult:
+           cache_dir: Optional[Path] = None, log: Callable[[str], None] = lambda m: None,
+           progress: bool = False) -> SearchResult:
     if objective not in OBJECTIVES:
         raise MoesimError(f"--objective {objective}: expected one of {', '.join(OBJECTIVES)}")
     if constraints.max_ppl is not None and quality_table is None:
@@ -390,7 +394,7 @@ def search(trace: str, profile: str, objective: str = "tpot", constraints: Const
     notes = list(quality.notes) if quality is not None else []
     invalid = sorted({r for r in pred.reason if r})
     notes += [f"not searched: {r}" for r in invalid]
-    confirmer = Confirmer(ctx, constraints.max_gpu_mem, jobs, cache_dir, log)
+    confirmer = Confirmer(ctx, constraints.max_gpu_mem, jobs, cache_dir, log, progress)
     ok_margin = predicted_feasible(pred, constraints, limit, ppl, PREDICTION_MARGIN)
     ok_strict = predicted_feasible(pred, constraints, limit, ppl, 0.0)
     result = SearchResult(trace, profile, objective, constraints, limit, device, configs, pred, predict_s,

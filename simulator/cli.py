@@ -297,6 +297,12 @@ def default_cache_sizes(trace_path: Path) -> list[int]:
               type=click.Path(file_okay=False),
               help="Folder for sweep.parquet, sweep.csv and sweep.png (a rerun resumes).")
 @jobs_option()
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where the configurations run: this machine's cores, or a Ray cluster (pip install -e \".[ray]\"); "
+                   "both share --out's resumable journal.")
+@click.option("--address", default=None, metavar="ADDR",
+              help="With --executor ray: the cluster to join (auto, or HOST:PORT; default: a local Ray instance "
+                   "of --jobs CPUs).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--no-plot", is_flag=True, help="Do not draw the latency-vs-memory plot.")
 @click.option("--screen", is_flag=True, help="Skip the configurations the cost model predicts are dominated "
@@ -304,7 +310,7 @@ def default_cache_sizes(trace_path: Path) -> list[int]:
 @click.option("--list", "list_grids_", is_flag=True, help="List the grids swept into --out (nothing is run).")
 @click.option("--all", "show_all", is_flag=True, help="Print the table of every grid swept into --out (nothing is run).")
 def sweep_command(policies, traces, profiles, cache_experts, gpu_mem, expert_bits, non_expert_bits, batches, out_dir,
-                  jobs, no_progress, no_plot, screen, list_grids_, show_all):
+                  jobs, executor, address, no_progress, no_plot, screen, list_grids_, show_all):
     """Simulate a grid of policies x traces x profiles x cache sizes x formats x batch sizes in parallel.
 
     --out is a results store: a rerun reuses the configurations whose trace, profile and simulator are
@@ -330,6 +336,9 @@ def sweep_command(policies, traces, profiles, cache_experts, gpu_mem, expert_bit
         return
 
     from moesim.tracer import read_trace_meta
+
+    if address is not None and executor != "ray":
+        raise MoesimError("--address is the Ray cluster to run on: it needs --executor ray")
 
     policy_list = split_list(policies, "--policy") or list(DEFAULT_SWEEP_POLICIES)
     for p in policy_list:
@@ -368,7 +377,7 @@ def sweep_command(policies, traces, profiles, cache_experts, gpu_mem, expert_bit
     record = start_grid(points, out, _command_line("sweep"))
     click.echo(f"sweep: {len(points)} configurations -> {out} (grid {record.grid})", err=True)
     try:
-        rows = run_sweep(points, out, jobs=jobs, progress=not no_progress,
+        rows = run_sweep(points, out, jobs=jobs, progress=not no_progress, executor=executor, address=address,
                          log=lambda msg: click.echo(f"sweep: {msg}", err=True))
     except KeyboardInterrupt:
         click.echo(f"moesim: sweep interrupted; the finished configurations are kept in {out}; run the same command "

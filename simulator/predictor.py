@@ -105,6 +105,25 @@ def fit_predictor(train: Sequence[Path]) -> PredictorWeights:
         return _FITTED[(key, stamp)]
     if not key:
         raise MoesimError("prefetch 'predictive': no trace to fit the predictor on; pass --predictor-train TRACE")
+    from moesim.content import file_sha256
+    from moesim.diskcache import cached, code_version
+
+    # on disk by the training traces' contents: the same set under other paths reuses the fit
+    try:
+        digests = tuple(sorted(file_sha256(p) for p in key))
+    except MoesimError:
+        digests = None  # a missing or unreadable trace: _fit reports it as reading any trace would
+    if digests is None:
+        coef, intercept, samples = _fit(key)
+    else:
+        coef, intercept, samples = cached("predictor", ("fit", code_version(__name__, "moesim.tracer"), digests),
+                                          lambda: _fit(key))
+    weights = PredictorWeights(coef, intercept, key, samples)
+    _FITTED[(key, stamp)] = weights
+    return weights
+
+
+def _fit(key: tuple[str, ...]) -> tuple[tuple[float, ...], float, int]:
     feats, labels = [], []
     for path in key:
         for _, f, y in causal_samples(read_trace(path)):
@@ -123,9 +142,7 @@ def fit_predictor(train: Sequence[Path]) -> PredictorWeights:
     yk = np.concatenate([y[keep], [False, True]]).astype(np.float64)
     wk = np.concatenate([np.ones(int(keep.sum())), [float((zero & ~y).sum()), float((zero & y).sum())]])
     coef, intercept = fit_logistic(Xk, yk, wk)
-    weights = PredictorWeights(tuple(float(v) for v in coef), float(intercept), key, int(len(y)))
-    _FITTED[(key, stamp)] = weights
-    return weights
+    return tuple(float(v) for v in coef), float(intercept), int(len(y))
 
 
 def fit_logistic(X: np.ndarray, y: np.ndarray, w: np.ndarray, l2: float = 1.0, iters: int = 50
@@ -152,7 +169,23 @@ def fit_logistic(X: np.ndarray, y: np.ndarray, w: np.ndarray, l2: float = 1.0, i
 
 
 def predict_rows(trace: Trace, weights: PredictorWeights, top: int) -> dict[int, tuple[int, ...]]:
-    """Row at layer l -> the predictor's top experts for layer l+1, best first (ties to the lower id)."""
+    """Row at layer l -> the predictor's top experts for layer l+1, best first (ties to the lower id).
+
+    Kept on disk by the trace's content and the weights when the trace is a file (as costly as a fit)."""
+    if trace.path is None:
+        return _predict_rows(trace, weights, top)
+    from moesim.content import file_sha256
+    from moesim.diskcache import cached, code_version
+
+    try:
+        digest = file_sha256(trace.path)
+    except MoesimError:  # the file went away after it was read: nothing to key the entry by
+        return _predict_rows(trace, weights, top)
+    parts = ("predict", code_version(__name__, "moesim.tracer"), digest, weights.coef, weights.intercept, top)
+    return cached("predictor", parts, lambda: _predict_rows(trace, weights, top))
+
+
+def _predict_rows(trace: Trace, weights: PredictorWeights, top: int) -> dict[int, tuple[int, ...]]:
     coef = np.asarray(weights.coef)
     out: dict[int, tuple[int, ...]] = {}
     for row, f, _ in causal_samples(trace):

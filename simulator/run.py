@@ -101,8 +101,26 @@ def _trace_key(trace: Trace) -> tuple:
 def get_workload(trace: Trace, batch: int, policy: PolicySpec) -> Workload:
     guess = policy.prefetch.guess
     key = (_trace_key(trace), batch, policy.gating, guess)
-    return _WORKLOADS.get_or(key, lambda: (trace, compile_workload(trace, batch=batch, gating=policy.gating,
-                                                                   guess=guess)))[1]
+    return _WORKLOADS.get_or(key, lambda: (trace, _compile_cached(trace, batch, policy.gating, guess)))[1]
+
+
+def _compile_cached(trace: Trace, batch: int, gating, guess: str) -> Workload:
+    """A compiled workload, kept on disk by the trace file's content (a sweep's workers and later runs load it
+    instead of compiling it again); an in-memory trace is compiled every time."""
+    make = lambda: compile_workload(trace, batch=batch, gating=gating, guess=guess)  # noqa: E731
+    if trace.path is None:
+        return make()
+    from moesim.content import file_sha256
+    from moesim.diskcache import cached, code_version
+    from moesim.errors import MoesimError
+
+    try:
+        digest = file_sha256(trace.path)
+    except MoesimError:  # the file went away after it was read: nothing to key the entry by
+        return make()
+    parts = (code_version("moesim.simulator.workload", "moesim.simulator.gating", "moesim.tracer"), digest, batch,
+             repr(gating), guess)
+    return cached("workload", parts, make)
 
 
 @dataclass

@@ -128,33 +128,61 @@ def run_point(point: SweepPoint) -> dict:
     return row
 
 
-def _warm(points: Sequence[SweepPoint]) -> None:
-    """Load and compile what every worker would otherwise redo (forked workers inherit it)."""
-    from moesim.simulator.run import get_workload, load_profile_cached, load_trace_cached
-    from moesim.traces import resolve_trace
+def _warm_units(points: Sequence[SweepPoint]) -> list[SweepPoint]:
+    """One point per piece of set-up the grid shares: the learned predictor of each (trace, batch, preset)
+    that prefetches with it (the costliest, listed first), then each compiled workload not yet covered."""
+    from moesim.simulator.presets import get_preset
 
-    seen = set()
+    predictive, plain, covered = [], [], set()
     for p in points:
-        if (p.trace, p.batch, p.policy) in seen:
-            continue
-        seen.add((p.trace, p.batch, p.policy))
         try:
-            trace = load_trace_cached(resolve_trace(p.trace))
-            load_profile_cached(p.profile)
-            config = point_config(p)
-            get_workload(trace, p.batch, config.policy)
+            policy = get_preset(p.policy)
         except MoesimError:
             continue  # reported by the point itself
-    if any(p.policy == "predictive" for p in points):
-        for p in points:
-            if p.policy == "predictive":
-                try:
-                    from moesim.simulator.run import prepare, _predictions  # noqa: F401
-                    trace = load_trace_cached(resolve_trace(p.trace))
-                    prep = prepare(trace, load_profile_cached(p.profile), point_config(p))
-                    _predictions(prep, ())
-                except MoesimError:
-                    pass
+        workload = (p.trace, p.batch, policy.gating, policy.prefetch.guess)
+        if policy.prefetch.policy == "predictive":
+            if (workload, p.policy) not in covered:
+                covered.update({(workload, p.policy), workload})
+                predictive.append(p)
+        else:
+            plain.append((workload, p))
+    units = list(predictive)
+    for workload, p in plain:
+        if workload not in covered:  # a predictive unit compiles the same workload
+            covered.add(workload)
+            units.append(p)
+    return units
+
+
+def _warm_unit(p: SweepPoint) -> None:
+    """Load and compile what the points like ``p`` share (kept in this process's memos and on disk)."""
+    from moesim.simulator.run import _predictions, get_workload, load_profile_cached, load_trace_cached, prepare
+    from moesim.traces import resolve_trace
+
+    try:
+        trace = load_trace_cached(resolve_trace(p.trace))
+        profile = load_profile_cached(p.profile)
+        config = point_config(p)
+        get_workload(trace, p.batch, config.policy)
+        if config.policy.prefetch.policy == "predictive":
+            _predictions(prepare(trace, profile, config), config.policy.prefetch.train)
+    except MoesimError:
+        pass  # reported by the point itself
+
+
+def _warm(points: Sequence[SweepPoint], pool_jobs: int = 1) -> None:
+    """Prepare what every worker would otherwise redo, before the workers fork (they inherit the memos).
+
+    With several workers the pieces are first computed in parallel into the on-disk cache, so this process
+    only loads them: a serial warm-up here would leave all but one core idle (issue #14)."""
+    units = _warm_units(points)
+    if pool_jobs > 1 and len(units) > 1:
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        with mp.get_context(method).Pool(min(pool_jobs, len(units)), initializer=_quiet_worker) as pool:
+            for _ in pool.imap_unordered(_warm_unit, units, chunksize=1):
+                pass
+    for p in units:
+        _warm_unit(p)
 
 
 def _read_journal(path: Path) -> dict[str, dict]:
@@ -225,10 +253,23 @@ class _Journal:
                 pass  # every row was flushed as it came; nothing is lost here
 
 
+EXECUTORS = ("local", "ray")
+
+
 def run_sweep(points: Sequence[SweepPoint], out_dir: Path, jobs: int = 0, progress: bool = True,
               on_row: Optional[Callable[[dict], None]] = None,
-              log: Optional[Callable[[str], None]] = None) -> list[dict]:
-    """Rows for ``points`` in grid order: stored ones whose inputs are unchanged are reused, the rest run."""
+              log: Optional[Callable[[str], None]] = None, executor: str = "local",
+              address: Optional[str] = None, label: str = "sweep") -> list[dict]:
+    """Rows for ``points`` in grid order: stored ones whose inputs are unchanged are reused, the rest run.
+
+    ``executor`` "local" runs them on ``jobs`` processes of this machine (0: one per core); "ray" on a Ray
+    cluster (``address``; none: a local Ray instance of ``jobs`` CPUs). Either way the rows arrive here and go
+    into the same journal, so a sweep can be stopped on one executor and resumed on the other.
+    """
+    if executor not in EXECUTORS:
+        raise MoesimError(f"--executor {executor}: expected one of {', '.join(EXECUTORS)}")
+    if address is not None and executor != "ray":
+        raise MoesimError("--address is the Ray cluster to run on: it needs --executor ray")
     out_dir = check_writable(out_dir)
     done = read_store(out_dir)
     keys = [p.key() for p in points]
@@ -236,25 +277,21 @@ def run_sweep(points: Sequence[SweepPoint], out_dir: Path, jobs: int = 0, progre
     if log is not None:
         log(f"{len(points) - len(todo)} of {len(points)} configurations reused from earlier runs with the same "
             f"trace, profile and simulator; {len(todo)} to simulate")
-    jobs = jobs or (os.cpu_count() or 1)
-    jobs = max(1, min(jobs, len(todo))) if todo else 1
     if todo:
-        _warm(todo)
-        pool = None
-        if jobs > 1:
-            # workers are forked before any progress-bar thread exists, and inherit the warmed memos
-            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            pool = mp.get_context(method).Pool(jobs, initializer=_quiet_worker)
+        if executor == "ray":
+            from moesim.simulator.sweep_ray import ray_rows
+
+            rows, stop = ray_rows(todo, jobs, address)
+        else:
+            rows, stop = _local_rows(todo, jobs)
         bar = None
         if progress:
-            from tqdm import tqdm
+            from moesim.progress import Progress
 
-            bar = tqdm(total=len(points), initial=len(points) - len(todo), desc="sweep", unit="cfg",
-                       dynamic_ncols=True)
+            bar = Progress(len(points), label, "cfg", initial=len(points) - len(todo))
         journal = _Journal(out_dir)
         term = _TermAsInterrupt().__enter__()
         try:
-            rows = map(run_point, todo) if pool is None else pool.imap_unordered(run_point, todo, chunksize=1)
             for row in rows:
                 done[row["point_key"]] = row
                 journal.append(row)
@@ -266,11 +303,27 @@ def run_sweep(points: Sequence[SweepPoint], out_dir: Path, jobs: int = 0, progre
             journal.close()
             if bar is not None:
                 bar.close()
-            if pool is not None:
-                pool.terminate()
-                pool.join()
+            stop()
             term.__exit__(None, None, None)
     return [done[k] for k in keys if k in done]
+
+
+def _local_rows(todo: Sequence[SweepPoint], jobs: int) -> tuple[Iterable[dict], Callable[[], None]]:
+    """The rows of ``todo`` from ``jobs`` processes of this machine, as they finish, and how to stop them."""
+    jobs = jobs or (os.cpu_count() or 1)
+    jobs = max(1, min(jobs, len(todo)))
+    _warm(todo, jobs)
+    if jobs == 1:
+        return map(run_point, todo), lambda: None
+    # workers are forked before any progress-bar thread exists, and inherit the warmed memos
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    pool = mp.get_context(method).Pool(jobs, initializer=_quiet_worker)
+
+    def stop() -> None:
+        pool.terminate()
+        pool.join()
+
+    return pool.imap_unordered(run_point, todo, chunksize=1), stop
 
 
 def _quiet_worker() -> None:

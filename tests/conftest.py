@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 # Tests run on CPU; MOESIM_TEST_DEVICE=cuda repeats the device-dependent ones (engine, validate, calib) on a GPU.
 TEST_DEVICE = os.environ.get("MOESIM_TEST_DEVICE", "cpu")
+# The on-disk cache (moesim/diskcache.py) of each test process goes to a fresh folder, never ~/.cache.
+os.environ["MOESIM_CACHE_DIR"] = tempfile.mkdtemp(prefix="moesim-test-cache-")
 
 
 def tiny_shape(num_layers: int = 3, num_experts: int = 8, top_k: int = 2) -> ModelShape:
