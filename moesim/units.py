@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from moesim.errors import MoesimError
 
@@ -22,7 +23,8 @@ def parse_bytes(text: str | int, what: str = "size") -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _BYTE_UNITS:
         raise MoesimError(f"{what} '{text}': expected a number with an optional unit (B, KiB, MiB, GiB, MB, GB)")
-    return int(float(m.group(1)) * _BYTE_UNITS[m.group(2).lower()])
+    # Exact decimal arithmetic: a float loses whole bytes above 2**53 ('4611686019GB' came out 512 B short).
+    return int(Fraction(m.group(1)) * _BYTE_UNITS[m.group(2).lower()])
 
 
 def parse_seconds(text: str | float, what: str = "duration") -> float:
