@@ -111,7 +111,8 @@ class TraceProfileContext:
     # The tables are deterministic in the trace's and profile's contents and the code, and rebuilding them
     # is most of a search's time (issue #14), so evaluate() keeps them on disk under that key.
     def cache_parts(self) -> Optional[tuple]:
-        from moesim.content import file_sha256, profile_sha256
+        from moesim.content import file_sha256
+        from moesim.simulator.identity import profile_sha256
         from moesim.diskcache import code_version
 
         if self._cache_key is None:
