@@ -10,7 +10,7 @@
    of the same space, and the share of the space it simulated.
 4. An impossible constraint (nothing fits in 1 GiB): what search says.
 
-Simulator runs are cached under ``.moesim-cache/costmodel`` (gitignored), so a rerun is quick.
+Simulator runs are cached under ``$MOESIM_CACHE_DIR/costmodel`` (default ~/.cache/moesim), so a rerun is quick.
 
     python benchmarks/costmodel_accuracy.py [--jobs N] [--skip-search]
 """

@@ -164,7 +164,7 @@ def costmodel_group():
               help="Artifact to write (default: the bundled costmodel/artifacts/costmodel.json).")
 @click.option("--force", is_flag=True, help="Refit even when the artifact is up to date.")
 def fit_command(traces, profiles, per_preset, seed, jobs, out_path, force):
-    """Simulate a stratified Latin-hypercube sample of configurations (cached under .moesim-cache/), compare
+    """Simulate a stratified Latin-hypercube sample of configurations (cached under $MOESIM_CACHE_DIR/costmodel), compare
     corrections by cross-validation, and write the artifact. Does nothing when the artifact is up to date
     (same simulator, traces, profiles and settings) unless --force."""
     from moesim.atomic import write_text_atomic

@@ -9,8 +9,8 @@ configuration is dropped from the test set, so the test set holds only configura
 fitting.
 
 Runs go through the sweep machinery (:func:`moesim.simulator.sweep.run_sweep`: parallel over cores,
-resumable journal) into ``<repo>/.moesim-cache/costmodel/runs/<moesim hash>/<trace>-<hash>/<profile>-<hash>/``
-(a gitignored folder), so a changed trace, profile or simulator reruns exactly the runs it affects.
+resumable journal) into ``$MOESIM_CACHE_DIR/costmodel/runs/<moesim hash>/<trace>-<hash>/<profile>-<hash>/``
+so a changed trace, profile or simulator reruns exactly the runs it affects.
 Runs use an unlimited GPU memory budget: the timing of a configuration does not depend on the budget
 once its cache size is given, and memory is predicted by arithmetic (:mod:`moesim.costmodel.memory`).
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,6 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from moesim.content import file_sha256, simulator_version
+from moesim.diskcache import cache_dir
 from moesim.simulator.identity import profile_file, trace_sha256
 from moesim.costmodel.space import EXPERT_FORMATS, ConfigSet
 
@@ -47,15 +47,8 @@ def profile_hash(spec: str) -> str:
 
 
 def cache_root() -> Path:
-    """``$MOESIM_CACHE/costmodel`` when set; else ``<repo>/.moesim-cache/costmodel`` in a source checkout
-    (gitignored), else ``~/.cache/moesim/costmodel``."""
-    env = os.environ.get("MOESIM_CACHE")
-    if env:
-        return Path(env) / "costmodel"
-    repo = Path(__file__).resolve().parent.parent
-    if (repo / "pyproject.toml").exists():
-        return repo / ".moesim-cache" / "costmodel"
-    return Path.home() / ".cache" / "moesim" / "costmodel"
+    """The cost model's folder in moesim's one on-disk cache (``$MOESIM_CACHE_DIR``, else ~/.cache/moesim)."""
+    return cache_dir() / "costmodel"
 
 
 # ---- sampling --------------------------------------------------------------------------------------

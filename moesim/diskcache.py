@@ -4,7 +4,7 @@ cost model's per-(trace, profile) tables, compiled workloads).
 An entry's name is the SHA-256 of what the result depends on: the *contents* of the input files (never their
 names or times), the parameters, and a hash of the sources of the code that computes it, so an edited trace,
 profile or module misses the cache instead of returning a stale result. Entries live under
-``$MOESIM_CACHE_DIR`` (else ``$MOESIM_CACHE``, the cost model's older variable, else ``~/.cache/moesim``).
+``$MOESIM_CACHE_DIR`` (else ``~/.cache/moesim``); the cost model's simulated runs live in its ``costmodel/``.
 
 Every entry is written to a private temp file and renamed into place, so readers never see a partial file and
 concurrent writers of one entry simply replace each other's identical bytes. An entry carries the SHA-256 of
@@ -28,7 +28,7 @@ _MISS = object()
 
 
 def cache_dir() -> Path:
-    env = os.environ.get("MOESIM_CACHE_DIR") or os.environ.get("MOESIM_CACHE")
+    env = os.environ.get("MOESIM_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "moesim"
 
 

@@ -43,7 +43,7 @@ def tiny_trace(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOESIM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MOESIM_CACHE_DIR", str(tmp_path / "cache"))
 
 
 def _sim(trace, policy, cache, batch=1, ebits=None, nbits=None):

@@ -37,7 +37,7 @@ def tiny_trace(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOESIM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MOESIM_CACHE_DIR", str(tmp_path / "cache"))
 
 
 def run(args):
