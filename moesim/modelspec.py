@@ -256,9 +256,9 @@ def _precomputed_shape(name: str) -> ModelShape | None:
     """A bundled config's shape without torch (see :mod:`moesim.bundled_shapes`), if its file is unchanged."""
     import hashlib
 
-    from moesim.bundled_shapes import SHAPES
+    from moesim.bundled_shapes import shapes
 
-    entry = SHAPES.get(name)
+    entry = shapes().get(name)
     path = bundled_model_configs().get(name)
     if entry is None or path is None:
         return None
