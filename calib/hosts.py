@@ -10,7 +10,9 @@ generation. ``compose_profile("a6000", "xeon-gold-6126-x2", "pcie3")`` builds th
 The CPU expert at decode batch sizes is bound by memory bandwidth, so its time is the expert's bytes over
 (socket bandwidth x ``CPU_MEMORY_EFFICIENCY``) times the kernel class's factor for the instruction set
 (``CPU_BF16_KERNEL_FACTOR``): PyTorch's bf16 matmul on x86 without native bf16 instructions up-converts
-to fp32, and before PyTorch 2.6 AVX2-only machines had no batch-1 bf16 GEMV path at all.
+to fp32. Before PyTorch 2.6 AVX2-only machines had no bf16 GEMV path at all: there the expert is bound by
+the fallback's own rate (``CPU_BF16_AVX2_FLOPS``), not by the socket. The CPU-expert systems pin PyTorch
+2.1 (Fiddler), so these are the kernel classes their CPU experts run.
 """
 
 from __future__ import annotations
@@ -87,14 +89,22 @@ CPU_MEMORY_EFFICIENCY = Efficiency(
           "68 GB/s peak (component-costs.md 2.9 and 6); a memory-bound GEMV streams the weights once")
 # Slowdown of PyTorch's bf16 matmul by instruction set, relative to a native bf16 GEMV (sources per entry).
 CPU_BF16_KERNEL_FACTOR: dict[str, Efficiency] = {
-    "avx2": Efficiency(3.5, "PyTorch PR #139220: bf16 decode 2.1 -> 7.4 tok/s on an AVX2-only x86 machine once a "
-                            "bf16 GEMV existed (PyTorch <= 2.5, which Fiddler pins, lacks it); component-costs 2.12"),
+    "avx2": Efficiency(1.0, "bound by the fallback's rate, not by bandwidth: CPU_BF16_AVX2_FLOPS"),
     "avx512": Efficiency(2.0, "pytorch/torchchat#1253: on x86 without hardware bf16, MKL up-converts bf16 to fp32 "
                               "and calls SGEMM, so bf16 decode is no faster than fp32 (twice the bytes of bf16); "
                               "component-costs 2.11"),
     "avx512_bf16": Efficiency(1.0, "native AVX512_BF16 dot products (PyTorch PR #139220: no change on such a CPU)"),
     "amx": Efficiency(1.0, "native AMX bf16 tiles"),
 }
+
+# PyTorch <= 2.5 on an AVX2-only x86 CPU (no AVX-512, so no oneDNN bf16 matmul either) had no bf16 GEMV:
+# a bf16 linear fell back to a path that converts each weight to fp32 in a scalar loop, so it is bound by
+# that loop, not by the memory channels, and gains nothing from more cores or channels. One rate for the
+# kernel class, whatever the socket: the one measurement of it, on an unnamed AVX2 machine.
+CPU_BF16_AVX2_FLOPS = Efficiency(
+    5.2e9, "PyTorch PR #139220 (swolchok, 2024-10-29): torchchat llama3.2-1b bf16 decode 'from ~2.1 tok/sec' "
+           "before the bf16 GEMV on an x86 machine with only AVX2: 1.24e9 weights x 2 flop x 2.1 tok/s = 5.2 "
+           "GFLOP/s (component-costs 2.12; the fallback is the kernel PyTorch 2.1.2, which Fiddler pins, runs)")
 
 # Host-to-device copy efficiency by PCIe generation (fraction of the x16 payload rate), with sources.
 LINK_PINNED: dict[int, Efficiency] = {
@@ -175,12 +185,15 @@ def host_and_link_factors(eff: dict[str, Efficiency], lat: dict, cpu: HostCpu, g
     factor = CPU_BF16_KERNEL_FACTOR[cpu.isa]
     eff["host_memory"] = Efficiency(CPU_MEMORY_EFFICIENCY.value / factor.value,
                                     f"{CPU_MEMORY_EFFICIENCY.source}; divided by {factor.value:g} for {cpu.isa}: "
-                                    f"{factor.source}")
+                                    f"{factor.source}") if factor.value != 1.0 else CPU_MEMORY_EFFICIENCY
     # batch-1 experts are bandwidth-bound; the flop side only matters for prefill (AVX-512 2 FMA x 16 fp32
     # lanes, AVX2 2 x 8, per cycle at about 2 GHz; stated, not measured)
     lanes = {"avx2": 32, "avx512": 64, "avx512_bf16": 128, "amx": 1024}[cpu.isa]
     eff["cpu_bf16_per_core_flops"] = Efficiency(lanes * 2.0e9 / factor.value,
                                                 f"{cpu.isa}: {lanes} flop/cycle x 2 GHz, over the kernel factor")
+    eff.pop("cpu_bf16_total_flops", None)
+    if cpu.isa == "avx2":
+        eff["cpu_bf16_total_flops"] = CPU_BF16_AVX2_FLOPS
     if gen == MEASURED_LINK_GEN and eff["pcie_pinned"].source.startswith("measured"):
         # the measured GPU profile (h100-measured) was taken on a PCIe Gen5 link: its own copies apply as
         # measured (pinned, pageable, bidirectional and their latencies)

@@ -410,9 +410,11 @@ def build_spec_profile(gpu: GpuSpec, eff: dict[str, Efficiency], lat: dict[str, 
                     latency, r, 1.0, None, "roofline", "spec-linear")
     cores = gpu.host.cores
     cpu_flops_core = e["cpu_bf16_per_core_flops"]
+    # a kernel class that does not scale with threads (calib.hosts.CPU_BF16_AVX2_FLOPS) caps the total
+    cpu_flops_cap = e.get("cpu_bf16_total_flops", float("inf"))
     cpu_expert = {"bf16": {
         t: ExpertKernelModel("bf16", KERNEL_LIBRARY_CPU["bf16"], KERNEL_BITS["bf16"],
-                             _roofline(lat["cpu_expert_s"][0], cpu_flops_core * t, host_bw))
+                             _roofline(lat["cpu_expert_s"][0], min(cpu_flops_core * t, cpu_flops_cap), host_bw))
         for t in sorted({1, max(1, cores // 2), cores})
     }}
     ctx_ranges = (MeasuredRange("batch", 1.0, None), MeasuredRange("context", 0.0, None))
