@@ -5,9 +5,9 @@ global pool over all layers, as MoE-Infinity and BigMoeOnEdge) and a *capacity* 
 in bytes (an expert costs its layer's expert bytes). The eviction rule is the subclass:
 
 ``lru``     least recently used (Mixtral-Offloading ``EvictionGroupInfo``; BigMoeOnEdge's global LRU)
-``lfu``     fewest visits in the current request (MoE-Infinity's ``incache_visit_count``: only hits
-            count, an evicted expert keeps its count, all counts reset per request); ties go to the
-            least recently used
+``lfu``     fewest visits in the current request (MoE-Infinity's ``incache_visit_count``: every dispatch
+            counts, an evicted expert keeps its count, all counts reset per request); ties go to the
+            lowest expert index, then the lowest layer (the released dispatcher's scan order)
 ``lfu-forget``  textbook LFU: counts forgotten on eviction, a demand admission counts one visit
 ``fifo``    first in, first out (a hit does not promote)
 ``static``  a fixed set, the most popular experts by a popularity count; never admits (Fiddler)
@@ -278,18 +278,20 @@ class FIFOCache(LRUCache):
 
 @CACHE_POLICIES.register("lfu")
 class LFUCache(ExpertCache):
-    """Least frequently used within the current request, as MoE-Infinity's released code counts it.
+    """Least frequently used within the current request, as MoE-Infinity's released dispatcher counts it.
 
-    The count is ``incache_visit_count``, a field of the expert's ``Node`` (MoE-Infinity ``d617801``):
-    ``ArcherTaskPool::StartExec`` adds one only when the node is already on the GPU at the visit (a hit; a
-    demand load or a prefetch adds nothing), eviction does not touch it, so an expert evicted and fetched
-    again comes back with the visits it had, and ``ClearExpertCacheCounts`` zeroes every node's count
-    (after prefill and after each request, ``reset_request``). The victim is the resident expert with the
-    smallest count; ties go to the least recently used, where the released code takes its container's
-    iteration order.
+    The count is ``incache_visit_count``, a field of the expert's ``Node``. ``ExpertDispatcher::
+    GPUFetchFunc`` (``core/parallel/expert_dispatcher.cpp``) raises it by one for every expert it
+    dispatches, a hit or a demand load alike (a prefetch adds nothing); eviction does not touch it, so an
+    expert evicted and fetched again comes back with the visits it had, and ``ClearExpertCacheCounts``
+    zeroes every node's count (after prefill and after each request, ``reset_request``). The victim is
+    the first resident expert with the smallest count in the dispatcher's scan of ``experts_[expert]
+    [layer]``: ties go to the lowest expert index, then the lowest layer (the scan keeps a node only when
+    its count is strictly smaller). Experts still to be dispatched in the step are locked, i.e. protected.
 
-    ``forget=True`` is the textbook LFU this class implemented before (a count lives only while the expert
-    is resident, and a demand admission counts as one visit): kept as ``lfu-forget`` for comparison.
+    ``forget=True`` is the textbook LFU (a count lives only while the expert is resident, a demand
+    admission counts as one visit, ties go to the least recently used): kept as ``lfu-forget`` for
+    comparison.
     """
 
     name = "lfu"
@@ -301,8 +303,13 @@ class LFUCache(ExpertCache):
         self._last: dict[int, int] = {}
         self._heaps: list[list[tuple[int, int, int]]] = [[] for _ in self._limit]
 
+    def _tie(self, key: int) -> int:
+        if self.forget:
+            return self._last[key]
+        return (key % self.E) * self.L + key // self.E  # the dispatcher's scan order: expert, then layer
+
     def _push(self, key: int) -> None:
-        heapq.heappush(self._heaps[self._pool_of_layer[key // self.E]], (self._count[key], self._last[key], key))
+        heapq.heappush(self._heaps[self._pool_of_layer[key // self.E]], (self._count[key], self._tie(key), key))
 
     def _touch(self, key: int, clock: int) -> None:
         self._count[key] += 1
@@ -313,7 +320,8 @@ class LFUCache(ExpertCache):
         if self.forget:
             self._count[key] = 1 if used else 0
         else:
-            self._count.setdefault(key, 0)  # the node's count survives its eviction; a load is no visit
+            # the node's count survives its eviction; a demand load is a dispatch, a prefetch is not
+            self._count[key] = self._count.get(key, 0) + (1 if used else 0)
         self._last[key] = clock
         self._push(key)
 
@@ -331,11 +339,11 @@ class LFUCache(ExpertCache):
         skipped = []
         victim = None
         while heap:
-            count, last, key = heapq.heappop(heap)
-            if key not in self._resident or self._count.get(key) != count or self._last.get(key) != last:
+            count, tie, key = heapq.heappop(heap)
+            if key not in self._resident or self._count.get(key) != count or self._tie(key) != tie:
                 continue  # stale entry
             if key in protect:
-                skipped.append((count, last, key))
+                skipped.append((count, tie, key))
                 continue
             victim = key
             break

@@ -97,12 +97,12 @@ def moe_infinity() -> PolicySpec:
 
     Models: one global expert cache sized in bytes (``device_memory_ratio`` 0.9 of the GPU minus the
     dense weights when sized from memory; ``--knob device_memory_ratio=R``), evicting the expert with the fewest in-request visits
-    (``incache_visit_count``, reset after prefill and after each request), a dedicated fetch stream
+    (``incache_visit_count``: every dispatch counts, reset after prefill and after each request; ties in the
+    dispatcher's scan order, lowest expert index then layer; ``simulator/cache.py``), a dedicated fetch stream
     (pinned host memory) where on-demand fetches go before queued prefetches; prefetch is disabled as in
     ``ArcherConfig.prefetch=False`` (``--prefetch eam`` enables the activation-matrix matching).
     Runtime costs (``moe-infinity``): two stream synchronisations and five launches per expert, one per layer.
-    Leaves out: the SSD-to-host cold start, the 8 exec streams (experts of a layer run back to back here),
-    tie-breaking by container order (ties go to the least recently used).
+    Leaves out: the SSD-to-host cold start, the 8 exec streams (experts of a layer run back to back here).
     """
     return _spec("moe-infinity", CacheSpec("lfu", scope="global", unit="bytes"), memory_fraction=0.9,
                  memory_rule="pool", demand_priority=True, runtime="moe-infinity")

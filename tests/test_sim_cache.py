@@ -83,22 +83,35 @@ def test_lfu_counts_visits_per_request_and_resets():
     replay(c, [1, 1, 1, 2])
     acc = c.access(0, [3], 10)
     assert acc.evicted == [(0, 2)]  # 2 has one visit, 1 has three
-    c.reset_request()  # every count back to zero: ties go to the least recently used
+    c.reset_request()  # every count back to zero: ties go to the lowest expert index
     acc = c.access(0, [4], 11)
     assert acc.evicted == [(0, 1)]
 
 
-def test_lfu_keeps_an_evicted_experts_count_as_moe_infinity_does():
-    # MoE-Infinity d617801: incache_visit_count is a field of the expert's Node, raised only by a visit while
-    # the node is on the GPU and zeroed only by ClearExpertCacheCounts, so it survives an eviction.
+def test_lfu_counts_every_dispatch_and_keeps_an_evicted_experts_count_as_moe_infinity_does():
+    # MoE-Infinity ExpertDispatcher::GPUFetchFunc: incache_visit_count += 1 for every dispatched expert
+    # (hit or demand load); a field of the expert's Node, zeroed only by ClearExpertCacheCounts.
     c = LFUCache(GEO, per_layer(2))
     got = replay(c, [2, 3, 3, 2, 1, 3, 1, 2])
-    # t4: 1 evicts 3 (tie 1:1, 3 least recent); t5: 3 comes back with its count 1 and evicts 1 (count 0);
-    # t6: 1 evicts 2 (tie 1:1 with 3, 2 least recent); t7: 2 misses. Forgetting 3's count would evict 3 at t6.
-    assert got == [False, False, True, True, False, False, False, False]
-    assert c.visit_count(0, 3) == 1 and c.visit_count(0, 2) == 1  # 2 is not resident and keeps its count
+    # t4: 1 evicts 2 (tie 2:2 with 3, lower expert index); t5, t6: hits; t7: 2 comes back with its two
+    # visits plus this one and evicts 1 (count 2 vs 3's 3). Counting only hits would miss at t5 and t6.
+    assert got == [False, False, True, True, False, True, True, False]
+    assert c.visit_count(0, 2) == 3 and c.visit_count(0, 1) == 2  # 1 is not resident and keeps its count
     c.reset_request()
     assert c.visit_count(0, 2) == 0 and c.visit_count(0, 3) == 0
+
+
+def test_lfu_ties_go_to_the_dispatchers_scan_order_not_to_recency():
+    # GPUFetchFunc scans experts_[expert][layer] and keeps a node only when its count is strictly smaller
+    one_pool = CacheCapacity("global", "experts", (2,))
+    c = LFUCache(GEO, one_pool)
+    c.access(0, [5], 0)
+    c.access(1, [0], 1)
+    assert c.access(0, [6], 2).evicted == [(1, 0)]  # expert 0 before expert 5, though 0 is more recent
+    c = LFUCache(GEO, one_pool)
+    c.access(1, [3], 0)
+    c.access(0, [3], 1)
+    assert c.access(0, [6], 2).evicted == [(0, 3)]  # same expert index: the lower layer first
 
 
 def test_lfu_forget_is_the_textbook_rule_kept_for_comparison():
