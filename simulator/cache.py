@@ -285,9 +285,12 @@ class LFUCache(ExpertCache):
     dispatches, a hit or a demand load alike (a prefetch adds nothing); eviction does not touch it, so an
     expert evicted and fetched again comes back with the visits it had, and ``ClearExpertCacheCounts``
     zeroes every node's count (after prefill and after each request, ``reset_request``). The victim is
-    the first resident expert with the smallest count in the dispatcher's scan of ``experts_[expert]
-    [layer]``: ties go to the lowest expert index, then the lowest layer (the scan keeps a node only when
-    its count is strictly smaller). Experts still to be dispatched in the step are locked, i.e. protected.
+    the first resident expert with the smallest count in the dispatcher's scan (it keeps a node only when
+    its count is strictly smaller). The TorchMoE-era dispatcher scans ``experts_[expert][layer]``, so ties
+    go to the lowest expert index, then the lowest layer; later releases scan ``cached_experts_``, a
+    ``std::unordered_set`` of ``layer << 32 | expert`` keys whose order the standard library's hashing
+    sets, so the fixed scan order stands in for it. Experts still to be dispatched in the step are
+    locked, i.e. protected.
 
     ``forget=True`` is the textbook LFU (a count lives only while the expert is resident, a demand
     admission counts as one visit, ties go to the least recently used): kept as ``lfu-forget`` for
