@@ -98,13 +98,17 @@ CPU_BF16_KERNEL_FACTOR: dict[str, Efficiency] = {
 }
 
 # PyTorch <= 2.5 on an AVX2-only x86 CPU (no AVX-512, so no oneDNN bf16 matmul either) had no bf16 GEMV:
-# a bf16 linear fell back to a path that converts each weight to fp32 in a scalar loop, so it is bound by
-# that loop, not by the memory channels, and gains nothing from more cores or channels. One rate for the
-# kernel class, whatever the socket: the one measurement of it, on an unnamed AVX2 machine.
+# a bf16 linear fell back to a serial loop that converts each weight to fp32, so it is bound by that loop,
+# not by the memory channels, gains nothing from more threads or channels, and grows linearly with the
+# tokens. ``benchmarks/cpu_expert_kernel.py`` shows all three for torch 2.1.2 (what Fiddler pins) on an AVX2
+# EPYC core: one Mixtral expert takes 112-115 ms of CPU time at 1 token (3.1 GFLOP/s) and 4.1x that at 4,
+# all of it on the calling thread with 2 threads allowed, where torch 2.13 takes 38 ms and splits it over
+# both. That core was a shared 2-core VM under load 13, so the rate comes from a quieter machine:
 CPU_BF16_AVX2_FLOPS = Efficiency(
     5.2e9, "PyTorch PR #139220 (swolchok, 2024-10-29): torchchat llama3.2-1b bf16 decode 'from ~2.1 tok/sec' "
            "before the bf16 GEMV on an x86 machine with only AVX2: 1.24e9 weights x 2 flop x 2.1 tok/s = 5.2 "
-           "GFLOP/s (component-costs 2.12; the fallback is the kernel PyTorch 2.1.2, which Fiddler pins, runs)")
+           "GFLOP/s (component-costs 2.12); benchmarks/cpu_expert_kernel.py measured 3.1 GFLOP/s for torch "
+           "2.1.2 on a loaded EPYC VM core, serial and linear in tokens")
 
 # Host-to-device copy efficiency by PCIe generation (fraction of the x16 payload rate), with sources.
 LINK_PINNED: dict[int, Efficiency] = {

@@ -131,6 +131,8 @@ def test_a_profile_states_its_host_and_takes_its_cpu_side_from_it():
     assert one(zen3) > 5 * one(skylake)
     four = float(zen3.cpu_expert_time(shape, np.array([4]), kernel="bf16")[0])
     assert four == pytest.approx(4 * one(zen3), rel=0.05)  # a scalar loop: linear in tokens
+    serial = float(zen3.cpu_expert_time(shape, np.array([1]), kernel="bf16", threads=1)[0])
+    assert serial == pytest.approx(one(zen3), rel=0.01)  # and on one thread whatever torch is allowed
     # PCIe Gen3 copies take longer than Gen4 (measured efficiencies per generation)
     assert skylake.copy_time(352e6, "h2d", pinned=True) > 1.8 * zen3.copy_time(352e6, "h2d", pinned=True)
     with pytest.raises(MoesimError, match="host 'nope'"):
