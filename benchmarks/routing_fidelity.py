@@ -41,18 +41,22 @@ def heldout(name: str, train, test_select, prompt_lens, output_lens, seeds: int)
           f"top-{real.top_k} ==")
     print(f"  {'model':<16} {'LRU/layer':>9} {'LRU glob':>9} {'Belady':>7} {'reuse':>6} {'H max':>6} "
           f"{'H mean':>7}  bars met")
-    side = None
+    side, noise = None, None
     for label, disabled in BASELINES:
         t0 = time.perf_counter()
         model = fit_routing([train], name, disabled=disabled)
         fit_s = time.perf_counter() - t0
-        rows = []
+        rows, entropies = [], []
         for seed in range(seeds):
             syn = test_select(synthetic_trace(model, prompt_lens, output_lens, seed=100 + seed, disabled=disabled))
             st = caching_stats(syn, f"synthetic ({label})", with_next_layer=(seed == 0 and not disabled))
             if seed == 0 and not disabled:
                 side = format_side_by_side(real, st, "decode")
             rows.append(gaps(real, st))
+            entropies.append(st.entropy)
+        if not disabled and len(entropies) > 1:
+            # two seeds of one model differ this much: the sampling noise of a per-layer entropy of this size
+            noise = np.mean([np.abs(a - b).max() for a, b in zip(entropies[:-1], entropies[1:])])
         mean = {f: float(np.mean([getattr(g, f) for g in rows])) for f in
                 ("lru_layer", "lru_global", "belady", "reuse", "entropy_max", "entropy_mean")}
         met = {"LRU/layer": mean["lru_layer"] <= 0.03, "LRU global": mean["lru_global"] <= 0.03,
@@ -63,6 +67,9 @@ def heldout(name: str, train, test_select, prompt_lens, output_lens, seeds: int)
               f"   (fit {fit_s:.0f} s)")
     print("  (largest |synthetic - real| over capacities / lags / layers, mean of the seeds; H = normalized "
           "entropy per layer)")
+    if noise is not None:
+        print(f"  per-layer entropy, seed to seed of the full model (its sampling noise at this size): largest "
+              f"layer difference {noise:.3f}")
     print("\n  full model, seed 0, side by side (moesim trace stats --against):")
     print("\n".join(("  " + line).rstrip() for line in side.rstrip().splitlines()))
 

@@ -11,11 +11,19 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import tiny_shape
+from conftest import random_cells, tiny_meta, tiny_shape
 from moesim.cli import cli
 from moesim.errors import MoesimError
 from moesim.tracer import DECODE, Trace, read_trace
-from moesim.tracer.compare import belady_hits, caching_stats, gaps, next_layer_predictability, reuse_at_lags
+from moesim.tracer.compare import (
+    belady_hits,
+    caching_stats,
+    format_side_by_side,
+    gaps,
+    next_layer_predictability,
+    reuse_at_lags,
+    token_recurrence,
+)
 from moesim.tracer.routing import (
     PhaseModel,
     RoutingModel,
@@ -166,6 +174,30 @@ def test_belady_beats_lru_and_reuse_lag_is_exact(round_trip):
     brute = np.mean([[len(set(ex[r, t, l]) & set(ex[r, t - 1, l])) / K for l in range(L)]
                      for r in range(40) for t in range(1, 64)])
     assert reuse_at_lags(tr)[1] == pytest.approx(brute)
+
+
+def _repeating(whole_tokens: bool, layers=16, steps=400, seed=0) -> Trace:
+    """Decode cells where about half of the (token, layer) cells repeat the cell one position earlier: whole
+    tokens at once (every layer of a repeating token) or each layer on its own coin."""
+    rng = np.random.default_rng(seed)
+    c = random_cells(rng, requests=1, prompt=0, decode=steps, layers=layers, experts=8, k=2)
+    ex = c.experts.reshape(steps, layers, 2).copy()
+    coin = rng.random(steps)[:, None].repeat(layers, axis=1) if whole_tokens else rng.random((steps, layers))
+    for t in range(1, steps):
+        ex[t, coin[t] < 0.5] = ex[t - 1, coin[t] < 0.5]
+    cells = dataclasses.replace(c, experts=ex.reshape(-1, 2))
+    return Trace(meta=tiny_meta(tiny_shape(num_layers=layers, num_experts=8, top_k=2)), cells=cells)
+
+
+def test_token_recurrence_tells_whole_token_repeats_from_independent_layers():
+    whole, spread = token_recurrence(_repeating(True)), token_recurrence(_repeating(False))
+    assert whole.mean == pytest.approx(spread.mean, abs=0.04)  # the same reuse at lag 1 ...
+    assert whole.spread > 3 * spread.spread  # ... in whole tokens or spread over layers
+    for r in (whole, spread):
+        assert r.independent == pytest.approx(spread.spread, abs=0.03)  # the reference is the independent case
+    side = format_side_by_side(caching_stats(_repeating(True), "a", with_next_layer=False),
+                               caching_stats(_repeating(False), "b", with_next_layer=False), "decode")
+    assert "lag-1 reuse, spread over tokens" in side
 
 
 # ------------------------------------------------------------------------------------------------
