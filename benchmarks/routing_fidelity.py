@@ -119,23 +119,17 @@ def mixtral() -> None:
     from moesim.tracer import DECODE
     from moesim.tracer.mixtral_published import (FIRST_CHOICE_REPETITION, FIRST_OR_SECOND_REPETITION,
                                                   HYBRIMOE_LRU, MOE_INFINITY_WORKING_SET, REPORTED_LAYERS,
-                                                  measure, per_layer_target)
+                                                  decode_arrays, measure, per_layer_target)
     from moesim.tracer.routing import read_routing
     from moesim.tracer.stats import lru_hit_curve
-    from moesim.tracer.synth import synthesize, synthetic_trace
+    from moesim.tracer.synth import synthetic_trace
 
     m = read_routing("mixtral-8x7b-published")
     L = m.num_layers
     R, P, G = 256, 16, 64
-    res = synthesize(m, np.full(R, P), np.full(R, G), seed=12345)  # a seed the fit did not use
-    rows = res.cells.phase == DECODE
-    ex = res.cells.experts[rows].reshape(R, G, L, 2).astype(np.int64)
-    dep = res.depth[rows].reshape(R, G, L, 2).astype(np.int64)
-    st = measure(ex, dep)
-    pop_only = synthesize(m, np.full(R, P), np.full(R, G), seed=12345, disabled=("locality",))
-    rows_p = pop_only.cells.phase == DECODE
-    st_p = measure(pop_only.cells.experts[rows_p].reshape(R, G, L, 2).astype(np.int64),
-                   pop_only.depth[rows_p].reshape(R, G, L, 2).astype(np.int64))
+    ex = decode_arrays(m, seed=12345, requests=R, prompt=P, output=G)  # a seed the fit did not use
+    st = measure(ex)
+    st_p = measure(decode_arrays(m, seed=12345, requests=R, prompt=P, output=G, disabled=("locality",)))
     b1, b2 = per_layer_target(FIRST_CHOICE_REPETITION, L), per_layer_target(FIRST_OR_SECOND_REPETITION, L)
     print("\n== Mixtral-8x7B routing model (bundled mixtral-8x7b-published) vs the statistics it was fitted to ==")
     print(f"  synthetic: {R} requests x ({P} prefill + {G} decode), seed 12345; repetition over decode steps")
