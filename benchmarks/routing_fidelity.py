@@ -116,7 +116,6 @@ def gsm8k_heldout(path: Path, seeds: int) -> None:
 
 
 def mixtral() -> None:
-    from moesim.tracer import DECODE
     from moesim.tracer.mixtral_published import (FIRST_CHOICE_REPETITION, FIRST_OR_SECOND_REPETITION,
                                                   HYBRIMOE_LRU, MOE_INFINITY_WORKING_SET, REPORTED_LAYERS,
                                                   decode_arrays, measure, per_layer_target)
