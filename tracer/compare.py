@@ -5,7 +5,11 @@
 - LRU hit rate at every capacity, one cache per layer and one global cache (``tracer/stats.py``);
 - Belady (MIN with bypass) hit rate per layer, cells looked up together then inserted like the LRU;
 - next-layer predictability: share of layer l+1's experts that a causal co-occurrence predictor names
-  from layer l's experts of the same token (counts from earlier tokens of the trace only).
+  from layer l's experts of the same token (counts from earlier tokens of the trace only);
+- token-level recurrence: how much lag-1 reuse varies from token to token (standard deviation over tokens of
+  the share of all a token's experts, every layer, also routed one position earlier) beside what layers
+  reusing independently would give. Real routing repeats in whole tokens (a token routed like the one
+  before at most layers at once), which a cache shared across layers feels and per-layer statistics miss.
 """
 
 from __future__ import annotations
@@ -126,6 +130,39 @@ def next_layer_predictability(trace: Trace, phase: str = "decode") -> Optional[f
 
 
 @dataclass(frozen=True)
+class TokenRecurrence:
+    mean: float  # lag-1 reuse over all (token, layer, rank)
+    spread: float  # standard deviation over tokens of each token's lag-1 reuse share
+    independent: float  # the spread if each (layer, rank) reused independently at its layer's rate
+
+
+def token_recurrence(trace: Trace, phase: str = "decode") -> Optional[TokenRecurrence]:
+    """Lag-1 reuse per token (all its layers and ranks together), and its spread over tokens; None when no
+    token has a complete cell one position earlier at any layer."""
+    rows = _phase_rows(trace, phase)
+    idx = np.flatnonzero(rows)
+    k = trace.meta.top_k
+    sorted_keys, order = _row_index(trace)
+    prev = _find_rows(sorted_keys, order, _row_key(trace.request[idx], trace.position[idx] - 1,
+                                                    trace.layer[idx], trace.phase[idx]))
+    ok = prev >= 0
+    if not ok.any():
+        return None
+    idx, prev = idx[ok], prev[ok]
+    hit = _overlap(trace.experts[idx].astype(np.int64), trace.experts[prev].astype(np.int64)).astype(np.float64)
+    token = trace.request[idx].astype(np.int64) * (1 << 32) + trace.position[idx].astype(np.int64)
+    _, tok = np.unique(token, return_inverse=True)
+    slots = np.bincount(tok) * k
+    share = np.bincount(tok, weights=hit) / slots
+    layer = trace.layer[idx].astype(np.int64)
+    rate = np.bincount(layer, weights=hit) / np.maximum(np.bincount(layer) * k, 1)  # per layer
+    # independent (layer, rank) slots: a token's share has variance sum_l k p_l (1 - p_l) / slots^2
+    var_ind = np.bincount(tok, weights=k * rate[layer] * (1 - rate[layer])) / slots**2
+    return TokenRecurrence(mean=float(hit.sum() / (idx.size * k)), spread=float(share.std()),
+                           independent=float(np.sqrt(var_ind.mean())))
+
+
+@dataclass(frozen=True)
 class CachingStats:
     name: str
     layers: int
@@ -137,6 +174,7 @@ class CachingStats:
     lru_global: np.ndarray  # [E+1] global hit rate at c * L entries
     belady: dict[int, float]
     next_layer: Optional[float]
+    recurrence: Optional[TokenRecurrence] = None
 
 
 def caching_stats(trace: Trace, name: str, phase: str = "decode", belady_caps: Optional[Sequence[int]] = None,
@@ -150,6 +188,7 @@ def caching_stats(trace: Trace, name: str, phase: str = "decode", belady_caps: O
         reuse=reuse_at_lags(trace, phase), lru_layer=ll.hit_rates,
         lru_global=lg.hit_rates[np.arange(E + 1) * L], belady=belady_hits(trace, caps, phase),
         next_layer=next_layer_predictability(trace, phase) if with_next_layer else None,
+        recurrence=token_recurrence(trace, phase),
     )
 
 
@@ -205,6 +244,10 @@ def format_side_by_side(a: CachingStats, b: CachingStats, phase: str) -> str:
     for j in a.reuse:
         row(f"reuse at lag {j}", a.reuse[j], b.reuse.get(j))
     row("next-layer predictability", a.next_layer, b.next_layer)
+    ra, rb = a.recurrence, b.recurrence
+    if ra is not None and rb is not None:
+        row("lag-1 reuse, spread over tokens", ra.spread, rb.spread)
+        row("  if layers reused independently", ra.independent, rb.independent)
     for c in table_capacities(a.experts, a.top_k):
         row(f"per-layer LRU, {c} per layer", float(a.lru_layer[c]), float(b.lru_layer[c]))
     for c in table_capacities(a.experts, a.top_k):

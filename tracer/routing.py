@@ -7,26 +7,30 @@ One :class:`PhaseModel` per phase (prefill, decode) holds, for every MoE layer:
   popularity of every layer at once, which is the model's **cross-layer correlation** (expert at layer l
   -> expert at layer l+1). ``C = 1`` is plain per-layer popularity.
 - **drift** across requests: a fresh expert is drawn from a Polya urn, with weight ``drift[l] * p_l[e]``
-  plus the times e was already used at this layer in the request, times the token class's tilt
+  plus the times e was already drawn fresh at this layer in the request, times the token class's tilt
   ``class_popularity[c, l, e] / p_l[e]``. Without classes, integrated out, that is a per-request
   popularity ``Dirichlet(drift[l] * p_l)``: each request drifts from the layer popularity toward its own
   working set (small ``drift``: strong drift, a small working set). ``None``: every token draws from
   the layer popularity alone.
-- **temporal locality** (``copy``): the k experts of a cell are chosen in rank order; rank j *copies* the
-  expert at depth d of the layer's recency stack (depth 0 = the most recently used expert, before this
-  cell; the previous token's rank k-1) with probability ``copy[l, j, d]``, and otherwise draws a fresh
-  expert. Depth d is exactly the LRU stack distance of ``tracer/stats.py``, so the copy probabilities
-  control the reuse of every lag and the LRU curve at every capacity, not only reuse at t-1. Depths are
-  stored in buckets (``depth_edges``); inside a bucket the depth is drawn in proportion to the uses, so far
-  in the request, of the expert there (+0.5), so a request keeps returning to its own working set.
+- **temporal locality** (``source``, ``fidelity``, ``copy_rank``): real routing repeats because tokens
+  recur (the same or a similar token routes alike at every layer) and because neighbouring tokens share
+  context. Each token picks one *source*, an earlier token of its request: the token ``d`` positions back
+  with probability ``source[d-1]`` (d = 1..K), a token drawn uniformly from ``K+1 .. far_lag`` back with
+  probability ``source[K]`` (recall of an older token), or none. One source serves every layer of the token
+  (a share ``source_sharing`` of the layers follows it; each other layer picks a source of its own from the
+  same probabilities), so its repeats are correlated across layers as a recurring token's are. At layer l,
+  rank j then copies an expert of the source's cell with probability ``fidelity[l, j]`` (which of the
+  source's ranks: ``copy_rank[j]``), and otherwise draws a fresh expert. Reuse at lag d is then
+  ``source[d-1]`` times the fidelity on top of what popularity and drift give, so reuse at every lag (a
+  lag-2 rhythm as much as a lag-1 one), the time between reuses and with it the per-layer and the global
+  LRU curve all follow from the same few numbers.
 - **routing weights** (``weights``): the sum of a cell's k weights ~ Normal(mean, std) (clipped > 0),
   and their shares ~ Dirichlet(alpha) sorted high to low, by rank.
 
 Every part can be switched off for synthesis (:data:`PARTS`); turning off all of them gives uniform
 random routing, turning off all but popularity gives the popularity-only baseline.
 
-The recency stack is per (request, layer): a request starts from a stack in popularity order, so
-requests are independent given their drift. ``tracer/routing_fit.py`` fits a model to traces,
+Requests are independent given their drift. ``tracer/routing_fit.py`` fits a model to traces,
 ``tracer/synth.py`` samples traces from one.
 """
 
@@ -46,7 +50,7 @@ from moesim.errors import MoesimError
 from moesim.modelspec import ModelShape
 
 ROUTING_SCHEMA = "moesim.routing"
-ROUTING_VERSION = 1
+ROUTING_VERSION = 2
 PARTS = ("popularity", "drift", "locality", "cross-layer", "weights")
 PHASE_NAMES = ("prefill", "decode")
 
@@ -64,26 +68,25 @@ class WeightModel:
 class PhaseModel:
     class_prior: np.ndarray  # float [C]
     class_popularity: np.ndarray  # float [C, L, E], each [c, l] sums to 1
-    depth_edges: np.ndarray  # int [B+1], bucket b holds depths depth_edges[b] .. depth_edges[b+1]-1
-    copy: np.ndarray  # float [L, k, B] probability that rank j copies from depth bucket b
+    source: np.ndarray  # float [K+1]: a token's source is d = 1..K back, or (last) uniform in K+1..far_lag back
+    far_lag: int  # the oldest token a recall reaches back to
+    fidelity: np.ndarray  # float [L, k]: rank j at layer l copies from the source's cell with this probability
+    copy_rank: np.ndarray  # float [k, k]: row j, which rank of the source's cell rank j copies (rows sum to 1)
     weights: WeightModel
     drift: Optional[np.ndarray] = None  # float [L] Polya-urn (Dirichlet) concentration, or None (no drift)
+    source_sharing: float = 1.0  # share of layers that follow the token's source (the rest pick their own)
 
     @property
     def num_classes(self) -> int:
         return int(self.class_prior.shape[0])
 
+    @property
+    def lags(self) -> int:
+        return int(self.source.shape[0]) - 1
+
     def popularity(self) -> np.ndarray:
         """Marginal popularity [L, E] (classes mixed by their prior)."""
         return np.einsum("c,cle->le", self.class_prior, self.class_popularity)
-
-    def copy_per_depth(self) -> np.ndarray:
-        """copy[l, j, d] for every depth 0..E-1 (bucket mass spread evenly; the generator then redraws the depth
-        inside the bucket by the uses of the experts there)."""
-        edges = self.depth_edges
-        width = np.diff(edges).astype(np.float64)
-        per = np.repeat(self.copy / width, np.diff(edges), axis=2)
-        return per
 
 
 @dataclass(frozen=True)
@@ -129,8 +132,11 @@ def _phase_to_dict(p: PhaseModel) -> dict[str, Any]:
         "class_prior": _round(p.class_prior),
         "class_popularity": _round(p.class_popularity),
         "drift": None if p.drift is None else _round(p.drift, 4),
-        "depth_edges": [int(x) for x in p.depth_edges],
-        "copy": _round(p.copy),
+        "source": _round(p.source),
+        "far_lag": int(p.far_lag),
+        "source_sharing": round(float(p.source_sharing), 6),
+        "fidelity": _round(p.fidelity),
+        "copy_rank": _round(p.copy_rank),
         "weights": {"sum_mean": _round(p.weights.sum_mean, 6), "sum_std": _round(p.weights.sum_std, 6),
                     "share_alpha": _round(p.weights.share_alpha, 5)},
     }
@@ -176,12 +182,24 @@ def _phase_from_dict(d: Any, L: int, E: int, k: int, where: str) -> PhaseModel:
         raise MoesimError(f"{where}: field 'class_prior' must be a non-empty list")
     prior = _array(d, "class_prior", (C,), where)
     pop = _array(d, "class_popularity", (C, L, E), where)
-    edges = np.asarray(d.get("depth_edges", []), dtype=np.int64)
-    if edges.ndim != 1 or edges.size < 2 or edges[0] != 0 or edges[-1] != E or (np.diff(edges) <= 0).any():
-        raise MoesimError(f"{where}: field 'depth_edges' must rise from 0 to num_experts={E}")
-    copy = _array(d, "copy", (L, k, edges.size - 1), where)
-    if (copy.sum(axis=2) > 1 + 1e-6).any():
-        raise MoesimError(f"{where}: field 'copy' sums to more than 1 for some layer and rank")
+    src = np.asarray(d.get("source", []), dtype=np.float64)
+    if src.ndim != 1 or src.size < 2:
+        raise MoesimError(f"{where}: field 'source' must list the source probability of lags 1..K and a far one")
+    src = _array(d, "source", (src.size,), where)
+    if src.sum() > 1 + 1e-6:
+        raise MoesimError(f"{where}: field 'source' sums to more than 1")
+    far_lag = d.get("far_lag")
+    if not isinstance(far_lag, int) or isinstance(far_lag, bool) or far_lag < src.size:
+        raise MoesimError(f"{where}: field 'far_lag' must be an integer of at least {src.size} (K + 1)")
+    shared = d.get("source_sharing")
+    if isinstance(shared, bool) or not isinstance(shared, (int, float)) or not 0 <= shared <= 1:
+        raise MoesimError(f"{where}: field 'source_sharing' must be a number in [0, 1]")
+    fidelity = _array(d, "fidelity", (L, k), where)
+    if (fidelity > 1 + 1e-9).any():
+        raise MoesimError(f"{where}: field 'fidelity' has probabilities above 1")
+    copy_rank = _array(d, "copy_rank", (k, k), where)
+    if not np.allclose(copy_rank.sum(axis=1), 1.0, atol=1e-4):
+        raise MoesimError(f"{where}: field 'copy_rank' rows must each sum to 1")
     if not np.allclose(pop.sum(axis=2), 1.0, atol=1e-4):
         raise MoesimError(f"{where}: field 'class_popularity' rows must each sum to 1")
     w = d.get("weights")
@@ -191,8 +209,9 @@ def _phase_from_dict(d: Any, L: int, E: int, k: int, where: str) -> PhaseModel:
                           sum_std=_array(w, "sum_std", (L,), f"{where}.weights"),
                           share_alpha=_array(w, "share_alpha", (L, k), f"{where}.weights"))
     drift = None if d.get("drift") is None else _array(d, "drift", (L,), where)
-    return PhaseModel(class_prior=prior / prior.sum(), class_popularity=pop, depth_edges=edges, copy=copy,
-                      weights=weights, drift=drift)
+    return PhaseModel(class_prior=prior / prior.sum(), class_popularity=pop, source=src, far_lag=far_lag,
+                      fidelity=fidelity, copy_rank=copy_rank, weights=weights, drift=drift,
+                      source_sharing=float(shared))
 
 
 def routing_from_json(text: str, where: str) -> RoutingModel:
@@ -260,13 +279,3 @@ def read_routing(name_or_path: str | os.PathLike) -> RoutingModel:
     except (OSError, UnicodeDecodeError) as exc:
         raise MoesimError(f"{path}: cannot read the routing file ({exc})") from None
     return routing_from_json(text, where=str(path))
-
-
-def default_depth_edges(num_experts: int, top_k: int) -> np.ndarray:
-    """Each depth up to max(2k, 16) on its own (where reuse of the last tokens lives; every depth of a small
-    layer), then doubling buckets."""
-    edges = list(range(0, min(max(2 * top_k, 16), num_experts) + 1))
-    while edges[-1] < num_experts:
-        edges.append(min(num_experts, 2 * edges[-1]))
-    return np.asarray(edges, dtype=np.int64)
-

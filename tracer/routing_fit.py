@@ -8,12 +8,16 @@ Per phase and layer:
   all layers, fitted by EM (maximum likelihood), each class shrunk toward the layer popularity;
 - routing weights: the total by its mean and standard deviation, the sorted shares by a Dirichlet whose
   mean and top-share variance match the trace (method of moments);
+- which rank a copy takes from its source (``copy_rank``): counted directly, pooled over layers, from the
+  pairs of cells K or fewer positions apart that share an expert;
 - locality and drift by moment matching through the generator itself: synthesize the training shape,
-  compare, correct, repeat. The matched moments are the per-(layer, rank) histogram of the per-request
-  LRU stack distance in the buckets of ``depth_edges`` (which fixes reuse at every lag and the LRU curve
-  at every capacity) for the copy probabilities, and the share of first uses of an expert in a request
-  (how far a request strays beyond its working set) for the drift concentration. Copies start at
-  the reuse a synthesis without them falls short of, so they explain only what popularity cannot.
+  compare, correct, repeat. The matched moments are reuse per (layer, rank) at each lag 1..K (the source
+  probabilities take the level of each lag pooled over layers, the fidelities each layer's and rank's
+  departure from it; past what tokens can carry, SOURCE_CAP, the fidelities rise); the variance over tokens
+  of the share of a token's experts reused from the token before (how much reuse comes in whole recurring
+  tokens) for the share of layers that follow the token's source; and the share of first uses of an expert
+  in a request (how far a request strays beyond its working set) for the drift concentration and the
+  recalls of older tokens.
 """
 
 from __future__ import annotations
@@ -27,69 +31,110 @@ import numpy as np
 
 from moesim.errors import MoesimError
 from moesim.tracer.format import DECODE, PREFILL, Trace, TraceCells, sha256_of_file, utc_now_iso
-from moesim.tracer.routing import PhaseModel, RoutingModel, WeightModel, default_depth_edges
-from moesim.tracer.stats import stack_distances
+from moesim.tracer.routing import PhaseModel, RoutingModel, WeightModel
 from moesim.tracer.synth import check_parts, synthesize
 
 POPULARITY_PSEUDO_COUNT = 0.5  # per expert (Jeffreys)
 CLASS_PRIOR_STRENGTH = 4.0  # pseudo-counts per layer pulling each token class toward the layer popularity
 TOKENS_PER_CLASS = 64  # one more token class for every 64 tokens of the phase, up to MAX_CLASSES
 MAX_CLASSES = 4
-SHRINK_CELLS = 32.0  # a layer's depth histogram counts as this many cells of the all-layer histogram
+SHRINK_CELLS = 32.0  # a layer's moments count as this many cells of the all-layer ones
 FIT_ITERATIONS = 12
 FIT_MIN_CELLS = 2048  # the fit's synthetic copies hold at least this many cells per layer and phase
+LAGS = 4  # source lags 1..LAGS each have their own probability
+FAR_LAG = 64  # a recall reaches back at most this far
+STEP = 0.5  # damped fixed-point steps
+SOURCE_CAP = 0.9  # tokens with a source, at most: past it, reuse is carried by higher fidelity
 
 
 # ------------------------------------------------------------------------------------------------
 # What a trace says (the fitted moments)
 # ------------------------------------------------------------------------------------------------
-def request_depths(cells: TraceCells, num_layers: int) -> np.ndarray:
-    """Depth [rows, k] of each routed expert in its (request, layer) LRU stack before its cell, -1 for an
-    expert not used before in the request: the stack distance of ``tracer/stats.py`` with the cache
-    emptied at every request (what the generator's per-request stacks produce)."""
-    n, k = cells.experts.shape
-    depth = np.full((n, k), -1, dtype=np.int64)
-    group = cells.request.astype(np.int64) * num_layers + cells.layer.astype(np.int64)
-    order = np.argsort(group, kind="stable")  # keeps execution order inside a (request, layer) stream
-    bounds = np.flatnonzero(np.diff(group[order], prepend=-1, append=-2))
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        rows = order[a:b]
-        keys = cells.experts[rows].astype(np.int64).reshape(-1)
-        start = np.repeat(np.arange(rows.size, dtype=np.int64) * k, k)
-        depth[rows] = stack_distances(keys, start).reshape(-1, k)
-    return depth
-
-
-def depth_buckets(depth: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Bucket of each depth (index into edges), len(edges)-1 for -1 (not used before)."""
-    b = np.searchsorted(edges, depth, side="right") - 1
-    return np.where(depth < 0, len(edges) - 1, b)
+def request_grid(cells: TraceCells) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every request's cells by position: experts [R, T, L, k] (-1 where a cell is missing), the phase of each
+    position [R, T] (255 where the request has none) and the request ids [R]."""
+    reqs, r = np.unique(cells.request, return_inverse=True)
+    L = int(cells.layer.max()) + 1 if len(cells) else 1
+    T = int(cells.position.max()) + 1 if len(cells) else 1
+    k = cells.experts.shape[1]
+    grid = np.full((reqs.size, T, L, k), -1, dtype=np.int64)
+    grid[r, cells.position, cells.layer] = cells.experts
+    phase = np.full((reqs.size, T), 255, dtype=np.int64)
+    phase[r, cells.position] = cells.phase
+    return grid, phase, reqs
 
 
 @dataclass(frozen=True)
 class PhaseMoments:
-    hist: np.ndarray  # [L, k, B+1] share of each (layer, rank)'s cells in each depth bucket; last = first use
+    near: np.ndarray  # [L, k, K] share of rank j's experts also in the cell d = 1..K positions back
+    lag1_var: float  # variance over tokens of the share of a token's experts also in the token before
+    first: np.ndarray  # [L] share of accesses that are an expert's first use in the request
     cells: np.ndarray  # [L]
     share: np.ndarray  # [L, E] share of accesses per expert
+    rank_pairs: np.ndarray  # [k, k] counts: rank j's expert was at rank j' in a cell 1..K back
 
 
-def phase_moments(cells: TraceCells, depth: np.ndarray, phase: int, L: int, E: int,
-                  edges: np.ndarray) -> PhaseMoments:
-    rows = cells.phase == phase
+MOMENT_CHUNK = 20_000_000  # expert comparisons held in memory at once (requests are taken in chunks)
+
+
+def _lag_counts(cells: TraceCells, phase: int, L: int, lags: int):
+    """Reuse hits and pairs per (layer, rank, lag), rank pairs, and each token's lag-1 reuse share."""
+    grid, phase_of, _ = request_grid(cells)
+    T = phase_of.shape[1]
     k = cells.experts.shape[1]
-    B = len(edges) - 1
+    grid = np.pad(grid, ((0, 0), (0, 0), (0, max(L - grid.shape[2], 0)), (0, 0)), constant_values=-1)
+    here = (phase_of == phase)[:, :, None] & (grid[..., 0] >= 0)  # [R, T, L] counted cells
+    hits, pairs, rank_pairs, frac = np.zeros((L, k, lags)), np.zeros((L, lags)), np.zeros((k, k)), np.zeros(0)
+    for d in range(1, min(lags, T - 1) + 1):
+        a, b = grid[:, d:], grid[:, :-d]
+        ok = here[:, d:] & (b[..., 0] >= 0)  # [R, T-d, L]
+        same = (a[..., :, None] == b[..., None, :]) & ok[..., None, None]  # [R, T-d, L, k, k]
+        hit = same.any(axis=-1)  # [R, T-d, L, k]
+        hits[:, :, d - 1] = hit.sum(axis=(0, 1))
+        pairs[:, d - 1] = ok.sum(axis=(0, 1))
+        rank_pairs += same.sum(axis=(0, 1, 2))
+        if d == 1:
+            n_tok = ok.sum(axis=2)  # [R, T-1] layers counted per token
+            frac = hit.sum(axis=(2, 3))[n_tok > 0] / (n_tok[n_tok > 0] * k)
+    return hits, pairs, rank_pairs, frac
+
+
+def phase_moments(cells: TraceCells, phase: int, L: int, E: int, lags: int = LAGS) -> PhaseMoments:
+    k = cells.experts.shape[1]
+    reqs = np.unique(cells.request)
+    per_request = (int(cells.position.max()) + 1 if len(cells) else 1) * L * k * k
+    chunks = np.array_split(reqs, max(1, int(np.ceil(reqs.size * per_request / MOMENT_CHUNK))))
+    hits, pairs, rank_pairs, fracs = np.zeros((L, k, lags)), np.zeros((L, lags)), np.zeros((k, k)), []
+    for chunk in chunks:
+        part = cells if len(chunks) == 1 else cells.take(np.flatnonzero(np.isin(cells.request, chunk)))
+        h, p, rp, f = _lag_counts(part, phase, L, lags)
+        hits, pairs, rank_pairs = hits + h, pairs + p, rank_pairs + rp
+        fracs.append(f)
+    frac = np.concatenate(fracs)
+    rows = cells.phase == phase
     layer = cells.layer[rows].astype(np.int64)
-    bucket = depth_buckets(depth[rows], edges)
-    hist = np.zeros((L, k, B + 1))
-    for j in range(k):
-        np.add.at(hist, (layer, j, bucket[:, j]), 1.0)
     n = np.bincount(layer, minlength=L).astype(np.float64)
-    hist /= np.maximum(n, 1)[:, None, None]
     counts = np.zeros((L, E))
     np.add.at(counts, (np.repeat(layer, k), cells.experts[rows].astype(np.int64).reshape(-1)), 1.0)
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    return PhaseMoments(hist=hist, cells=n, share=share)
+    return PhaseMoments(near=hits / np.maximum(pairs, 1)[:, None, :], lag1_var=float(frac.var()) if frac.size > 1
+                        else 0.0, first=first_use_share(cells, phase, L, E), cells=n, share=share,
+                        rank_pairs=rank_pairs)
 
+
+def first_use_share(cells: TraceCells, phase: int, L: int, E: int) -> np.ndarray:
+    """Per layer, the share of ``phase`` accesses whose expert was not used before in the request."""
+    k = cells.experts.shape[1]
+    key = ((cells.request.astype(np.int64) * L + cells.layer) * E)[:, None] + cells.experts.astype(np.int64)
+    pos = np.repeat(cells.position.astype(np.int64), k)
+    key = key.reshape(-1)
+    order = np.lexsort((pos, key))
+    first = np.zeros(key.size, dtype=bool)
+    first[order] = np.diff(key[order], prepend=-1) != 0
+    rows = np.repeat(cells.phase == phase, k)
+    layer = np.repeat(cells.layer.astype(np.int64), k)
+    n = np.bincount(layer[rows], minlength=L)
+    return np.bincount(layer[rows], weights=first[rows], minlength=L) / np.maximum(n, 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,15 +222,19 @@ def _merge(traces: Sequence[Trace]) -> TraceCells:
     return cat.take(cat.execution_order())
 
 
-def _init_phase(cells, depth, phase, L, E, k, edges, classes: Optional[int], seed: int, parts: frozenset,
-                prior_pop: Optional[np.ndarray] = None):
-    """Initial parameters and the fit's targets for one phase. ``prior_pop`` [L, E]: where the popularity's
-    pseudo-counts go (uniform when None)."""
-    mom = phase_moments(cells, depth, phase, L, E, edges)
+def _shrunk(per_layer: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Each layer's moment (first axis) pulled toward the all-layer one, weighted by the layer's cells ``n``."""
+    w = n.reshape((-1,) + (1,) * (per_layer.ndim - 1))
+    pooled = (per_layer * w).sum(axis=0) / max(float(n.sum()), 1.0)
+    return (per_layer * w + SHRINK_CELLS * pooled[None]) / (w + SHRINK_CELLS)
+
+
+def _init_phase(cells, phase, L, E, k, far_lag, classes: Optional[int], seed: int, parts: frozenset):
+    """Initial parameters (no locality yet) and the fit's targets for one phase."""
+    mom = phase_moments(cells, phase, L, E, LAGS)
     counts = mom.share * (mom.cells[:, None] * k)
-    base = np.full((L, E), 1.0 / E) if prior_pop is None else prior_pop
-    pseudo = POPULARITY_PSEUDO_COUNT * E * base
-    pop = (counts + pseudo) / (counts.sum(axis=1, keepdims=True) + pseudo.sum(axis=1, keepdims=True))
+    pseudo = POPULARITY_PSEUDO_COUNT
+    pop = (counts + pseudo) / (counts.sum(axis=1, keepdims=True) + pseudo * E)
     tokens = np.unique(cells.request[cells.phase == phase].astype(np.int64) * (1 << 32)
                        + cells.position[cells.phase == phase]).size
     C = classes if classes is not None else int(np.clip(tokens // TOKENS_PER_CLASS, 1, MAX_CLASSES))
@@ -194,44 +243,51 @@ def _init_phase(cells, depth, phase, L, E, k, edges, classes: Optional[int], see
     if "popularity" in parts:
         pop = np.full((L, E), 1.0 / E)
     prior, theta = fit_token_classes(cells, phase, L, E, pop, C, seed=seed)
-    # shrink each layer's depth histogram toward the all-layer one (a layer has few cells)
-    pooled = (mom.hist * mom.cells[:, None, None]).sum(axis=0) / max(mom.cells.sum(), 1)
-    n = mom.cells[:, None, None]
-    target = (mom.hist * n + SHRINK_CELLS * pooled[None]) / (n + SHRINK_CELLS)
-    target_mom = dataclasses.replace(mom, hist=target, share=pop)
-    copy = np.zeros_like(target[:, :, :-1])  # set from the excess reuse in fit_routing_cells
+    target = dataclasses.replace(mom, near=_shrunk(mom.near, mom.cells),
+                                 first=_shrunk(mom.first, mom.cells), share=pop)
+    copy_rank = (mom.rank_pairs + 0.5) / (mom.rank_pairs + 0.5).sum(axis=1, keepdims=True)
     drift = None if "drift" in parts else np.full(L, float(E))
-    pm = PhaseModel(class_prior=prior, class_popularity=theta, depth_edges=edges, copy=copy,
-                    weights=fit_weights(cells, phase, L), drift=drift)
-    return pm, target_mom
+    pm = PhaseModel(class_prior=prior, class_popularity=theta, source=np.zeros(LAGS + 1), far_lag=far_lag,
+                    fidelity=np.zeros((L, k)), copy_rank=copy_rank, weights=fit_weights(cells, phase, L),
+                    drift=drift, source_sharing=0.0 if "cross-layer" in parts else 1.0)
+    return pm, target
 
 
-def _correct(pm: PhaseModel, target: PhaseMoments, got: PhaseMoments, parts: frozenset) -> PhaseModel:
-    if "locality" in parts and "popularity" in parts:
-        return pm
-    copy = pm.copy
-    if "locality" not in parts:
-        copy = np.maximum(pm.copy + (target.hist[:, :, :-1] - got.hist[:, :, :-1]), 0.0)
-    total = copy.sum(axis=2, keepdims=True)
-    copy = np.where(total > 0.995, copy * (0.995 / np.maximum(total, 1e-12)), copy)
-    if "popularity" in parts or pm.drift is not None:
-        # with the urn on, the popularity stays the maximum-likelihood fit: the urn's concentration alone is
-        # matched (correcting both lets a sharp popularity and a strong urn trade off against each other)
-        return _correct_drift(dataclasses.replace(pm, copy=copy), target, got)
-    ratio = np.sqrt(np.maximum(target.share, 1e-9) / np.maximum(got.share, 1e-9))
-    theta = pm.class_popularity * ratio[None]
-    theta /= theta.sum(axis=2, keepdims=True)
-    return dataclasses.replace(pm, copy=copy, class_popularity=theta)
-
-
-def _correct_drift(pm: PhaseModel, target: PhaseMoments, got: PhaseMoments) -> PhaseModel:
+def _correct(pm: PhaseModel, target: PhaseMoments, got: PhaseMoments) -> PhaseModel:
+    """One damped step of the moment matching (see the module docstring)."""
+    err_near = target.near - got.near  # [L, k, K]
+    pooled_near = err_near.mean(axis=(0, 1))
+    fid = pm.fidelity
+    mean_fid = max(float(fid.mean()), 0.05)
+    source = pm.source.copy()
+    source[:-1] += STEP * pooled_near / mean_fid
+    source[-1] += STEP * float((got.first - target.first).mean()) / (mean_fid * max(float(got.first.mean()), 0.01))
+    source = np.maximum(source, 0.0)
+    if source.sum() > SOURCE_CAP:
+        # tokens have one source each: more reuse than the sources can carry comes from higher fidelity
+        fid = np.clip(fid * source.sum() / SOURCE_CAP, 0.0, 1.0)
+        source *= SOURCE_CAP / source.sum()
+    departure = (err_near - pooled_near).sum(axis=2)
+    fid = np.clip(fid + STEP * departure / max(float(pm.source[:-1].sum()), 0.02), 0.0, 1.0)
+    sharing = pm.source_sharing
+    if sharing > 0 or target.lag1_var > got.lag1_var:
+        # layers following one source together make lag-1 reuse vary more from token to token
+        sharing = float(np.clip(sharing + STEP * (target.lag1_var - got.lag1_var) / max(got.lag1_var, 1e-4), 0, 1))
     drift = pm.drift
     if drift is not None:
-        # first uses in a request come from the urn's popularity weight: too many -> lower the concentration
-        first_target = target.hist[:, :, -1].mean(axis=1)
-        first_got = got.hist[:, :, -1].mean(axis=1)
-        drift = np.clip(drift * (np.maximum(first_target, 1e-4) / np.maximum(first_got, 1e-4)), 0.01, 1e5)
-    return dataclasses.replace(pm, drift=drift)
+        # a smaller concentration keeps a request on fewer experts: more reuse at long lags
+        drift = np.clip(drift * (np.maximum(target.first, 1e-4) / np.maximum(got.first, 1e-4)), 0.01, 1e5)
+    return dataclasses.replace(pm, source=source, fidelity=fid, drift=drift, source_sharing=sharing)
+
+
+def _start_locality(pm: PhaseModel, target: PhaseMoments, got: PhaseMoments) -> PhaseModel:
+    """Copies explain only the reuse that popularity, token classes and the urn do not already produce:
+    start the near sources at the excess of the trace's reuse over a synthesis without copies."""
+    fid = 0.8
+    source = np.append(np.maximum((target.near - got.near).mean(axis=(0, 1)) / fid, 0.0), 0.0)
+    if source.sum() > 0.9:
+        source *= 0.9 / source.sum()
+    return dataclasses.replace(pm, source=source, fidelity=np.full_like(pm.fidelity, fid))
 
 
 def fit_routing_cells(cells: TraceCells, shape_meta, name: str, *, classes: Optional[int] = None,
@@ -239,22 +295,21 @@ def fit_routing_cells(cells: TraceCells, shape_meta, name: str, *, classes: Opti
                       disabled: Sequence[str] = (), log=None) -> RoutingModel:
     """Fit to ``cells`` (one or more requests, rows in execution order); ``shape_meta`` a TraceMeta.
 
-    ``disabled`` parts are left out of the model (no locality: copy 0; no drift: None; no cross-layer: one
-    token class; no popularity: uniform), as the naive baselines need.
+    ``disabled`` parts are left out of the model (no locality: no sources; no drift: None; no cross-layer:
+    one token class and a source per layer; no popularity: uniform), as the naive baselines need.
     """
     parts = check_parts(disabled)
     meta = shape_meta
     L, E, k = meta.num_layers, meta.num_experts, meta.top_k
-    edges = default_depth_edges(E, k)
-    depth = request_depths(cells, L)
     has = {ph: bool((cells.phase == ph).any()) for ph in (PREFILL, DECODE)}
     if not has[DECODE]:
         raise MoesimError(f"{name}: the trace has no decode rows to fit")
+    prompt_lens, output_lens = phase_shape(cells, PREFILL), phase_shape(cells, DECODE)
+    far_lag = int(np.clip((prompt_lens + output_lens).max() - 1, LAGS + 1, FAR_LAG))
     phases, targets = {}, {}
     for ph in (PREFILL, DECODE):
         if has[ph]:
-            phases[ph], targets[ph] = _init_phase(cells, depth, ph, L, E, k, edges, classes, seed, parts)
-    prompt_lens, output_lens = phase_shape(cells, PREFILL), phase_shape(cells, DECODE)
+            phases[ph], targets[ph] = _init_phase(cells, ph, L, E, k, far_lag, classes, seed, parts)
     per_layer_cells = max(int(prompt_lens.sum() + output_lens.sum()), 1)
     copies = int(np.ceil(FIT_MIN_CELLS / per_layer_cells))
     P, G = np.tile(prompt_lens, copies), np.tile(output_lens, copies)
@@ -264,30 +319,34 @@ def fit_routing_cells(cells: TraceCells, shape_meta, name: str, *, classes: Opti
                             non_expert_bytes=int(meta.non_expert_bytes), decode=ph[DECODE],
                             prefill=ph.get(PREFILL), fitted_to={}, created="")
 
+    def moments_of(res, ph) -> PhaseMoments:
+        return phase_moments(res.cells, ph, L, E, LAGS)
+
     if "locality" not in parts:
-        # copies explain only the reuse that popularity, token classes and the urn do not already produce:
-        # start them at the excess of the trace's depth histogram over a synthesis without copies
         res = synthesize(model_of(phases), P, G, seed=seed + 1, disabled=("locality",))
         for ph in phases:
-            got = phase_moments(res.cells, res.depth, ph, L, E, edges)
-            excess = np.maximum(targets[ph].hist[:, :, :-1] - got.hist[:, :, :-1], 0.0)
-            phases[ph] = dataclasses.replace(phases[ph], copy=excess)
+            phases[ph] = _start_locality(phases[ph], targets[ph], moments_of(res, ph))
     if "locality" in parts and "drift" in parts:
         iterations = 0  # nothing is moment-matched: popularity stays the maximum-likelihood fit
     for it in range(iterations):
         res = synthesize(model_of(phases), P, G, seed=seed + 1)  # same draws every round: a steady fixed point
         err = 0.0
         for ph in phases:
-            got = phase_moments(res.cells, res.depth, ph, L, E, edges)
-            err = max(err, float(np.abs(got.hist - targets[ph].hist).sum(axis=2).max()) / 2)
-            phases[ph] = _correct(phases[ph], targets[ph], got, parts)
+            got = moments_of(res, ph)
+            err = max(err, float(np.abs(got.near - targets[ph].near).mean(axis=(0, 1)).max()))
+            phases[ph] = _correct(phases[ph], targets[ph], got)
+            if "cross-layer" in parts:
+                phases[ph] = dataclasses.replace(phases[ph], source_sharing=0.0)
+            if "locality" in parts:
+                phases[ph] = dataclasses.replace(phases[ph], source=np.zeros(LAGS + 1), fidelity=np.zeros((L, k)))
         if log:
-            log(f"  fit round {it + 1}/{iterations}: largest depth-histogram distance (total variation) {err:.4f}")
+            log(f"  fit round {it + 1}/{iterations}: largest gap in reuse at a lag 1-{LAGS}, mean of layers {err:.4f}")
     fitted_to = {
         "parts_left_out": sorted(parts),
-        "method": "popularity: ML with 0.5 pseudo-count; token classes: EM; weights: moments; locality (per-request "
-                  "LRU stack-distance histogram per layer and rank) and drift (share of first uses of an expert "
-                  f"in a request): moment matching through the generator, {iterations} rounds",
+        "method": "popularity: ML with 0.5 pseudo-count; token classes: EM; weights: moments; copy ranks: counted; "
+                  f"locality (reuse per layer and rank at lags 1-{LAGS}; variance over tokens of lag-1 reuse for "
+                  "the source sharing) and drift (share of first uses of an expert in a request): moment "
+                  f"matching through the generator, {iterations} rounds",
         "sources": list(sources),
         "requests": int(prompt_lens.size),
         "prefill_cells_per_layer": int(prompt_lens.sum()),

@@ -1,12 +1,11 @@
 """Sample routing traces from a :class:`~moesim.tracer.routing.RoutingModel` (see its module docstring).
 
 The generator is sequential in token position only: at each position, every (request, layer) stream is
-advanced at once with numpy. For each stream it keeps the time each expert was last used (its recency
-stack); at each cell it draws the k experts in rank order (copy from a depth of the stack, or draw a fresh
-expert by the Gumbel-max trick over the popularity of the token's class and the request's drift, never
-an expert already in the cell), then marks them used in rank order, as the LRU of ``tracer/stats.py``
-inserts them. It also returns, for every access, its depth in the stack before the cell (-1 if the
-expert was not used yet in the request): the per-request stack distance the fit matches.
+advanced at once with numpy. Each token picks its source (an earlier token of the request, or none); at
+each cell the k experts are drawn in rank order: copy one of the source cell's experts (rank by
+``copy_rank``, never one already in the cell) with the layer's fidelity, or draw a fresh expert from the
+popularity of the token's class and the request's urn (never an expert already in the cell). The history
+of every request is kept whole, so a source may lie in the prompt when the token is a decode step.
 """
 
 from __future__ import annotations
@@ -21,14 +20,12 @@ from moesim.modelspec import ModelShape
 from moesim.tracer.format import DECODE, PREFILL, Trace, TraceCells, TraceMeta, TraceSource
 from moesim.tracer.routing import PARTS, PhaseModel, RoutingModel
 
-BUCKET_PSEUDO_USES = 0.5  # an expert's weight inside its depth bucket: its uses in the request + this
 _LOG_FLOOR = -60.0  # log-probability given to experts of zero fitted popularity (never drawn in practice)
 
 
 @dataclass
 class SynthResult:
     cells: TraceCells  # rows in execution order
-    depth: np.ndarray  # int [rows, k]: depth in the (request, layer) recency stack before the cell, -1 unused
 
 
 def check_parts(disabled: Iterable[str]) -> frozenset[str]:
@@ -40,7 +37,7 @@ def check_parts(disabled: Iterable[str]) -> frozenset[str]:
 
 
 def _phase_arrays(pm: PhaseModel, disabled: frozenset[str], L: int, E: int):
-    """(class prior, log class popularity [C, L, E], per-depth cumulative copy [L, k, E], drift or None)."""
+    """(class prior, log class popularity [C, L, E], cumulative source probabilities [K+1], drift or None)."""
     if "popularity" in disabled:
         prior = np.ones(1)
         logpop = np.zeros((1, L, E))
@@ -51,12 +48,9 @@ def _phase_arrays(pm: PhaseModel, disabled: frozenset[str], L: int, E: int):
         prior = pm.class_prior
         logpop = np.log(np.maximum(pm.class_popularity, 1e-300))
     logpop = np.maximum(logpop, _LOG_FLOOR)
-    copy = pm.copy_per_depth()
-    if "locality" in disabled:
-        copy = np.zeros_like(copy)
-    cum = np.cumsum(copy, axis=2)
+    source = np.zeros_like(pm.source) if "locality" in disabled else pm.source
     drift = None if ("drift" in disabled or "popularity" in disabled) else pm.drift
-    return prior, logpop, cum, drift
+    return prior, logpop, np.cumsum(source), drift
 
 
 def _row_cumsum(p: np.ndarray) -> np.ndarray:
@@ -92,104 +86,95 @@ def _draw_fresh(rng, cum: np.ndarray, taken: np.ndarray, rows: np.ndarray) -> np
     return out
 
 
-def _by_uses_within_bucket(rng, d: np.ndarray, bucket_of: np.ndarray, edges: np.ndarray,
-                           uses_by_depth: np.ndarray) -> np.ndarray:
-    """Re-draw a copy depth inside its bucket in proportion to the uses (so far in the request) of the expert
-    at each depth: the bucket's mass is what the fit matched; inside it, experts a request keeps coming back
-    to come back more (its working set), not a uniformly random one of those last used about as long ago."""
-    E = uses_by_depth.shape[1]
-    lo, hi = edges[:-1][bucket_of[np.minimum(d, E - 1)]], edges[1:][bucket_of[np.minimum(d, E - 1)]]
-    rows = np.flatnonzero((d < E) & (hi - lo > 1))
-    if rows.size == 0:
-        return d
-    pos = np.arange(E)[None, :]
-    w = np.where((pos >= lo[rows, None]) & (pos < hi[rows, None]), uses_by_depth[rows], 0.0)
-    c = np.cumsum(w, axis=1)
-    v = rng.random(rows.size) * c[:, -1]
-    out = d.copy()
-    out[rows] = np.minimum((c <= v[:, None]).sum(axis=1), hi[rows] - 1)
-    return out
+def _source_positions(rng, cum_source: np.ndarray, far_lag: int, now: np.ndarray) -> np.ndarray:
+    """For tokens at request positions ``now``, the position of each one's source token, -1 for none."""
+    K = cum_source.shape[0] - 1
+    pick = (rng.random(now.shape[0])[:, None] >= cum_source[None]).sum(axis=1)  # 0..K-1 near, K far, K+1 none
+    lag = pick + 1
+    reach = np.minimum(far_lag, now) - K  # how many tokens K+1 .. far_lag back exist
+    far = K + 1 + np.floor(rng.random(now.shape[0]) * np.maximum(reach, 0)).astype(np.int64)
+    lag = np.where(pick == K, far, lag)
+    ok = (pick < K) | ((pick == K) & (reach > 0))
+    pos = now - lag
+    return np.where(ok & (pos >= 0), pos, -1)
 
 
-def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, state: "_Stacks", k: int):
-    """Advance every (request, layer) stream through ``lengths[r]`` cells of one phase.
+def _copy_from_source(rng, src_cells: np.ndarray, taken: np.ndarray, rank_weights: np.ndarray) -> np.ndarray:
+    """For each stream, an expert of its source cell (``src_cells`` [S, k], -1: no source) not yet taken,
+    drawn by ``rank_weights`` [k] over the source's ranks; -1 where none is left."""
+    S = src_cells.shape[0]
+    avail = (src_cells >= 0) & ~taken[np.arange(S)[:, None], np.maximum(src_cells, 0)]
+    c = np.cumsum(np.where(avail, rank_weights[None], 0.0), axis=1)
+    v = rng.random(S) * c[:, -1]
+    pick = np.minimum((c <= v[:, None]).sum(axis=1), src_cells.shape[1] - 1)
+    return np.where(c[:, -1] > 0, src_cells[np.arange(S), pick], -1)
 
-    Returns experts [R, T, L, k] and depth [R, T, L, k]; ``state`` is updated in place.
-    """
-    R, L, E = state.R, state.L, state.E
+
+def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, offset: np.ndarray, state: "_Streams"):
+    """Advance every (request, layer) stream through ``lengths[r]`` cells of one phase, at request positions
+    ``offset[r]`` on. Returns experts [R, T, L, k]; ``state`` (history and urn counts) is updated in place."""
+    R, L, E, k = state.R, state.L, state.E, state.k
     S = R * L
     T = int(lengths.max()) if R else 0
-    prior, logpop, cum_copy, drift = _phase_arrays(pm, disabled, L, E)
+    prior, logpop, cum_source, drift = _phase_arrays(pm, disabled, L, E)
     pop_class = np.exp(logpop)  # [C, L, E]
     if drift is not None:
-        # Polya urn: weight drift[l] * popularity + the request's own counts so far, tilted toward the token's
-        # class by theta_c / theta (so a request's counts of another class's experts do not wash out the class)
+        # Polya urn: weight drift[l] * popularity + the request's own fresh draws so far, tilted toward the
+        # token's class by theta_c / theta (so a request's counts of another class's experts do not wash out)
         marginal = np.einsum("c,cle->le", prior, pop_class)
         tilt = pop_class / np.maximum(marginal, 1e-300)[None]  # [C, L, E]
         base = marginal * np.asarray(drift, dtype=np.float64)[:, None]  # [L, E]
     classes = rng.choice(prior.shape[0], size=(R, T), p=prior) if prior.shape[0] > 1 else np.zeros((R, T), int)
-    cum_copy = np.tile(cum_copy, (R, 1, 1))  # [S, k, E]: stream s = r * L + l
-    edges = pm.depth_edges
-    bucket_of = np.repeat(np.arange(len(edges) - 1), np.diff(edges))  # depth -> bucket
     experts = np.zeros((R, T, L, k), dtype=np.int16)
-    depth = np.zeros((R, T, L, k), dtype=np.int16)
     streams = np.arange(S)
+    req_of, layer_of = np.repeat(np.arange(R), L), np.tile(np.arange(L), R)
+    fidelity = pm.fidelity[layer_of]  # [S, k]
+    sharing = 0.0 if "cross-layer" in disabled else pm.source_sharing
     const_cum = None
     if prior.shape[0] == 1 and drift is None:
         const_cum = _row_cumsum(np.tile(pop_class[0], (R, 1)))
     for t in range(T):
         active = np.repeat(t < lengths, L)  # [S]
+        now = offset + t  # [R]
         if const_cum is not None:
             cum = const_cum
+        elif drift is not None:
+            cum = _row_cumsum(tilt[classes[:, t]].reshape(S, E) * (np.tile(base, (R, 1)) + state.counts))
         else:
-            if drift is not None:
-                urn = np.tile(base, (R, 1)) + state.counts
-                cum = _row_cumsum(tilt[classes[:, t]].reshape(S, E) * urn)
-            else:
-                cum = _row_cumsum(pop_class[classes[:, t]].reshape(S, E))
+            cum = _row_cumsum(pop_class[classes[:, t]].reshape(S, E))
+        # every layer follows the token's source, or (a share 1 - sharing) picks its own
+        token_src = np.repeat(_source_positions(rng, cum_source, pm.far_lag, now), L)
+        own_src = _source_positions(rng, cum_source, pm.far_lag, now[req_of])
+        src = np.where(rng.random(S) < sharing, token_src, own_src)
+        # (a finished request's stream runs on with its output discarded: keep its index inside the history)
+        src = np.minimum(src, state.history.shape[1] - 1)
+        src_cells = np.where((src >= 0)[:, None], state.history[req_of, np.maximum(src, 0), layer_of], -1)
         taken = np.zeros((S, E), dtype=bool)
         chosen = np.empty((S, k), dtype=np.int64)
-        uses_by_depth = np.take_along_axis(state.counts, state.order, axis=1) + BUCKET_PSEUDO_USES
         for j in range(k):
-            u = rng.random(S)
-            d = (u[:, None] >= cum_copy[:, j, :]).sum(axis=1)  # E means "draw a fresh expert"
-            d = _by_uses_within_bucket(rng, d, bucket_of, edges, uses_by_depth)
-            cand = state.order[streams, np.minimum(d, E - 1)]
-            # only an expert already used in the request can be copied; a depth past them is a fresh draw
-            use_copy = (d < E) & ~taken[streams, cand] & state.used[streams, cand]
-            e = cand.copy()
-            need = np.flatnonzero(~use_copy)
-            e[need] = _draw_fresh(rng, cum, taken, need)
+            wants = rng.random(S) < fidelity[:, j]
+            e = _copy_from_source(rng, src_cells, taken, pm.copy_rank[j])
+            e = np.where(wants, e, -1)
+            need = np.flatnonzero(e < 0)
+            if need.size:
+                e[need] = _draw_fresh(rng, cum, taken, need)
+                state.counts[need, e[need]] += active[need]
             taken[streams, e] = True
             chosen[:, j] = e
-            dep = np.where(use_copy, d, 0)
-            if need.size:
-                dep[need] = (state.order[need] == e[need, None]).argmax(axis=1)
-            dep = np.where(state.used[streams, e], dep, -1)
-            experts[:, t, :, j] = e.reshape(R, L)
-            depth[:, t, :, j] = dep.reshape(R, L)
-        state.move_to_front(chosen, taken, active)
-    return experts, depth
+        experts[:, t] = chosen.reshape(R, L, k)
+        live = np.flatnonzero(t < lengths)
+        state.history[live, now[live]] = experts[live, t]
+    return experts
 
 
-class _Stacks:
-    """Recency stack of every (request, layer) stream: ``order[s]`` lists experts most recent first."""
+class _Streams:
+    """What the generator remembers of every request: its cells so far ``history`` [R, positions, L, k]
+    (-1 before they exist) and, per (request, layer) stream, the urn's fresh-draw counts ``counts`` [R*L, E]."""
 
-    def __init__(self, order: np.ndarray, R: int, L: int):
-        self.R, self.L, self.E = R, L, order.shape[1]
-        self.order = order
-        self.used = np.zeros(order.shape, dtype=bool)  # used yet in the request
-        self.counts = np.zeros(order.shape)  # times used in the request
-
-    def move_to_front(self, chosen: np.ndarray, taken: np.ndarray, active: np.ndarray) -> None:
-        """The cell's experts go on top in rank order (rank k-1 most recent), the rest keep their order."""
-        S, k = chosen.shape
-        keep = ~np.take_along_axis(taken, self.order, axis=1)
-        rest = self.order[keep].reshape(S, self.E - k)
-        new = np.concatenate([chosen[:, ::-1], rest], axis=1)
-        self.order = np.where(active[:, None], new, self.order)
-        self.used |= taken & active[:, None]
-        self.counts += taken & active[:, None]
+    def __init__(self, R: int, L: int, E: int, k: int, positions: int):
+        self.R, self.L, self.E, self.k = R, L, E, k
+        self.history = np.full((R, max(positions, 1), L, k), -1, dtype=np.int16)
+        self.counts = np.zeros((R * L, E))
 
 
 def _weights(rng, pm: PhaseModel, disabled, layer: np.ndarray, k: int) -> np.ndarray:
@@ -218,20 +203,14 @@ def synthesize(model: RoutingModel, prompt_lens: np.ndarray, output_lens: np.nda
     R = int(prompt_lens.shape[0])
     L, E, k = model.num_layers, model.num_experts, model.top_k
     rng = np.random.default_rng(seed)
-    # Each request's stack starts in an order drawn from the popularity (Plackett-Luce by Gumbel keys),
-    # all "not used yet" (negative), so a copy from deep in a fresh stack is a popularity draw.
-    pop0 = model.phase("prefill" if prompt_lens.max(initial=0) > 0 else "decode").popularity()
-    if "popularity" in disabled:
-        pop0 = np.full((L, E), 1.0 / E)
-    keys = np.log(np.maximum(pop0, 1e-300))[None] + rng.gumbel(size=(R, L, E))
-    state = _Stacks(np.argsort(-keys, axis=2, kind="stable").reshape(R * L, E), R, L)
+    state = _Streams(R, L, E, k, int((prompt_lens + output_lens).max(initial=0)))
     parts = []
     for phase_id, name, lens, offset in ((PREFILL, "prefill", prompt_lens, np.zeros(R, np.int64)),
                                           (DECODE, "decode", output_lens, prompt_lens)):
         if R == 0 or lens.max(initial=0) == 0:
             continue
         pm = model.phase(name)
-        ex, dep = _run_phase(rng, pm, disabled, lens, state, k)
+        ex = _run_phase(rng, pm, disabled, lens, offset, state)
         T = ex.shape[1]
         # rows of active (request, step, layer) in (request, step, layer) order
         valid = np.broadcast_to((np.arange(T)[None, :] < lens[:, None])[:, :, None], (R, T, L))
@@ -239,14 +218,14 @@ def synthesize(model: RoutingModel, prompt_lens: np.ndarray, output_lens: np.nda
         weights = _weights(rng, pm, disabled, ll, k)
         parts.append(dict(request=rr.astype(np.int32), phase=np.full(rr.shape[0], phase_id, np.uint8),
                           position=(offset[rr] + tt).astype(np.int32), layer=ll.astype(np.int16),
-                          experts=ex[rr, tt, ll], weights=weights, depth=dep[rr, tt, ll]))
+                          experts=ex[rr, tt, ll], weights=weights))
     if not parts:
         raise MoesimError("nothing to synthesize: every request has a prompt and output length of 0")
     cat = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     cells = TraceCells(request=cat["request"], phase=cat["phase"], position=cat["position"], layer=cat["layer"],
                        experts=cat["experts"], weights=cat["weights"])
     order = cells.execution_order()
-    return SynthResult(cells=cells.take(order), depth=cat["depth"][order])
+    return SynthResult(cells=cells.take(order))
 
 
 def synthetic_meta(model: RoutingModel, shape: Optional[ModelShape] = None, *, routing_path: str = "",
