@@ -14,6 +14,7 @@ from moesim.errors import MoesimError
 from moesim.options import (batch_list, byte_size, byte_sizes, cache_experts_list, check_batches,
                             check_cache_experts, jobs_option, one_int, split_list)
 from moesim.quant import WeightFormat
+from moesim.simulator.compose import PARTS, build_policy, policy_names
 from moesim.tracer.format import trace_requests
 
 DEFAULT_PROFILE = "rtx-3060"  # 12 GiB: the smallest GPU of the Mixtral-Offloading paper
@@ -26,60 +27,6 @@ def _formats(text: Optional[str], flag: str) -> Optional[WeightFormat]:
         return WeightFormat.parse(text)
     except MoesimError as exc:
         raise MoesimError(f"{flag} {exc.message}") from None
-
-
-def _gating(text: Optional[str]):
-    from moesim.simulator.gating import GatingSpec
-
-    if text is None:
-        return None
-    if text in ("off", "adapmoe"):
-        return GatingSpec(text)
-    try:
-        value = float(text)
-    except ValueError:
-        raise MoesimError(f"--gating '{text}': expected off, adapmoe, or a threshold between 0 and 1") from None
-    return GatingSpec("uniform", value)
-
-
-def build_policy(name: str, eviction: Optional[str] = None, scope: Optional[str] = None,
-                 prefetch: Optional[str] = None, placement: Optional[str] = None, placement_rule: Optional[str] = None,
-                 transfer: Optional[str] = None, gating: Optional[str] = None,
-                 predictor_train: tuple[str, ...] = (), guess: Optional[str] = None):
-    """A preset with any of its parts replaced (each part checked against its registry)."""
-    from moesim.simulator.cache import CACHE_POLICIES
-    from moesim.simulator.placement import PLACEMENTS, PlacementSpec
-    from moesim.simulator.prefetch import PREFETCHERS
-    from moesim.simulator.presets import get_preset
-    from moesim.simulator.transfer import transfer_spec
-
-    policy = get_preset(name)
-    cache = policy.cache
-    if eviction is not None:
-        CACHE_POLICIES.get(eviction, "--eviction")
-        cache = replace(cache, policy=eviction, initial="popular" if eviction == "static" else cache.initial)
-    if scope is not None:
-        cache = replace(cache, scope=scope)
-    pf = policy.prefetch
-    if prefetch is not None:
-        PREFETCHERS.get(prefetch, "--prefetch")
-        pf = replace(pf, policy=prefetch)
-    if predictor_train:
-        pf = replace(pf, train=tuple(predictor_train))
-    if guess is not None:
-        pf = replace(pf, guess=guess)
-    pl = policy.placement
-    if placement is not None:
-        PLACEMENTS.get(placement, "--placement")
-        pl = PlacementSpec(placement, pl.rule)
-    if placement_rule is not None:
-        pl = PlacementSpec(pl.policy, placement_rule)
-    tr = policy.transfer
-    if transfer is not None:
-        tr = transfer_spec(transfer, staging_experts=tr.staging_experts,
-                           prefetch_buffer_experts=tr.prefetch_buffer_experts, demand_priority=tr.demand_priority)
-    g = _gating(gating) or policy.gating
-    return policy.with_parts(cache=cache, prefetch=pf, placement=pl, transfer=tr, gating=g)
 
 
 def _fmt_s(x: float) -> str:
@@ -161,7 +108,8 @@ def _notes(result, policy) -> list[str]:
               "the profile is then composed from the GPU spec named by --profile, this host and --link.")
 @click.option("--link", default=None, type=click.Choice(["pcie3", "pcie4", "pcie5"]),
               help="PCIe generation of the composed profile (default: the GPU's own).")
-@click.option("--policy", default="lru", show_default=True, help="Preset: lru, mixtral-offloading, fiddler, ...")
+@click.option("--policy", default="lru", show_default=True, help="Preset (lru, mixtral-offloading, fiddler, ...), "
+              f"optionally with parts replaced: lru+prefetch=oracle+scope=global (parts: {', '.join(PARTS)}).")
 @click.option("--cache-experts", default=None, help="Cache size in experts per MoE layer, 0..E (a global "
               "cache gets as many per layer on average).")
 @click.option("--cache-mem", default=None, help="Cache size in bytes, e.g. 4000MiB (instead of --cache-experts).")
@@ -224,7 +172,10 @@ def simulate_command(trace_spec, profile_spec, host, link, policy, cache_experts
     if knobs:
         from moesim.simulator.knobs import apply_knobs, parse_knobs
 
-        config = apply_knobs(config, parse_knobs(knobs), read_trace_meta(trace_path).num_experts)
+        # a knob belongs to its preset, whatever parts the string replaced
+        as_preset = replace(config, policy=replace(spec, name=policy.partition("+")[0].strip()))
+        config = apply_knobs(as_preset, parse_knobs(knobs), read_trace_meta(trace_path).num_experts)
+        config = replace(config, policy=replace(config.policy, name=spec.name))
     profile, profile_name = profile_spec, profile_spec
     if host is not None or link is not None:
         from moesim.calib.hosts import UNSTATED, compose_profile
@@ -283,7 +234,8 @@ def default_cache_sizes(trace_path: Path) -> list[int]:
 
 
 @click.command(name="sweep")
-@click.option("--policy", "policies", default=None, help="Comma-separated presets (default: a representative set).")
+@click.option("--policy", "policies", default=None, help="Comma-separated policies: presets or presets with parts "
+              "replaced, e.g. lru+prefetch=oracle,fiddler (default: a representative set of presets).")
 @click.option("--trace", "traces", default=None, help="Comma-separated traces or bundled names (default: the bundled "
               "Qwen3 trace).")
 @click.option("--profile", "profiles", default=DEFAULT_PROFILE, show_default=True, help="Comma-separated profiles.")
@@ -317,7 +269,7 @@ def sweep_command(policies, traces, profiles, cache_experts, gpu_mem, expert_bit
     unchanged (by content), and every grid swept into it stays readable with --list and --all.
     """
     from moesim.calib.profile import load_profile
-    from moesim.simulator.presets import DEFAULT_SWEEP_POLICIES, PRESETS
+    from moesim.simulator.presets import DEFAULT_SWEEP_POLICIES
     from moesim.simulator.sweep import (PLOT, build_grid, check_writable, finish_grid, format_grid_list,
                                         format_table, grid_rows, list_grids, run_sweep, start_grid, write_plot,
                                         write_tables)
@@ -340,9 +292,7 @@ def sweep_command(policies, traces, profiles, cache_experts, gpu_mem, expert_bit
     if address is not None and executor != "ray":
         raise MoesimError("--address is the Ray cluster to run on: it needs --executor ray")
 
-    policy_list = split_list(policies, "--policy") or list(DEFAULT_SWEEP_POLICIES)
-    for p in policy_list:
-        PRESETS.get(p, "--policy")
+    policy_list = policy_names(split_list(policies, "--policy") or list(DEFAULT_SWEEP_POLICIES))
     trace_list = split_list(traces, "--trace") or [None]
     trace_paths = [resolve_trace(t) for t in trace_list]
     trace_specs = [t if t is not None else p.stem for t, p in zip(trace_list, trace_paths)]
