@@ -39,12 +39,10 @@ def _load_model(path: Optional[str]):
 
 def _space(ctx, policies, cache_experts, expert_bits, non_expert_bits, batches):
     from moesim.costmodel.search import SpaceSpec, default_space
-    from moesim.simulator.presets import PRESETS
+    from moesim.simulator.compose import policy_names
 
     base = default_space(ctx)
-    pols = _split(policies)
-    for p in pols:
-        PRESETS.get(p, "--policy")
+    pols = policy_names(_split(policies, "--policy"))
     sizes = cache_experts_list(cache_experts)
     check_cache_experts(sizes, ctx.E)
     efs = _formats(expert_bits, "--expert-bits")
@@ -71,8 +69,8 @@ def _space(ctx, policies, cache_experts, expert_bits, non_expert_bits, batches):
               help="Quality table JSON written by `moesim quality` (perplexity per expert format).")
 @click.option("--quality-model", default=None, help="Model id (or checkpoint hash) to read in the quality table "
               "(default: the trace's model id).")
-@click.option("--policy", "policies", default=None, help="Comma-separated presets to search (default: every "
-              "preset except the Belady oracle).")
+@click.option("--policy", "policies", default=None, help="Comma-separated policies to search: presets or presets "
+              "with parts replaced, e.g. lru+prefetch=oracle (default: every preset except the Belady oracle).")
 @click.option("--cache-experts", default=None, help="Cache sizes to search, e.g. 0..64 or 2,4,8 (default: 0..E).")
 @click.option("--expert-bits", default=None, help="Expert formats to search, e.g. trace,16,8,4,3,2 (the default).")
 @click.option("--non-expert-bits", default=None, help="Non-expert formats to search (default: trace,16,8,4).")
@@ -244,7 +242,8 @@ def show_command(model_path):
 @costmodel_group.command(name="predict")
 @click.option("--trace", "trace_spec", default=None, help="Trace file or bundled name.")
 @click.option("--profile", "profile_spec", default="rtx-3060", show_default=True)
-@click.option("--policy", default="lru", show_default=True, help="Comma-separated presets.")
+@click.option("--policy", default="lru", show_default=True, help="Comma-separated policies (presets, or presets with "
+              "parts replaced: lru+scope=global).")
 @click.option("--cache-experts", required=True, help="Cache sizes, e.g. 8 or 0..16.")
 @click.option("--expert-bits", default="trace", show_default=True, help="Comma-separated expert formats.")
 @click.option("--non-expert-bits", default="trace", show_default=True, help="Comma-separated non-expert formats.")
@@ -254,15 +253,13 @@ def predict_command(trace_spec, profile_spec, policy, cache_experts, expert_bits
     """Predicted TTFT, TPOT, tokens/s and peak GPU memory of a grid of configurations (no simulation)."""
     from moesim.costmodel.context import TraceProfileContext
     from moesim.costmodel.space import enumerate_space, format_label
-    from moesim.simulator.presets import PRESETS
+    from moesim.simulator.compose import policy_names
     from moesim.traces import resolve_trace
 
     trace = trace_spec if trace_spec else resolve_trace(None).stem
     model = _load_model(model_path)
     ctx = TraceProfileContext(trace, profile_spec)
-    pols = _split(policy, "--policy")
-    for p in pols:
-        PRESETS.get(p, "--policy")
+    pols = policy_names(_split(policy, "--policy"))
     sizes = cache_experts_list(cache_experts)
     check_cache_experts(sizes, ctx.E)
     grid = enumerate_space(pols, sizes, _formats(expert_bits, "--expert-bits"),

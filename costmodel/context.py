@@ -193,9 +193,9 @@ class TraceProfileContext:
     def table(self, policy: str, batch: int, efmt: Optional[str]) -> _Table:
         key = (policy, batch, efmt)
         if key not in self._tables:
-            from moesim.simulator.presets import get_preset
+            from moesim.simulator.compose import policy_spec
 
-            spec = get_preset(policy)
+            spec = policy_spec(policy)
             fe = self.features(batch, spec.gating)
             if spec.cache.sizing == "dp":
                 fe._tables.setdefault("dp-sizes", self.dp_sizes())
@@ -246,7 +246,7 @@ class TraceProfileContext:
 
     # ---- per-configuration -------------------------------------------------------------------------
     def evaluate(self, configs: ConfigSet) -> Evaluated:
-        from moesim.simulator.presets import get_preset
+        from moesim.simulator.compose import policy_spec
 
         n = len(configs)
         F = len(FEATURE_NAMES)
@@ -265,7 +265,7 @@ class TraceProfileContext:
             idx = np.flatnonzero(inverse == gi)
             first = int(idx[0])
             policy, _, efmt, nfmt, batch = configs.row(first)
-            spec = get_preset(policy)
+            spec = policy_spec(policy)
             c = np.clip(configs.cache_experts[idx], 0, self.E)
             eb = self.expert_bytes(efmt)
             parts = self.memory_parts(batch, spec.gating, nfmt)
@@ -337,12 +337,12 @@ _STATES: dict = {}  # cache key -> a context's tables, shared by the contexts of
 def workload_features(trace, path, batch: int, gating, label: str) -> tuple[WorkloadFeatures, object]:
     """Features of a trace for a batch size and gating, memoized per process (they do not depend on the
     profile, so every profile of a search or a fit reuses them)."""
-    from moesim.simulator.presets import get_preset
+    from moesim.simulator.compose import policy_spec
     from moesim.simulator.run import _file_key, get_workload
 
     key = (_file_key(path), id(trace), batch, gating)
     if key not in _FEATURES:
-        policy = get_preset("lru").with_parts(gating=gating)
+        policy = policy_spec("lru").with_parts(gating=gating)
         wl = get_workload(trace, batch, policy)
         _FEATURES[key] = (build_features(trace, wl, label), wl, trace)
         while len(_FEATURES) > _FEATURES_KEEP:

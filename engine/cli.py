@@ -14,16 +14,13 @@ from moesim.errors import MoesimError
 
 
 def _policies(policy: str, all_presets: bool) -> tuple[str, ...]:
-    from moesim.simulator.presets import PRESETS, get_preset
+    from moesim.options import split_list
+    from moesim.simulator.compose import policy_names
+    from moesim.simulator.presets import PRESETS
 
     if all_presets:
         return tuple(PRESETS.names())
-    names = tuple(p.strip() for p in policy.split(",") if p.strip())
-    for name in names:
-        get_preset(name)  # one-line error for an unknown name
-    if not names:
-        raise MoesimError("--policy: expected a preset name")
-    return names
+    return tuple(policy_names(split_list(policy, "--policy")))
 
 
 def engine_format(expert_bits: str | None, expert_format: str | None) -> str:
@@ -48,7 +45,8 @@ def engine_format(expert_bits: str | None, expert_format: str | None) -> str:
 
 @click.command("validate")
 @click.option("--trace", "trace_spec", default=None, help="Trace file or bundled name (default: the bundled Qwen3 trace).")
-@click.option("--policy", default="lru", show_default=True, help="Preset, or several separated by commas.")
+@click.option("--policy", default="lru", show_default=True, help="Policy, or several separated by commas: a preset, or a preset with parts replaced "
+              "(lru+scope=global).")
 @click.option("--all-presets", is_flag=True, help="Every preset the device supports (the others are listed as not run).")
 @click.option("--cache-experts", required=True, help="Cache size in experts per MoE layer, 0..E.")
 @click.option("--model-config", default=None, help="Model whose shapes to run: bundled name (mixtral-8x7b, ...), "

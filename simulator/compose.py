@@ -218,3 +218,8 @@ def build_policy(name: str, eviction: Optional[str] = None, scope: Optional[str]
                PARTS[part].flag_prefix(value))
         parts[part] = value
     return compose(parsed.preset, parts, tuple(predictor_train), flag="--policy")
+
+
+def reads_the_future(policy: PolicySpec) -> bool:
+    """An oracle (Belady's eviction, the oracle prefetcher): a bound to compare against, not a deployable policy."""
+    return policy.cache.policy == "belady" or policy.prefetch.policy == "oracle"

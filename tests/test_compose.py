@@ -81,3 +81,25 @@ def test_a_knob_belongs_to_the_preset_under_its_parts():
                "device_memory_ratio=0.5"])
     assert res.exit_code == 0, res.output
     assert "policy moe-infinity+scope=layer" in res.output
+
+
+def test_search_and_the_cost_model_take_composed_policies(tmp_path):
+    predicted = run(["costmodel", "predict", "--trace", TRACE, "--policy", "lru+scope=global,lru",
+                     "--cache-experts", "4"])
+    assert predicted.exit_code == 0, predicted.output
+    assert "\nlru+scope=global " in predicted.output and "\nlru " in predicted.output
+    found = run(["search", "--trace", TRACE, "--policy", "lru+scope=global+prefetch=next-layer", "--cache-experts",
+                 "4", "--expert-bits", "trace", "--non-expert-bits", "trace", "--jobs", "1",
+                 "--json", str(tmp_path / "s.json")])
+    assert found.exit_code == 0, found.output
+    assert "--policy lru+prefetch=next-layer+scope=global --cache-experts 4" in found.output
+    bad = run(["search", "--trace", TRACE, "--policy", "lru+placement=tpu", "--jobs", "1"])
+    assert bad.exit_code == 2 and "placement 'tpu': expected one of gpu, fiddler, hybrimoe" in bad.output
+
+
+def test_a_composed_oracle_is_a_bound_not_a_candidate():
+    from moesim.simulator.compose import reads_the_future
+
+    assert reads_the_future(policy_spec("belady")) and reads_the_future(policy_spec("lru+prefetch=oracle"))
+    assert reads_the_future(policy_spec("fiddler+eviction=belady"))
+    assert not reads_the_future(policy_spec("lru+scope=global"))
