@@ -11,8 +11,8 @@ from typing import Optional
 import click
 
 from moesim.errors import MoesimError
-from moesim.options import (batch_list, byte_size, cache_experts_list, check_batches, check_cache_experts,
-                            jobs_option, split_list)
+from moesim.options import (batch_list, batch_option, byte_size, cache_experts_list, cache_experts_option,
+                            check_batches, check_cache_experts, jobs_option, out_option, policy_option, split_list)
 from moesim.tracer.format import trace_requests
 from moesim.units import parse_seconds
 
@@ -69,13 +69,11 @@ def _space(ctx, policies, cache_experts, expert_bits, non_expert_bits, batches):
               help="Quality table JSON written by `moesim quality` (perplexity per expert format).")
 @click.option("--quality-model", default=None, help="Model id (or checkpoint hash) to read in the quality table "
               "(default: the trace's model id).")
-@click.option("--policy", "policies", default=None, help="Comma-separated policies to search: presets or presets "
-              "with parts replaced, e.g. lru+prefetch=oracle (default: every preset except the Belady oracle).")
-@click.option("--cache-experts", default=None, help="Cache sizes to search, e.g. 0..64 or 2,4,8 (default: 0..E).")
+@policy_option(many=True, default=None, dest="policies", extra="Default: every preset except the Belady oracle.")
+@cache_experts_option(many=True, extra="Default: 0..E.")
 @click.option("--expert-bits", default=None, help="Expert formats to search, e.g. trace,16,8,4,3,2 (the default).")
 @click.option("--non-expert-bits", default=None, help="Non-expert formats to search (default: trace,16,8,4).")
-@click.option("--batch", "batches", default=None, help="Batch sizes to search (default: 1 and powers of two up to the "
-              "trace's requests).")
+@batch_option(many=True, default=None, extra="Default: 1 and powers of two up to the trace's requests.")
 @click.option("--confirm", type=int, default=8, show_default=True, help="Best predicted configurations the "
               "simulator confirms (plus near-ties and the thinned Pareto front).")
 @click.option("--front-points", type=int, default=10, show_default=True, help="Predicted Pareto-front points to "
@@ -83,8 +81,8 @@ def _space(ctx, policies, cache_experts, expert_bits, non_expert_bits, batches):
 @jobs_option("Simulator processes (default: one per core).")
 @click.option("--model", "model_path", default=None, type=click.Path(dir_okay=False),
               help="Cost model artifact (default: the bundled costmodel/artifacts/costmodel.json).")
-@click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False),
-              help="Write report.md with the plots, confirmed.csv and search.json to this folder.")
+@out_option("folder", "write report.md with the plots, confirmed.csv and search.json into it.", dest="report_dir",
+            flag="--report")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the result as JSON.")
 def search_command(trace_spec, profile_spec, objective, max_gpu_mem, max_tpot, max_ttft, max_ppl, quality_table,
                    quality_model, policies, cache_experts, expert_bits, non_expert_bits, batches, confirm, front_points,
@@ -158,8 +156,8 @@ def costmodel_group():
               "(default: 3).")
 @click.option("--seed", type=int, default=None, help="Sampling seed (default: 1).")
 @jobs_option("Simulator processes (default: one per core).")
-@click.option("--out", "out_path", default=None, metavar="FILE", type=click.Path(dir_okay=False),
-              help="Artifact to write (default: the bundled costmodel/artifacts/costmodel.json).")
+@out_option("file", "the artifact to write (default: the bundled costmodel/artifacts/costmodel.json).",
+            dest="out_path")
 @click.option("--force", is_flag=True, help="Refit even when the artifact is up to date.")
 def fit_command(traces, profiles, per_preset, seed, jobs, out_path, force):
     """Simulate a stratified Latin-hypercube sample of configurations (cached under $MOESIM_CACHE_DIR/costmodel), compare
@@ -242,12 +240,11 @@ def show_command(model_path):
 @costmodel_group.command(name="predict")
 @click.option("--trace", "trace_spec", default=None, help="Trace file or bundled name.")
 @click.option("--profile", "profile_spec", default="rtx-3060", show_default=True)
-@click.option("--policy", default="lru", show_default=True, help="Comma-separated policies (presets, or presets with "
-              "parts replaced: lru+scope=global).")
-@click.option("--cache-experts", required=True, help="Cache sizes, e.g. 8 or 0..16.")
+@policy_option(many=True)
+@cache_experts_option(many=True, required=True)
 @click.option("--expert-bits", default="trace", show_default=True, help="Comma-separated expert formats.")
 @click.option("--non-expert-bits", default="trace", show_default=True, help="Comma-separated non-expert formats.")
-@click.option("--batch", "batches", default="1", show_default=True)
+@batch_option(many=True)
 @click.option("--model", "model_path", default=None, type=click.Path(dir_okay=False))
 def predict_command(trace_spec, profile_spec, policy, cache_experts, expert_bits, non_expert_bits, batches, model_path):
     """Predicted TTFT, TPOT, tokens/s and peak GPU memory of a grid of configurations (no simulation)."""

@@ -11,8 +11,9 @@ from typing import Optional
 import click
 
 from moesim.errors import MoesimError
-from moesim.options import (batch_list, byte_size, byte_sizes, cache_experts_list, check_batches,
-                            check_cache_experts, jobs_option, one_int, split_list)
+from moesim.options import (batch_list, batch_option, byte_size, byte_sizes, cache_experts_list,
+                            cache_experts_option, check_batches, check_cache_experts, jobs_option, one_int,
+                            out_option, policy_option, split_list)
 from moesim.quant import WeightFormat
 from moesim.simulator.compose import PARTS, build_policy, policy_names
 from moesim.tracer.format import trace_requests
@@ -29,10 +30,11 @@ def _formats(text: Optional[str], flag: str) -> Optional[WeightFormat]:
         raise MoesimError(f"{flag} {exc.message}") from None
 
 
-def _fmt_s(x: float) -> str:
+def _ms(x: float) -> str:
+    """Every time of the summary in ms, like the tables (a unit that changes with the value misleads)."""
     if x is None or math.isnan(x):
         return "-"
-    return f"{x * 1e3:.2f} ms" if x < 1.0 else f"{x:.3f} s"
+    return f"{x * 1e3:.2f} ms"
 
 
 def summary_text(result) -> str:
@@ -55,12 +57,12 @@ def summary_text(result) -> str:
         return "\n".join(lines)
     lines += [
         f"  requests         {result.requests}, {result.output_tokens} output tokens, "
-        f"{result.makespan_s:.3f} s simulated",
-        f"  TTFT             {_fmt_s(result.ttft_mean_s)} mean, {_fmt_s(result.ttft_p50_s)} p50, "
-        f"{_fmt_s(result.ttft_p90_s)} p90",
-        f"  TPOT             {_fmt_s(result.tpot_mean_s)} mean, {_fmt_s(result.tpot_p50_s)} p50, "
-        f"{_fmt_s(result.tpot_p90_s)} p90",
-        f"  end-to-end       {_fmt_s(result.e2e_mean_s)} mean; {result.tokens_per_s:.2f} tokens/s "
+        f"{_ms(result.makespan_s)} simulated",
+        f"  TTFT             {_ms(result.ttft_mean_s)} mean, {_ms(result.ttft_p50_s)} p50, "
+        f"{_ms(result.ttft_p90_s)} p90",
+        f"  TPOT             {_ms(result.tpot_mean_s)} mean, {_ms(result.tpot_p50_s)} p50, "
+        f"{_ms(result.tpot_p90_s)} p90",
+        f"  end-to-end       {_ms(result.e2e_mean_s)} mean; {result.tokens_per_s:.2f} tokens/s "
         f"({result.decode_tokens_per_s:.2f} in decode)",
         f"  hit rate         {result.hit_rate:.3f} decode, {result.prefill_hit_rate:.3f} prefill",
     ]
@@ -70,7 +72,7 @@ def summary_text(result) -> str:
     lines += [
         f"  PCIe             {result.h2d_bytes / mib:.0f} MiB host->device, {result.d2h_bytes / mib:.0f} MiB "
         f"device->host",
-        f"  stall            {result.stall_s:.3f} s waiting for copies or the CPU",
+        f"  stall            {_ms(result.stall_s)} waiting for copies or the CPU",
         f"  utilization      GPU {result.gpu_util:.2f}, PCIe H2D {result.h2d_util:.2f}, D2H {result.d2h_util:.2f}, "
         f"CPU {result.cpu_util:.2f}",
     ]
@@ -108,18 +110,15 @@ def _notes(result, policy) -> list[str]:
               "the profile is then composed from the GPU spec named by --profile, this host and --link.")
 @click.option("--link", default=None, type=click.Choice(["pcie3", "pcie4", "pcie5"]),
               help="PCIe generation of the composed profile (default: the GPU's own).")
-@click.option("--policy", default="lru", show_default=True, help="Preset (lru, mixtral-offloading, fiddler, ...), "
-              f"optionally with parts replaced: lru+prefetch=oracle+scope=global (parts: {', '.join(PARTS)}).")
-@click.option("--cache-experts", default=None, help="Cache size in experts per MoE layer, 0..E (a global "
-              "cache gets as many per layer on average).")
+@policy_option(many=False, extra=f"Parts: {', '.join(PARTS)}.")
+@cache_experts_option(many=False, extra="A global cache gets as many per layer on average.")
 @click.option("--cache-mem", default=None, help="Cache size in bytes, e.g. 4000MiB (instead of --cache-experts).")
 @click.option("--gpu-mem", default=None, help="GPU memory budget, e.g. 16GiB (default: the profile's device). "
               "Without a cache size the cache fills what is left.")
 @click.option("--expert-bits", default=None, help="Expert weight format: 16, 8, 4, 3, 2 or e.g. int2-g16-m8 "
               "(default: the trace's own).")
 @click.option("--non-expert-bits", default=None, help="Non-expert weight format (default: the trace's own).")
-@click.option("--batch", default="1", show_default=True, help="Requests decoded together (at most the trace's "
-              "requests).")
+@batch_option(many=False)
 @click.option("--eviction", default=None, help="Replace the preset's cache rule: lru, lfu, fifo, static, belady, mrs.")
 @click.option("--scope", default=None, type=click.Choice(["layer", "global"]), help="Cache per layer or global.")
 @click.option("--prefetch", default=None, help="Replace the prefetcher: none, next-layer, first-non-resident, eam, "
@@ -234,20 +233,17 @@ def default_cache_sizes(trace_path: Path) -> list[int]:
 
 
 @click.command(name="sweep")
-@click.option("--policy", "policies", default=None, help="Comma-separated policies: presets or presets with parts "
-              "replaced, e.g. lru+prefetch=oracle,fiddler (default: a representative set of presets).")
+@policy_option(many=True, default=None, dest="policies", extra="Default: a representative set of presets.")
 @click.option("--trace", "traces", default=None, help="Comma-separated traces or bundled names (default: the bundled "
               "Qwen3 trace).")
 @click.option("--profile", "profiles", default=DEFAULT_PROFILE, show_default=True, help="Comma-separated profiles.")
-@click.option("--cache-experts", default=None, help="Comma-separated cache sizes in experts per layer "
-              "(default: k, 2k, 4k, 8k for the trace's top-k).")
+@cache_experts_option(many=True, extra="Default: k, 2k, 4k, 8k for the trace's top-k.")
 @click.option("--gpu-mem", default=None, help="Comma-separated GPU memory budgets (instead of --cache-experts).")
 @click.option("--expert-bits", default=None, help="Comma-separated expert formats, e.g. 16,4,2 (default: the trace's).")
 @click.option("--non-expert-bits", default=None, help="Non-expert weight format for every point.")
-@click.option("--batch", "batches", default="1", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--out", "out_dir", default="out/sweep", show_default=True, metavar="FOLDER",
-              type=click.Path(file_okay=False),
-              help="Folder for sweep.parquet, sweep.csv and sweep.png (a rerun resumes).")
+@batch_option(many=True)
+@out_option("folder", "sweep.parquet, sweep.csv, sweep.png and the results store (a rerun resumes).",
+            default="out/sweep", dest="out_dir")
 @jobs_option()
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where the configurations run: this machine's cores, or a Ray cluster (pip install -e \".[ray]\"); "
