@@ -51,9 +51,9 @@ def calib_command(device: str, model_config: str, quick: bool, out: str, name: s
 def profiles_command(model_config: str) -> None:
     """List the bundled hardware profiles."""
     from moesim.calib.profile import bundled_profiles, load_profile
-    from moesim.modelspec import load_model_shape
+    from moesim.tracer import load_shape
 
-    shape = load_model_shape(model_config)
+    shape = load_shape(model_config)
     nbytes = shape.expert_bytes("bfloat16")
     header = (f"{'name':<18} {'device':<36} {'source':<8} {'memory':>9} {'H2D GB/s':>9} {'copy ms':>8} "
               f"{'bf16 1t ms':>10} {'bf16 64t ms':>11} {'CPU 1t ms':>9}  kernels")

@@ -1,4 +1,4 @@
-"""`moesim search` and `moesim costmodel fit|show|predict`."""
+"""`moesim search`, `moesim costmodel fit|show|predict`, and `moesim sweep` with the cost model's --screen."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import click
 from moesim.errors import MoesimError
 from moesim.options import (batch_list, batch_option, byte_size, cache_experts_list, cache_experts_option,
                             check_batches, check_cache_experts, jobs_option, out_option, policy_option, split_list)
+from moesim.simulator.cli import SWEEP_HELP, sweep_main, sweep_options
 from moesim.tracer.format import trace_requests
 from moesim.units import parse_seconds
 
@@ -275,3 +276,20 @@ def predict_command(trace_spec, profile_spec, policy, cache_experts, expert_bits
         click.echo(f"{p:<26} {c:>5} {format_label(e):<10} {format_label(n):<10} {b:>5} "
                    f"{pred.peak_gpu_bytes[i] / 2**20:12.0f} {nums}")
     click.echo(f"{len(grid)} configurations predicted in {dt:.2f} s", err=True)
+
+
+def _screen(points: list) -> tuple[list, str]:
+    from moesim.costmodel.screen import screen_points
+
+    screened = screen_points(points)
+    return screened.kept, screened.summary()
+
+
+@click.command(name="sweep", help=SWEEP_HELP)
+@sweep_options
+@click.option("--screen", is_flag=True, help="Skip the configurations the cost model predicts are dominated "
+              "(another one of the same trace, profile, formats and batch >5% faster in TPOT with no more GPU memory).")
+def sweep_command(screen: bool, **flags):
+    # `moesim sweep` is the simulator's; it is assembled here because --screen asks the cost model, which sits
+    # above the simulator (tests/test_layering.py)
+    sweep_main(**flags, screen=_screen if screen else None)

@@ -1,4 +1,5 @@
-"""`moesim simulate` (one configuration) and `moesim sweep` (a grid, in parallel, resumable)."""
+"""`moesim simulate` (one configuration) and the simulator's part of `moesim sweep` (a grid, in parallel,
+resumable; the command itself is assembled in :mod:`moesim.costmodel.cli`, which adds the cost model's --screen)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import click
 
@@ -232,61 +233,70 @@ def default_cache_sizes(trace_path: Path) -> list[int]:
     return sizes
 
 
-@click.command(name="sweep")
-@policy_option(many=True, default=None, dest="policies", extra="Default: a representative set of presets.")
-@click.option("--trace", "traces", default=None, help="Comma-separated traces or bundled names (default: the bundled "
-              "Qwen3 trace).")
-@click.option("--profile", "profiles", default=DEFAULT_PROFILE, show_default=True, help="Comma-separated profiles.")
-@cache_experts_option(many=True, extra="Default: k, 2k, 4k, 8k for the trace's top-k.")
-@click.option("--gpu-mem", default=None, help="Comma-separated GPU memory budgets (instead of --cache-experts).")
-@click.option("--expert-bits", default=None, help="Comma-separated expert formats, e.g. 16,4,2 (default: the trace's).")
-@click.option("--non-expert-bits", default=None, help="Non-expert weight format for every point.")
-@batch_option(many=True)
-@out_option("folder", "sweep.parquet, sweep.csv, sweep.png and the results store (a rerun resumes).",
-            default="out/sweep", dest="out_dir")
-@jobs_option()
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="Where the configurations run: this machine's cores, or a Ray cluster (pip install -e \".[ray]\"); "
-                   "both share --out's resumable journal.")
-@click.option("--address", default=None, metavar="ADDR",
-              help="With --executor ray: the cluster to join (auto, or HOST:PORT; default: a local Ray instance "
-                   "of --jobs CPUs).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--no-plot", is_flag=True, help="Do not draw the latency-vs-memory plot.")
-@click.option("--screen", is_flag=True, help="Skip the configurations the cost model predicts are dominated "
-              "(another one of the same trace, profile, formats and batch >5% faster in TPOT with no more GPU memory).")
-@click.option("--list", "list_grids_", is_flag=True, help="List the grids swept into --out (nothing is run).")
-@click.option("--all", "show_all", is_flag=True, help="Print the table of every grid swept into --out (nothing is run).")
-def sweep_command(policies, traces, profiles, cache_experts, gpu_mem, expert_bits, non_expert_bits, batches, out_dir,
-                  jobs, executor, address, no_progress, no_plot, screen, list_grids_, show_all):
-    """Simulate a grid of policies x traces x profiles x cache sizes x formats x batch sizes in parallel.
+SWEEP_HELP = """Simulate a grid of policies x traces x profiles x cache sizes x formats x batch sizes in parallel.
 
     --out is a results store: a rerun reuses the configurations whose trace, profile and simulator are
     unchanged (by content), and every grid swept into it stays readable with --list and --all.
     """
+
+
+def sweep_options(command: Callable) -> Callable:
+    """The flags of `moesim sweep` that the simulator owns (the command is assembled in moesim.costmodel.cli,
+    which adds --screen: the cost model sits above the simulator)."""
+    decorators = [
+        policy_option(many=True, default=None, dest="policies", extra="Default: a representative set of presets."),
+        click.option("--trace", "traces", default=None, help="Comma-separated traces or bundled names (default: "
+                     "the bundled Qwen3 trace)."),
+        click.option("--profile", "profiles", default=DEFAULT_PROFILE, show_default=True,
+                     help="Comma-separated profiles."),
+        cache_experts_option(many=True, extra="Default: k, 2k, 4k, 8k for the trace's top-k."),
+        click.option("--gpu-mem", default=None, help="Comma-separated GPU memory budgets (instead of "
+                     "--cache-experts)."),
+        click.option("--expert-bits", default=None, help="Comma-separated expert formats, e.g. 16,4,2 (default: "
+                     "the trace's)."),
+        click.option("--non-expert-bits", default=None, help="Non-expert weight format for every point."),
+        batch_option(many=True),
+        out_option("folder", "sweep.parquet, sweep.csv, sweep.png and the results store (a rerun resumes).",
+                   default="out/sweep", dest="out_dir"),
+        jobs_option(),
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="Where the configurations run: this machine's cores, or a Ray cluster (pip install -e "
+                          "\".[ray]\"); both share --out's resumable journal."),
+        click.option("--address", default=None, metavar="ADDR",
+                     help="With --executor ray: the cluster to join (auto, or HOST:PORT; default: a local Ray "
+                          "instance of --jobs CPUs)."),
+        click.option("--no-progress", is_flag=True, help="No progress bar."),
+        click.option("--no-plot", is_flag=True, help="Do not draw the latency-vs-memory plot."),
+        click.option("--list", "list_grids_", is_flag=True, help="List the grids swept into --out (nothing is run)."),
+        click.option("--all", "show_all", is_flag=True, help="Print the table of every grid swept into --out "
+                     "(nothing is run)."),
+    ]
+    for decorate in reversed(decorators):
+        command = decorate(command)
+    return command
+
+
+def _show_store(out_dir: str, list_grids_: bool, show_all: bool) -> None:
+    from moesim.simulator.sweep import format_grid_list, format_table, grid_rows, list_grids
+
+    records = list_grids(Path(out_dir))
+    if list_grids_ or not records:
+        click.echo(format_grid_list(records, Path(out_dir)))
+    if show_all:
+        for r in records:
+            click.echo(f"\ngrid {r.grid} ({r.created}, {r.points} points"
+                       f"{'' if r.finished else ', interrupted'}): {r.command}")
+            rows = grid_rows(r, Path(out_dir))
+            click.echo(format_table(rows) if rows else "(no finished table; rerun its command to complete it)")
+
+
+def sweep_grid(policies, traces, profiles, cache_experts, gpu_mem, expert_bits, non_expert_bits, batches) -> list:
+    """The grid the flags name, every value checked before any work."""
     from moesim.calib.profile import load_profile
     from moesim.simulator.presets import DEFAULT_SWEEP_POLICIES
-    from moesim.simulator.sweep import (PLOT, build_grid, check_writable, finish_grid, format_grid_list,
-                                        format_table, grid_rows, list_grids, run_sweep, start_grid, write_plot,
-                                        write_tables)
-    from moesim.traces import resolve_trace
-
-    if list_grids_ or show_all:
-        records = list_grids(Path(out_dir))
-        if list_grids_ or not records:
-            click.echo(format_grid_list(records, Path(out_dir)))
-        if show_all:
-            for r in records:
-                click.echo(f"\ngrid {r.grid} ({r.created}, {r.points} points"
-                           f"{'' if r.finished else ', interrupted'}): {r.command}")
-                rows = grid_rows(r, Path(out_dir))
-                click.echo(format_table(rows) if rows else "(no finished table; rerun its command to complete it)")
-        return
-
+    from moesim.simulator.sweep import build_grid
     from moesim.tracer import read_trace_meta
-
-    if address is not None and executor != "ray":
-        raise MoesimError("--address is the Ray cluster to run on: it needs --executor ray")
+    from moesim.traces import resolve_trace
 
     policy_list = policy_names(split_list(policies, "--policy") or list(DEFAULT_SWEEP_POLICIES))
     trace_list = split_list(traces, "--trace") or [None]
@@ -312,13 +322,25 @@ def sweep_command(policies, traces, profiles, cache_experts, gpu_mem, expert_bit
     batch_sizes = batch_list(batches) or [1]
     for path in trace_paths:
         check_batches(batch_sizes, trace_requests(path))
-    points = build_grid(trace_specs, profile_list, policy_list, sizes, mems, bits, non_expert_bits, batch_sizes)
-    if screen:
-        from moesim.costmodel.screen import screen_points
+    return build_grid(trace_specs, profile_list, policy_list, sizes, mems, bits, non_expert_bits, batch_sizes)
 
-        screened = screen_points(points)
-        click.echo(screened.summary(), err=True)
-        points = screened.kept
+
+def sweep_main(policies, traces, profiles, cache_experts, gpu_mem, expert_bits, non_expert_bits, batches, out_dir,
+               jobs, executor, address, no_progress, no_plot, list_grids_, show_all,
+               screen: Optional[Callable[[list], tuple[list, str]]] = None) -> None:
+    """`moesim sweep`; ``screen`` maps the grid to (the points to run, a line saying what was skipped)."""
+    from moesim.simulator.sweep import (PLOT, check_writable, finish_grid, format_table, run_sweep, start_grid,
+                                        write_plot, write_tables)
+
+    if list_grids_ or show_all:
+        _show_store(out_dir, list_grids_, show_all)
+        return
+    if address is not None and executor != "ray":
+        raise MoesimError("--address is the Ray cluster to run on: it needs --executor ray")
+    points = sweep_grid(policies, traces, profiles, cache_experts, gpu_mem, expert_bits, non_expert_bits, batches)
+    if screen is not None:
+        points, summary = screen(points)
+        click.echo(summary, err=True)
     out = check_writable(Path(out_dir))
     record = start_grid(points, out, _command_line("sweep"))
     click.echo(f"sweep: {len(points)} configurations -> {out} (grid {record.grid})", err=True)
