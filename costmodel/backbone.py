@@ -139,11 +139,11 @@ def miss_table(fe: WorkloadFeatures, spec: PolicySpec, expert_bytes: list[int]) 
         return fe.misses("lru-global")
     base = "lru-last" if cache.initial == "last-experts" else "lru"
     if cache.sizing == "dp":
-        from moesim.costmodel.features import dp_sizes_all
+        from moesim.simulator.memory import dp_sizes_every_budget
 
         sizes = fe._tables.get("dp-sizes")
         if sizes is None:
-            sizes = fe._tables["dp-sizes"] = dp_sizes_all(fe.dp_curves)
+            sizes = fe._tables["dp-sizes"] = dp_sizes_every_budget(fe.dp_curves)
         return fe.dp_misses(sizes, base)
     return fe.misses(base)
 

@@ -22,11 +22,12 @@ from typing import Optional
 import numpy as np
 
 from moesim.costmodel.backbone import Backbone, OpCosts, backbone, op_costs
-from moesim.costmodel.features import WorkloadFeatures, build_features, dp_sizes_all
+from moesim.costmodel.features import WorkloadFeatures, build_features
 from moesim.costmodel.memory import MemoryParts, memory_parts, peak_bytes
 from moesim.costmodel.space import ConfigSet
 from moesim.errors import MoesimError
 from moesim.quant import WeightFormat
+from moesim.simulator.memory import dp_sizes_every_budget
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ class TraceProfileContext:
     def dp_sizes(self) -> np.ndarray:
         if self._dp is None:
             fe = self.features(1, _off())
-            self._dp = dp_sizes_all(fe.dp_curves)
+            self._dp = dp_sizes_every_budget(fe.dp_curves)
         return self._dp
 
     def table(self, policy: str, batch: int, efmt: Optional[str]) -> _Table:

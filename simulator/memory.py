@@ -57,34 +57,58 @@ def lru_miss_curves(trace) -> np.ndarray:
     return curve.layer_accesses[:, None] - curve.layer_hits
 
 
-def dp_cache_sizes(curves: np.ndarray, total_slots: int) -> list[int]:
-    """Split ``total_slots`` over layers to minimise the summed misses (AdapMoE's ``get_cache_size``)."""
+def _dp_over_budgets(curves: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """AdapMoE's DP over budgets 0..``total``: least summed misses per budget, and each layer's size choice.
+
+    Ties go to the smallest size. The values and choices at a budget do not depend on ``total``, so one run
+    over the largest budget serves every smaller one (:func:`dp_sizes_every_budget`).
+    """
     L, S = curves.shape
     E = S - 1
-    total_slots = int(min(max(total_slots, 0), L * E))
     inf = np.iinfo(np.int64).max // 4
-    dp = np.full(total_slots + 1, inf, dtype=np.int64)
+    dp = np.full(total + 1, inf, dtype=np.int64)
     dp[0] = 0
-    choice = np.zeros((L, total_slots + 1), dtype=np.int64)
+    choice = np.zeros((L, total + 1), dtype=np.int64)
     for layer in range(L):
-        new = np.full(total_slots + 1, inf, dtype=np.int64)
-        pick = np.zeros(total_slots + 1, dtype=np.int64)
-        for s in range(min(E, total_slots) + 1):
-            cand = np.full(total_slots + 1, inf, dtype=np.int64)
-            cand[s:] = dp[: total_slots + 1 - s] + curves[layer, s]
+        new = np.full(total + 1, inf, dtype=np.int64)
+        pick = np.zeros(total + 1, dtype=np.int64)
+        for s in range(min(E, total) + 1):
+            cand = np.full(total + 1, inf, dtype=np.int64)
+            cand[s:] = dp[: total + 1 - s] + curves[layer, s]
             better = cand < new
             new[better] = cand[better]
             pick[better] = s
         dp = new
         choice[layer] = pick
+    return dp, choice
+
+
+def _backtrack(dp: np.ndarray, choice: np.ndarray, budget: int) -> list[int]:
     # the whole budget is used when it can be (more slots never add misses)
-    t = int(np.flatnonzero(dp < inf).max())
-    sizes = [0] * L
-    for layer in range(L - 1, -1, -1):
+    t = int(np.flatnonzero(dp[: budget + 1] < np.iinfo(np.int64).max // 4).max())
+    sizes = [0] * choice.shape[0]
+    for layer in range(choice.shape[0] - 1, -1, -1):
         s = int(choice[layer, t])
         sizes[layer] = s
         t -= s
     return sizes
+
+
+def dp_cache_sizes(curves: np.ndarray, total_slots: int) -> list[int]:
+    """Split ``total_slots`` over layers to minimise the summed misses (AdapMoE's ``get_cache_size``)."""
+    L, S = curves.shape
+    total_slots = int(min(max(total_slots, 0), L * (S - 1)))
+    dp, choice = _dp_over_budgets(curves, total_slots)
+    return _backtrack(dp, choice, total_slots)
+
+
+def dp_sizes_every_budget(curves: np.ndarray) -> np.ndarray:
+    """[E+1, L]: :func:`dp_cache_sizes` for the budgets p*L, p = 0..E (p slots per layer on average), from one DP
+    (the cost model predicts every cache size of a search at once)."""
+    L, S = curves.shape
+    E = S - 1
+    dp, choice = _dp_over_budgets(np.asarray(curves, dtype=np.int64), L * E)
+    return np.asarray([_backtrack(dp, choice, p * L) for p in range(E + 1)], dtype=np.int64).reshape(E + 1, L)
 
 
 def plan_memory(policy: PolicySpec, shape: ModelShape, expert_bytes: list[int], non_expert_bytes: int,
