@@ -88,7 +88,7 @@ class _Table:
 
 class TraceProfileContext:
     def __init__(self, trace: str, profile: str):
-        from moesim.simulator.run import load_profile_cached, load_trace_cached
+        from moesim.simulator.session import ReplaySession, load_profile_cached, load_trace_cached
         from moesim.simulator.sweep import trace_label
         from moesim.traces import resolve_trace
 
@@ -98,6 +98,9 @@ class TraceProfileContext:
         self.trace = load_trace_cached(self.trace_path)
         self.profile = load_profile_cached(profile)
         self.label = trace_label(trace)
+        # the simulator's session for the pair: the workloads the features are built from are the ones the
+        # confirming simulations replay
+        self.session = ReplaySession.of(self.trace, self.profile)
         self.meta = self.trace.meta
         self.shape = self.meta.model
         self.L, self.E, self.k = self.meta.num_layers, self.meta.num_experts, self.meta.top_k
@@ -339,12 +342,12 @@ def workload_features(trace, path, batch: int, gating, label: str) -> tuple[Work
     """Features of a trace for a batch size and gating, memoized per process (they do not depend on the
     profile, so every profile of a search or a fit reuses them)."""
     from moesim.simulator.compose import policy_spec
-    from moesim.simulator.run import _file_key, get_workload
+    from moesim.simulator.session import file_memo_key, trace_replay
 
-    key = (_file_key(path), id(trace), batch, gating)
+    key = (file_memo_key(path), id(trace), batch, gating)
     if key not in _FEATURES:
         policy = policy_spec("lru").with_parts(gating=gating)
-        wl = get_workload(trace, batch, policy)
+        wl = trace_replay(trace).workload(batch, policy)
         _FEATURES[key] = (build_features(trace, wl, label), wl, trace)
         while len(_FEATURES) > _FEATURES_KEEP:
             _FEATURES.pop(next(iter(_FEATURES)))

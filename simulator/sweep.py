@@ -161,16 +161,17 @@ def _warm_units(points: Sequence[SweepPoint]) -> list[SweepPoint]:
 
 def _warm_unit(p: SweepPoint) -> None:
     """Load and compile what the points like ``p`` share (kept in this process's memos and on disk)."""
-    from moesim.simulator.run import _predictions, get_workload, load_profile_cached, load_trace_cached, prepare
+    from moesim.simulator.run import prefetch_predictions, prepare
+    from moesim.simulator.session import ReplaySession, load_profile_cached, load_trace_cached
     from moesim.traces import resolve_trace
 
     try:
         trace = load_trace_cached(resolve_trace(p.trace))
         profile = load_profile_cached(p.profile)
         config = point_config(p)
-        get_workload(trace, p.batch, config.policy)
+        ReplaySession.of(trace, profile).workload(p.batch, config.policy)
         if config.policy.prefetch.policy == "predictive":
-            _predictions(prepare(trace, profile, config), config.policy.prefetch.train)
+            prefetch_predictions(prepare(trace, profile, config), config.policy.prefetch.train)
     except MoesimError:
         pass  # reported by the point itself
 
