@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from moesim.costmodel.backbone import Backbone, OpCosts, backbone, op_costs
+from moesim.costmodel.backbone import Backbone, OpCosts, analytic_gap, backbone, op_costs
 from moesim.costmodel.features import WorkloadFeatures, build_features
 from moesim.costmodel.memory import MemoryParts, memory_parts, peak_bytes
 from moesim.costmodel.space import ConfigSet
@@ -200,6 +200,10 @@ class TraceProfileContext:
             from moesim.simulator.compose import policy_spec
 
             spec = policy_spec(policy)
+            gap = analytic_gap(spec)
+            if gap:
+                self._tables[key] = _Table(None, None, gap)
+                return self._tables[key]
             fe = self.features(batch, spec.gating)
             if spec.cache.sizing == "dp":
                 fe._tables.setdefault("dp-sizes", self.dp_sizes())
