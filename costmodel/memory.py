@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moesim.simulator.config import PolicySpec
+from moesim.simulator.memory import buffer_bytes as transfer_buffers
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,8 @@ def cache_bytes(spec: PolicySpec, expert_bytes: list[int], num_experts: int, cac
 
 
 def buffer_bytes(spec: PolicySpec, expert_bytes: list[int], num_experts: int) -> int:
-    """Staging and prefetch buffers."""
-    max_eb = int(max(expert_bytes))
-    t = spec.transfer
-    staging = num_experts * max_eb if t.mode == "layer" else t.staging_experts * max_eb
-    return int(staging + t.prefetch_buffer_experts * max_eb)
+    """Staging and prefetch buffers (the simulator's rule)."""
+    return sum(transfer_buffers(spec.transfer, [int(b) for b in expert_bytes], num_experts))
 
 
 def memory_parts(shape, workload, non_expert_bytes: int, profile) -> MemoryParts:

@@ -111,6 +111,14 @@ def dp_sizes_every_budget(curves: np.ndarray) -> np.ndarray:
     return np.asarray([_backtrack(dp, choice, p * L) for p in range(E + 1)], dtype=np.int64).reshape(E + 1, L)
 
 
+def buffer_bytes(transfer, expert_bytes: list[int], num_experts: int) -> tuple[int, int]:
+    """(staging, prefetch buffer) bytes a transfer mode needs beside the cache: a whole layer of experts for
+    accelerate's layer copies, else its staging slots; both sized for the largest expert."""
+    max_eb = max(expert_bytes)
+    staging = num_experts * max_eb if transfer.mode == "layer" else transfer.staging_experts * max_eb
+    return int(staging), int(transfer.prefetch_buffer_experts * max_eb)
+
+
 def plan_memory(policy: PolicySpec, shape: ModelShape, expert_bytes: list[int], non_expert_bytes: int,
                 workload: Workload, profile, cache_experts: Optional[int], gpu_mem_bytes: Optional[int],
                 miss_curves: Optional[np.ndarray] = None, cache_mem: Optional[int] = None) -> MemoryPlan:
@@ -119,10 +127,7 @@ def plan_memory(policy: PolicySpec, shape: ModelShape, expert_bytes: list[int], 
     transfer = policy.transfer
     budget = int(gpu_mem_bytes if gpu_mem_bytes is not None else profile.device.memory_bytes)
     max_eb = max(expert_bytes)
-    staging = transfer.staging_experts * max_eb
-    if transfer.mode == "layer":
-        staging = E * max_eb
-    prefetch_buf = transfer.prefetch_buffer_experts * max_eb
+    staging, prefetch_buf = buffer_bytes(transfer, expert_bytes, E)
     kv = kv_cache_bytes(shape, workload)
     act = activation_bytes(shape, workload)
     reserve = int(profile.runtime_reserve_bytes)
