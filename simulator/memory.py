@@ -119,6 +119,37 @@ def buffer_bytes(transfer, expert_bytes: list[int], num_experts: int) -> tuple[i
     return int(staging), int(transfer.prefetch_buffer_experts * max_eb)
 
 
+def cache_bytes_at_sizes(spec: PolicySpec, expert_bytes: list[int], num_experts: int, cache_experts: np.ndarray,
+                dp_sizes: np.ndarray | None = None) -> np.ndarray:
+    """Bytes the cache holds at each ``cache_experts`` (experts per MoE layer), as :func:`plan_memory` sizes it,
+    for an array of sizes at once (the cost model's peak memory); ``dp_sizes``: :func:`dp_sizes_every_budget`."""
+    eb = np.asarray(expert_bytes, dtype=np.int64)
+    E = num_experts
+    c = np.asarray(cache_experts, dtype=np.int64)
+    per_layer_sum = int(eb.sum())
+    all_bytes = E * per_layer_sum
+    cache = spec.cache
+    if spec.all_resident:
+        return np.full(c.shape, all_bytes, dtype=np.int64)
+    if cache.initial == "first-layers":
+        budget = c * per_layer_sum
+        cum = np.concatenate([[0], np.cumsum(E * eb)])
+        n = np.searchsorted(cum, budget, side="right") - 1
+        return cum[n]
+    per_layer = np.minimum(c, E)
+    total_bytes = per_layer * per_layer_sum
+    if cache.scope == "layer":
+        if cache.sizing == "dp":
+            if dp_sizes is None:
+                raise ValueError("dp sizing needs the DP sizes")
+            return (dp_sizes[per_layer] * eb[None, :]).sum(axis=1)
+        return per_layer * per_layer_sum
+    if cache.unit == "bytes":
+        return total_bytes
+    max_eb = int(eb.max())
+    return (total_bytes // max_eb) * max_eb
+
+
 def plan_memory(policy: PolicySpec, shape: ModelShape, expert_bytes: list[int], non_expert_bytes: int,
                 workload: Workload, profile, cache_experts: Optional[int], gpu_mem_bytes: Optional[int],
                 miss_curves: Optional[np.ndarray] = None, cache_mem: Optional[int] = None) -> MemoryPlan:
