@@ -39,7 +39,7 @@ from moesim.calib.profile import (
 )
 from moesim.calib.timing import Budget, RepeatPolicy, Timer
 from moesim.errors import MoesimError
-from moesim.modelspec import load_model_shape
+from moesim.tracer import load_shape
 
 
 @dataclass(frozen=True)
@@ -201,7 +201,7 @@ def calibrate(opts: CalibOptions) -> HardwareProfile:
         raise MoesimError(f"--threads {threads}: expected 1..{cores} (the CPU cores available here)")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    shape = load_model_shape(opts.model_config)
+    shape = load_shape(opts.model_config)
     config = hf_config_for(opts.model_config, shape)
     act_dtype = _activation_dtype(device)
     statistic = opts.statistic if opts.statistic != "auto" else ("median" if device.type == "cuda" else "p10")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from moesim.errors import MoesimError
+from moesim.options import out_option
 
 
 @click.command("calib")
@@ -12,8 +13,7 @@ from moesim.errors import MoesimError
 @click.option("--model-config", default="mixtral-8x7b", show_default=True,
               help="model whose shapes to time: a bundled name, a config.json or folder, a hub id, or a trace")
 @click.option("--quick", is_flag=True, help="a short grid (under a minute) instead of the full one")
-@click.option("--out", "out", required=True, metavar="FILE", type=click.Path(dir_okay=False),
-              help="PROFILE.json to write")
+@out_option("file", "the PROFILE.json to write.", required=True)
 @click.option("--name", default="", help="profile name (default: cpu-calibrated, or the GPU name + '-measured')")
 @click.option("--threads", type=int, default=None, help="CPU threads for CPU work (default: all available cores)")
 @click.option("--statistic", type=click.Choice(["auto", "median", "p10", "min"]), default="auto", show_default=True,
@@ -51,9 +51,9 @@ def calib_command(device: str, model_config: str, quick: bool, out: str, name: s
 def profiles_command(model_config: str) -> None:
     """List the bundled hardware profiles."""
     from moesim.calib.profile import bundled_profiles, load_profile
-    from moesim.modelspec import load_model_shape
+    from moesim.tracer import load_shape
 
-    shape = load_model_shape(model_config)
+    shape = load_shape(model_config)
     nbytes = shape.expert_bytes("bfloat16")
     header = (f"{'name':<18} {'device':<36} {'source':<8} {'memory':>9} {'H2D GB/s':>9} {'copy ms':>8} "
               f"{'bf16 1t ms':>10} {'bf16 64t ms':>11} {'CPU 1t ms':>9}  kernels")

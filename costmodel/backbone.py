@@ -124,6 +124,13 @@ class Backbone:
     cpu_share: np.ndarray  # share of decode misses run on the CPU
 
 
+# The miss table that stands in for each eviction rule (simulator/cache.py CACHE_POLICIES), by its name: the
+# stack algorithms have exact tables; LFU, FIFO, MRS and Belady read the LRU table and the fitted correction
+# learns their difference (see moesim.costmodel.model).
+MISS_TABLES: dict[str, str] = {"lru": "lru", "fifo": "lru", "lfu": "lru", "lfu-forget": "lru", "mrs": "lru",
+                               "belady": "lru", "static": "static"}
+
+
 def miss_table(fe: WorkloadFeatures, spec: PolicySpec, expert_bytes: list[int]) -> Optional[MissTable]:
     """The miss table the backbone reads for a policy (None: everything resident)."""
     cache = spec.cache
@@ -131,7 +138,7 @@ def miss_table(fe: WorkloadFeatures, spec: PolicySpec, expert_bytes: list[int]) 
         return None
     if cache.initial == "first-layers":
         return None  # accelerate: handled by layers
-    if cache.policy == "static":
+    if MISS_TABLES[cache.policy] == "static":
         if cache.scope == "global":
             return static_global_table(fe, np.asarray(expert_bytes))
         return fe.misses("static")
@@ -139,11 +146,11 @@ def miss_table(fe: WorkloadFeatures, spec: PolicySpec, expert_bytes: list[int]) 
         return fe.misses("lru-global")
     base = "lru-last" if cache.initial == "last-experts" else "lru"
     if cache.sizing == "dp":
-        from moesim.costmodel.features import dp_sizes_all
+        from moesim.simulator.memory import dp_sizes_every_budget
 
         sizes = fe._tables.get("dp-sizes")
         if sizes is None:
-            sizes = fe._tables["dp-sizes"] = dp_sizes_all(fe.dp_curves)
+            sizes = fe._tables["dp-sizes"] = dp_sizes_every_budget(fe.dp_curves)
         return fe.dp_misses(sizes, base)
     return fe.misses(base)
 
@@ -172,6 +179,53 @@ def _effective_copies(fe: WorkloadFeatures, table: MissTable, oc: OpCosts) -> _C
     return _Copies(eff(oc.copy), eff(oc.copy_pageable), eff(oc.copy_d2h))
 
 
+# Each part's analytic time, by the name it is registered under (simulator/placement.py PLACEMENTS,
+# simulator/transfer.py TRANSFERS): a placement that runs experts on the CPU times a decode layer-step's
+# experts itself (and Fiddler its prefill too); otherwise the transfer mode does. A cell function takes the
+# cell's ``a`` experts with ``m`` non-resident and returns (time, copy part, experts run on the CPU).
+def _decode_fiddler(a, m, t, g, oc: OpCosts, cp: _Copies, code_rule: bool):
+    chain = _interp(oc.act_d2h, t) + _interp(oc.cpu, t) + _interp(oc.act_h2d, t)
+    xp = cp.pageable
+    # the released constants (CPU 7 per token against a 70 transfer) or the profile's costs
+    to_cpu = (t * FIDDLER_CODE_CPU < FIDDLER_CODE_GPU) if code_rule else (_interp(oc.cpu, t) < xp)
+    f = np.where(to_cpu, np.where(m >= 1, np.maximum((a - m) * g, m * chain), a * g), a * g + m * xp)
+    return f, f - a * g, np.where(to_cpu, m + 0 * a, 0.0)
+
+
+def _decode_hybrimoe(a, m, t, g, oc: OpCosts, cp: _Copies, code_rule: bool):
+    f, cpu_cnt = _hybrimoe_cells(a, m, g, cp.pinned, _interp(oc.cpu, t), _interp(oc.act_d2h, t),
+                                 _interp(oc.act_h2d, t))
+    return f, f - (a - cpu_cnt) * g, cpu_cnt
+
+
+def _decode_stream(a, m, t, g, oc: OpCosts, cp: _Copies, code_rule: bool):
+    x = cp.pinned
+    f = np.where(m >= 1, np.maximum(np.maximum(a * g, m * x + g), x + m * g), a * g)
+    return f, f - a * g, np.zeros((1,) + a.shape[1:2] + m.shape[2:3])
+
+
+def _decode_swap(a, m, t, g, oc: OpCosts, cp: _Copies, code_rule: bool):
+    x = cp.pinned
+    return a * g + m * x, m * x, np.zeros((1,) + a.shape[1:2] + m.shape[2:3])
+
+
+def _decode_sync(a, m, t, g, oc: OpCosts, cp: _Copies, code_rule: bool):
+    return a * g + m * cp.pageable, m * cp.pageable, np.zeros((1,) + a.shape[1:2] + m.shape[2:3])
+
+
+def _prefill_stream(G, m, a, x, oc: OpCosts, layer, C):
+    Gm = G * m / a
+    return np.where(m >= 1, np.maximum(np.maximum(G, m * x + Gm / np.maximum(m, 1)), x + Gm), G)
+
+
+def _prefill_swap(G, m, a, x, oc: OpCosts, layer, C):
+    return G + m * x + m * oc.copy_d2h[layer][:, None] * (np.arange(C)[None, :] > 0)
+
+
+def _prefill_sync(G, m, a, x, oc: OpCosts, layer, C):
+    return G + m * oc.copy_pageable[layer][:, None]
+
+
 def _decode_expert_time(hist: np.ndarray, mode: str, placement: str, oc: OpCosts, cp: _Copies,
                         swap_evicts: np.ndarray, code_rule: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Summed decode expert-phase time over cells, per capacity: (time, copy-wait time, cpu misses)."""
@@ -181,32 +235,10 @@ def _decode_expert_time(hist: np.ndarray, mode: str, placement: str, oc: OpCosts
     m = np.minimum(m, a)
     t = oc.decode_tokens_per_expert
     g = _interp(oc.gpu, t)
-    x = cp.pinned
-    has_miss = m >= 1
-    cpu_cnt = np.zeros((1, A1, A1))
-    if placement == "fiddler":
-        chain = _interp(oc.act_d2h, t) + _interp(oc.cpu, t) + _interp(oc.act_h2d, t)
-        xp = cp.pageable
-        # the released constants (CPU 7 per token against a 70 transfer) or the profile's costs
-        to_cpu = (t * FIDDLER_CODE_CPU < FIDDLER_CODE_GPU) if code_rule else (_interp(oc.cpu, t) < xp)
-        f = np.where(to_cpu, np.where(has_miss, np.maximum((a - m) * g, m * chain), a * g), a * g + m * xp)
-        cpu_cnt = np.where(to_cpu, m + 0 * a, 0.0)
-        copy_part = f - a * g
-    elif placement == "hybrimoe":
-        f, cpu_cnt = _hybrimoe_cells(a, m, g, x, _interp(oc.cpu, t), _interp(oc.act_d2h, t),
-                                     _interp(oc.act_h2d, t))
-        copy_part = f - (a - cpu_cnt) * g
-    elif mode == "stream":
-        f = np.where(has_miss, np.maximum(np.maximum(a * g, m * x + g), x + m * g), a * g)
-        copy_part = f - a * g
-    elif mode == "swap":
-        f = a * g + m * x
-        copy_part = m * x
-    elif mode == "sync":
-        f = a * g + m * cp.pageable
-        copy_part = m * cp.pageable
-    else:
+    cell = PLACEMENT_TIMES[placement].decode or TRANSFER_TIMES[mode].decode
+    if cell is None:
         raise MoesimError(f"internal: transfer mode '{mode}' is timed elsewhere")
+    f, copy_part, cpu_cnt = cell(a, m, t, g, oc, cp, code_rule)
     shape = (C, A1, A1)
     f = np.broadcast_to(f, shape)
     total = (hist * f).sum(axis=(1, 2))
@@ -277,16 +309,13 @@ def _prefill_cells(fe: WorkloadFeatures, misses: Optional[np.ndarray], mode: str
         return G + missing * oc.layer_copy[pc.layer][:, None]
     m = misses.astype(np.float64)
     x = oc.copy[pc.layer][:, None]
-    if placement == "fiddler":
-        return _fiddler_prefill(fe, oc, expert_bytes, spec.placement.rule == "code")
-    if mode == "stream":
-        Gm = G * m / a
-        return np.where(m >= 1, np.maximum(np.maximum(G, m * x + Gm / np.maximum(m, 1)), x + Gm), G)
-    if mode == "swap":
-        return G + m * x + m * oc.copy_d2h[pc.layer][:, None] * (np.arange(C)[None, :] > 0)
-    if mode == "sync":
-        return G + m * oc.copy_pageable[pc.layer][:, None]
-    raise MoesimError(f"internal: no prefill timing for transfer mode '{mode}'")
+    own = PLACEMENT_TIMES[placement].prefill
+    if own is not None:
+        return own(fe, oc, expert_bytes, spec.placement.rule == "code")
+    cell = TRANSFER_TIMES[mode].prefill
+    if cell is None:
+        raise MoesimError(f"internal: no prefill timing for transfer mode '{mode}'")
+    return cell(G, m, a, x, oc, pc.layer, C)
 
 
 def _fiddler_prefill(fe: WorkloadFeatures, oc: OpCosts, expert_bytes: list[int], code_rule: bool = False
@@ -314,6 +343,46 @@ def _fiddler_prefill(fe: WorkloadFeatures, oc: OpCosts, expert_bytes: list[int],
     gpu_time = (np.where(resident, g[:, :, None], sync[:, :, None])).sum(axis=1)
     cpu_time = (np.where(resident, 0.0, chain[:, :, None])).sum(axis=1)
     return np.maximum(gpu_time, cpu_time)
+
+
+@dataclass(frozen=True)
+class PartTime:
+    """A part's analytic time: its decode cell function and its prefill one (None: the transfer mode's, or, for
+    a transfer mode, whole layers timed by :func:`accelerate_layers`)."""
+
+    decode: Optional[object]
+    prefill: Optional[object]
+
+
+PLACEMENT_TIMES: dict[str, PartTime] = {
+    "gpu": PartTime(None, None),  # every expert on the GPU: the transfer mode times the copies
+    "fiddler": PartTime(_decode_fiddler, _fiddler_prefill),
+    "hybrimoe": PartTime(_decode_hybrimoe, None),  # HSS in decode; prefill runs on the GPU
+}
+TRANSFER_TIMES: dict[str, PartTime] = {
+    "stream": PartTime(_decode_stream, _prefill_stream),
+    "swap": PartTime(_decode_swap, _prefill_swap),
+    "sync": PartTime(_decode_sync, _prefill_sync),
+    "layer": PartTime(None, None),  # accelerate: whole layers copied on every pass (a first-layers cache)
+}
+
+
+def analytic_gap(spec: PolicySpec) -> str:
+    """Why the cost model has no analytic time for ``spec`` ("" when it has one)."""
+    placement, mode = spec.placement.policy, spec.transfer.mode
+    if spec.cache.policy not in MISS_TABLES:
+        return f"the cost model has no miss table for cache rule '{spec.cache.policy}'"
+    if placement not in PLACEMENT_TIMES:
+        return f"the cost model has no analytic time for placement '{placement}'"
+    if mode not in TRANSFER_TIMES:
+        return f"the cost model has no analytic time for transfer '{mode}'"
+    if spec.all_resident or spec.cache.initial in ("all", "first-layers"):
+        return ""  # nothing is copied per expert: every expert resident, or accelerate's whole layers
+    part, transfer = PLACEMENT_TIMES[placement], TRANSFER_TIMES[mode]
+    if (part.decode or transfer.decode) is None or (part.prefill or transfer.prefill) is None:
+        return (f"the cost model times transfer '{mode}' for whole resident layers only (accelerate's first-layers "
+                f"cache), not with cache '{spec.cache.policy}' starting {spec.cache.initial}")
+    return ""
 
 
 def accelerate_layers(expert_bytes: list[int], num_experts: int, cache_experts: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""`moesim search` and `moesim costmodel fit|show|predict`."""
+"""`moesim search`, `moesim costmodel fit|show|predict`, and `moesim sweep` with the cost model's --screen."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Optional
 import click
 
 from moesim.errors import MoesimError
-from moesim.options import (batch_list, byte_size, cache_experts_list, check_batches, check_cache_experts,
-                            jobs_option, split_list)
+from moesim.options import (batch_list, batch_option, byte_size, cache_experts_list, cache_experts_option,
+                            check_batches, check_cache_experts, jobs_option, out_option, policy_option, split_list)
+from moesim.simulator.cli import SWEEP_HELP, sweep_main, sweep_options
 from moesim.tracer.format import trace_requests
 from moesim.units import parse_seconds
 
@@ -39,12 +40,10 @@ def _load_model(path: Optional[str]):
 
 def _space(ctx, policies, cache_experts, expert_bits, non_expert_bits, batches):
     from moesim.costmodel.search import SpaceSpec, default_space
-    from moesim.simulator.presets import PRESETS
+    from moesim.simulator.compose import policy_names
 
     base = default_space(ctx)
-    pols = _split(policies)
-    for p in pols:
-        PRESETS.get(p, "--policy")
+    pols = policy_names(_split(policies, "--policy"))
     sizes = cache_experts_list(cache_experts)
     check_cache_experts(sizes, ctx.E)
     efs = _formats(expert_bits, "--expert-bits")
@@ -71,13 +70,11 @@ def _space(ctx, policies, cache_experts, expert_bits, non_expert_bits, batches):
               help="Quality table JSON written by `moesim quality` (perplexity per expert format).")
 @click.option("--quality-model", default=None, help="Model id (or checkpoint hash) to read in the quality table "
               "(default: the trace's model id).")
-@click.option("--policy", "policies", default=None, help="Comma-separated presets to search (default: every "
-              "preset except the Belady oracle).")
-@click.option("--cache-experts", default=None, help="Cache sizes to search, e.g. 0..64 or 2,4,8 (default: 0..E).")
+@policy_option(many=True, default=None, dest="policies", extra="Default: every preset except the Belady oracle.")
+@cache_experts_option(many=True, extra="Default: 0..E.")
 @click.option("--expert-bits", default=None, help="Expert formats to search, e.g. trace,16,8,4,3,2 (the default).")
 @click.option("--non-expert-bits", default=None, help="Non-expert formats to search (default: trace,16,8,4).")
-@click.option("--batch", "batches", default=None, help="Batch sizes to search (default: 1 and powers of two up to the "
-              "trace's requests).")
+@batch_option(many=True, default=None, extra="Default: 1 and powers of two up to the trace's requests.")
 @click.option("--confirm", type=int, default=8, show_default=True, help="Best predicted configurations the "
               "simulator confirms (plus near-ties and the thinned Pareto front).")
 @click.option("--front-points", type=int, default=10, show_default=True, help="Predicted Pareto-front points to "
@@ -85,8 +82,8 @@ def _space(ctx, policies, cache_experts, expert_bits, non_expert_bits, batches):
 @jobs_option("Simulator processes (default: one per core).")
 @click.option("--model", "model_path", default=None, type=click.Path(dir_okay=False),
               help="Cost model artifact (default: the bundled costmodel/artifacts/costmodel.json).")
-@click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False),
-              help="Write report.md with the plots, confirmed.csv and search.json to this folder.")
+@out_option("folder", "write report.md with the plots, confirmed.csv and search.json into it.", dest="report_dir",
+            flag="--report")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the result as JSON.")
 def search_command(trace_spec, profile_spec, objective, max_gpu_mem, max_tpot, max_ttft, max_ppl, quality_table,
                    quality_model, policies, cache_experts, expert_bits, non_expert_bits, batches, confirm, front_points,
@@ -160,8 +157,8 @@ def costmodel_group():
               "(default: 3).")
 @click.option("--seed", type=int, default=None, help="Sampling seed (default: 1).")
 @jobs_option("Simulator processes (default: one per core).")
-@click.option("--out", "out_path", default=None, metavar="FILE", type=click.Path(dir_okay=False),
-              help="Artifact to write (default: the bundled costmodel/artifacts/costmodel.json).")
+@out_option("file", "the artifact to write (default: the bundled costmodel/artifacts/costmodel.json).",
+            dest="out_path")
 @click.option("--force", is_flag=True, help="Refit even when the artifact is up to date.")
 def fit_command(traces, profiles, per_preset, seed, jobs, out_path, force):
     """Simulate a stratified Latin-hypercube sample of configurations (cached under $MOESIM_CACHE_DIR/costmodel), compare
@@ -244,25 +241,23 @@ def show_command(model_path):
 @costmodel_group.command(name="predict")
 @click.option("--trace", "trace_spec", default=None, help="Trace file or bundled name.")
 @click.option("--profile", "profile_spec", default="rtx-3060", show_default=True)
-@click.option("--policy", default="lru", show_default=True, help="Comma-separated presets.")
-@click.option("--cache-experts", required=True, help="Cache sizes, e.g. 8 or 0..16.")
+@policy_option(many=True)
+@cache_experts_option(many=True, required=True)
 @click.option("--expert-bits", default="trace", show_default=True, help="Comma-separated expert formats.")
 @click.option("--non-expert-bits", default="trace", show_default=True, help="Comma-separated non-expert formats.")
-@click.option("--batch", "batches", default="1", show_default=True)
+@batch_option(many=True)
 @click.option("--model", "model_path", default=None, type=click.Path(dir_okay=False))
 def predict_command(trace_spec, profile_spec, policy, cache_experts, expert_bits, non_expert_bits, batches, model_path):
     """Predicted TTFT, TPOT, tokens/s and peak GPU memory of a grid of configurations (no simulation)."""
     from moesim.costmodel.context import TraceProfileContext
     from moesim.costmodel.space import enumerate_space, format_label
-    from moesim.simulator.presets import PRESETS
+    from moesim.simulator.compose import policy_names
     from moesim.traces import resolve_trace
 
     trace = trace_spec if trace_spec else resolve_trace(None).stem
     model = _load_model(model_path)
     ctx = TraceProfileContext(trace, profile_spec)
-    pols = _split(policy, "--policy")
-    for p in pols:
-        PRESETS.get(p, "--policy")
+    pols = policy_names(_split(policy, "--policy"))
     sizes = cache_experts_list(cache_experts)
     check_cache_experts(sizes, ctx.E)
     grid = enumerate_space(pols, sizes, _formats(expert_bits, "--expert-bits"),
@@ -281,3 +276,20 @@ def predict_command(trace_spec, profile_spec, policy, cache_experts, expert_bits
         click.echo(f"{p:<26} {c:>5} {format_label(e):<10} {format_label(n):<10} {b:>5} "
                    f"{pred.peak_gpu_bytes[i] / 2**20:12.0f} {nums}")
     click.echo(f"{len(grid)} configurations predicted in {dt:.2f} s", err=True)
+
+
+def _screen(points: list) -> tuple[list, str]:
+    from moesim.costmodel.screen import screen_points
+
+    screened = screen_points(points)
+    return screened.kept, screened.summary()
+
+
+@click.command(name="sweep", help=SWEEP_HELP)
+@sweep_options
+@click.option("--screen", is_flag=True, help="Skip the configurations the cost model predicts are dominated "
+              "(another one of the same trace, profile, formats and batch >5% faster in TPOT with no more GPU memory).")
+def sweep_command(screen: bool, **flags):
+    # `moesim sweep` is the simulator's; it is assembled here because --screen asks the cost model, which sits
+    # above the simulator (tests/test_layering.py)
+    sweep_main(**flags, screen=_screen if screen else None)

@@ -21,12 +21,13 @@ from typing import Optional
 
 import numpy as np
 
-from moesim.costmodel.backbone import Backbone, OpCosts, backbone, op_costs
-from moesim.costmodel.features import WorkloadFeatures, build_features, dp_sizes_all
+from moesim.costmodel.backbone import Backbone, OpCosts, analytic_gap, backbone, op_costs
+from moesim.costmodel.features import WorkloadFeatures, build_features
 from moesim.costmodel.memory import MemoryParts, memory_parts, peak_bytes
 from moesim.costmodel.space import ConfigSet
 from moesim.errors import MoesimError
 from moesim.quant import WeightFormat
+from moesim.simulator.memory import dp_sizes_every_budget
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class _Table:
 
 class TraceProfileContext:
     def __init__(self, trace: str, profile: str):
-        from moesim.simulator.run import load_profile_cached, load_trace_cached
+        from moesim.simulator.session import ReplaySession, load_profile_cached, load_trace_cached
         from moesim.simulator.sweep import trace_label
         from moesim.traces import resolve_trace
 
@@ -97,6 +98,9 @@ class TraceProfileContext:
         self.trace = load_trace_cached(self.trace_path)
         self.profile = load_profile_cached(profile)
         self.label = trace_label(trace)
+        # the simulator's session for the pair: the workloads the features are built from are the ones the
+        # confirming simulations replay
+        self.session = ReplaySession.of(self.trace, self.profile)
         self.meta = self.trace.meta
         self.shape = self.meta.model
         self.L, self.E, self.k = self.meta.num_layers, self.meta.num_experts, self.meta.top_k
@@ -187,15 +191,19 @@ class TraceProfileContext:
     def dp_sizes(self) -> np.ndarray:
         if self._dp is None:
             fe = self.features(1, _off())
-            self._dp = dp_sizes_all(fe.dp_curves)
+            self._dp = dp_sizes_every_budget(fe.dp_curves)
         return self._dp
 
     def table(self, policy: str, batch: int, efmt: Optional[str]) -> _Table:
         key = (policy, batch, efmt)
         if key not in self._tables:
-            from moesim.simulator.presets import get_preset
+            from moesim.simulator.compose import policy_spec
 
-            spec = get_preset(policy)
+            spec = policy_spec(policy)
+            gap = analytic_gap(spec)
+            if gap:
+                self._tables[key] = _Table(None, None, gap)
+                return self._tables[key]
             fe = self.features(batch, spec.gating)
             if spec.cache.sizing == "dp":
                 fe._tables.setdefault("dp-sizes", self.dp_sizes())
@@ -246,7 +254,7 @@ class TraceProfileContext:
 
     # ---- per-configuration -------------------------------------------------------------------------
     def evaluate(self, configs: ConfigSet) -> Evaluated:
-        from moesim.simulator.presets import get_preset
+        from moesim.simulator.compose import policy_spec
 
         n = len(configs)
         F = len(FEATURE_NAMES)
@@ -265,7 +273,7 @@ class TraceProfileContext:
             idx = np.flatnonzero(inverse == gi)
             first = int(idx[0])
             policy, _, efmt, nfmt, batch = configs.row(first)
-            spec = get_preset(policy)
+            spec = policy_spec(policy)
             c = np.clip(configs.cache_experts[idx], 0, self.E)
             eb = self.expert_bytes(efmt)
             parts = self.memory_parts(batch, spec.gating, nfmt)
@@ -337,13 +345,13 @@ _STATES: dict = {}  # cache key -> a context's tables, shared by the contexts of
 def workload_features(trace, path, batch: int, gating, label: str) -> tuple[WorkloadFeatures, object]:
     """Features of a trace for a batch size and gating, memoized per process (they do not depend on the
     profile, so every profile of a search or a fit reuses them)."""
-    from moesim.simulator.presets import get_preset
-    from moesim.simulator.run import _file_key, get_workload
+    from moesim.simulator.compose import policy_spec
+    from moesim.simulator.session import file_memo_key, trace_replay
 
-    key = (_file_key(path), id(trace), batch, gating)
+    key = (file_memo_key(path), id(trace), batch, gating)
     if key not in _FEATURES:
-        policy = get_preset("lru").with_parts(gating=gating)
-        wl = get_workload(trace, batch, policy)
+        policy = policy_spec("lru").with_parts(gating=gating)
+        wl = trace_replay(trace).workload(batch, policy)
         _FEATURES[key] = (build_features(trace, wl, label), wl, trace)
         while len(_FEATURES) > _FEATURES_KEEP:
             _FEATURES.pop(next(iter(_FEATURES)))

@@ -22,7 +22,7 @@ with a cache of ``c`` experts per layer (``c`` = 0..E), and ``prefill[j, c]`` th
   expert bytes); an access hits iff the bytes up to and including its key fit.
 * global LRU of ``c x L`` entries: stack distances over all layers' keys (stands in for MoE-Infinity's
   global LFU; the fitted correction accounts for the difference).
-* AdapMoE's DP sizing: per-layer sizes from :func:`moesim.simulator.memory.dp_cache_sizes`'s DP over the
+* AdapMoE's DP sizing: per-layer sizes from :func:`moesim.simulator.memory.dp_sizes_every_budget`'s DP over the
   simulator's own miss curves, for every total at once, and the LRU table read at each layer's size.
 
 Rules that are not stack algorithms (LFU, FIFO, MRS, Belady) are read from the LRU table and the fitted
@@ -379,41 +379,3 @@ _RULES = {
     "lru-global": _lru_global,
     "static": _static_layer,
 }
-
-
-# ---- AdapMoE's DP sizes for every total ---------------------------------------------------------------
-def dp_sizes_all(curves: np.ndarray) -> np.ndarray:
-    """[E+1, L]: :func:`moesim.simulator.memory.dp_cache_sizes` for totals p*L, p = 0..E, from one DP.
-
-    The DP over budgets 0..L*E computes, for every smaller budget, the same values and choices as a DP
-    run with that budget (same recurrences, same tie rule: the smallest size wins ties), so
-    backtracking from p*L gives that run's sizes (checked against the simulator's function in tests).
-    """
-    L, S = curves.shape
-    E = S - 1
-    total = L * E
-    inf = np.iinfo(np.int64).max // 4
-    dp = np.full(total + 1, inf, dtype=np.int64)
-    dp[0] = 0
-    choice = np.zeros((L, total + 1), dtype=np.int64)
-    curves = np.asarray(curves, dtype=np.int64)
-    for layer in range(L):
-        new = np.full(total + 1, inf, dtype=np.int64)
-        pick = np.zeros(total + 1, dtype=np.int64)
-        for s in range(E + 1):
-            cand = np.full(total + 1, inf, dtype=np.int64)
-            cand[s:] = dp[: total + 1 - s] + curves[layer, s]
-            better = cand < new
-            new[better] = cand[better]
-            pick[better] = s
-        dp = new
-        choice[layer] = pick
-    out = np.zeros((E + 1, L), dtype=np.int64)
-    for p in range(E + 1):
-        t = p * L
-        t = int(np.flatnonzero(dp[: t + 1] < inf).max())
-        for layer in range(L - 1, -1, -1):
-            s = int(choice[layer, t])
-            out[p, layer] = s
-            t -= s
-    return out

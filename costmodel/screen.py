@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from moesim.costmodel.space import ORACLE_PRESETS, ConfigSet
+from moesim.costmodel.space import ConfigSet
 
 DEFAULT_MARGIN = 0.05
 
@@ -58,7 +58,9 @@ def dominated_mask(tpot: np.ndarray, memory: np.ndarray, can_dominate: np.ndarra
 def screen_configs(configs: ConfigSet, tpot: np.ndarray, memory: np.ndarray, valid: np.ndarray,
                    margin: float = DEFAULT_MARGIN) -> np.ndarray:
     """Dominated mask over one (trace, profile)'s configurations (see the module docstring)."""
-    oracle = np.isin(configs.policy_names(), ORACLE_PRESETS)
+    from moesim.simulator.compose import policy_spec, reads_the_future
+
+    oracle = np.asarray([reads_the_future(policy_spec(p)) for p in configs.policies], dtype=bool)[configs.policy]
     group = ((configs.expert_format.astype(np.int64) * len(configs.non_expert_formats) + configs.non_expert_format)
              * 4096 + configs.batch)
     out = np.zeros(len(configs), dtype=bool)

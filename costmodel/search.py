@@ -116,7 +116,7 @@ class QualityLookup:
 def lookup_quality(ctx: TraceProfileContext, configs: ConfigSet, table_path: str, model: Optional[str]) -> QualityLookup:
     from moesim.quality.table import load_quality_table, lookup_perplexity
     from moesim.simulator.gating import ADAPMOE_BUDGET
-    from moesim.simulator.presets import get_preset
+    from moesim.simulator.compose import policy_spec
     from moesim.simulator.run import trace_format
 
     table = load_quality_table(table_path)
@@ -144,7 +144,7 @@ def lookup_quality(ctx: TraceProfileContext, configs: ConfigSet, table_path: str
                 note = exc.message
                 if note not in notes:
                     notes.append(note)
-    gated_policy = np.asarray([get_preset(p).gating.enabled for p in configs.policies])[configs.policy]
+    gated_policy = np.asarray([policy_spec(p).gating.enabled for p in configs.policies])[configs.policy]
     per = np.asarray([values[(int(f), bool(g))] for f, g in zip(configs.expert_format, gated_policy)])
     return QualityLookup(str(table_path), name, per, tuple(notes))
 

@@ -11,19 +11,17 @@ from pathlib import Path
 import click
 
 from moesim.errors import MoesimError
+from moesim.options import cache_experts_option, out_option, policy_option
 
 
 def _policies(policy: str, all_presets: bool) -> tuple[str, ...]:
-    from moesim.simulator.presets import PRESETS, get_preset
+    from moesim.options import split_list
+    from moesim.simulator.compose import policy_names
+    from moesim.simulator.presets import PRESETS
 
     if all_presets:
         return tuple(PRESETS.names())
-    names = tuple(p.strip() for p in policy.split(",") if p.strip())
-    for name in names:
-        get_preset(name)  # one-line error for an unknown name
-    if not names:
-        raise MoesimError("--policy: expected a preset name")
-    return names
+    return tuple(policy_names(split_list(policy, "--policy")))
 
 
 def engine_format(expert_bits: str | None, expert_format: str | None) -> str:
@@ -48,9 +46,9 @@ def engine_format(expert_bits: str | None, expert_format: str | None) -> str:
 
 @click.command("validate")
 @click.option("--trace", "trace_spec", default=None, help="Trace file or bundled name (default: the bundled Qwen3 trace).")
-@click.option("--policy", default="lru", show_default=True, help="Preset, or several separated by commas.")
+@policy_option(many=True)
 @click.option("--all-presets", is_flag=True, help="Every preset the device supports (the others are listed as not run).")
-@click.option("--cache-experts", required=True, help="Cache size in experts per MoE layer, 0..E.")
+@cache_experts_option(many=False, required=True)
 @click.option("--model-config", default=None, help="Model whose shapes to run: bundled name (mixtral-8x7b, ...), "
               "config.json or folder (default: the trace's own model).")
 @click.option("--model", "checkpoint", default=None, help="A Hugging Face checkpoint folder: its real weights.")
@@ -75,8 +73,7 @@ def engine_format(expert_bits: str | None, expert_format: str | None) -> str:
                    "('profile': as calibrated).")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: the profile's).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", "out_dir", required=True, metavar="FOLDER", type=click.Path(file_okay=False),
-              help="Folder for the JSON and Markdown reports (and the fitted trace).")
+@out_option("folder", "the JSON and Markdown reports (and the fitted trace).", required=True, dest="out_dir")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def validate_command(trace_spec, policy, all_presets, cache_experts, model_config, checkpoint, layers, device,
                      profile_spec, calibrate, expert_bits, expert_format, requests, decode_tokens, warmup_steps,

@@ -290,12 +290,12 @@ class Validator:
 
     # ---- one policy
     def prepare(self, policy):
-        """``policy``: a preset name or a composed :class:`~moesim.simulator.config.PolicySpec`."""
+        """``policy``: a policy string (a preset, or ``lru+scope=global``) or a :class:`PolicySpec`."""
+        from moesim.simulator.compose import policy_spec
         from moesim.simulator.config import SimConfig
-        from moesim.simulator.presets import get_preset
         from moesim.simulator.run import prepare
 
-        spec = get_preset(policy) if isinstance(policy, str) else policy
+        spec = policy_spec(policy) if isinstance(policy, str) else policy
         config = SimConfig(policy=spec, cache_experts=self.opts.cache_experts, batch=1)
         return prepare(self.fitted, self.profile, config, trace_name=f"{self.trace_name}-fit",
                        profile_name=self.profile.name)

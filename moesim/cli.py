@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calib": ("moesim.calib.cli:calib_command", "Measure this machine and write a hardware profile."),
     "profiles": ("moesim.calib.cli:profiles_command", "List the bundled hardware profiles."),
     "simulate": ("moesim.simulator.cli:simulate_command", "Replay a routing trace under one offloading policy."),
-    "sweep": ("moesim.simulator.cli:sweep_command", "Simulate a grid of policies x traces x profiles x cache sizes."),
+    "sweep": ("moesim.costmodel.cli:sweep_command", "Simulate a grid of policies x traces x profiles x cache sizes."),
     "search": ("moesim.costmodel.cli:search_command", "Find the best configuration for a trace on a profile."),
     "costmodel": ("moesim.costmodel.cli:costmodel_group", "Fit, inspect and query the cost model."),
     "validate": ("moesim.engine.cli:validate_command",

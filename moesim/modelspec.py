@@ -239,12 +239,8 @@ def _kv_bytes_per_token(config, kv_heads: int, head_dim: int) -> int:
 
 
 def load_model_shape(spec: str | Path) -> ModelShape:
-    """A :class:`ModelShape` from a bundled name, a config file or folder, a hub id, or a trace file."""
-    path = Path(str(spec))
-    if path.suffix == ".parquet":
-        from moesim.tracer import read_trace_meta
-
-        return read_trace_meta(path).model
+    """A :class:`ModelShape` from a bundled name, a config file or folder, or a hub id (a trace file's shape:
+    :func:`moesim.tracer.load_shape`, which the trace format's own stage reads)."""
     known = _precomputed_shape(str(spec))
     if known is not None:
         return known

@@ -9,6 +9,7 @@ and what was expected.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Optional
 
 import click
@@ -131,3 +132,72 @@ def _jobs_callback(ctx, param, value):
 def jobs_option(help_text: str = "Worker processes (default: one per core)."):
     """The --jobs flag of every command that runs the simulator in parallel."""
     return click.option("--jobs", default=None, callback=_jobs_callback, help=help_text)
+
+
+# ---- click options shared by several commands ------------------------------------------------------
+# Each shared flag is declared here once, with one grammar and one help sentence; a command adds only
+# what is its own (its default, what it does with the value).
+def _help(base: str, extra: str) -> str:
+    return f"{base} {extra}".strip()
+
+
+def policy_option(many: bool, default: Optional[str] = "lru", extra: str = "", dest: Optional[str] = None):
+    """--policy: a preset, or a preset with parts replaced (``lru+prefetch=oracle+scope=global``)."""
+    base = ("Comma-separated policies: presets, or presets with parts replaced (lru+prefetch=oracle,fiddler)."
+            if many else "Policy: a preset (lru, fiddler, ...), or a preset with parts replaced "
+                         "(lru+prefetch=oracle+scope=global).")
+    names = ("--policy", dest) if dest else ("--policy",)
+    return click.option(*names, default=default, show_default=default is not None, help=_help(base, extra))
+
+
+def cache_experts_option(many: bool, required: bool = False, extra: str = ""):
+    """--cache-experts: experts per MoE layer, 0..E; a list also takes ranges (2,4,8 or 0..16)."""
+    base = ("Cache sizes in experts per MoE layer: comma-separated integers 0..E or ranges (2,4,8 or 0..16)."
+            if many else "Cache size in experts per MoE layer, 0..E.")
+    return click.option("--cache-experts", default=None, required=required, help=_help(base, extra))
+
+
+def batch_option(many: bool, default: Optional[str] = "1", extra: str = ""):
+    """--batch: requests decoded together, at most the trace's requests."""
+    base = ("Comma-separated batch sizes (requests decoded together; each at most the trace's requests)."
+            if many else "Requests decoded together (at most the trace's requests).")
+    names = ("--batch", "batches") if many else ("--batch",)
+    return click.option(*names, default=default, show_default=default is not None, help=_help(base, extra))
+
+
+# ---- output paths --------------------------------------------------------------------------------
+# One rule for --out: a command that writes several files takes a FOLDER, a command that writes one
+# file takes a FILE; the other kind is refused before any work.
+FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".md", ".png", ".txt", ".html")
+
+
+def check_out_path(value: Optional[str], kind: str, flag: str = "--out") -> Optional[str]:
+    """``value`` if it can be the FOLDER / FILE ``kind`` asks for, else a one-line error saying which it is."""
+    if value is None:
+        return None
+    path = Path(value)
+    if kind == "folder":
+        if path.exists() and not path.is_dir():
+            raise click.BadParameter(f"{value} is a file; expected a FOLDER (this command writes several files "
+                                     f"into it)", param_hint=f"'{flag}'")
+        if not path.exists() and path.suffix.lower() in FILE_SUFFIXES:
+            raise click.BadParameter(f"{value} names a {path.suffix} file; expected a FOLDER (this command writes "
+                                     f"several files into it)", param_hint=f"'{flag}'")
+    elif kind == "file":
+        if path.is_dir() or str(value).endswith(("/", os.sep)):
+            raise click.BadParameter(f"{value} is a folder; expected a FILE (this command writes one file)",
+                                     param_hint=f"'{flag}'")
+    else:
+        raise ValueError(f"output kind {kind!r}: expected 'folder' or 'file'")
+    return value
+
+
+def out_option(kind: str, help_text: str, default: Optional[str] = None, required: bool = False,
+               dest: Optional[str] = None, flag: str = "--out"):
+    """An output path flag: ``kind`` "folder" (the command writes several files) or "file" (one file)."""
+    metavar = "FOLDER" if kind == "folder" else "FILE"
+    lead = "Folder: " if kind == "folder" else "File: "
+    names = (flag, dest) if dest else (flag,)
+    return click.option(*names, default=default, required=required, show_default=default is not None,
+                        metavar=metavar, help=lead + help_text,
+                        callback=lambda ctx, param, value: check_out_path(value, kind, flag))

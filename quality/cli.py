@@ -7,6 +7,7 @@ import dataclasses
 import click
 
 from moesim.errors import MoesimError
+from moesim.options import out_option
 from moesim.quant import SUPPORTED_BITS
 
 DEFAULT_SEQ_LEN = 1024
@@ -70,8 +71,8 @@ def _format_row(row) -> str:
 @click.option("--seq-len", type=int, default=None,
               help=f"Tokens per window (default {DEFAULT_SEQ_LEN}, capped at the model's max positions).")
 @click.option("--max-tokens", type=int, default=None, help="Score only the first N tokens of the text.")
-@click.option("--out", default="quality.json", show_default=True,
-              help="Quality table (JSON) to write; rows are merged into an existing table.")
+@out_option("file", "the quality table (JSON) to write; rows are merged into an existing table.",
+            default="quality.json")
 @click.option("--model-id", default=None, help="Name recorded for the model (default: the folder name).")
 @click.option("--batch-size", type=int, default=None, help="Windows per forward pass (default: by memory).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
@@ -128,7 +129,7 @@ def quality_command(model_path, expert_bits, group_size, quantizer, adaptive_gat
 
 
 @click.command(name="demo-model")
-@click.option("--out", required=True, metavar="FOLDER", help="Folder to write the model, tokenizer and demo_report.json into.")
+@out_option("folder", "the model, tokenizer and demo_report.json are written into it.", required=True)
 @click.option("--quick", is_flag=True, help="A tiny model trained for seconds (for tests and smoke runs).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--steps", type=int, default=None, help="Override the number of training steps.")

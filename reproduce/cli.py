@@ -6,14 +6,16 @@ from pathlib import Path
 
 import click
 
+from moesim.options import out_option
+
 
 @click.command(name="reproduce")
 @click.option("--system", default=None, help="Only points of this system (substring of its name, or a preset).")
 @click.option("--source", default=None, help="Only points of this source table (the catalogue's 'source').")
 @click.option("--catalogue", "catalogue_path", default=None, type=click.Path(dir_okay=False),
               help="Catalogue CSV (default: the bundled reproduce/catalogue.csv).")
-@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
-              help="Markdown report to write (default: validation/published.md when no filter is given).")
+@out_option("file", "the Markdown report to write (default: validation/published.md when no filter is given).",
+            dest="out_path")
 def reproduce_command(system, source, catalogue_path, out_path):
     """Simulate every published point with its preset and machine; print published, predicted and ratio."""
     from moesim.reproduce.catalogue import CATALOGUE, read_catalogue

@@ -1,4 +1,5 @@
-"""`moesim simulate` (one configuration) and `moesim sweep` (a grid, in parallel, resumable)."""
+"""`moesim simulate` (one configuration) and the simulator's part of `moesim sweep` (a grid, in parallel,
+resumable; the command itself is assembled in :mod:`moesim.costmodel.cli`, which adds the cost model's --screen)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,16 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import click
 
 from moesim.errors import MoesimError
-from moesim.options import (batch_list, byte_size, byte_sizes, cache_experts_list, check_batches,
-                            check_cache_experts, jobs_option, one_int, split_list)
+from moesim.options import (batch_list, batch_option, byte_size, byte_sizes, cache_experts_list,
+                            cache_experts_option, check_batches, check_cache_experts, jobs_option, one_int,
+                            out_option, policy_option, split_list)
 from moesim.quant import WeightFormat
+from moesim.simulator.compose import PARTS, build_policy, policy_names
 from moesim.tracer.format import trace_requests
 
 DEFAULT_PROFILE = "rtx-3060"  # 12 GiB: the smallest GPU of the Mixtral-Offloading paper
@@ -28,64 +31,11 @@ def _formats(text: Optional[str], flag: str) -> Optional[WeightFormat]:
         raise MoesimError(f"{flag} {exc.message}") from None
 
 
-def _gating(text: Optional[str]):
-    from moesim.simulator.gating import GatingSpec
-
-    if text is None:
-        return None
-    if text in ("off", "adapmoe"):
-        return GatingSpec(text)
-    try:
-        value = float(text)
-    except ValueError:
-        raise MoesimError(f"--gating '{text}': expected off, adapmoe, or a threshold between 0 and 1") from None
-    return GatingSpec("uniform", value)
-
-
-def build_policy(name: str, eviction: Optional[str] = None, scope: Optional[str] = None,
-                 prefetch: Optional[str] = None, placement: Optional[str] = None, placement_rule: Optional[str] = None,
-                 transfer: Optional[str] = None, gating: Optional[str] = None,
-                 predictor_train: tuple[str, ...] = (), guess: Optional[str] = None):
-    """A preset with any of its parts replaced (each part checked against its registry)."""
-    from moesim.simulator.cache import CACHE_POLICIES
-    from moesim.simulator.placement import PLACEMENTS, PlacementSpec
-    from moesim.simulator.prefetch import PREFETCHERS
-    from moesim.simulator.presets import get_preset
-    from moesim.simulator.transfer import transfer_spec
-
-    policy = get_preset(name)
-    cache = policy.cache
-    if eviction is not None:
-        CACHE_POLICIES.get(eviction, "--eviction")
-        cache = replace(cache, policy=eviction, initial="popular" if eviction == "static" else cache.initial)
-    if scope is not None:
-        cache = replace(cache, scope=scope)
-    pf = policy.prefetch
-    if prefetch is not None:
-        PREFETCHERS.get(prefetch, "--prefetch")
-        pf = replace(pf, policy=prefetch)
-    if predictor_train:
-        pf = replace(pf, train=tuple(predictor_train))
-    if guess is not None:
-        pf = replace(pf, guess=guess)
-    pl = policy.placement
-    if placement is not None:
-        PLACEMENTS.get(placement, "--placement")
-        pl = PlacementSpec(placement, pl.rule)
-    if placement_rule is not None:
-        pl = PlacementSpec(pl.policy, placement_rule)
-    tr = policy.transfer
-    if transfer is not None:
-        tr = transfer_spec(transfer, staging_experts=tr.staging_experts,
-                           prefetch_buffer_experts=tr.prefetch_buffer_experts, demand_priority=tr.demand_priority)
-    g = _gating(gating) or policy.gating
-    return policy.with_parts(cache=cache, prefetch=pf, placement=pl, transfer=tr, gating=g)
-
-
-def _fmt_s(x: float) -> str:
+def _ms(x: float) -> str:
+    """Every time of the summary in ms, like the tables (a unit that changes with the value misleads)."""
     if x is None or math.isnan(x):
         return "-"
-    return f"{x * 1e3:.2f} ms" if x < 1.0 else f"{x:.3f} s"
+    return f"{x * 1e3:.2f} ms"
 
 
 def summary_text(result) -> str:
@@ -108,12 +58,12 @@ def summary_text(result) -> str:
         return "\n".join(lines)
     lines += [
         f"  requests         {result.requests}, {result.output_tokens} output tokens, "
-        f"{result.makespan_s:.3f} s simulated",
-        f"  TTFT             {_fmt_s(result.ttft_mean_s)} mean, {_fmt_s(result.ttft_p50_s)} p50, "
-        f"{_fmt_s(result.ttft_p90_s)} p90",
-        f"  TPOT             {_fmt_s(result.tpot_mean_s)} mean, {_fmt_s(result.tpot_p50_s)} p50, "
-        f"{_fmt_s(result.tpot_p90_s)} p90",
-        f"  end-to-end       {_fmt_s(result.e2e_mean_s)} mean; {result.tokens_per_s:.2f} tokens/s "
+        f"{_ms(result.makespan_s)} simulated",
+        f"  TTFT             {_ms(result.ttft_mean_s)} mean, {_ms(result.ttft_p50_s)} p50, "
+        f"{_ms(result.ttft_p90_s)} p90",
+        f"  TPOT             {_ms(result.tpot_mean_s)} mean, {_ms(result.tpot_p50_s)} p50, "
+        f"{_ms(result.tpot_p90_s)} p90",
+        f"  end-to-end       {_ms(result.e2e_mean_s)} mean; {result.tokens_per_s:.2f} tokens/s "
         f"({result.decode_tokens_per_s:.2f} in decode)",
         f"  hit rate         {result.hit_rate:.3f} decode, {result.prefill_hit_rate:.3f} prefill",
     ]
@@ -123,7 +73,7 @@ def summary_text(result) -> str:
     lines += [
         f"  PCIe             {result.h2d_bytes / mib:.0f} MiB host->device, {result.d2h_bytes / mib:.0f} MiB "
         f"device->host",
-        f"  stall            {result.stall_s:.3f} s waiting for copies or the CPU",
+        f"  stall            {_ms(result.stall_s)} waiting for copies or the CPU",
         f"  utilization      GPU {result.gpu_util:.2f}, PCIe H2D {result.h2d_util:.2f}, D2H {result.d2h_util:.2f}, "
         f"CPU {result.cpu_util:.2f}",
     ]
@@ -161,17 +111,15 @@ def _notes(result, policy) -> list[str]:
               "the profile is then composed from the GPU spec named by --profile, this host and --link.")
 @click.option("--link", default=None, type=click.Choice(["pcie3", "pcie4", "pcie5"]),
               help="PCIe generation of the composed profile (default: the GPU's own).")
-@click.option("--policy", default="lru", show_default=True, help="Preset: lru, mixtral-offloading, fiddler, ...")
-@click.option("--cache-experts", default=None, help="Cache size in experts per MoE layer, 0..E (a global "
-              "cache gets as many per layer on average).")
+@policy_option(many=False, extra=f"Parts: {', '.join(PARTS)}.")
+@cache_experts_option(many=False, extra="A global cache gets as many per layer on average.")
 @click.option("--cache-mem", default=None, help="Cache size in bytes, e.g. 4000MiB (instead of --cache-experts).")
 @click.option("--gpu-mem", default=None, help="GPU memory budget, e.g. 16GiB (default: the profile's device). "
               "Without a cache size the cache fills what is left.")
 @click.option("--expert-bits", default=None, help="Expert weight format: 16, 8, 4, 3, 2 or e.g. int2-g16-m8 "
               "(default: the trace's own).")
 @click.option("--non-expert-bits", default=None, help="Non-expert weight format (default: the trace's own).")
-@click.option("--batch", default="1", show_default=True, help="Requests decoded together (at most the trace's "
-              "requests).")
+@batch_option(many=False)
 @click.option("--eviction", default=None, help="Replace the preset's cache rule: lru, lfu, fifo, static, belady, mrs.")
 @click.option("--scope", default=None, type=click.Choice(["layer", "global"]), help="Cache per layer or global.")
 @click.option("--prefetch", default=None, help="Replace the prefetcher: none, next-layer, first-non-resident, eam, "
@@ -224,7 +172,10 @@ def simulate_command(trace_spec, profile_spec, host, link, policy, cache_experts
     if knobs:
         from moesim.simulator.knobs import apply_knobs, parse_knobs
 
-        config = apply_knobs(config, parse_knobs(knobs), read_trace_meta(trace_path).num_experts)
+        # a knob belongs to its preset, whatever parts the string replaced
+        as_preset = replace(config, policy=replace(spec, name=policy.partition("+")[0].strip()))
+        config = apply_knobs(as_preset, parse_knobs(knobs), read_trace_meta(trace_path).num_experts)
+        config = replace(config, policy=replace(config.policy, name=spec.name))
     profile, profile_name = profile_spec, profile_spec
     if host is not None or link is not None:
         from moesim.calib.hosts import UNSTATED, compose_profile
@@ -282,67 +233,72 @@ def default_cache_sizes(trace_path: Path) -> list[int]:
     return sizes
 
 
-@click.command(name="sweep")
-@click.option("--policy", "policies", default=None, help="Comma-separated presets (default: a representative set).")
-@click.option("--trace", "traces", default=None, help="Comma-separated traces or bundled names (default: the bundled "
-              "Qwen3 trace).")
-@click.option("--profile", "profiles", default=DEFAULT_PROFILE, show_default=True, help="Comma-separated profiles.")
-@click.option("--cache-experts", default=None, help="Comma-separated cache sizes in experts per layer "
-              "(default: k, 2k, 4k, 8k for the trace's top-k).")
-@click.option("--gpu-mem", default=None, help="Comma-separated GPU memory budgets (instead of --cache-experts).")
-@click.option("--expert-bits", default=None, help="Comma-separated expert formats, e.g. 16,4,2 (default: the trace's).")
-@click.option("--non-expert-bits", default=None, help="Non-expert weight format for every point.")
-@click.option("--batch", "batches", default="1", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--out", "out_dir", default="out/sweep", show_default=True, metavar="FOLDER",
-              type=click.Path(file_okay=False),
-              help="Folder for sweep.parquet, sweep.csv and sweep.png (a rerun resumes).")
-@jobs_option()
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="Where the configurations run: this machine's cores, or a Ray cluster (pip install -e \".[ray]\"); "
-                   "both share --out's resumable journal.")
-@click.option("--address", default=None, metavar="ADDR",
-              help="With --executor ray: the cluster to join (auto, or HOST:PORT; default: a local Ray instance "
-                   "of --jobs CPUs).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--no-plot", is_flag=True, help="Do not draw the latency-vs-memory plot.")
-@click.option("--screen", is_flag=True, help="Skip the configurations the cost model predicts are dominated "
-              "(another one of the same trace, profile, formats and batch >5% faster in TPOT with no more GPU memory).")
-@click.option("--list", "list_grids_", is_flag=True, help="List the grids swept into --out (nothing is run).")
-@click.option("--all", "show_all", is_flag=True, help="Print the table of every grid swept into --out (nothing is run).")
-def sweep_command(policies, traces, profiles, cache_experts, gpu_mem, expert_bits, non_expert_bits, batches, out_dir,
-                  jobs, executor, address, no_progress, no_plot, screen, list_grids_, show_all):
-    """Simulate a grid of policies x traces x profiles x cache sizes x formats x batch sizes in parallel.
+SWEEP_HELP = """Simulate a grid of policies x traces x profiles x cache sizes x formats x batch sizes in parallel.
 
     --out is a results store: a rerun reuses the configurations whose trace, profile and simulator are
     unchanged (by content), and every grid swept into it stays readable with --list and --all.
     """
+
+
+def sweep_options(command: Callable) -> Callable:
+    """The flags of `moesim sweep` that the simulator owns (the command is assembled in moesim.costmodel.cli,
+    which adds --screen: the cost model sits above the simulator)."""
+    decorators = [
+        policy_option(many=True, default=None, dest="policies", extra="Default: a representative set of presets."),
+        click.option("--trace", "traces", default=None, help="Comma-separated traces or bundled names (default: "
+                     "the bundled Qwen3 trace)."),
+        click.option("--profile", "profiles", default=DEFAULT_PROFILE, show_default=True,
+                     help="Comma-separated profiles."),
+        cache_experts_option(many=True, extra="Default: k, 2k, 4k, 8k for the trace's top-k."),
+        click.option("--gpu-mem", default=None, help="Comma-separated GPU memory budgets (instead of "
+                     "--cache-experts)."),
+        click.option("--expert-bits", default=None, help="Comma-separated expert formats, e.g. 16,4,2 (default: "
+                     "the trace's)."),
+        click.option("--non-expert-bits", default=None, help="Non-expert weight format for every point."),
+        batch_option(many=True),
+        out_option("folder", "sweep.parquet, sweep.csv, sweep.png and the results store (a rerun resumes).",
+                   default="out/sweep", dest="out_dir"),
+        jobs_option(),
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="Where the configurations run: this machine's cores, or a Ray cluster (pip install -e "
+                          "\".[ray]\"); both share --out's resumable journal."),
+        click.option("--address", default=None, metavar="ADDR",
+                     help="With --executor ray: the cluster to join (auto, or HOST:PORT; default: a local Ray "
+                          "instance of --jobs CPUs)."),
+        click.option("--no-progress", is_flag=True, help="No progress bar."),
+        click.option("--no-plot", is_flag=True, help="Do not draw the latency-vs-memory plot."),
+        click.option("--list", "list_grids_", is_flag=True, help="List the grids swept into --out (nothing is run)."),
+        click.option("--all", "show_all", is_flag=True, help="Print the table of every grid swept into --out "
+                     "(nothing is run)."),
+    ]
+    for decorate in reversed(decorators):
+        command = decorate(command)
+    return command
+
+
+def _show_store(out_dir: str, list_grids_: bool, show_all: bool) -> None:
+    from moesim.simulator.sweep import format_grid_list, format_table, grid_rows, list_grids
+
+    records = list_grids(Path(out_dir))
+    if list_grids_ or not records:
+        click.echo(format_grid_list(records, Path(out_dir)))
+    if show_all:
+        for r in records:
+            click.echo(f"\ngrid {r.grid} ({r.created}, {r.points} points"
+                       f"{'' if r.finished else ', interrupted'}): {r.command}")
+            rows = grid_rows(r, Path(out_dir))
+            click.echo(format_table(rows) if rows else "(no finished table; rerun its command to complete it)")
+
+
+def sweep_grid(policies, traces, profiles, cache_experts, gpu_mem, expert_bits, non_expert_bits, batches) -> list:
+    """The grid the flags name, every value checked before any work."""
     from moesim.calib.profile import load_profile
-    from moesim.simulator.presets import DEFAULT_SWEEP_POLICIES, PRESETS
-    from moesim.simulator.sweep import (PLOT, build_grid, check_writable, finish_grid, format_grid_list,
-                                        format_table, grid_rows, list_grids, run_sweep, start_grid, write_plot,
-                                        write_tables)
+    from moesim.simulator.presets import DEFAULT_SWEEP_POLICIES
+    from moesim.simulator.sweep import build_grid
+    from moesim.tracer import read_trace_meta
     from moesim.traces import resolve_trace
 
-    if list_grids_ or show_all:
-        records = list_grids(Path(out_dir))
-        if list_grids_ or not records:
-            click.echo(format_grid_list(records, Path(out_dir)))
-        if show_all:
-            for r in records:
-                click.echo(f"\ngrid {r.grid} ({r.created}, {r.points} points"
-                           f"{'' if r.finished else ', interrupted'}): {r.command}")
-                rows = grid_rows(r, Path(out_dir))
-                click.echo(format_table(rows) if rows else "(no finished table; rerun its command to complete it)")
-        return
-
-    from moesim.tracer import read_trace_meta
-
-    if address is not None and executor != "ray":
-        raise MoesimError("--address is the Ray cluster to run on: it needs --executor ray")
-
-    policy_list = split_list(policies, "--policy") or list(DEFAULT_SWEEP_POLICIES)
-    for p in policy_list:
-        PRESETS.get(p, "--policy")
+    policy_list = policy_names(split_list(policies, "--policy") or list(DEFAULT_SWEEP_POLICIES))
     trace_list = split_list(traces, "--trace") or [None]
     trace_paths = [resolve_trace(t) for t in trace_list]
     trace_specs = [t if t is not None else p.stem for t, p in zip(trace_list, trace_paths)]
@@ -366,13 +322,25 @@ def sweep_command(policies, traces, profiles, cache_experts, gpu_mem, expert_bit
     batch_sizes = batch_list(batches) or [1]
     for path in trace_paths:
         check_batches(batch_sizes, trace_requests(path))
-    points = build_grid(trace_specs, profile_list, policy_list, sizes, mems, bits, non_expert_bits, batch_sizes)
-    if screen:
-        from moesim.costmodel.screen import screen_points
+    return build_grid(trace_specs, profile_list, policy_list, sizes, mems, bits, non_expert_bits, batch_sizes)
 
-        screened = screen_points(points)
-        click.echo(screened.summary(), err=True)
-        points = screened.kept
+
+def sweep_main(policies, traces, profiles, cache_experts, gpu_mem, expert_bits, non_expert_bits, batches, out_dir,
+               jobs, executor, address, no_progress, no_plot, list_grids_, show_all,
+               screen: Optional[Callable[[list], tuple[list, str]]] = None) -> None:
+    """`moesim sweep`; ``screen`` maps the grid to (the points to run, a line saying what was skipped)."""
+    from moesim.simulator.sweep import (PLOT, check_writable, finish_grid, format_table, run_sweep, start_grid,
+                                        write_plot, write_tables)
+
+    if list_grids_ or show_all:
+        _show_store(out_dir, list_grids_, show_all)
+        return
+    if address is not None and executor != "ray":
+        raise MoesimError("--address is the Ray cluster to run on: it needs --executor ray")
+    points = sweep_grid(policies, traces, profiles, cache_experts, gpu_mem, expert_bits, non_expert_bits, batches)
+    if screen is not None:
+        points, summary = screen(points)
+        click.echo(summary, err=True)
     out = check_writable(Path(out_dir))
     record = start_grid(points, out, _command_line("sweep"))
     click.echo(f"sweep: {len(points)} configurations -> {out} (grid {record.grid})", err=True)

@@ -57,34 +57,97 @@ def lru_miss_curves(trace) -> np.ndarray:
     return curve.layer_accesses[:, None] - curve.layer_hits
 
 
-def dp_cache_sizes(curves: np.ndarray, total_slots: int) -> list[int]:
-    """Split ``total_slots`` over layers to minimise the summed misses (AdapMoE's ``get_cache_size``)."""
+def _dp_over_budgets(curves: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """AdapMoE's DP over budgets 0..``total``: least summed misses per budget, and each layer's size choice.
+
+    Ties go to the smallest size. The values and choices at a budget do not depend on ``total``, so one run
+    over the largest budget serves every smaller one (:func:`dp_sizes_every_budget`).
+    """
     L, S = curves.shape
     E = S - 1
-    total_slots = int(min(max(total_slots, 0), L * E))
     inf = np.iinfo(np.int64).max // 4
-    dp = np.full(total_slots + 1, inf, dtype=np.int64)
+    dp = np.full(total + 1, inf, dtype=np.int64)
     dp[0] = 0
-    choice = np.zeros((L, total_slots + 1), dtype=np.int64)
+    choice = np.zeros((L, total + 1), dtype=np.int64)
     for layer in range(L):
-        new = np.full(total_slots + 1, inf, dtype=np.int64)
-        pick = np.zeros(total_slots + 1, dtype=np.int64)
-        for s in range(min(E, total_slots) + 1):
-            cand = np.full(total_slots + 1, inf, dtype=np.int64)
-            cand[s:] = dp[: total_slots + 1 - s] + curves[layer, s]
+        new = np.full(total + 1, inf, dtype=np.int64)
+        pick = np.zeros(total + 1, dtype=np.int64)
+        for s in range(min(E, total) + 1):
+            cand = np.full(total + 1, inf, dtype=np.int64)
+            cand[s:] = dp[: total + 1 - s] + curves[layer, s]
             better = cand < new
             new[better] = cand[better]
             pick[better] = s
         dp = new
         choice[layer] = pick
+    return dp, choice
+
+
+def _backtrack(dp: np.ndarray, choice: np.ndarray, budget: int) -> list[int]:
     # the whole budget is used when it can be (more slots never add misses)
-    t = int(np.flatnonzero(dp < inf).max())
-    sizes = [0] * L
-    for layer in range(L - 1, -1, -1):
+    t = int(np.flatnonzero(dp[: budget + 1] < np.iinfo(np.int64).max // 4).max())
+    sizes = [0] * choice.shape[0]
+    for layer in range(choice.shape[0] - 1, -1, -1):
         s = int(choice[layer, t])
         sizes[layer] = s
         t -= s
     return sizes
+
+
+def dp_cache_sizes(curves: np.ndarray, total_slots: int) -> list[int]:
+    """Split ``total_slots`` over layers to minimise the summed misses (AdapMoE's ``get_cache_size``)."""
+    L, S = curves.shape
+    total_slots = int(min(max(total_slots, 0), L * (S - 1)))
+    dp, choice = _dp_over_budgets(curves, total_slots)
+    return _backtrack(dp, choice, total_slots)
+
+
+def dp_sizes_every_budget(curves: np.ndarray) -> np.ndarray:
+    """[E+1, L]: :func:`dp_cache_sizes` for the budgets p*L, p = 0..E (p slots per layer on average), from one DP
+    (the cost model predicts every cache size of a search at once)."""
+    L, S = curves.shape
+    E = S - 1
+    dp, choice = _dp_over_budgets(np.asarray(curves, dtype=np.int64), L * E)
+    return np.asarray([_backtrack(dp, choice, p * L) for p in range(E + 1)], dtype=np.int64).reshape(E + 1, L)
+
+
+def buffer_bytes(transfer, expert_bytes: list[int], num_experts: int) -> tuple[int, int]:
+    """(staging, prefetch buffer) bytes a transfer mode needs beside the cache: a whole layer of experts for
+    accelerate's layer copies, else its staging slots; both sized for the largest expert."""
+    max_eb = max(expert_bytes)
+    staging = num_experts * max_eb if transfer.mode == "layer" else transfer.staging_experts * max_eb
+    return int(staging), int(transfer.prefetch_buffer_experts * max_eb)
+
+
+def cache_bytes_at_sizes(spec: PolicySpec, expert_bytes: list[int], num_experts: int, cache_experts: np.ndarray,
+                dp_sizes: np.ndarray | None = None) -> np.ndarray:
+    """Bytes the cache holds at each ``cache_experts`` (experts per MoE layer), as :func:`plan_memory` sizes it,
+    for an array of sizes at once (the cost model's peak memory); ``dp_sizes``: :func:`dp_sizes_every_budget`."""
+    eb = np.asarray(expert_bytes, dtype=np.int64)
+    E = num_experts
+    c = np.asarray(cache_experts, dtype=np.int64)
+    per_layer_sum = int(eb.sum())
+    all_bytes = E * per_layer_sum
+    cache = spec.cache
+    if spec.all_resident:
+        return np.full(c.shape, all_bytes, dtype=np.int64)
+    if cache.initial == "first-layers":
+        budget = c * per_layer_sum
+        cum = np.concatenate([[0], np.cumsum(E * eb)])
+        n = np.searchsorted(cum, budget, side="right") - 1
+        return cum[n]
+    per_layer = np.minimum(c, E)
+    total_bytes = per_layer * per_layer_sum
+    if cache.scope == "layer":
+        if cache.sizing == "dp":
+            if dp_sizes is None:
+                raise ValueError("dp sizing needs the DP sizes")
+            return (dp_sizes[per_layer] * eb[None, :]).sum(axis=1)
+        return per_layer * per_layer_sum
+    if cache.unit == "bytes":
+        return total_bytes
+    max_eb = int(eb.max())
+    return (total_bytes // max_eb) * max_eb
 
 
 def plan_memory(policy: PolicySpec, shape: ModelShape, expert_bytes: list[int], non_expert_bytes: int,
@@ -95,10 +158,7 @@ def plan_memory(policy: PolicySpec, shape: ModelShape, expert_bytes: list[int], 
     transfer = policy.transfer
     budget = int(gpu_mem_bytes if gpu_mem_bytes is not None else profile.device.memory_bytes)
     max_eb = max(expert_bytes)
-    staging = transfer.staging_experts * max_eb
-    if transfer.mode == "layer":
-        staging = E * max_eb
-    prefetch_buf = transfer.prefetch_buffer_experts * max_eb
+    staging, prefetch_buf = buffer_bytes(transfer, expert_bytes, E)
     kv = kv_cache_bytes(shape, workload)
     act = activation_bytes(shape, workload)
     reserve = int(profile.runtime_reserve_bytes)

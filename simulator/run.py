@@ -1,15 +1,14 @@
 """Build a simulation from (trace, profile, config) and turn the engine's counters into a :class:`SimResult`.
 
-Per-process memos keep what does not change across a sweep's configurations: the read trace, the
-compiled workload (per batch size and gating), the cost tables (per profile, formats and workload),
-the miss curves and the predictor's output. All are deterministic functions of their keys.
+What does not change across the configurations of one (trace, profile) (the compiled workload, the cost
+tables, the miss curves, the predictor's output) is kept by the pair's
+:class:`~moesim.simulator.session.ReplaySession`; read traces and profiles by the loaders there.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -25,63 +24,17 @@ from moesim.simulator.cache import (
     popularity_order,
 )
 from moesim.simulator.config import PolicySpec, SimConfig
-from moesim.simulator.costs import CostTables, build_cost_tables
+from moesim.simulator.costs import CostTables
 from moesim.simulator.transfer import TransferSpec
 from moesim.simulator.engine import Simulation, build_simulation
-from moesim.simulator.memory import MemoryPlan, lru_miss_curves, plan_memory
+from moesim.simulator.memory import MemoryPlan, plan_memory
 from moesim.simulator.placement import make_placement
 from moesim.simulator.prefetch import make_prefetcher
 from moesim.simulator.results import MIB, RunLabel, SimResult, mean, percentile
 from moesim.simulator.timeline import Timeline
-from moesim.simulator.workload import Workload, compile_workload
-from moesim.tracer import Trace, read_trace
-
-class _Memo(OrderedDict):
-    """A small least-recently-used memo (a sweep worker needs a handful of entries)."""
-
-    def __init__(self, size: int = 32):
-        super().__init__()
-        self.size = size
-
-    def get_or(self, key, make):
-        if key in self:
-            self.move_to_end(key)
-            return self[key]
-        value = make()
-        self[key] = value
-        while len(self) > self.size:
-            self.popitem(last=False)
-        return value
-
-
-_TRACES = _Memo(8)
-_WORKLOADS = _Memo(16)
-_COSTS = _Memo(64)
-_CURVES = _Memo(8)
-_PREDICTIONS = _Memo(8)
-_PROFILES = _Memo(16)
-
-
-def _file_key(path: str | Path) -> tuple:
-    """A file's identity for memos: its path, and its size and time so a rewritten file is read again."""
-    p = Path(path).resolve()
-    try:
-        st = p.stat()
-        return (str(p), st.st_size, st.st_mtime_ns)
-    except OSError:
-        return (str(p), -1, -1)
-
-
-def load_trace_cached(path: str | Path) -> Trace:
-    return _TRACES.get_or(_file_key(path), lambda: read_trace(path))
-
-
-def load_profile_cached(spec: str):
-    from moesim.calib.profile import bundled_profiles, load_profile
-
-    key = spec if spec in bundled_profiles() else _file_key(spec)
-    return _PROFILES.get_or(key, lambda: load_profile(spec))
-
+from moesim.simulator.session import ReplaySession, load_profile_cached, load_trace_cached, trace_replay
+from moesim.simulator.workload import Workload
+from moesim.tracer import Trace
 
 def trace_format(dtype: str) -> WeightFormat:
     """The weight format whose kernel times a trace's own dtype: gguf-q4_k_m and mxfp4 -> int4, q5/q6 and
@@ -93,34 +46,9 @@ def trace_format(dtype: str) -> WeightFormat:
     return WeightFormat(min(b for b in SUPPORTED_BITS if b >= bits))
 
 
-def _trace_key(trace: Trace) -> tuple:
-    # the trace object itself is part of the key, so an in-memory trace is never confused with another
-    return (trace.path and _file_key(trace.path), id(trace))
-
-
 def get_workload(trace: Trace, batch: int, policy: PolicySpec) -> Workload:
-    guess = policy.prefetch.guess
-    key = (_trace_key(trace), batch, policy.gating, guess)
-    return _WORKLOADS.get_or(key, lambda: (trace, _compile_cached(trace, batch, policy.gating, guess)))[1]
-
-
-def _compile_cached(trace: Trace, batch: int, gating, guess: str) -> Workload:
-    """A compiled workload, kept on disk by the trace file's content (a sweep's workers and later runs load it
-    instead of compiling it again); an in-memory trace is compiled every time."""
-    make = lambda: compile_workload(trace, batch=batch, gating=gating, guess=guess)  # noqa: E731
-    if trace.path is None:
-        return make()
-    from moesim.content import file_sha256
-    from moesim.diskcache import cached, code_version
-    from moesim.errors import MoesimError
-
-    try:
-        digest = file_sha256(trace.path)
-    except MoesimError:  # the file went away after it was read: nothing to key the entry by
-        return make()
-    parts = (code_version("moesim.simulator.workload", "moesim.simulator.gating", "moesim.tracer"), digest, batch,
-             repr(gating), guess)
-    return cached("workload", parts, make)
+    """The compiled workload of ``trace`` for ``policy``'s gating and guess (the trace's replay session keeps it)."""
+    return trace_replay(trace).workload(batch, policy)
 
 
 @dataclass
@@ -173,10 +101,11 @@ def prepare(trace: Trace, profile, config: SimConfig, trace_name: str = "", prof
     else:
         non_expert_bytes = int(meta.non_expert_bytes)
         non_expert_kernel = own.kernel
-    workload = get_workload(trace, config.batch, config.policy)
+    session = ReplaySession.of(trace, profile)
+    workload = session.workload(config.batch, config.policy)
     curves = None
     if config.policy.cache.sizing == "dp" and config.policy.cache.scope == "layer":
-        curves = _CURVES.get_or(_trace_key(trace), lambda: (trace, lru_miss_curves(trace)))[1]
+        curves = session.miss_curves()
     plan = plan_memory(config.policy, shape, expert_bytes, non_expert_bytes, workload, profile,
                        config.cache_experts, config.gpu_mem_bytes, curves, config.cache_bytes)
     label = _label(trace_name or (trace.path.stem if trace.path else "trace"), profile_name or profile.name,
@@ -188,21 +117,8 @@ def prepare(trace: Trace, profile, config: SimConfig, trace_name: str = "", prof
 
 
 def _costs(prep: Prepared, needs_cpu: bool) -> CostTables:
-    wl = prep.workload
-    shape = prep.trace.meta.model
-    key = (id(prep.profile), prep.profile.name, _trace_key(prep.trace), wl.batch, wl.gating,
-           tuple(prep.expert_bytes), prep.expert_kernel, prep.non_expert_kernel, needs_cpu)
-
-    def make():
-        prompt_lengths = {s.tokens for b in wl.batches for s in b.prefill}
-        decode_batches = {s.tokens for b in wl.batches for s in b.decode}
-        max_tokens = max([wl.max_tokens_per_expert] + [s.tokens for s in wl.steps()])
-        tables = build_cost_tables(prep.profile, shape, prep.expert_bytes, prep.expert_kernel,
-                                   prep.non_expert_kernel, max_tokens, prompt_lengths, decode_batches,
-                                   wl.max_context, needs_cpu)
-        return prep.profile, prep.trace, tables  # holding the objects keeps their ids from being reused
-
-    return _COSTS.get_or(key, make)[2]
+    return ReplaySession.of(prep.trace, prep.profile).cost_tables(
+        prep.workload, prep.expert_bytes, prep.expert_kernel, prep.non_expert_kernel, needs_cpu)
 
 
 def _runtime_costs(prep: Prepared, tables: CostTables) -> CostTables:
@@ -233,20 +149,9 @@ def _geometry(prep: Prepared) -> CacheGeometry:
     return CacheGeometry(wl.num_layers, wl.num_experts, tuple(prep.expert_bytes))
 
 
-def _predictions(prep: Prepared, train: tuple[str, ...]) -> dict:
-    from moesim.simulator.predictor import fit_predictor, predict_rows
-    from moesim.traces import bundled_traces, verified_bundled_trace
-
-    own = prep.trace.path.resolve() if prep.trace.path is not None else None
-    if train:
-        paths = [Path(p) for p in train]
-    else:  # the fixed, checksummed bundled set; a user's file in traces/ never joins it
-        paths = [verified_bundled_trace(name) for name, p in bundled_traces().items()
-                 if own is None or p.resolve() != own]
-    weights = fit_predictor(paths)
-    key = (_trace_key(prep.trace), weights, prep.workload.top_k)
-    return _PREDICTIONS.get_or(key, lambda: (prep.trace, predict_rows(prep.trace, weights,
-                                                                      prep.workload.top_k)))[1]
+def prefetch_predictions(prep: Prepared, train: tuple[str, ...]) -> dict:
+    """The learned predictor's guesses for ``prep``'s trace (kept by the trace's replay session)."""
+    return ReplaySession.of(prep.trace, prep.profile).predictions(prep.workload, train)
 
 
 def infeasible_result(prep: Prepared) -> SimResult:
@@ -286,7 +191,7 @@ def build_policy_objects(prep: Prepared) -> PolicyObjects:
     if pf_spec.policy == "predictive":
         from moesim.simulator.predictor import annotate
 
-        annotate(wl, _predictions(prep, pf_spec.train))
+        annotate(wl, prefetch_predictions(prep, pf_spec.train))
     prefetcher = make_prefetcher(pf_spec, wl)
     transfer = policy.transfer
     pageable = transfer.on_compute_stream and not transfer.pinned

@@ -77,6 +77,11 @@ def build_grid(traces: Sequence[str], profiles: Sequence[str], policies: Sequenc
                cache_experts: Sequence[Optional[int]], gpu_mems: Sequence[Optional[int]],
                expert_bits: Sequence[Optional[str]], non_expert_bits: Optional[str], batches: Sequence[int]
                ) -> list[SweepPoint]:
+    """Every combination, in grid order. A policy is named canonically (sorted parts), so a rerun that spells a
+    composed policy another way resumes the same configurations."""
+    from moesim.simulator.compose import policy_names
+
+    policies = policy_names(policies)
     sizes: list[tuple[Optional[int], Optional[int]]]
     if gpu_mems and any(m is not None for m in gpu_mems):
         sizes = [(None, m) for m in gpu_mems]
@@ -94,11 +99,11 @@ def build_grid(traces: Sequence[str], profiles: Sequence[str], policies: Sequenc
 
 
 def point_config(point: SweepPoint):
+    from moesim.simulator.compose import policy_spec
     from moesim.simulator.config import SimConfig
-    from moesim.simulator.presets import get_preset
 
     return SimConfig(
-        policy=get_preset(point.policy), cache_experts=point.cache_experts, gpu_mem_bytes=point.gpu_mem_bytes,
+        policy=policy_spec(point.policy), cache_experts=point.cache_experts, gpu_mem_bytes=point.gpu_mem_bytes,
         expert_format=WeightFormat.parse(point.expert_bits) if point.expert_bits else None,
         non_expert_format=WeightFormat.parse(point.non_expert_bits) if point.non_expert_bits else None,
         batch=point.batch,
@@ -131,12 +136,12 @@ def run_point(point: SweepPoint) -> dict:
 def _warm_units(points: Sequence[SweepPoint]) -> list[SweepPoint]:
     """One point per piece of set-up the grid shares: the learned predictor of each (trace, batch, preset)
     that prefetches with it (the costliest, listed first), then each compiled workload not yet covered."""
-    from moesim.simulator.presets import get_preset
+    from moesim.simulator.compose import policy_spec
 
     predictive, plain, covered = [], [], set()
     for p in points:
         try:
-            policy = get_preset(p.policy)
+            policy = policy_spec(p.policy)
         except MoesimError:
             continue  # reported by the point itself
         workload = (p.trace, p.batch, policy.gating, policy.prefetch.guess)
@@ -156,16 +161,17 @@ def _warm_units(points: Sequence[SweepPoint]) -> list[SweepPoint]:
 
 def _warm_unit(p: SweepPoint) -> None:
     """Load and compile what the points like ``p`` share (kept in this process's memos and on disk)."""
-    from moesim.simulator.run import _predictions, get_workload, load_profile_cached, load_trace_cached, prepare
+    from moesim.simulator.run import prefetch_predictions, prepare
+    from moesim.simulator.session import ReplaySession, load_profile_cached, load_trace_cached
     from moesim.traces import resolve_trace
 
     try:
         trace = load_trace_cached(resolve_trace(p.trace))
         profile = load_profile_cached(p.profile)
         config = point_config(p)
-        get_workload(trace, p.batch, config.policy)
+        ReplaySession.of(trace, profile).workload(p.batch, config.policy)
         if config.policy.prefetch.policy == "predictive":
-            _predictions(prepare(trace, profile, config), config.policy.prefetch.train)
+            prefetch_predictions(prepare(trace, profile, config), config.policy.prefetch.train)
     except MoesimError:
         pass  # reported by the point itself
 

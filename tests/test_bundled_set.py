@@ -28,10 +28,11 @@ def test_a_trace_written_into_the_traces_folder_is_not_bundled_and_changes_nothi
     try:
         assert "zz-user-written-test" not in bundled_traces()
         assert set(bundled_traces()) == set(BUNDLED_SHA256)
-        from moesim.simulator import predictor, run
+        from moesim.simulator import predictor
+        from moesim.simulator.session import forget_replays
 
         predictor._FITTED.clear()
-        run._PREDICTIONS.clear()
+        forget_replays()
         assert _predictive_tpot() == before
         # it is still usable as a path
         assert resolve_trace(str(mine)) == mine

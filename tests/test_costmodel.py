@@ -14,11 +14,10 @@ from conftest import random_cells, tiny_meta, tiny_shape
 from moesim.cli import cli
 from moesim.costmodel.context import FEATURE_NAMES, TraceProfileContext
 from moesim.costmodel.correction import GbmSettings, TreeEnsemble, correction_from_dict, fit_gbm, fit_ridge
-from moesim.costmodel.features import dp_sizes_all
 from moesim.costmodel.model import CostModel, default_artifact_path
 from moesim.costmodel.space import enumerate_space
 from moesim.errors import MoesimError
-from moesim.simulator.memory import dp_cache_sizes
+from moesim.simulator.memory import dp_cache_sizes, dp_sizes_every_budget
 from moesim.simulator.presets import PRESETS
 from moesim.simulator.run import simulate
 from moesim.simulator.sweep import SweepPoint, point_config
@@ -97,7 +96,7 @@ def test_one_dp_gives_adapmoes_sizes_for_every_total():
     rng = np.random.default_rng(1)
     L, E = 5, 6
     curves = np.sort(rng.integers(0, 50, size=(L, E + 1)), axis=1)[:, ::-1].copy()
-    allp = dp_sizes_all(curves)
+    allp = dp_sizes_every_budget(curves)
     for p in range(E + 1):
         assert allp[p].tolist() == dp_cache_sizes(curves, p * L)
 

@@ -21,20 +21,20 @@ else:  # pragma: no cover - Python 3.10
 REPO = Path(__file__).resolve().parents[1]
 
 # Lowest first. "moesim" is the shared core (errors, units, model shapes, quantization arithmetic);
+# "traces" is data (the bundled, checksummed trace files and their names), which the tracer's commands
+# resolve, so it sits below the tracer;
 # "cli" is moesim/cli.py, the command registry above every stage. quality (perplexity under quantization)
 # needs only the core, and the cost model's search reads it, so it sits below the simulator. reproduce
 # simulates published points with every stage's parts, so it sits above them all.
-ORDER = ("moesim", "tracer", "traces", "calib", "quality", "simulator", "costmodel", "engine", "reproduce", "cli")
+ORDER = ("moesim", "traces", "tracer", "calib", "quality", "simulator", "costmodel", "engine", "reproduce", "cli")
 
-# Upward imports that exist today (issue #13), each with the file that makes it. They sit in files other
-# work is changing; remove an entry when its import goes (the test fails on an entry nothing needs).
+# The two maintenance scripts that rebuild the bundled data with the commands of the stages above it. They
+# are run, never imported, so they may use the whole tool; nothing else may import upward.
 KNOWN_UPWARD = {
-    ("moesim/modelspec.py", "tracer"),  # a trace file's metadata as a model shape
-    ("tracer/stats.py", "traces"),  # bundled trace names on the command line
-    ("tracer/synth_cli.py", "traces"),  # bundled routing-model names on the command line
-    ("simulator/cli.py", "costmodel"),  # sweep --screen asks the cost model which points to skip
-    ("traces/convert_bundled.py", "cli"),  # a maintenance script that runs `moesim trace import`; never imported
-    ("traces/fit_bundled_routing.py", "cli"),  # a maintenance script that runs `moesim trace fit`; never imported
+    ("traces/convert_bundled.py", "cli"),  # runs `moesim trace import`
+    ("traces/convert_bundled.py", "tracer"),  # checks what it converted with the trace reader
+    ("traces/fit_bundled_routing.py", "cli"),  # runs `moesim trace fit`
+    ("traces/fit_bundled_routing.py", "tracer"),  # fits the Mixtral routing model and writes routing files
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from moesim.simulator.cli import build_policy
+from moesim.simulator.compose import build_policy
 from moesim.simulator.config import SimConfig
 from moesim.simulator.presets import get_preset
 from moesim.simulator.run import simulate

@@ -11,7 +11,7 @@ import simpy
 
 from moesim.errors import MoesimError
 from moesim.quant import WeightFormat
-from moesim.simulator.cli import build_policy
+from moesim.simulator.compose import build_policy
 from moesim.simulator.config import SimConfig
 from moesim.simulator.costs import CostTables
 from moesim.simulator.gating import GatingSpec, keep_mask

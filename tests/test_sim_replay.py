@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moesim.simulator.cli import build_policy
+from moesim.simulator.compose import build_policy
 from moesim.simulator.config import SimConfig
 from moesim.simulator.run import load_trace_cached, simulate
 from moesim.tracer import DECODE

@@ -136,3 +136,21 @@ def test_cli_needs_a_profile(tiny, tmp_path):
     root, trace = tiny
     res = CliRunner().invoke(cli, ["validate", "--trace", str(trace), "--cache-experts", "2", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "expected --profile P" in res.output
+
+
+def test_validate_runs_composed_policies(tiny, tmp_path):
+    """A preset with parts replaced is validated like a preset: the engine makes the simulator's decisions."""
+    root, trace = tiny
+    out = tmp_path / "rep"
+    res = CliRunner().invoke(cli, ["validate", "--trace", str(trace), "--model-config", str(root / "config.json"),
+                                   "--policy", "lru+scope=global,lru+prefetch=oracle+eviction=lfu",
+                                   "--cache-experts", "2", "--profile", "rtx-3060", "--decode-tokens", "3",
+                                   "--requests", "1", "--warmup-steps", "1", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "validate-cpu-bf16.json").read_text())
+    assert [p["policy"] for p in data["presets"]] == ["lru+scope=global", "lru+eviction=lfu+prefetch=oracle"]
+    assert all(p["decisions_identical"] for p in data["presets"])
+    bad = CliRunner().invoke(cli, ["validate", "--trace", str(trace), "--model-config", str(root / "config.json"),
+                                   "--policy", "lru+scope=world", "--cache-experts", "2", "--profile", "rtx-3060",
+                                   "--out", str(tmp_path / "bad"), "--quiet"])
+    assert bad.exit_code == 2 and "scope 'world': expected one of layer, global" in bad.output

@@ -10,6 +10,7 @@ from moesim.tracer.format import (
     TraceMeta,
     TraceSource,
     TraceWriter,
+    load_shape,
     read_trace,
     read_trace_meta,
     write_trace,
@@ -17,5 +18,5 @@ from moesim.tracer.format import (
 
 __all__ = [
     "DECODE", "PREFILL", "LayerSteps", "RecordedEngine", "Trace", "TraceCells", "TraceMeta", "TraceSource",
-    "TraceWriter", "read_trace", "read_trace_meta", "write_trace",
+    "TraceWriter", "load_shape", "read_trace", "read_trace_meta", "write_trace",
 ]

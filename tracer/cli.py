@@ -9,6 +9,7 @@ from typing import Optional
 import click
 
 from moesim.errors import MoesimError
+from moesim.options import out_option
 
 DEFAULT_MODEL = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 
@@ -49,8 +50,7 @@ def check_output_path(path: Path) -> None:
               help="Prompt field; default: the first of prompt, question, text, instruction that is present.")
 @click.option("--chat-template/--no-chat-template", "chat_template", default=None,
               help="Wrap each prompt as a user turn; default: when the tokenizer has a chat template.")
-@click.option("--out", "out", default=None, metavar="FILE",
-              help="Output trace; default traces/<model-name>-<prompts-stem>.parquet.")
+@out_option("file", "the trace to write (default: traces/<model-name>-<prompts-stem>.parquet).")
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
 @click.option("--seed", type=int, default=0, show_default=True, help="With --sample: request i uses seed+i.")
 @click.option("--temperature", type=float, default=None, help="With --sample (default: the model's).")

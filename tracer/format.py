@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from moesim import __version__
 from moesim.atomic import atomic_path, prepare_output_path
 from moesim.errors import MoesimError
-from moesim.modelspec import ModelShape
+from moesim.modelspec import ModelShape, load_model_shape
 
 FORMAT_VERSION = 1
 METADATA_KEY = b"moesim.trace"
@@ -410,6 +410,14 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
         return pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise MoesimError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+
+
+def load_shape(spec: str | os.PathLike) -> ModelShape:
+    """The model shape a ``--model-config`` names: a trace file's recorded model, or what
+    :func:`moesim.modelspec.load_model_shape` reads (a bundled name, a config file or folder, a hub id)."""
+    if Path(str(spec)).suffix == ".parquet":
+        return read_trace_meta(spec).model
+    return load_model_shape(spec)
 
 
 def read_trace_meta(path: str | os.PathLike) -> TraceMeta:

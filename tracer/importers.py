@@ -48,6 +48,7 @@ import numpy as np
 from moesim.atomic import atomic_path
 from moesim.errors import MoesimError
 from moesim.modelspec import ModelShape, bundled_model_configs, load_model_shape
+from moesim.options import out_option
 from moesim.tracer.format import (
     DECODE,
     PREFILL,
@@ -839,7 +840,7 @@ _HELP = "Convert another engine's routing dump SRC into a moesim trace.\n\n\b\nF
 @click.command(name="import", help=_HELP)
 @click.option("--format", "fmt", default=None, metavar="FORMAT", help=f"One of: {', '.join(IMPORTERS)}.")
 @click.argument("src", metavar="SRC")
-@click.option("--out", default=None, metavar="FILE", help="Output trace; default ./<SRC name>.parquet.")
+@out_option("file", "the trace to write (default: ./<SRC name>.parquet).")
 @click.option("--model-config", default=None, metavar="NAME_OR_PATH",
               help="Model config: a bundled name or a config.json path. Needed by vllm-jsonl; for "
                    "llama-route-csv it replaces the bundled config matched from the CSV.")

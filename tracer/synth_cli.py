@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from moesim.atomic import atomic_path, prepare_output_path
 from moesim.errors import MoesimError
+from moesim.options import out_option
 from moesim.tracer.format import METADATA_KEY, SCHEMA, STATUS_KEY, Trace, TraceMeta, sha256_of_file
 from moesim.tracer.routing import PARTS, RoutingModel, read_routing, resolve_routing, write_routing
 
@@ -43,7 +44,7 @@ def write_trace_whole(path: str | Path, meta: TraceMeta, trace: Trace) -> Path:
 
 @click.command(name="fit")
 @click.argument("traces", nargs=-1, required=True, metavar="TRACE...")
-@click.option("--out", required=True, metavar="routing.json", help="Routing model to write (JSON, versioned).")
+@out_option("file", "the routing model to write (routing.json: JSON, versioned).", required=True)
 @click.option("--name", default=None, help="Name stored in the file (default: the --out file stem).")
 @click.option("--classes", type=int, default=None,
               help="Token classes for cross-layer correlation (default: 1 per 64 tokens of a phase, at most 4).")
@@ -98,7 +99,7 @@ def check_model_config(model: RoutingModel, spec: str, where: str):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--disable", default=None, metavar="PART,...",
               help=f"Synthesize without some parts of the model: {', '.join(PARTS)}.")
-@click.option("--out", required=True, metavar="T.parquet", help="Trace to write (the normal trace format).")
+@out_option("file", "the trace to write (T.parquet, the normal trace format).", required=True)
 def synth_command(routing: str, model_config: Optional[str], requests: int, prompt_len: int, output_len: int,
                   seed: int, disable: Optional[str], out: str) -> None:
     """Synthesize a routing trace from a routing model; its metadata says it is synthetic and from what."""
