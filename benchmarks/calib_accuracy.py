@@ -31,6 +31,18 @@ from moesim.calib.profile import HardwareProfile, MeasuredSeries, load_profile
 from moesim.modelspec import ModelShape
 
 
+HELD_OUT_BAR_PCT = 10.0  # #3's bar for the quick profile's mean held-out error
+
+
+def load_text() -> str:
+    import os
+
+    try:
+        return " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def predict_point(profile: HardwareProfile, series: MeasuredSeries, x: dict[str, float]) -> float:
     """The profile's prediction for one measured point of ``series`` (through the public API)."""
     key = series.key
@@ -183,24 +195,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick_profile:
         quick = load_profile(args.quick_profile)
     else:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         quick = calibrate(CalibOptions(device=args.device, model_config=args.model_config, quick=True, log=log))
-        print(f"quick calibration: {time.perf_counter() - t0:.1f} s wall")
+        print(f"quick calibration: {time.perf_counter() - t0:.1f} s wall, {time.process_time() - c0:.1f} s CPU "
+              f"(all threads; load average {load_text()}; bar: under 60 s wall on an idle machine)")
         quick.save(out / "quick.json")
     if args.full_profile:
         full = load_profile(args.full_profile)
     else:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         full = calibrate(CalibOptions(device=args.device, model_config=args.model_config, quick=False, log=log))
-        print(f"full calibration: {time.perf_counter() - t0:.1f} s wall")
+        print(f"full calibration: {time.perf_counter() - t0:.1f} s wall, {time.process_time() - c0:.1f} s CPU "
+              f"(load average {load_text()})")
         full.save(out / "full.json")
     print(f"\n== leave-one-out errors, quick profile ({quick.notes})")
     print(format_model_table(quick))
     print(f"\n== leave-one-out errors, full profile ({full.notes})")
     print(format_model_table(full))
     print("\n== quick profile predicting the full calibration's held-out points")
-    table, _ = held_out_table(quick, full)
+    table, errs = held_out_table(quick, full)
     print(table)
+    if errs:
+        mean = 100 * float(np.mean(errs))
+        print(f"bar: the quick profile predicts the full calibration's held-out points within {HELD_OUT_BAR_PCT:.0f}% "
+              f"on average: {mean:.1f}% -> {'met' if mean <= HELD_OUT_BAR_PCT else 'NOT met'}")
     print("\n== roofline versus scikit-learn regressors (leave-one-out, full profile)")
     print(sklearn_table(full))
     if args.cross_shape:

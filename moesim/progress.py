@@ -48,6 +48,18 @@ class Progress:
                 self.next_line += 1
             self._line()
 
+    def reused(self, n: int = 1) -> None:
+        """``n`` units done before (kept from an interrupted run): counted, but not in the rate."""
+        self.initial += n
+        self.update(n)
+
+    def write(self, message: str) -> None:
+        """A message line that does not break the bar."""
+        if self.bar is not None:
+            self.bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
     def line(self) -> str:
         elapsed = time.monotonic() - self.start
         ran = self.done - self.initial
