@@ -83,7 +83,7 @@ def grids_for(device: torch.device, quick: bool, cores: int) -> Grids:
             cpu_threads=_threads_grid(cores, True),
             copy_bytes=(64 * kib, 256 * kib, mib, 4 * mib, 16 * mib, 64 * mib),  # the full grid's lower end
             decode=((1, 128), (1, 2048), (4, 512), (8, 2048), (16, 256)),
-            prefill_tokens=(16, 64, 256, 512),
+            prefill_tokens=(16, 32, 64, 128, 256, 512),
             head_tokens=(1, 4, 16, 64, 256),
             budget_expert_s=8, budget_cpu_expert_s=8, budget_copy_s=3, budget_non_expert_s=14, budget_head_s=6,
         )
