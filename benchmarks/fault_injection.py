@@ -1,6 +1,6 @@
 """Kill long commands with SIGKILL at random points, rerun them, and count what survived.
 
-For each command (``sweep``, ``trace``, ``demo-model``; ``calib`` on request) the script first times one
+For each command (``sweep``, ``trace``, ``demo-model``, ``calib``) the script first times one
 uninterrupted run, then ``--points`` times: starts the command in a fresh folder, SIGKILLs it at a random
 moment inside that time (every other kill among the units of work, after the start-up), checks every file it left (each must be readable by moesim's own reader; hidden
 temp files are counted apart), reruns the same command to completion and compares the result with the
@@ -8,7 +8,8 @@ uninterrupted run. It reports per command:
 
 - resumed: reruns that finished and reproduced the uninterrupted result exactly;
 - units lost: units of work the killed process had finished but its files do not keep (a sweep
-  configuration, a traced request, a demo-model checkpoint block of training steps); the bound is the one
+  configuration, a traced request, a demo-model checkpoint block of training steps, a calib measurement
+  unit); the bound is the one
   unit in flight;
 - unreadable files: files left by the kill that moesim cannot read (temp files counted separately, and
   checked to be gone after the rerun);
@@ -17,7 +18,7 @@ uninterrupted run. It reports per command:
 A small wrapper counts the units a process finished (a line per unit in a side file, written before the
 unit's result is handed on), so "finished but not kept" is measured, not assumed.
 
-    python benchmarks/fault_injection.py [--points 20] [--commands sweep,trace,demo-model] [--seed 0]
+    python benchmarks/fault_injection.py [--points 20] [--commands sweep,trace,demo-model,calib] [--seed 0]
 """
 
 from __future__ import annotations
@@ -87,6 +88,30 @@ def log(line):
             f.write(line.split()[1].split("/")[0] + "\\n")
 train_demo_model(sys.argv[1], cfg, log=log, checkpoint_every=int(os.environ["DEMO_BLOCK"]))
 """
+# calib: the real command, its quick grid at a tiny model's shape, with the copy sizes cut to the small end (the
+# copies do not depend on the model and would otherwise take most of each run)
+WRAP_CALIB = """
+import os, sys
+import dataclasses
+import moesim.calib.calibrate as calibrate
+from moesim.calib.journal import CalibJournal
+real_grids = calibrate.grids_for
+calibrate.grids_for = lambda device, quick, cores: dataclasses.replace(real_grids(device, quick, cores),
+                                                                       copy_bytes=(65536, 262144, 1048576, 4194304))
+real_store = CalibJournal.store
+def store(self, key, unit, payload):
+    with open(os.environ["UNITS_LOG"], "a") as f:   # measured, not yet journaled: a finished unit of work
+        f.write(unit + "\\n")
+    return real_store(self, key, unit, payload)
+CalibJournal.store = store
+from moesim.cli import main
+main(sys.argv[1:])
+"""
+CALIB_CONFIG = {
+    "model_type": "mixtral", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "num_local_experts": 4,
+    "num_experts_per_tok": 2, "vocab_size": 1024, "max_position_embeddings": 4096,
+}
 DEMO_STEPS = 60
 DEMO_BLOCK = 5  # steps per checkpoint: the demo-model's unit of work
 
@@ -283,19 +308,28 @@ class DemoCommand(Command):
 
 
 class CalibCommand(Command):
-    """No checkpoint: the unit is the whole calibration (reported, not hidden)."""
+    """`moesim calib --device cpu --quick` at a tiny Mixtral-shaped config; the unit is one journaled measurement
+    (a kernel's timing group, one copy size, a layer phase, the head, the overheads)."""
 
-    name, unit, bound = "calib", "whole calibration", 1
+    name, unit, bound = "calib", "measurement unit", 1
+
+    def __init__(self, base):
+        super().__init__(base)
+        self.config = base / "calib-config.json"
+        self.config.write_text(json.dumps(CALIB_CONFIG))
 
     def argv(self, work):
-        return [sys.executable, "-m", "moesim.cli", "calib", "--device", "cpu", "--quick", "--quiet",
-                "--out", str(work / "p.json")]
+        return [sys.executable, "-c", WRAP_CALIB, "calib", "--device", "cpu", "--quick", "--model-config",
+                str(self.config), "--out", str(work / "p.json")]
 
-    def finished(self, log):
-        return 0
+    def _journal(self, work):
+        return work / ".p.json.calib-journal.json"
 
     def kept(self, work):
-        return 1 if (work / "p.json").exists() else 0
+        if (work / "p.json").exists():  # the profile holds every unit measured
+            return len(lines(work / "units.log"))
+        j = self._journal(work)
+        return len(json.loads(j.read_text())["units"]) if j.exists() else 0
 
     def unreadable(self, work):
         from moesim.calib.profile import load_profile
@@ -306,10 +340,29 @@ class CalibCommand(Command):
                 load_profile(str(work / "p.json"))
             except Exception:  # noqa: BLE001
                 bad.append("p.json")
+        j = self._journal(work)
+        if j.exists():
+            try:
+                json.loads(j.read_text())["units"]
+            except Exception:  # noqa: BLE001
+                bad.append(j.name)
         return bad
 
+    def before_rerun(self, work):
+        j = self._journal(work)
+        self.journaled = json.loads(j.read_text())["units"] if j.exists() else {}
+
     def same_as_fresh(self, work, fresh):
-        return (work / "p.json").exists()
+        """Timings differ from run to run, so: the same series as the uninterrupted run, the journal gone, and
+        every series of a kept unit in the profile exactly as journaled (resumed, not measured again)."""
+        from moesim.calib.profile import load_profile
+
+        p, f = load_profile(str(work / "p.json")), load_profile(str(fresh / "p.json"))
+        if sorted(s.key for s in p.measurements) != sorted(s.key for s in f.measurements):
+            return False
+        have = [s.to_dict() for s in p.measurements]
+        kept = [s for u in getattr(self, "journaled", {}).values() for s in u["payload"].get("series", [])]
+        return not self._journal(work).exists() and all(s in have for s in kept)
 
 
 COMMANDS = {"sweep": SweepCommand, "trace": TraceCommand, "demo-model": DemoCommand, "calib": CalibCommand}
@@ -355,6 +408,7 @@ def kill_once(cmd: Command, work: Path, fresh: Path, at_s: float) -> Kill:
     finished = cmd.finished(log)
     kept = cmd.kept(work)
     unreadable = cmd.unreadable(work)
+    getattr(cmd, "before_rerun", lambda w: None)(work)
     left = temps(work)
     tracebacks = (out + err).count("Traceback")
     log.unlink(missing_ok=True)
@@ -368,7 +422,7 @@ def kill_once(cmd: Command, work: Path, fresh: Path, at_s: float) -> Kill:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=20, help="kills per command")
-    parser.add_argument("--commands", default="sweep,trace,demo-model", help=f"of {', '.join(COMMANDS)}")
+    parser.add_argument("--commands", default="sweep,trace,demo-model,calib", help=f"of {', '.join(COMMANDS)}")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     names = [c.strip() for c in args.commands.split(",") if c.strip()]
