@@ -143,6 +143,59 @@ def sklearn_table(profile: HardwareProfile) -> str:
     return "\n".join(lines)
 
 
+def _stop_rule(points: list, work, min_points: int = 4) -> list:
+    """The quick repeat policy's rule (moesim.calib.timing): stop adding costlier points after the first one
+    whose time grew at least 0.8x as much as its work, keeping at least ``min_points``."""
+    kept = []
+    for p in points:
+        if len(kept) >= min_points and len(kept) >= 2 and _compute_bound(kept[-2], kept[-1], work):
+            break
+        kept.append(p)
+    return kept
+
+
+def _compute_bound(prev, point, work) -> bool:
+    growth = work(point.x) / work(prev.x)
+    return growth >= 2 and point.median_s >= 0.8 * growth * prev.median_s
+
+
+def grid_subset_profiles(full: HardwareProfile) -> dict[str, HardwareProfile]:
+    """The full run's own points restricted to the quick grid, without and with the compute-bound stop, refitted.
+
+    Both predict the rest of the same run, so there is no run-to-run drift: the error is what the sparser grid
+    (and the stop) costs the fit. Budgets are not simulated."""
+    import dataclasses
+
+    import torch
+
+    from moesim.calib import workload
+    from moesim.calib.calibrate import refit
+    from moesim.calib.measure import grids_for
+
+    g = grids_for(torch.device("cuda" if full.device.kind == "cuda" else "cpu"), True, full.host.cpu_cores)
+    out: dict[str, list] = {"quick grid": [], "quick grid + stop": []}
+    for s in full.measurements:
+        grid, work = None, (lambda x: x["tokens"])
+        if s.key.startswith("expert/"):
+            grid = g.expert_tokens
+        elif s.key.startswith("cpu_expert/"):
+            grid = g.cpu_expert_tokens
+        elif s.key == "head":
+            grid = g.head_tokens
+        elif s.key.endswith("/prefill"):
+            grid, shape = g.prefill_tokens, s.model_shape()
+            work = lambda x, shape=shape: float(workload.prefill_work(shape, x["tokens"]).flops)  # noqa: E731
+        by_tokens = {p.x.get("tokens"): p for p in s.points}
+        picked = [by_tokens[float(t)] for t in (grid or ()) if float(t) in by_tokens]
+        if len(picked) < 4:
+            out["quick grid"].append(s)
+            out["quick grid + stop"].append(s)
+            continue
+        out["quick grid"].append(dataclasses.replace(s, points=tuple(picked)))
+        out["quick grid + stop"].append(dataclasses.replace(s, points=tuple(_stop_rule(picked, work))))
+    return {name: refit(dataclasses.replace(full, measurements=tuple(series))) for name, series in out.items()}
+
+
 def cross_shape_table(full: HardwareProfile, device: str, spec: str, quick: bool) -> str:
     import torch
 
@@ -189,7 +242,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cross-shape", help="another model whose expert times the full profile should predict")
     ap.add_argument("--cross-quick", action="store_true", help="measure the cross-shape experts on the quick grid")
     ap.add_argument("--out-dir", default="calib-accuracy")
+    ap.add_argument("--grid-study", nargs="*", metavar="FULL.json",
+                    help="only: for each full profile, its own points on the quick grid with and without the "
+                         "compute-bound stop, predicting the rest of the same run (no drift, no new measurement)")
     args = ap.parse_args(argv)
+    if args.grid_study:
+        for path in args.grid_study:
+            full = load_profile(path)
+            for name, derived in grid_subset_profiles(full).items():
+                print(f"\n== {path} ({full.notes}; load before {full.host.facts.get('load_average_1min_before')}): "
+                      f"{name}, fitted to its own points, predicting the rest")
+                print(held_out_table(derived, full)[0])
+        return 0
     out = Path(args.out_dir)
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr)
     if args.quick_profile:

@@ -80,7 +80,7 @@ main(sys.argv[1:])
 WRAP_DEMO = """
 import dataclasses, os, sys
 from moesim.quality.demo_model import QUICK, train_demo_model
-cfg = dataclasses.replace(QUICK, steps=int(os.environ["DEMO_STEPS"]), warmup_steps=1, train_chars=40_000, eval_max_tokens=512, vocab_size=300,
+cfg = dataclasses.replace(QUICK, steps=int(os.environ["DEMO_STEPS"]), warmup_steps=1, train_chars=20_000, eval_max_tokens=128, vocab_size=300,
                           hidden_size=32, intermediate_size=64)
 def log(line):
     if line.startswith("step "):
@@ -88,16 +88,23 @@ def log(line):
             f.write(line.split()[1].split("/")[0] + "\\n")
 train_demo_model(sys.argv[1], cfg, log=log, checkpoint_every=int(os.environ["DEMO_BLOCK"]))
 """
-# calib: the real command, its quick grid at a tiny model's shape, with the copy sizes cut to the small end (the
-# copies do not depend on the model and would otherwise take most of each run)
+# calib: the real command at a tiny Mixtral shape, on a small grid with 3 repeats a point (the quick grid's copies
+# and repeats would make 20 kills and reruns take an hour on a shared 2-core machine; what is journaled and resumed
+# is the same)
 WRAP_CALIB = """
 import os, sys
 import dataclasses
 import moesim.calib.calibrate as calibrate
 from moesim.calib.journal import CalibJournal
-real_grids = calibrate.grids_for
-calibrate.grids_for = lambda device, quick, cores: dataclasses.replace(real_grids(device, quick, cores),
-                                                                       copy_bytes=(65536, 262144, 1048576, 4194304))
+from moesim.calib.measure import Grids
+from moesim.calib.timing import RepeatPolicy
+calibrate.grids_for = lambda device, quick, cores: Grids(
+    expert_tokens=(1, 2, 4, 8, 16), cpu_expert_tokens=(1, 4, 16), cpu_threads=(cores,),
+    copy_bytes=(65536, 262144, 1048576, 4194304), decode=((1, 16), (1, 128), (2, 64), (4, 128)),
+    prefill_tokens=(4, 8, 16, 32), head_tokens=(1, 2, 4, 8), budget_expert_s=1, budget_cpu_expert_s=1,
+    budget_copy_s=1, budget_non_expert_s=1, budget_head_s=1)
+RepeatPolicy.quick = classmethod(lambda cls: RepeatPolicy(warmup=1, min_repeats=3, max_repeats=3, min_time_s=0.0,
+                                                          warmup_s=0.0))
 real_store = CalibJournal.store
 def store(self, key, unit, payload):
     with open(os.environ["UNITS_LOG"], "a") as f:   # measured, not yet journaled: a finished unit of work
@@ -112,8 +119,8 @@ CALIB_CONFIG = {
     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "num_local_experts": 4,
     "num_experts_per_tok": 2, "vocab_size": 1024, "max_position_embeddings": 4096,
 }
-DEMO_STEPS = 60
-DEMO_BLOCK = 5  # steps per checkpoint: the demo-model's unit of work
+DEMO_STEPS = 20  # a tiny model (hidden 32, 20 steps): the start-up dominates, so 20 kills take minutes
+DEMO_BLOCK = 2  # steps per checkpoint: the demo-model's unit of work
 
 
 @dataclass

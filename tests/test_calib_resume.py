@@ -138,3 +138,27 @@ def test_sigkill_during_calib_loses_only_the_unit_in_flight_and_a_rerun_resumes(
     assert any("unit/s, ETA" in ln for ln in lines)
     done, total = re.match(r"calib: (\d+)/(\d+) unit", lines[-1]).groups()
     assert done == total
+
+
+def test_the_quick_grid_stops_at_the_first_compute_bound_point_and_times_costly_points_less():
+    import time
+
+    import torch
+
+    from moesim.calib.timing import Budget, Timer
+
+    unit = 0.005
+    policy = RepeatPolicy(warmup=2, min_repeats=5, max_repeats=5, min_time_s=0.0, warmup_s=0.0, costly_s=0.05,
+                          costly_repeats=3, stop_when_compute_bound=True)
+    timer = Timer(torch.device("cpu"), policy)
+    grid = [{"tokens": float(t)} for t in (1, 2, 4, 16, 64, 256)]
+
+    def compute_bound_from_2(x):  # a flat memory roof up to 2 tokens, then time grows with the tokens
+        return lambda: time.sleep(unit * max(2.0, x["tokens"]))
+
+    points = timer.grid(grid, compute_bound_from_2, Budget(60), work=lambda x: x["tokens"])
+    assert [p.x["tokens"] for p in points] == [1, 2, 4, 16]  # 4 is compute-bound; 16 keeps the minimum of 4 points
+    assert [p.repeats for p in points] == [5, 5, 5, 3]  # 16 tokens (80 ms) is a costly point
+
+    flat = timer.grid(grid, lambda x: (lambda: time.sleep(unit)), Budget(60), work=lambda x: x["tokens"])
+    assert len(flat) == 6  # never compute-bound: the whole grid
