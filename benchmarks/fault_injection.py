@@ -401,16 +401,36 @@ def timed_fresh_run(cmd: Command, work: Path) -> tuple[int, str, float, float]:
     return proc.returncode, out + err, total, first if first is not None else 0.0
 
 
-def kill_once(cmd: Command, work: Path, fresh: Path, at_s: float) -> Kill:
+def _wait_for_units(cmd: Command, proc: subprocess.Popen, log: Path, units: int, then_s: float) -> bool:
+    """Wait until ``units`` units have finished, then ``then_s`` more seconds; False if the process ended first."""
+    while proc.poll() is None and cmd.finished(log) < units:
+        time.sleep(0.02)
+    try:
+        proc.wait(timeout=then_s)
+        return False
+    except subprocess.TimeoutExpired:
+        return True
+
+
+def kill_once(cmd: Command, work: Path, fresh: Path, at_s: float, at_unit: tuple[int, float] | None = None) -> Kill:
+    """SIGKILL the command ``at_s`` seconds after its start, or (``at_unit``) once it has finished that many
+    units plus some seconds, so a kill lands among the units whatever the machine's load."""
     log = work / "units.log"
     proc = subprocess.Popen(cmd.argv(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env_for(log))
-    try:
-        proc.wait(timeout=at_s)
-        note = "finished before the kill"
-    except subprocess.TimeoutExpired:
+    if at_unit is not None:
+        alive = _wait_for_units(cmd, proc, log, *at_unit)
+    else:
+        try:
+            proc.wait(timeout=at_s)
+            alive = False
+        except subprocess.TimeoutExpired:
+            alive = True
+    note = ""
+    if alive:
         proc.send_signal(signal.SIGKILL)
-        note = ""
+    else:
+        note = "finished before the kill"
     out, err = proc.communicate()
     finished = cmd.finished(log)
     kept = cmd.kept(work)
@@ -431,6 +451,9 @@ def main() -> int:
     parser.add_argument("--points", type=int, default=20, help="kills per command")
     parser.add_argument("--commands", default="sweep,trace,demo-model,calib", help=f"of {', '.join(COMMANDS)}")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--by-units", action="store_true",
+                        help="kill after a random number of finished units (robust to a loaded machine's timing) "
+                             "instead of at a random time")
     args = parser.parse_args()
     names = [c.strip() for c in args.commands.split(",") if c.strip()]
     for n in names:
@@ -453,15 +476,22 @@ def main() -> int:
                 print(f"{name}: the uninterrupted run failed (exit {rc}): {text.strip().splitlines()[-1:]}")
                 continue
             s = Summary(name, cmd.unit, cmd.bound, fresh_s)
+            total_units = cmd.finished(fresh / "units.log")
             for i in range(args.points):
                 work = base / f"{name}-{i}"
                 work.mkdir()
-                # half the kills anywhere in the run, half among the units (after the first one finished)
-                lo = 0.05 * fresh_s if i % 2 == 0 else 0.9 * first_s
-                at = rng.uniform(lo, 0.95 * fresh_s)
-                k = kill_once(cmd, work, fresh, at)
+                at_unit = None
+                if args.by_units:  # after a random number of finished units, a random moment into the next
+                    at_unit = (rng.randrange(0, max(1, total_units)), rng.uniform(0.0, 2.0 * fresh_s / max(1, total_units)))
+                    at, where = at_unit[1], f"unit {at_unit[0]:2d} +{at_unit[1]:4.1f}s"
+                else:
+                    # half the kills anywhere in the run, half among the units (after the first one finished)
+                    lo = 0.05 * fresh_s if i % 2 == 0 else 0.9 * first_s
+                    at = rng.uniform(lo, 0.95 * fresh_s)
+                    where = f"{at:5.1f}s"
+                k = kill_once(cmd, work, fresh, at, at_unit)
                 s.kills.append(k)
-                print(f"{name} kill {i + 1:2d} at {at:5.1f}s: finished {k.finished_units}, kept {k.kept_units}, "
+                print(f"{name} kill {i + 1:2d} at {where}: finished {k.finished_units}, kept {k.kept_units}, "
                       f"lost {k.lost}, unreadable {len(k.unreadable)}, temp files {len(k.temps)} "
                       f"(after rerun {len(k.temps_after)}), tracebacks {k.tracebacks}, "
                       f"resumed {'yes' if k.resumed else 'NO'} {k.note}", flush=True)

@@ -140,25 +140,34 @@ def test_sigkill_during_calib_loses_only_the_unit_in_flight_and_a_rerun_resumes(
     assert done == total
 
 
+class _ModelTimer:
+    """A Timer whose calls take the seconds they return (no clock: the test does not depend on the load)."""
+
+    def __new__(cls, policy):
+        from moesim.calib.timing import Timer
+
+        class Modelled(Timer):
+            def once(self, fn):
+                return fn()
+
+        return Modelled(__import__("torch").device("cpu"), policy)
+
+
 def test_the_quick_grid_stops_at_the_first_compute_bound_point_and_times_costly_points_less():
-    import time
+    from moesim.calib.timing import Budget
 
-    import torch
-
-    from moesim.calib.timing import Budget, Timer
-
-    unit = 0.005
     policy = RepeatPolicy(warmup=2, min_repeats=5, max_repeats=5, min_time_s=0.0, warmup_s=0.0, costly_s=0.05,
                           costly_repeats=3, stop_when_compute_bound=True)
-    timer = Timer(torch.device("cpu"), policy)
+    timer = _ModelTimer(policy)
     grid = [{"tokens": float(t)} for t in (1, 2, 4, 16, 64, 256)]
-
-    def compute_bound_from_2(x):  # a flat memory roof up to 2 tokens, then time grows with the tokens
-        return lambda: time.sleep(unit * max(2.0, x["tokens"]))
-
-    points = timer.grid(grid, compute_bound_from_2, Budget(60), work=lambda x: x["tokens"])
+    unit = 0.005
+    # a flat memory roof up to 2 tokens, then time grows with the tokens
+    points = timer.grid(grid, lambda x: (lambda: unit * max(2.0, x["tokens"])), Budget(60), work=lambda x: x["tokens"])
     assert [p.x["tokens"] for p in points] == [1, 2, 4, 16]  # 4 is compute-bound; 16 keeps the minimum of 4 points
     assert [p.repeats for p in points] == [5, 5, 5, 3]  # 16 tokens (80 ms) is a costly point
 
-    flat = timer.grid(grid, lambda x: (lambda: time.sleep(unit)), Budget(60), work=lambda x: x["tokens"])
+    flat = timer.grid(grid, lambda x: (lambda: unit), Budget(60), work=lambda x: x["tokens"])
     assert len(flat) == 6  # never compute-bound: the whole grid
+    # the default (full) policy measures the whole grid whatever the times
+    assert len(_ModelTimer(RepeatPolicy()).grid(grid, lambda x: (lambda: unit * x["tokens"]), Budget(60),
+                                                work=lambda x: x["tokens"])) == 6
