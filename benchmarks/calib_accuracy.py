@@ -15,6 +15,11 @@ Examples::
     python benchmarks/calib_accuracy.py --device cpu                    # runs quick + full (~10 min here)
     python benchmarks/calib_accuracy.py --quick-profile Q.json --full-profile F.json
     python benchmarks/calib_accuracy.py --device cuda:0 --cross-shape qwen3-30b-a3b --out-dir /tmp/acc
+    python benchmarks/calib_accuracy.py --grid-study calib/profiles/cpu-calibrated.json   # the quick grid's cost
+
+On a shared machine both runs' timings move with the load (the table's drift column); --grid-study needs no new
+measurement: it refits a full run's own points as the quick grid would have taken them, with and without the
+quick policy's stop at the first compute-bound point, and predicts the rest of that run.
 """
 
 from __future__ import annotations
