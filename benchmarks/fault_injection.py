@@ -1,6 +1,6 @@
 """Kill long commands with SIGKILL at random points, rerun them, and count what survived.
 
-For each command (``sweep``, ``trace``, ``demo-model``; ``calib`` on request) the script first times one
+For each command (``sweep``, ``trace``, ``demo-model``, ``calib``) the script first times one
 uninterrupted run, then ``--points`` times: starts the command in a fresh folder, SIGKILLs it at a random
 moment inside that time (every other kill among the units of work, after the start-up), checks every file it left (each must be readable by moesim's own reader; hidden
 temp files are counted apart), reruns the same command to completion and compares the result with the
@@ -8,7 +8,8 @@ uninterrupted run. It reports per command:
 
 - resumed: reruns that finished and reproduced the uninterrupted result exactly;
 - units lost: units of work the killed process had finished but its files do not keep (a sweep
-  configuration, a traced request, a demo-model checkpoint block of training steps); the bound is the one
+  configuration, a traced request, a demo-model checkpoint block of training steps, a calib measurement
+  unit); the bound is the one
   unit in flight;
 - unreadable files: files left by the kill that moesim cannot read (temp files counted separately, and
   checked to be gone after the rerun);
@@ -17,7 +18,7 @@ uninterrupted run. It reports per command:
 A small wrapper counts the units a process finished (a line per unit in a side file, written before the
 unit's result is handed on), so "finished but not kept" is measured, not assumed.
 
-    python benchmarks/fault_injection.py [--points 20] [--commands sweep,trace,demo-model] [--seed 0]
+    python benchmarks/fault_injection.py [--points 20] [--commands sweep,trace,demo-model,calib] [--seed 0]
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ main(sys.argv[1:])
 WRAP_DEMO = """
 import dataclasses, os, sys
 from moesim.quality.demo_model import QUICK, train_demo_model
-cfg = dataclasses.replace(QUICK, steps=int(os.environ["DEMO_STEPS"]), warmup_steps=1, train_chars=40_000, eval_max_tokens=512, vocab_size=300,
+cfg = dataclasses.replace(QUICK, steps=int(os.environ["DEMO_STEPS"]), warmup_steps=1, train_chars=20_000, eval_max_tokens=128, vocab_size=300,
                           hidden_size=32, intermediate_size=64)
 def log(line):
     if line.startswith("step "):
@@ -87,8 +88,39 @@ def log(line):
             f.write(line.split()[1].split("/")[0] + "\\n")
 train_demo_model(sys.argv[1], cfg, log=log, checkpoint_every=int(os.environ["DEMO_BLOCK"]))
 """
-DEMO_STEPS = 60
-DEMO_BLOCK = 5  # steps per checkpoint: the demo-model's unit of work
+# calib: the real command at a tiny Mixtral shape, on a small grid with 3 repeats a point (the quick grid's copies
+# and repeats would make 20 kills and reruns take an hour on a shared 2-core machine; what is journaled and resumed
+# is the same)
+WRAP_CALIB = """
+import os, sys
+import dataclasses
+import moesim.calib.calibrate as calibrate
+from moesim.calib.journal import CalibJournal
+from moesim.calib.measure import Grids
+from moesim.calib.timing import RepeatPolicy
+calibrate.grids_for = lambda device, quick, cores: Grids(
+    expert_tokens=(1, 2, 4, 8, 16), cpu_expert_tokens=(1, 4, 16), cpu_threads=(cores,),
+    copy_bytes=(65536, 262144, 1048576, 4194304), decode=((1, 16), (1, 128), (2, 64), (4, 128)),
+    prefill_tokens=(4, 8, 16, 32), head_tokens=(1, 2, 4, 8), budget_expert_s=1, budget_cpu_expert_s=1,
+    budget_copy_s=1, budget_non_expert_s=1, budget_head_s=1)
+RepeatPolicy.quick = classmethod(lambda cls: RepeatPolicy(warmup=1, min_repeats=3, max_repeats=3, min_time_s=0.0,
+                                                          warmup_s=0.0))
+real_store = CalibJournal.store
+def store(self, key, unit, payload):
+    with open(os.environ["UNITS_LOG"], "a") as f:   # measured, not yet journaled: a finished unit of work
+        f.write(unit + "\\n")
+    return real_store(self, key, unit, payload)
+CalibJournal.store = store
+from moesim.cli import main
+main(sys.argv[1:])
+"""
+CALIB_CONFIG = {
+    "model_type": "mixtral", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "num_local_experts": 4,
+    "num_experts_per_tok": 2, "vocab_size": 1024, "max_position_embeddings": 4096,
+}
+DEMO_STEPS = 20  # a tiny model (hidden 32, 20 steps): the start-up dominates, so 20 kills take minutes
+DEMO_BLOCK = 2  # steps per checkpoint: the demo-model's unit of work
 
 
 @dataclass
@@ -283,19 +315,28 @@ class DemoCommand(Command):
 
 
 class CalibCommand(Command):
-    """No checkpoint: the unit is the whole calibration (reported, not hidden)."""
+    """`moesim calib --device cpu --quick` at a tiny Mixtral-shaped config; the unit is one journaled measurement
+    (a kernel's timing group, one copy size, a layer phase, the head, the overheads)."""
 
-    name, unit, bound = "calib", "whole calibration", 1
+    name, unit, bound = "calib", "measurement unit", 1
+
+    def __init__(self, base):
+        super().__init__(base)
+        self.config = base / "calib-config.json"
+        self.config.write_text(json.dumps(CALIB_CONFIG))
 
     def argv(self, work):
-        return [sys.executable, "-m", "moesim.cli", "calib", "--device", "cpu", "--quick", "--quiet",
-                "--out", str(work / "p.json")]
+        return [sys.executable, "-c", WRAP_CALIB, "calib", "--device", "cpu", "--quick", "--model-config",
+                str(self.config), "--out", str(work / "p.json")]
 
-    def finished(self, log):
-        return 0
+    def _journal(self, work):
+        return work / ".p.json.calib-journal.json"
 
     def kept(self, work):
-        return 1 if (work / "p.json").exists() else 0
+        if (work / "p.json").exists():  # the profile holds every unit measured
+            return len(lines(work / "units.log"))
+        j = self._journal(work)
+        return len(json.loads(j.read_text())["units"]) if j.exists() else 0
 
     def unreadable(self, work):
         from moesim.calib.profile import load_profile
@@ -306,10 +347,29 @@ class CalibCommand(Command):
                 load_profile(str(work / "p.json"))
             except Exception:  # noqa: BLE001
                 bad.append("p.json")
+        j = self._journal(work)
+        if j.exists():
+            try:
+                json.loads(j.read_text())["units"]
+            except Exception:  # noqa: BLE001
+                bad.append(j.name)
         return bad
 
+    def before_rerun(self, work):
+        j = self._journal(work)
+        self.journaled = json.loads(j.read_text())["units"] if j.exists() else {}
+
     def same_as_fresh(self, work, fresh):
-        return (work / "p.json").exists()
+        """Timings differ from run to run, so: the same series as the uninterrupted run, the journal gone, and
+        every series of a kept unit in the profile exactly as journaled (resumed, not measured again)."""
+        from moesim.calib.profile import load_profile
+
+        p, f = load_profile(str(work / "p.json")), load_profile(str(fresh / "p.json"))
+        if sorted(s.key for s in p.measurements) != sorted(s.key for s in f.measurements):
+            return False
+        have = [s.to_dict() for s in p.measurements]
+        kept = [s for u in getattr(self, "journaled", {}).values() for s in u["payload"].get("series", [])]
+        return not self._journal(work).exists() and all(s in have for s in kept)
 
 
 COMMANDS = {"sweep": SweepCommand, "trace": TraceCommand, "demo-model": DemoCommand, "calib": CalibCommand}
@@ -341,20 +401,41 @@ def timed_fresh_run(cmd: Command, work: Path) -> tuple[int, str, float, float]:
     return proc.returncode, out + err, total, first if first is not None else 0.0
 
 
-def kill_once(cmd: Command, work: Path, fresh: Path, at_s: float) -> Kill:
+def _wait_for_units(cmd: Command, proc: subprocess.Popen, log: Path, units: int, then_s: float) -> bool:
+    """Wait until ``units`` units have finished, then ``then_s`` more seconds; False if the process ended first."""
+    while proc.poll() is None and cmd.finished(log) < units:
+        time.sleep(0.02)
+    try:
+        proc.wait(timeout=then_s)
+        return False
+    except subprocess.TimeoutExpired:
+        return True
+
+
+def kill_once(cmd: Command, work: Path, fresh: Path, at_s: float, at_unit: tuple[int, float] | None = None) -> Kill:
+    """SIGKILL the command ``at_s`` seconds after its start, or (``at_unit``) once it has finished that many
+    units plus some seconds, so a kill lands among the units whatever the machine's load."""
     log = work / "units.log"
     proc = subprocess.Popen(cmd.argv(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env_for(log))
-    try:
-        proc.wait(timeout=at_s)
-        note = "finished before the kill"
-    except subprocess.TimeoutExpired:
+    if at_unit is not None:
+        alive = _wait_for_units(cmd, proc, log, *at_unit)
+    else:
+        try:
+            proc.wait(timeout=at_s)
+            alive = False
+        except subprocess.TimeoutExpired:
+            alive = True
+    note = ""
+    if alive:
         proc.send_signal(signal.SIGKILL)
-        note = ""
+    else:
+        note = "finished before the kill"
     out, err = proc.communicate()
     finished = cmd.finished(log)
     kept = cmd.kept(work)
     unreadable = cmd.unreadable(work)
+    getattr(cmd, "before_rerun", lambda w: None)(work)
     left = temps(work)
     tracebacks = (out + err).count("Traceback")
     log.unlink(missing_ok=True)
@@ -368,8 +449,11 @@ def kill_once(cmd: Command, work: Path, fresh: Path, at_s: float) -> Kill:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=20, help="kills per command")
-    parser.add_argument("--commands", default="sweep,trace,demo-model", help=f"of {', '.join(COMMANDS)}")
+    parser.add_argument("--commands", default="sweep,trace,demo-model,calib", help=f"of {', '.join(COMMANDS)}")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--by-units", action="store_true",
+                        help="kill after a random number of finished units (robust to a loaded machine's timing) "
+                             "instead of at a random time")
     args = parser.parse_args()
     names = [c.strip() for c in args.commands.split(",") if c.strip()]
     for n in names:
@@ -392,15 +476,22 @@ def main() -> int:
                 print(f"{name}: the uninterrupted run failed (exit {rc}): {text.strip().splitlines()[-1:]}")
                 continue
             s = Summary(name, cmd.unit, cmd.bound, fresh_s)
+            total_units = cmd.finished(fresh / "units.log")
             for i in range(args.points):
                 work = base / f"{name}-{i}"
                 work.mkdir()
-                # half the kills anywhere in the run, half among the units (after the first one finished)
-                lo = 0.05 * fresh_s if i % 2 == 0 else 0.9 * first_s
-                at = rng.uniform(lo, 0.95 * fresh_s)
-                k = kill_once(cmd, work, fresh, at)
+                at_unit = None
+                if args.by_units:  # after a random number of finished units, a random moment into the next
+                    at_unit = (rng.randrange(0, max(1, total_units)), rng.uniform(0.0, 2.0 * fresh_s / max(1, total_units)))
+                    at, where = at_unit[1], f"unit {at_unit[0]:2d} +{at_unit[1]:4.1f}s"
+                else:
+                    # half the kills anywhere in the run, half among the units (after the first one finished)
+                    lo = 0.05 * fresh_s if i % 2 == 0 else 0.9 * first_s
+                    at = rng.uniform(lo, 0.95 * fresh_s)
+                    where = f"{at:5.1f}s"
+                k = kill_once(cmd, work, fresh, at, at_unit)
                 s.kills.append(k)
-                print(f"{name} kill {i + 1:2d} at {at:5.1f}s: finished {k.finished_units}, kept {k.kept_units}, "
+                print(f"{name} kill {i + 1:2d} at {where}: finished {k.finished_units}, kept {k.kept_units}, "
                       f"lost {k.lost}, unreadable {len(k.unreadable)}, temp files {len(k.temps)} "
                       f"(after rerun {len(k.temps_after)}), tracebacks {k.tracebacks}, "
                       f"resumed {'yes' if k.resumed else 'NO'} {k.note}", flush=True)

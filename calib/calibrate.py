@@ -6,18 +6,22 @@ import dataclasses
 import datetime as _dt
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from moesim.calib import facts, workload
 from moesim.calib.fit import RooflineData, fit_copy, fit_roofline
+from moesim.calib.journal import CalibJournal, calibration_code_version, series_from_json, series_to_json, unit_key
 from moesim.calib.kernels import KernelInfo, probe_kernels
 from moesim.calib.layers import build_attention_layer, hf_config_for, tiny_config
 from moesim.calib.measure import (
+    CopyBench,
     Grids,
-    copy_series,
+    copy_series_from_samples,
+    cpu_copy_point,
+    cuda_copy_samples,
     decode_series,
     expert_series,
     fastest_kernel,
@@ -53,6 +57,8 @@ class CalibOptions:
     grids: Grids | None = None  # override the grid (tests use tiny ones)
     policy: RepeatPolicy | None = None
     log: Callable[[str], None] = field(default=lambda msg: None)
+    journal: CalibJournal | None = None  # finished units of an interrupted run; None: nothing kept on disk
+    progress: Callable[[int], Any] | None = None  # total units -> an object with update() and close()
 
 
 # ------------------------------------------------------------------------------------------ fitting
@@ -191,9 +197,51 @@ def _runtime_reserve(device: torch.device) -> tuple[int, str]:
     return facts.process_rss_bytes(), "resident memory of this Python process with torch and transformers loaded"
 
 
-def calibrate(opts: CalibOptions) -> HardwareProfile:
-    started = time.perf_counter()
-    log = opts.log
+@dataclass
+class CalibRun:
+    """What every step of one calibration shares: the settings, the journal and what was measured so far."""
+
+    opts: CalibOptions
+    device: torch.device
+    cores: int
+    threads: int
+    shape: Any
+    config: Any
+    act_dtype: torch.dtype
+    statistic: str
+    grids: Grids
+    policy: RepeatPolicy
+    journal: CalibJournal
+    context: dict[str, Any]
+    kernels: dict[str, KernelInfo] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    kernel_choice: dict[str, dict[str, float]] = field(default_factory=dict)
+    series: list[MeasuredSeries] = field(default_factory=list)
+    progress: Any = None
+
+    def log(self, msg: str) -> None:
+        self.opts.log(msg)
+
+    @property
+    def timer(self) -> Timer:
+        return Timer(self.device, self.policy)
+
+    def unit(self, name: str, params: dict[str, Any], measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """One journaled unit: reused when an earlier run finished it with the same content key."""
+        key = unit_key(self.context, name, params)
+        reused = key in self.journal
+        if not reused:
+            self.log(f"{name} ...")
+        payload = self.journal.run(key, name, measure)
+        if reused:
+            self.log(f"{name}: kept from the journal of an interrupted run")
+        if self.progress is not None:
+            (self.progress.reused if reused else self.progress.update)(1)
+        return payload
+
+
+def _start(opts: CalibOptions) -> CalibRun:
+    """Resolve the device, threads, model and grids, and open the journal."""
     device = facts.resolve_device(opts.device)
     cores = facts.cpu_cores()
     threads = opts.threads or cores
@@ -202,145 +250,303 @@ def calibrate(opts: CalibOptions) -> HardwareProfile:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     shape = load_shape(opts.model_config)
-    config = hf_config_for(opts.model_config, shape)
     act_dtype = _activation_dtype(device)
     statistic = opts.statistic if opts.statistic != "auto" else ("median" if device.type == "cuda" else "p10")
-    reserve, reserve_note = _runtime_reserve(device)
     grids = opts.grids or grids_for(device, opts.quick, cores)
     policy = opts.policy or (RepeatPolicy.quick() if opts.quick else RepeatPolicy())
-    timer = Timer(device, policy)
-    cpu_timer = Timer(torch.device("cpu"), policy)
-    candidates, dropped = probe_kernels(device, act_dtype)
-    if "bf16" not in candidates:
-        raise MoesimError(f"--device {opts.device}: the bf16 expert kernel does not run here ({dropped.get('bf16')})")
-    kernels: dict[str, KernelInfo] = {}
-    kernel_choice: dict[str, dict[str, float]] = {}
-    for kernel, infos in candidates.items():
-        kernels[kernel], times = fastest_kernel(shape, infos, device, act_dtype, timer)
-        if times:
-            kernel_choice[kernel] = times
-    load_before = facts.load_average()
-    if load_before is not None and load_before > 0.5 * cores:
-        log(f"warning: load average {load_before:.1f} on {cores} cores: other processes compete for the CPU, "
-            f"CPU-side timings will be noisy (fits use the per-point {statistic})")
-    log(f"device {device}, {threads} threads, kernels {', '.join(kernels)}; model {shape.model_id}")
-    series: list[MeasuredSeries] = []
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else facts.cpu_name()
+    # everything a unit's numbers depend on besides its own grid: a change here measures afresh
+    context = {"device": str(device), "device_name": device_name, "cpu": facts.cpu_name(), "cores": cores,
+               "threads": threads, "torch": torch.__version__, "activation_dtype": str(act_dtype),
+               "shape": shape.to_dict(), "policy": dataclasses.asdict(policy), "statistic": statistic,
+               "code": calibration_code_version()}
+    journal = opts.journal if opts.journal is not None else CalibJournal(None)
+    return CalibRun(opts, device, cores, threads, shape, hf_config_for(opts.model_config, shape), act_dtype,
+                    statistic, grids, policy, journal, context)
 
-    for kernel, info in list(kernels.items()):
-        log(f"expert FFN {kernel} ...")
+
+def _choose_kernels(run: CalibRun) -> None:
+    """Which expert kernels run here, and of several implementations of one format the fastest."""
+
+    def measure() -> dict[str, Any]:
+        candidates, dropped = probe_kernels(run.device, run.act_dtype)
+        chosen, choice = {}, {}
+        for kernel, infos in candidates.items():
+            chosen[kernel], times = fastest_kernel(run.shape, infos, run.device, run.act_dtype, run.timer)
+            if times:
+                choice[kernel] = times
+        return {"kernels": {k: dataclasses.asdict(v) for k, v in chosen.items()}, "dropped": dropped,
+                "choice": choice}
+
+    payload = run.unit("kernel choice", {}, measure)
+    run.kernels = {k: KernelInfo(**v) for k, v in payload["kernels"].items()}
+    run.dropped = dict(payload["dropped"])
+    run.kernel_choice = dict(payload["choice"])
+    if "bf16" not in run.kernels:
+        raise MoesimError(f"--device {run.opts.device}: the bf16 expert kernel does not run here "
+                          f"({run.dropped.get('bf16')})")
+
+
+def _expert_unit(run: CalibRun, key: str, info: KernelInfo, device: torch.device, dtype: torch.dtype,
+                 tokens: tuple[int, ...], budget_s: float, threads: int | None, timer: Timer) -> dict[str, Any]:
+    """One kernel's timing group (the expert FFN over the token grid and its launch floor), or why it
+    does not run at this shape."""
+
+    def measure() -> dict[str, Any]:
         try:
-            dev_threads = threads if device.type == "cpu" else None
-            series.append(expert_series(f"expert/{kernel}", shape, info, device, act_dtype, grids.expert_tokens,
-                                        timer, Budget(grids.budget_expert_s, grids.complete), dev_threads))
-            series.append(floor_series(f"expert/{kernel}", info, device, act_dtype, timer, dev_threads))
+            budget = Budget(budget_s, run.grids.complete)
+            found = [expert_series(key, run.shape, info, device, dtype, tokens, timer, budget, threads),
+                     floor_series(key, info, device, dtype, timer, threads)]
         except RuntimeError as exc:  # e.g. int4 packing needs K divisible by its group and tile sizes
-            if kernel == "bf16":
+            if info.kernel == "bf16":
                 raise
-            dropped[kernel] = f"does not run at {shape.model_id}'s shape: {str(exc).splitlines()[0][:200]}"
-            del kernels[kernel]
-            log(f"  {kernel} dropped: {dropped[kernel]}")
+            return {"dropped": f"does not run at {run.shape.model_id}'s shape: {str(exc).splitlines()[0][:200]}"}
+        return {"series": series_to_json(found)}
 
-    # the host CPU computing experts (Fiddler-style), versus threads
-    if device.type == "cuda":
-        cpu_candidates, cpu_dropped = probe_kernels(torch.device("cpu"), torch.bfloat16)
+    params = {"kernel": dataclasses.asdict(info), "tokens": list(tokens), "budget_s": budget_s,
+              "complete": run.grids.complete, "threads": threads, "dtype": str(dtype)}
+    return run.unit(key, params, measure)
+
+
+def _measure_device_experts(run: CalibRun) -> None:
+    for kernel, info in list(run.kernels.items()):
+        threads = run.threads if run.device.type == "cpu" else None
+        payload = _expert_unit(run, f"expert/{kernel}", info, run.device, run.act_dtype, run.grids.expert_tokens,
+                               run.grids.budget_expert_s, threads, run.timer)
+        if "dropped" in payload:
+            run.dropped[kernel] = payload["dropped"]
+            del run.kernels[kernel]
+            run.log(f"  {kernel} dropped: {payload['dropped']}")
+            continue
+        run.series.extend(series_from_json(payload["series"], f"journal unit expert/{kernel}"))
+
+
+def _cpu_thread_grid(run: CalibRun) -> list[int]:
+    return sorted(set(run.grids.cpu_threads) | ({run.threads} if run.device.type == "cpu" else set()))
+
+
+def _measure_cpu_experts(run: CalibRun) -> dict[str, str]:
+    """The host CPU computing experts (Fiddler-style), versus threads; returns the CPU kernels dropped."""
+    cpu = torch.device("cpu")
+    if run.device.type == "cuda":
+        cpu_candidates, cpu_dropped = probe_kernels(cpu, torch.bfloat16)
         cpu_kernels = {k: v[0] for k, v in cpu_candidates.items()}
     else:
-        cpu_kernels, cpu_dropped = kernels, dropped
-    cpu_thread_grid = sorted(set(grids.cpu_threads) | ({threads} if device.type == "cpu" else set()))
-    for t in cpu_thread_grid:
+        cpu_kernels, cpu_dropped = run.kernels, run.dropped
+    for t in _cpu_thread_grid(run):
         for kernel, info in cpu_kernels.items():
-            if device.type == "cpu" and t == threads:
+            if run.device.type == "cpu" and t == run.threads:  # the device's own expert series, renamed
                 for key in (f"expert/{kernel}", f"floor/expert/{kernel}"):
-                    dev = next((s for s in series if s.key == key), None)
+                    dev = next((s for s in run.series if s.key == key), None)
                     if dev is not None:
-                        series.append(MeasuredSeries(key.replace("expert/", "cpu_expert/", 1) + f"/{t}t",
-                                                     dev.description, dev.shape, dev.params, dev.points))
+                        run.series.append(MeasuredSeries(key.replace("expert/", "cpu_expert/", 1) + f"/{t}t",
+                                                         dev.description, dev.shape, dev.params, dev.points))
                 continue
-            if opts.quick and kernel != "bf16":
+            if run.opts.quick and kernel != "bf16":
                 continue
-            log(f"CPU expert FFN {kernel}, {t} threads ...")
             torch.set_num_threads(t)
             try:
-                series.append(expert_series(f"cpu_expert/{kernel}/{t}t", shape, info, torch.device("cpu"),
-                                            torch.bfloat16, grids.cpu_expert_tokens, cpu_timer,
-                                            Budget(grids.budget_cpu_expert_s, grids.complete), t))
-                series.append(floor_series(f"cpu_expert/{kernel}/{t}t", info, torch.device("cpu"), torch.bfloat16,
-                                           cpu_timer, t))
-            except RuntimeError as exc:
-                if kernel == "bf16":
-                    raise
-                cpu_dropped[kernel] = f"does not run at {shape.model_id}'s shape: {str(exc).splitlines()[0][:200]}"
+                payload = _expert_unit(run, f"cpu_expert/{kernel}/{t}t", info, cpu, torch.bfloat16,
+                                       run.grids.cpu_expert_tokens, run.grids.budget_cpu_expert_s, t,
+                                       Timer(cpu, run.policy))
             finally:
-                torch.set_num_threads(threads)
+                torch.set_num_threads(run.threads)
+            if "dropped" in payload:
+                cpu_dropped[kernel] = payload["dropped"]
+                continue
+            run.series.extend(series_from_json(payload["series"], f"journal unit cpu_expert/{kernel}/{t}t"))
+    return cpu_dropped
 
-    log("copies ...")
-    series.extend(copy_series(device, grids.copy_bytes, Timer(device, policy),
-                              Budget(grids.budget_copy_s, grids.complete)))
 
-    if device.type == "cpu":
-        log("copies against compute ...")
-        series.extend(interference_series(shape, kernels["bf16"], device, act_dtype, threads))
+def _measure_copies(run: CalibRun) -> None:
+    """Host<->device copies: on a CPU each size is its own unit; on CUDA the sizes are timed in
+    interleaved passes, so all of them are one unit."""
+    sizes = run.grids.copy_bytes
+    threads = torch.get_num_threads()
+    bench: list[CopyBench] = []  # allocated once, and only when a size is measured
 
-    log("non-expert layer (decode, prefill) ...")
-    layer = build_attention_layer(config, device, act_dtype, first_moe_layer=shape.moe_layer_ids[0])
-    half = grids.budget_non_expert_s / 2
-    series.append(decode_series(layer, shape, grids.decode, timer, Budget(half, grids.complete)))
-    series.append(prefill_series(layer, shape, grids.prefill_tokens, timer, Budget(half, grids.complete)))
-    del layer
+    def the_bench() -> CopyBench:
+        if not bench:
+            bench.append(CopyBench(run.device, max(sizes)))
+        return bench[0]
 
-    log("head ...")
-    series.append(head_series(shape, device, act_dtype, grids.head_tokens, timer,
-                              Budget(grids.budget_head_s, grids.complete)))
+    if run.device.type == "cpu":
+        samples: dict[str, dict[int, list[float]]] = {}
+        for pinned in (True, False):
+            for n in sizes:
+                tag = "pinned" if pinned else "pageable"
+                payload = run.unit(f"copy/{tag}/{n}", {"bytes": n, "pinned": pinned, "buffer": max(sizes)},
+                                   lambda: {"samples": cpu_copy_point(the_bench(), pinned, n, run.policy)})
+                for key, s in payload["samples"].items():
+                    samples.setdefault(key, {})[n] = [float(v) for v in s]
+    else:
+        def measure() -> dict[str, Any]:
+            found = cuda_copy_samples(the_bench(), sizes, run.policy, Budget(run.grids.budget_copy_s))
+            return {"samples": {k: {str(n): s for n, s in v.items()} for k, v in found.items()}}
 
-    log("per-layer and per-step overheads ...")
+        payload = run.unit("copies", {"sizes": list(sizes), "budget_s": run.grids.budget_copy_s}, measure)
+        samples = {k: {int(n): s for n, s in v.items()} for k, v in payload["samples"].items()}
+    bench.clear()
+    run.series.extend(copy_series_from_samples(run.device, samples, threads))
+
+
+def _measure_interference(run: CalibRun) -> None:
+    """A CPU device shares its memory bus and cores between copies and compute: both slowdowns."""
+    if run.device.type != "cpu":
+        return
+    payload = run.unit("copies against compute", {"kernel": dataclasses.asdict(run.kernels["bf16"])},
+                       lambda: {"series": series_to_json(interference_series(
+                           run.shape, run.kernels["bf16"], run.device, run.act_dtype, run.threads))})
+    run.series.extend(series_from_json(payload["series"], "journal unit copies against compute"))
+
+
+def _measure_non_expert(run: CalibRun) -> None:
+    """The decoder layer without its routed experts, decode and prefill (one unit each)."""
+    layer: list[Any] = []  # built once, and only when a phase is measured
+
+    def the_layer():
+        if not layer:
+            layer.append(build_attention_layer(run.config, run.device, run.act_dtype,
+                                               first_moe_layer=run.shape.moe_layer_ids[0]))
+        return layer[0]
+
+    half = run.grids.budget_non_expert_s / 2
+    decode = run.unit("non-expert layer, decode", {"grid": [list(p) for p in run.grids.decode], "budget_s": half,
+                                                   "complete": run.grids.complete},
+                      lambda: {"series": series_to_json([decode_series(
+                          the_layer(), run.shape, run.grids.decode, run.timer, Budget(half, run.grids.complete))])})
+    prefill = run.unit("non-expert layer, prefill", {"tokens": list(run.grids.prefill_tokens), "budget_s": half,
+                                                     "complete": run.grids.complete},
+                       lambda: {"series": series_to_json([prefill_series(
+                           the_layer(), run.shape, run.grids.prefill_tokens, run.timer,
+                           Budget(half, run.grids.complete))])})
+    layer.clear()
+    for name, payload in (("decode", decode), ("prefill", prefill)):
+        run.series.extend(series_from_json(payload["series"], f"journal unit non-expert layer, {name}"))
+
+
+def _measure_head(run: CalibRun) -> None:
+    g = run.grids
+    payload = run.unit("head", {"tokens": list(g.head_tokens), "budget_s": g.budget_head_s, "complete": g.complete},
+                       lambda: {"series": series_to_json([head_series(
+                           run.shape, run.device, run.act_dtype, g.head_tokens, run.timer,
+                           Budget(g.budget_head_s, g.complete))])})
+    run.series.extend(series_from_json(payload["series"], "journal unit head"))
+
+
+def _measure_overheads(run: CalibRun) -> tuple[float, float, str]:
+    """Per-layer and per-step Python overheads; returns (layer_s, step_s, how they were found)."""
+
+    def measure() -> dict[str, Any]:
+        try:
+            over = overhead_series(tiny_config(run.config), run.device, run.act_dtype, run.timer, run.statistic)
+            note = over.note
+        except Exception as exc:  # an architecture transformers cannot shrink: a tiny Mixtral instead, said so
+            from moesim.modelspec import load_hf_config
+
+            over = overhead_series(tiny_config(load_hf_config("mixtral-8x7b")), run.device, run.act_dtype,
+                                   run.timer, run.statistic)
+            note = f"{over.note} (tiny Mixtral: shrinking {run.shape.architecture} failed: {type(exc).__name__})"
+        return {"layer_s": over.layer_s, "step_s": over.step_s, "note": note,
+                "series": series_to_json(list(over.series))}
+
+    payload = run.unit("per-layer and per-step overheads", {}, measure)
+    run.series.extend(series_from_json(payload["series"], "journal unit overheads"))
+    return float(payload["layer_s"]), float(payload["step_s"]), str(payload["note"])
+
+
+def _planned_units(run: CalibRun) -> int:
+    """How many units are left after the kernel choice (the progress count)."""
+    cpu_kernels = len(run.kernels) if run.device.type == "cpu" else 3
+    cpu_units = sum(1 for t in _cpu_thread_grid(run) if not (run.device.type == "cpu" and t == run.threads))
+    cpu_units *= 1 if run.opts.quick else cpu_kernels
+    copies = 2 * len(run.grids.copy_bytes) if run.device.type == "cpu" else 1
+    interference = 1 if run.device.type == "cpu" else 0
+    return len(run.kernels) + cpu_units + copies + interference + 2 + 1 + 1
+
+
+def _measure_all(run: CalibRun) -> tuple[dict[str, str], tuple[float, float, str]]:
+    """Every unit after the kernel choice, in order; returns (CPU kernels dropped, overheads)."""
+    if run.opts.progress:
+        run.progress = run.opts.progress(_planned_units(run))
     try:
-        over = overhead_series(tiny_config(config), device, act_dtype, timer, statistic)
-        over_note = over.note
-    except Exception as exc:  # an architecture transformers cannot shrink: use a tiny Mixtral instead, and say so
-        from moesim.modelspec import load_hf_config
+        _measure_device_experts(run)
+        cpu_dropped = _measure_cpu_experts(run)
+        _measure_copies(run)
+        _measure_interference(run)
+        _measure_non_expert(run)
+        _measure_head(run)
+        overheads = _measure_overheads(run)
+        if run.progress is not None and run.progress.done < run.progress.total:
+            run.progress.update(run.progress.total - run.progress.done)  # the skipped units of a dropped kernel
+    finally:
+        if run.progress is not None:
+            run.progress.close()
+    return cpu_dropped, overheads
 
-        over = overhead_series(tiny_config(load_hf_config("mixtral-8x7b")), device, act_dtype, timer, statistic)
-        over_note = f"{over.note} (tiny Mixtral: shrinking {shape.architecture} failed: {type(exc).__name__})"
-    series.extend(over.series)
 
-    log(f"fitting to the per-point {statistic} ...")
-    measurements = tuple(series)
-    expert, cpu_expert, copies, non_expert, head = fit_profile_models(measurements, statistic)
+def calibrate(opts: CalibOptions) -> HardwareProfile:
+    """Measure every unit (or take it from the journal of an interrupted run), then fit the profile."""
+    started = time.perf_counter()
+    run = _start(opts)
+    reserve, reserve_note = _runtime_reserve(run.device)
+    load_before = facts.load_average()
+    if load_before is not None and load_before > 0.5 * run.cores:
+        run.log(f"warning: load average {load_before:.1f} on {run.cores} cores: other processes compete for the "
+                f"CPU, CPU-side timings will be noisy (fits use the per-point {run.statistic})")
+    _choose_kernels(run)
+    run.log(f"device {run.device}, {run.threads} threads, kernels {', '.join(run.kernels)}; "
+            f"model {run.shape.model_id}")
+    cpu_dropped, overheads = _measure_all(run)
+    if run.journal.reused:
+        run.log(f"resumed: {run.journal.reused} units kept from the journal of an interrupted run")
+    run.log(f"fitting to the per-point {run.statistic} ...")
+    return _assemble_profile(run, reserve, reserve_note, load_before, cpu_dropped, overheads,
+                             time.perf_counter() - started)
+
+
+def _assemble_profile(run: CalibRun, reserve: int, reserve_note: str, load_before: float | None,
+                      cpu_dropped: dict[str, str], overheads: tuple[float, float, str],
+                      elapsed: float) -> HardwareProfile:
+    """The fitted profile from the measured series and the facts of this machine."""
+    measurements = tuple(run.series)
+    expert, cpu_expert, copies, non_expert, head = fit_profile_models(measurements, run.statistic)
     slowdown = fit_interference(measurements)
-    name, mem, dev_facts = facts.device_facts(device)
-    dev_facts["kernels_not_available"] = {k: v for k, v in dropped.items()}
-    dev_facts["kernel_choice_seconds_at_1_plus_64_tokens"] = kernel_choice
-    dev_facts["activation_dtype"] = str(act_dtype).replace("torch.", "")
-    host_info = HostInfo(facts.cpu_name(), cores, facts.host_memory_bytes(),
+    name, mem, dev_facts = facts.device_facts(run.device)
+    dev_facts["kernels_not_available"] = dict(run.dropped)
+    dev_facts["kernel_choice_seconds_at_1_plus_64_tokens"] = run.kernel_choice
+    dev_facts["activation_dtype"] = str(run.act_dtype).replace("torch.", "")
+    host_info = HostInfo(facts.cpu_name(), run.cores, facts.host_memory_bytes(),
                          {"flags": facts.cpu_flags(), "cpu_kernels_not_available": cpu_dropped,
                           "load_average_1min_before": load_before, "load_average_1min_after": facts.load_average()})
     software = facts.software_versions()
-    software["torch_num_threads"] = threads
-    elapsed = time.perf_counter() - started
-    profile_name = opts.name or ("cpu-calibrated" if device.type == "cpu" else _slug(name))
+    software["torch_num_threads"] = run.threads
+    opts = run.opts
+    profile_name = opts.name or ("cpu-calibrated" if run.device.type == "cpu" else _slug(name))
+    resumed = f"; {run.journal.reused} units resumed from an interrupted run" if run.journal.reused else ""
     return HardwareProfile(
         name=profile_name,
         derived_from_specs=False,
-        device=DeviceInfo(name, device.type, mem, dev_facts),
+        device=DeviceInfo(name, run.device.type, mem, dev_facts),
         host=host_info,
         runtime_reserve_bytes=int(reserve),
-        cpu_threads=threads if device.type == "cpu" else max(cpu_thread_grid),
+        cpu_threads=run.threads if run.device.type == "cpu" else max(_cpu_thread_grid(run)),
         expert_models=expert,
         cpu_expert_models=cpu_expert,
         copy_models=copies,
         non_expert_models=non_expert,
         head_model=head,
-        layer_overhead_s=over.layer_s,
-        step_overhead_s=over.step_s,
+        layer_overhead_s=overheads[0],
+        step_overhead_s=overheads[1],
         software=software,
-        sources={"runtime_reserve_bytes": reserve_note, "overheads": over_note,
+        sources={"runtime_reserve_bytes": reserve_note, "overheads": overheads[2],
                  "model_config": str(opts.model_config)},
         efficiency={},
         notes=(f"measured by moesim calib{' --quick' if opts.quick else ''} in {elapsed:.0f} s at the shape of "
-               f"{shape.model_id}"),
+               f"{run.shape.model_id}{resumed}"),
         created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         measurements=measurements,
-        fit_statistic=statistic,
+        fit_statistic=run.statistic,
         compute_slowdown_with_copy=slowdown[0],
         copy_slowdown_with_compute=slowdown[1],
     )

@@ -26,21 +26,41 @@ def calib_command(device: str, model_config: str, quick: bool, out: str, name: s
 
     Times expert FFNs per weight format, the non-expert part of a layer, host<->device copies, CPU
     experts and Python overheads, then fits roofline-shaped models with leave-one-out errors.
+    Each finished unit of measurement is kept in a journal beside FILE; after a kill, the same command
+    resumes from it (units measured on another device, model or grid are measured again).
     """
     from moesim.atomic import prepare_output_path
     from moesim.calib.calibrate import CalibOptions, calibrate, format_model_table
+    from moesim.calib.journal import CalibJournal, journal_path_for
     from moesim.failures import reported_failures
+    from moesim.progress import Progress
 
     out_path = prepare_output_path(out)  # fail on a bad path before minutes of measuring
     import time
 
     t0 = time.perf_counter()
-    log = (lambda msg: None) if quiet else (
-        lambda msg: click.echo(f"calib [{time.perf_counter() - t0:5.1f}s]: {msg}", err=True))
+    bars: list[Progress] = []
+
+    def log(msg: str) -> None:
+        line = f"calib [{time.perf_counter() - t0:5.1f}s]: {msg}"
+        bars[0].write(line) if bars else click.echo(line, err=True)
+
+    def progress(total: int) -> Progress:
+        bars.append(Progress(total, "calib", "unit"))
+        return bars[0]
+
+    if quiet:
+        log = lambda msg: None  # noqa: E731
     with reported_failures("calib") as steps:
+        journal = CalibJournal(journal_path_for(out_path), steps.wrap(log))
+        if journal.units:
+            log(f"resuming: {len(journal.units)} finished units in {journal.path} (those measured on this device, "
+                f"model and grid are kept)")
         profile = calibrate(CalibOptions(device=device, model_config=model_config, quick=quick, name=name or "",
-                                         threads=threads, statistic=statistic, log=steps.wrap(log)))
+                                         threads=threads, statistic=statistic, log=steps.wrap(log), journal=journal,
+                                         progress=None if quiet else progress))
     profile.save(out_path)
+    journal.finish()
     click.echo(format_model_table(profile))
     click.echo(f"wrote {out_path} ({profile.name}; {profile.notes})")
 

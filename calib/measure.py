@@ -19,6 +19,7 @@ from moesim.calib.kernels import ExpertFFN, KernelInfo
 from moesim.calib.layers import AttentionLayer, build_tiny_model, decode_call, prefill_call
 from moesim.calib.profile import MeasuredSeries
 from moesim.calib.timing import Budget, Timer, summarize
+from moesim.calib.workload import prefill_work
 from moesim.modelspec import ModelShape
 
 
@@ -73,17 +74,18 @@ def grids_for(device: torch.device, quick: bool, cores: int) -> Grids:
         )
     if quick:
         # Sparse but spanning the full grid's range (memory-bound 1 token to compute-bound 256), so the
-        # fit sees both roofs; every point is measured (the budgets only cap repeats).
+        # fit sees both roofs. The quick repeat policy stops a series at its first clearly compute-bound
+        # point, and the budgets stop adding points on a host so slow that even that takes long (a CPU
+        # that emulates bf16 with AVX2 spends seconds on one 256-token expert call).
         return Grids(
             expert_tokens=(1, 2, 4, 16, 64, 256),
             cpu_expert_tokens=(1, 2, 4, 16, 64, 256),
             cpu_threads=_threads_grid(cores, True),
             copy_bytes=(64 * kib, 256 * kib, mib, 4 * mib, 16 * mib, 64 * mib),  # the full grid's lower end
             decode=((1, 128), (1, 2048), (4, 512), (8, 2048), (16, 256)),
-            prefill_tokens=(16, 64, 256, 512),
+            prefill_tokens=(16, 32, 64, 128, 256, 512),
             head_tokens=(1, 4, 16, 64, 256),
-            budget_expert_s=0, budget_cpu_expert_s=0, budget_copy_s=3, budget_non_expert_s=0, budget_head_s=0,
-            complete=True,
+            budget_expert_s=8, budget_cpu_expert_s=8, budget_copy_s=3, budget_non_expert_s=14, budget_head_s=6,
         )
     return Grids(
         expert_tokens=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512),
@@ -138,7 +140,7 @@ def expert_series(key: str, shape: ModelShape, info: KernelInfo, device: torch.d
 
         return run
 
-    points = timer.grid([{"tokens": t} for t in tokens], make, budget)
+    points = timer.grid([{"tokens": t} for t in tokens], make, budget, work=lambda x: x["tokens"])
     experts.clear()  # free the weights before the next series allocates its own
     return MeasuredSeries(
         key=key,
@@ -317,35 +319,32 @@ class _Partner:
         self.thread.join()
 
 
-def _cpu_copy_samples(bench: CopyBench, sizes: tuple[int, ...], policy,
-                      samples: dict[str, dict[int, list[float]]]) -> None:
-    """CPU: per size, a warm-up copy then a block of timed copies, alone and against a running partner."""
+def cpu_copy_point(bench: CopyBench, pinned: bool, n: int, policy) -> dict[str, list[float]]:
+    """CPU, one copy size: per direction a warm-up copy then a block of timed copies, alone and against a
+    running partner. Returns the samples by series key (one size is one unit of a resumable calibration)."""
     per_block = max(policy.min_repeats, min(policy.max_repeats, 11))
+    tag = "pinned" if pinned else "pageable"
+    samples: dict[str, list[float]] = {}
+    for direction in ("h2d", "d2h"):
+        bench.time_alone(direction, pinned, n)
+        samples[f"copy/{direction}/{tag}/alone"] = [bench.time_alone(direction, pinned, n) for _ in range(per_block)]
+        other = "d2h" if direction == "h2d" else "h2d"
+        with _Partner(lambda: bench._copy(other, pinned, n)):
+            bench.time_alone(direction, pinned, n)
+            # twice the samples: sharing the memory bus (and the GIL between copies) spreads them more
+            samples[f"copy/{direction}/{tag}/concurrent"] = [
+                bench.time_alone(direction, pinned, n) for _ in range(2 * per_block)]
+    return samples
+
+
+def cuda_copy_samples(bench: CopyBench, sizes: tuple[int, ...], policy, budget: Budget) -> dict[str, dict[int, list[float]]]:
+    """CUDA: every size warmed up, then passes over all sizes (alone per direction, and both directions
+    together) until the repeat policy and the budget are met."""
+    samples: dict[str, dict[int, list[float]]] = {}
     for pinned in (True, False):
         tag = "pinned" if pinned else "pageable"
         for n in sizes:
-            for direction in ("h2d", "d2h"):
-                bench.time_alone(direction, pinned, n)
-                samples.setdefault(f"copy/{direction}/{tag}/alone", {})[n] = [
-                    bench.time_alone(direction, pinned, n) for _ in range(per_block)]
-                other = "d2h" if direction == "h2d" else "h2d"
-                with _Partner(lambda: bench._copy(other, pinned, n)):
-                    bench.time_alone(direction, pinned, n)
-                    # twice the samples: sharing the memory bus (and the GIL between copies) spreads them more
-                    samples.setdefault(f"copy/{direction}/{tag}/concurrent", {})[n] = [
-                        bench.time_alone(direction, pinned, n) for _ in range(2 * per_block)]
-
-
-def copy_series(device: torch.device, sizes: tuple[int, ...], timer: Timer, budget: Budget) -> list[MeasuredSeries]:
-    bench = CopyBench(device, max(sizes))
-    p = timer.policy
-    samples: dict[str, dict[int, list[float]]] = {}
-    if device.type == "cpu":
-        _cpu_copy_samples(bench, sizes, p, samples)
-    for pinned in (True, False) if device.type == "cuda" else ():
-        tag = "pinned" if pinned else "pageable"
-        for n in sizes:
-            for _ in range(p.warmup):
+            for _ in range(policy.warmup):
                 bench.time_alone("h2d", pinned, n)
                 bench.time_alone("d2h", pinned, n)
                 bench.time_concurrent(pinned, n)
@@ -361,8 +360,15 @@ def copy_series(device: torch.device, sizes: tuple[int, ...], timer: Timer, budg
                 samples.setdefault(f"copy/d2h/{tag}/concurrent", {}).setdefault(n, []).append(b)
             reps += 1
             spent = budget.spent - spent0
-            if reps >= p.max_repeats or (reps >= p.min_repeats and (spent >= budget.seconds / 2 or budget.exhausted)):
+            if reps >= policy.max_repeats or (reps >= policy.min_repeats
+                                              and (spent >= budget.seconds / 2 or budget.exhausted)):
                 break
+    return samples
+
+
+def copy_series_from_samples(device: torch.device, samples: dict[str, dict[int, list[float]]],
+                             threads: int) -> list[MeasuredSeries]:
+    """One series per (direction, pinned or pageable, alone or concurrent), points in byte order."""
     out = []
     kind = "memcpy between two host memory regions" if device.type == "cpu" else "host <-> CUDA device"
     for key, per_size in samples.items():
@@ -370,10 +376,24 @@ def copy_series(device: torch.device, sizes: tuple[int, ...], timer: Timer, budg
         out.append(MeasuredSeries(
             key=key, description=f"{direction} copy ({kind}), {tag}, {mode}, versus bytes", shape=None,
             params={"device": str(device), "direction": direction, "pinned": tag == "pinned",
-                    "concurrent": mode == "concurrent", "threads": torch.get_num_threads()},
+                    "concurrent": mode == "concurrent", "threads": threads},
             points=tuple(summarize({"bytes": float(n)}, s) for n, s in sorted(per_size.items())),
         ))
     return out
+
+
+def copy_series(device: torch.device, sizes: tuple[int, ...], timer: Timer, budget: Budget) -> list[MeasuredSeries]:
+    """Every copy series in one go (a resumable calibration measures the CPU sizes one by one instead)."""
+    bench = CopyBench(device, max(sizes))
+    samples: dict[str, dict[int, list[float]]] = {}
+    if device.type == "cpu":
+        for pinned in (True, False):
+            for n in sizes:
+                for key, s in cpu_copy_point(bench, pinned, n, timer.policy).items():
+                    samples.setdefault(key, {})[n] = s
+    else:
+        samples = cuda_copy_samples(bench, sizes, timer.policy, budget)
+    return copy_series_from_samples(device, samples, torch.get_num_threads())
 
 
 INTERFERENCE_REPEATS = 9
@@ -446,7 +466,8 @@ def decode_series(al: AttentionLayer, shape: ModelShape, grid: tuple[tuple[int, 
 
 def prefill_series(al: AttentionLayer, shape: ModelShape, tokens: tuple[int, ...], timer: Timer,
                    budget: Budget) -> MeasuredSeries:
-    points = timer.grid([{"tokens": float(t)} for t in tokens], lambda x: prefill_call(al, int(x["tokens"])), budget)
+    points = timer.grid([{"tokens": float(t)} for t in tokens], lambda x: prefill_call(al, int(x["tokens"])), budget,
+                        work=lambda x: float(prefill_work(shape, x["tokens"]).flops))
     return MeasuredSeries(
         key="non_expert/bf16/prefill",
         description="one decoder layer without its routed experts over a prompt of `tokens` tokens (causal)",
@@ -487,7 +508,7 @@ def head_series(shape: ModelShape, device: torch.device, dtype: torch.dtype, tok
 
         return run
 
-    points = timer.grid([{"tokens": float(t)} for t in tokens], make, budget)
+    points = timer.grid([{"tokens": float(t)} for t in tokens], make, budget, work=lambda x: x["tokens"])
     return MeasuredSeries(
         key="head", description="final norm + lm_head + argmax versus rows", shape=shape.to_dict(),
         params={"dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads()}, points=tuple(points),

@@ -18,7 +18,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -55,6 +55,7 @@ class ValidateOptions:
     threads: Optional[int] = None
     out: Optional[Path] = None
     log: Callable[[str], None] = field(default=lambda msg: None)
+    progress: Optional[Callable[[int], Any]] = None  # total runs -> a bar (update, close); None: lines via log
 
 
 @dataclass(frozen=True)
@@ -593,12 +594,18 @@ def run_validation(opts: ValidateOptions, command: str = "") -> ValidationReport
         else:
             runnable.append(policy)
     runs: dict[str, list[EngineMeasurement]] = {p: [] for p in runnable}
+    from moesim.progress import Progress
+
+    total = opts.repeats * len(runnable)  # a bar when the caller passes one, else plain lines through the log
+    bar = opts.progress(total) if opts.progress else Progress(total, "validate", "run", log=opts.log)
     for rep in range(opts.repeats):
         for policy in runnable:
             m = v.measure(policy)
             runs[policy].append(m)
             opts.log(f"{policy}: run {rep + 1}/{opts.repeats}: TPOT mean {mean(m.stats.token_intervals) * 1e3:.2f} ms, "
                      f"hit rate {m.hit_rate:.3f} ({m.wall_s:.1f} s)")
+            bar.update(1)
+    bar.close()
     results = []
     for policy in opts.policies:
         if policy in runs:

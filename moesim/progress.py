@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Optional, TextIO
+from typing import Callable, Optional, TextIO
 
 
 def _duration(seconds: float) -> str:
@@ -23,13 +23,18 @@ class Progress:
     """Counts finished units of ``total``; ``initial`` of them were done before (reused), not timed."""
 
     def __init__(self, total: int, desc: str, unit: str, initial: int = 0, stream: Optional[TextIO] = None,
-                 terminal: Optional[bool] = None):
+                 terminal: Optional[bool] = None, log: Optional[Callable[[str], None]] = None):
+        """``log``: where the plain lines go instead of ``stream`` (a command's own log, which --quiet silences);
+        it implies no bar."""
         self.stream = stream or sys.stderr
+        self.log = log
         self.total, self.desc, self.unit = total, desc, unit
         self.initial = self.done = initial
         self.start = time.monotonic()
         self.next_line = initial * 10 // total + 1 if total else 11  # the next tenth to report
-        if terminal is None:
+        if log is not None:
+            terminal = False
+        elif terminal is None:
             terminal = bool(getattr(self.stream, "isatty", lambda: False)())
         self.bar = None
         if terminal:
@@ -48,6 +53,18 @@ class Progress:
                 self.next_line += 1
             self._line()
 
+    def reused(self, n: int = 1) -> None:
+        """``n`` units done before (kept from an interrupted run): counted, but not in the rate."""
+        self.initial += n
+        self.update(n)
+
+    def write(self, message: str) -> None:
+        """A message line that does not break the bar."""
+        if self.bar is not None:
+            self.bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
     def line(self) -> str:
         elapsed = time.monotonic() - self.start
         ran = self.done - self.initial
@@ -60,7 +77,10 @@ class Progress:
         return text + f", {_duration(elapsed)} elapsed"
 
     def _line(self) -> None:
-        print(self.line(), file=self.stream, flush=True)
+        if self.log is not None:
+            self.log(self.line())
+        else:
+            print(self.line(), file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

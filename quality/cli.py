@@ -76,8 +76,10 @@ def _format_row(row) -> str:
 @click.option("--model-id", default=None, help="Name recorded for the model (default: the folder name).")
 @click.option("--batch-size", type=int, default=None, help="Windows per forward pass (default: by memory).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Progress on stderr: a bar on a terminal, plain lines otherwise.")
 def quality_command(model_path, expert_bits, group_size, quantizer, adaptive_gating, gating_sensitivity, top_k,
-                    data, seq_len, max_tokens, out, model_id, batch_size, threads):
+                    data, seq_len, max_tokens, out, model_id, batch_size, threads, progress):
     """Perplexity of a model with its experts quantized and its gating changed, stored as a quality table."""
     _quiet_transformers()
     from moesim.atomic import prepare_output_path
@@ -122,8 +124,13 @@ def quality_command(model_path, expert_bits, group_size, quantizer, adaptive_gat
     click.echo(f"{loaded.model_id}: {len(loaded.layers)} MoE layers, {loaded.layers[0].num_experts} experts, "
                f"top-{loaded.layers[0].top_k}; {text.name}: {windows.shape[0]} windows of {seq_len} tokens; "
                f"{len(settings)} settings")
+    from moesim.progress import Progress
+
+    bar = Progress(len(settings), "quality", "setting") if progress else None
     rows = measure_quality(loaded, text, windows, settings, on_row=lambda r, _: click.echo(_format_row(r)),
-                           batch_size=batch_size)
+                           batch_size=batch_size, progress=bar)
+    if bar is not None:
+        bar.close()
     table = write_quality_table(out, rows)
     click.echo(f"wrote {len(rows)} rows to {out} ({len(table.rows)} rows in the table)")
 

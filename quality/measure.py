@@ -61,8 +61,10 @@ def measure_quality(
     settings: list[QualitySetting],
     on_row: Callable[[QualityRow, PerplexityResult], None] | None = None,
     batch_size: int | None = None,
+    progress=None,
 ) -> list[QualityRow]:
-    """Perplexity for each setting; experts are quantized once per format, gating varied under it."""
+    """Perplexity for each setting; experts are quantized once per format, gating varied under it.
+    ``progress`` (anything with ``update()``) counts the settings measured."""
     model_top_k = loaded.layers[0].top_k
     rows = []
     by_format: dict[WeightFormat, list[QualitySetting]] = {}
@@ -86,4 +88,6 @@ def measure_quality(
                 rows.append(row)
                 if on_row is not None:
                     on_row(row, result)
+                if progress is not None:
+                    progress.update(1)
     return rows

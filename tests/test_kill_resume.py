@@ -65,6 +65,29 @@ def test_sigkill_during_trace_keeps_finished_requests_and_a_rerun_resumes(model_
         np.testing.assert_array_equal(getattr(a.cells, col), getattr(b.cells, col))
 
 
+@pytest.mark.skipif(not GSM8K.exists(), reason="shared/data/gsm8k not present")
+def test_a_resumed_trace_of_other_weights_starts_afresh_and_progress_is_plain_lines(model_folder, tmp_path):
+    # the same family, config and tokenizer, other weights: only the weights' hash tells them apart
+    other = build_model_folder(tmp_path / "other-model", FAMILIES["mixtral"], seed=6)
+    fresh = tmp_path / "fresh.parquet"
+    r = subprocess.run(_trace_cmd(other, fresh), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "killed.parquet"
+    assert _killed_at(3, model_folder, out).returncode == -signal.SIGKILL
+    assert read_trace(out).num_requests == 2
+    cmd = [a for a in _trace_cmd(other, out) if a != "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "interrupted trace of other model weights" in r.stderr and "already recorded" not in r.stderr
+    a, b = read_trace(out), read_trace(fresh)
+    assert a.complete and a.meta.source.details["weights_sha256"] == b.meta.source.details["weights_sha256"]
+    for col in ("request", "phase", "position", "layer", "experts", "token_id"):
+        np.testing.assert_array_equal(getattr(a.cells, col), getattr(b.cells, col))
+    # off a terminal, progress is plain lines with a rate, ending at the total
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("trace: ")]
+    assert lines and "prompt/s" in lines[0] and lines[-1].startswith("trace: 4/4 prompt (100%)")
+
+
 def test_a_stale_temp_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
     from moesim.atomic import write_text_atomic
 

@@ -189,6 +189,9 @@ def test_quality_cli_end_to_end(tmp_path, demo_dir):
     table = load_quality_table(out)
     # 3 formats x (top-1, top-2, top-2 with gating)
     assert len(table.rows) == 9
+    # off a terminal, progress is plain lines on stderr with a rate, ending at the total
+    progress = [ln for ln in output.splitlines() if ln.startswith("quality: ")]
+    assert progress and "setting/s" in progress[0] and progress[-1].startswith("quality: 9/9 setting (100%)")
     name = demo_dir.name
     ppl16 = lookup_perplexity(table, name, 16)
     ppl2 = lookup_perplexity(table, name, 2)

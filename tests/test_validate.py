@@ -154,3 +154,16 @@ def test_validate_runs_composed_policies(tiny, tmp_path):
                                    "--policy", "lru+scope=world", "--cache-experts", "2", "--profile", "rtx-3060",
                                    "--out", str(tmp_path / "bad"), "--quiet"])
     assert bad.exit_code == 2 and "scope 'world': expected one of layer, global" in bad.output
+
+
+def test_progress_off_a_terminal_is_plain_lines_through_the_log(tiny):
+    from moesim.engine.validate import run_validation
+
+    root, trace = tiny
+    said: list[str] = []
+    run_validation(ValidateOptions(trace=str(trace), model_config=str(root / "config.json"), cache_experts=2,
+                                   device=TEST_DEVICE, profile="rtx-3060", requests=1, decode_tokens=3, warmup_steps=1,
+                                   repeats=2, policies=("lru", "fifo"), log=said.append))
+    lines = [ln for ln in said if ln.startswith("validate: ")]
+    assert [ln.split(" (")[0] for ln in lines] == [f"validate: {n}/4 run" for n in (1, 2, 3, 4)]
+    assert "run/s, ETA" in lines[0] and lines[-1].startswith("validate: 4/4 run (100%)")

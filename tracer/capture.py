@@ -27,6 +27,7 @@ Hooks keep device tensors per forward and copy them to the host once per request
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import os
 import time
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 
 from moesim.errors import MoesimError
+from moesim.progress import Progress
 from moesim.modelspec import hub_unreachable_reason
 from moesim.modelspec import ModelShape, find_moe_layers, shape_from_config
 from moesim.tracer.format import DECODE, PREFILL, TraceCells, TraceMeta, TraceSource, TraceWriter
@@ -480,20 +482,46 @@ class TraceSummary:
 
 
 def resumable_trace(out_path: Path, meta: TraceMeta):
-    """The interrupted trace at ``out_path`` when it was recorded from the same prompts file, model and
-    settings (so its finished requests are the ones this run would record); None otherwise."""
+    """(the interrupted trace at ``out_path`` when it was recorded from the same prompts file, model weights
+    and settings, so its finished requests are the ones this run would record, else None; why an interrupted
+    trace found there is not continued, else "")."""
     from moesim.tracer.format import read_trace
 
     if not Path(out_path).is_file():
-        return None
+        return None, ""
     try:
         old = read_trace(out_path)
     except MoesimError:
-        return None  # not a trace we can continue: it is replaced
-    same = (not old.complete and old.meta.source.kind == "prompts" and old.meta.source.sha256 == meta.source.sha256
-            and old.meta.source.details == meta.source.details and old.meta.model == meta.model
+        return None, ""  # not a trace we can continue: it is replaced
+    if old.complete or old.meta.source.kind != "prompts":
+        return None, ""
+    before, now = old.meta.source.details, meta.source.details
+    if before.get("weights_sha256") != now.get("weights_sha256"):
+        return None, (f"{out_path} holds an interrupted trace of other model weights (SHA-256 "
+                      f"{str(before.get('weights_sha256', 'not recorded'))[:12]}, now {now['weights_sha256'][:12]}): "
+                      f"its requests are not reused, recording afresh")
+    same = (old.meta.source.sha256 == meta.source.sha256 and before == now and old.meta.model == meta.model
             and old.meta.dtype == meta.dtype and tuple(old.meta.expert_bytes) == tuple(meta.expert_bytes))
-    return old if same else None
+    if not same:
+        return None, (f"{out_path} holds an interrupted trace of other prompts, model or settings: its requests are "
+                      f"not reused, recording afresh")
+    return old, ""
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """SHA-256 of the loaded weights: every tensor of the state dict by name, dtype, shape and bytes.
+
+    The config and tensor shapes of a fine-tuned or re-initialised checkpoint are those of the original, so
+    only the values tell its routing apart. Hashing what was loaded (not the files) covers a local folder, a
+    hub id and every weight file format alike.
+    """
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            t = tensor.detach().to("cpu").contiguous().reshape(-1)
+            h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)};".encode())
+            h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def trace_meta(loaded: LoadedModel, prompts: PromptSet, settings: GenerationSettings, chat: bool) -> TraceMeta:
@@ -514,6 +542,7 @@ def trace_meta(loaded: LoadedModel, prompts: PromptSet, settings: GenerationSett
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "decode_rows": "one per forward that ran: position p feeds the token at p; the last generated token is not fed",
+        "weights_sha256": weights_sha256(loaded.model),
     }
     return TraceMeta(
         model=loaded.shape,
@@ -551,14 +580,13 @@ def trace_prompts(
     settings: GenerationSettings,
     out_path: str | os.PathLike,
     progress: bool = True,
+    log: Callable[[str], None] = lambda message: None,
 ) -> TraceSummary:
     """Generate for every prompt and write one row group per finished request.
 
     Every finished request is saved at once, so any interruption (Ctrl-C, SIGKILL) leaves a valid trace of
     the finished requests, marked interrupted; rerunning the same command resumes from it.
     """
-    from tqdm import tqdm
-
     chat = uses_chat_template(loaded.tokenizer, settings)
     encoded = [encode_prompt(loaded.tokenizer, p.text, chat) for p in prompts.prompts]
     vocab = loaded.shape.vocab_size
@@ -575,15 +603,17 @@ def trace_prompts(
     recorder = RoutingRecorder(loaded.taps, next_layer_guess=settings.next_layer_guess)
     prefill = decode = generated = 0
     start = time.perf_counter()
-    previous = resumable_trace(Path(out_path), meta)
+    previous, not_resumed = resumable_trace(Path(out_path), meta)
+    if not_resumed:
+        log(f"moesim: {not_resumed}")
     done = set(np.unique(previous.cells.request).tolist()) if previous is not None else set()
     if previous is not None:
         meta = previous.meta  # the same run continued: keep its creation time
     writer = TraceWriter(out_path, meta, resume_from=previous)
     complete = True
+    bar = Progress(len(prompts), "trace", "prompt", initial=len(done)) if progress else None
     try:
-        with writer, recorder, tqdm(total=len(prompts), initial=len(done), desc="trace", unit="prompt",
-                                    disable=not progress, dynamic_ncols=True) as bar:
+        with writer, recorder:
             for prompt, ids in zip(prompts.prompts, encoded):
                 if prompt.index in done:
                     continue
@@ -592,11 +622,14 @@ def trace_prompts(
                 prefill += len(ids)
                 decode += new_tokens - 1
                 generated += new_tokens
-                bar.update(1)
-                bar.set_postfix(tokens=prefill + generated, refresh=False)
+                if bar is not None:
+                    bar.update(1)
     except KeyboardInterrupt:
         # The writer has already kept the finished requests (or removed an empty file).
         complete = False
+    finally:
+        if bar is not None:
+            bar.close()
     return TraceSummary(
         path=writer.path if complete or writer.requests_written else None, requests=writer.requests_written,
         rows=writer.rows_written, prefill_tokens=prefill, decode_tokens=decode, generated_tokens=generated,

@@ -114,7 +114,8 @@ def record(*, prompts: str, model: str, max_new_tokens: int, device: Optional[st
         steps.current = f"loading model {model}"
         loaded = load_model(model, device=device, dtype=dtype)
         steps.current = f"recording {len(prompt_set)} prompts"
-        summary = trace_prompts(loaded, prompt_set, settings, out_path, progress=progress)
+        summary = trace_prompts(loaded, prompt_set, settings, out_path, progress=progress,
+                                log=lambda message: click.echo(message, err=True))
     layers = loaded.shape.num_moe_layers
     if summary.resumed:
         click.echo(f"moesim: resumed {out_path}: {summary.resumed} requests were already recorded there", err=True)
