@@ -12,6 +12,7 @@ import click
 
 from moesim.errors import MoesimError
 from moesim.options import cache_experts_option, out_option, policy_option
+from moesim.progress import Progress
 
 
 def _policies(policy: str, all_presets: bool) -> tuple[str, ...]:
@@ -106,6 +107,8 @@ def validate_command(trace_spec, policy, all_presets, cache_experts, model_confi
         calibrate=calibrate, expert_format=expert_format, requests=requests, decode_tokens=decode_tokens,
         warmup_steps=warmup_steps, repeats=repeats, statistic=statistic,
         fit_statistic=fit_statistic, seed=seed, threads=threads, out=out, log=log,
+        # a bar with rate and ETA on a terminal (plain lines off one); --quiet: none at all
+        progress=None if quiet else (lambda total: Progress(total, "validate", "run")),
     )
     args = sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "validate" else []
     try:
