@@ -239,7 +239,7 @@ class LaneClock:
     __slots__ = ("lanes", "order", "now")
 
     def __init__(self):
-        self.lanes: list[ClockedLane] = []
+        self.lanes: list[ClockedLane] = []  # those that have had work: a GPU-only run advances one lane
         self.order = 0  # the number of the last event scheduled
         self.now = 0.0  # the driver's time
 
@@ -250,6 +250,15 @@ class LaneClock:
     def advance(self, until: float, order: int) -> None:
         """Process every lane event that SimPy would process before the event (``until``, ``order``)."""
         lanes = self.lanes
+        if len(lanes) == 1:  # one lane (until a job chains onto another): its events in turn
+            lane = lanes[0]
+            while lane.state != _IDLE and (lane.event_at < until or (
+                    lane.event_at == until and lane.event_order < order)):
+                lane.fire()
+                if len(lanes) != 1:
+                    break
+            else:
+                return
         while True:
             first = None
             for lane in lanes:
@@ -287,7 +296,7 @@ class ClockedLane:
 
     def __init__(self, clock: LaneClock, name: str, record: Optional[Callable[[str, str, float, float], None]] = None):
         self.clock = clock
-        clock.lanes.append(self)
+        self._joined = False  # in clock.lanes, from the first job on
         self.name = name
         self.peer: Optional[ClockedLane] = None
         self._queue = DemandFirstQueue()
@@ -316,9 +325,14 @@ class ClockedLane:
                          self._seq, background, then, root)
         self._queue.push(job)
         if self.state == _IDLE:  # SimPy: the waiting lane's wake-up event is scheduled now
+            clock = self.clock
+            if not self._joined:
+                self._joined = True
+                clock.lanes.append(self)
             self.state = _WAKING
-            self.event_at = self.clock.now if now is None else now
-            self.event_order = self.clock.next_order()
+            self.event_at = clock.now if now is None else now
+            clock.order += 1
+            self.event_order = clock.order
         return job
 
     def promote(self, job: ClockedJob) -> None:
@@ -347,7 +361,8 @@ class ClockedLane:
                 extra, self._extra = self._extra, 0.0
                 self._duration += extra
                 self.event_at = at + extra
-                self.event_order = self.clock.next_order()
+                self.clock.order += 1
+                self.event_order = self.clock.order
                 return
             self._finish(at)
         self._start_next(at)
@@ -367,7 +382,8 @@ class ClockedLane:
             root = job.root
             root.finished = True
             root.done_at = at
-            root.done_order = self.clock.next_order()
+            self.clock.order += 1
+            root.done_order = self.clock.order
 
     def _start_next(self, now: float) -> None:
         while True:
@@ -387,6 +403,7 @@ class ClockedLane:
             if duration > 0:
                 self.state = _BUSY
                 self.event_at = now + duration
-                self.event_order = self.clock.next_order()
+                self.clock.order += 1
+                self.event_order = self.clock.order
                 return
             self._finish(now)  # nothing to wait for: served at once, as SimPy's lane does
