@@ -114,17 +114,19 @@ class StepStore:
         self.tokens = [s.tokens for s in steps]
         self.context = [s.context for s in steps]
         works = [(layer, w) for s in steps for layer, w in enumerate(s.layers) if w is not None]
-        step_ends = np.cumsum([sum(w is not None for w in s.layers) for s in steps])
-        self.step_offsets = np.concatenate([[0], step_ends]).astype(np.int64)
+        self.step_offsets = _offsets([sum(w is not None for w in s.layers) for s in steps])
         self.layer = np.array([layer for layer, _ in works], dtype=np.int16)
         self.expert_offsets = _offsets([len(w.experts) for _, w in works])
-        self.experts = np.array([e for _, w in works for e in w.experts], dtype=np.int32)
+        experts = [e for _, w in works for e in w.experts]
+        self.experts = np.array(experts, dtype=_index_type(max(experts, default=0)))
         self.expert_tokens = np.array([t for _, w in works for t in w.tokens], dtype=np.int32)
         self.weights = np.array([x for _, w in works for x in w.weights], dtype=np.float64)
         self.guess_offsets = _offsets([len(w.guess) for _, w in works])
-        self.guess = np.array([e for _, w in works for e in w.guess], dtype=np.int32)
+        guess = [e for _, w in works for e in w.guess]
+        self.guess = np.array(guess, dtype=_index_type(max(guess, default=0)))
         self.row_offsets = _offsets([len(w.rows) for _, w in works])
-        self.rows = np.array([r for _, w in works for r in w.rows], dtype=np.int64)
+        rows = [r for _, w in works for r in w.rows]
+        self.rows = np.array(rows, dtype=_index_type(max(rows, default=0)))
 
     def __len__(self) -> int:
         return len(self.index)
@@ -160,10 +162,15 @@ class StepStore:
         return int(self.expert_tokens.max(initial=1))
 
 
+def _index_type(largest: int):
+    """The smallest signed integer type of the store's indices (about half the bytes of int64)."""
+    return np.int16 if largest < 2**15 else np.int32 if largest < 2**31 else np.int64
+
+
 def _offsets(lengths: list[int]) -> np.ndarray:
     out = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=out[1:])
-    return out
+    return out.astype(_index_type(int(out[-1])))
 
 
 def union_by_rank(predictions: dict[int, tuple[int, ...]], rows: tuple[int, ...]) -> tuple[int, ...]:
@@ -336,8 +343,10 @@ def compile_workload(trace: Trace, batch: int = 1, gating: GatingSpec | None = N
     place = np.empty(len(uniques), dtype=np.int64)
     place[appearance] = np.arange(len(uniques))
     rank = place[inverse.reshape(-1)]
+    del uniques, first, inverse, appearance, place
     by_request = np.argsort(rank, kind="stable")
-    bounds = np.searchsorted(rank[by_request], np.arange(len(order) + 1))
+    bounds = np.searchsorted(rank[by_request], np.arange(len(order) + 1)).tolist()
+    del rank
 
     compiler = _BatchCompiler(trace, keep_arr, source, guess_accuracy)
     prompt_len: dict[int, int] = {}
