@@ -121,3 +121,19 @@ def test_clocked_lanes_keep_simpys_order_of_simultaneous_events(preset, tmp_path
                 config = SimConfig(get_preset(preset), cache_experts=cache_experts, gpu_mem_bytes=1 << 40,
                                    batch=batch)
                 assert_same(trace, profile, config)
+
+
+def test_simulate_engine_events_writes_the_same_json_and_timeline(tmp_path):
+    from click.testing import CliRunner
+
+    from moesim.cli import cli
+
+    out = {}
+    for engine in ("clocked", "events"):
+        js, tl = tmp_path / f"{engine}.json", tmp_path / f"{engine}.tl.json"
+        res = CliRunner().invoke(cli, ["simulate", "--trace", "gpt-oss-120b-bigmoeonedge", "--policy", "hybrimoe",
+                                       "--cache-experts", "4", "--profile", "rtx-3060", "--engine", engine,
+                                       "--json", str(js), "--timeline", str(tl)], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        out[engine] = (js.read_text(), tl.read_text())
+    assert out["clocked"] == out["events"]
