@@ -23,10 +23,9 @@ Cache, prefetch and placement are the plain-Python policy objects of :mod:`moesi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
-
-import math
 
 import simpy
 
@@ -46,7 +45,7 @@ class EngineStats(RunCounters):
     """Counters the engine fills; turned into a :class:`SimResult` by :mod:`moesim.simulator.run`."""
 
     gpu_busy_s: float = 0.0
-    waits: int = 0  # events the driver waited for (SimPy timeouts and copies)
+    waits: int = 0  # the driver's waits (its sleeps, and copies it waited for): the same count on either engine
     hit_records: list[tuple[tuple[int, ...], frozenset]] = field(default_factory=list)
 
 
