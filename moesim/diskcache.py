@@ -80,7 +80,7 @@ def load(namespace: str, key: str) -> Any:
     head = len(MAGIC) + 32
     if len(data) < head or not data.startswith(MAGIC):
         return _MISS
-    payload = data[head:]
+    payload = memoryview(data)[head:]  # a view: a large entry (a compiled workload) is not copied
     if hashlib.sha256(payload).digest() != data[len(MAGIC):head]:
         return _MISS  # cut short or altered: recompute
     try:
@@ -105,7 +105,8 @@ def store(namespace: str, key: str, value: Any) -> bool:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC + hashlib.sha256(payload).digest() + payload)
+            f.write(MAGIC + hashlib.sha256(payload).digest())
+            f.write(payload)  # written after the header, not joined to it: one copy of a large entry, not two
         os.replace(tmp, path)
     except OSError:
         if tmp is not None:
