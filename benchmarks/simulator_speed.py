@@ -1,16 +1,22 @@
-"""Simulator speed: simulated expert activations and simulated seconds per wall second, per preset, and the
-wall time of a 200-configuration sweep over the bundled traces.
+"""Simulator speed: the figures of issue #14, measured side by side in one run.
 
-Goals (issue "Simulator"): a 1,000-token decode of Mixtral-8x7B's shape (32 layers, 8 experts, top-2:
-64,000 expert activations) under any preset in under 1 s on one core; a 200-configuration sweep over the
-bundled traces in under 60 s on this 2-core machine.
+1. A plain-Python reference replay of per-layer LRU (written here: the trace's rows grouped into forward steps,
+   an OrderedDict per layer, the cost tables' seconds summed in the engine's order) against warm
+   ``moesim simulate`` on the bundled Qwen3 trace; the reference's latency sum must equal ``lru --transfer
+   sync``'s makespan (goal: warm ``lru`` within 2x of the reference).
+2. Every preset on a 1,000-token decode of Mixtral-8x7B's shape (32 layers, 8 experts, top-2: 64,000 expert
+   activations): the engine with a SimPy event per copy (``exact_events=True``, the oracle) against the
+   event-free copy path, warm, on one core (goals: < 0.2 s and >= 1M activations/s per preset).
+3. Peak memory (a child process's VmHWM, Linux) of simulating a ``moesim trace synth`` trace of N activations
+   (goal: 32M activations under 4 GiB; the default N is smaller, see --memory-activations).
+4. ``moesim --help`` wall time (goal < 0.2 s), and optionally a 200-configuration sweep.
 
 The Mixtral trace is synthetic (no Mixtral routing trace is bundled): per-layer expert popularity from
 the real Mixtral-8x7B-Instruct frequencies in ../shared/traces-raw/abhibambhaniya__mixtral-offloading-
 residency-info (uniform if absent), a token's top-1 expert repeats the previous token's with probability
 0.3, and a next-layer guess that is right 80% of the time (so guess-based prefetchers have work to do).
 
-    python benchmarks/simulator_speed.py [--tokens 1000] [--sweep-configs 200] [--jobs 2] [--skip-sweep]
+    python benchmarks/simulator_speed.py [--tokens 1000] [--memory-activations N] [--sweep]
 """
 
 from __future__ import annotations
@@ -73,32 +79,195 @@ def synthetic_mixtral_trace(path: Path, decode_tokens: int, prompt_tokens: int =
     return write_trace(path, meta, cells)
 
 
+def best_of(repeats: int, run) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = run()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def reference_lru_replay(trace, costs, capacity: int) -> tuple[float, int, int]:
+    """Per-layer LRU replayed in plain Python with the engine's timing of ``lru --transfer sync`` (copies on the
+    compute stream, so a forward pass is one sum): returns (latency sum, decode hits, decode accesses).
+    Batch 1, no gating: each request's prompt is one forward pass, each decode token another."""
+    from collections import OrderedDict
+
+    from moesim.tracer import PREFILL
+
+    c = trace.cells
+    L, k = trace.meta.num_layers, trace.meta.top_k
+    request, phase, position, layer_of = (c.request.tolist(), c.phase.tolist(), c.position.tolist(),
+                                          c.layer.tolist())
+    experts = c.experts.tolist()
+    gpu, copy_in, head = costs.gpu_expert, costs.h2d_pageable_by_layer, costs.head
+    lo, dense, step_overhead = costs.layer_overhead_s, costs.dense_layers, costs.step_overhead_s
+    resident = [OrderedDict() for _ in range(L)]
+    now = 0.0
+    hits = accesses = 0
+
+    def forward(layers: list, ne: float, head_s: float, decode: bool) -> float:
+        nonlocal hits, accesses
+        pending = step_overhead + head_s + dense * ne
+        attention = ne + lo
+        for layer in range(L):
+            pending += attention
+            used = layers[layer]
+            if used is None:
+                continue
+            order = list(used)
+            cache = resident[layer]
+            for i, e in enumerate(order):
+                if e in cache:
+                    cache.move_to_end(e)
+                    hits += decode
+                else:
+                    if len(cache) >= capacity:
+                        later = order[i + 1:]
+                        victim = next((x for x in cache if x not in later), None)
+                        if victim is not None:
+                            del cache[victim]
+                    if len(cache) < capacity:
+                        cache[e] = None
+                    pending += copy_in[layer]
+            accesses += decode * len(order)
+            for e in order:
+                pending += gpu[used[e]]
+        return pending
+
+    n, i = len(request), 0
+    while i < n:
+        r = request[i]
+        prompt: list = [None] * L
+        positions = set()
+        while i < n and request[i] == r and phase[i] == PREFILL:
+            used = prompt[layer_of[i]] = prompt[layer_of[i]] or {}
+            for e in experts[i][:k]:
+                used[e] = used.pop(e, 0) + 1  # the order of last use, as the compiled workload's
+            positions.add(position[i])
+            i += 1
+        P = max(len(positions), 1)
+        now += forward(prompt, costs.prefill_non_expert[P], head[1], False)
+        j = 0
+        while i < n and request[i] == r:
+            pos = position[i]
+            step: list = [None] * L
+            while i < n and request[i] == r and position[i] == pos:
+                used = step[layer_of[i]] = step[layer_of[i]] or {}
+                for e in experts[i][:k]:
+                    used[e] = used.pop(e, 0) + 1
+                i += 1
+            j += 1
+            now += forward(step, costs.decode_non_expert[1][P + j], head[1], True)
+    return now, hits, accesses
+
+
+def bench_reference(profile: str, capacity: int, repeats: int) -> None:
+    from moesim.simulator.cli import build_policy
+    from moesim.simulator.config import SimConfig
+    from moesim.simulator.run import build_policy_objects, load_trace_cached, prepare, simulate
+    from moesim.simulator.run import load_profile_cached
+    from moesim.traces import bundled_traces
+
+    trace = load_trace_cached(bundled_traces()["qwen3-30b-a3b-bigmoeonedge"])
+    sync = SimConfig(build_policy("lru", transfer="sync"), cache_experts=capacity, gpu_mem_bytes=1 << 40)
+    stream = SimConfig(build_policy("lru"), cache_experts=capacity, gpu_mem_bytes=1 << 40)
+    costs = build_policy_objects(prepare(trace, load_profile_cached(profile), sync)).costs
+    activations = int((trace.phase == 1).sum()) * trace.meta.top_k
+    ref_s, (ref_latency, hits, accesses) = best_of(repeats, lambda: reference_lru_replay(trace, costs, capacity))
+    simulate(trace, profile, sync)
+    simulate(trace, profile, stream)  # warm: trace read, workload compiled, cost tables built
+    sync_s, r_sync = best_of(repeats, lambda: simulate(trace, profile, sync))
+    stream_s, r_stream = best_of(repeats, lambda: simulate(trace, profile, stream))
+    print(f"\n1. reference LRU replay vs warm `moesim simulate` on qwen3-30b-a3b-bigmoeonedge ({activations:,} decode "
+          f"activations), {profile}, {capacity} slots per layer")
+    print(f"   reference (plain Python)   {ref_s:7.3f} s  latency sum {ref_latency:.9f} s  hit rate "
+          f"{hits / accesses:.4f}")
+    print(f"   simulate lru --transfer sync {sync_s:5.3f} s  makespan    {r_sync.makespan_s:.9f} s  hit rate "
+          f"{r_sync.hit_rate:.4f}  (relative difference {abs(r_sync.makespan_s - ref_latency) / ref_latency:.1e})")
+    print(f"   simulate lru (copy stream)  {stream_s:6.3f} s")
+    print(f"   ratio warm lru / reference: {stream_s / ref_s:.2f}x (sync {sync_s / ref_s:.2f}x)  goal <= 2x: "
+          f"{'ok' if stream_s <= 2 * ref_s else 'MISSED'}")
+
+
 def bench_presets(trace_path: Path, profile: str, repeats: int) -> None:
     from moesim.simulator.config import SimConfig
     from moesim.simulator.presets import PRESETS, get_preset
     from moesim.simulator.run import load_trace_cached, simulate
 
     trace = load_trace_cached(trace_path)
-    print(f"\n{int((trace.phase == 1).sum()) // trace.meta.num_layers:,}-token decode of Mixtral-8x7B's shape on "
-          f"{profile}, bf16 experts, 4 cache slots per layer, memory budget unbounded (speed only); one core")
-    print(f"{'preset':26s} {'cold_s':>7s} {'warm_s':>7s} {'activations/s':>14s} {'sim_s/wall_s':>12s} "
-          f"{'sim_s':>8s} {'events':>8s}  goal<1s")
+    activations = int((trace.phase == 1).sum()) * trace.meta.top_k
+    print(f"\n2. {int((trace.phase == 1).sum()) // trace.meta.num_layers:,}-token decode of Mixtral-8x7B's shape "
+          f"({activations:,} decode activations) on {profile}, bf16 experts, 4 cache slots per layer, memory budget "
+          f"unbounded (speed only); one core, warm, best of {repeats}")
+    print(f"   {'preset':26s} {'events_s':>8s} {'fast_s':>7s} {'old/fast':>8s} {'activations/s':>13s} "
+          f"{'sim_s':>8s} {'events':>7s}  goals <0.2s, >=1M/s")
     for name in PRESETS.names():
         config = SimConfig(get_preset(name), cache_experts=4, gpu_mem_bytes=1 << 40)
-        t0 = time.perf_counter()
         r = simulate(trace, profile, config)
-        cold = time.perf_counter() - t0
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            r = simulate(trace, profile, config)
-            best = min(best, time.perf_counter() - t0)
         if not r.feasible:
-            print(f"{name:26s} does not fit: {r.reason}")
+            print(f"   {name:26s} does not fit: {r.reason}")
             continue
-        activations = sum(trace.phase == 1) * trace.meta.top_k
-        print(f"{name:26s} {cold:7.3f} {best:7.3f} {activations / best:14,.0f} {r.makespan_s / best:12.1f} "
-              f"{r.makespan_s:8.2f} {r.sim_events:8d}  {'ok' if best < 1.0 else 'MISSED'}")
+        old_s, old = best_of(repeats, lambda: simulate(trace, profile, config, exact_events=True))
+        fast_s, fast = best_of(repeats, lambda: simulate(trace, profile, config))
+        same = old.makespan_s == fast.makespan_s and old.hit_rate == fast.hit_rate
+        rate = activations / fast_s
+        print(f"   {name:26s} {old_s:8.3f} {fast_s:7.3f} {old_s / fast_s:7.2f}x {rate:13,.0f} {r.makespan_s:8.2f} "
+              f"{r.sim_events:7d}  {'ok' if fast_s < 0.2 else 'MISSED'} {'ok' if rate >= 1e6 else 'MISSED'}"
+              f"{'' if same else '  DIFFERENT RESULT'}")
+
+
+# The peak is the process's own VmHWM: ru_maxrss would carry over the benchmark's own peak through fork and exec.
+MEMORY_CHILD = """
+import sys, time
+from moesim.simulator.config import SimConfig
+from moesim.simulator.presets import get_preset
+from moesim.simulator.run import simulate
+def high_water():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+base = high_water()
+t0 = time.perf_counter()
+r = simulate(sys.argv[1], "rtx-4090", SimConfig(get_preset("lru"), cache_experts=4, gpu_mem_bytes=1 << 40))
+print(time.perf_counter() - t0, high_water(), base, r.hit_rate)
+"""
+
+
+def bench_memory(activations: int, tmp: Path) -> None:
+    """Peak RSS of one ``simulate`` of a synthetic Mixtral trace in a fresh process (the compiled-workload disk
+    cache pointed at an empty folder, so the compile is part of the run)."""
+    import subprocess
+
+    output = 500
+    requests = max(1, round(activations / (output * 32 * 2)))
+    trace = tmp / f"mixtral-{requests}x{output}.parquet"
+    env = dict(os.environ, MOESIM_CACHE_DIR=str(tmp / "cache"))
+    subprocess.run([sys.executable, "-m", "moesim.cli", "trace", "synth", "--routing", "mixtral-8x7b-published",
+                    "--requests", str(requests), "--prompt-len", "16", "--output-len", str(output), "--out",
+                    str(trace)], check=True, capture_output=True, env=env)
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(trace)], check=True, capture_output=True,
+                         text=True, env=env).stdout.split()
+    wall, rss, base = float(out[0]), int(out[1]), int(out[2])
+    n = requests * output * 32 * 2
+    per = (rss - base) / n
+    at_goal = "" if n >= 32_000_000 else f"; 32M at that rate: {(base + per * 32e6) / 2**30:.1f} GiB, extrapolated"
+    print(f"\n3. peak memory: lru on a synthetic Mixtral trace of {requests:,} requests x {output} tokens "
+          f"({n:,} decode activations, compiled in the run): {rss / 2**30:.2f} GiB peak RSS ({base / 2**30:.2f} GiB "
+          f"after imports, {per:.0f} bytes per activation above that{at_goal}), {wall:.1f} s  goal 32M < 4 GiB")
+
+
+def bench_help(repeats: int = 5) -> None:
+    import subprocess
+
+    moesim = Path(sys.executable).with_name("moesim")
+    cmd = [str(moesim), "--help"] if moesim.exists() else [sys.executable, "-m", "moesim.cli", "--help"]
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        best = min(best, time.perf_counter() - t0)
+    print(f"\n4. `moesim --help`: {best:.3f} s (best of {repeats})  goal < 0.2 s: {'ok' if best < 0.2 else 'MISSED'}")
 
 
 def bench_sweep(n_configs: int, jobs: int) -> None:
@@ -114,25 +283,34 @@ def bench_sweep(n_configs: int, jobs: int) -> None:
         rows = run_sweep(points, Path(tmp), jobs=jobs, progress=False)
         wall = time.perf_counter() - t0
     fit = sum(1 for r in rows if r.get("feasible"))
-    print(f"\nsweep: {len(points)} configurations ({len(traces)} bundled traces x {len(policies)} presets x cache "
-          f"sizes) on {jobs} worker(s): {wall:.1f} s wall, {fit} simulated, {len(points) - fit} did not fit  "
-          f"goal<60s: {'ok' if wall < 60 else 'MISSED'}")
+    print(f"\n5. sweep: {len(points)} configurations ({len(traces)} bundled traces x {len(policies)} presets x cache "
+          f"sizes) on {jobs} worker(s): {wall:.1f} s wall, {fit} simulated, {len(points) - fit} did not fit")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=1000)
     ap.add_argument("--profile", default="rtx-4090")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--reference-slots", type=int, default=32, help="LRU slots per layer for part 1")
+    ap.add_argument("--memory-activations", type=int, default=2_000_000,
+                    help="decode activations of part 3's synthetic trace (the goal is stated at 32,000,000)")
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time a 200-configuration sweep")
     ap.add_argument("--sweep-configs", type=int, default=200)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--skip-sweep", action="store_true")
     args = ap.parse_args(argv)
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+    bench_reference(args.profile, args.reference_slots, args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         path = synthetic_mixtral_trace(Path(tmp) / "mixtral-synthetic.parquet", args.tokens)
         bench_presets(path, args.profile, args.repeats)
-    if not args.skip_sweep:
+        if not args.skip_memory:
+            bench_memory(args.memory_activations, Path(tmp))
+    bench_help()
+    if args.sweep:
         bench_sweep(args.sweep_configs, args.jobs)
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
 

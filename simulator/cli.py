@@ -138,9 +138,12 @@ def _notes(result, policy) -> list[str]:
 @click.option("--timeline", "timeline_path", default=None, type=click.Path(dir_okay=False),
               help="Write a Chrome-trace JSON (open in Perfetto) of the GPU, PCIe and CPU lanes.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the result as JSON.")
+@click.option("--engine", default="clocked", hidden=True, type=click.Choice(["clocked", "events"]),
+              help="events: the previous engine, a SimPy event per copy (same results, slower; kept for one "
+              "release as the oracle of the event-free copy path).")
 def simulate_command(trace_spec, profile_spec, host, link, policy, cache_experts, cache_mem, gpu_mem, expert_bits,
                      non_expert_bits, batch, knobs, eviction, scope, prefetch, guess, placement, placement_rule,
-                     transfer, gating, predictor_train, timeline_path, json_path):
+                     transfer, gating, predictor_train, timeline_path, json_path, engine):
     """Replay a routing trace under one offloading policy on a modelled machine."""
     from moesim.atomic import prepare_output_path, write_text_atomic
     from moesim.simulator.config import SimConfig
@@ -184,7 +187,8 @@ def simulate_command(trace_spec, profile_spec, host, link, policy, cache_experts
         profile_name = profile.name
     timeline = Timeline(f"moesim {policy}") if timeline_path else None
     result = simulate(trace_path, profile, config, timeline=timeline,
-                      trace_name=trace_label(trace_spec) if trace_spec else trace_path.stem, profile_name=profile_name)
+                      trace_name=trace_label(trace_spec) if trace_spec else trace_path.stem, profile_name=profile_name,
+                      exact_events=engine == "events")
     click.echo(summary_text(result))
     for note in _notes(result, spec):
         click.echo(f"note: {note}", err=True)

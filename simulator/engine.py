@@ -6,9 +6,13 @@ Resources and who models them:
   (non-expert work, then the layer's experts). Work that nobody else needs to see is accumulated and
   slept in one ``timeout``; the driver only yields where another process matters (issuing a copy,
   waiting for one, handing work to the CPU), so an all-hit decode layer costs no event of its own.
-* the **PCIe link**, one :class:`~moesim.simulator.transfer.Lane` per direction (host->device,
-  device->host), each its own SimPy process serving copies FIFO (demand before prefetch when the policy
-  says so), with the profile's contended time while the other direction is busy. Copies that a system
+* the **PCIe link**, one lane per direction (host->device, device->host), serving copies FIFO (demand
+  before prefetch when the policy says so), with the profile's contended time while the other direction
+  is busy. By default a lane is a :class:`~moesim.simulator.transfer.ClockedLane`: its copies' start and
+  end times are computed without SimPy events, in SimPy's order, and the driver sleeps (one timeout per
+  forward step) only to the times it computed. ``exact_events=True`` keeps the previous engine, where
+  each lane is a :class:`~moesim.simulator.transfer.Lane`, a SimPy process with an event per copy: the
+  oracle the exactness test compares against (kept for one release). Copies that a system
   issues on the compute stream (Mixtral-Offloading's swap, Fiddler's placeholder copy, accelerate's
   layer copy) are serialized into the driver's own time and only accounted on the link.
 * the **CPU expert pool**, a Lane that runs CPU-placed experts (activations down, FFN, activations up)
@@ -19,6 +23,7 @@ Cache, prefetch and placement are the plain-Python policy objects of :mod:`moesi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -30,7 +35,7 @@ from moesim.simulator.decide import DecisionCore, LayerPlan, RunCounters, replay
 from moesim.simulator.placement import Placement
 from moesim.simulator.prefetch import Prefetcher
 from moesim.simulator.timeline import Timeline
-from moesim.simulator.transfer import Lane, TransferSpec, stretched
+from moesim.simulator.transfer import ClockedLane, Lane, LaneClock, TransferSpec, stretched
 from moesim.simulator.workload import ForwardStep, Workload
 from moesim.tracer import DECODE
 
@@ -40,23 +45,25 @@ class EngineStats(RunCounters):
     """Counters the engine fills; turned into a :class:`SimResult` by :mod:`moesim.simulator.run`."""
 
     gpu_busy_s: float = 0.0
-    waits: int = 0  # events the driver waited for (SimPy timeouts and copies)
+    waits: int = 0  # the driver's waits (its sleeps, and copies it waited for): the same count on either engine
     hit_records: list[tuple[tuple[int, ...], frozenset]] = field(default_factory=list)
 
 
-def build_simulation(prep, objects, record_hits: bool = False, timeline: Optional[Timeline] = None) -> "Simulation":
+def build_simulation(prep, objects, record_hits: bool = False, timeline: Optional[Timeline] = None,
+                     exact_events: bool = False) -> "Simulation":
     """The simulation of one prepared run (:class:`~moesim.simulator.run.Prepared`) driving ``objects``
     (:class:`~moesim.simulator.run.PolicyObjects`)."""
     return Simulation(prep.workload, objects.costs, objects.cache, objects.prefetcher, objects.placement,
                       objects.transfer, prep.trace.meta.model.hidden_size, objects.layer_copy_s,
-                      objects.layer_copy_bytes, record_hits=record_hits, timeline=timeline)
+                      objects.layer_copy_bytes, record_hits=record_hits, timeline=timeline,
+                      exact_events=exact_events)
 
 
 class Simulation:
     def __init__(self, workload: Workload, costs: CostTables, cache: ExpertCache, prefetcher: Prefetcher,
                  placement: Placement, transfer: TransferSpec, hidden_size: int,
                  layer_copy_s: Optional[list[float]] = None, layer_copy_bytes: Optional[list[int]] = None,
-                 record_hits: bool = False, timeline: Optional[Timeline] = None):
+                 record_hits: bool = False, timeline: Optional[Timeline] = None, exact_events: bool = False):
         self.workload = workload
         self.costs = costs
         self.cache = cache
@@ -73,10 +80,21 @@ class Simulation:
         self.core = DecisionCore(cache, prefetcher, placement, self.stats, self.L, self.E)
         self.env = simpy.Environment()
         record = timeline.record if timeline is not None else None
-        self.h2d = Lane(self.env, "PCIe H2D", record)
-        self.d2h = Lane(self.env, "PCIe D2H", record)
+        if exact_events:
+            self.clock: Optional[LaneClock] = None
+            self._time = self.env  # whose ``now`` is the compute stream's time
+            self.h2d = Lane(self.env, "PCIe H2D", record)
+            self.d2h = Lane(self.env, "PCIe D2H", record)
+            self.cpu = Lane(self.env, "CPU experts", record)
+            self._sleep, self._wait = self._sleep_event, self._wait_event
+        else:
+            clock = self.clock = LaneClock()
+            self._time = clock
+            self.h2d = ClockedLane(clock, "PCIe H2D", record)
+            self.d2h = ClockedLane(clock, "PCIe D2H", record)
+            self.cpu = ClockedLane(clock, "CPU experts", record)
+            self._sleep, self._wait = self._sleep_clocked, self._wait_clocked
         self.h2d.peer, self.d2h.peer = self.d2h, self.h2d
-        self.cpu = Lane(self.env, "CPU experts", record)
         self.compute_busy_until = 0.0
         self._compute_slowdown = costs.compute_slowdown_with_copy
         if costs.copy_slowdown_with_compute != 1.0 or costs.compute_slowdown_with_copy != 1.0:
@@ -93,12 +111,12 @@ class Simulation:
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> EngineStats:
-        self.env.process(self._driver())
+        self.env.process(self._driver() if self.clock is None else self._clocked_driver())
         self.env.run()
         self.stats.makespan_s = self.env.now
         return self.stats
 
-    def _sleep(self, duration: float) -> simpy.Event:
+    def _sleep_event(self, duration: float) -> simpy.Event:
         """The compute stream runs the accumulated work: one timeout for all of it."""
         if self.timeline is not None:
             self.timeline.gpu_segments(self.env.now, self._segments)
@@ -113,14 +131,68 @@ class Simulation:
         self.compute_busy_until = now + duration
         return self.env.timeout(duration)
 
+    def _wait_event(self, job) -> simpy.Event:
+        return job.done
+
     def _driver(self):
         env = self.env
         for step in replay_steps(self.workload.batches, self.stats, self.cache, self.prefetcher, lambda: env.now):
             yield from self._forward(step)
 
-    def _cpu_experts(self, layer: int, tokens: tuple) -> simpy.Event:
+    # ---- the clocked path: the driver keeps the time, the lanes are computed up to it
+    def _sleep_clocked(self, duration: float) -> None:
+        """As :meth:`_sleep_event`, without the timeout: the lanes are served up to the sleep's end, in the
+        order SimPy would have served them, and the compute stream's time moves on."""
+        clock = self.clock
+        now = clock.now
+        if self.timeline is not None:
+            self.timeline.gpu_segments(now, self._segments)
+            self._segments.clear()
+        self.stats.waits += 1
+        if self.h2d.contended_by is not None:
+            duration = stretched(duration, now, self.h2d.busy_until, self._compute_slowdown)
+            self.h2d.slow_down_current(now, now + duration)
+        end = now + duration
+        self.compute_busy_until = end
+        clock.order += 1
+        if clock.lanes:
+            clock.advance(end, clock.order)
+        clock.now = end
+
+    def _wait_clocked(self, job) -> None:
+        """The compute stream waits for ``job``'s chain: its lanes are served until it is done."""
+        clock = self.clock
+        clock.run_until_done(job)
+        root = job.root
+        clock.advance(root.done_at, root.done_order)
+        clock.now = root.done_at
+
+    def _clocked_driver(self):
+        """The driver as one SimPy process that yields once per forward step, to the step's computed end."""
+        clock = self.clock
+        for step in replay_steps(self.workload.batches, self.stats, self.cache, self.prefetcher,
+                                 lambda: clock.now):
+            for _ in self._forward(step):
+                pass
+            yield self._timeout_until(clock.now)
+        yield self._timeout_until(clock.drain())
+
+    def _timeout_until(self, t: float) -> simpy.Event:
+        """A timeout that ends exactly at ``t`` (``now + (t - now)`` can miss ``t`` by a rounding)."""
+        now = self.env.now
+        delay = max(t - now, 0.0)
+        for _ in range(4):
+            if now + delay < t:
+                delay = math.nextafter(delay, math.inf)
+            elif now + delay > t and delay > 0.0:
+                delay = math.nextafter(delay, 0.0)
+            else:
+                break
+        return self.env.timeout(delay)
+
+    def _cpu_experts(self, layer: int, tokens: tuple):
         """CPU-placed experts of one layer: their tokens' activations go down the D2H link, the CPU pool
-        runs the FFNs, the outputs come back up the H2D link; the event fires when the outputs are back."""
+        runs the FFNs, the outputs come back up the H2D link; the job has landed when the outputs are back."""
         costs = self.costs
         n = len(tokens)
         nbytes = sum(tokens) * self.hidden_size * 2
@@ -130,7 +202,7 @@ class Simulation:
         job = self.d2h.submit(sum(costs.act_d2h[t] for t in tokens), nbytes, f"activations L{layer} x{n}",
                               concurrent_duration=sum(costs.act_d2h_conc[t] for t in tokens),
                               then=((self.cpu, ffn, ffn, 0, f"cpu experts L{layer} x{n}"), up))
-        return job.done
+        return job
 
     # ---- copies: on a lane (the decision core asks for them), or serialized into the compute stream
     def _submit_load(self, plan: LayerPlan, e: int, key: int, kept: bool):
@@ -190,7 +262,8 @@ class Simulation:
     def _forward(self, step: ForwardStep):
         """One forward pass on the compute stream: the decision core decides each MoE layer, this driver
         turns the decisions into modelled time, sleeping only where another process matters."""
-        env = self.env
+        clock = self._time
+        sleep, wait = self._sleep, self._wait
         costs = self.costs
         core = self.core
         stats = self.stats
@@ -236,14 +309,14 @@ class Simulation:
                 pending = self._inline_copies(plan, pending)
             elif plan.loads:
                 if pending > 0.0:
-                    yield self._sleep(pending)
+                    yield sleep(pending)
                     pending = 0.0
                 core.stream_loads(plan, self._submit_load)
 
             # --- prefetch for later layers
             if plan.prefetches:
                 if pending > 0.0:
-                    yield self._sleep(pending)
+                    yield sleep(pending)
                     pending = 0.0
                 issue_prefetches(plan, self._submit_prefetch)
 
@@ -251,7 +324,7 @@ class Simulation:
             cpu_task = None
             if plan.cpu_tokens:
                 if pending > 0.0:
-                    yield self._sleep(pending)
+                    yield sleep(pending)
                     pending = 0.0
                 cpu_task = self._cpu_experts(layer, plan.cpu_tokens)
 
@@ -263,30 +336,30 @@ class Simulation:
                 if tl:
                     segs.append(("gpu", f"expert L{layer} E{e}", c))
             for _, e, t, job in landing_order():
-                if not job.done.triggered:
+                if not job.landed():
                     if pending > 0.0:
-                        yield self._sleep(pending)
+                        yield sleep(pending)
                         pending = 0.0
-                    if not job.done.triggered:
-                        t0 = env.now
+                    if not job.landed():
+                        t0 = clock.now
                         stats.waits += 1
-                        yield job.done
-                        stats.stall_s += env.now - t0
+                        yield wait(job)
+                        stats.stall_s += clock.now - t0
                 c = gpu[t]
                 pending += c
                 busy += c
                 if tl:
                     segs.append(("gpu", f"expert L{layer} E{e}", c))
-            if cpu_task is not None and not cpu_task.triggered:
+            if cpu_task is not None and not cpu_task.landed():
                 if pending > 0.0:
-                    yield self._sleep(pending)
+                    yield sleep(pending)
                     pending = 0.0
-                if not cpu_task.triggered:
-                    t0 = env.now
+                if not cpu_task.landed():
+                    t0 = clock.now
                     stats.waits += 1
-                    yield cpu_task
-                    stats.stall_s += env.now - t0
+                    yield wait(cpu_task)
+                    stats.stall_s += clock.now - t0
         stats.gpu_busy_s = busy
         if pending > 0.0:
-            yield self._sleep(pending)
+            yield sleep(pending)
             pending = 0.0

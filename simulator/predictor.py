@@ -196,16 +196,6 @@ def _predict_rows(trace: Trace, weights: PredictorWeights, top: int) -> dict[int
 
 
 def annotate(workload, predictions: dict[int, tuple[int, ...]]) -> None:
-    """Set each decode layer-step's ``predicted`` to the union of its rows' predictions, best first."""
-    for batch in workload.batches:
-        for step in batch.decode:
-            for work in step.layers:
-                if work is None:
-                    continue
-                seen: dict[int, None] = {}
-                lists = [predictions.get(r, ()) for r in work.rows]
-                for rank in range(max((len(p) for p in lists), default=0)):
-                    for p in lists:
-                        if rank < len(p):
-                            seen.setdefault(p[rank], None)
-                work.predicted = tuple(seen)
+    """Each decode layer-step's ``predicted`` becomes the union of its rows' predictions, best first
+    (:func:`moesim.simulator.workload.union_by_rank`, applied as the workload's steps are read)."""
+    workload.annotations.predictions = predictions

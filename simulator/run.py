@@ -221,12 +221,12 @@ def accelerate_layer_copy_s(profile, nbytes: float, experts: int, pinned: bool) 
     return float(profile.copy_time(nbytes, "h2d", pinned=pinned)) + max(0, 3 * experts - 1) * latency
 
 
-def run_prepared(prep: Prepared, record_hits: bool = False, timeline: Optional[Timeline] = None
-                 ) -> tuple[SimResult, Optional[np.ndarray]]:
+def run_prepared(prep: Prepared, record_hits: bool = False, timeline: Optional[Timeline] = None,
+                 exact_events: bool = False) -> tuple[SimResult, Optional[np.ndarray]]:
     if not prep.plan.fits:
         return infeasible_result(prep), None
     objs = build_policy_objects(prep)
-    sim = build_simulation(prep, objs, record_hits=record_hits, timeline=timeline)
+    sim = build_simulation(prep, objs, record_hits=record_hits, timeline=timeline, exact_events=exact_events)
     stats = sim.run()
     result = simulation_result(prep, objs.costs, sim, stats)
     hits = _hit_array(prep.trace, stats) if record_hits else None
@@ -285,8 +285,10 @@ def _hit_array(trace: Trace, stats) -> np.ndarray:
 
 
 def simulate(trace: Trace | str | Path, profile, config: SimConfig, *, record_hits: bool = False,
-             timeline: Optional[Timeline] = None, trace_name: str = "", profile_name: str = ""):
-    """Run one configuration. Returns the :class:`SimResult` (and the per-row hit array if asked)."""
+             timeline: Optional[Timeline] = None, trace_name: str = "", profile_name: str = "",
+             exact_events: bool = False):
+    """Run one configuration. Returns the :class:`SimResult` (and the per-row hit array if asked).
+    ``exact_events`` runs the previous engine (a SimPy event per copy), the fast path's oracle."""
     if not isinstance(trace, Trace):
         from moesim.traces import resolve_trace
 
@@ -295,5 +297,5 @@ def simulate(trace: Trace | str | Path, profile, config: SimConfig, *, record_hi
         profile_name = profile_name or profile
         profile = load_profile_cached(profile)
     prep = prepare(trace, profile, config, trace_name, profile_name)
-    result, hits = run_prepared(prep, record_hits=record_hits, timeline=timeline)
+    result, hits = run_prepared(prep, record_hits=record_hits, timeline=timeline, exact_events=exact_events)
     return (result, hits) if record_hits else result

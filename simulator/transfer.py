@@ -189,3 +189,221 @@ class Lane:
                 lane.submit(d, nbytes, label, concurrent_duration=conc, then=job.then[1:], done=job.done)
             else:
                 job.done.succeed()
+
+
+# ---- the event-free copy path ---------------------------------------------------------------------------
+# The lanes above are SimPy processes: every copy is a queued job, a timeout and a process switch. The lanes
+# below compute the same schedule without SimPy events. Only the driver submits work, at its own (monotonic)
+# time, so a lane's future is fixed by its queue: it is advanced lazily, when the driver next looks.
+#
+# Ties decide answers (a lane that finishes a copy at the instant the driver submits a demand load picks its
+# next job with or without that load), so the clocked lanes keep SimPy's order of simultaneous events: each
+# thing SimPy would schedule (a copy's timeout, the extra timeout of a stretched copy, a lane's wake-up, a
+# job's ``done``, the driver's sleep) takes the next number of one counter, and events are processed in
+# (time, number) order, as SimPy's queue does. The exactness test (tests/test_sim_fastpath.py) compares
+# both paths on every preset.
+
+_IDLE, _WAKING, _BUSY = 0, 1, 2
+
+
+class ClockedJob(QueuedJob):
+    """One unit of work on a clocked lane. ``root`` is the first stage of its chain: the chain is done (the
+    driver may read its result) when its last stage is served; ``done_at``/``done_order`` say when, as SimPy
+    would have fired the job's ``done`` event."""
+
+    __slots__ = ("duration", "concurrent_duration", "nbytes", "label", "then", "root", "finished", "done_at",
+                 "done_order")
+
+    def __init__(self, duration: float, concurrent_duration: float, nbytes: int, label: str, seq: int,
+                 background: bool, then: tuple, root: Optional["ClockedJob"]):
+        self.seq = seq
+        self.background = background
+        self.started = False
+        self.duration = duration
+        self.concurrent_duration = concurrent_duration
+        self.nbytes = nbytes
+        self.label = label
+        self.then = then
+        self.root = self if root is None else root
+        self.finished = False
+        self.done_at = 0.0
+        self.done_order = 0
+
+    def landed(self) -> bool:
+        return self.finished
+
+
+class LaneClock:
+    """The shared order of a set of clocked lanes and the driver: SimPy's (time, event number) order."""
+
+    __slots__ = ("lanes", "order", "now")
+
+    def __init__(self):
+        self.lanes: list[ClockedLane] = []  # those that have had work: a GPU-only run advances one lane
+        self.order = 0  # the number of the last event scheduled
+        self.now = 0.0  # the driver's time
+
+    def next_order(self) -> int:
+        self.order += 1
+        return self.order
+
+    def advance(self, until: float, order: int) -> None:
+        """Process every lane event that SimPy would process before the event (``until``, ``order``)."""
+        lanes = self.lanes
+        if len(lanes) == 1:  # one lane (until a job chains onto another): its events in turn
+            lane = lanes[0]
+            while lane.state != _IDLE and (lane.event_at < until or (
+                    lane.event_at == until and lane.event_order < order)):
+                lane.fire()
+                if len(lanes) != 1:
+                    break
+            else:
+                return
+        while True:
+            first = None
+            for lane in lanes:
+                if lane.state != _IDLE and (first is None or lane.event_at < first.event_at or (
+                        lane.event_at == first.event_at and lane.event_order < first.event_order)):
+                    first = lane
+            if first is None or first.event_at > until or (first.event_at == until and first.event_order >= order):
+                return
+            first.fire()
+
+    def run_until_done(self, job: ClockedJob) -> None:
+        """Process lane events in order until ``job``'s chain is done (the driver waits for it)."""
+        root = job.root
+        lanes = self.lanes
+        while not root.finished:
+            first = None
+            for lane in lanes:
+                if lane.state != _IDLE and (first is None or lane.event_at < first.event_at or (
+                        lane.event_at == first.event_at and lane.event_order < first.event_order)):
+                    first = lane
+            if first is None:
+                raise RuntimeError(f"{job.label}: no lane will serve it")  # a driver bug, not bad input
+            first.fire()
+
+    def drain(self) -> float:
+        """Serve everything still queued (prefetches issued at the end); returns the last event's time, the
+        end of the run as SimPy's ``env.run()`` would leave ``now``."""
+        self.advance(float("inf"), 0)
+        return max([self.now] + [lane.last_event for lane in self.lanes])
+
+
+class ClockedLane:
+    """A FIFO server (copy engine or CPU pool) with the rules of :class:`Lane`, computed without SimPy: one
+    pending event at most (a wake-up or the end of the job in service), fired by :class:`LaneClock`."""
+
+    def __init__(self, clock: LaneClock, name: str, record: Optional[Callable[[str, str, float, float], None]] = None):
+        self.clock = clock
+        self._joined = False  # in clock.lanes, from the first job on
+        self.name = name
+        self.peer: Optional[ClockedLane] = None
+        self._queue = DemandFirstQueue()
+        self._record = record
+        self._seq = 0
+        self.busy_s = 0.0
+        self.bytes = 0
+        self.jobs = 0
+        self.busy_until = 0.0
+        self.contended_by: Optional[Callable[[], float]] = None
+        self.slowdown = 1.0
+        self._extra = 0.0
+        self.state = _IDLE
+        self.event_at = 0.0
+        self.event_order = 0
+        self.last_event = 0.0
+        self._current: Optional[ClockedJob] = None
+        self._start = 0.0
+        self._duration = 0.0
+
+    def submit(self, duration: float, nbytes: int = 0, label: str = "", background: bool = False,
+               concurrent_duration: Optional[float] = None, then: tuple = (),
+               root: Optional[ClockedJob] = None, now: Optional[float] = None) -> ClockedJob:
+        self._seq += 1
+        job = ClockedJob(duration, duration if concurrent_duration is None else concurrent_duration, nbytes, label,
+                         self._seq, background, then, root)
+        self._queue.push(job)
+        if self.state == _IDLE:  # SimPy: the waiting lane's wake-up event is scheduled now
+            clock = self.clock
+            if not self._joined:
+                self._joined = True
+                clock.lanes.append(self)
+            self.state = _WAKING
+            self.event_at = clock.now if now is None else now
+            clock.order += 1
+            self.event_order = clock.order
+        return job
+
+    def promote(self, job: ClockedJob) -> None:
+        self._queue.promote(job)
+
+    def slow_down_current(self, now: float, until: float) -> None:
+        overlap = min(self.busy_until, until) - now
+        if overlap > 0.0 and self.slowdown != 1.0:
+            extra = overlap * (1.0 - 1.0 / self.slowdown)
+            self._extra += extra
+            self.busy_until += extra
+
+    def account(self, start: float, duration: float, nbytes: int, label: str) -> None:
+        self.busy_s += duration
+        self.bytes += nbytes
+        self.jobs += 1
+        if self._record is not None:
+            self._record(self.name, label, start, duration)
+
+    def fire(self) -> None:
+        """Process this lane's pending event (the clock calls it in SimPy's order)."""
+        at = self.event_at
+        self.last_event = at
+        if self.state == _BUSY:
+            if self._extra > 0.0:  # work that ran beside the copy stretched it: serve the rest
+                extra, self._extra = self._extra, 0.0
+                self._duration += extra
+                self.event_at = at + extra
+                self.clock.order += 1
+                self.event_order = self.clock.order
+                return
+            self._finish(at)
+        self._start_next(at)
+
+    def _finish(self, at: float) -> None:
+        job = self._current
+        self._current = None
+        self.busy_s += self._duration
+        self.bytes += job.nbytes
+        self.jobs += 1
+        if self._record is not None:
+            self._record(self.name, job.label, self._start, self._duration)
+        if job.then:
+            lane, d, conc, nbytes, label = job.then[0]
+            lane.submit(d, nbytes, label, concurrent_duration=conc, then=job.then[1:], root=job.root, now=at)
+        else:
+            root = job.root
+            root.finished = True
+            root.done_at = at
+            self.clock.order += 1
+            root.done_order = self.clock.order
+
+    def _start_next(self, now: float) -> None:
+        while True:
+            job = self._queue.pop()
+            if job is None:
+                self.state = _IDLE
+                return
+            job.started = True
+            peer = self.peer
+            duration = job.concurrent_duration if (peer is not None and peer.busy_until > now) else job.duration
+            if self.contended_by is not None:
+                duration = stretched(duration, now, self.contended_by(), self.slowdown)
+            self.busy_until = now + duration
+            self._current = job
+            self._start = now
+            self._duration = duration
+            if duration > 0:
+                self.state = _BUSY
+                self.event_at = now + duration
+                self.clock.order += 1
+                self.event_order = self.clock.order
+                return
+            self._finish(now)  # nothing to wait for: served at once, as SimPy's lane does

@@ -114,3 +114,34 @@ def test_cost_model_tables_hit_gives_identical_predictions_and_a_changed_trace_m
     _trace(tmp_path / "t.parquet", 4)  # the same path, other routing
     changed = TraceProfileContext(path, "rtx-3060")
     assert changed._size() == 0
+
+
+def test_a_size_bound_deletes_the_least_recently_used_entries_first(_fresh_cache, monkeypatch):
+    import os
+
+    payload = lambda tag: lambda: (tag, bytes(3000))  # noqa: E731  (each entry is a little over 3000 bytes)
+    for i, tag in enumerate("abc"):
+        diskcache.cached("t", (tag,), payload(tag))
+        path = diskcache.entry_path("t", diskcache.entry_key((tag,)))
+        os.utime(path, (1000.0 + i, 1000.0 + i))  # a, then b, then c: distinct ages on any file system
+    assert diskcache.cached("t", ("a",), payload("recomputed"))[0] == "a"  # a hit: a is now the newest
+    monkeypatch.setenv("MOESIM_CACHE_MAX_BYTES", "7KiB")
+    diskcache.cached("t", ("d",), payload("d"))  # 4 entries of ~3 KiB over 7 KiB: b, then c (the oldest) go
+    left = {diskcache.load("t", diskcache.entry_key((tag,)))[0] for tag in "abcd"
+            if diskcache.load("t", diskcache.entry_key((tag,))) is not diskcache._MISS}
+    assert left == {"a", "d"}
+    assert sum(size for _, size, _ in diskcache.entries()) <= 7 * 1024
+
+
+def test_an_entry_over_the_bound_is_returned_but_not_kept(_fresh_cache, monkeypatch):
+    monkeypatch.setenv("MOESIM_CACHE_MAX_BYTES", "1000")
+    assert diskcache.cached("t", ("big",), lambda: bytes(5000)) == bytes(5000)
+    assert diskcache.entries() == []
+
+
+def test_a_bad_size_bound_is_a_one_line_error_naming_the_variable(_fresh_cache, monkeypatch):
+    from moesim.errors import MoesimError
+
+    monkeypatch.setenv("MOESIM_CACHE_MAX_BYTES", "lots")
+    with pytest.raises(MoesimError, match=r"\$MOESIM_CACHE_MAX_BYTES 'lots'"):
+        diskcache.cached("t", ("k",), lambda: 1)

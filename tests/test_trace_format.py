@@ -92,3 +92,14 @@ def test_bad_files_give_one_line_errors(tmp_path, rng):
     pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()}), tmp_path / "m.parquet")
     with pytest.raises(MoesimError, match="missing field 'expert_bytes'"):
         read_trace(tmp_path / "m.parquet")
+
+
+def test_an_unknown_phase_names_the_row_and_the_value(tmp_path, rng):
+    path = write_trace(tmp_path / "t.parquet", tiny_meta(), random_cells(rng))
+    table = pq.read_table(path)
+    phase = table.column("phase").cast(pa.string()).to_pylist()
+    phase[3] = "warmup"
+    table = table.set_column(table.schema.get_field_index("phase"), "phase", pa.array(phase, pa.string()))
+    pq.write_table(table, path)
+    with pytest.raises(MoesimError, match=r"row 3 column 'phase' is 'warmup', expected prefill or decode"):
+        read_trace(path)

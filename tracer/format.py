@@ -466,13 +466,17 @@ def read_trace(path: str | os.PathLike) -> Trace:
         elif got != expected:
             raise MoesimError(f"{path}: column '{col}' has type {got}, expected {expected}")
     k = meta.model.top_k
-    phase_str = table.column("phase").cast(pa.string()).to_numpy(zero_copy_only=False)
-    phase = np.full(len(phase_str), 255, dtype=np.uint8)
-    phase[phase_str == "prefill"] = PREFILL
-    phase[phase_str == "decode"] = DECODE
+    import pyarrow.compute as pc
+
+    # compared in Arrow, not as a numpy array of Python strings (about 60 bytes a row on a long trace)
+    phase_col = table.column("phase").cast(pa.string())
+    phase = np.full(len(phase_col), 255, dtype=np.uint8)
+    for name, code in (("prefill", PREFILL), ("decode", DECODE)):
+        phase[pc.equal(phase_col, name).fill_null(False).to_numpy(zero_copy_only=False)] = code
     if (phase == 255).any():
         bad = int(np.flatnonzero(phase == 255)[0])
-        raise MoesimError(f"{path}: row {bad} column 'phase' is '{phase_str[bad]}', expected prefill or decode")
+        raise MoesimError(f"{path}: row {bad} column 'phase' is '{phase_col[bad].as_py()}', expected prefill or "
+                          "decode")
     cells = TraceCells(
         request=table.column("request").to_numpy().astype(np.int32),
         phase=phase,
@@ -489,6 +493,10 @@ def read_trace(path: str | os.PathLike) -> Trace:
             cells.token_id = tok.fill_null(-1).to_numpy().astype(np.int32)
     if "recorded_hit" in names:
         cells.recorded_hit = _fixed_lists(table, "recorded_hit", k, bool, path, fill=False)
+    del table
+    # Arrow's allocator keeps the freed table's pages for reuse: hand them back (a long trace's table is
+    # larger than its numpy columns, and nothing here reads Parquet again soon)
+    pa.default_memory_pool().release_unused()
     _validate_cells(cells, meta, path)
     order = cells.execution_order()
     if not np.array_equal(order, np.arange(len(cells))):

@@ -1,0 +1,142 @@
+"""The exactness contract of the event-free copy path: for every preset, on every bundled trace (and a batched
+synthetic trace, and profiles where copies and compute contend or where every time is a round number, so
+simultaneous events are common), the clocked lanes give the SimResult of the engine with a SimPy event per
+copy (``exact_events=True``, kept for one release as the oracle): hit rates, bytes and decision counts
+identical, times within 1e-9 relative, and the same timeline."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import numpy as np
+import pytest
+
+from moesim.simulator.config import SimConfig
+from moesim.simulator.presets import PRESETS, get_preset
+from moesim.simulator.run import load_profile_cached, load_trace_cached, simulate
+from moesim.simulator.timeline import Timeline
+from moesim.tracer import DECODE, PREFILL, Trace
+from moesim.tracer.routing import read_routing
+from moesim.tracer.synth import synthetic_trace
+from moesim.traces import bundled_traces
+from test_sim_support import EXPERT_BYTES, round_profile, write_tiny_trace
+
+BUNDLED = ("qwen3-30b-a3b-bigmoeonedge", "gemma-4-26b-a4b-bigmoeonedge", "gpt-oss-120b-bigmoeonedge")
+DECODE_TOKENS = 32  # the head of each bundled trace: every preset's paths, in a test-suite budget
+REL = 1e-9
+
+
+def head(trace: Trace, decode_tokens: int) -> Trace:
+    """The prompt and the first ``decode_tokens`` decode tokens, as an in-memory trace (no path: the
+    compiled-workload disk cache must not serve the whole file's workload for it)."""
+    prompt_end = int(trace.position[trace.phase == PREFILL].max(initial=-1)) + 1
+    keep = np.flatnonzero(trace.position < prompt_end + decode_tokens)
+    return Trace(meta=trace.meta, cells=trace.cells.take(keep))
+
+
+@functools.lru_cache(maxsize=None)
+def bundled_head(name: str) -> Trace:
+    """One object per trace for the whole module, so per-trace memos (the predictor's output) are reused."""
+    paths = bundled_traces()
+    if name not in paths:
+        pytest.skip(f"bundled trace {name} not present")
+    return head(load_trace_cached(paths[name]), DECODE_TOKENS)
+
+
+def differences(old, new) -> list[str]:
+    """The fields where ``new`` breaks the contract against ``old``."""
+    out = []
+    for f in dataclasses.fields(old):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if a == b:
+            continue
+        pairs = list(zip(a, b)) if isinstance(a, tuple) and len(a) == len(b) else [(a, b)]
+        if all(isinstance(x, float) and isinstance(y, float)
+               and ((math.isnan(x) and math.isnan(y)) or abs(x - y) <= REL * max(abs(x), abs(y)))
+               for x, y in pairs):
+            continue
+        out.append(f"{f.name}: events {a!r} != clocked {b!r}")
+    return out
+
+
+def assert_same(trace, profile, config: SimConfig) -> None:
+    tl_old, tl_new = Timeline(), Timeline()
+    old = simulate(trace, profile, config, timeline=tl_old, exact_events=True)
+    new = simulate(trace, profile, config, timeline=tl_new)
+    assert differences(old, new) == [], config.policy.name
+    assert [e[:2] for e in tl_old.events] == [e[:2] for e in tl_new.events]
+    times_old = np.array([e[2:] for e in tl_old.events], dtype=float).reshape(-1, 2)
+    times_new = np.array([e[2:] for e in tl_new.events], dtype=float).reshape(-1, 2)
+    np.testing.assert_allclose(times_new, times_old, rtol=REL, atol=0)
+
+
+@pytest.mark.parametrize("trace_name", BUNDLED)
+@pytest.mark.parametrize("preset", PRESETS.names())
+def test_clocked_lanes_equal_the_event_engine_on_every_preset_and_bundled_trace(trace_name, preset):
+    trace = bundled_head(trace_name)
+    for cache_experts in (2, 6):
+        assert_same(trace, load_profile_cached("rtx-3060"), SimConfig(get_preset(preset), cache_experts=cache_experts))
+
+
+@pytest.mark.parametrize("preset", PRESETS.names())
+def test_clocked_lanes_equal_the_event_engine_where_events_tie_or_contend(preset):
+    # round numbers: copies and experts end at the same instants, so the order of simultaneous events decides
+    # which queued copy a lane serves next; cpu-calibrated: copies and compute stretch each other
+    trace = bundled_head("gpt-oss-120b-bigmoeonedge")
+    for profile in (round_profile(), load_profile_cached("cpu-calibrated")):
+        for cache_experts in (1, 4):
+            config = SimConfig(get_preset(preset), cache_experts=cache_experts, gpu_mem_bytes=1 << 40)
+            assert_same(trace, profile, config)
+
+
+@pytest.mark.parametrize("preset", ["lru", "adapmoe", "fiddler", "hybrimoe", "moe-infinity", "mixtral-offloading"])
+def test_clocked_lanes_equal_the_event_engine_on_batched_requests(preset):
+    routing = read_routing("mixtral-8x7b-published")
+    trace = synthetic_trace(routing, np.full(6, 5), np.array([12, 9, 12, 4, 7, 12]), seed=3)
+    assert int((trace.phase == DECODE).sum()) > 0
+    for batch in (1, 3):
+        config = SimConfig(get_preset(preset), cache_experts=3, gpu_mem_bytes=1 << 40, batch=batch)
+        assert_same(trace, load_profile_cached("rtx-4090"), config)
+        assert_same(trace, round_profile(), config)
+
+
+def dyadic_profile():
+    """Every duration a power of two (a copy, an expert, a CPU expert, a layer's attention): sums are exact in
+    floating point, so lanes and the compute stream keep finishing at the same instants."""
+    return round_profile(h2d_bytes_per_s=EXPERT_BYTES * 1024.0, d2h_bytes_per_s=EXPERT_BYTES * 2048.0,
+                         expert_s=2.0 ** -10, cpu_expert_s=2.0 ** -9, non_expert_s=2.0 ** -11, pageable_factor=2.0)
+
+
+@pytest.mark.parametrize("preset", PRESETS.names())
+def test_clocked_lanes_keep_simpys_order_of_simultaneous_events(preset, tmp_path):
+    rng = np.random.default_rng(11)
+    profile = dyadic_profile()
+    for seed in range(6):
+        tokens = [[sorted(rng.choice(4, size=2, replace=False).tolist()) for _ in range(3)] for _ in range(14)]
+        guesses = [[rng.choice(4, size=2, replace=False).tolist() for _ in range(3)] for _ in range(14)]
+        path = write_tiny_trace(tmp_path / f"t{seed}.parquet", tokens, prompt=2, top_k=2, guesses=guesses,
+                                requests=2)
+        trace = load_trace_cached(path)
+        for cache_experts in (1, 2, 3):
+            for batch in (1, 2):
+                config = SimConfig(get_preset(preset), cache_experts=cache_experts, gpu_mem_bytes=1 << 40,
+                                   batch=batch)
+                assert_same(trace, profile, config)
+
+
+def test_simulate_engine_events_writes_the_same_json_and_timeline(tmp_path):
+    from click.testing import CliRunner
+
+    from moesim.cli import cli
+
+    out = {}
+    for engine in ("clocked", "events"):
+        js, tl = tmp_path / f"{engine}.json", tmp_path / f"{engine}.tl.json"
+        res = CliRunner().invoke(cli, ["simulate", "--trace", "gpt-oss-120b-bigmoeonedge", "--policy", "hybrimoe",
+                                       "--cache-experts", "4", "--profile", "rtx-3060", "--engine", engine,
+                                       "--json", str(js), "--timeline", str(tl)], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        out[engine] = (js.read_text(), tl.read_text())
+    assert out["clocked"] == out["events"]
