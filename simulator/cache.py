@@ -141,7 +141,6 @@ class ExpertCache:
         misses: list[int] = []
         evicted: list[tuple[int, int]] = []
         bypassed: list[int] = []
-        last = len(experts) - 1
         for i, e in enumerate(experts):
             key = base + e
             if key in resident:
@@ -150,7 +149,8 @@ class ExpertCache:
             else:
                 misses.append(e)
                 # the experts still to be used in this step are protected; the last miss protects none
-                later = {base + x for x in experts[i + 1:]} if i < last else _NONE_LATER
+                rest = experts[i + 1:]
+                later = {base + x for x in rest} if rest else _NONE_LATER
                 if not self._admit_key(key, layer, clock, later, evicted, used=True):
                     bypassed.append(e)
         return CacheAccess(hits, misses, evicted, bypassed)
