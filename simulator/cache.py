@@ -35,6 +35,7 @@ from moesim.simulator.policies import Registry
 SCOPES = ("layer", "global")
 UNITS = ("experts", "bytes")
 NEVER = 1 << 62  # "next use" of an expert that is not used again
+_NONE_LATER: frozenset[int] = frozenset()  # what the last routed expert of an access protects
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,9 @@ class ExpertCache:
                 touch(key, clock)
             else:
                 misses.append(e)
-                later = {base + x for x in experts[i + 1:]}  # still to be used in this step: protected
+                # the experts still to be used in this step are protected; the last miss protects none
+                rest = experts[i + 1:]
+                later = {base + x for x in rest} if rest else _NONE_LATER
                 if not self._admit_key(key, layer, clock, later, evicted, used=True):
                     bypassed.append(e)
         return CacheAccess(hits, misses, evicted, bypassed)
@@ -195,25 +198,29 @@ class ExpertCache:
         limit = self._limit[pool]
         if cost > limit:
             return False
-        if self._used[pool] + cost > limit and self._bypass(key, pool, clock, protect):
-            return False
-        E = self.E
-        while self._used[pool] + cost > limit:
-            victim = self._victim(pool, protect, clock)
-            if victim is None:
+        in_use = self._used  # the list itself: _evict_key lowers its entries while this loop reads them
+        if in_use[pool] + cost > limit:
+            if self._bypass(key, pool, clock, protect):
                 return False
-            self._evict_key(victim)
-            evicted.append((victim // E, victim % E))
+            E = self.E
+            victim_of, evict = self._victim, self._evict_key
+            while in_use[pool] + cost > limit:
+                victim = victim_of(pool, protect, clock)
+                if victim is None:
+                    return False
+                evict(victim)
+                evicted.append((victim // E, victim % E))
         self._resident.add(key)
-        self._used[pool] += cost
+        in_use[pool] += cost
         self._on_admit(key, pool, clock, used)
         return True
 
     def _evict_key(self, key: int) -> None:
         layer = key // self.E
+        pool = self._pool_of_layer[layer]
         self._resident.discard(key)
-        self._used[self._pool_of_layer[layer]] -= self._cost_of_layer[layer]
-        self._on_remove(key, self._pool_of_layer[layer])
+        self._used[pool] -= self._cost_of_layer[layer]
+        self._on_remove(key, pool)
         self.evictions += 1
 
     # ---- eviction rule (subclasses)

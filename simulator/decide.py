@@ -169,6 +169,22 @@ class LayerPlan:
     prefetches: Sequence[tuple[int, int]] = ()  # the prefetcher's guesses, (layer, expert) best first
 
 
+def _split_by_flag(experts: tuple, tokens: tuple, cpu_flags: Sequence[bool]) -> tuple[tuple, tuple, tuple, tuple]:
+    """(device experts, their tokens, CPU experts, their tokens), each in routing order: one pass, no generators."""
+    gpu_e: list = []
+    gpu_t: list = []
+    cpu_e: list = []
+    cpu_t: list = []
+    for e, t, on_cpu in zip(experts, tokens, cpu_flags):
+        if on_cpu:
+            cpu_e.append(e)
+            cpu_t.append(t)
+        else:
+            gpu_e.append(e)
+            gpu_t.append(t)
+    return tuple(gpu_e), tuple(gpu_t), tuple(cpu_e), tuple(cpu_t)
+
+
 class DecisionCore:
     """The decision state of one run: the policy objects, the copies in flight and the counters.
 
@@ -206,22 +222,20 @@ class DecisionCore:
         cache = self.cache
         counters = self.counters
         E = self.E
+        phase = step.phase
         clock = step.index * self.L + layer
         experts = work.experts
         tokens = work.tokens
         if self._observe_scores:
             cache.observe(layer, experts, work.weights)
         place = self._place
-        cpu_flags = place(layer, step.phase, experts, tokens, cache.contains) if place is not None else None
+        cpu_flags = place(layer, phase, experts, tokens, cache.contains) if place is not None else None
         if cpu_flags is None:
             gpu_e, gpu_t = experts, tokens
             cpu_e: tuple = ()
             cpu_t: tuple = ()
         else:
-            gpu_e = tuple(e for e, c in zip(experts, cpu_flags) if not c)
-            gpu_t = tuple(t for t, c in zip(tokens, cpu_flags) if not c)
-            cpu_e = tuple(e for e, c in zip(experts, cpu_flags) if c)
-            cpu_t = tuple(t for t, c in zip(tokens, cpu_flags) if c)
+            gpu_e, gpu_t, cpu_e, cpu_t = _split_by_flag(experts, tokens, cpu_flags)
         acc = self._access(layer, gpu_e, clock)
         base = layer * E
         served = 0
@@ -261,7 +275,7 @@ class DecisionCore:
                 # a hit whose prefetch is still landing, evicted by this layer's own misses (fewer slots
                 # than experts): it is computed first, but only once its copy is in
                 waits[k2] = job
-        if step.phase == DECODE:
+        if phase == DECODE:
             counters.decode_accesses[layer] += len(experts)
             counters.decode_hits[layer] += len(acc.hits) + (len(misses) - len(loads))
             if cpu_e:
@@ -273,9 +287,9 @@ class DecisionCore:
         else:
             counters.prefill_accesses += len(experts)
             counters.prefill_hits += len(acc.hits) + (len(misses) - len(loads))
-        if step.phase in self._prefetch_phases:
+        if phase in self._prefetch_phases:
             ctx = self.ctx
-            ctx.layer, ctx.phase, ctx.step, ctx.work = layer, step.phase, step, work
+            ctx.layer, ctx.phase, ctx.step, ctx.work = layer, phase, step, work
             prefetches = self.prefetcher.predict(ctx)
         else:
             prefetches = ()

@@ -196,11 +196,16 @@ class Simulation:
         costs = self.costs
         n = len(tokens)
         nbytes = sum(tokens) * self.hidden_size * 2
-        ffn = sum(costs.cpu_expert[t] for t in tokens)
-        up = (self.h2d, sum(costs.act_h2d[t] for t in tokens), sum(costs.act_h2d_conc[t] for t in tokens), nbytes,
-              f"outputs L{layer} x{n}")
-        job = self.d2h.submit(sum(costs.act_d2h[t] for t in tokens), nbytes, f"activations L{layer} x{n}",
-                              concurrent_duration=sum(costs.act_d2h_conc[t] for t in tokens),
+        if n == 1:  # the common case: one CPU expert, whose costs are the table's entries (a sum of one is exact)
+            t = tokens[0]
+            ffn, up_s, up_conc = costs.cpu_expert[t], costs.act_h2d[t], costs.act_h2d_conc[t]
+            down_s, down_conc = costs.act_d2h[t], costs.act_d2h_conc[t]
+        else:
+            ffn = sum(costs.cpu_expert[t] for t in tokens)
+            up_s, up_conc = sum(costs.act_h2d[t] for t in tokens), sum(costs.act_h2d_conc[t] for t in tokens)
+            down_s, down_conc = sum(costs.act_d2h[t] for t in tokens), sum(costs.act_d2h_conc[t] for t in tokens)
+        up = (self.h2d, up_s, up_conc, nbytes, f"outputs L{layer} x{n}")
+        job = self.d2h.submit(down_s, nbytes, f"activations L{layer} x{n}", concurrent_duration=down_conc,
                               then=((self.cpu, ffn, ffn, 0, f"cpu experts L{layer} x{n}"), up))
         return job
 

@@ -143,18 +143,22 @@ class StepStore:
         eo, go, ro = (self.expert_offsets[lo:hi + 1].tolist(), self.guess_offsets[lo:hi + 1].tolist(),
                       self.row_offsets[lo:hi + 1].tolist())
         e0, g0, r0 = eo[0], go[0], ro[0]
-        experts = self.experts[e0:eo[-1]].tolist()
-        tokens = self.expert_tokens[e0:eo[-1]].tolist()
-        weights = self.weights[e0:eo[-1]].tolist()
-        guess = self.guess[g0:go[-1]].tolist()
-        rows = self.rows[r0:ro[-1]].tolist()
+        # one tuple per field for the whole step: a tuple's slice is the layer's tuple, no list in between
+        experts = tuple(self.experts[e0:eo[-1]].tolist())
+        tokens = tuple(self.expert_tokens[e0:eo[-1]].tolist())
+        weights = tuple(self.weights[e0:eo[-1]].tolist())
+        guess = tuple(self.guess[g0:go[-1]].tolist())
+        rows = tuple(self.rows[r0:ro[-1]].tolist())
         predictions = self.annotations.predictions if self.phase[i] == DECODE else None
-        for j, layer in enumerate(self.layer[lo:hi].tolist()):
-            a, b = eo[j] - e0, eo[j + 1] - e0
-            work_rows = tuple(rows[ro[j] - r0:ro[j + 1] - r0])
-            out[layer] = LayerWork(tuple(experts[a:b]), tuple(tokens[a:b]), tuple(weights[a:b]),
-                                   tuple(guess[go[j] - g0:go[j + 1] - g0]), work_rows,
+        a = eo[0] - e0
+        g = go[0] - g0
+        r = ro[0] - r0
+        for layer, b, h, s in zip(self.layer[lo:hi].tolist(), eo[1:], go[1:], ro[1:]):
+            b, h, s = b - e0, h - g0, s - r0
+            work_rows = rows[r:s]
+            out[layer] = LayerWork(experts[a:b], tokens[a:b], weights[a:b], guess[g:h], work_rows,
                                    () if predictions is None else union_by_rank(predictions, work_rows))
+            a, g, r = b, h, s
         return out
 
     @property
