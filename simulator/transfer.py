@@ -95,21 +95,13 @@ class Job(QueuedJob):
         return self.done.triggered
 
 
-class Lane:
-    """A FIFO server (copy engine or CPU pool) running as its own SimPy process.
+class _LaneState:
+    """What both lane kinds keep: the demand-first queue, the counters a run reports, and the contention rule
+    (work on another resource stretches the job in service)."""
 
-    A job may carry further stages on other lanes (``then``): each is queued on its lane when the previous
-    one is served, and the job's ``done`` fires after the last, so a CPU expert's activations-down, FFN
-    and outputs-up run in order without a process of their own.
-    """
-
-    def __init__(self, env: simpy.Environment, name: str,
-                 record: Optional[Callable[[str, str, float, float], None]] = None):
-        self.env = env
+    def __init__(self, name: str, record: Optional[Callable[[str, str, float, float], None]]):
         self.name = name
-        self.peer: Optional[Lane] = None  # the other copy direction, for contention
         self._queue = DemandFirstQueue()
-        self._wake: Optional[simpy.Event] = None
         self._record = record
         self._seq = 0
         self.busy_s = 0.0
@@ -120,22 +112,8 @@ class Lane:
         self.contended_by: Optional[Callable[[], float]] = None  # returns that resource's busy-until time
         self.slowdown = 1.0
         self._extra = 0.0  # time added to the job in service by work that started beside it
-        env.process(self._serve())
 
-    def submit(self, duration: float, nbytes: int = 0, label: str = "", background: bool = False,
-               concurrent_duration: Optional[float] = None, then: tuple = (),
-               done: Optional[simpy.Event] = None) -> Job:
-        self._seq += 1
-        job = Job(self.env.event() if done is None else done, duration,
-                  duration if concurrent_duration is None else concurrent_duration, nbytes, label, self._seq,
-                  background, then)
-        self._queue.push(job)
-        wake = self._wake
-        if wake is not None and not wake.triggered:
-            wake.succeed()
-        return job
-
-    def promote(self, job: Job) -> None:
+    def promote(self, job: QueuedJob) -> None:
         """A queued background job becomes demand (someone now waits on it)."""
         self._queue.promote(job)
 
@@ -155,6 +133,36 @@ class Lane:
         self.jobs += 1
         if self._record is not None:
             self._record(self.name, label, start, duration)
+
+
+class Lane(_LaneState):
+    """A FIFO server (copy engine or CPU pool) running as its own SimPy process.
+
+    A job may carry further stages on other lanes (``then``): each is queued on its lane when the previous
+    one is served, and the job's ``done`` fires after the last, so a CPU expert's activations-down, FFN
+    and outputs-up run in order without a process of their own.
+    """
+
+    def __init__(self, env: simpy.Environment, name: str,
+                 record: Optional[Callable[[str, str, float, float], None]] = None):
+        super().__init__(name, record)
+        self.env = env
+        self.peer: Optional[Lane] = None  # the other copy direction, for contention
+        self._wake: Optional[simpy.Event] = None
+        env.process(self._serve())
+
+    def submit(self, duration: float, nbytes: int = 0, label: str = "", background: bool = False,
+               concurrent_duration: Optional[float] = None, then: tuple = (),
+               done: Optional[simpy.Event] = None) -> Job:
+        self._seq += 1
+        job = Job(self.env.event() if done is None else done, duration,
+                  duration if concurrent_duration is None else concurrent_duration, nbytes, label, self._seq,
+                  background, then)
+        self._queue.push(job)
+        wake = self._wake
+        if wake is not None and not wake.triggered:
+            wake.succeed()
+        return job
 
     def _serve(self):
         env = self.env
@@ -290,25 +298,15 @@ class LaneClock:
         return max([self.now] + [lane.last_event for lane in self.lanes])
 
 
-class ClockedLane:
+class ClockedLane(_LaneState):
     """A FIFO server (copy engine or CPU pool) with the rules of :class:`Lane`, computed without SimPy: one
     pending event at most (a wake-up or the end of the job in service), fired by :class:`LaneClock`."""
 
     def __init__(self, clock: LaneClock, name: str, record: Optional[Callable[[str, str, float, float], None]] = None):
+        super().__init__(name, record)
         self.clock = clock
         self._joined = False  # in clock.lanes, from the first job on
-        self.name = name
         self.peer: Optional[ClockedLane] = None
-        self._queue = DemandFirstQueue()
-        self._record = record
-        self._seq = 0
-        self.busy_s = 0.0
-        self.bytes = 0
-        self.jobs = 0
-        self.busy_until = 0.0
-        self.contended_by: Optional[Callable[[], float]] = None
-        self.slowdown = 1.0
-        self._extra = 0.0
         self.state = _IDLE
         self.event_at = 0.0
         self.event_order = 0
@@ -334,23 +332,6 @@ class ClockedLane:
             clock.order += 1
             self.event_order = clock.order
         return job
-
-    def promote(self, job: ClockedJob) -> None:
-        self._queue.promote(job)
-
-    def slow_down_current(self, now: float, until: float) -> None:
-        overlap = min(self.busy_until, until) - now
-        if overlap > 0.0 and self.slowdown != 1.0:
-            extra = overlap * (1.0 - 1.0 / self.slowdown)
-            self._extra += extra
-            self.busy_until += extra
-
-    def account(self, start: float, duration: float, nbytes: int, label: str) -> None:
-        self.busy_s += duration
-        self.bytes += nbytes
-        self.jobs += 1
-        if self._record is not None:
-            self._record(self.name, label, start, duration)
 
     def fire(self) -> None:
         """Process this lane's pending event (the clock calls it in SimPy's order)."""
