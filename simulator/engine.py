@@ -264,11 +264,21 @@ class Simulation:
         self.stats.hit_records.append((plan.work.rows, frozenset(got)))
 
     # ------------------------------------------------------------------------------------------
+    def _stall_for(self, job, pending: float):
+        """The stream runs its pending work, then waits for ``job`` if it has still not landed: a stall."""
+        if pending > 0.0:
+            yield self._sleep(pending)
+        if not job.landed():
+            clock = self._time
+            t0 = clock.now
+            self.stats.waits += 1
+            yield self._wait(job)
+            self.stats.stall_s += clock.now - t0
+
     def _forward(self, step: ForwardStep):
         """One forward pass on the compute stream: the decision core decides each MoE layer, this driver
         turns the decisions into modelled time, sleeping only where another process matters."""
-        clock = self._time
-        sleep, wait = self._sleep, self._wait
+        sleep = self._sleep
         costs = self.costs
         core = self.core
         stats = self.stats
@@ -342,28 +352,16 @@ class Simulation:
                     segs.append(("gpu", f"expert L{layer} E{e}", c))
             for _, e, t, job in landing_order():
                 if not job.landed():
-                    if pending > 0.0:
-                        yield sleep(pending)
-                        pending = 0.0
-                    if not job.landed():
-                        t0 = clock.now
-                        stats.waits += 1
-                        yield wait(job)
-                        stats.stall_s += clock.now - t0
+                    yield from self._stall_for(job, pending)
+                    pending = 0.0
                 c = gpu[t]
                 pending += c
                 busy += c
                 if tl:
                     segs.append(("gpu", f"expert L{layer} E{e}", c))
             if cpu_task is not None and not cpu_task.landed():
-                if pending > 0.0:
-                    yield sleep(pending)
-                    pending = 0.0
-                if not cpu_task.landed():
-                    t0 = clock.now
-                    stats.waits += 1
-                    yield wait(cpu_task)
-                    stats.stall_s += clock.now - t0
+                yield from self._stall_for(cpu_task, pending)
+                pending = 0.0
         stats.gpu_busy_s = busy
         if pending > 0.0:
             yield sleep(pending)
