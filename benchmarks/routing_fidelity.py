@@ -1,7 +1,7 @@
 """Routing synthesizer: held-out fidelity on real traces, the Mixtral model against published statistics,
 synthesis speed and determinism, and bad-input handling (issue #12). Prints every figure.
 
-    python benchmarks/routing_fidelity.py [--gsm8k-trace out/demo-gsm8k.parquet] [--seeds 3]
+    python benchmarks/routing_fidelity.py [--gsm8k-trace T.parquet] [--seeds 3] [--only heldout|mixtral|speed|bad]
 
 Held-out fidelity: each bundled BigMoeOnEdge trace is split by decode position (fit on the prefill and the
 first half of decode; the second half is held out); a trace of the demo model on GSM8K prompts is split by
@@ -11,6 +11,14 @@ synthetic request has the whole request's shape (prompt, all decode steps) and t
 are compared, since the real held-out half continues a request that had a prompt and a first half.
 Figures are means over --seeds synthetic seeds. The same comparison is made for two naive baselines fitted
 to the same part: uniform random routing, and per-layer popularity only.
+
+A last row, "real fit part", compares no model at all: the real fitting part itself (its decode half of the
+same length, or its requests) against the held-out part. It is what a model that reproduced the fitting
+part exactly would score, so where it misses a bar, the held-out part differs from the fitting part by
+more than the bar and no model fitted on the fitting part alone can be expected to meet it.
+
+The demo-model trace (--gsm8k-trace, default benchmarks/data/demo-gsm8k.parquet) holds 64 GSM8K test
+prompts, 47 decode steps each (see benchmarks/data/README.md for how it was recorded).
 """
 
 from __future__ import annotations
@@ -31,7 +39,18 @@ BASELINES = (("full model", ()), ("popularity only", ("locality", "drift", "cros
              ("uniform random", ("popularity", "locality", "drift", "cross-layer")))
 
 
-def heldout(name: str, train, test_select, prompt_lens, output_lens, seeds: int):
+def _row(label: str, g: dict, extra: str = "") -> None:
+    met = {"LRU/layer": g["lru_layer"] <= 0.03, "LRU global": g["lru_global"] <= 0.03,
+           "Belady": g["belady"] <= 0.05, "reuse": g["reuse"] <= 0.03, "entropy": g["entropy_max"] <= 0.02}
+    print(f"  {label:<16} {g['lru_layer'] * 100:>8.1f}p {g['lru_global'] * 100:>8.1f}p "
+          f"{g['belady'] * 100:>6.1f}p {g['reuse'] * 100:>5.1f}p {g['entropy_max']:>6.3f} "
+          f"{g['entropy_mean']:>7.3f}  {', '.join(k for k, v in met.items() if v) or 'none'}{extra}")
+
+
+GAP_FIELDS = ("lru_layer", "lru_global", "belady", "reuse", "entropy_max", "entropy_mean")
+
+
+def heldout(name: str, train, test_select, prompt_lens, output_lens, seeds: int, fit_part=None):
     from moesim.tracer.compare import caching_stats, format_side_by_side, gaps
     from moesim.tracer.routing_fit import fit_routing
     from moesim.tracer.synth import synthetic_trace
@@ -57,14 +76,10 @@ def heldout(name: str, train, test_select, prompt_lens, output_lens, seeds: int)
         if not disabled and len(entropies) > 1:
             # two seeds of one model differ this much: the sampling noise of a per-layer entropy of this size
             noise = np.mean([np.abs(a - b).max() for a, b in zip(entropies[:-1], entropies[1:])])
-        mean = {f: float(np.mean([getattr(g, f) for g in rows])) for f in
-                ("lru_layer", "lru_global", "belady", "reuse", "entropy_max", "entropy_mean")}
-        met = {"LRU/layer": mean["lru_layer"] <= 0.03, "LRU global": mean["lru_global"] <= 0.03,
-               "Belady": mean["belady"] <= 0.05, "reuse": mean["reuse"] <= 0.03, "entropy": mean["entropy_max"] <= 0.02}
-        print(f"  {label:<16} {mean['lru_layer'] * 100:>8.1f}p {mean['lru_global'] * 100:>8.1f}p "
-              f"{mean['belady'] * 100:>6.1f}p {mean['reuse'] * 100:>5.1f}p {mean['entropy_max']:>6.3f} "
-              f"{mean['entropy_mean']:>7.3f}  {', '.join(k for k, v in met.items() if v) or 'none'}"
-              f"   (fit {fit_s:.0f} s)")
+        _row(label, {f: float(np.mean([getattr(g, f) for g in rows])) for f in GAP_FIELDS}, f"   (fit {fit_s:.0f} s)")
+    if fit_part is not None:
+        own = gaps(real, caching_stats(fit_part, "real fit part", with_next_layer=False))
+        _row("real fit part", {f: getattr(own, f) for f in GAP_FIELDS}, "   (no model: the bars' floor)")
     print("  (largest |synthetic - real| over capacities / lags / layers, mean of the seeds; H = normalized "
           "entropy per layer)")
     if noise is not None:
@@ -89,8 +104,10 @@ def bigmoe_heldout(seeds: int) -> None:
             t = tr if t is None else t
             return t.select((t.phase == DECODE) & (t.position >= mid))
 
+        held = int(dec.max()) + 1 - mid  # the fitting part's last decode positions, as many as are held out
+        fit_part = tr.select((tr.phase == DECODE) & (tr.position < mid) & (tr.position >= mid - held))
         heldout(f"{name}, decode positions >= {mid} held out", train, select, phase_shape(tr.cells, 0),
-                phase_shape(tr.cells, 1), seeds)
+                phase_shape(tr.cells, 1), seeds, fit_part=fit_part)
 
 
 def gsm8k_heldout(path: Path, seeds: int) -> None:
@@ -100,7 +117,7 @@ def gsm8k_heldout(path: Path, seeds: int) -> None:
     if not path.is_file():
         print(f"\n== demo model on GSM8K: {path} not found; make it with\n"
               f"   moesim demo-model --out out/demo && moesim trace --prompts ../shared/data/gsm8k/test.jsonl "
-              f"--model out/demo --limit 16 --max-new-tokens 64 --ignore-eos --out {path}")
+              f"--model out/demo --limit 64 --max-new-tokens 48 --ignore-eos --device cpu --out {path}")
         return
     tr = read_trace(path)
     reqs = np.unique(tr.request)
@@ -112,7 +129,7 @@ def gsm8k_heldout(path: Path, seeds: int) -> None:
         return test if t is None else t
 
     heldout(f"demo model on GSM8K ({path.name}): requests {reqs.size // 2}..{reqs.size - 1} held out", train,
-            select, phase_shape(test.cells, 0), phase_shape(test.cells, 1), seeds)
+            select, phase_shape(test.cells, 0), phase_shape(test.cells, 1), seeds, fit_part=train)
 
 
 def mixtral() -> None:
@@ -224,7 +241,8 @@ def bad_inputs() -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gsm8k-trace", default=str(REPO / "out" / "demo-gsm8k.parquet"))
+    ap.add_argument("--gsm8k-trace", default=str(REPO / "benchmarks" / "data" / "demo-gsm8k.parquet"),
+                    help="a trace of the demo model on GSM8K prompts, split by request")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--only", choices=("heldout", "mixtral", "speed", "bad"), default=None)
     args = ap.parse_args()

@@ -213,7 +213,7 @@ def gaps(a: CachingStats, b: CachingStats) -> Gaps:
     return Gaps(
         lru_layer=float(np.abs(a.lru_layer[1:] - b.lru_layer[1:]).max()),
         lru_global=float(np.abs(a.lru_global[1:] - b.lru_global[1:]).max()),
-        belady=max(abs(a.belady[c] - b.belady[c]) for c in a.belady if c in b.belady),
+        belady=max((abs(a.belady[c] - b.belady[c]) for c in a.belady if c in b.belady), default=0.0),
         reuse=max(abs(a.reuse[j] - b.reuse[j]) for j in a.reuse if j in b.reuse),
         entropy_max=float(np.abs(a.entropy - b.entropy).max()),
         entropy_mean=float(abs(a.entropy.mean() - b.entropy.mean())),
