@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import random_cells, tiny_meta, tiny_shape
 from moesim.cli import cli
 from moesim.errors import MoesimError
-from moesim.tracer import DECODE, Trace, read_trace
+from moesim.tracer import DECODE, PREFILL, Trace, TraceCells, read_trace
 from moesim.tracer.compare import (
     belady_hits,
     caching_stats,
@@ -304,6 +304,11 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path):
 
     base = ["--prompt-len", "2", "--output-len", "3", "--out", str(out)]
     one_line(run("synth", "--routing", str(tmp_path / "v1.json"), "--requests", "1", *base), "version 1")
+    (tmp_path / "v2.json").write_text(json.dumps(dict(d, version=2)))
+    one_line(run("synth", "--routing", str(tmp_path / "v2.json"), "--requests", "1", *base), "version 2")
+    bad_carry = dict(d, phases=dict(d["phases"], decode=dict(d["phases"]["decode"], carry=1.5)))
+    (tmp_path / "carry.json").write_text(json.dumps(bad_carry))
+    one_line(run("synth", "--routing", str(tmp_path / "carry.json"), "--requests", "1", *base), "'carry'")
     one_line(run("synth", "--routing", str(path), "--requests", "0", *base), "--requests 0")
     one_line(run("synth", "--routing", str(path), "--requests", "1", "--model-config", "mixtral-8x7b", *base),
              "8 experts")
@@ -317,11 +322,66 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path):
     one_line(run("synth", "--routing", str(tmp_path / "e16.json"), "--requests", "1", *base), "expected")
     with pytest.raises(MoesimError, match="not valid JSON"):
         routing_from_json("{", "x.json")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["e16.json", "good.json", "v1.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["carry.json", "e16.json", "good.json", "v1.json", "v2.json"]
 
 
 def test_synthetic_meta_says_what_it_is_from():
     m = known_model()
     meta = synthetic_meta(m, routing_path="r.json", routing_sha256="ab" * 32, details={"seed": 1})
-    assert meta.source.kind == "synthetic" and meta.source.format == "moesim-routing-v2"
+    assert meta.source.kind == "synthetic" and meta.source.format == "moesim-routing-v3"
     assert meta.created == m.created
+
+
+def _prompt_unlike_output(seed: int, requests=24, prompt=24, output=24) -> Trace:
+    """Prefill routed uniformly; decode on experts 6 and 7 with 90% chance, repeating the previous decode
+    token's cell with 70% (as the demo model routes GSM8K: its output on two experts per layer, its prompt
+    spread over all)."""
+    rng = np.random.default_rng(seed)
+    rows, experts = [], []
+    for r in range(requests):
+        prev = None
+        for pos in range(prompt + output):
+            phase = PREFILL if pos < prompt else DECODE
+            for layer in range(L):
+                if phase == PREFILL:
+                    cell = rng.choice(E, size=K, replace=False)
+                elif prev is not None and rng.random() < 0.7:
+                    cell = prev[layer]
+                else:
+                    hot = rng.random() < 0.9
+                    cell = np.array([6, 7]) if hot else rng.choice(6, size=K, replace=False)
+                rows.append((r, phase, pos, layer))
+                experts.append(cell)
+            if phase == DECODE:
+                prev = experts[-L:]
+    arr = np.array(rows)
+    ex = np.array(experts, dtype=np.int16)
+    w = np.tile(np.array([0.6, 0.4], dtype=np.float32), (len(arr), 1))
+    cells = TraceCells(request=arr[:, 0].astype(np.int32), phase=arr[:, 1].astype(np.uint8),
+                       position=arr[:, 2].astype(np.int32), layer=arr[:, 3].astype(np.int16), experts=ex, weights=w)
+    return Trace(meta=tiny_meta(tiny_shape(num_layers=L, num_experts=E, top_k=K)), cells=cells)
+
+
+def test_phase_boundary_keeps_a_prompt_unlike_the_output_out_of_decode():
+    real = _prompt_unlike_output(seed=3)
+    model = fit_routing_cells(real.cells, real.meta, "boundary")
+    syn = synth_trace(model, requests=24, prompt=24, output=24, seed=5)
+    a, b = caching_stats(real, "real"), caching_stats(syn, "synthetic")
+    # without it, copies of prompt tokens and the prompt's urn counts spread decode over the prompt's experts
+    assert abs(a.entropy.mean() - b.entropy.mean()) < 0.12, (a.entropy, b.entropy)
+    assert abs(a.reuse[1] - b.reuse[1]) < 0.12, (a.reuse, b.reuse)
+    # decode tokens reuse the prompt's last tokens far less than their own: the boundary is fitted shut
+    assert model.decode.carry < 0.3
+    # switched off, it routes as version 2 did: the decode entropy is far off
+    off = caching_stats(synth_trace(model, requests=24, prompt=24, output=24, seed=5,
+                                    disabled=("phase-boundary",)), "off")
+    assert off.entropy.mean() - a.entropy.mean() > 0.25
+
+
+def test_a_kept_boundary_draws_nothing_extra():
+    """carry = 1 consumes no random numbers, so a model fitted without a boundary synthesizes as before."""
+    m = known_model(drift=np.full(L, 3.0))
+    half = dataclasses.replace(m, decode=dataclasses.replace(m.decode, carry=1.0))
+    off = synthesize(m, np.array([3, 2]), np.array([5, 6]), seed=9, disabled=("phase-boundary",))
+    on = synthesize(half, np.array([3, 2]), np.array([5, 6]), seed=9)
+    assert np.array_equal(on.cells.experts, off.cells.experts)

@@ -24,6 +24,12 @@ One :class:`PhaseModel` per phase (prefill, decode) holds, for every MoE layer:
   ``source[d-1]`` times the fidelity on top of what popularity and drift give, so reuse at every lag (a
   lag-2 rhythm as much as a lag-1 one), the time between reuses and with it the per-layer and the global
   LRU curve all follow from the same few numbers.
+- **phase boundary** (``carry``): how much of the prompt a decode token routes like. A decode token's source
+  that lies in the prompt is kept with probability ``carry`` (else the cell draws fresh), and the urn enters
+  decode with ``carry`` times its prompt counts. A model whose output routes like its prompt has ``carry``
+  near 1; one whose decode routing differs from its prefill routing (the demo model: 90% of decode on two
+  experts per layer, prefill spread) near 0, else copies and urn counts of prompt tokens would spread decode
+  over the prompt's experts. The first phase of a request has nothing to carry.
 - **routing weights** (``weights``): the sum of a cell's k weights ~ Normal(mean, std) (clipped > 0),
   and their shares ~ Dirichlet(alpha) sorted high to low, by rank.
 
@@ -50,8 +56,8 @@ from moesim.errors import MoesimError
 from moesim.modelspec import ModelShape
 
 ROUTING_SCHEMA = "moesim.routing"
-ROUTING_VERSION = 2
-PARTS = ("popularity", "drift", "locality", "cross-layer", "weights")
+ROUTING_VERSION = 3  # 3: the phase boundary (carry); 2: token-level sources
+PARTS = ("popularity", "drift", "locality", "cross-layer", "phase-boundary", "weights")
 PHASE_NAMES = ("prefill", "decode")
 
 
@@ -75,6 +81,7 @@ class PhaseModel:
     weights: WeightModel
     drift: Optional[np.ndarray] = None  # float [L] Polya-urn (Dirichlet) concentration, or None (no drift)
     source_sharing: float = 1.0  # share of layers that follow the token's source (the rest pick their own)
+    carry: float = 1.0  # chance a source in the previous phase is kept; share of the urn counts carried over
 
     @property
     def num_classes(self) -> int:
@@ -135,6 +142,7 @@ def _phase_to_dict(p: PhaseModel) -> dict[str, Any]:
         "source": _round(p.source),
         "far_lag": int(p.far_lag),
         "source_sharing": round(float(p.source_sharing), 6),
+        "carry": round(float(p.carry), 6),
         "fidelity": _round(p.fidelity),
         "copy_rank": _round(p.copy_rank),
         "weights": {"sum_mean": _round(p.weights.sum_mean, 6), "sum_std": _round(p.weights.sum_std, 6),
@@ -194,6 +202,9 @@ def _phase_from_dict(d: Any, L: int, E: int, k: int, where: str) -> PhaseModel:
     shared = d.get("source_sharing")
     if isinstance(shared, bool) or not isinstance(shared, (int, float)) or not 0 <= shared <= 1:
         raise MoesimError(f"{where}: field 'source_sharing' must be a number in [0, 1]")
+    carry = d.get("carry")
+    if isinstance(carry, bool) or not isinstance(carry, (int, float)) or not 0 <= carry <= 1:
+        raise MoesimError(f"{where}: field 'carry' must be a number in [0, 1]")
     fidelity = _array(d, "fidelity", (L, k), where)
     if (fidelity > 1 + 1e-9).any():
         raise MoesimError(f"{where}: field 'fidelity' has probabilities above 1")
@@ -211,7 +222,7 @@ def _phase_from_dict(d: Any, L: int, E: int, k: int, where: str) -> PhaseModel:
     drift = None if d.get("drift") is None else _array(d, "drift", (L,), where)
     return PhaseModel(class_prior=prior / prior.sum(), class_popularity=pop, source=src, far_lag=far_lag,
                       fidelity=fidelity, copy_rank=copy_rank, weights=weights, drift=drift,
-                      source_sharing=float(shared))
+                      source_sharing=float(shared), carry=float(carry))
 
 
 def routing_from_json(text: str, where: str) -> RoutingModel:

@@ -17,7 +17,8 @@ Per phase and layer:
   of the share of a token's experts reused from the token before (how much reuse comes in whole recurring
   tokens) for the share of layers that follow the token's source; and the share of first uses of an expert
   in a request (how far a request strays beyond its working set) for the drift concentration and the
-  recalls of older tokens.
+  recalls of older tokens; and reuse at lags 1..K where the earlier cell lies in the previous phase (a
+  decode token against the prompt's last tokens), pooled, for the phase boundary's ``carry``.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class PhaseMoments:
     cells: np.ndarray  # [L]
     share: np.ndarray  # [L, E] share of accesses per expert
     rank_pairs: np.ndarray  # [k, k] counts: rank j's expert was at rank j' in a cell 1..K back
+    cross: float = float("nan")  # reuse at lags 1..K where the earlier cell is of another phase (nan: none)
 
 
 MOMENT_CHUNK = 20_000_000  # expert comparisons held in memory at once (requests are taken in chunks)
@@ -85,18 +87,21 @@ def _lag_counts(cells: TraceCells, phase: int, L: int, lags: int):
     grid = np.pad(grid, ((0, 0), (0, 0), (0, max(L - grid.shape[2], 0)), (0, 0)), constant_values=-1)
     here = (phase_of == phase)[:, :, None] & (grid[..., 0] >= 0)  # [R, T, L] counted cells
     hits, pairs, rank_pairs, frac = np.zeros((L, k, lags)), np.zeros((L, lags)), np.zeros((k, k)), np.zeros(0)
+    cross = np.zeros(2)  # hits, slots where the earlier cell is of another phase
     for d in range(1, min(lags, T - 1) + 1):
         a, b = grid[:, d:], grid[:, :-d]
         ok = here[:, d:] & (b[..., 0] >= 0)  # [R, T-d, L]
         same = (a[..., :, None] == b[..., None, :]) & ok[..., None, None]  # [R, T-d, L, k, k]
         hit = same.any(axis=-1)  # [R, T-d, L, k]
+        other = ok & (phase_of[:, :-d] != phase)[:, :, None]
+        cross += (float((hit & other[..., None]).sum()), float(other.sum() * k))
         hits[:, :, d - 1] = hit.sum(axis=(0, 1))
         pairs[:, d - 1] = ok.sum(axis=(0, 1))
         rank_pairs += same.sum(axis=(0, 1, 2))
         if d == 1:
             n_tok = ok.sum(axis=2)  # [R, T-1] layers counted per token
             frac = hit.sum(axis=(2, 3))[n_tok > 0] / (n_tok[n_tok > 0] * k)
-    return hits, pairs, rank_pairs, frac
+    return hits, pairs, rank_pairs, frac, cross
 
 
 def phase_moments(cells: TraceCells, phase: int, L: int, E: int, lags: int = LAGS) -> PhaseMoments:
@@ -105,10 +110,11 @@ def phase_moments(cells: TraceCells, phase: int, L: int, E: int, lags: int = LAG
     per_request = (int(cells.position.max()) + 1 if len(cells) else 1) * L * k * k
     chunks = np.array_split(reqs, max(1, int(np.ceil(reqs.size * per_request / MOMENT_CHUNK))))
     hits, pairs, rank_pairs, fracs = np.zeros((L, k, lags)), np.zeros((L, lags)), np.zeros((k, k)), []
+    cross = np.zeros(2)
     for chunk in chunks:
         part = cells if len(chunks) == 1 else cells.take(np.flatnonzero(np.isin(cells.request, chunk)))
-        h, p, rp, f = _lag_counts(part, phase, L, lags)
-        hits, pairs, rank_pairs = hits + h, pairs + p, rank_pairs + rp
+        h, p, rp, f, c = _lag_counts(part, phase, L, lags)
+        hits, pairs, rank_pairs, cross = hits + h, pairs + p, rank_pairs + rp, cross + c
         fracs.append(f)
     frac = np.concatenate(fracs)
     rows = cells.phase == phase
@@ -119,7 +125,7 @@ def phase_moments(cells: TraceCells, phase: int, L: int, E: int, lags: int = LAG
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     return PhaseMoments(near=hits / np.maximum(pairs, 1)[:, None, :], lag1_var=float(frac.var()) if frac.size > 1
                         else 0.0, first=first_use_share(cells, phase, L, E), cells=n, share=share,
-                        rank_pairs=rank_pairs)
+                        rank_pairs=rank_pairs, cross=cross[0] / cross[1] if cross[1] else float("nan"))
 
 
 def first_use_share(cells: TraceCells, phase: int, L: int, E: int) -> np.ndarray:
@@ -277,7 +283,12 @@ def _correct(pm: PhaseModel, target: PhaseMoments, got: PhaseMoments) -> PhaseMo
     if drift is not None:
         # a smaller concentration keeps a request on fewer experts: more reuse at long lags
         drift = np.clip(drift * (np.maximum(target.first, 1e-4) / np.maximum(got.first, 1e-4)), 0.01, 1e5)
-    return dataclasses.replace(pm, source=source, fidelity=fid, drift=drift, source_sharing=sharing)
+    carry = pm.carry
+    if np.isfinite(target.cross) and np.isfinite(got.cross):
+        # decode tokens that reuse the prompt's last tokens less than a kept source would: drop more of it
+        near_copy = max(float(pm.source[:-1].sum()) * mean_fid, 0.05)
+        carry = float(np.clip(carry + STEP * (target.cross - got.cross) / near_copy, 0.0, 1.0))
+    return dataclasses.replace(pm, source=source, fidelity=fid, drift=drift, source_sharing=sharing, carry=carry)
 
 
 def _start_locality(pm: PhaseModel, target: PhaseMoments, got: PhaseMoments) -> PhaseModel:
@@ -337,6 +348,8 @@ def fit_routing_cells(cells: TraceCells, shape_meta, name: str, *, classes: Opti
             phases[ph] = _correct(phases[ph], targets[ph], got)
             if "cross-layer" in parts:
                 phases[ph] = dataclasses.replace(phases[ph], source_sharing=0.0)
+            if "phase-boundary" in parts:
+                phases[ph] = dataclasses.replace(phases[ph], carry=1.0)
             if "locality" in parts:
                 phases[ph] = dataclasses.replace(phases[ph], source=np.zeros(LAGS + 1), fidelity=np.zeros((L, k)))
         if log:
@@ -345,7 +358,8 @@ def fit_routing_cells(cells: TraceCells, shape_meta, name: str, *, classes: Opti
         "parts_left_out": sorted(parts),
         "method": "popularity: ML with 0.5 pseudo-count; token classes: EM; weights: moments; copy ranks: counted; "
                   f"locality (reuse per layer and rank at lags 1-{LAGS}; variance over tokens of lag-1 reuse for "
-                  "the source sharing) and drift (share of first uses of an expert in a request): moment "
+                  "the source sharing; reuse of the previous phase's last tokens for the phase boundary's carry) "
+                  "and drift (share of first uses of an expert in a request): moment "
                   f"matching through the generator, {iterations} rounds",
         "sources": list(sources),
         "requests": int(prompt_lens.size),

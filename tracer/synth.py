@@ -5,7 +5,8 @@ advanced at once with numpy. Each token picks its source (an earlier token of th
 each cell the k experts are drawn in rank order: copy one of the source cell's experts (rank by
 ``copy_rank``, never one already in the cell) with the layer's fidelity, or draw a fresh expert from the
 popularity of the token's class and the request's urn (never an expert already in the cell). The history
-of every request is kept whole, so a source may lie in the prompt when the token is a decode step.
+of every request is kept whole, so a source may lie in the prompt when the token is a decode step; the
+decode phase keeps such a source, and its share of the prompt's urn counts, by its ``carry``.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, offset: np.nd
     streams = np.arange(S)
     req_of, layer_of = np.repeat(np.arange(R), L), np.tile(np.arange(L), R)
     fidelity = pm.fidelity[layer_of]  # [S, k]
+    carry = 1.0 if "phase-boundary" in disabled else pm.carry
     sharing = 0.0 if "cross-layer" in disabled else pm.source_sharing
     const_cum = None
     if prior.shape[0] == 1 and drift is None:
@@ -148,6 +150,8 @@ def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, offset: np.nd
         src = np.where(rng.random(S) < sharing, token_src, own_src)
         # (a finished request's stream runs on with its output discarded: keep its index inside the history)
         src = np.minimum(src, state.history.shape[1] - 1)
+        if carry < 1.0:
+            src = np.where((src >= 0) & (src < offset[req_of]) & (rng.random(S) >= carry), -1, src)
         src_cells = np.where((src >= 0)[:, None], state.history[req_of, np.maximum(src, 0), layer_of], -1)
         taken = np.zeros((S, E), dtype=bool)
         chosen = np.empty((S, k), dtype=np.int64)
@@ -210,6 +214,8 @@ def synthesize(model: RoutingModel, prompt_lens: np.ndarray, output_lens: np.nda
         if R == 0 or lens.max(initial=0) == 0:
             continue
         pm = model.phase(name)
+        if "phase-boundary" not in disabled and pm.carry < 1.0:
+            state.counts *= pm.carry
         ex = _run_phase(rng, pm, disabled, lens, offset, state)
         T = ex.shape[1]
         # rows of active (request, step, layer) in (request, step, layer) order
