@@ -385,3 +385,15 @@ def test_a_kept_boundary_draws_nothing_extra():
     off = synthesize(m, np.array([3, 2]), np.array([5, 6]), seed=9, disabled=("phase-boundary",))
     on = synthesize(half, np.array([3, 2]), np.array([5, 6]), seed=9)
     assert np.array_equal(on.cells.experts, off.cells.experts)
+
+
+def test_a_boundary_seen_in_too_few_requests_is_not_fitted():
+    """One request's boundary is one sample (mostly its chat template): carry stays 1, and the file says why."""
+    from moesim.tracer.routing_fit import MIN_BOUNDARY_REQUESTS
+
+    few = _prompt_unlike_output(seed=3, requests=MIN_BOUNDARY_REQUESTS - 1)
+    model = fit_routing_cells(few.cells, few.meta, "few")
+    assert model.decode.carry == 1.0
+    assert "kept at 1" in model.fitted_to["phase_boundary"]
+    enough = _prompt_unlike_output(seed=3, requests=MIN_BOUNDARY_REQUESTS)
+    assert fit_routing_cells(enough.cells, enough.meta, "enough").decode.carry < 0.5

@@ -45,6 +45,10 @@ FIT_MIN_CELLS = 2048  # the fit's synthetic copies hold at least this many cells
 LAGS = 4  # source lags 1..LAGS each have their own probability
 FAR_LAG = 64  # a recall reaches back at most this far
 STEP = 0.5  # damped fixed-point steps
+# Each request gives the phase boundary one sample (its first decode tokens against its prompt's last), and
+# a single boundary is mostly the chat template's: below this many requests with a prompt, carry stays 1
+# (version 2's routing) rather than being fitted to one template.
+MIN_BOUNDARY_REQUESTS = 8
 SOURCE_CAP = 0.9  # tokens with a source, at most: past it, reuse is carried by higher fidelity
 
 
@@ -321,6 +325,8 @@ def fit_routing_cells(cells: TraceCells, shape_meta, name: str, *, classes: Opti
     for ph in (PREFILL, DECODE):
         if has[ph]:
             phases[ph], targets[ph] = _init_phase(cells, ph, L, E, k, far_lag, classes, seed, parts)
+    boundaries = int(((prompt_lens > 0) & (output_lens > 0)).sum())
+    keep_boundary = "phase-boundary" in parts or boundaries < MIN_BOUNDARY_REQUESTS
     per_layer_cells = max(int(prompt_lens.sum() + output_lens.sum()), 1)
     copies = int(np.ceil(FIT_MIN_CELLS / per_layer_cells))
     P, G = np.tile(prompt_lens, copies), np.tile(output_lens, copies)
@@ -348,7 +354,7 @@ def fit_routing_cells(cells: TraceCells, shape_meta, name: str, *, classes: Opti
             phases[ph] = _correct(phases[ph], targets[ph], got)
             if "cross-layer" in parts:
                 phases[ph] = dataclasses.replace(phases[ph], source_sharing=0.0)
-            if "phase-boundary" in parts:
+            if keep_boundary:
                 phases[ph] = dataclasses.replace(phases[ph], carry=1.0)
             if "locality" in parts:
                 phases[ph] = dataclasses.replace(phases[ph], source=np.zeros(LAGS + 1), fidelity=np.zeros((L, k)))
@@ -362,6 +368,9 @@ def fit_routing_cells(cells: TraceCells, shape_meta, name: str, *, classes: Opti
                   "and drift (share of first uses of an expert in a request): moment "
                   f"matching through the generator, {iterations} rounds",
         "sources": list(sources),
+        "phase_boundary": (f"carry fitted on {boundaries} requests with a prompt" if boundaries >= MIN_BOUNDARY_REQUESTS
+                           else f"carry kept at 1: {boundaries} request(s) with a prompt, fewer than "
+                                f"{MIN_BOUNDARY_REQUESTS} boundaries to fit it on"),
         "requests": int(prompt_lens.size),
         "prefill_cells_per_layer": int(prompt_lens.sum()),
         "decode_cells_per_layer": int(output_lens.sum()),
