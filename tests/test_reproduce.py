@@ -122,10 +122,14 @@ def test_a_profile_states_its_host_and_takes_its_cpu_side_from_it():
     assert skylake.host.facts["isa"] == "avx512" and skylake.host.facts["stated"] is True
     assert "ASSUMED" in compose_profile("a6000").sources["host"]
     one = lambda p: float(p.cpu_expert_time(shape, np.array([1]), kernel="bf16")[0])  # noqa: E731
-    # AVX-512 (oneDNN bf16 via fp32): bandwidth-bound, bytes / (socket bandwidth x efficiency / factor)
+    # AVX-512 (oneDNN bf16 via fp32): at one token the slower of the channels (bytes / (socket bandwidth x
+    # efficiency / factor)) and Fiddler's 7 ms per token on this socket; linear in tokens from there
     expert_bytes = 3 * 4096 * 14336 * 2
     eff = CPU_MEMORY_EFFICIENCY.value / CPU_BF16_KERNEL_FACTOR["avx512"].value
-    assert one(skylake) == pytest.approx(expert_bytes / (6 * 21.33e9 * eff), rel=0.05)
+    assert one(skylake) == pytest.approx(max(expert_bytes / (6 * 21.33e9 * eff), 7e-3), rel=0.05)
+    per_token = lambda p, n: float(p.cpu_expert_time(shape, np.array([n]), kernel="bf16")[0])  # noqa: E731
+    assert per_token(skylake, 4) == pytest.approx(4 * 7e-3, rel=0.05)
+    assert per_token(skylake, 16) == pytest.approx(16 * 7e-3, rel=0.05)
     # AVX2 in PyTorch <= 2.5: no bf16 GEMV; the fallback's own rate, whatever the socket's channels or cores
     assert one(zen3) == pytest.approx(expert_bytes / CPU_BF16_AVX2_FLOPS.value, rel=0.05)
     assert one(zen3) > 5 * one(skylake)
@@ -137,6 +141,18 @@ def test_a_profile_states_its_host_and_takes_its_cpu_side_from_it():
     assert skylake.copy_time(352e6, "h2d", pinned=True) > 1.8 * zen3.copy_time(352e6, "h2d", pinned=True)
     with pytest.raises(MoesimError, match="host 'nope'"):
         compose_profile("a6000", "nope")
+
+
+def test_a_link_trains_at_the_older_generation_of_card_and_host():
+    from moesim.calib.hosts import compose_profile
+
+    # Fiddler's Env2: a PCIe 4.0 L4 in a Cascade Lake server (PCIe 3.0 root ports) copies at Gen3 rates
+    env2 = compose_profile("l4", "cascade-lake-32c", "pcie4")
+    gen3 = compose_profile("quadro-rtx-6000", "xeon-gold-6126-x2", "pcie3")
+    assert env2.name == "l4+cascade-lake-32c+pcie3"
+    assert env2.copy_time(352e6, "h2d", pinned=True) == pytest.approx(gen3.copy_time(352e6, "h2d", pinned=True))
+    assert compose_profile("a6000", "threadripper-pro-5965wx", "pcie4").name.endswith("+pcie4")
+    assert compose_profile("l4").name.endswith("+pcie4")  # an unstated host does not limit the card
 
 
 def test_simulate_takes_a_host_and_a_link():
