@@ -160,3 +160,24 @@ def test_simulate_takes_a_host_and_a_link():
                                  "--link", "pcie3", "--policy", "fiddler", "--trace", "gpt-oss-120b-bigmoeonedge"])
     assert r.exit_code == 0, r.output
     assert "quadro-rtx-6000+xeon-gold-6126-x2+pcie3" in r.output
+
+
+def test_mixtral_offloading_peak_is_its_load_time_16bit_trunk():
+    """The released build creates the trunk at 16 bits before swapping in HQQ attention; the freed blocks
+    are still reserved when the expert cache is allocated, so that is the peak."""
+    from moesim.modelspec import load_model_shape
+    from moesim.reproduce.run import _config, _profile, _trace
+    from moesim.simulator.memory import build_transient_bytes
+    from moesim.simulator.presets import get_preset
+    from moesim.simulator.run import simulate
+
+    shape = load_model_shape("mixtral-8x7b")
+    point = next(p for p in read_catalogue() if p.id == "study-mo2-mem")
+    trace = _trace(point, 64, 50, 2)
+    m = simulate(trace, _profile(point), _config(point, trace.meta.model)).memory
+    trunk16 = shape.non_expert_params * 2
+    assert m.total_bytes == trunk16 + m.cache_bytes + m.staging_bytes + m.prefetch_buffer_bytes + m.reserve_bytes
+    assert predict(point).ratio == pytest.approx(1.0, abs=0.03)
+    # no transient for a system built at its final format, or for a 16-bit trunk that stays 16-bit
+    assert build_transient_bytes(get_preset("fiddler"), shape, trunk16 // 4, 0, 0) == 0
+    assert build_transient_bytes(get_preset("mixtral-offloading"), shape, trunk16, 0, 0) == 0
