@@ -91,6 +91,13 @@ TYPICAL_HOST_ISA = {
     "Intel Xeon Platinum 8480C": ("amx", "Sapphire Rapids: AMX-BF16 (Intel ARK)"),
 }
 
+# Newest PCIe generation of the spec profiles' typical hosts, where it limits the card (Intel ARK: 2nd-gen Xeon
+# Scalable (Cascade Lake) root ports run PCI Express 3.0); a host not listed does not limit its card.
+TYPICAL_HOST_PCIE = {
+    "Intel Xeon Platinum 8259CL (8 vCPU)": (3, "Intel ARK 2nd Gen Xeon Scalable (Cascade Lake): PCI Express 3.0"),
+    "Intel Xeon Cascade Lake (16 vCPU)": (3, "Intel ARK 2nd Gen Xeon Scalable (Cascade Lake): PCI Express 3.0"),
+}
+
 # Fraction of a socket's memory-channel peak that a batch-1 bf16 expert GEMV reaches with PyTorch on the CPU.
 CPU_MEMORY_EFFICIENCY = Efficiency(
     0.88, "llama.cpp Mixtral fp16 on a Xeon E5-2683 v4 (quad-channel DDR4-2133): 2.32 tok/s = about 60 GB/s of "
@@ -198,8 +205,10 @@ def host_of_spec(spec: GpuSpec) -> HostCpu:
     if known is not None:
         return known
     isa, why = TYPICAL_HOST_ISA.get(spec.host.cpu_name, ("avx2", "assumed: AVX2, the common x86 baseline"))
+    gen, gen_why = TYPICAL_HOST_PCIE.get(spec.host.cpu_name, (5, ""))
     return HostCpu("typical", spec.host.cpu_name, spec.host.description, spec.host.cores, isa,
-                   spec.host.memory_bandwidth, spec.host.memory_bytes, f"{spec.host.source}; ISA: {why}")
+                   spec.host.memory_bandwidth, spec.host.memory_bytes,
+                   f"{spec.host.source}; ISA: {why}" + (f"; PCIe: {gen_why}" if gen_why else ""), pcie_gen=gen)
 
 
 def host_and_link_factors(eff: dict[str, Efficiency], lat: dict, cpu: HostCpu, gen: int):
