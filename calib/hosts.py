@@ -11,10 +11,13 @@ The CPU expert at decode batch sizes is bound by memory bandwidth, so its time i
 (socket bandwidth x ``CPU_MEMORY_EFFICIENCY``) times the kernel class's factor for the instruction set
 (``CPU_BF16_KERNEL_FACTOR``): PyTorch's bf16 matmul on x86 without native bf16 instructions up-converts
 to fp32, and on AVX-512 that path grows linearly with the tokens from a few tokens on
-(``CPU_BF16_AVX512_PER_CORE_FLOPS``, Fiddler's own per-token cost). A host states the newest PCIe
-generation its CPU runs, and a link trains at the older of the card's and the host's. Before PyTorch 2.6 AVX2-only machines had no bf16 GEMV path at all: there the expert is bound by
-the fallback's own rate (``CPU_BF16_AVX2_FLOPS``), not by the socket. The CPU-expert systems pin PyTorch
-2.1 (Fiddler), so these are the kernel classes their CPU experts run.
+(``CPU_BF16_AVX512_PER_CORE_FLOPS``, Fiddler's own per-token cost). Before PyTorch 2.6 AVX2-only machines
+had no bf16 GEMV path at all: there the expert is bound by the fallback's own rate (``CPU_BF16_AVX2_FLOPS``),
+not by the socket. The CPU-expert systems pin PyTorch 2.1 (Fiddler), so these are the kernel classes their
+CPU experts run.
+
+A host states the newest PCIe generation its CPU runs, and a link trains at the older of the card's and the
+host's (Fiddler's Env2 runs its PCIe 4.0 L4 in a PCIe 3.0 Cascade Lake server).
 """
 
 from __future__ import annotations
