@@ -251,7 +251,9 @@ def plan_memory(policy: PolicySpec, shape: ModelShape, expert_bytes: list[int], 
         what = "every expert" if policy.all_resident else "this configuration"
         reason = (f"{what} needs {total / MIB:.0f} MiB of GPU memory, the budget is {budget / MIB:.0f} MiB "
                   f"(cache {cache_bytes / MIB:.0f} MiB, non-expert {non_expert_bytes / MIB:.0f} MiB, "
-                  f"KV {kv / MIB:.0f} MiB, reserve {reserve / MIB:.0f} MiB)")
+                  f"KV {kv / MIB:.0f} MiB, reserve {reserve / MIB:.0f} MiB"
+                  + (f", load-time 16-bit trunk +{breakdown.build_transient_bytes / MIB:.0f} MiB"
+                     if breakdown.build_transient_bytes else "") + ")")
     if unit == "experts":
         slots = sum(limits)
     else:
