@@ -10,9 +10,14 @@ generation. ``compose_profile("a6000", "xeon-gold-6126-x2", "pcie3")`` builds th
 The CPU expert at decode batch sizes is bound by memory bandwidth, so its time is the expert's bytes over
 (socket bandwidth x ``CPU_MEMORY_EFFICIENCY``) times the kernel class's factor for the instruction set
 (``CPU_BF16_KERNEL_FACTOR``): PyTorch's bf16 matmul on x86 without native bf16 instructions up-converts
-to fp32. Before PyTorch 2.6 AVX2-only machines had no bf16 GEMV path at all: there the expert is bound by
-the fallback's own rate (``CPU_BF16_AVX2_FLOPS``), not by the socket. The CPU-expert systems pin PyTorch
-2.1 (Fiddler), so these are the kernel classes their CPU experts run.
+to fp32, and on AVX-512 that path grows linearly with the tokens from a few tokens on
+(``CPU_BF16_AVX512_PER_CORE_FLOPS``, Fiddler's own per-token cost). Before PyTorch 2.6 AVX2-only machines
+had no bf16 GEMV path at all: there the expert is bound by the fallback's own rate (``CPU_BF16_AVX2_FLOPS``),
+not by the socket. The CPU-expert systems pin PyTorch 2.1 (Fiddler), so these are the kernel classes their
+CPU experts run.
+
+A host states the newest PCIe generation its CPU runs, and a link trains at the older of the card's and the
+host's (Fiddler's Env2 runs its PCIe 4.0 L4 in a PCIe 3.0 Cascade Lake server).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ class HostCpu:
     memory_bandwidth: float  # bytes/s peak of one socket's channels
     memory_bytes: int
     source: str
+    # newest PCIe generation the CPU's root ports run: a faster card trains down to it (5: no limit known)
+    pcie_gen: int = 5
 
     def __post_init__(self):
         if self.isa not in ISAS:
@@ -51,19 +58,23 @@ HOSTS: dict[str, HostCpu] = {h.name: h for h in (
             "Fiddler Env1 host: 2 x Xeon Gold 6126 (Skylake-SP, 12 cores each), 6 x DDR4-2666 per socket", 12,
             "avx512", 6 * 21.33 * GB, 192 * GIB,
             "Intel ARK Xeon Gold 6126: 12 cores, AVX-512, 6 channels DDR4-2666 (6 x 21.33 GB/s); Fiddler "
-            "README (48-core Skylake) and ICLR'25 text (2 x Xeon Gold 6126)"),
+            "README (48-core Skylake) and ICLR'25 text (2 x Xeon Gold 6126); Intel ARK: PCI Express Revision 3.0",
+            pcie_gen=3),
     HostCpu("cascade-lake-32c", "Intel Xeon Cascade Lake (32 cores)",
             "Fiddler Env2 host: 32-core Intel Cascade Lake, 6 x DDR4-2933", 32, "avx512", 6 * 23.47 * GB, 128 * GIB,
             "Fiddler README (L4 + 32-core Cascade Lake); Intel ARK 2nd-gen Xeon Scalable: AVX-512 (VNNI, no "
-            "BF16), 6 channels DDR4-2933 per socket"),
+            "BF16), 6 channels DDR4-2933 per socket, PCI Express Revision 3.0 (48 lanes)", pcie_gen=3),
     HostCpu("xeon-gold-5220r-10c", "Intel Xeon Gold 5220R (10 cores used)",
             "HybriMoE host: Xeon Gold 5220R restricted to 10 cores", 10, "avx512", 6 * 23.47 * GB, 256 * GIB,
-            "arXiv 2504.05897 VI; Intel ARK Xeon Gold 5220R: AVX-512, 6 channels DDR4-2933"),
+            "arXiv 2504.05897 VI; Intel ARK Xeon Gold 5220R: AVX-512, 6 channels DDR4-2933, PCI Express "
+            "Revision 3.0", pcie_gen=3),
     HostCpu("threadripper-pro-5965wx", "AMD Ryzen Threadripper PRO 5965WX",
             "typical workstation: 24-core Zen 3 (AVX2, no AVX-512), 8 x DDR4-3200", 24, "avx2", 8 * 25.6 * GB,
-            256 * GIB, "AMD product page: 24 cores, 8 channels DDR4-3200; Zen 3 has AVX2 and no AVX-512"),
+            256 * GIB, "AMD product page: 24 cores, 8 channels DDR4-3200, PCIe 4.0; Zen 3 has AVX2 and no AVX-512",
+            pcie_gen=4),
     HostCpu("i9-10900x", "Intel Core i9-10900X", "llmfit PR #755 host: 10 cores, quad-channel DDR4", 10, "avx512",
-            102 * GB, 128 * GIB, "AlexsJones/llmfit PR #755 (~102 GB/s measured quad-channel DDR4)"),
+            102 * GB, 128 * GIB, "AlexsJones/llmfit PR #755 (~102 GB/s measured quad-channel DDR4); Intel ARK "
+            "Core i9-10900X (Cascade Lake-X): PCI Express Revision 3.0", pcie_gen=3),
 )}
 
 # The host a study left unstated: the GPU spec's own typical host, and the result says it was assumed.
@@ -81,6 +92,13 @@ TYPICAL_HOST_ISA = {
     "Intel Xeon Cascade Lake (16 vCPU)": ("avx512", "Cascade Lake: AVX-512 and VNNI, no BF16 (Intel ARK)"),
     "AMD EPYC 7742": ("avx2", "Zen 2: AVX2, no AVX-512"),
     "Intel Xeon Platinum 8480C": ("amx", "Sapphire Rapids: AMX-BF16 (Intel ARK)"),
+}
+
+# Newest PCIe generation of the spec profiles' typical hosts, where it limits the card (Intel ARK: 2nd-gen Xeon
+# Scalable (Cascade Lake) root ports run PCI Express 3.0); a host not listed does not limit its card.
+TYPICAL_HOST_PCIE = {
+    "Intel Xeon Platinum 8259CL (8 vCPU)": (3, "Intel ARK 2nd Gen Xeon Scalable (Cascade Lake): PCI Express 3.0"),
+    "Intel Xeon Cascade Lake (16 vCPU)": (3, "Intel ARK 2nd Gen Xeon Scalable (Cascade Lake): PCI Express 3.0"),
 }
 
 # Fraction of a socket's memory-channel peak that a batch-1 bf16 expert GEMV reaches with PyTorch on the CPU.
@@ -109,6 +127,17 @@ CPU_BF16_AVX2_FLOPS = Efficiency(
            "before the bf16 GEMV on an x86 machine with only AVX2: 1.24e9 weights x 2 flop x 2.1 tok/s = 5.2 "
            "GFLOP/s (component-costs 2.12); benchmarks/cpu_expert_kernel.py measured 3.1 GFLOP/s for torch "
            "2.1.2 on a loaded EPYC VM core, serial and linear in tokens")
+
+# PyTorch <= 2.5's bf16 linear on AVX-512 without BF16 goes through oneDNN's avx512_core path, which
+# up-converts to fp32: at a few tokens it is bound by that conversion and arithmetic, not by the channels,
+# so it grows linearly with the tokens. Fiddler's authors, who run exactly this kernel (torch 2.1.2, bf16 HF
+# expert on their Env1 Xeon Gold 6126), model it as 7 ms per token per Mixtral expert:
+CPU_BF16_AVX512_PER_CORE_FLOPS = Efficiency(
+    2 * 176_160_768 / 7e-3 / 12,
+    "efeslab/fiddler 227715b src/fiddler/mixtral.py: latency_cpu = 7 (ms), CPU cost = tokens x latency_cpu "
+    "(component-costs 2.1; ICLR'25 §3: CPU latency linear in tokens, 2.6); 2 x 176.16 M flop / 7 ms over the "
+    "12 cores of one Xeon Gold 6126 socket = 4.19 GFLOP/s per core. ASSUMED: the constant was taken on "
+    "Env1 (the code does not say; cppExpert 91ebb37 keeps the same 7 ms for one token)")
 
 # Host-to-device copy efficiency by PCIe generation (fraction of the x16 payload rate), with sources.
 LINK_PINNED: dict[int, Efficiency] = {
@@ -179,8 +208,10 @@ def host_of_spec(spec: GpuSpec) -> HostCpu:
     if known is not None:
         return known
     isa, why = TYPICAL_HOST_ISA.get(spec.host.cpu_name, ("avx2", "assumed: AVX2, the common x86 baseline"))
+    gen, gen_why = TYPICAL_HOST_PCIE.get(spec.host.cpu_name, (5, ""))
     return HostCpu("typical", spec.host.cpu_name, spec.host.description, spec.host.cores, isa,
-                   spec.host.memory_bandwidth, spec.host.memory_bytes, f"{spec.host.source}; ISA: {why}")
+                   spec.host.memory_bandwidth, spec.host.memory_bytes,
+                   f"{spec.host.source}; ISA: {why}" + (f"; PCIe: {gen_why}" if gen_why else ""), pcie_gen=gen)
 
 
 def host_and_link_factors(eff: dict[str, Efficiency], lat: dict, cpu: HostCpu, gen: int):
@@ -190,11 +221,12 @@ def host_and_link_factors(eff: dict[str, Efficiency], lat: dict, cpu: HostCpu, g
     eff["host_memory"] = Efficiency(CPU_MEMORY_EFFICIENCY.value / factor.value,
                                     f"{CPU_MEMORY_EFFICIENCY.source}; divided by {factor.value:g} for {cpu.isa}: "
                                     f"{factor.source}") if factor.value != 1.0 else CPU_MEMORY_EFFICIENCY
-    # batch-1 experts are bandwidth-bound; the flop side only matters for prefill (AVX-512 2 FMA x 16 fp32
-    # lanes, AVX2 2 x 8, per cycle at about 2 GHz; stated, not measured)
+    # AVX-512 without BF16: the rate Fiddler's authors state for this kernel class (CPU_BF16_AVX512_PER_CORE_FLOPS);
+    # the native bf16 classes: 2 FMA x their lanes per cycle at about 2 GHz (stated, not measured), where
+    # batch-1 experts stay bandwidth-bound and the flop side only matters for prefill
     lanes = {"avx2": 32, "avx512": 64, "avx512_bf16": 128, "amx": 1024}[cpu.isa]
-    eff["cpu_bf16_per_core_flops"] = Efficiency(lanes * 2.0e9 / factor.value,
-                                                f"{cpu.isa}: {lanes} flop/cycle x 2 GHz, over the kernel factor")
+    eff["cpu_bf16_per_core_flops"] = CPU_BF16_AVX512_PER_CORE_FLOPS if cpu.isa == "avx512" else Efficiency(
+        lanes * 2.0e9 / factor.value, f"{cpu.isa}: {lanes} flop/cycle x 2 GHz, over the kernel factor")
     eff.pop("cpu_bf16_total_flops", None)
     if cpu.isa == "avx2":
         eff["cpu_bf16_total_flops"] = CPU_BF16_AVX2_FLOPS
@@ -225,8 +257,9 @@ def compose_profile(gpu: str, host: str = UNSTATED, link: str | None = None):
     spec = gpu_spec(gpu)
     if link is not None and link not in LINKS:
         raise MoesimError(f"link '{link}': expected one of {', '.join(LINKS)}")
-    gen = LINKS[link] if link else spec.pcie_gen
     cpu = host_of_spec(spec) if host == UNSTATED else host_cpu(host)
+    # a link trains at the older generation of its two ends (a PCIe 4.0 L4 in a Cascade Lake server runs Gen3)
+    gen = min(LINKS[link] if link else spec.pcie_gen, cpu.pcie_gen)
     eff, lat = host_and_link_factors(*_base_factors(), cpu, gen)
     composed = replace(spec, name=f"{gpu}+{cpu.name}+pcie{gen}", host=cpu.as_host_spec(), pcie_gen=gen)
     profile = build_spec_profile(composed, eff, lat, ("h100-measured (GPU side)",))

@@ -11,7 +11,7 @@ lent H100), otherwise a stated assumption with its reasoning. Regenerate the bun
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -473,8 +473,9 @@ def build_all(measured_gpu: HardwareProfile | None = None,
         # the CPU side from this GPU's typical host (cores, ISA, channels) and the link from its PCIe
         # generation, not from whichever machine was measured (calib/hosts.py)
         cpu = host_of_spec(g)
-        e, lt = host_and_link_factors(eff, lat, cpu, g.pcie_gen)
-        out.append(finish_profile(build_spec_profile(g, e, lt, used), cpu, False, g.pcie_gen))
+        gen = min(g.pcie_gen, cpu.pcie_gen)  # a link trains at the older generation of card and host
+        e, lt = host_and_link_factors(eff, lat, cpu, gen)
+        out.append(finish_profile(build_spec_profile(replace(g, pcie_gen=gen), e, lt, used), cpu, False, gen))
     return out
 
 

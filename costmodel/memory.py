@@ -25,6 +25,7 @@ class MemoryParts:
     kv_cache: int
     activations: int
     reserve: int
+    shape: object = None  # the model shape (a released build's load-time trunk is sized from it)
 
 
 def buffer_bytes(spec: PolicySpec, expert_bytes: list[int], num_experts: int) -> int:
@@ -36,11 +37,15 @@ def memory_parts(shape, workload, non_expert_bytes: int, profile) -> MemoryParts
     from moesim.simulator.memory import activation_bytes, kv_cache_bytes
 
     return MemoryParts(int(non_expert_bytes), int(kv_cache_bytes(shape, workload)),
-                       int(activation_bytes(shape, workload)), int(profile.runtime_reserve_bytes))
+                       int(activation_bytes(shape, workload)), int(profile.runtime_reserve_bytes), shape)
 
 
 def peak_bytes(spec: PolicySpec, parts: MemoryParts, expert_bytes: list[int], num_experts: int,
                cache_experts: np.ndarray, dp_sizes: np.ndarray | None = None) -> np.ndarray:
+    from moesim.simulator.memory import build_transient_bytes
+
     fixed = parts.non_expert + parts.kv_cache + parts.activations + parts.reserve
+    if parts.shape is not None:
+        fixed += build_transient_bytes(spec, parts.shape, parts.non_expert, parts.kv_cache, parts.activations)
     return (fixed + buffer_bytes(spec, expert_bytes, num_experts)
             + cache_bytes(spec, expert_bytes, num_experts, cache_experts, dp_sizes))

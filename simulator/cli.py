@@ -51,7 +51,8 @@ def summary_text(result) -> str:
         f"  peak GPU memory  {result.peak_gpu_mib:.0f} MiB of {lab.gpu_mem_mib:.0f} MiB (non-expert "
         f"{m.non_expert_bytes / mib:.0f}, cache {m.cache_bytes / mib:.0f}, staging "
         f"{(m.staging_bytes + m.prefetch_buffer_bytes) / mib:.0f}, KV {m.kv_cache_bytes / mib:.0f}, activations "
-        f"{m.activation_bytes / mib:.0f}, reserve {m.reserve_bytes / mib:.0f})",
+        f"{m.activation_bytes / mib:.0f}, reserve {m.reserve_bytes / mib:.0f}"
+        + (f", load-time 16-bit trunk +{m.build_transient_bytes / mib:.0f}" if m.build_transient_bytes else "") + ")",
     ]
     if not result.feasible:
         lines.append(f"  DOES NOT FIT     {result.reason}")

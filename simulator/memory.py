@@ -4,6 +4,9 @@ Peak = non-expert weights at their format + cache slots + staging and prefetch b
 the largest batch's total context + activations of the largest step + the runtime's reserve (from the
 profile). A configuration whose peak exceeds the GPU memory budget is reported as not fitting.
 
+A released build may hold more at load time than while it runs (Mixtral-Offloading's 16-bit trunk,
+:func:`build_transient_bytes`); the peak is the larger of the two.
+
 Activations are an estimate: the largest step's hidden states (4 x hidden per token: residual, norm,
 attention output, MoE output), one routed expert's intermediate per token (3 x expert intermediate), and
 fp32 logits for the sequences that sample, all at 16 bit.
@@ -150,6 +153,23 @@ def cache_bytes_at_sizes(spec: PolicySpec, expert_bytes: list[int], num_experts:
     return (total_bytes // max_eb) * max_eb
 
 
+def build_transient_bytes(policy: PolicySpec, shape: ModelShape, non_expert_bytes: int, kv_bytes: int,
+                          activation_bytes: int) -> int:
+    """Bytes the released build holds at its load-time peak beyond the running state.
+
+    Mixtral-Offloading builds its trunk at 16 bits on the GPU and only then swaps in HQQ attention; the
+    freed 16-bit blocks stay in PyTorch's caching allocator until the first ``empty_cache()``, which comes
+    after the expert cache and its buffers are allocated. Its load-time peak is therefore the 16-bit trunk +
+    cache + buffers + reserve, against the running non-expert weights + KV cache + activations."""
+    from moesim.simulator.runtime import runtime_costs
+
+    bits = runtime_costs(policy.runtime).build_trunk_bits
+    if not bits:
+        return 0
+    trunk = int(shape.non_expert_params * bits // 8)
+    return max(0, trunk - int(non_expert_bytes) - int(kv_bytes) - int(activation_bytes))
+
+
 def plan_memory(policy: PolicySpec, shape: ModelShape, expert_bytes: list[int], non_expert_bytes: int,
                 workload: Workload, profile, cache_experts: Optional[int], gpu_mem_bytes: Optional[int],
                 miss_curves: Optional[np.ndarray] = None, cache_mem: Optional[int] = None) -> MemoryPlan:
@@ -223,7 +243,7 @@ def plan_memory(policy: PolicySpec, shape: ModelShape, expert_bytes: list[int], 
             cache_bytes = limits[0] * max_eb
     capacity = CacheCapacity(spec.scope if not (spec.initial == "first-layers") else "layer", unit, limits)
     breakdown = MemoryBreakdown(non_expert_bytes, int(cache_bytes), int(staging), int(prefetch_buf), int(kv),
-                                int(act), reserve)
+                                int(act), reserve, build_transient_bytes(policy, shape, non_expert_bytes, kv, act))
     total = breakdown.total_bytes
     fits = total <= budget
     reason = ""
@@ -231,7 +251,9 @@ def plan_memory(policy: PolicySpec, shape: ModelShape, expert_bytes: list[int], 
         what = "every expert" if policy.all_resident else "this configuration"
         reason = (f"{what} needs {total / MIB:.0f} MiB of GPU memory, the budget is {budget / MIB:.0f} MiB "
                   f"(cache {cache_bytes / MIB:.0f} MiB, non-expert {non_expert_bytes / MIB:.0f} MiB, "
-                  f"KV {kv / MIB:.0f} MiB, reserve {reserve / MIB:.0f} MiB)")
+                  f"KV {kv / MIB:.0f} MiB, reserve {reserve / MIB:.0f} MiB"
+                  + (f", load-time 16-bit trunk +{breakdown.build_transient_bytes / MIB:.0f} MiB"
+                     if breakdown.build_transient_bytes else "") + ")")
     if unit == "experts":
         slots = sum(limits)
     else:

@@ -119,8 +119,10 @@ def fiddler() -> PolicySpec:
     code`` uses the released 7/70 constants), otherwise its weights are copied synchronously from pageable
     memory into one placeholder and never cached. Runtime costs (``fiddler``): per GPU expert the HF
     module's launches, per CPU expert a synchronous activation copy, per layer a host read of the routing.
-    Leaves out: the CPU and GPU work of one layer being
-    issued from one Python loop (here the CPU pool and the GPU run side by side); beam search.
+    The CPU experts' rate is the host's kernel class (PyTorch 2.1 bf16: on AVX-512 without BF16, Fiddler's own
+    7 ms per token per expert, ``calib/hosts.py``). Leaves out: the CPU and GPU work of one layer being
+    issued from one Python loop, GPU experts first and then each CPU expert synchronously (here the CPU pool
+    and the GPU run side by side); the per-layer Python loop over all 2^8 CPU/GPU assignments; beam search.
     """
     return _spec("fiddler", CacheSpec("static", scope="global", unit="bytes", initial="popular"),
                  placement="fiddler", placement_rule="code", transfer="sync", memory_fraction=0.95,

@@ -43,11 +43,13 @@ class MemoryBreakdown:
     kv_cache_bytes: int
     activation_bytes: int
     reserve_bytes: int
+    # what the released build holds at load time beyond the running state (simulator.memory.build_transient_bytes)
+    build_transient_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
         return (self.non_expert_bytes + self.cache_bytes + self.staging_bytes + self.prefetch_buffer_bytes
-                + self.kv_cache_bytes + self.activation_bytes + self.reserve_bytes)
+                + self.kv_cache_bytes + self.activation_bytes + self.reserve_bytes + self.build_transient_bytes)
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ class SimResult:
             "kv_cache_mib": m.kv_cache_bytes / MIB,
             "activation_mib": m.activation_bytes / MIB,
             "reserve_mib": m.reserve_bytes / MIB,
+            "build_transient_mib": m.build_transient_bytes / MIB,
             "hit_rate": self.hit_rate,
             "prefill_hit_rate": self.prefill_hit_rate,
             "prefetch_issued": self.prefetch_issued,

@@ -45,6 +45,10 @@ class RuntimeCosts:
     layer_syncs: int = 0  # host synchronisations per MoE layer
     hqq_attention_launches: int = 0  # extra launches per layer when attention is HQQ-quantized
     hqq_traffic_factor: float = 1.0  # bytes moved per packed byte by an HQQ expert call
+    # the released build first creates the dense trunk on the GPU at this width and swaps in the final
+    # (quantized) layers after; the freed 16-bit blocks stay reserved while the expert cache is allocated
+    # (0: built at its final format; simulator.memory.build_transient_bytes)
+    build_trunk_bits: int = 0
     where: str = ""  # code locations of the counts
 
     @property
@@ -56,11 +60,14 @@ RUNTIMES: dict[str, RuntimeCosts] = {r.name: r for r in (
     RuntimeCosts("none"),
     RuntimeCosts(
         "mixtral-offloading", expert_kernels=8, expert_syncs=2, hqq_expert_launches=18, layer_syncs=1,
-        hqq_attention_launches=24, hqq_traffic_factor=5.0,
+        hqq_attention_launches=24, hqq_traffic_factor=5.0, build_trunk_bits=16,
         where="dvmazur/mixtral-offloading ce54518 src/custom_layers.py:243-314 (per expert: 3 linears, SiLU, "
               "multiply, torch.where + index_add_, two .tolist() syncs; per layer: unique().tolist()); "
               "custom_layers.py:55-92 (per HQQ linear: 6 dequant kernels for scale and zero, then the Triton "
-              "matmul; 4 HQQ attention projections per layer)"),
+              "matmul; 4 HQQ attention projections per layer); src/build_model.py build_model (the trunk is "
+              "built on the GPU under with_default_dtype(torch.float16) with num_local_experts=0, then "
+              "replace_attn_layers swaps in HQQ attention; ExpertCache allocates every main module and "
+              "device buffer before the first torch.cuda.empty_cache(), inside the expert-loading loop)"),
     RuntimeCosts(
         "moe-infinity", expert_kernels=5, expert_syncs=2, layer_syncs=1,
         where="EfficientMoE/MoE-Infinity d617801 core/parallel/expert_dispatcher.cpp:37-69, 339, 385, 392 "

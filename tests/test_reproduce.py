@@ -122,10 +122,14 @@ def test_a_profile_states_its_host_and_takes_its_cpu_side_from_it():
     assert skylake.host.facts["isa"] == "avx512" and skylake.host.facts["stated"] is True
     assert "ASSUMED" in compose_profile("a6000").sources["host"]
     one = lambda p: float(p.cpu_expert_time(shape, np.array([1]), kernel="bf16")[0])  # noqa: E731
-    # AVX-512 (oneDNN bf16 via fp32): bandwidth-bound, bytes / (socket bandwidth x efficiency / factor)
+    # AVX-512 (oneDNN bf16 via fp32): at one token the slower of the channels (bytes / (socket bandwidth x
+    # efficiency / factor)) and Fiddler's 7 ms per token on this socket; linear in tokens from there
     expert_bytes = 3 * 4096 * 14336 * 2
     eff = CPU_MEMORY_EFFICIENCY.value / CPU_BF16_KERNEL_FACTOR["avx512"].value
-    assert one(skylake) == pytest.approx(expert_bytes / (6 * 21.33e9 * eff), rel=0.05)
+    assert one(skylake) == pytest.approx(max(expert_bytes / (6 * 21.33e9 * eff), 7e-3), rel=0.05)
+    per_token = lambda p, n: float(p.cpu_expert_time(shape, np.array([n]), kernel="bf16")[0])  # noqa: E731
+    assert per_token(skylake, 4) == pytest.approx(4 * 7e-3, rel=0.05)
+    assert per_token(skylake, 16) == pytest.approx(16 * 7e-3, rel=0.05)
     # AVX2 in PyTorch <= 2.5: no bf16 GEMV; the fallback's own rate, whatever the socket's channels or cores
     assert one(zen3) == pytest.approx(expert_bytes / CPU_BF16_AVX2_FLOPS.value, rel=0.05)
     assert one(zen3) > 5 * one(skylake)
@@ -139,8 +143,45 @@ def test_a_profile_states_its_host_and_takes_its_cpu_side_from_it():
         compose_profile("a6000", "nope")
 
 
+def test_a_link_trains_at_the_older_generation_of_card_and_host():
+    from moesim.calib.hosts import compose_profile
+
+    # Fiddler's Env2: a PCIe 4.0 L4 in a Cascade Lake server (PCIe 3.0 root ports) copies at Gen3 rates
+    env2 = compose_profile("l4", "cascade-lake-32c", "pcie4")
+    gen3 = compose_profile("quadro-rtx-6000", "xeon-gold-6126-x2", "pcie3")
+    assert env2.name == "l4+cascade-lake-32c+pcie3"
+    assert env2.copy_time(352e6, "h2d", pinned=True) == pytest.approx(gen3.copy_time(352e6, "h2d", pinned=True))
+    assert compose_profile("a6000", "threadripper-pro-5965wx", "pcie4").name.endswith("+pcie4")
+    assert compose_profile("a6000").name.endswith("+pcie4")  # its typical host (Zen 3) runs Gen4
+    # the bundled L4 profile's own host (a Google Cloud G2 Cascade Lake) runs Gen3 too
+    from moesim.calib.profile import load_profile
+
+    assert load_profile("l4").device.facts["pcie_generation"] == 3
+
+
 def test_simulate_takes_a_host_and_a_link():
     r = CliRunner().invoke(cli, ["simulate", "--profile", "quadro-rtx-6000", "--host", "xeon-gold-6126-x2",
                                  "--link", "pcie3", "--policy", "fiddler", "--trace", "gpt-oss-120b-bigmoeonedge"])
     assert r.exit_code == 0, r.output
     assert "quadro-rtx-6000+xeon-gold-6126-x2+pcie3" in r.output
+
+
+def test_mixtral_offloading_peak_is_its_load_time_16bit_trunk():
+    """The released build creates the trunk at 16 bits before swapping in HQQ attention; the freed blocks
+    are still reserved when the expert cache is allocated, so that is the peak."""
+    from moesim.modelspec import load_model_shape
+    from moesim.reproduce.run import _config, _profile, _trace
+    from moesim.simulator.memory import build_transient_bytes
+    from moesim.simulator.presets import get_preset
+    from moesim.simulator.run import simulate
+
+    shape = load_model_shape("mixtral-8x7b")
+    point = next(p for p in read_catalogue() if p.id == "study-mo2-mem")
+    trace = _trace(point, 64, 50, 2)
+    m = simulate(trace, _profile(point), _config(point, trace.meta.model)).memory
+    trunk16 = shape.non_expert_params * 2
+    assert m.total_bytes == trunk16 + m.cache_bytes + m.staging_bytes + m.prefetch_buffer_bytes + m.reserve_bytes
+    assert predict(point).ratio == pytest.approx(1.0, abs=0.03)
+    # no transient for a system built at its final format, or for a 16-bit trunk that stays 16-bit
+    assert build_transient_bytes(get_preset("fiddler"), shape, trunk16 // 4, 0, 0) == 0
+    assert build_transient_bytes(get_preset("mixtral-offloading"), shape, trunk16, 0, 0) == 0
