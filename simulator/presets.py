@@ -14,6 +14,7 @@ from moesim.simulator.gating import GatingSpec
 from moesim.simulator.placement import PlacementSpec
 from moesim.simulator.policies import Registry
 from moesim.simulator.prefetch import PrefetchSpec
+from moesim.simulator.prefetch_eam_all import EAMEveryLayerPrefetch  # noqa: F401  (registers eam-all)
 from moesim.simulator.transfer import transfer_spec
 
 PRESETS: Registry[Callable[[], PolicySpec]] = Registry("policy")
@@ -106,6 +107,34 @@ def moe_infinity() -> PolicySpec:
     """
     return _spec("moe-infinity", CacheSpec("lfu", scope="global", unit="bytes"), memory_fraction=0.9,
                  memory_rule="pool", demand_priority=True, runtime="moe-infinity")
+
+
+@PRESETS.register("moe-infinity-2024")
+def moe_infinity_2024() -> PolicySpec:
+    """MoE-Infinity as released in 2024 (TorchMoE/MoE-Infinity, the code of the README table of 87eacf7,
+    2024-04-09): the ``moe-infinity`` preset's cache and fetch stream, plus the per-layer prefetch that code
+    ran and the 2025 rewrite (``d617801``, the ``moe-infinity`` preset) comments out.
+
+    Models: at every MoE layer of every forward, prefill and decode, the EAM predictor's scores for the
+    current and every later layer, every expert above zero (``+1e-8``), so every non-resident expert of
+    layers ``l..L-1`` is enqueued best first (``prefetch=eam-all``, :mod:`moesim.simulator.prefetch_eam_all`
+    cites the code). The one fetch thread serves queued demand fetches first but never interrupts the copy
+    in flight, so a layer whose expert misses waits for the prefetch on the link, then for its own copy.
+    The prefetcher issues one expert per layer call (``limit``): the lane is busy with prefetches either way
+    (``moesim reproduce``'s MoE-Infinity points move by under 1% between 1, 2 and 4).
+    Leaves out: that the 2024 code's copies are synchronous ``cudaMemcpy`` on the legacy default stream
+    (``core/model/model_topology.cpp`` @1f117f7 ``Node::SetDevice``, ``stream = nullptr`` in
+    ``model_topology.h`` @87eacf7), so they also serialise with the layer's kernels (1-3 ms of compute per
+    layer against a 15-30 ms expert copy); the released eviction for a prefetch (experts of earlier layers
+    only, most visited first, ``task_scheduler.cpp`` @87eacf7 ``RemoveCachedSparseNode``; here the
+    ``moe-infinity`` cache's rule); the queue's dropping of passed layers' prefetches (here a queued
+    prefetch is copied whatever its layer); the predictor's own GPU kernels and host sync per layer.
+    Which version a published number ran is stated per point in ``reproduce/catalogue.csv``: the 2024-04
+    README table ran this code; the design-space study (submitted to ACL ARR in May 2025) names no version,
+    and is taken to have run this one (a judgement: the rewrite's README table dates from 2025-02-23).
+    """
+    base = moe_infinity()
+    return base.with_parts(name="moe-infinity-2024", prefetch=PrefetchSpec("eam-all", limit=1))
 
 
 @PRESETS.register("fiddler")
