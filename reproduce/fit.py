@@ -186,3 +186,36 @@ def memoized(predict: Callable, registry: Mapping[str, FittedParameter] | None =
         return memo[key]
 
     return cached
+
+
+# ---- the registry: one entry per fitted unit cost
+
+
+def _unit_cost(key: str) -> tuple[Callable[[], float], Callable[[float], None]]:
+    from moesim.simulator import runtime
+
+    def read() -> float:
+        return runtime.FITTED_UNIT_COSTS[key]
+
+    def write(value: float) -> None:
+        runtime.FITTED_UNIT_COSTS[key] = float(value)
+
+    return read, write
+
+
+register(FittedParameter(
+    name="accelerate.weight_overhead_s",
+    meaning="accelerate's fixed cost per offloaded expert weight matrix per forward, beyond its copy: the "
+            "AlignDevicesHook's set_module_tensor_to_device loads it and post_forward moves it back to 'meta', "
+            "each ending in torch.cuda.empty_cache() (unconditional in accelerate v0.21-v0.27, still on the move "
+            "to 'meta' until PR #3796 of 2025-10; component-costs 4.6, 4.7, which give no unit cost); a "
+            "DeepSeek-V2-Lite layer has 192 expert matrices where Mixtral's has 24",
+    unit="s",
+    used_in="simulator/runtime.py FITTED_UNIT_COSTS['accelerate.weight_overhead_s'], read by "
+            "simulator/run.py accelerate_layer_copy_s",
+    points=("study-baseline-tpot", "mir-mixtral-acc", "mir-dsl-acc"),
+    bounds=(0.0, 0.005),
+    neutral=0.0,
+    read=_unit_cost("accelerate.weight_overhead_s")[0],
+    write=_unit_cost("accelerate.weight_overhead_s")[1],
+))

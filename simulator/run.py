@@ -211,14 +211,19 @@ def build_policy_objects(prep: Prepared) -> PolicyObjects:
 def accelerate_layer_copy_s(profile, nbytes: float, experts: int, pinned: bool) -> float:
     """accelerate copies an offloaded layer one parameter at a time (an AlignDevicesHook per module,
     ``set_module_tensor_to_device`` per parameter, synchronous): the bytes once, plus a copy's fixed latency
-    for each of the 3 weight matrices of every expert beyond the first copy."""
+    for each of the 3 weight matrices of every expert beyond the first copy, plus for each matrix the hook's
+    fixed cost, whose unit is fitted (``accelerate.weight_overhead_s`` in ``simulator/runtime.py``: the load
+    and the move back to ``meta`` each end in ``torch.cuda.empty_cache()``; component-costs 4.6, 4.7)."""
     if nbytes <= 0:
         return 0.0
     from moesim.calib.profile import copy_key
+    from moesim.simulator.runtime import FITTED_UNIT_COSTS
 
     model = profile.copy_models.get(copy_key("h2d", pinned, False))
     latency = float(model.latency_s) if model is not None else 0.0
-    return float(profile.copy_time(nbytes, "h2d", pinned=pinned)) + max(0, 3 * experts - 1) * latency
+    per_matrix = FITTED_UNIT_COSTS["accelerate.weight_overhead_s"]
+    return (float(profile.copy_time(nbytes, "h2d", pinned=pinned)) + max(0, 3 * experts - 1) * latency
+            + 3 * experts * per_matrix)
 
 
 def run_prepared(prep: Prepared, record_hits: bool = False, timeline: Optional[Timeline] = None,

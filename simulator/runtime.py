@@ -83,6 +83,15 @@ RUNTIMES: dict[str, RuntimeCosts] = {r.name: r for r in (
 # is fitted; ``moesim reproduce --fit`` prints the values that would be fitted.
 FITTED: dict[str, tuple[float, tuple[str, ...]]] = {}
 
+# Unit costs of modelled mechanisms that no source gives, fitted to published measurements. Each is declared
+# in moesim.reproduce.fit.REGISTRY (what it is, the catalogue points it is fitted to, its bounds), which
+# `moesim reproduce` refits and holds out source by source; the values here are what every simulation uses.
+FITTED_UNIT_COSTS: dict[str, float] = {
+    # accelerate, per offloaded expert weight matrix per forward, beyond its copy (moesim/simulator/run.py
+    # accelerate_layer_copy_s); fitted on study-baseline-tpot, mir-mixtral-acc, mir-dsl-acc
+    "accelerate.weight_overhead_s": 8.223e-4,
+}
+
 
 def runtime_costs(name: str) -> RuntimeCosts:
     if name not in RUNTIMES:

@@ -88,3 +88,27 @@ def test_a_parameter_is_registered_once_with_an_interval_and_points():
             fit.register(param)
         ids = {p.id for p in read_catalogue()}
         assert set(param.points) <= ids, f"{name} names points the catalogue lacks"
+
+
+def test_accelerates_per_matrix_overhead_is_charged_for_every_offloaded_expert_matrix(monkeypatch):
+    from moesim.calib.hosts import compose_profile
+    from moesim.simulator import runtime
+    from moesim.simulator.run import accelerate_layer_copy_s
+
+    profile = compose_profile("a5000", "unstated", "pcie4")
+    monkeypatch.setitem(runtime.FITTED_UNIT_COSTS, "accelerate.weight_overhead_s", 0.0)
+    base = accelerate_layer_copy_s(profile, 64 * 17e6, 64, False)
+    monkeypatch.setitem(runtime.FITTED_UNIT_COSTS, "accelerate.weight_overhead_s", 1e-3)
+    assert accelerate_layer_copy_s(profile, 64 * 17e6, 64, False) == pytest.approx(base + 3 * 64 * 1e-3)
+
+
+def test_committed_fitted_values_are_their_fit_on_the_catalogue():
+    """The value every simulation uses is the one `moesim reproduce` fits (else: update simulator/runtime.py)."""
+    from moesim.reproduce.run import predict
+
+    points = read_catalogue()
+    fits = fit.fit_all(points, fit.memoized(lambda p: predict(p).predicted))
+    assert fits, "the registry is empty"
+    for name, r in fits.items():
+        assert not r.stale, f"{name}: committed {r.committed:.4g}, fitted {r.value:.4g}"
+        assert r.points == fit.REGISTRY[name].points  # every point it names is simulated
