@@ -144,3 +144,17 @@ def test_simulate_takes_a_host_and_a_link():
                                  "--link", "pcie3", "--policy", "fiddler", "--trace", "gpt-oss-120b-bigmoeonedge"])
     assert r.exit_code == 0, r.output
     assert "quadro-rtx-6000+xeon-gold-6126-x2+pcie3" in r.output
+
+
+def test_deepseek_v2_lite_routing_reproduces_the_published_lru_hit_rate():
+    from moesim.reproduce.routing import DSL, DSL_CAPACITY, DSL_LRU25_HIT
+    from moesim.tracer.stats import lru_hit_curve
+
+    trace = synthetic_trace(DSL, "deepseek-v2-lite", [16] * 8, [256] * 8)
+    assert (trace.meta.num_experts, trace.meta.model.top_k, trace.meta.num_layers) == (64, 6, 26)
+    curve = lru_hit_curve(trace, "layer", "decode")
+    assert abs(curve.hits[DSL_CAPACITY] / curve.accesses - DSL_LRU25_HIT) < 0.02  # B6: 47.7%
+    uniform = lru_hit_curve(synthetic_trace("iid-uniform", "deepseek-v2-lite", [16] * 2, [128] * 2), "layer", "decode")
+    assert uniform.hits[DSL_CAPACITY] / uniform.accesses < 0.3  # i.i.d. routing: about 16/64
+    points = [p for p in read_catalogue() if p.model == "deepseek-v2-lite"]
+    assert points and all(p.routing == DSL for p in points)
