@@ -132,6 +132,10 @@ def moe_infinity_2024() -> PolicySpec:
     Which version a published number ran is stated per point in ``reproduce/catalogue.csv``: the 2024-04
     README table ran this code; the design-space study (submitted to ACL ARR in May 2025) names no version,
     and is taken to have run this one (a judgement: the rewrite's README table dates from 2025-02-23).
+    Checked on every MoE-Infinity point (predicted / published TPOT, ``moe-infinity`` then this preset):
+    study mem 0.95/0.75/0.50/0.25 0.49/0.54/0.55/0.62 then 0.72/0.80/0.82/0.88; 2024-04 README 0.82 then
+    1.19; 2025 README 0.99 then 1.45; paper v3 0.87 then 1.28 (the 2025 README and the paper stay on
+    ``moe-infinity``); DeepSeek-V2-Lite 0.53 either way.
     """
     base = moe_infinity()
     return base.with_parts(name="moe-infinity-2024", prefetch=PrefetchSpec("eam-all", limit=1))
