@@ -15,6 +15,7 @@ API (for every area that needs a fitted parameter):
 - The value the simulator uses outside ``moesim reproduce`` is the one committed in the code (``read()``);
   ``moesim reproduce`` refits every parameter, uses the fitted values for its table, and says so when a
   committed value differs from its fit by more than :data:`STALE_RELATIVE` (then update the committed value).
+  A run filtered to none of a parameter's points keeps its committed value.
 - :func:`fit_all` fits each parameter in registry order on its own points, minimising the sum of squared log
   ratios (predicted / published) with the parameters registered before it held at their fitted values: a scan
   of the bounds, then bounded Brent between the best scanned value's neighbours (:func:`fit_one`);
@@ -143,9 +144,12 @@ def fit_all(points: Sequence, predict: Callable, exclude_source: str | None = No
     by_id = {p.id: p for p in points}
     fitted: dict[str, FitResult] = {}
     for name, param in registry.items():
-        own = [by_id[i] for i in param.points if i in by_id and by_id[i].source != exclude_source
-               and not by_id[i].unsimulable]
+        present = [by_id[i] for i in param.points if i in by_id and not by_id[i].unsimulable]
+        own = [p for p in present if p.source != exclude_source]
         fixed = {n: r.value for n, r in fitted.items()}
+        if not present:  # a run filtered to other points: nothing to refit it on, it keeps its committed value
+            fitted[name] = FitResult(name, param.read(), param.read(), (), math.nan)
+            continue
         value, rms = fit_one(param, own, fixed, predict, registry)
         fitted[name] = FitResult(name, value, param.read(), tuple(p.id for p in own), rms)
     return fitted

@@ -65,6 +65,9 @@ def format_fits(fits: dict[str, FitResult]) -> list[str]:
         param = REGISTRY.get(name)
         unit = f" {param.unit}" if param else ""
         where = f" ({param.used_in})" if param else ""
+        if not r.points:
+            lines.append(f"fitted {name} = {r.value:.4g}{unit}{where}: committed value, none of its points in this run")
+            continue
         stale = f"; STALE: the code commits {r.committed:.4g}, update it" if r.stale else ""
         lines.append(f"fitted {name} = {r.value:.4g}{unit}{where}, rms log error {r.rms_log_error:.3f} on "
                      f"{len(r.points)} points: {', '.join(r.points) or '-'}{stale}")

@@ -51,6 +51,11 @@ class RuntimeCosts:
     def layer_fitted_s(self) -> float:
         return FITTED.get(self.name, (0.0, ()))[0]
 
+    @property
+    def weight_overhead_s(self) -> float:
+        """accelerate's hook cost per offloaded weight matrix per forward (fitted; 0 for other runtimes)."""
+        return FITTED_UNIT_COSTS["accelerate.weight_overhead_s"] if self.name == "accelerate" else 0.0
+
 
 RUNTIMES: dict[str, RuntimeCosts] = {r.name: r for r in (
     RuntimeCosts("none"),

@@ -96,10 +96,11 @@ def test_accelerates_per_matrix_overhead_is_charged_for_every_offloaded_expert_m
     from moesim.simulator.run import accelerate_layer_copy_s
 
     profile = compose_profile("a5000", "unstated", "pcie4")
-    monkeypatch.setitem(runtime.FITTED_UNIT_COSTS, "accelerate.weight_overhead_s", 0.0)
     base = accelerate_layer_copy_s(profile, 64 * 17e6, 64, False)
     monkeypatch.setitem(runtime.FITTED_UNIT_COSTS, "accelerate.weight_overhead_s", 1e-3)
-    assert accelerate_layer_copy_s(profile, 64 * 17e6, 64, False) == pytest.approx(base + 3 * 64 * 1e-3)
+    per_matrix = runtime.runtime_costs("accelerate").weight_overhead_s
+    assert per_matrix == 1e-3 and runtime.runtime_costs("moe-infinity").weight_overhead_s == 0.0
+    assert accelerate_layer_copy_s(profile, 64 * 17e6, 64, False, per_matrix) == pytest.approx(base + 3 * 64 * 1e-3)
 
 
 def test_committed_fitted_values_are_their_fit_on_the_catalogue():
@@ -112,3 +113,12 @@ def test_committed_fitted_values_are_their_fit_on_the_catalogue():
     for name, r in fits.items():
         assert not r.stale, f"{name}: committed {r.committed:.4g}, fitted {r.value:.4g}"
         assert r.points == fit.REGISTRY[name].points  # every point it names is simulated
+
+
+def test_a_run_without_a_parameters_points_keeps_its_committed_value():
+    store = {"k": 4.0}
+    points = _points({"a": 2.0})
+    reg = _registry(points, store)
+    others = _points({"b": 3.0})
+    fits = fit.fit_all(others, lambda p: store["k"], registry=reg)
+    assert fits["k"].value == 4.0 and fits["k"].points == () and not fits["k"].stale
