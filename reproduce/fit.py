@@ -215,8 +215,8 @@ register(FittedParameter(
             "to 'meta' until PR #3796 of 2025-10; component-costs 4.6, 4.7, which give no unit cost); a "
             "DeepSeek-V2-Lite layer has 192 expert matrices where Mixtral's has 24",
     unit="s",
-    used_in="simulator/runtime.py FITTED_UNIT_COSTS['accelerate.weight_overhead_s'], read by "
-            "simulator/run.py accelerate_layer_copy_s",
+    used_in="simulator/runtime.py FITTED_UNIT_COSTS['accelerate.weight_overhead_s'] (the accelerate runtime's "
+            "weight_overhead_s, charged per matrix by simulator/run.py accelerate_layer_copy_s)",
     points=("study-baseline-tpot", "mir-mixtral-acc", "mir-dsl-acc"),
     bounds=(0.0, 0.005),
     neutral=0.0,

@@ -19,9 +19,10 @@ dequantizes its 8-bit scale and zero with 3 elementwise kernels each before one 
 expert moves about 5x its packed bytes through GPU memory per call (``hqq_traffic_factor``); 4-bit HQQ
 attention likewise moves about 1.25x the bf16 bytes of the attention weights (5 x 4/16).
 
-``layer_fitted_s`` is the only term fitted to published measurements: a per-MoE-layer cost the code counts
-do not explain. Its value, and the catalogue points it was fitted on, are in :data:`FITTED`;
-``moesim reproduce`` reports it and holds each source out in turn.
+Terms fitted to published measurements (their values here; what each is, its points and bounds in
+``moesim.reproduce.fit.REGISTRY``, which ``moesim reproduce`` refits and holds out source by source):
+``weight_overhead_s`` (``accelerate``: the hook's fixed cost per offloaded weight matrix per forward, in
+:data:`FITTED_UNIT_COSTS`) and ``layer_fitted_s`` (a per-MoE-layer cost, :data:`FITTED`; none fitted).
 """
 
 from __future__ import annotations
