@@ -19,6 +19,12 @@ Read from the code (commit and path each):
   one fetch thread serves queued demand tasks before prefetch tasks; ``archer_prefetch_handle.cpp``
   ``EnqueuePrefetch`` skips an expert already on the GPU.
 
+- ``moe_infinity/memory/expert_prefetcher.py`` @1f117f7: before enqueueing, ``replace_cache_candidates``
+  makes every scored expert a cache candidate and clears the queued prefetches (``ReplaceCacheCandidates``,
+  ``core/prefetch/task_scheduler.h``); ``RemoveCachedSparseNode`` (@87eacf7) never evicts a candidate.
+  ``PrefetchSpec.replaces_queue`` and ``evicts_earlier_layers_only`` model both (the decision core and the
+  engine act on them; :func:`moesim.simulator.presets.moe_infinity_2024` says what they change).
+
 So the prefetcher returns, at each layer call, the non-resident experts of layers ``l..L-1`` in that score
 order (the current layer's unrouted experts included, as the code enqueues them too). How many of them are
 copied before the next layer's call replaces the queue is the fetch thread's race with the layer's compute,
