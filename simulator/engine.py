@@ -123,13 +123,14 @@ class Simulation:
 
     def _sleep_event(self, duration: float) -> simpy.Event:
         """The compute stream runs the accumulated work: one timeout for all of it."""
+        now = self.env.now
+        # default-stream copies: the kernels wait for the copy in flight, a stall
+        waited = max(self.h2d.busy_until - now, 0.0) if self._serial_copies else 0.0
         if self.timeline is not None:
-            self.timeline.gpu_segments(self.env.now, self._segments)
+            self.timeline.gpu_segments(now + waited, self._segments)
             self._segments.clear()
         self.stats.waits += 1
-        now = self.env.now
-        if self._serial_copies:  # the kernels wait for the copy in flight: a stall
-            waited = max(self.h2d.busy_until - now, 0.0)
+        if self._serial_copies:
             duration += waited
             self.stats.stall_s += waited
         elif self.h2d.contended_by is not None:
@@ -154,12 +155,12 @@ class Simulation:
         order SimPy would have served them, and the compute stream's time moves on."""
         clock = self.clock
         now = clock.now
+        waited = max(self.h2d.busy_until - now, 0.0) if self._serial_copies else 0.0
         if self.timeline is not None:
-            self.timeline.gpu_segments(now, self._segments)
+            self.timeline.gpu_segments(now + waited, self._segments)
             self._segments.clear()
         self.stats.waits += 1
-        if self._serial_copies:  # the kernels wait for the copy in flight: a stall
-            waited = max(self.h2d.busy_until - now, 0.0)
+        if self._serial_copies:
             duration += waited
             self.stats.stall_s += waited
         elif self.h2d.contended_by is not None:

@@ -206,3 +206,11 @@ def test_copies_on_the_legacy_default_stream_never_overlap_compute(tmp_path):
     assert r.ttft_mean_s == approx(5 * MS) and r.tpot_mean_s == approx(5 * MS)
     assert r.stall_s == approx(2 * 2 * MS)  # per step: 1 ms waiting for copy 0, 1 ms for copy 1 beside FFN 0
     assert simulate(path, prof, SimConfig(lru, cache_experts=2)).tpot_mean_s == approx(4.5 * MS)
+    from moesim.simulator.timeline import Timeline
+
+    timeline = Timeline()
+    simulate(path, prof, SimConfig(default_stream, cache_experts=2), timeline=timeline)
+    copies = [(s, s + d) for tid, name, s, d in timeline.events if name.startswith("load")]
+    kernels = [(s, s + d) for tid, name, s, d in timeline.events if name.startswith("expert")]
+    assert len(copies) == 4 and len(kernels) == 4  # the timeline draws them taking turns too
+    assert all(ke <= cs + 1e-12 or ce <= ks + 1e-12 for cs, ce in copies for ks, ke in kernels)
