@@ -91,8 +91,8 @@ def op_costs(fe: WorkloadFeatures, profile, shape, expert_bytes: list[int], expe
     E = fe.num_experts
     from moesim.simulator.run import accelerate_layer_copy_s
 
-    layer_copy = np.asarray([accelerate_layer_copy_s(profile, float(b) * E, E, False) for b in expert_bytes],
-                            dtype=np.float64)
+    layer_copy = np.asarray([accelerate_layer_copy_s(profile, float(b) * E, E, False, rt.weight_overhead_s)
+                             for b in expert_bytes], dtype=np.float64)
     tpe = float(fe.decode.tokens.sum() / max(fe.decode.experts.sum(), 1))
     return OpCosts(
         gpu=gpu, cpu=np.asarray(ct.cpu_expert), act_d2h=np.asarray(ct.act_d2h), act_h2d=np.asarray(ct.act_h2d),

@@ -19,15 +19,15 @@ from moesim.options import out_option
 def reproduce_command(system, source, catalogue_path, out_path):
     """Simulate every published point with its preset and machine; print published, predicted and ratio."""
     from moesim.reproduce.catalogue import CATALOGUE, read_catalogue
-    from moesim.reproduce.report import format_console, format_scores, write_markdown, write_plot
-    from moesim.reproduce.run import filtered, leave_one_source_out, run_all, score
+    from moesim.reproduce.report import format_console, format_fits, format_scores, write_markdown, write_plot
+    from moesim.reproduce.run import filtered, fit_and_run, score
 
     points = filtered(read_catalogue(catalogue_path or CATALOGUE), system, source)
-    outcomes = run_all(points)
+    outcomes, fits, loso = fit_and_run(points)
     click.echo(format_console(outcomes))
     scores = score(outcomes)
-    fitted: list = []
-    loso = leave_one_source_out(outcomes, {})
+    for line in format_fits(fits):
+        click.echo(line)
     for line in format_scores(scores, loso):
         click.echo(line)
     if out_path is None and system is None and source is None:
@@ -37,5 +37,5 @@ def reproduce_command(system, source, catalogue_path, out_path):
         md.parent.mkdir(parents=True, exist_ok=True)
         plot = md.with_suffix(".png")
         write_plot(plot, outcomes)
-        write_markdown(md, outcomes, scores, loso, fitted, plot.name)
+        write_markdown(md, outcomes, scores, loso, fits, plot.name)
         click.echo(f"report: {md} (plot {plot})")

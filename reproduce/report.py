@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from moesim.reproduce.catalogue import METRICS
-from moesim.reproduce.run import FittedParameter, Outcome, Scores
+from moesim.reproduce.fit import REGISTRY, FitResult
+from moesim.reproduce.run import Outcome, Scores
 
 
 def _num(x: float) -> str:
@@ -56,8 +57,25 @@ def format_scores(s: Scores, loso: dict[str, float]) -> list[str]:
     return lines
 
 
+def format_fits(fits: dict[str, FitResult]) -> list[str]:
+    """One line per fitted parameter: value, unit, where it is used, the points behind it, and whether the
+    value committed in the code (what `moesim simulate` uses) is stale."""
+    lines = []
+    for name, r in fits.items():
+        param = REGISTRY.get(name)
+        unit = f" {param.unit}" if param else ""
+        where = f" ({param.used_in})" if param else ""
+        if not r.points:
+            lines.append(f"fitted {name} = {r.value:.4g}{unit}{where}: committed value, none of its points in this run")
+            continue
+        stale = f"; STALE: the code commits {r.committed:.4g}, update it" if r.stale else ""
+        lines.append(f"fitted {name} = {r.value:.4g}{unit}{where}, rms log error {r.rms_log_error:.3f} on "
+                     f"{len(r.points)} points: {', '.join(r.points) or '-'}{stale}")
+    return lines
+
+
 def write_markdown(path: Path, outcomes: list[Outcome], s: Scores, loso: dict[str, float],
-                   fitted: list[FittedParameter], plot_name: str) -> None:
+                   fitted: dict[str, FitResult], plot_name: str) -> None:
     from moesim.atomic import write_text_atomic
 
     head = ["point", "source", "system", "GPU / host / link", "metric", "published", "predicted", "ratio",
@@ -77,8 +95,16 @@ def write_markdown(path: Path, outcomes: list[Outcome], s: Scores, loso: dict[st
     out += [f"- {line}" for line in format_scores(s, loso)]
     out += ["", "## Parameters fitted to published numbers", ""]
     if fitted:
-        for f in fitted:
-            out.append(f"- `{f.name}` = {f.value:g} ({f.where}), fitted on: {', '.join(f.fitted_on)}")
+        out.append("Each is the unit cost of a modelled mechanism that no source gives, fitted by "
+                   "`reproduce/fit.py` (bounded least squares on log ratio); leave-one-source-out refits it "
+                   "without the held-out source's points.")
+        out.append("")
+        for name, r in fitted.items():
+            param = REGISTRY.get(name)
+            meaning = f": {param.meaning}; used in {param.used_in}; bounds {param.bounds}" if param else ""
+            out.append(f"- `{name}` = {r.value:.4g} {param.unit if param else ''}{meaning}. Fitted on: "
+                       f"{', '.join(r.points) or '-'} (rms log error {r.rms_log_error:.3f})"
+                       + (f". STALE: the code commits {r.committed:.4g}" if r.stale else ""))
     else:
         out.append("None: every cost comes from a specification, a cited measurement or a stated assumption "
                    "(see the profile's `sources` and the presets' docstrings), so leave-one-source-out equals "

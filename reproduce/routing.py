@@ -4,8 +4,16 @@
 - A bundled routing model of ``moesim trace synth`` (``traces/routing/*.json``, e.g. ``mixtral-8x7b-published``:
   Mixtral-8x7B routing fitted to published statistics, since no Mixtral trace exists here and nothing here
   can run Mixtral): a synthetic trace of the point's prompt and output lengths (:mod:`moesim.tracer.synth`).
+- ``deepseek-v2-lite-published``: DeepSeek-V2-Lite routing built from the one published statistic of its
+  routing that says how a cache behaves (published-measurements.md Part B, B6: a per-layer LRU of 25% of
+  the experts hits 47.7% in decode; HybriMoE, arXiv 2504.05897 Fig. 9 text): uniform popularity, and
+  temporal locality (a token repeats the previous token's experts) with the one probability that gives B6's
+  hit rate. Not used: B14's "std. dev. of expert activation frequency" (2.34; arXiv 2505.16056 Table 2)
+  states no unit, and read as percent of activations (uniform 1.5625) it alone would give LRU(25%) 52%,
+  above B6, while OLMoE's 6.79 could not be a share's std; B13's segment-routing score is no cache
+  statistic. No cross-layer or per-request statistic is published: the model has neither.
 - ``iid-uniform``: every token picks top-k distinct experts uniformly at random, a stated stand-in for
-  models whose routing is available in no form here (DeepSeek-V2-Lite).
+  models whose routing is available in no form here.
 
 Synthetic traces are deterministic (fixed seed) and are marked synthetic in the report.
 """
@@ -19,7 +27,13 @@ from moesim.modelspec import load_model_shape
 from moesim.tracer import DECODE, PREFILL, Trace, TraceCells, TraceMeta, TraceSource
 
 IID = "iid-uniform"
+DSL = "deepseek-v2-lite-published"
 SEED = 0
+DSL_LRU25_HIT = 0.477  # B6: per-layer LRU hit rate with 25% of the experts cached, decode
+# probability that a token repeats the previous token's experts, set so the model's per-layer LRU(16 of 64)
+# decode hit rate is DSL_LRU25_HIT (tests/test_reproduce.py recomputes it from a synthetic trace)
+DSL_REPEAT = 0.297
+DSL_CAPACITY = 16  # 25% of 64 routed experts
 
 
 def _routing_models() -> dict:
@@ -34,16 +48,20 @@ def is_synthetic(routing: str) -> bool:
 
     if routing in bundled_traces():
         return False
-    return routing == IID or routing in _routing_models()
+    return routing in (IID, DSL) or routing in _routing_models()
 
 
 def synthetic_trace(routing: str, model: str, prompts: list[int], outputs: list[int], seed: int = SEED) -> Trace:
     """A trace of ``len(prompts)`` requests (prompt, output lengths) from routing model ``routing``."""
     if routing == IID:
         return _iid_trace(model, prompts, outputs, seed)
+    if routing == DSL:
+        from moesim.tracer.synth import synthetic_trace as synth
+
+        return synth(deepseek_v2_lite_routing(model), np.asarray(prompts), np.asarray(outputs), seed=seed)
     if routing not in _routing_models():
         raise MoesimError(f"routing '{routing}': expected a bundled trace, a bundled routing model "
-                          f"({', '.join(_routing_models())}) or {IID}")
+                          f"({', '.join(_routing_models())}), {DSL} or {IID}")
     from moesim.tracer.routing import read_routing
     from moesim.tracer.synth import synthetic_trace as synth
 
@@ -77,3 +95,23 @@ def _iid_trace(model: str, prompts: list[int], outputs: list[int], seed: int) ->
                      non_expert_bytes=shape.non_expert_bytes(),
                      source=TraceSource(kind="synthetic", path="", sha256="", details={"routing": IID, "seed": seed}))
     return Trace(meta, cells)
+
+
+def deepseek_v2_lite_routing(model: str = "deepseek-v2-lite", repeat: float = DSL_REPEAT):
+    """The ``deepseek-v2-lite-published`` routing model (see the module docstring)."""
+    from moesim.tracer.routing import PhaseModel, RoutingModel, WeightModel
+
+    shape = load_model_shape(model)
+    L, E, k = shape.num_moe_layers, shape.num_experts, shape.top_k
+    if (E, k) != (64, 6):
+        raise MoesimError(f"routing '{DSL}' is for 64 routed experts, top-6 (DeepSeek-V2-Lite), not model {model}")
+    popularity = np.full((L, E), 1.0 / E)
+    phase = PhaseModel(
+        class_prior=np.ones(1), class_popularity=popularity[None], source=np.array([repeat, 0.0]), far_lag=2,
+        fidelity=np.ones((L, k)), copy_rank=np.eye(k),
+        weights=WeightModel(sum_mean=np.ones(L), sum_std=np.zeros(L), share_alpha=np.ones((L, k))))
+    return RoutingModel(
+        name=DSL, model=shape, dtype="bfloat16", expert_bytes=tuple([shape.expert_bytes()] * L),
+        non_expert_bytes=shape.non_expert_bytes(), decode=phase, prefill=None,
+        fitted_to={"popularity": "uniform (no published per-expert popularity)",
+                   "locality": f"B6 per-layer LRU hit {DSL_LRU25_HIT} at {DSL_CAPACITY} of {E} experts, decode"})

@@ -208,27 +208,26 @@ def score(outcomes: list[Outcome]) -> Scores:
     )
 
 
-def leave_one_source_out(outcomes: list[Outcome], fitted: dict[str, "FittedParameter"]) -> dict[str, float]:
-    """Median |error| of each source's speed points when the fitted parameters are fitted without it.
+def fit_and_run(points: list[Point], progress: Optional[Callable[[Outcome], None]] = None):
+    """Fit the registered parameters (:mod:`moesim.reproduce.fit`) on the points, simulate every point with
+    the fitted values, and score leave-one-source-out: (outcomes, fits, held-out median |error| per source)."""
+    from moesim.reproduce import fit
 
-    With no parameter fitted to published numbers, holding a source out changes nothing, so each source's
-    held-out error is its plain error."""
-    if fitted:
-        raise MoesimError("leave-one-source-out with fitted parameters is not implemented")
-    out = {}
-    for source in sorted({o.point.source for o in outcomes}):
-        errs = [o.abs_error for o in outcomes if o.point.source == source and o.simulated and o.point.is_speed]
-        if errs:
-            out[source] = median(errs)
-    return out
+    outcome = fit.memoized(predict)
 
+    def value(p: Point) -> float:
+        return outcome(p).predicted
 
-@dataclass(frozen=True)
-class FittedParameter:
-    name: str
-    value: float
-    where: str
-    fitted_on: tuple[str, ...]
+    fits = fit.fit_all(points, value)
+    with fit.values({name: r.value for name, r in fits.items()}):
+        outcomes = []
+        for p in points:
+            o = outcome(p)
+            outcomes.append(o)
+            if progress:
+                progress(o)
+    loso = fit.leave_one_source_out(points, value, fits)
+    return outcomes, fits, loso
 
 
 def filtered(points: list[Point], system: Optional[str], source: Optional[str]) -> list[Point]:

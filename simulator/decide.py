@@ -69,6 +69,16 @@ class DemandFirstQueue:
             return self.background.popleft()
         return None
 
+    def withdraw(self, job: QueuedJob) -> bool:
+        """Drop a queued background job that has not started; False when it has started or is demand."""
+        if job.started or not job.background:
+            return False
+        try:
+            self.background.remove(job)
+        except ValueError:
+            return False
+        return True
+
     def promote(self, job: QueuedJob) -> None:
         """A queued background job becomes demand (someone now waits on it)."""
         if job.started or not job.background:
@@ -212,6 +222,10 @@ class DecisionCore:
         self._prefetch_phases = prefetcher.phases if prefetcher.active else ()
         self._observe = prefetcher.wants_observe
         self._into_buffer = prefetcher.into_buffer
+        spec = getattr(prefetcher, "spec", None)
+        self.replaces_queue = bool(spec is not None and spec.replaces_queue and prefetcher.active)
+        self._earlier_layers_only = bool(spec is not None and spec.evicts_earlier_layers_only)
+        self.prefetch_dropped = 0  # queued prefetches dropped by replaces_queue (their slots freed)
         self._waiting: Sequence[tuple] = ()  # (seq, expert, tokens, job) held back by ready_experts
         self._plan = LayerPlan()  # one object, refilled per layer: the simulator runs millions of layers
 
@@ -333,6 +347,8 @@ class DecisionCore:
         E = self.E
         buf, inflight, unused = self.buffer, self.inflight, self.unused
         protect = {plan.base + e for e in plan.gpu_experts}
+        if self._earlier_layers_only:  # this and later layers are all cache candidates: never victims
+            protect.update(range(plan.base, self.L * E))
         into_buffer = self._into_buffer
         for pl, pe in plan.prefetches:
             pkey = pl * E + pe
@@ -355,6 +371,17 @@ class DecisionCore:
             self.counters.prefetch_issued += 1
         if self._observe:
             self.prefetcher.observe(plan.step, plan.layer, plan.work)
+
+    def drop_queued_prefetches(self, withdraw: Callable[[QueuedJob], bool]) -> None:
+        """The prefetcher replaces its queue at each layer call: every prefetch whose copy has not started
+        (``withdraw(job)`` takes it off its lane) leaves the cache it was inserted into."""
+        inflight, unused, cache, E = self.inflight, self.unused, self.cache, self.E
+        dropped = [key for key, job in inflight.items() if key in unused and withdraw(job)]
+        for key in dropped:
+            del inflight[key]
+            del unused[key]
+            cache.evict(key // E, key % E)
+        self.prefetch_dropped += len(dropped)
 
     def ready_experts(self, plan: LayerPlan, promote: Callable[[QueuedJob], None],
                       skip: Container[int] = ()) -> Iterator[tuple[int, int]]:

@@ -100,6 +100,11 @@ class Simulation:
         if costs.copy_slowdown_with_compute != 1.0 or costs.compute_slowdown_with_copy != 1.0:
             self.h2d.contended_by = lambda: self.compute_busy_until
             self.h2d.slowdown = costs.copy_slowdown_with_compute
+        self._serial_copies = transfer.default_stream and not transfer.on_compute_stream
+        if self._serial_copies:
+            # cudaMemcpy on the legacy default stream: a copy waits for the kernels issued before it
+            self.h2d.contended_by = lambda: self.compute_busy_until
+            self.h2d.slowdown = math.inf
         self._segments: list[tuple[str, str, float]] = []  # (lane, label, seconds) of the pending time
         if transfer.on_compute_stream:
             self._copy_in = costs.h2d_by_layer if transfer.pinned else costs.h2d_pageable_by_layer
@@ -118,12 +123,17 @@ class Simulation:
 
     def _sleep_event(self, duration: float) -> simpy.Event:
         """The compute stream runs the accumulated work: one timeout for all of it."""
+        now = self.env.now
+        # default-stream copies: the kernels wait for the copy in flight, a stall
+        waited = max(self.h2d.busy_until - now, 0.0) if self._serial_copies else 0.0
         if self.timeline is not None:
-            self.timeline.gpu_segments(self.env.now, self._segments)
+            self.timeline.gpu_segments(now + waited, self._segments)
             self._segments.clear()
         self.stats.waits += 1
-        now = self.env.now
-        if self.h2d.contended_by is not None:
+        if self._serial_copies:
+            duration += waited
+            self.stats.stall_s += waited
+        elif self.h2d.contended_by is not None:
             # compute and the copy in flight share the hardware: both slow down where they overlap
             copy_until = self.h2d.busy_until
             duration = stretched(duration, now, copy_until, self._compute_slowdown)
@@ -145,11 +155,15 @@ class Simulation:
         order SimPy would have served them, and the compute stream's time moves on."""
         clock = self.clock
         now = clock.now
+        waited = max(self.h2d.busy_until - now, 0.0) if self._serial_copies else 0.0
         if self.timeline is not None:
-            self.timeline.gpu_segments(now, self._segments)
+            self.timeline.gpu_segments(now + waited, self._segments)
             self._segments.clear()
         self.stats.waits += 1
-        if self.h2d.contended_by is not None:
+        if self._serial_copies:
+            duration += waited
+            self.stats.stall_s += waited
+        elif self.h2d.contended_by is not None:
             duration = stretched(duration, now, self.h2d.busy_until, self._compute_slowdown)
             self.h2d.slow_down_current(now, now + duration)
         end = now + duration
@@ -306,6 +320,7 @@ class Simulation:
         promote = self.h2d.promote
         attention = ne + lo + shared  # each MoE layer's attention, router and shared experts on the stream
         attention_busy = ne + shared
+        drop_queued = core.replaces_queue and step.phase in core.prefetcher.phases
         for layer, work in enumerate(step.layers):
             pending += attention
             busy += attention_busy
@@ -313,6 +328,11 @@ class Simulation:
                 segs.append(("gpu", f"attn L{layer}", attention))
             if work is None:
                 continue
+            if drop_queued:  # the layer's prefetch call clears the queue once its attention has run
+                if pending > 0.0:
+                    yield sleep(pending)
+                    pending = 0.0
+                core.drop_queued_prefetches(self.h2d.withdraw)
             plan = begin_layer(step, layer, work)
             if record_hits:
                 self._record_hits(plan)

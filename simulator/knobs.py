@@ -28,7 +28,7 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("offload_per_layer", ("mixtral-offloading", "mixtral-offloading-paper"),
          "experts per layer kept on the host: the GPU holds num_experts - N per layer",
          "dvmazur/mixtral-offloading ce54518 notebooks/demo.ipynb: main_size = 32 x (8 - offload_per_layer)"),
-    Knob("device_memory_ratio", ("moe-infinity",),
+    Knob("device_memory_ratio", ("moe-infinity", "moe-infinity-2024"),
          "the device pool is RATIO x GPU memory; the expert cache is the pool minus the dense weights",
          "EfficientMoE/MoE-Infinity d617801 DeviceMemoryPool::SetMemoryRatio, GetSparseCacheLimit"),
     Knob("gpu_memory_fraction", ("fiddler",),

@@ -47,6 +47,10 @@ class PrefetchSpec:
     eam_capacity: int = 1000  # MoE-Infinity trace_capacity
     train: tuple[str, ...] = ()  # predictive: traces to fit on (default: the bundled traces but the simulated one)
     guess: str = "auto"  # next-layer guess: auto | trace | previous-token | accuracy:P (see the module doc)
+    # MoE-Infinity 2024's task queue (prefetch_eam_all.py cites the code): each layer's call drops the queued
+    # prefetches not started yet, and a prefetch may evict only experts of layers before the current one
+    replaces_queue: bool = False
+    evicts_earlier_layers_only: bool = False
 
     def __post_init__(self):
         from moesim.simulator.workload import parse_guess

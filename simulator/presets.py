@@ -7,6 +7,7 @@ it models, what it leaves out, and whether it follows the released code or the p
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 from moesim.simulator.config import CacheSpec, PolicySpec
@@ -14,6 +15,7 @@ from moesim.simulator.gating import GatingSpec
 from moesim.simulator.placement import PlacementSpec
 from moesim.simulator.policies import Registry
 from moesim.simulator.prefetch import PrefetchSpec
+from moesim.simulator.prefetch_eam_all import EAMEveryLayerPrefetch  # noqa: F401  (registers eam-all)
 from moesim.simulator.transfer import transfer_spec
 
 PRESETS: Registry[Callable[[], PolicySpec]] = Registry("policy")
@@ -106,6 +108,55 @@ def moe_infinity() -> PolicySpec:
     """
     return _spec("moe-infinity", CacheSpec("lfu", scope="global", unit="bytes"), memory_fraction=0.9,
                  memory_rule="pool", demand_priority=True, runtime="moe-infinity")
+
+
+@PRESETS.register("moe-infinity-2024")
+def moe_infinity_2024() -> PolicySpec:
+    """MoE-Infinity as released in 2024 (TorchMoE/MoE-Infinity, the code of the README table of 87eacf7,
+    2024-04-09): the ``moe-infinity`` preset's cache and fetch stream, plus the per-layer prefetch that code
+    ran and the 2025 rewrite (``d617801``, the ``moe-infinity`` preset) comments out.
+
+    Models: at every MoE layer of every forward, prefill and decode, the EAM predictor's scores for the
+    current and every later layer, every expert above zero (``+1e-8``), so every non-resident expert of
+    layers ``l..L-1`` is enqueued best first (``prefetch=eam-all``, :mod:`moesim.simulator.prefetch_eam_all`
+    cites the code). The one fetch thread serves queued demand fetches first but never interrupts the copy
+    in flight, so a layer whose expert misses waits for the prefetch on the link, then for its own copy.
+    The prefetcher issues one expert per layer call (``limit``). Three mechanics of the task queue and
+    copy path, each read from the code and each a switchable part:
+    copies serialise with compute (``transfer.default_stream``): ``GPUThreadFunc`` (``task_scheduler.cpp``
+    @87eacf7) calls ``SetDevice(dst, on_demand)`` with no stream, and ``Node::SetDevice``
+    (``core/model/model_topology.cpp`` @1f117f7) then runs a synchronous ``cudaMemcpy`` on the legacy
+    default stream, which waits for the kernels issued before it and holds back those issued after;
+    each layer call drops the queued prefetches not started yet (``prefetch.replaces_queue``):
+    ``prefetch_experts`` (``memory/expert_prefetcher.py`` @1f117f7) calls ``replace_cache_candidates``,
+    whose ``ReplaceCacheCandidates`` (``task_scheduler.h``) clears every prefetch priority queue;
+    a prefetch may evict only experts of earlier layers (``prefetch.evicts_earlier_layers_only``): the
+    candidates it sets are every expert of layers ``l..L-1`` and ``RemoveCachedSparseNode`` skips them.
+    Effect on the MoE-Infinity points (predicted / published TPOT): the serial copies move the study's
+    four from 0.72-0.88 to 0.92-0.98 and the 2024 README's from 1.19 to 1.31; earlier-layer eviction then
+    gives 0.89-0.95 and 1.27; dropping the queue changes nothing at one prefetch per call (no prefetch is
+    still queued at the next layer call: 0 drops in 3,264 calls at study mem 0.25).
+    Leaves out: that ``RemoveCachedSparseNode`` also limits a *demand* fetch to earlier layers' experts
+    (when none can go, the fetch overflows the cache; here a demand fetch evicts by the cache's rule) and
+    evicts the most visited first (here the ``moe-infinity`` cache's fewest-visits rule); that the code
+    evicts when a copy starts, where moesim evicts when it issues, which is why the limit stays at one
+    (the code enqueues every candidate: limits 4 and 64 give the study 1.08-1.21 and the README 1.60-1.63,
+    the evictions of never-copied prefetches); whether the expert dispatcher's exec streams are blocking
+    (here all of a layer's compute waits for the copy in flight); the predictor's own GPU kernels and
+    host sync per layer.
+    Which version a published number ran is stated per point in ``reproduce/catalogue.csv``: the 2024-04
+    README table ran this code; the design-space study (submitted to ACL ARR in May 2025) names no version,
+    and is taken to have run this one (a judgement: the rewrite's README table dates from 2025-02-23).
+    Checked on every MoE-Infinity point (predicted / published TPOT, ``moe-infinity`` then this preset
+    without the three mechanics, then with them): study mem 0.95/0.75/0.50/0.25 0.49/0.54/0.55/0.62, then
+    0.72/0.80/0.82/0.88, then 0.93/0.95/0.89/0.93; 2024-04 README 0.82, 1.19, 1.27; its batch-32
+    throughput 0.68 then 0.64; the 2025 README and the paper v3 stay on ``moe-infinity`` (0.99, 0.87);
+    DeepSeek-V2-Lite 0.53 either way.
+    """
+    base = moe_infinity()
+    prefetch = PrefetchSpec("eam-all", limit=1, replaces_queue=True, evicts_earlier_layers_only=True)
+    return base.with_parts(name="moe-infinity-2024", prefetch=prefetch,
+                           transfer=replace(base.transfer, default_stream=True))
 
 
 @PRESETS.register("fiddler")

@@ -199,26 +199,32 @@ def build_policy_objects(prep: Prepared) -> PolicyObjects:
     placement = make_placement(policy.placement, costs, copy_by_layer)
     layer_copy_s = layer_copy_bytes = None
     if transfer.mode == "layer":
+        from moesim.simulator.runtime import runtime_costs
+
         layer_copy_s, layer_copy_bytes = [], []
         for layer in range(L):
             missing = sum(1 for e in range(E) if not cache.contains(layer, e))
             nbytes = missing * prep.expert_bytes[layer]
             layer_copy_bytes.append(nbytes)
-            layer_copy_s.append(accelerate_layer_copy_s(prep.profile, nbytes, missing, transfer.pinned))
+            layer_copy_s.append(accelerate_layer_copy_s(prep.profile, nbytes, missing, transfer.pinned,
+                                                        runtime_costs(policy.runtime).weight_overhead_s))
     return PolicyObjects(cache, prefetcher, placement, transfer, costs, layer_copy_s, layer_copy_bytes)
 
 
-def accelerate_layer_copy_s(profile, nbytes: float, experts: int, pinned: bool) -> float:
+def accelerate_layer_copy_s(profile, nbytes: float, experts: int, pinned: bool, per_matrix_s: float = 0.0) -> float:
     """accelerate copies an offloaded layer one parameter at a time (an AlignDevicesHook per module,
     ``set_module_tensor_to_device`` per parameter, synchronous): the bytes once, plus a copy's fixed latency
-    for each of the 3 weight matrices of every expert beyond the first copy."""
+    for each of the 3 weight matrices of every expert beyond the first copy, plus ``per_matrix_s`` for each
+    matrix: the ``accelerate`` runtime's hook cost, whose unit is fitted (``RuntimeCosts.weight_overhead_s``:
+    the load and the move back to ``meta`` each end in ``torch.cuda.empty_cache()``; component-costs 4.6, 4.7)."""
     if nbytes <= 0:
         return 0.0
     from moesim.calib.profile import copy_key
 
     model = profile.copy_models.get(copy_key("h2d", pinned, False))
     latency = float(model.latency_s) if model is not None else 0.0
-    return float(profile.copy_time(nbytes, "h2d", pinned=pinned)) + max(0, 3 * experts - 1) * latency
+    return (float(profile.copy_time(nbytes, "h2d", pinned=pinned)) + max(0, 3 * experts - 1) * latency
+            + 3 * experts * per_matrix_s)
 
 
 def run_prepared(prep: Prepared, record_hits: bool = False, timeline: Optional[Timeline] = None,

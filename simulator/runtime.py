@@ -19,9 +19,10 @@ dequantizes its 8-bit scale and zero with 3 elementwise kernels each before one 
 expert moves about 5x its packed bytes through GPU memory per call (``hqq_traffic_factor``); 4-bit HQQ
 attention likewise moves about 1.25x the bf16 bytes of the attention weights (5 x 4/16).
 
-``layer_fitted_s`` is the only term fitted to published measurements: a per-MoE-layer cost the code counts
-do not explain. Its value, and the catalogue points it was fitted on, are in :data:`FITTED`;
-``moesim reproduce`` reports it and holds each source out in turn.
+Terms fitted to published measurements (their values here; what each is, its points and bounds in
+``moesim.reproduce.fit.REGISTRY``, which ``moesim reproduce`` refits and holds out source by source):
+``weight_overhead_s`` (``accelerate``: the hook's fixed cost per offloaded weight matrix per forward, in
+:data:`FITTED_UNIT_COSTS`) and ``layer_fitted_s`` (a per-MoE-layer cost, :data:`FITTED`; none fitted).
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ class RuntimeCosts:
     @property
     def layer_fitted_s(self) -> float:
         return FITTED.get(self.name, (0.0, ()))[0]
+
+    @property
+    def weight_overhead_s(self) -> float:
+        """accelerate's hook cost per offloaded weight matrix per forward (fitted; 0 for other runtimes)."""
+        return FITTED_UNIT_COSTS["accelerate.weight_overhead_s"] if self.name == "accelerate" else 0.0
 
 
 RUNTIMES: dict[str, RuntimeCosts] = {r.name: r for r in (
@@ -89,6 +95,15 @@ RUNTIMES: dict[str, RuntimeCosts] = {r.name: r for r in (
 # Fitted per-MoE-layer costs: runtime -> (seconds, catalogue point ids it was fitted on). Empty: nothing
 # is fitted; ``moesim reproduce --fit`` prints the values that would be fitted.
 FITTED: dict[str, tuple[float, tuple[str, ...]]] = {}
+
+# Unit costs of modelled mechanisms that no source gives, fitted to published measurements. Each is declared
+# in moesim.reproduce.fit.REGISTRY (what it is, the catalogue points it is fitted to, its bounds), which
+# `moesim reproduce` refits and holds out source by source; the values here are what every simulation uses.
+FITTED_UNIT_COSTS: dict[str, float] = {
+    # accelerate, per offloaded expert weight matrix per forward, beyond its copy (moesim/simulator/run.py
+    # accelerate_layer_copy_s); fitted on study-baseline-tpot, mir-mixtral-acc, mir-dsl-acc
+    "accelerate.weight_overhead_s": 8.223e-4,
+}
 
 
 def runtime_costs(name: str) -> RuntimeCosts:

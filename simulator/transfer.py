@@ -20,10 +20,14 @@ loads have priority. When both copy directions are busy at once a copy takes the
 ``concurrent=True`` time. Where the profile measured that copies and compute share hardware (a CPU
 standing in for the device), the part of a copy that overlaps compute is stretched by the profile's
 ``copy_slowdown_with_compute`` (``contended_by``/``slowdown``; the driver stretches compute likewise).
+``TransferSpec.default_stream`` is the limit of that rule where a system copies with synchronous
+``cudaMemcpy`` on the legacy default stream (MoE-Infinity 2024): an infinite slowdown, so a copy and
+compute take turns, each starting when the other's work in progress ends.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
@@ -44,6 +48,9 @@ class TransferSpec:
     demand_priority: bool = False  # queued demand loads overtake queued prefetches
     staging_experts: int = 0  # device buffers for experts in flight or streamed through
     prefetch_buffer_experts: int = 0  # device buffers that hold prefetches outside the cache (AdapMoE)
+    # the copies are synchronous cudaMemcpy on the legacy default stream (MoE-Infinity 2024): a copy and
+    # the compute stream's kernels never overlap, each waits for the other's work in progress
+    default_stream: bool = False
 
     def __post_init__(self):
         if self.mode not in TRANSFER_MODES:
@@ -116,6 +123,10 @@ class _LaneState:
     def promote(self, job: QueuedJob) -> None:
         """A queued background job becomes demand (someone now waits on it)."""
         self._queue.promote(job)
+
+    def withdraw(self, job: QueuedJob) -> bool:
+        """Take a queued background job off the lane before it starts (False if it has started)."""
+        return self._queue.withdraw(job)
 
     def slow_down_current(self, now: float, until: float) -> None:
         """Work on the contending resource runs from ``now`` to ``until``: the job in service (if any)

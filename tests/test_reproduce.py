@@ -185,3 +185,17 @@ def test_mixtral_offloading_peak_is_its_load_time_16bit_trunk():
     # no transient for a system built at its final format, or for a 16-bit trunk that stays 16-bit
     assert build_transient_bytes(get_preset("fiddler"), shape, trunk16 // 4, 0, 0) == 0
     assert build_transient_bytes(get_preset("mixtral-offloading"), shape, trunk16, 0, 0) == 0
+
+
+def test_deepseek_v2_lite_routing_reproduces_the_published_lru_hit_rate():
+    from moesim.reproduce.routing import DSL, DSL_CAPACITY, DSL_LRU25_HIT
+    from moesim.tracer.stats import lru_hit_curve
+
+    trace = synthetic_trace(DSL, "deepseek-v2-lite", [16] * 8, [256] * 8)
+    assert (trace.meta.num_experts, trace.meta.model.top_k, trace.meta.num_layers) == (64, 6, 26)
+    curve = lru_hit_curve(trace, "layer", "decode")
+    assert abs(curve.hits[DSL_CAPACITY] / curve.accesses - DSL_LRU25_HIT) < 0.02  # B6: 47.7%
+    uniform = lru_hit_curve(synthetic_trace("iid-uniform", "deepseek-v2-lite", [16] * 2, [128] * 2), "layer", "decode")
+    assert uniform.hits[DSL_CAPACITY] / uniform.accesses < 0.3  # i.i.d. routing: about 16/64
+    points = [p for p in read_catalogue() if p.model == "deepseek-v2-lite"]
+    assert points and all(p.routing == DSL for p in points)

@@ -191,3 +191,26 @@ def test_gpu_mem_sizes_the_cache_to_what_is_left(tmp_path):
     r = simulate(path, prof, SimConfig(get_preset("lru"), gpu_mem_bytes=budget))
     assert r.cache_slots == 6
     assert r.memory.total_bytes <= budget
+
+
+def test_copies_on_the_legacy_default_stream_never_overlap_compute(tmp_path):
+    """MoE-Infinity 2024's cudaMemcpy on the default stream: the second copy no longer hides behind FFN 0."""
+    import dataclasses
+
+    path = write_tiny_trace(tmp_path / "t.parquet", [[[0, 1]], [[2, 3]]], prompt=1, top_k=2)
+    prof = profile(expert_s=0.5 * MS)
+    lru = get_preset("lru")
+    default_stream = lru.with_parts(transfer=dataclasses.replace(lru.transfer, default_stream=True))
+    r = simulate(path, prof, SimConfig(default_stream, cache_experts=2))
+    # copies 2-3 and 3-4 ms; FFN 0 waits for copy 1 in flight (4-4.5), FFN 1 after it: 2 + 1 + 1 + 0.5 + 0.5
+    assert r.ttft_mean_s == approx(5 * MS) and r.tpot_mean_s == approx(5 * MS)
+    assert r.stall_s == approx(2 * 2 * MS)  # per step: 1 ms waiting for copy 0, 1 ms for copy 1 beside FFN 0
+    assert simulate(path, prof, SimConfig(lru, cache_experts=2)).tpot_mean_s == approx(4.5 * MS)
+    from moesim.simulator.timeline import Timeline
+
+    timeline = Timeline()
+    simulate(path, prof, SimConfig(default_stream, cache_experts=2), timeline=timeline)
+    copies = [(s, s + d) for tid, name, s, d in timeline.events if name.startswith("load")]
+    kernels = [(s, s + d) for tid, name, s, d in timeline.events if name.startswith("expert")]
+    assert len(copies) == 4 and len(kernels) == 4  # the timeline draws them taking turns too
+    assert all(ke <= cs + 1e-12 or ce <= ks + 1e-12 for cs, ce in copies for ks, ke in kernels)

@@ -1,0 +1,225 @@
+"""The one registry of parameters fitted to published measurements, their fit, and leave-one-source-out.
+
+A fitted parameter is the unit cost of a mechanism moesim models as what it is (a per-call overhead, a link
+efficiency, a CPU rate, ...) where no source gives that cost. Everything else comes from specifications and
+cited measurements; nothing is set per catalogue point.
+
+API (for every area that needs a fitted parameter):
+
+- Declare it once in :data:`REGISTRY` with :func:`register` as a :class:`FittedParameter`: its ``name``,
+  ``meaning`` (what mechanism it is the unit cost of), ``unit``, ``used_in`` (the profile or preset field that
+  reads it, file and name), ``points`` (the catalogue ids it is fitted to), ``bounds`` (the search interval,
+  in ``unit``), ``neutral`` (the value that switches the mechanism off: used when leave-one-source-out holds
+  out every point the parameter has), and ``read``/``write`` (get and set the value where the simulator reads
+  it; ``write`` is only ever called inside :func:`values`, which restores the committed value afterwards).
+- The value the simulator uses outside ``moesim reproduce`` is the one committed in the code (``read()``);
+  ``moesim reproduce`` refits every parameter, uses the fitted values for its table, and says so when a
+  committed value differs from its fit by more than :data:`STALE_RELATIVE` (then update the committed value).
+  A run filtered to none of a parameter's points keeps its committed value.
+- :func:`fit_all` fits each parameter in registry order on its own points, minimising the sum of squared log
+  ratios (predicted / published) with the parameters registered before it held at their fitted values: a scan
+  of the bounds, then bounded Brent between the best scanned value's neighbours (:func:`fit_one`);
+  deterministic, no random start. :func:`leave_one_source_out` refits every parameter without
+  one source's points and predicts that source's speed points; with no parameter touching a source, its
+  held-out error is its plain error.
+
+Both take ``predict(point) -> predicted value or nan``, so the procedure is testable without the simulator.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from statistics import median
+from typing import Callable, Iterator, Mapping, Sequence
+
+from moesim.errors import MoesimError
+
+STALE_RELATIVE = 0.01  # a committed value further than this from its fit is reported as stale
+XATOL_RELATIVE = 1e-3  # the fit's tolerance, relative to the width of the bounds
+GRID = 13  # values scanned across the bounds before the refinement
+
+
+@dataclass(frozen=True)
+class FittedParameter:
+    name: str
+    meaning: str
+    unit: str
+    used_in: str
+    points: tuple[str, ...]
+    bounds: tuple[float, float]
+    neutral: float
+    read: Callable[[], float]
+    write: Callable[[float], None]
+
+    def __post_init__(self):
+        lo, hi = self.bounds
+        if not lo < hi:
+            raise MoesimError(f"fitted parameter '{self.name}': bounds {self.bounds} are not an interval")
+        if not self.points:
+            raise MoesimError(f"fitted parameter '{self.name}': no catalogue points to fit it to")
+
+
+@dataclass(frozen=True)
+class FitResult:
+    name: str
+    value: float
+    committed: float
+    points: tuple[str, ...]  # the points it was fitted on (those present and simulable)
+    rms_log_error: float
+
+    @property
+    def stale(self) -> bool:
+        scale = max(abs(self.value), abs(self.committed), 1e-30)
+        return abs(self.value - self.committed) / scale > STALE_RELATIVE
+
+
+REGISTRY: dict[str, FittedParameter] = {}
+
+
+def register(param: FittedParameter) -> FittedParameter:
+    if param.name in REGISTRY:
+        raise MoesimError(f"fitted parameter '{param.name}' is registered twice")
+    REGISTRY[param.name] = param
+    return param
+
+
+@contextmanager
+def values(assignment: Mapping[str, float], registry: Mapping[str, FittedParameter] | None = None) -> Iterator[None]:
+    """Set the named parameters where the simulator reads them, and restore the committed values after."""
+    registry = REGISTRY if registry is None else registry
+    saved = {name: registry[name].read() for name in assignment}
+    try:
+        for name, value in assignment.items():
+            registry[name].write(value)
+        yield
+    finally:
+        for name, value in saved.items():
+            registry[name].write(value)
+
+
+def _loss(param: FittedParameter, value: float, points: Sequence, fixed: Mapping[str, float],
+          predict: Callable, registry) -> float:
+    with values({**fixed, param.name: value}, registry):
+        total = 0.0
+        for p in points:
+            predicted = predict(p)
+            if not (predicted == predicted and predicted > 0):
+                return math.inf  # a value that makes a point infeasible is not a fit
+            total += math.log(predicted / p.value) ** 2
+    return total
+
+
+def fit_one(param: FittedParameter, points: Sequence, fixed: Mapping[str, float], predict: Callable,
+            registry=None) -> tuple[float, float]:
+    """(value, rms log error) of ``param`` fitted on ``points`` with the ``fixed`` parameters set: a scan of
+    :data:`GRID` evenly spaced values brackets the minimum (a value at which some point does not fit scores
+    infinity, so the scan keeps away from it), then bounded Brent refines it between the scan's neighbours."""
+    from scipy.optimize import minimize_scalar
+
+    registry = REGISTRY if registry is None else registry
+    if not points:
+        return param.neutral, math.nan
+    lo, hi = param.bounds
+    grid = [lo + (hi - lo) * i / (GRID - 1) for i in range(GRID)]
+    scan = [(_loss(param, v, points, fixed, predict, registry), v) for v in grid]
+    best_loss, best = min(scan)
+    if not math.isfinite(best_loss):
+        raise MoesimError(f"fitted parameter '{param.name}': no value in {param.bounds} lets every point of "
+                          f"{', '.join(p.id for p in points)} be simulated")
+    i = grid.index(best)
+    a, b = grid[max(i - 1, 0)], grid[min(i + 1, GRID - 1)]
+    res = minimize_scalar(lambda v: _loss(param, float(v), points, fixed, predict, registry), bounds=(a, b),
+                          method="bounded", options={"xatol": XATOL_RELATIVE * (hi - lo)})
+    if float(res.fun) < best_loss:
+        best, best_loss = float(res.x), float(res.fun)
+    return best, math.sqrt(best_loss / len(points))
+
+
+def fit_all(points: Sequence, predict: Callable, exclude_source: str | None = None,
+            registry: Mapping[str, FittedParameter] | None = None) -> dict[str, FitResult]:
+    """Fit every registered parameter on its points among ``points`` (without ``exclude_source``'s)."""
+    registry = REGISTRY if registry is None else registry
+    by_id = {p.id: p for p in points}
+    fitted: dict[str, FitResult] = {}
+    for name, param in registry.items():
+        present = [by_id[i] for i in param.points if i in by_id and not by_id[i].unsimulable]
+        own = [p for p in present if p.source != exclude_source]
+        fixed = {n: r.value for n, r in fitted.items()}
+        if not present:  # a run filtered to other points: nothing to refit it on, it keeps its committed value
+            fitted[name] = FitResult(name, param.read(), param.read(), (), math.nan)
+            continue
+        value, rms = fit_one(param, own, fixed, predict, registry)
+        fitted[name] = FitResult(name, value, param.read(), tuple(p.id for p in own), rms)
+    return fitted
+
+
+def leave_one_source_out(points: Sequence, predict: Callable, full: Mapping[str, FitResult] | None = None,
+                         registry: Mapping[str, FittedParameter] | None = None) -> dict[str, float]:
+    """Median |predicted / published - 1| of each source's simulable speed points, every parameter refitted
+    without that source's points (a parameter left with no points takes its neutral value). ``full`` is the
+    fit on every point (:func:`fit_all`), used as is for a source no parameter is fitted to."""
+    registry = REGISTRY if registry is None else registry
+    full = fit_all(points, predict, registry=registry) if full is None else full
+    fitted_ids = {i for param in registry.values() for i in param.points}
+    out = {}
+    for source in sorted({p.source for p in points}):
+        held = [p for p in points if p.source == source and p.is_speed and not p.unsimulable]
+        if not held:
+            continue
+        touched = any(p.id in fitted_ids for p in points if p.source == source)
+        fitted = fit_all(points, predict, exclude_source=source, registry=registry) if touched else full
+        with values({n: r.value for n, r in fitted.items()}, registry):
+            errs = [abs(v / p.value - 1.0) for p in held for v in [predict(p)] if v == v]
+        if errs:
+            out[source] = median(errs)
+    return out
+
+
+def memoized(predict: Callable, registry: Mapping[str, FittedParameter] | None = None) -> Callable:
+    """``predict`` remembered per (point, current values of every registered parameter): a fit evaluates the
+    same points many times, and leave-one-source-out repeats the fit once per source."""
+    registry = REGISTRY if registry is None else registry
+    memo: dict = {}
+
+    def cached(p):
+        key = (p.id, tuple(param.read() for param in registry.values()))
+        if key not in memo:
+            memo[key] = predict(p)
+        return memo[key]
+
+    return cached
+
+
+# ---- the registry: one entry per fitted unit cost
+
+
+def _unit_cost(key: str) -> tuple[Callable[[], float], Callable[[float], None]]:
+    from moesim.simulator import runtime
+
+    def read() -> float:
+        return runtime.FITTED_UNIT_COSTS[key]
+
+    def write(value: float) -> None:
+        runtime.FITTED_UNIT_COSTS[key] = float(value)
+
+    return read, write
+
+
+register(FittedParameter(
+    name="accelerate.weight_overhead_s",
+    meaning="accelerate's fixed cost per offloaded expert weight matrix per forward, beyond its copy: the "
+            "AlignDevicesHook's set_module_tensor_to_device loads it and post_forward moves it back to 'meta', "
+            "each ending in torch.cuda.empty_cache() (unconditional in accelerate v0.21-v0.27, still on the move "
+            "to 'meta' until PR #3796 of 2025-10; component-costs 4.6, 4.7, which give no unit cost); a "
+            "DeepSeek-V2-Lite layer has 192 expert matrices where Mixtral's has 24",
+    unit="s",
+    used_in="simulator/runtime.py FITTED_UNIT_COSTS['accelerate.weight_overhead_s'] (the accelerate runtime's "
+            "weight_overhead_s, charged per matrix by simulator/run.py accelerate_layer_copy_s)",
+    points=("study-baseline-tpot", "mir-mixtral-acc", "mir-dsl-acc"),
+    bounds=(0.0, 0.005),
+    neutral=0.0,
+    read=_unit_cost("accelerate.weight_overhead_s")[0],
+    write=_unit_cost("accelerate.weight_overhead_s")[1],
+))
