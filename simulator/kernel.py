@@ -1,0 +1,216 @@
+"""A compiled replay (numba) of the runs whose every rule it holds as arrays: the same answers, ~100x faster.
+
+The engine (:mod:`moesim.simulator.engine`) drives Python policy objects layer by layer: a few microseconds
+per layer-step whatever the policy, so no preset reached a million activations per second. This module
+replays a whole batch in one compiled call over the compiled workload's arrays (:class:`StepStore`): the
+cache as array state (an LRU/FIFO order as a linked list per pool, LFU visit counts, a static set), the
+copy lane as the clocked lane's state machine (its events numbered in SimPy's order, so ties land as the
+engine's do), and the driver's sleep and stall rules, with every float operation in the engine's order.
+
+It covers a run when :func:`unsupported` returns "" (one explicit check, made before the run): cache
+``lru``, ``fifo``, ``lfu`` or ``static``; no prefetch; no CPU placement; copies on a copy stream, on the
+compute stream (``swap``/``sync``, write-backs included) or whole layers (``layer``); no copy/compute
+contention; no timeline or hit records; not the event engine. Every other run takes the engine. The
+contract (``tests/test_sim_fastpath.py``): on the runs it covers, the same :class:`SimResult` as the engine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moesim.simulator.cache import FIFOCache, LFUCache, LRUCache, StaticCache
+from moesim.simulator.decide import RunCounters
+from moesim.tracer import DECODE
+
+_CACHE_KINDS = {LRUCache: 0, FIFOCache: 1, LFUCache: 2, StaticCache: 3}
+_LRU, _FIFO, _LFU, _STATIC = 0, 1, 2, 3
+_STREAM, _COMPUTE, _LAYER = 0, 1, 2
+
+# slots of the float state F
+F_NOW, F_STALL, F_BUSY, F_H2D_BUSY, F_D2H_BUSY, F_DECODE_TIME, F_EV_AT, F_LAST_EVENT, F_START, F_DUR = range(10)
+# slots of the integer state I
+(I_ORDER, I_STATE, I_EV_ORDER, I_QHEAD, I_QTAIL, I_CUR, I_H2D_JOBS, I_H2D_BYTES, I_D2H_BYTES, I_WAITS,
+ I_PREFILL_ACC, I_PREFILL_HITS, I_DEMAND, I_DECODE_TOKENS, I_STAMP) = range(15)
+_IDLE, _WAKING, _BUSY = 0, 1, 2  # the clocked lane's states (transfer.py)
+
+
+def unsupported(prep, objs, record_hits: bool = False, timeline=None, exact_events: bool = False) -> str:
+    """Why the compiled replay cannot reproduce this run ("" when it can)."""
+    if exact_events:
+        return "the event engine was asked for"
+    if timeline is not None:
+        return "a timeline is recorded"
+    if record_hits:
+        return "per-row hits are recorded"
+    kind = _CACHE_KINDS.get(type(objs.cache))
+    if kind is None:
+        return f"cache '{objs.cache.name}'"
+    if objs.prefetcher.active or objs.prefetcher.wants_observe:
+        return f"prefetch '{objs.prefetcher.name}'"
+    if objs.placement.needs_cpu:
+        return "CPU placement"
+    costs = objs.costs
+    if costs.copy_slowdown_with_compute != 1.0 or costs.compute_slowdown_with_copy != 1.0:
+        return "copies and compute contend on this profile"
+    return ""
+
+
+class LaneTotals:
+    """What a result reads of a lane."""
+
+    __slots__ = ("busy_s", "bytes", "jobs")
+
+    def __init__(self, busy_s: float = 0.0, nbytes: int = 0, jobs: int = 0):
+        self.busy_s, self.bytes, self.jobs = busy_s, nbytes, jobs
+
+
+class KernelRun:
+    """The compiled replay of one run, with the lanes' totals where a :class:`Simulation` has its lanes."""
+
+    def __init__(self, prep, objs):
+        wl = prep.workload
+        self.workload = wl
+        self.objs = objs
+        self.L, self.E = wl.num_layers, wl.num_experts
+        self.h2d, self.d2h, self.cpu = LaneTotals(), LaneTotals(), LaneTotals()
+
+    def run(self):
+        from moesim.simulator.engine import EngineStats
+
+        objs, L, E = self.objs, self.L, self.E
+        costs, transfer, cache = objs.costs, objs.transfer, objs.cache
+        stats = EngineStats(L)
+        mode = _LAYER if transfer.mode == "layer" else _COMPUTE if transfer.on_compute_stream else _STREAM
+        copy_in = costs.h2d_pageable_by_layer if (mode != _STREAM and not transfer.pinned) else costs.h2d_by_layer
+        layer_copy_s = objs.layer_copy_s or [0.0] * L
+        layer_copy_bytes = objs.layer_copy_bytes or [0] * L
+        tables = (np.asarray(costs.gpu_expert, dtype=np.float64), np.asarray(copy_in, dtype=np.float64),
+                  np.asarray(costs.d2h_by_layer, dtype=np.float64),
+                  np.asarray(costs.expert_bytes_by_layer, dtype=np.int64),
+                  np.asarray(layer_copy_s, dtype=np.float64), np.asarray(layer_copy_bytes, dtype=np.int64))
+        shape = np.array([L, E, mode, int(transfer.write_back), _CACHE_KINDS[type(cache)],
+                          int(cache.capacity.scope == "layer")], dtype=np.int64)
+        scalars = np.array([costs.step_overhead_s, costs.layer_overhead_s, float(costs.dense_layers)])
+        state = _cache_arrays(cache, L, E)
+        F = np.zeros(10, dtype=np.float64)
+        I = np.zeros(15, dtype=np.int64)
+        I[I_STAMP] = state[-1]
+        dec_acc = np.zeros(L, dtype=np.int64)
+        dec_hit = np.zeros(L, dtype=np.int64)
+        replay = _compiled()
+        for batch in self.workload.batches:
+            store = batch.store
+            ne, head, shared = _step_costs(store, costs, tables[0])
+            step_end = np.zeros(len(store), dtype=np.float64)
+            t0 = F[F_NOW]
+            # one integer type for every store (they pick the smallest): one compiled signature
+            replay(F, I, dec_acc, dec_hit, state[:-1], shape, scalars, tables, np.asarray(store.phase, np.int64),
+                   np.asarray(store.tokens, np.int64), ne, head, shared, _int64(store.step_offsets),
+                   _int64(store.layer), _int64(store.expert_offsets), _int64(store.experts),
+                   _int64(store.expert_tokens), batch.num_prefill, step_end)
+            _request_times(stats, batch, step_end, t0)
+        self._fill(stats, F, I, dec_acc, dec_hit)
+        return stats
+
+    def _fill(self, stats: RunCounters, F, I, dec_acc, dec_hit) -> None:
+        stats.decode_accesses = dec_acc.tolist()
+        stats.decode_hits = dec_hit.tolist()
+        stats.prefill_accesses, stats.prefill_hits = int(I[I_PREFILL_ACC]), int(I[I_PREFILL_HITS])
+        stats.demand_loads, stats.waits = int(I[I_DEMAND]), int(I[I_WAITS])
+        stats.decode_tokens = int(I[I_DECODE_TOKENS])
+        stats.stall_s, stats.gpu_busy_s, stats.decode_time_s = float(F[F_STALL]), float(F[F_BUSY]), float(
+            F[F_DECODE_TIME])
+        # the engine's drain: nothing is left queued (every copy was waited for), the run ends at the last event
+        stats.makespan_s = max(float(F[F_NOW]), float(F[F_LAST_EVENT]))
+        self.h2d = LaneTotals(float(F[F_H2D_BUSY]), int(I[I_H2D_BYTES]), int(I[I_H2D_JOBS]))
+        self.d2h = LaneTotals(float(F[F_D2H_BUSY]), int(I[I_D2H_BYTES]), 0)
+
+
+def _int64(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.int64, copy=False)
+
+
+def _cache_arrays(cache, L: int, E: int) -> tuple:
+    """The Python cache's state after its preload, as arrays: (resident, used, limit, pool of layer, cost of
+    layer, LRU/FIFO stamps, LFU counts, LFU ties, next stamp). An order is kept as stamps: the smallest
+    stamp in a pool is the least recent."""
+    K = L * E
+    pool_of_layer, cost_of_layer, limit, used = cache.pool_layout()
+    resident = np.zeros(K, dtype=np.bool_)
+    for key in cache.resident_keys():
+        resident[key] = True
+    stamp = np.zeros(K, dtype=np.int64)
+    next_stamp = 1
+    if isinstance(cache, LRUCache):
+        for pool in range(len(limit)):
+            for key in cache.recency_order(pool):
+                stamp[key] = next_stamp
+                next_stamp += 1
+    count = np.zeros(K, dtype=np.int64)
+    if isinstance(cache, LFUCache):
+        count[:] = [cache.visit_count(k // E, k % E) for k in range(K)]
+    keys = np.arange(K, dtype=np.int64)
+    tie = (keys % E) * L + keys // E  # MoE-Infinity's scan order: expert, then layer (LFUCache._tie)
+    return (resident, np.asarray(used, np.int64), np.asarray(limit, np.int64), np.asarray(pool_of_layer, np.int64),
+            np.asarray(cost_of_layer, np.int64), stamp, count, tie, next_stamp)
+
+
+def _step_costs(store, costs, gpu: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per step of a batch: one decoder layer's non-expert time, the head's time, the shared experts' time."""
+    n = len(store)
+    ne = np.empty(n, dtype=np.float64)
+    head = np.empty(n, dtype=np.float64)
+    for i, (phase, tokens, context) in enumerate(zip(store.phase, store.tokens, store.context)):
+        if phase == DECODE:
+            ne[i] = costs.decode_non_expert[tokens][context]
+            head[i] = costs.head[tokens]
+        else:
+            ne[i] = costs.prefill_non_expert[tokens]
+            head[i] = costs.head[1]
+    if costs.shared_experts:
+        shared = costs.shared_experts * gpu[np.asarray(store.tokens, dtype=np.int64)]
+    else:
+        shared = np.zeros(n, dtype=np.float64)
+    return ne, head, shared
+
+
+def _request_times(stats: RunCounters, batch, step_end: np.ndarray, t0: float) -> None:
+    """TTFT, token intervals and end-to-end times of one batch, as :func:`~moesim.simulator.decide.replay_steps`
+    reads them from the clock before and after each step."""
+    store = batch.store
+    ends = step_end.tolist()
+    last: dict[int, float] = {}
+    for i in range(batch.num_prefill):
+        r = store.requests[i][0]
+        stats.ttft[r] = ends[i] - t0
+        last[r] = ends[i]
+    intervals = stats.token_intervals
+    for i in range(batch.num_prefill, len(ends)):
+        t = ends[i]
+        for r in store.requests[i]:
+            intervals.append(t - last.get(r, t0))
+            last[r] = t
+    end = ends[-1] if ends else t0
+    for r in batch.requests:
+        stats.e2e[r] = last.get(r, end) - t0
+
+
+_REPLAY = None
+
+
+def _compiled():
+    """The compiled batch replay (numba, cached on disk: a warm process loads it without compiling)."""
+    global _REPLAY
+    if _REPLAY is None:
+        from moesim.simulator._kernel_jit import replay_batch
+
+        _REPLAY = replay_batch
+    return _REPLAY
+
+
+def run_compiled(prep, objs) -> tuple[KernelRun, object]:
+    """Run ``prep`` with ``objs`` (already checked by :func:`unsupported`): (the run, its counters)."""
+    run = KernelRun(prep, objs)
+    return run, run.run()
+
+
