@@ -3,7 +3,9 @@ importing the simulator (or ``moesim --help``) never imports numba.
 
 Every function mirrors one of the engine's, named in its docstring; float operations are written in the
 engine's order (no fastmath), so sums round as the engine's do. Numba compiles these once per machine and keeps
-the machine code on disk (``cache=True``): a warm process pays no compile.
+the machine code on disk (``cache=True``): a warm process pays no compile. State is passed as whole arrays
+(2-D where several rows belong together), never as tuples of arrays or row slices: each array taken out of a
+tuple is a reference count change, and those cost more than the replay's own work.
 """
 
 from __future__ import annotations
@@ -12,120 +14,166 @@ import numpy as np
 from numba import njit
 
 from moesim.simulator.kernel import (
-    _BUSY, _COMPUTE, _FIFO, _IDLE, _LAYER, _LFU, _LRU, _STATIC, _STREAM, _WAKING, F_BUSY, F_D2H_BUSY,
-    F_DECODE_TIME, F_DUR, F_EV_AT, F_H2D_BUSY, F_LAST_EVENT, F_NOW, F_STALL, F_START, I_CUR, I_D2H_BYTES,
-    I_DECODE_TOKENS, I_DEMAND, I_EV_ORDER, I_H2D_BYTES, I_H2D_JOBS, I_ORDER, I_PREFILL_ACC, I_PREFILL_HITS,
-    I_QHEAD, I_QTAIL, I_STAMP, I_STATE, I_WAITS,
+    _BUSY, _COMPUTE, _FIDDLER, _FIFO, _HYBRIMOE, _IDLE, _LAYER, _LFU, _LRU, _MRS, _STATIC, _WAKING, B_MISSED, B_ON_CPU,
+    B_RES, C_COUNT, C_RESIDENT, C_STAMP, C_TIE, CPU, D2H, F_BUSY, F_DECODE_TIME, F_NOW, F_STALL, H2D, I_DECODE_CPU,
+    I_DECODE_TOKENS, I_DEMAND, I_NJOBS, I_ORDER, I_PREFILL_ACC, I_PREFILL_HITS, I_STAMP, I_WAITS, L_BUSY_S,
+    L_BUSY_UNTIL, L_BYTES, L_CUR, L_DUR, L_EV_AT, L_EV_ORDER, L_JOBS, L_LAST_EVENT, L_QHEAD, L_QTAIL, L_STATE,
+    P_LIMIT, P_USED, S_EVICTED, S_JOB_OF, S_ORDER, S_SEL, T_BYTES, T_COPY_CONC, T_COPY_IN, T_COST, T_D2H,
+    T_LAYER_COPY, T_LAYER_COPY_BYTES, T_PLACE_COPY, T_POOL, X_CPU, X_DOWN, X_DOWN_CONC, X_GPU, X_UP, X_UP_CONC,
 )
-from moesim.tracer import DECODE
+from moesim.tracer import DECODE, PREFILL
 
-# columns of the job tables: floats (duration, done at), integers (bytes, landed, done order)
-J_DUR, J_DONE_AT = 0, 1
-J_BYTES, J_LANDED, J_DONE_ORDER = 0, 1, 2
+# columns of the job tables: floats (duration, duration while the other copy direction is busy, done at) and
+# integers (bytes, landed, done order, next stage or -1, first stage of the chain, lane)
+J_DUR, J_CONC, J_DONE_AT = 0, 1, 2
+J_BYTES, J_LANDED, J_DONE_ORDER, J_THEN, J_ROOT, J_LANE = 0, 1, 2, 3, 4, 5
+# HybriMoEPlacement's released constants (rule "code")
+HYBRIMOE_CPU_PER_TOKEN_S, HYBRIMOE_CPU_BASE_S, HYBRIMOE_GPU_S, HYBRIMOE_MOVE_S = 1e-3, 0.79e-3, 0.5e-3, 0.418e-3
+FIDDLER_CPU_PER_TOKEN, FIDDLER_GPU_TRANSFER = 7.0, 70.0  # FiddlerPlacement's (rule "code")
 
 
-# ---- the host->device copy lane: ClockedLane / LaneClock with one lane, demand jobs only, no contention
+# ---- the lanes: ClockedLane / LaneClock (H2D, D2H and the CPU pool), demand jobs, no contention
 @njit(cache=True)
-def _finish(F, I, jf, ji, at):
-    """ClockedLane._finish: the job in service is done."""
-    cur = I[I_CUR]
-    F[F_H2D_BUSY] += F[F_DUR]
-    I[I_H2D_BYTES] += ji[cur, J_BYTES]
-    I[I_H2D_JOBS] += 1
-    ji[cur, J_LANDED] = 1
-    jf[cur, J_DONE_AT] = at
-    I[I_ORDER] += 1
-    ji[cur, J_DONE_ORDER] = I[I_ORDER]
+def _enqueue(I, LF, LI, Q, lane, job, now):
+    """ClockedLane.submit's queueing: an idle lane schedules its wake-up now."""
+    Q[lane, LI[lane, L_QTAIL]] = job
+    LI[lane, L_QTAIL] += 1
+    if LI[lane, L_STATE] == _IDLE:
+        LI[lane, L_STATE] = _WAKING
+        LF[lane, L_EV_AT] = now
+        I[I_ORDER] += 1
+        LI[lane, L_EV_ORDER] = I[I_ORDER]
 
 
 @njit(cache=True)
-def _start_next(F, I, jf, ji, now):
-    """ClockedLane._start_next: the lane takes the next queued job (FIFO: jobs are numbered in submission order)."""
+def _new_job(I, JF, JI, lane, duration, concurrent, nbytes, then, root):
+    job = I[I_NJOBS]
+    I[I_NJOBS] += 1
+    JF[job, J_DUR] = duration
+    JF[job, J_CONC] = concurrent
+    JI[job, J_BYTES] = nbytes
+    JI[job, J_LANDED] = 0
+    JI[job, J_THEN] = then
+    JI[job, J_ROOT] = job if root < 0 else root
+    JI[job, J_LANE] = lane
+    return job
+
+
+@njit(cache=True)
+def _finish(I, LF, LI, Q, JF, JI, lane, at):
+    """ClockedLane._finish: the job in service is done; its chain's next stage is queued, or the chain is done."""
+    cur = LI[lane, L_CUR]
+    LF[lane, L_BUSY_S] += LF[lane, L_DUR]
+    LI[lane, L_BYTES] += JI[cur, J_BYTES]
+    LI[lane, L_JOBS] += 1
+    nxt = JI[cur, J_THEN]
+    if nxt >= 0:
+        _enqueue(I, LF, LI, Q, JI[nxt, J_LANE], nxt, at)
+    else:
+        root = JI[cur, J_ROOT]
+        JI[root, J_LANDED] = 1
+        JF[root, J_DONE_AT] = at
+        I[I_ORDER] += 1
+        JI[root, J_DONE_ORDER] = I[I_ORDER]
+
+
+@njit(cache=True)
+def _start_next(I, LF, LI, Q, JF, JI, lane, now):
+    """ClockedLane._start_next: the next queued job, at its contended time while the other copy direction is busy."""
     while True:
-        if I[I_QHEAD] == I[I_QTAIL]:
-            I[I_STATE] = _IDLE
+        if LI[lane, L_QHEAD] == LI[lane, L_QTAIL]:
+            LI[lane, L_STATE] = _IDLE
             return
-        job = I[I_QHEAD]
-        I[I_QHEAD] += 1
-        duration = jf[job, J_DUR]
-        I[I_CUR] = job
-        F[F_START] = now
-        F[F_DUR] = duration
+        job = Q[lane, LI[lane, L_QHEAD]]
+        LI[lane, L_QHEAD] += 1
+        duration = JF[job, J_DUR]
+        if lane != CPU and LF[1 - lane, L_BUSY_UNTIL] > now:
+            duration = JF[job, J_CONC]
+        LF[lane, L_BUSY_UNTIL] = now + duration
+        LI[lane, L_CUR] = job
+        LF[lane, L_DUR] = duration
         if duration > 0:
-            I[I_STATE] = _BUSY
-            F[F_EV_AT] = now + duration
+            LI[lane, L_STATE] = _BUSY
+            LF[lane, L_EV_AT] = now + duration
             I[I_ORDER] += 1
-            I[I_EV_ORDER] = I[I_ORDER]
+            LI[lane, L_EV_ORDER] = I[I_ORDER]
             return
-        _finish(F, I, jf, ji, now)
+        _finish(I, LF, LI, Q, JF, JI, lane, now)
 
 
 @njit(cache=True)
-def _fire(F, I, jf, ji):
-    """ClockedLane.fire: process the lane's pending event."""
-    at = F[F_EV_AT]
-    F[F_LAST_EVENT] = at
-    if I[I_STATE] == _BUSY:
-        _finish(F, I, jf, ji, at)
-    _start_next(F, I, jf, ji, at)
+def _first_lane(LF, LI):
+    """The lane whose pending event SimPy processes first (time, then event number); -1 when all are idle."""
+    first = -1
+    for lane in range(3):
+        if LI[lane, L_STATE] != _IDLE and (first < 0 or LF[lane, L_EV_AT] < LF[first, L_EV_AT] or (
+                LF[lane, L_EV_AT] == LF[first, L_EV_AT] and LI[lane, L_EV_ORDER] < LI[first, L_EV_ORDER])):
+            first = lane
+    return first
 
 
 @njit(cache=True)
-def _advance(F, I, jf, ji, until, order):
-    """LaneClock.advance: every lane event SimPy would process before the event (until, order)."""
-    while I[I_STATE] != _IDLE and (F[F_EV_AT] < until or (F[F_EV_AT] == until and I[I_EV_ORDER] < order)):
-        _fire(F, I, jf, ji)
+def _fire(I, LF, LI, Q, JF, JI, lane):
+    """ClockedLane.fire."""
+    at = LF[lane, L_EV_AT]
+    LF[lane, L_LAST_EVENT] = at
+    if LI[lane, L_STATE] == _BUSY:
+        _finish(I, LF, LI, Q, JF, JI, lane, at)
+    _start_next(I, LF, LI, Q, JF, JI, lane, at)
 
 
 @njit(cache=True)
-def _sleep(F, I, jf, ji, duration):
+def _advance(I, LF, LI, Q, JF, JI, until, order):
+    """LaneClock.advance: every lane event SimPy processes before the event (until, order)."""
+    while True:
+        first = _first_lane(LF, LI)
+        if first < 0 or LF[first, L_EV_AT] > until or (
+                LF[first, L_EV_AT] == until and LI[first, L_EV_ORDER] >= order):
+            return
+        _fire(I, LF, LI, Q, JF, JI, first)
+
+
+@njit(cache=True)
+def _sleep(F, I, LF, LI, Q, JF, JI, duration):
     """Simulation._sleep_clocked: the compute stream runs its pending work."""
     I[I_WAITS] += 1
     end = F[F_NOW] + duration
     I[I_ORDER] += 1
-    _advance(F, I, jf, ji, end, I[I_ORDER])
+    _advance(I, LF, LI, Q, JF, JI, end, I[I_ORDER])
     F[F_NOW] = end
 
 
 @njit(cache=True)
-def _wait(F, I, jf, ji, job):
-    """Simulation._wait_clocked: the compute stream waits until ``job`` has landed."""
-    while ji[job, J_LANDED] == 0:
-        _fire(F, I, jf, ji)
-    _advance(F, I, jf, ji, jf[job, J_DONE_AT], ji[job, J_DONE_ORDER])
-    F[F_NOW] = jf[job, J_DONE_AT]
+def _stall_for(F, I, LF, LI, Q, JF, JI, job, pending):
+    """Simulation._stall_for: run the pending work, then wait for ``job``'s chain if it has not landed."""
+    if pending > 0.0:
+        _sleep(F, I, LF, LI, Q, JF, JI, pending)
+    if JI[job, J_LANDED] == 0:
+        t0 = F[F_NOW]
+        I[I_WAITS] += 1
+        while JI[job, J_LANDED] == 0:  # LaneClock.run_until_done
+            _fire(I, LF, LI, Q, JF, JI, _first_lane(LF, LI))
+        _advance(I, LF, LI, Q, JF, JI, JF[job, J_DONE_AT], JI[job, J_DONE_ORDER])
+        F[F_NOW] = JF[job, J_DONE_AT]
+        F[F_STALL] += F[F_NOW] - t0
 
 
+# ---- the cache: ExpertCache.access / _admit_key with the LRU, FIFO, LFU, static or MRS rule
 @njit(cache=True)
-def _submit(F, I, jf, ji, duration, nbytes):
-    """ClockedLane.submit at the driver's time; returns the job's number."""
-    job = I[I_QTAIL]
-    I[I_QTAIL] += 1
-    jf[job, J_DUR] = duration
-    ji[job, J_BYTES] = nbytes
-    ji[job, J_LANDED] = 0
-    if I[I_STATE] == _IDLE:
-        I[I_STATE] = _WAKING
-        F[F_EV_AT] = F[F_NOW]
-        I[I_ORDER] += 1
-        I[I_EV_ORDER] = I[I_ORDER]
-    return job
-
-
-# ---- the cache: ExpertCache.access / _admit_key with LRU, FIFO, LFU or static rules
-@njit(cache=True)
-def _victim(cache, kind, scope_layer, pool, layer, E, experts, rest, stop, base):
-    """The resident key of ``pool`` the rule evicts first, passing over the experts still to be used in this
-    access (``experts[rest:stop]`` of layer ``base // E``); -1 when every resident key is protected."""
-    resident, _, _, pool_of_layer, _, stamp, count, tie = cache
-    lo, hi = (layer * E, layer * E + E) if scope_layer else (0, resident.shape[0])
+def _victim(CK, TLI, scores, kind, scope_layer, pool, layer, E, experts, SI, rest, n_sel, base):
+    """The resident key of ``pool`` the rule evicts first, passing over the device experts still to be used in
+    this access (``experts[SI[S_SEL, rest:n_sel]]``); -1 when every resident key is protected."""
+    if scope_layer:
+        lo, hi = layer * E, layer * E + E
+    else:
+        lo, hi = 0, CK.shape[1]
     best = -1
     for key in range(lo, hi):
-        if not resident[key] or pool_of_layer[key // E] != pool:
+        if CK[C_RESIDENT, key] == 0 or TLI[T_POOL, key // E] != pool:
             continue
         protected = False
-        for j in range(rest, stop):
-            if base + experts[j] == key:
+        for j in range(rest, n_sel):
+            if base + experts[SI[S_SEL, j]] == key:
                 protected = True
                 break
         if protected:
@@ -133,200 +181,343 @@ def _victim(cache, kind, scope_layer, pool, layer, E, experts, rest, stop, base)
         if best < 0:
             best = key
         elif kind == _LFU:
-            if count[key] < count[best] or (count[key] == count[best] and tie[key] < tie[best]):
+            if CK[C_COUNT, key] < CK[C_COUNT, best] or (
+                    CK[C_COUNT, key] == CK[C_COUNT, best] and CK[C_TIE, key] < CK[C_TIE, best]):
                 best = key
-        elif stamp[key] < stamp[best]:
+        elif kind == _MRS:
+            if scores[key] < scores[best]:  # keys ascend: a tie keeps the lower key
+                best = key
+        elif CK[C_STAMP, key] < CK[C_STAMP, best]:
             best = key
     return best
 
 
 @njit(cache=True)
-def _admit(cache, I, kind, scope_layer, E, key, layer, experts, rest, stop, base, evicted, n_evicted):
-    """ExpertCache._admit_key for a demand miss: (admitted, evictions so far in this access)."""
-    resident, used, limit, pool_of_layer, cost_of_layer, stamp, count, _ = cache
+def _admit(I, CK, CP, TLI, scores, kind, scope_layer, E, key, layer, experts, SI, rest, n_sel, base, n_evicted):
+    """ExpertCache._admit_key for a demand miss; returns the evictions so far in this access (``SI[S_EVICTED]``)."""
     if kind == _STATIC:
-        return False, n_evicted
-    pool = pool_of_layer[layer]
-    cost = cost_of_layer[layer]
-    if cost > limit[pool]:
-        return False, n_evicted
-    while used[pool] + cost > limit[pool]:
-        victim = _victim(cache, kind, scope_layer, pool, layer, E, experts, rest, stop, base)
+        return n_evicted
+    pool = TLI[T_POOL, layer]
+    cost = TLI[T_COST, layer]
+    if cost > CP[P_LIMIT, pool]:
+        return n_evicted
+    while CP[P_USED, pool] + cost > CP[P_LIMIT, pool]:
+        victim = _victim(CK, TLI, scores, kind, scope_layer, pool, layer, E, experts, SI, rest, n_sel, base)
         if victim < 0:
-            return False, n_evicted
-        resident[victim] = False
-        used[pool] -= cost_of_layer[victim // E]
-        evicted[n_evicted] = victim
+            return n_evicted
+        CK[C_RESIDENT, victim] = 0
+        CP[P_USED, pool] -= TLI[T_COST, victim // E]
+        SI[S_EVICTED, n_evicted] = victim
         n_evicted += 1
-    resident[key] = True
-    used[pool] += cost
+    CK[C_RESIDENT, key] = 1
+    CP[P_USED, pool] += cost
     if kind == _LRU or kind == _FIFO:
         I[I_STAMP] += 1
-        stamp[key] = I[I_STAMP]
+        CK[C_STAMP, key] = I[I_STAMP]
     elif kind == _LFU:
-        count[key] += 1  # a demand load is a dispatch: the count survives evictions (LFUCache._on_admit)
-    return True, n_evicted
+        CK[C_COUNT, key] += 1  # a demand load is a dispatch: the count survives evictions (LFUCache._on_admit)
+    return n_evicted
 
 
 @njit(cache=True)
-def _access(cache, I, kind, scope_layer, E, layer, experts, a, b, missed, evicted):
-    """ExpertCache.access of one layer's routed experts ``experts[a:b]``: (hits, misses, evictions), with
-    ``missed[i - a]`` set for each miss."""
-    resident, _, _, _, _, stamp, count, _ = cache
+def _access(I, CK, CP, TLI, scores, kind, scope_layer, E, layer, experts, SI, SB, n_sel):
+    """ExpertCache.access of the device experts ``experts[SI[S_SEL, :n_sel]]``: (hits, misses, evictions), with
+    ``SB[B_MISSED, j]`` set for each miss and the evicted keys in ``SI[S_EVICTED]``."""
     base = layer * E
     hits = 0
     misses = 0
     n_evicted = 0
-    for i in range(a, b):
-        key = base + experts[i]
-        if resident[key]:
+    for j in range(n_sel):
+        key = base + experts[SI[S_SEL, j]]
+        if CK[C_RESIDENT, key]:
             hits += 1
-            missed[i - a] = False
+            SB[B_MISSED, j] = False
             if kind == _LRU:
                 I[I_STAMP] += 1
-                stamp[key] = I[I_STAMP]
+                CK[C_STAMP, key] = I[I_STAMP]
             elif kind == _LFU:
-                count[key] += 1
+                CK[C_COUNT, key] += 1
         else:
             misses += 1
-            missed[i - a] = True
-            _, n_evicted = _admit(cache, I, kind, scope_layer, E, key, layer, experts, i + 1, b, base, evicted,
-                                  n_evicted)
+            SB[B_MISSED, j] = True
+            n_evicted = _admit(I, CK, CP, TLI, scores, kind, scope_layer, E, key, layer, experts, SI, j + 1, n_sel,
+                               base, n_evicted)
     return hits, misses, n_evicted
+
+
+@njit(cache=True)
+def _observe_scores(scores, params, layer, E, experts, weights, a, b):
+    """MRSCache.observe: the layer's scores decay, the router's top-p (by weight, stable) gain ``alpha * weight``."""
+    alpha, top_p = params[0], int(params[1])
+    for e in range(E):
+        scores[layer * E + e] *= 1.0 - alpha
+    n = b - a
+    if n > top_p:
+        chosen = np.argsort(-weights[a:b], kind="mergesort")[:top_p] + a
+        for i in chosen:
+            scores[layer * E + experts[i]] += alpha * weights[i]
+    else:
+        for i in range(a, b):
+            scores[layer * E + experts[i]] += alpha * weights[i]
+
+
+# ---- placement: FiddlerPlacement / HybriMoEPlacement
+@njit(cache=True)
+def _hss_before(SB, experts, expert_tokens, a, q, p):
+    """Whether expert ``q`` comes before ``p`` in HybriMoE's order: resident first, more tokens, lower id."""
+    if SB[B_RES, q] != SB[B_RES, p]:
+        return SB[B_RES, q]
+    if expert_tokens[a + q] != expert_tokens[a + p]:
+        return expert_tokens[a + q] > expert_tokens[a + p]
+    return experts[a + q] < experts[a + p]
+
+
+@njit(cache=True)
+def _hybrimoe_split(SI, SB, TT, experts, expert_tokens, a, b, code, move):
+    """HybriMoEPlacement.place's greedy split of one decode layer: the GPU takes the head of the order, the CPU
+    the tail, whichever would finish earlier."""
+    n = b - a
+    for j in range(n):  # insertion sort by (not resident, -tokens, expert): n <= experts per layer
+        SI[S_ORDER, j] = j
+        k = j
+        while k > 0 and _hss_before(SB, experts, expert_tokens, a, SI[S_ORDER, k], SI[S_ORDER, k - 1]):
+            SI[S_ORDER, k - 1], SI[S_ORDER, k] = SI[S_ORDER, k], SI[S_ORDER, k - 1]
+            k -= 1
+    gpu_end = 0.0
+    xfer_end = 0.0
+    cpu_end = 0.0
+    lo, hi = 0, n - 1
+    while lo <= hi:
+        g = SI[S_ORDER, lo]
+        g_cost = HYBRIMOE_GPU_S if code else TT[X_GPU, expert_tokens[a + g]]
+        if SB[B_RES, g]:
+            new_gpu = gpu_end + g_cost
+            new_xfer = xfer_end
+        else:
+            new_xfer = xfer_end + move
+            new_gpu = max(gpu_end, new_xfer) + g_cost
+        c = SI[S_ORDER, hi]
+        tc = expert_tokens[a + c]
+        new_cpu = cpu_end + (HYBRIMOE_CPU_PER_TOKEN_S * tc + HYBRIMOE_CPU_BASE_S if code else TT[X_CPU, tc])
+        if new_gpu <= new_cpu:
+            gpu_end, xfer_end = new_gpu, new_xfer
+            lo += 1
+        else:
+            cpu_end = new_cpu
+            SB[B_ON_CPU, c] = True
+            hi -= 1
+
+
+@njit(cache=True)
+def _place(placement, code, CK, TL, TT, SI, SB, layer, E, phase, experts, expert_tokens, a, b):
+    """Per routed expert of the layer, whether it runs on the CPU (Placement.place): ``SB[B_ON_CPU]``."""
+    n = b - a
+    for j in range(n):
+        SB[B_ON_CPU, j] = False
+        SB[B_RES, j] = CK[C_RESIDENT, layer * E + experts[a + j]] != 0
+    if placement == _FIDDLER:
+        for j in range(n):
+            if SB[B_RES, j]:
+                continue
+            t = expert_tokens[a + j]
+            if code:
+                SB[B_ON_CPU, j] = t * FIDDLER_CPU_PER_TOKEN < FIDDLER_GPU_TRANSFER
+            else:
+                SB[B_ON_CPU, j] = TT[X_CPU, t] < TL[T_PLACE_COPY, layer]
+    elif placement == _HYBRIMOE and phase != PREFILL and n > 0:
+        _hybrimoe_split(SI, SB, TT, experts, expert_tokens, a, b, code,
+                        HYBRIMOE_MOVE_S if code else TL[T_PLACE_COPY, layer])
 
 
 # ---- the driver: Simulation._forward's layer and step
 @njit(cache=True)
-def _run_experts(F, I, jf, ji, gpu, expert_tokens, a, b, missed, job_of, streamed, pending, busy):
-    """The device experts of a layer: ready ones in routing order, then each streamed load as its copy lands
-    (DecisionCore.ready_experts / landing_order and Simulation._stall_for)."""
-    if not streamed:
-        for i in range(a, b):
-            c = gpu[expert_tokens[i]]
-            pending += c
-            busy += c
-        return pending, busy
-    for i in range(a, b):
-        if missed[i - a] and ji[job_of[i - a], J_LANDED] == 0:
+def _cpu_task(I, LF, LI, Q, JF, JI, TT, SB, hidden, expert_tokens, a, b, now):
+    """Simulation._cpu_experts: the CPU experts' activations down, their FFNs on the CPU pool, the outputs up,
+    as one chain of three jobs; returns its first (the job the driver waits on)."""
+    tokens = 0
+    ffn = 0.0
+    up_s = 0.0
+    up_conc = 0.0
+    down_s = 0.0
+    down_conc = 0.0
+    for j in range(b - a):
+        if SB[B_ON_CPU, j]:
+            t = expert_tokens[a + j]
+            tokens += t
+            ffn += TT[X_CPU, t]
+            up_s += TT[X_UP, t]
+            up_conc += TT[X_UP_CONC, t]
+            down_s += TT[X_DOWN, t]
+            down_conc += TT[X_DOWN_CONC, t]
+    nbytes = tokens * hidden * 2
+    first = _new_job(I, JF, JI, D2H, down_s, down_conc, nbytes, -1, -1)
+    ffn_job = _new_job(I, JF, JI, CPU, ffn, ffn, 0, -1, first)
+    up_job = _new_job(I, JF, JI, H2D, up_s, up_conc, nbytes, -1, first)
+    JI[first, J_THEN] = ffn_job
+    JI[ffn_job, J_THEN] = up_job
+    _enqueue(I, LF, LI, Q, D2H, first, now)
+    return first
+
+
+@njit(cache=True)
+def _copies(F, I, LF, LI, Q, JF, JI, TL, TLI, SI, SB, E, mode, write_back, layer, n_sel, misses, n_evicted,
+            pending):
+    """The layer's copies: accelerate's whole layer, loads (and swap's write-backs) on the compute stream, or
+    demand loads on the copy lane after the pending compute. Returns (pending, loads were streamed)."""
+    if mode == _LAYER:
+        d = TL[T_LAYER_COPY, layer]
+        if d > 0.0:
+            pending += d
+            F[F_STALL] += d
+            LF[H2D, L_BUSY_S] += d
+            LI[H2D, L_BYTES] += TLI[T_LAYER_COPY_BYTES, layer]
+        return pending, False
+    if misses == 0:
+        return pending, False
+    if mode == _COMPUTE:
+        d = TL[T_COPY_IN, layer]
+        for _ in range(misses):
+            pending += d
+            F[F_STALL] += d
+            LF[H2D, L_BUSY_S] += d
+            LI[H2D, L_BYTES] += TLI[T_BYTES, layer]
+        if write_back:
+            for j in range(n_evicted):
+                l2 = SI[S_EVICTED, j] // E
+                d = TL[T_D2H, l2]
+                pending += d
+                F[F_STALL] += d
+                LF[D2H, L_BUSY_S] += d
+                LI[D2H, L_BYTES] += TLI[T_BYTES, l2]
+        return pending, False
+    if pending > 0.0:
+        _sleep(F, I, LF, LI, Q, JF, JI, pending)
+        pending = 0.0
+    for j in range(n_sel):
+        if SB[B_MISSED, j]:
+            job = _new_job(I, JF, JI, H2D, TL[T_COPY_IN, layer], TL[T_COPY_CONC, layer], TLI[T_BYTES, layer], -1, -1)
+            SI[S_JOB_OF, j] = job
+            _enqueue(I, LF, LI, Q, H2D, job, F[F_NOW])
+    return pending, True
+
+
+@njit(cache=True)
+def _run_experts(F, I, LF, LI, Q, JF, JI, TT, SI, SB, expert_tokens, n_sel, streamed, pending, busy):
+    """The device experts: ready ones in routing order, then each streamed load as its copy lands
+    (DecisionCore.ready_experts / landing_order). Returns (pending, busy)."""
+    for j in range(n_sel):
+        if streamed and SB[B_MISSED, j] and JI[SI[S_JOB_OF, j], J_LANDED] == 0:
             continue  # held back until its copy lands
-        missed[i - a] = False
-        c = gpu[expert_tokens[i]]
+        SB[B_MISSED, j] = False
+        c = TT[X_GPU, expert_tokens[SI[S_SEL, j]]]
         pending += c
         busy += c
-    for i in range(a, b):  # the held-back loads, in submission (= routing) order
-        if not missed[i - a]:
+    if not streamed:
+        return pending, busy
+    for j in range(n_sel):  # the held-back loads, in submission (= routing) order
+        if not SB[B_MISSED, j]:
             continue
-        job = job_of[i - a]
-        if ji[job, J_LANDED] == 0:
-            if pending > 0.0:
-                _sleep(F, I, jf, ji, pending)
-            if ji[job, J_LANDED] == 0:
-                t0 = F[F_NOW]
-                I[I_WAITS] += 1
-                _wait(F, I, jf, ji, job)
-                F[F_STALL] += F[F_NOW] - t0
+        job = SI[S_JOB_OF, j]
+        if JI[job, J_LANDED] == 0:
+            _stall_for(F, I, LF, LI, Q, JF, JI, job, pending)
             pending = 0.0
-        c = gpu[expert_tokens[i]]
+        c = TT[X_GPU, expert_tokens[SI[S_SEL, j]]]
         pending += c
         busy += c
     return pending, busy
 
 
 @njit(cache=True)
-def _layer(F, I, dec_acc, dec_hit, cache, shape, tables, layer, experts, expert_tokens, a, b, decode, pending,
-           busy, jf, ji, missed, job_of, evicted):
-    """One MoE layer: the cache's decisions, the counters, the copies, the experts (Simulation._forward)."""
-    L, E, mode, write_back, kind, scope_layer = shape[0], shape[1], shape[2], shape[3], shape[4], shape[5]
-    gpu, copy_in, d2h, expert_bytes, layer_copy_s, layer_copy_bytes = tables
-    hits, misses, n_evicted = _access(cache, I, kind, scope_layer, E, layer, experts, a, b, missed, evicted)
-    if decode:
-        dec_acc[layer] += b - a
-        dec_hit[layer] += hits
+def _layer(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, scores, SI, SB, shape, params, layer, experts,
+           expert_tokens, weights, a, b, phase, pending, busy):
+    """One MoE layer (DecisionCore.begin_layer and Simulation._forward's layer): scores, placement, the cache's
+    decisions, the counters, the copies, the CPU experts, the device experts. Returns (pending, busy)."""
+    E, mode, write_back, kind, scope_layer = shape[1], shape[2], shape[3], shape[4], shape[5]
+    placement, code, hidden = shape[6], shape[7], shape[8]
+    if kind == _MRS:
+        _observe_scores(scores, params, layer, E, experts, weights, a, b)
+    _place(placement, code, CK, TL, TT, SI, SB, layer, E, phase, experts, expert_tokens, a, b)
+    n_sel = 0
+    for j in range(b - a):
+        if not SB[B_ON_CPU, j]:
+            SI[S_SEL, n_sel] = a + j
+            n_sel += 1
+    n_cpu = b - a - n_sel
+    hits, misses, n_evicted = _access(I, CK, CP, TLI, scores, kind, scope_layer, E, layer, experts, SI, SB, n_sel)
+    if phase == DECODE:
+        counts[0, layer] += b - a
+        counts[1, layer] += hits
+        I[I_DECODE_CPU] += n_cpu
         I[I_DEMAND] += misses
     else:
         I[I_PREFILL_ACC] += b - a
         I[I_PREFILL_HITS] += hits
-    streamed = False
-    if mode == _LAYER:  # accelerate: the layer's offloaded experts, copied whole on the compute stream
-        d = layer_copy_s[layer]
-        if d > 0.0:
-            pending += d
-            F[F_STALL] += d
-            F[F_H2D_BUSY] += d
-            I[I_H2D_BYTES] += layer_copy_bytes[layer]
-    elif misses > 0 and mode == _COMPUTE:  # loads (and swap's write-backs) on the compute stream
-        d = copy_in[layer]
-        for _ in range(misses):
-            pending += d
-            F[F_STALL] += d
-            F[F_H2D_BUSY] += d
-            I[I_H2D_BYTES] += expert_bytes[layer]
-        if write_back:
-            for j in range(n_evicted):
-                l2 = evicted[j] // E
-                d = d2h[l2]
-                pending += d
-                F[F_STALL] += d
-                F[F_D2H_BUSY] += d
-                I[I_D2H_BYTES] += expert_bytes[l2]
-    elif misses > 0:  # demand loads on the copy stream, issued after the pending compute
+    pending, streamed = _copies(F, I, LF, LI, Q, JF, JI, TL, TLI, SI, SB, E, mode, write_back, layer, n_sel, misses,
+                                n_evicted, pending)
+    cpu_job = -1
+    if n_cpu > 0:
         if pending > 0.0:
-            _sleep(F, I, jf, ji, pending)
+            _sleep(F, I, LF, LI, Q, JF, JI, pending)
             pending = 0.0
-        for i in range(a, b):
-            if missed[i - a]:
-                job_of[i - a] = _submit(F, I, jf, ji, copy_in[layer], expert_bytes[layer])
-        streamed = True
-    return _run_experts(F, I, jf, ji, gpu, expert_tokens, a, b, missed, job_of, streamed, pending, busy)
+        cpu_job = _cpu_task(I, LF, LI, Q, JF, JI, TT, SB, hidden, expert_tokens, a, b, F[F_NOW])
+    pending, busy = _run_experts(F, I, LF, LI, Q, JF, JI, TT, SI, SB, expert_tokens, n_sel, streamed, pending, busy)
+    if cpu_job >= 0 and JI[cpu_job, J_LANDED] == 0:
+        _stall_for(F, I, LF, LI, Q, JF, JI, cpu_job, pending)
+        pending = 0.0
+    return pending, busy
 
 
 @njit(cache=True)
-def _reset_request(cache, kind):
+def _reset_request(CK, kind):
     """ExpertCache.reset_request: LFU's visit counts are per request."""
     if kind == _LFU:
-        cache[6][:] = 0
+        for key in range(CK.shape[1]):
+            CK[C_COUNT, key] = 0
 
 
 @njit(cache=True)
-def replay_batch(F, I, dec_acc, dec_hit, cache, shape, scalars, tables, phase, tokens, ne, head, shared,
-                 step_offsets, layer_of, expert_offsets, experts, expert_tokens, num_prefill, step_end):
-    """One batch's forward steps (replay_steps and Simulation._forward): fills the state F, I, the counters
-    and each step's end time."""
+def replay_batch(F, I, LF, LI, counts, CK, CP, TL, TLI, TT, scores, shape, scalars, params, phase, tokens, ne, head,
+                 shared, step_offsets, layer_of, expert_offsets, experts, expert_tokens, weights, num_prefill,
+                 step_end):
+    """One batch's forward steps (replay_steps and Simulation._forward): fills the state F, I, the lanes LF, LI,
+    the decode counters (``counts``: accesses, hits per layer) and each step's end time."""
     L, E = shape[0], shape[1]
     step_overhead, layer_overhead, dense = scalars[0], scalars[1], scalars[2]
-    n_jobs = experts.shape[0] + 1
-    jf = np.zeros((n_jobs, 2), dtype=np.float64)
-    ji = np.zeros((n_jobs, 3), dtype=np.int64)
-    I[I_QHEAD] = 0  # every copy of the previous batch was waited for: the lane is idle and its queue empty
-    I[I_QTAIL] = 0
-    missed = np.zeros(E, dtype=np.bool_)
-    job_of = np.zeros(E, dtype=np.int64)
-    evicted = np.zeros(L * E, dtype=np.int64)
+    # every job of a layer has landed when the layer ends (no prefetch): job numbers and queues restart per layer
+    jobs = E + 4
+    JF = np.zeros((jobs, 3), dtype=np.float64)
+    JI = np.zeros((jobs, 6), dtype=np.int64)
+    Q = np.zeros((3, jobs), dtype=np.int64)
+    SI = np.zeros((4, L * E), dtype=np.int64)
+    SB = np.zeros((3, E), dtype=np.bool_)
     for s in range(phase.shape[0]):
         if s == num_prefill:
-            _reset_request(cache, shape[4])
+            _reset_request(CK, shape[4])
         ts = F[F_NOW]
         h, n, sh = head[s], ne[s], shared[s]
         pending = step_overhead + h + dense * n
         busy = F[F_BUSY] + (h + dense * n)
         attention = n + layer_overhead + sh
         attention_busy = n + sh
-        decode = phase[s] == DECODE
         w, w_end = step_offsets[s], step_offsets[s + 1]
         for layer in range(L):
             pending += attention
             busy += attention_busy
             if w < w_end and layer_of[w] == layer:
-                pending, busy = _layer(F, I, dec_acc, dec_hit, cache, shape, tables, layer, experts, expert_tokens,
-                                       expert_offsets[w], expert_offsets[w + 1], decode, pending, busy, jf, ji,
-                                       missed, job_of, evicted)
+                I[I_NJOBS] = 0
+                for lane in range(3):
+                    LI[lane, L_QHEAD] = 0
+                    LI[lane, L_QTAIL] = 0
+                pending, busy = _layer(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, scores, SI, SB, shape,
+                                       params, layer, experts, expert_tokens, weights, expert_offsets[w],
+                                       expert_offsets[w + 1], phase[s], pending, busy)
                 w += 1
         F[F_BUSY] = busy
         if pending > 0.0:
-            _sleep(F, I, jf, ji, pending)
+            _sleep(F, I, LF, LI, Q, JF, JI, pending)
         t = F[F_NOW]
         step_end[s] = t
-        if decode:
+        if phase[s] == DECODE:
             F[F_DECODE_TIME] += t - ts
             I[I_DECODE_TOKENS] += tokens[s]
-    _reset_request(cache, shape[4])
+    _reset_request(CK, shape[4])

@@ -18,20 +18,35 @@ from __future__ import annotations
 
 import numpy as np
 
-from moesim.simulator.cache import FIFOCache, LFUCache, LRUCache, StaticCache
+from moesim.simulator.cache import FIFOCache, LFUCache, LRUCache, MRSCache, StaticCache
 from moesim.simulator.decide import RunCounters
+from moesim.simulator.placement import FiddlerPlacement, GpuOnly, HybriMoEPlacement
 from moesim.tracer import DECODE
 
-_CACHE_KINDS = {LRUCache: 0, FIFOCache: 1, LFUCache: 2, StaticCache: 3}
-_LRU, _FIFO, _LFU, _STATIC = 0, 1, 2, 3
+_CACHE_KINDS = {LRUCache: 0, FIFOCache: 1, LFUCache: 2, StaticCache: 3, MRSCache: 4}
+_LRU, _FIFO, _LFU, _STATIC, _MRS = 0, 1, 2, 3, 4
+_PLACEMENTS = {GpuOnly: 0, FiddlerPlacement: 1, HybriMoEPlacement: 2}
+_GPU, _FIDDLER, _HYBRIMOE = 0, 1, 2
 _STREAM, _COMPUTE, _LAYER = 0, 1, 2
+H2D, D2H, CPU = 0, 1, 2  # the lanes; the first two are each other's peer (a copy is slower while both run)
 
-# slots of the float state F
-F_NOW, F_STALL, F_BUSY, F_H2D_BUSY, F_D2H_BUSY, F_DECODE_TIME, F_EV_AT, F_LAST_EVENT, F_START, F_DUR = range(10)
-# slots of the integer state I
-(I_ORDER, I_STATE, I_EV_ORDER, I_QHEAD, I_QTAIL, I_CUR, I_H2D_JOBS, I_H2D_BYTES, I_D2H_BYTES, I_WAITS,
- I_PREFILL_ACC, I_PREFILL_HITS, I_DEMAND, I_DECODE_TOKENS, I_STAMP) = range(15)
+# slots of the float state F and the integer state I
+F_NOW, F_STALL, F_BUSY, F_DECODE_TIME = range(4)
+(I_ORDER, I_WAITS, I_PREFILL_ACC, I_PREFILL_HITS, I_DEMAND, I_DECODE_CPU, I_DECODE_TOKENS, I_STAMP,
+ I_NJOBS) = range(9)
+# per lane (rows of LF and LI): its pending event, the job in service, its queue and its totals
+L_EV_AT, L_LAST_EVENT, L_DUR, L_BUSY_UNTIL, L_BUSY_S = range(5)
+L_STATE, L_EV_ORDER, L_CUR, L_QHEAD, L_QTAIL, L_JOBS, L_BYTES = range(7)
 _IDLE, _WAKING, _BUSY = 0, 1, 2  # the clocked lane's states (transfer.py)
+# rows of the cache's per-key integers CK, its per-pool integers CP, the per-layer tables TL (seconds) and TLI
+# (integers), the per-token-count tables TT (seconds), the scratch integers SI and flags SB of one layer
+C_RESIDENT, C_STAMP, C_COUNT, C_TIE = range(4)
+P_USED, P_LIMIT = range(2)
+T_COPY_IN, T_COPY_CONC, T_D2H, T_LAYER_COPY, T_PLACE_COPY = range(5)
+T_POOL, T_COST, T_BYTES, T_LAYER_COPY_BYTES = range(4)
+X_GPU, X_CPU, X_UP, X_UP_CONC, X_DOWN, X_DOWN_CONC = range(6)
+S_SEL, S_JOB_OF, S_ORDER, S_EVICTED = range(4)
+B_MISSED, B_ON_CPU, B_RES = range(3)
 
 
 def unsupported(prep, objs, record_hits: bool = False, timeline=None, exact_events: bool = False) -> str:
@@ -47,8 +62,8 @@ def unsupported(prep, objs, record_hits: bool = False, timeline=None, exact_even
         return f"cache '{objs.cache.name}'"
     if objs.prefetcher.active or objs.prefetcher.wants_observe:
         return f"prefetch '{objs.prefetcher.name}'"
-    if objs.placement.needs_cpu:
-        return "CPU placement"
+    if type(objs.placement) not in _PLACEMENTS:
+        return f"placement '{objs.placement.name}'"
     costs = objs.costs
     if costs.copy_slowdown_with_compute != 1.0 or costs.compute_slowdown_with_copy != 1.0:
         return "copies and compute contend on this profile"
@@ -72,58 +87,61 @@ class KernelRun:
         self.workload = wl
         self.objs = objs
         self.L, self.E = wl.num_layers, wl.num_experts
+        self.hidden_size = prep.trace.meta.model.hidden_size
         self.h2d, self.d2h, self.cpu = LaneTotals(), LaneTotals(), LaneTotals()
 
     def run(self):
         from moesim.simulator.engine import EngineStats
 
         objs, L, E = self.objs, self.L, self.E
-        costs, transfer, cache = objs.costs, objs.transfer, objs.cache
+        costs, transfer, cache, placement = objs.costs, objs.transfer, objs.cache, objs.placement
         stats = EngineStats(L)
         mode = _LAYER if transfer.mode == "layer" else _COMPUTE if transfer.on_compute_stream else _STREAM
         copy_in = costs.h2d_pageable_by_layer if (mode != _STREAM and not transfer.pinned) else costs.h2d_by_layer
-        layer_copy_s = objs.layer_copy_s or [0.0] * L
-        layer_copy_bytes = objs.layer_copy_bytes or [0] * L
-        tables = (np.asarray(costs.gpu_expert, dtype=np.float64), np.asarray(copy_in, dtype=np.float64),
-                  np.asarray(costs.d2h_by_layer, dtype=np.float64),
-                  np.asarray(costs.expert_bytes_by_layer, dtype=np.int64),
-                  np.asarray(layer_copy_s, dtype=np.float64), np.asarray(layer_copy_bytes, dtype=np.int64))
+        TL = np.array([copy_in, costs.h2d_conc_by_layer, costs.d2h_by_layer, objs.layer_copy_s or [0.0] * L,
+                       placement.copy_by_layer], dtype=np.float64)
+        TT = np.array([costs.gpu_expert, costs.cpu_expert, costs.act_h2d, costs.act_h2d_conc, costs.act_d2h,
+                       costs.act_d2h_conc], dtype=np.float64)
+        CK, CP, pools, scores, stamp = _cache_arrays(cache, L, E)
+        TLI = np.array(pools + [costs.expert_bytes_by_layer, objs.layer_copy_bytes or [0] * L], dtype=np.int64)
         shape = np.array([L, E, mode, int(transfer.write_back), _CACHE_KINDS[type(cache)],
-                          int(cache.capacity.scope == "layer")], dtype=np.int64)
+                          int(cache.capacity.scope == "layer"), _PLACEMENTS[type(placement)],
+                          int(placement.spec.rule == "code"), self.hidden_size], dtype=np.int64)
         scalars = np.array([costs.step_overhead_s, costs.layer_overhead_s, float(costs.dense_layers)])
-        state = _cache_arrays(cache, L, E)
-        F = np.zeros(10, dtype=np.float64)
-        I = np.zeros(15, dtype=np.int64)
-        I[I_STAMP] = state[-1]
-        dec_acc = np.zeros(L, dtype=np.int64)
-        dec_hit = np.zeros(L, dtype=np.int64)
+        params = np.array([getattr(cache, "alpha", 0.0), getattr(cache, "top_p", 0)], dtype=np.float64)
+        F = np.zeros(4, dtype=np.float64)
+        I = np.zeros(9, dtype=np.int64)
+        I[I_STAMP] = stamp
+        LF = np.zeros((3, 5), dtype=np.float64)
+        LI = np.zeros((3, 7), dtype=np.int64)
+        counts = np.zeros((2, L), dtype=np.int64)  # decode accesses and hits per layer
         replay = _compiled()
         for batch in self.workload.batches:
             store = batch.store
-            ne, head, shared = _step_costs(store, costs, tables[0])
+            ne, head, shared = _step_costs(store, costs, TT[X_GPU])
             step_end = np.zeros(len(store), dtype=np.float64)
             t0 = F[F_NOW]
             # one integer type for every store (they pick the smallest): one compiled signature
-            replay(F, I, dec_acc, dec_hit, state[:-1], shape, scalars, tables, np.asarray(store.phase, np.int64),
-                   np.asarray(store.tokens, np.int64), ne, head, shared, _int64(store.step_offsets),
-                   _int64(store.layer), _int64(store.expert_offsets), _int64(store.experts),
-                   _int64(store.expert_tokens), batch.num_prefill, step_end)
+            replay(F, I, LF, LI, counts, CK, CP, TL, TLI, TT, scores, shape, scalars, params,
+                   np.asarray(store.phase, np.int64), np.asarray(store.tokens, np.int64), ne, head, shared,
+                   _int64(store.step_offsets), _int64(store.layer), _int64(store.expert_offsets),
+                   _int64(store.experts), _int64(store.expert_tokens), store.weights, batch.num_prefill, step_end)
             _request_times(stats, batch, step_end, t0)
-        self._fill(stats, F, I, dec_acc, dec_hit)
+        self._fill(stats, F, I, LF, LI, counts)
         return stats
 
-    def _fill(self, stats: RunCounters, F, I, dec_acc, dec_hit) -> None:
-        stats.decode_accesses = dec_acc.tolist()
-        stats.decode_hits = dec_hit.tolist()
+    def _fill(self, stats: RunCounters, F, I, LF, LI, counts) -> None:
+        stats.decode_accesses = counts[0].tolist()
+        stats.decode_hits = counts[1].tolist()
         stats.prefill_accesses, stats.prefill_hits = int(I[I_PREFILL_ACC]), int(I[I_PREFILL_HITS])
         stats.demand_loads, stats.waits = int(I[I_DEMAND]), int(I[I_WAITS])
-        stats.decode_tokens = int(I[I_DECODE_TOKENS])
-        stats.stall_s, stats.gpu_busy_s, stats.decode_time_s = float(F[F_STALL]), float(F[F_BUSY]), float(
-            F[F_DECODE_TIME])
+        stats.decode_cpu, stats.decode_tokens = int(I[I_DECODE_CPU]), int(I[I_DECODE_TOKENS])
+        stats.stall_s, stats.gpu_busy_s = float(F[F_STALL]), float(F[F_BUSY])
+        stats.decode_time_s = float(F[F_DECODE_TIME])
         # the engine's drain: nothing is left queued (every copy was waited for), the run ends at the last event
-        stats.makespan_s = max(float(F[F_NOW]), float(F[F_LAST_EVENT]))
-        self.h2d = LaneTotals(float(F[F_H2D_BUSY]), int(I[I_H2D_BYTES]), int(I[I_H2D_JOBS]))
-        self.d2h = LaneTotals(float(F[F_D2H_BUSY]), int(I[I_D2H_BYTES]), 0)
+        stats.makespan_s = max([float(F[F_NOW])] + LF[:, L_LAST_EVENT].tolist())
+        self.h2d, self.d2h, self.cpu = (LaneTotals(float(LF[lane, L_BUSY_S]), int(LI[lane, L_BYTES]),
+                                                   int(LI[lane, L_JOBS])) for lane in (H2D, D2H, CPU))
 
 
 def _int64(a: np.ndarray) -> np.ndarray:
@@ -131,28 +149,27 @@ def _int64(a: np.ndarray) -> np.ndarray:
 
 
 def _cache_arrays(cache, L: int, E: int) -> tuple:
-    """The Python cache's state after its preload, as arrays: (resident, used, limit, pool of layer, cost of
-    layer, LRU/FIFO stamps, LFU counts, LFU ties, next stamp). An order is kept as stamps: the smallest
-    stamp in a pool is the least recent."""
+    """The Python cache's state after its preload, as arrays: CK (per key: resident, LRU/FIFO stamp, LFU count,
+    LFU tie), CP (per pool: used, limit), [pool of each layer, an expert's cost in each layer], MRS scores, and
+    the last stamp. An order is kept as stamps: the smallest stamp in a pool is the least recent."""
     K = L * E
     pool_of_layer, cost_of_layer, limit, used = cache.pool_layout()
-    resident = np.zeros(K, dtype=np.bool_)
-    for key in cache.resident_keys():
-        resident[key] = True
-    stamp = np.zeros(K, dtype=np.int64)
-    next_stamp = 1
+    CK = np.zeros((4, K), dtype=np.int64)
+    CK[C_RESIDENT, cache.resident_keys()] = 1
+    stamp = 0
     if isinstance(cache, LRUCache):
         for pool in range(len(limit)):
             for key in cache.recency_order(pool):
-                stamp[key] = next_stamp
-                next_stamp += 1
-    count = np.zeros(K, dtype=np.int64)
+                stamp += 1
+                CK[C_STAMP, key] = stamp
     if isinstance(cache, LFUCache):
-        count[:] = [cache.visit_count(k // E, k % E) for k in range(K)]
+        CK[C_COUNT] = [cache.visit_count(k // E, k % E) for k in range(K)]
     keys = np.arange(K, dtype=np.int64)
-    tie = (keys % E) * L + keys // E  # MoE-Infinity's scan order: expert, then layer (LFUCache._tie)
-    return (resident, np.asarray(used, np.int64), np.asarray(limit, np.int64), np.asarray(pool_of_layer, np.int64),
-            np.asarray(cost_of_layer, np.int64), stamp, count, tie, next_stamp)
+    CK[C_TIE] = (keys % E) * L + keys // E  # MoE-Infinity's scan order: expert, then layer (LFUCache._tie)
+    scores = np.zeros(K, dtype=np.float64)
+    if isinstance(cache, MRSCache):
+        scores[:] = cache.scores.reshape(-1)
+    return CK, np.array([used, limit], dtype=np.int64), [pool_of_layer, cost_of_layer], scores, stamp
 
 
 def _step_costs(store, costs, gpu: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -144,7 +144,8 @@ def test_simulate_engine_events_writes_the_same_json_and_timeline(tmp_path):
 
 # ---- the compiled replay (simulator/kernel.py) against the engine it replaces --------------------------------
 # The presets it covers; a preset dropped from the kernel (or a run it gets wrong) fails here.
-COMPILED = ("lru", "lfu", "fifo", "static", "all-gpu", "accelerate", "mixtral-offloading", "moe-infinity")
+COMPILED = ("lru", "lfu", "fifo", "static", "all-gpu", "accelerate", "mixtral-offloading", "moe-infinity", "fiddler",
+            "hybrimoe")
 
 
 def replay_path_of(trace, profile, config: SimConfig) -> str:
@@ -253,7 +254,7 @@ def test_importing_the_simulator_or_asking_for_help_does_not_import_numba():
     assert "NUMBA False" in res.stdout
 
 
-@pytest.mark.parametrize("preset", ["lru", "moe-infinity", "mixtral-offloading", "fiddler"])
+@pytest.mark.parametrize("preset", ["lru", "moe-infinity", "mixtral-offloading", "fiddler", "hybrimoe"])
 def test_simulate_json_is_byte_identical_on_the_compiled_replay_and_the_engine(preset, tmp_path):
     from click.testing import CliRunner
 
@@ -268,3 +269,16 @@ def test_simulate_json_is_byte_identical_on_the_compiled_replay_and_the_engine(p
         assert res.exit_code == 0, res.output
         out[engine] = js.read_text()
     assert out["clocked"] == out["python"]
+
+
+@pytest.mark.parametrize("policy", ["fiddler+placement-rule=profile", "hybrimoe+placement-rule=code", "lru+scope=global",
+                                    "fifo+scope=global", "lru+transfer=sync", "lfu+transfer=swap",
+                                    "mixtral-offloading+scope=global", "static+transfer=layer"])
+def test_compiled_replay_equals_the_engine_on_composed_policies(policy):
+    from moesim.simulator.compose import build_policy
+
+    spec = build_policy(policy)
+    for trace in (bundled_head("qwen3-30b-a3b-bigmoeonedge"), mixtral_shaped()):
+        for cache_experts in (1, 3):
+            config = SimConfig(spec, cache_experts=cache_experts, gpu_mem_bytes=1 << 40, batch=1)
+            assert assert_compiled_same(trace, load_profile_cached("rtx-4090"), config) == "compiled"
