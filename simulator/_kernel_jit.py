@@ -14,8 +14,8 @@ import numpy as np
 from numba import njit
 
 from moesim.simulator.kernel import (
-    _BUSY, _COMPUTE, _FIDDLER, _FIFO, _HYBRIMOE, _IDLE, _LAYER, _LFU, _LRU, _MRS, _STATIC, _WAKING, B_MISSED, B_ON_CPU,
-    B_RES, C_COUNT, C_RESIDENT, C_STAMP, C_TIE, CPU, D2H, F_BUSY, F_DECODE_TIME, F_NOW, F_STALL, H2D, I_DECODE_CPU,
+    _BELADY, _BUSY, _COMPUTE, _FIDDLER, _FIFO, _HYBRIMOE, _IDLE, _LAYER, _LFU, _LRU, _MRS, _STATIC, _WAKING, B_MISSED, B_ON_CPU,
+    B_RES, C_COUNT, C_NEXT, C_RESIDENT, C_STAMP, C_TIE, CPU, D2H, F_BUSY, F_DECODE_TIME, F_NOW, F_STALL, H2D, I_DECODE_CPU,
     I_DECODE_TOKENS, I_DEMAND, I_NJOBS, I_ORDER, I_PREFILL_ACC, I_PREFILL_HITS, I_STAMP, I_WAITS, L_BUSY_S,
     L_BUSY_UNTIL, L_BYTES, L_CUR, L_DUR, L_EV_AT, L_EV_ORDER, L_JOBS, L_LAST_EVENT, L_QHEAD, L_QTAIL, L_STATE,
     P_LIMIT, P_USED, S_EVICTED, S_JOB_OF, S_ORDER, S_SEL, T_BYTES, T_COPY_CONC, T_COPY_IN, T_COST, T_D2H,
@@ -187,20 +187,29 @@ def _victim(CK, TLI, scores, kind, scope_layer, pool, layer, E, experts, SI, res
         elif kind == _MRS:
             if scores[key] < scores[best]:  # keys ascend: a tie keeps the lower key
                 best = key
+        elif kind == _BELADY:
+            if CK[C_NEXT, key] > CK[C_NEXT, best]:  # used farthest in the future; a tie keeps the lower key
+                best = key
         elif CK[C_STAMP, key] < CK[C_STAMP, best]:
             best = key
     return best
 
 
 @njit(cache=True)
-def _admit(I, CK, CP, TLI, scores, kind, scope_layer, E, key, layer, experts, SI, rest, n_sel, base, n_evicted):
-    """ExpertCache._admit_key for a demand miss; returns the evictions so far in this access (``SI[S_EVICTED]``)."""
+def _admit(I, CK, CP, TLI, scores, kind, scope_layer, E, key, layer, experts, SI, rest, n_sel, base, n_evicted,
+           next_use):
+    """ExpertCache._admit_key for a demand miss (Belady: whose next use is ``next_use``); returns the evictions
+    so far in this access (``SI[S_EVICTED]``)."""
     if kind == _STATIC:
         return n_evicted
     pool = TLI[T_POOL, layer]
     cost = TLI[T_COST, layer]
     if cost > CP[P_LIMIT, pool]:
         return n_evicted
+    if kind == _BELADY and CP[P_USED, pool] + cost > CP[P_LIMIT, pool]:  # BeladyCache._bypass
+        found = _victim(CK, TLI, scores, kind, scope_layer, pool, layer, E, experts, SI, rest, n_sel, base)
+        if found < 0 or next_use >= CK[C_NEXT, found]:
+            return n_evicted
     while CP[P_USED, pool] + cost > CP[P_LIMIT, pool]:
         victim = _victim(CK, TLI, scores, kind, scope_layer, pool, layer, E, experts, SI, rest, n_sel, base)
         if victim < 0:
@@ -216,11 +225,13 @@ def _admit(I, CK, CP, TLI, scores, kind, scope_layer, E, key, layer, experts, SI
         CK[C_STAMP, key] = I[I_STAMP]
     elif kind == _LFU:
         CK[C_COUNT, key] += 1  # a demand load is a dispatch: the count survives evictions (LFUCache._on_admit)
+    elif kind == _BELADY:
+        CK[C_NEXT, key] = next_use
     return n_evicted
 
 
 @njit(cache=True)
-def _access(I, CK, CP, TLI, scores, kind, scope_layer, E, layer, experts, SI, SB, n_sel):
+def _access(I, CK, CP, TLI, scores, kind, scope_layer, E, layer, experts, SI, SB, n_sel, next_use):
     """ExpertCache.access of the device experts ``experts[SI[S_SEL, :n_sel]]``: (hits, misses, evictions), with
     ``SB[B_MISSED, j]`` set for each miss and the evicted keys in ``SI[S_EVICTED]``."""
     base = layer * E
@@ -237,11 +248,14 @@ def _access(I, CK, CP, TLI, scores, kind, scope_layer, E, layer, experts, SI, SB
                 CK[C_STAMP, key] = I[I_STAMP]
             elif kind == _LFU:
                 CK[C_COUNT, key] += 1
+            elif kind == _BELADY:
+                CK[C_NEXT, key] = next_use[SI[S_SEL, j]]
         else:
             misses += 1
             SB[B_MISSED, j] = True
+            nu = next_use[SI[S_SEL, j]] if kind == _BELADY else 0
             n_evicted = _admit(I, CK, CP, TLI, scores, kind, scope_layer, E, key, layer, experts, SI, j + 1, n_sel,
-                               base, n_evicted)
+                               base, n_evicted, nu)
     return hits, misses, n_evicted
 
 
@@ -429,7 +443,7 @@ def _run_experts(F, I, LF, LI, Q, JF, JI, TT, SI, SB, expert_tokens, n_sel, stre
 
 @njit(cache=True)
 def _layer(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, scores, SI, SB, shape, params, layer, experts,
-           expert_tokens, weights, a, b, phase, pending, busy):
+           expert_tokens, weights, next_use, a, b, phase, pending, busy):
     """One MoE layer (DecisionCore.begin_layer and Simulation._forward's layer): scores, placement, the cache's
     decisions, the counters, the copies, the CPU experts, the device experts. Returns (pending, busy)."""
     E, mode, write_back, kind, scope_layer = shape[1], shape[2], shape[3], shape[4], shape[5]
@@ -443,7 +457,8 @@ def _layer(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, scores, SI, SB,
             SI[S_SEL, n_sel] = a + j
             n_sel += 1
     n_cpu = b - a - n_sel
-    hits, misses, n_evicted = _access(I, CK, CP, TLI, scores, kind, scope_layer, E, layer, experts, SI, SB, n_sel)
+    hits, misses, n_evicted = _access(I, CK, CP, TLI, scores, kind, scope_layer, E, layer, experts, SI, SB, n_sel,
+                                      next_use)
     if phase == DECODE:
         counts[0, layer] += b - a
         counts[1, layer] += hits
@@ -477,7 +492,7 @@ def _reset_request(CK, kind):
 
 @njit(cache=True)
 def replay_batch(F, I, LF, LI, counts, CK, CP, TL, TLI, TT, scores, shape, scalars, params, phase, tokens, ne, head,
-                 shared, step_offsets, layer_of, expert_offsets, experts, expert_tokens, weights, num_prefill,
+                 shared, step_offsets, layer_of, expert_offsets, experts, expert_tokens, weights, next_use, num_prefill,
                  step_end):
     """One batch's forward steps (replay_steps and Simulation._forward): fills the state F, I, the lanes LF, LI,
     the decode counters (``counts``: accesses, hits per layer) and each step's end time."""
@@ -509,7 +524,7 @@ def replay_batch(F, I, LF, LI, counts, CK, CP, TL, TLI, TT, scores, shape, scala
                     LI[lane, L_QHEAD] = 0
                     LI[lane, L_QTAIL] = 0
                 pending, busy = _layer(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, scores, SI, SB, shape,
-                                       params, layer, experts, expert_tokens, weights, expert_offsets[w],
+                                       params, layer, experts, expert_tokens, weights, next_use, expert_offsets[w],
                                        expert_offsets[w + 1], phase[s], pending, busy)
                 w += 1
         F[F_BUSY] = busy

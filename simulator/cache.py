@@ -441,6 +441,10 @@ class BeladyCache(ExpertCache):
     def attach_future(self, future: FutureIndex) -> None:
         self._future = future
 
+    def next_uses(self) -> dict[int, int]:
+        """Key -> the clock of its next use, for every resident key (what the eviction compares)."""
+        return dict(self._next)
+
     def _next_use(self, key: int, clock: int) -> int:
         if self._future is None:
             raise RuntimeError("cache policy 'belady' needs the future of the trace (attach_future was not called)")

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from moesim.simulator.cache import FIFOCache, LFUCache, LRUCache, MRSCache, StaticCache
+from moesim.simulator.cache import NEVER, BeladyCache, FIFOCache, LFUCache, LRUCache, MRSCache, StaticCache
 from moesim.simulator.decide import RunCounters
 from moesim.simulator.placement import FiddlerPlacement, GpuOnly, HybriMoEPlacement
 from moesim.tracer import DECODE
 
-_CACHE_KINDS = {LRUCache: 0, FIFOCache: 1, LFUCache: 2, StaticCache: 3, MRSCache: 4}
-_LRU, _FIFO, _LFU, _STATIC, _MRS = 0, 1, 2, 3, 4
+_CACHE_KINDS = {LRUCache: 0, FIFOCache: 1, LFUCache: 2, StaticCache: 3, MRSCache: 4, BeladyCache: 5}
+_LRU, _FIFO, _LFU, _STATIC, _MRS, _BELADY = 0, 1, 2, 3, 4, 5
 _PLACEMENTS = {GpuOnly: 0, FiddlerPlacement: 1, HybriMoEPlacement: 2}
 _GPU, _FIDDLER, _HYBRIMOE = 0, 1, 2
 _STREAM, _COMPUTE, _LAYER = 0, 1, 2
@@ -40,7 +40,7 @@ L_STATE, L_EV_ORDER, L_CUR, L_QHEAD, L_QTAIL, L_JOBS, L_BYTES = range(7)
 _IDLE, _WAKING, _BUSY = 0, 1, 2  # the clocked lane's states (transfer.py)
 # rows of the cache's per-key integers CK, its per-pool integers CP, the per-layer tables TL (seconds) and TLI
 # (integers), the per-token-count tables TT (seconds), the scratch integers SI and flags SB of one layer
-C_RESIDENT, C_STAMP, C_COUNT, C_TIE = range(4)
+C_RESIDENT, C_STAMP, C_COUNT, C_TIE, C_NEXT = range(5)
 P_USED, P_LIMIT = range(2)
 T_COPY_IN, T_COPY_CONC, T_D2H, T_LAYER_COPY, T_PLACE_COPY = range(5)
 T_POOL, T_COST, T_BYTES, T_LAYER_COPY_BYTES = range(4)
@@ -116,7 +116,8 @@ class KernelRun:
         LI = np.zeros((3, 7), dtype=np.int64)
         counts = np.zeros((2, L), dtype=np.int64)  # decode accesses and hits per layer
         replay = _compiled()
-        for batch in self.workload.batches:
+        next_uses = _next_uses(self.workload) if isinstance(cache, BeladyCache) else None
+        for number, batch in enumerate(self.workload.batches):
             store = batch.store
             ne, head, shared = _step_costs(store, costs, TT[X_GPU])
             step_end = np.zeros(len(store), dtype=np.float64)
@@ -125,7 +126,8 @@ class KernelRun:
             replay(F, I, LF, LI, counts, CK, CP, TL, TLI, TT, scores, shape, scalars, params,
                    np.asarray(store.phase, np.int64), np.asarray(store.tokens, np.int64), ne, head, shared,
                    _int64(store.step_offsets), _int64(store.layer), _int64(store.expert_offsets),
-                   _int64(store.experts), _int64(store.expert_tokens), store.weights, batch.num_prefill, step_end)
+                   _int64(store.experts), _int64(store.expert_tokens), store.weights,
+                   _NO_FUTURE if next_uses is None else next_uses[number], batch.num_prefill, step_end)
             _request_times(stats, batch, step_end, t0)
         self._fill(stats, F, I, LF, LI, counts)
         return stats
@@ -150,11 +152,11 @@ def _int64(a: np.ndarray) -> np.ndarray:
 
 def _cache_arrays(cache, L: int, E: int) -> tuple:
     """The Python cache's state after its preload, as arrays: CK (per key: resident, LRU/FIFO stamp, LFU count,
-    LFU tie), CP (per pool: used, limit), [pool of each layer, an expert's cost in each layer], MRS scores, and
+    LFU tie, Belady's next use), CP (per pool: used, limit), [pool of each layer, an expert's cost in each layer], MRS scores, and
     the last stamp. An order is kept as stamps: the smallest stamp in a pool is the least recent."""
     K = L * E
     pool_of_layer, cost_of_layer, limit, used = cache.pool_layout()
-    CK = np.zeros((4, K), dtype=np.int64)
+    CK = np.zeros((5, K), dtype=np.int64)
     CK[C_RESIDENT, cache.resident_keys()] = 1
     stamp = 0
     if isinstance(cache, LRUCache):
@@ -164,12 +166,39 @@ def _cache_arrays(cache, L: int, E: int) -> tuple:
                 CK[C_STAMP, key] = stamp
     if isinstance(cache, LFUCache):
         CK[C_COUNT] = [cache.visit_count(k // E, k % E) for k in range(K)]
+    if isinstance(cache, BeladyCache):
+        for key, clock in cache.next_uses().items():
+            CK[C_NEXT, key] = clock
     keys = np.arange(K, dtype=np.int64)
     CK[C_TIE] = (keys % E) * L + keys // E  # MoE-Infinity's scan order: expert, then layer (LFUCache._tie)
     scores = np.zeros(K, dtype=np.float64)
     if isinstance(cache, MRSCache):
         scores[:] = cache.scores.reshape(-1)
     return CK, np.array([used, limit], dtype=np.int64), [pool_of_layer, cost_of_layer], scores, stamp
+
+
+_NO_FUTURE = np.zeros(0, dtype=np.int64)
+
+
+def _next_uses(workload) -> list[np.ndarray]:
+    """Per batch, for each routed expert of each layer-step, the clock of that expert's next use (NEVER when it
+    is not used again): what Belady's oracle reads (the workload's future_uses, as one array per batch)."""
+    L, E = workload.num_layers, workload.num_experts
+    keys, clocks, sizes = [], [], []
+    for batch in workload.batches:
+        store = batch.store
+        per_work = np.diff(store.expert_offsets.astype(np.int64))
+        step_of_work = np.repeat(np.arange(len(store)), np.diff(store.step_offsets.astype(np.int64)))
+        layer = np.repeat(store.layer.astype(np.int64), per_work)
+        keys.append(layer * E + store.experts.astype(np.int64))
+        clocks.append(np.repeat(np.asarray(store.index, dtype=np.int64)[step_of_work], per_work) * L + layer)
+        sizes.append(len(store.experts))
+    key, clock = np.concatenate(keys), np.concatenate(clocks)
+    order = np.lexsort((clock, key))
+    after = np.full(len(key), NEVER, dtype=np.int64)
+    same = key[order[1:]] == key[order[:-1]]
+    after[order[:-1][same]] = clock[order[1:]][same]
+    return np.split(after, np.cumsum(sizes)[:-1])
 
 
 def _step_costs(store, costs, gpu: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -145,7 +145,7 @@ def test_simulate_engine_events_writes_the_same_json_and_timeline(tmp_path):
 # ---- the compiled replay (simulator/kernel.py) against the engine it replaces --------------------------------
 # The presets it covers; a preset dropped from the kernel (or a run it gets wrong) fails here.
 COMPILED = ("lru", "lfu", "fifo", "static", "all-gpu", "accelerate", "mixtral-offloading", "moe-infinity", "fiddler",
-            "hybrimoe")
+            "hybrimoe", "belady")
 
 
 def replay_path_of(trace, profile, config: SimConfig) -> str:
