@@ -15,10 +15,10 @@ from numba import njit
 
 from moesim.simulator.kernel import (
     _BELADY, _BUSY, _COMPUTE, _FIDDLER, _FIFO, _HYBRIMOE, _IDLE, _LAYER, _LFU, _LRU, _MRS, _STATIC, _WAKING, B_MISSED, B_ON_CPU,
-    B_RES, C_COUNT, C_NEXT, C_RESIDENT, C_STAMP, C_TIE, CPU, D2H, F_BUSY, F_DECODE_TIME, F_NOW, F_STALL, H2D, I_DECODE_CPU,
+    B_RES, C_COUNT, C_NEXT, C_POS, C_RESIDENT, C_STAMP, C_TIE, CPU, D2H, F_BUSY, F_DECODE_TIME, F_NOW, F_STALL, H2D, I_DECODE_CPU,
     I_DECODE_TOKENS, I_DEMAND, I_NJOBS, I_ORDER, I_PREFILL_ACC, I_PREFILL_HITS, I_STAMP, I_WAITS, L_BUSY_S,
     L_BUSY_UNTIL, L_BYTES, L_CUR, L_DUR, L_EV_AT, L_EV_ORDER, L_JOBS, L_LAST_EVENT, L_QHEAD, L_QTAIL, L_STATE,
-    P_LIMIT, P_USED, S_EVICTED, S_JOB_OF, S_ORDER, S_SEL, T_BYTES, T_COPY_CONC, T_COPY_IN, T_COST, T_D2H,
+    P_LIMIT, P_MEMBERS, P_USED, S_EVICTED, S_JOB_OF, S_ORDER, S_SEL, T_BYTES, T_COPY_CONC, T_COPY_IN, T_COST, T_D2H,
     T_LAYER_COPY, T_LAYER_COPY_BYTES, T_PLACE_COPY, T_POOL, X_CPU, X_DOWN, X_DOWN_CONC, X_GPU, X_UP, X_UP_CONC,
 )
 from moesim.tracer import DECODE, PREFILL
@@ -160,17 +160,14 @@ def _stall_for(F, I, LF, LI, Q, JF, JI, job, pending):
 
 # ---- the cache: ExpertCache.access / _admit_key with the LRU, FIFO, LFU, static or MRS rule
 @njit(cache=True)
-def _victim(CK, TLI, scores, kind, scope_layer, pool, layer, E, experts, SI, rest, n_sel, base):
+def _victim(CK, CP, members, scores, kind, scope_layer, pool, layer, E, experts, SI, rest, n_sel, base):
     """The resident key of ``pool`` the rule evicts first, passing over the device experts still to be used in
-    this access (``experts[SI[S_SEL, rest:n_sel]]``); -1 when every resident key is protected."""
-    if scope_layer:
-        lo, hi = layer * E, layer * E + E
-    else:
-        lo, hi = 0, CK.shape[1]
+    this access (``experts[SI[S_SEL, rest:n_sel]]``); -1 when every resident key is protected. Only the pool's
+    members are scanned (``members``: each pool's resident keys, in no order; ties go to the lower key)."""
+    start = layer * E if scope_layer else 0
     best = -1
-    for key in range(lo, hi):
-        if CK[C_RESIDENT, key] == 0 or TLI[T_POOL, key // E] != pool:
-            continue
+    for m in range(start, start + CP[P_MEMBERS, pool]):
+        key = members[m]
         protected = False
         for j in range(rest, n_sel):
             if base + experts[SI[S_SEL, j]] == key:
@@ -185,10 +182,10 @@ def _victim(CK, TLI, scores, kind, scope_layer, pool, layer, E, experts, SI, res
                     CK[C_COUNT, key] == CK[C_COUNT, best] and CK[C_TIE, key] < CK[C_TIE, best]):
                 best = key
         elif kind == _MRS:
-            if scores[key] < scores[best]:  # keys ascend: a tie keeps the lower key
+            if scores[key] < scores[best] or (scores[key] == scores[best] and key < best):
                 best = key
-        elif kind == _BELADY:
-            if CK[C_NEXT, key] > CK[C_NEXT, best]:  # used farthest in the future; a tie keeps the lower key
+        elif kind == _BELADY:  # used farthest in the future
+            if CK[C_NEXT, key] > CK[C_NEXT, best] or (CK[C_NEXT, key] == CK[C_NEXT, best] and key < best):
                 best = key
         elif CK[C_STAMP, key] < CK[C_STAMP, best]:
             best = key
@@ -196,7 +193,28 @@ def _victim(CK, TLI, scores, kind, scope_layer, pool, layer, E, experts, SI, res
 
 
 @njit(cache=True)
-def _admit(I, CK, CP, TLI, scores, kind, scope_layer, E, key, layer, experts, SI, rest, n_sel, base, n_evicted,
+def _join(CK, CP, members, scope_layer, E, pool, key):
+    """``key`` becomes a member of ``pool`` (resident)."""
+    at = (key // E) * E * scope_layer + CP[P_MEMBERS, pool]
+    members[at] = key
+    CK[C_POS, key] = at
+    CP[P_MEMBERS, pool] += 1
+    CK[C_RESIDENT, key] = 1
+
+
+@njit(cache=True)
+def _leave(CK, CP, members, scope_layer, E, pool, key):
+    """``key`` leaves ``pool``: the pool's last member takes its place."""
+    last = (key // E) * E * scope_layer + CP[P_MEMBERS, pool] - 1
+    moved = members[last]
+    members[CK[C_POS, key]] = moved
+    CK[C_POS, moved] = CK[C_POS, key]
+    CP[P_MEMBERS, pool] -= 1
+    CK[C_RESIDENT, key] = 0
+
+
+@njit(cache=True)
+def _admit(I, CK, CP, TLI, members, scores, kind, scope_layer, E, key, layer, experts, SI, rest, n_sel, base, n_evicted,
            next_use):
     """ExpertCache._admit_key for a demand miss (Belady: whose next use is ``next_use``); returns the evictions
     so far in this access (``SI[S_EVICTED]``)."""
@@ -207,18 +225,19 @@ def _admit(I, CK, CP, TLI, scores, kind, scope_layer, E, key, layer, experts, SI
     if cost > CP[P_LIMIT, pool]:
         return n_evicted
     if kind == _BELADY and CP[P_USED, pool] + cost > CP[P_LIMIT, pool]:  # BeladyCache._bypass
-        found = _victim(CK, TLI, scores, kind, scope_layer, pool, layer, E, experts, SI, rest, n_sel, base)
+        found = _victim(CK, CP, members, scores, kind, scope_layer, pool, layer, E, experts, SI, rest, n_sel, base)
         if found < 0 or next_use >= CK[C_NEXT, found]:
             return n_evicted
     while CP[P_USED, pool] + cost > CP[P_LIMIT, pool]:
-        victim = _victim(CK, TLI, scores, kind, scope_layer, pool, layer, E, experts, SI, rest, n_sel, base)
+        victim = _victim(CK, CP, members, scores, kind, scope_layer, pool, layer, E, experts, SI, rest, n_sel,
+                         base)
         if victim < 0:
             return n_evicted
-        CK[C_RESIDENT, victim] = 0
+        _leave(CK, CP, members, scope_layer, E, pool, victim)
         CP[P_USED, pool] -= TLI[T_COST, victim // E]
         SI[S_EVICTED, n_evicted] = victim
         n_evicted += 1
-    CK[C_RESIDENT, key] = 1
+    _join(CK, CP, members, scope_layer, E, pool, key)
     CP[P_USED, pool] += cost
     if kind == _LRU or kind == _FIFO:
         I[I_STAMP] += 1
@@ -231,7 +250,7 @@ def _admit(I, CK, CP, TLI, scores, kind, scope_layer, E, key, layer, experts, SI
 
 
 @njit(cache=True)
-def _access(I, CK, CP, TLI, scores, kind, scope_layer, E, layer, experts, SI, SB, n_sel, next_use):
+def _access(I, CK, CP, TLI, members, scores, kind, scope_layer, E, layer, experts, SI, SB, n_sel, next_use):
     """ExpertCache.access of the device experts ``experts[SI[S_SEL, :n_sel]]``: (hits, misses, evictions), with
     ``SB[B_MISSED, j]`` set for each miss and the evicted keys in ``SI[S_EVICTED]``."""
     base = layer * E
@@ -254,7 +273,7 @@ def _access(I, CK, CP, TLI, scores, kind, scope_layer, E, layer, experts, SI, SB
             misses += 1
             SB[B_MISSED, j] = True
             nu = next_use[SI[S_SEL, j]] if kind == _BELADY else 0
-            n_evicted = _admit(I, CK, CP, TLI, scores, kind, scope_layer, E, key, layer, experts, SI, j + 1, n_sel,
+            n_evicted = _admit(I, CK, CP, TLI, members, scores, kind, scope_layer, E, key, layer, experts, SI, j + 1, n_sel,
                                base, n_evicted, nu)
     return hits, misses, n_evicted
 
@@ -442,7 +461,7 @@ def _run_experts(F, I, LF, LI, Q, JF, JI, TT, SI, SB, expert_tokens, n_sel, stre
 
 
 @njit(cache=True)
-def _layer(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, scores, SI, SB, shape, params, layer, experts,
+def _layer(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, members, scores, SI, SB, shape, params, layer, experts,
            expert_tokens, weights, next_use, a, b, phase, pending, busy):
     """One MoE layer (DecisionCore.begin_layer and Simulation._forward's layer): scores, placement, the cache's
     decisions, the counters, the copies, the CPU experts, the device experts. Returns (pending, busy)."""
@@ -457,7 +476,7 @@ def _layer(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, scores, SI, SB,
             SI[S_SEL, n_sel] = a + j
             n_sel += 1
     n_cpu = b - a - n_sel
-    hits, misses, n_evicted = _access(I, CK, CP, TLI, scores, kind, scope_layer, E, layer, experts, SI, SB, n_sel,
+    hits, misses, n_evicted = _access(I, CK, CP, TLI, members, scores, kind, scope_layer, E, layer, experts, SI, SB, n_sel,
                                       next_use)
     if phase == DECODE:
         counts[0, layer] += b - a
@@ -491,7 +510,7 @@ def _reset_request(CK, kind):
 
 
 @njit(cache=True)
-def replay_batch(F, I, LF, LI, counts, CK, CP, TL, TLI, TT, scores, shape, scalars, params, phase, tokens, ne, head,
+def replay_batch(F, I, LF, LI, counts, CK, CP, TL, TLI, TT, members, scores, shape, scalars, params, phase, tokens, ne, head,
                  shared, step_offsets, layer_of, expert_offsets, experts, expert_tokens, weights, next_use, num_prefill,
                  step_end):
     """One batch's forward steps (replay_steps and Simulation._forward): fills the state F, I, the lanes LF, LI,
@@ -523,7 +542,8 @@ def replay_batch(F, I, LF, LI, counts, CK, CP, TL, TLI, TT, scores, shape, scala
                 for lane in range(3):
                     LI[lane, L_QHEAD] = 0
                     LI[lane, L_QTAIL] = 0
-                pending, busy = _layer(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, scores, SI, SB, shape,
+                pending, busy = _layer(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, members, scores, SI, SB,
+                                       shape,
                                        params, layer, experts, expert_tokens, weights, next_use, expert_offsets[w],
                                        expert_offsets[w + 1], phase[s], pending, busy)
                 w += 1

@@ -40,8 +40,8 @@ L_STATE, L_EV_ORDER, L_CUR, L_QHEAD, L_QTAIL, L_JOBS, L_BYTES = range(7)
 _IDLE, _WAKING, _BUSY = 0, 1, 2  # the clocked lane's states (transfer.py)
 # rows of the cache's per-key integers CK, its per-pool integers CP, the per-layer tables TL (seconds) and TLI
 # (integers), the per-token-count tables TT (seconds), the scratch integers SI and flags SB of one layer
-C_RESIDENT, C_STAMP, C_COUNT, C_TIE, C_NEXT = range(5)
-P_USED, P_LIMIT = range(2)
+C_RESIDENT, C_STAMP, C_COUNT, C_TIE, C_NEXT, C_POS = range(6)
+P_USED, P_LIMIT, P_MEMBERS = range(3)
 T_COPY_IN, T_COPY_CONC, T_D2H, T_LAYER_COPY, T_PLACE_COPY = range(5)
 T_POOL, T_COST, T_BYTES, T_LAYER_COPY_BYTES = range(4)
 X_GPU, X_CPU, X_UP, X_UP_CONC, X_DOWN, X_DOWN_CONC = range(6)
@@ -102,7 +102,7 @@ class KernelRun:
                        placement.copy_by_layer], dtype=np.float64)
         TT = np.array([costs.gpu_expert, costs.cpu_expert, costs.act_h2d, costs.act_h2d_conc, costs.act_d2h,
                        costs.act_d2h_conc], dtype=np.float64)
-        CK, CP, pools, scores, stamp = _cache_arrays(cache, L, E)
+        CK, CP, members, pools, scores, stamp = _cache_arrays(cache, L, E)
         TLI = np.array(pools + [costs.expert_bytes_by_layer, objs.layer_copy_bytes or [0] * L], dtype=np.int64)
         shape = np.array([L, E, mode, int(transfer.write_back), _CACHE_KINDS[type(cache)],
                           int(cache.capacity.scope == "layer"), _PLACEMENTS[type(placement)],
@@ -117,13 +117,14 @@ class KernelRun:
         counts = np.zeros((2, L), dtype=np.int64)  # decode accesses and hits per layer
         replay = _compiled()
         next_uses = _next_uses(self.workload) if isinstance(cache, BeladyCache) else None
+        decode_tables: dict[int, np.ndarray] = {}
         for number, batch in enumerate(self.workload.batches):
             store = batch.store
-            ne, head, shared = _step_costs(store, costs, TT[X_GPU])
+            ne, head, shared = _step_costs(store, costs, TT[X_GPU], decode_tables)
             step_end = np.zeros(len(store), dtype=np.float64)
             t0 = F[F_NOW]
             # one integer type for every store (they pick the smallest): one compiled signature
-            replay(F, I, LF, LI, counts, CK, CP, TL, TLI, TT, scores, shape, scalars, params,
+            replay(F, I, LF, LI, counts, CK, CP, TL, TLI, TT, members, scores, shape, scalars, params,
                    np.asarray(store.phase, np.int64), np.asarray(store.tokens, np.int64), ne, head, shared,
                    _int64(store.step_offsets), _int64(store.layer), _int64(store.expert_offsets),
                    _int64(store.experts), _int64(store.expert_tokens), store.weights,
@@ -152,11 +153,12 @@ def _int64(a: np.ndarray) -> np.ndarray:
 
 def _cache_arrays(cache, L: int, E: int) -> tuple:
     """The Python cache's state after its preload, as arrays: CK (per key: resident, LRU/FIFO stamp, LFU count,
-    LFU tie, Belady's next use), CP (per pool: used, limit), [pool of each layer, an expert's cost in each layer], MRS scores, and
-    the last stamp. An order is kept as stamps: the smallest stamp in a pool is the least recent."""
+    LFU tie, Belady's next use, place in ``members``), CP (per pool: used, limit, members), the pools' members,
+    [pool of each layer, an expert's cost in each layer], MRS scores, and the last stamp. An order is kept as
+    stamps: the smallest stamp in a pool is the least recent."""
     K = L * E
     pool_of_layer, cost_of_layer, limit, used = cache.pool_layout()
-    CK = np.zeros((5, K), dtype=np.int64)
+    CK = np.zeros((6, K), dtype=np.int64)
     CK[C_RESIDENT, cache.resident_keys()] = 1
     stamp = 0
     if isinstance(cache, LRUCache):
@@ -174,7 +176,17 @@ def _cache_arrays(cache, L: int, E: int) -> tuple:
     scores = np.zeros(K, dtype=np.float64)
     if isinstance(cache, MRSCache):
         scores[:] = cache.scores.reshape(-1)
-    return CK, np.array([used, limit], dtype=np.int64), [pool_of_layer, cost_of_layer], scores, stamp
+    # each pool's members: a layer's pool in its own E entries, the one global pool in all of them
+    members = np.zeros(K, dtype=np.int64)
+    filled = [0] * len(limit)
+    for key in cache.resident_keys():
+        pool = pool_of_layer[key // E]
+        at = (pool * E if cache.capacity.scope == "layer" else 0) + filled[pool]
+        members[at] = key
+        CK[C_POS, key] = at
+        filled[pool] += 1
+    CP = np.array([used, limit, filled], dtype=np.int64)
+    return CK, CP, members, [pool_of_layer, cost_of_layer], scores, stamp
 
 
 _NO_FUTURE = np.zeros(0, dtype=np.int64)
@@ -201,22 +213,27 @@ def _next_uses(workload) -> list[np.ndarray]:
     return np.split(after, np.cumsum(sizes)[:-1])
 
 
-def _step_costs(store, costs, gpu: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per step of a batch: one decoder layer's non-expert time, the head's time, the shared experts' time."""
-    n = len(store)
-    ne = np.empty(n, dtype=np.float64)
-    head = np.empty(n, dtype=np.float64)
-    for i, (phase, tokens, context) in enumerate(zip(store.phase, store.tokens, store.context)):
-        if phase == DECODE:
-            ne[i] = costs.decode_non_expert[tokens][context]
-            head[i] = costs.head[tokens]
-        else:
-            ne[i] = costs.prefill_non_expert[tokens]
-            head[i] = costs.head[1]
+def _step_costs(store, costs, gpu: np.ndarray, decode_tables: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per step of a batch: one decoder layer's non-expert time, the head's time, the shared experts' time
+    (``decode_tables`` keeps each batch size's non-expert row as an array, for the run)."""
+    tokens = np.asarray(store.tokens, dtype=np.int64)
+    context = np.asarray(store.context, dtype=np.int64)
+    decode = np.asarray(store.phase) == DECODE
+    ne = np.empty(len(tokens), dtype=np.float64)
+    head = np.empty(len(tokens), dtype=np.float64)
+    for b in np.unique(tokens[decode]).tolist():
+        rows = decode & (tokens == b)
+        if b not in decode_tables:
+            decode_tables[b] = np.asarray(costs.decode_non_expert[b], dtype=np.float64)
+        ne[rows] = decode_tables[b][context[rows]]
+        head[rows] = costs.head[b]
+    for i in np.flatnonzero(~decode).tolist():
+        ne[i] = costs.prefill_non_expert[store.tokens[i]]
+        head[i] = costs.head[1]
     if costs.shared_experts:
-        shared = costs.shared_experts * gpu[np.asarray(store.tokens, dtype=np.int64)]
+        shared = costs.shared_experts * gpu[tokens]
     else:
-        shared = np.zeros(n, dtype=np.float64)
+        shared = np.zeros(len(tokens), dtype=np.float64)
     return ne, head, shared
 
 
@@ -224,19 +241,25 @@ def _request_times(stats: RunCounters, batch, step_end: np.ndarray, t0: float) -
     """TTFT, token intervals and end-to-end times of one batch, as :func:`~moesim.simulator.decide.replay_steps`
     reads them from the clock before and after each step."""
     store = batch.store
-    ends = step_end.tolist()
+    n_pre = batch.num_prefill
     last: dict[int, float] = {}
-    for i in range(batch.num_prefill):
+    for i in range(n_pre):
         r = store.requests[i][0]
-        stats.ttft[r] = ends[i] - t0
-        last[r] = ends[i]
-    intervals = stats.token_intervals
-    for i in range(batch.num_prefill, len(ends)):
-        t = ends[i]
-        for r in store.requests[i]:
-            intervals.append(t - last.get(r, t0))
-            last[r] = t
-    end = ends[-1] if ends else t0
+        stats.ttft[r] = float(step_end[i]) - t0
+        last[r] = float(step_end[i])
+    if len(batch.requests) == 1 and len(step_end) > n_pre:  # one request: its intervals are the steps' ends' steps
+        r = batch.requests[0]
+        ends = np.concatenate(([last.get(r, t0)], step_end[n_pre:]))
+        stats.token_intervals.extend(np.diff(ends).tolist())
+        last[r] = float(ends[-1])
+    else:
+        intervals = stats.token_intervals
+        for i in range(n_pre, len(step_end)):
+            t = float(step_end[i])
+            for r in store.requests[i]:
+                intervals.append(t - last.get(r, t0))
+                last[r] = t
+    end = float(step_end[-1]) if len(step_end) else t0
     for r in batch.requests:
         stats.e2e[r] = last.get(r, end) - t0
 
