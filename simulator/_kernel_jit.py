@@ -14,9 +14,10 @@ import numpy as np
 from numba import njit
 
 from moesim.simulator.kernel import (
-    _BELADY, _BUSY, _COMPUTE, _FIDDLER, _FIFO, _HYBRIMOE, _IDLE, _LAYER, _LFU, _LRU, _MRS, _STATIC, _WAKING, B_MISSED, B_ON_CPU,
-    B_RES, C_COUNT, C_NEXT, C_POS, C_RESIDENT, C_STAMP, C_TIE, CPU, D2H, F_BUSY, F_DECODE_TIME, F_NOW, F_STALL, H2D, I_DECODE_CPU,
-    I_DECODE_TOKENS, I_DEMAND, I_NJOBS, I_ORDER, I_PREFILL_ACC, I_PREFILL_HITS, I_STAMP, I_WAITS, L_BUSY_S,
+    _BELADY, _BUSY, _COMPUTE, _FIDDLER, _FIFO, _HYBRIMOE, _IDLE, _LAYER, _LFU, _LRU, _MRS, _STATIC, _WAKING, B_KEPT,
+    B_MISSED, B_ON_CPU, B_RES, C_COUNT, C_INFLIGHT, C_NEXT, C_POS, C_RESIDENT, C_STAMP, C_TIE, C_UNUSED, CPU, D2H,
+    F_BUSY, F_DECODE_TIME, F_NOW, F_STALL, H2D, I_DECODE_CPU, I_DECODE_TOKENS, I_DEMAND, I_H2D_SEQ, I_NJOBS, I_ORDER,
+    I_PF_ISSUED, I_PF_SERVED, I_PF_USED, I_PREFILL_ACC, I_PREFILL_HITS, I_STAMP, I_WAITS, JOBS, L_BUSY_S,
     L_BUSY_UNTIL, L_BYTES, L_CUR, L_DUR, L_EV_AT, L_EV_ORDER, L_JOBS, L_LAST_EVENT, L_QHEAD, L_QTAIL, L_STATE,
     P_LIMIT, P_MEMBERS, P_USED, S_EVICTED, S_JOB_OF, S_ORDER, S_SEL, T_BYTES, T_COPY_CONC, T_COPY_IN, T_COST, T_D2H,
     T_LAYER_COPY, T_LAYER_COPY_BYTES, T_PLACE_COPY, T_POOL, X_CPU, X_DOWN, X_DOWN_CONC, X_GPU, X_UP, X_UP_CONC,
@@ -26,7 +27,9 @@ from moesim.tracer import DECODE, PREFILL
 # columns of the job tables: floats (duration, duration while the other copy direction is busy, done at) and
 # integers (bytes, landed, done order, next stage or -1, first stage of the chain, lane)
 J_DUR, J_CONC, J_DONE_AT = 0, 1, 2
-J_BYTES, J_LANDED, J_DONE_ORDER, J_THEN, J_ROOT, J_LANE = 0, 1, 2, 3, 4, 5
+J_BYTES, J_LANDED, J_DONE_ORDER, J_THEN, J_ROOT, J_LANE, J_NUM, J_SERVED, J_SEQ = 0, 1, 2, 3, 4, 5, 6, 7, 8
+# jobs and lane queues are rings of JOBS slots: a job's number n is in slot n & (JOBS - 1) until a later job
+# takes the slot, by when it has long landed (a slot still in use is never taken: an error, not a wrong answer)
 # HybriMoEPlacement's released constants (rule "code")
 HYBRIMOE_CPU_PER_TOKEN_S, HYBRIMOE_CPU_BASE_S, HYBRIMOE_GPU_S, HYBRIMOE_MOVE_S = 1e-3, 0.79e-3, 0.5e-3, 0.418e-3
 FIDDLER_CPU_PER_TOKEN, FIDDLER_GPU_TRANSFER = 7.0, 70.0  # FiddlerPlacement's (rule "code")
@@ -34,10 +37,15 @@ FIDDLER_CPU_PER_TOKEN, FIDDLER_GPU_TRANSFER = 7.0, 70.0  # FiddlerPlacement's (r
 
 # ---- the lanes: ClockedLane / LaneClock (H2D, D2H and the CPU pool), demand jobs, no contention
 @njit(cache=True)
-def _enqueue(I, LF, LI, Q, lane, job, now):
+def _enqueue(I, LF, LI, Q, JI, lane, job, now):
     """ClockedLane.submit's queueing: an idle lane schedules its wake-up now."""
-    Q[lane, LI[lane, L_QTAIL]] = job
+    if LI[lane, L_QTAIL] - LI[lane, L_QHEAD] >= JOBS:
+        raise RuntimeError("compiled replay: a lane's queue outgrew its ring")
+    Q[lane, LI[lane, L_QTAIL] & (JOBS - 1)] = job
     LI[lane, L_QTAIL] += 1
+    if lane == H2D:  # the copy lane's submission number: waits are served in this order
+        I[I_H2D_SEQ] += 1
+        JI[job, J_SEQ] = I[I_H2D_SEQ]
     if LI[lane, L_STATE] == _IDLE:
         LI[lane, L_STATE] = _WAKING
         LF[lane, L_EV_AT] = now
@@ -47,8 +55,14 @@ def _enqueue(I, LF, LI, Q, lane, job, now):
 
 @njit(cache=True)
 def _new_job(I, JF, JI, lane, duration, concurrent, nbytes, then, root):
-    job = I[I_NJOBS]
+    """A job's slot (its number is ``JI[slot, J_NUM]``)."""
+    number = I[I_NJOBS]
     I[I_NJOBS] += 1
+    job = number & (JOBS - 1)
+    if number >= JOBS and JI[job, J_SERVED] == 0:
+        raise RuntimeError("compiled replay: more jobs in flight than its ring holds")
+    JI[job, J_NUM] = number
+    JI[job, J_SERVED] = 0
     JF[job, J_DUR] = duration
     JF[job, J_CONC] = concurrent
     JI[job, J_BYTES] = nbytes
@@ -60,15 +74,23 @@ def _new_job(I, JF, JI, lane, duration, concurrent, nbytes, then, root):
 
 
 @njit(cache=True)
+def _landed(JI, number):
+    """Whether job ``number`` has landed (a job whose slot a later job took landed long ago)."""
+    slot = number & (JOBS - 1)
+    return JI[slot, J_NUM] != number or JI[slot, J_LANDED] == 1
+
+
+@njit(cache=True)
 def _finish(I, LF, LI, Q, JF, JI, lane, at):
     """ClockedLane._finish: the job in service is done; its chain's next stage is queued, or the chain is done."""
     cur = LI[lane, L_CUR]
     LF[lane, L_BUSY_S] += LF[lane, L_DUR]
     LI[lane, L_BYTES] += JI[cur, J_BYTES]
     LI[lane, L_JOBS] += 1
+    JI[cur, J_SERVED] = 1
     nxt = JI[cur, J_THEN]
     if nxt >= 0:
-        _enqueue(I, LF, LI, Q, JI[nxt, J_LANE], nxt, at)
+        _enqueue(I, LF, LI, Q, JI, JI[nxt, J_LANE], nxt, at)
     else:
         root = JI[cur, J_ROOT]
         JI[root, J_LANDED] = 1
@@ -84,7 +106,7 @@ def _start_next(I, LF, LI, Q, JF, JI, lane, now):
         if LI[lane, L_QHEAD] == LI[lane, L_QTAIL]:
             LI[lane, L_STATE] = _IDLE
             return
-        job = Q[lane, LI[lane, L_QHEAD]]
+        job = Q[lane, LI[lane, L_QHEAD] & (JOBS - 1)]
         LI[lane, L_QHEAD] += 1
         duration = JF[job, J_DUR]
         if lane != CPU and LF[1 - lane, L_BUSY_UNTIL] > now:
@@ -214,25 +236,26 @@ def _leave(CK, CP, members, scope_layer, E, pool, key):
 
 
 @njit(cache=True)
-def _admit(I, CK, CP, TLI, members, scores, kind, scope_layer, E, key, layer, experts, SI, rest, n_sel, base, n_evicted,
-           next_use):
-    """ExpertCache._admit_key for a demand miss (Belady: whose next use is ``next_use``); returns the evictions
-    so far in this access (``SI[S_EVICTED]``)."""
+def _admit(I, CK, CP, TLI, members, scores, kind, scope_layer, E, key, layer, experts, SI, rest, n_sel, base,
+           n_evicted, next_use, used):
+    """ExpertCache._admit_key for a demand miss (``used``) or a prefetch (Belady: whose next use is ``next_use``):
+    (admitted, the evictions so far, in ``SI[S_EVICTED]``); the experts ``experts[SI[S_SEL, rest:n_sel]]`` of the
+    layer at ``base`` are protected."""
     if kind == _STATIC:
-        return n_evicted
+        return False, n_evicted
     pool = TLI[T_POOL, layer]
     cost = TLI[T_COST, layer]
     if cost > CP[P_LIMIT, pool]:
-        return n_evicted
+        return False, n_evicted
     if kind == _BELADY and CP[P_USED, pool] + cost > CP[P_LIMIT, pool]:  # BeladyCache._bypass
         found = _victim(CK, CP, members, scores, kind, scope_layer, pool, layer, E, experts, SI, rest, n_sel, base)
         if found < 0 or next_use >= CK[C_NEXT, found]:
-            return n_evicted
+            return False, n_evicted
     while CP[P_USED, pool] + cost > CP[P_LIMIT, pool]:
         victim = _victim(CK, CP, members, scores, kind, scope_layer, pool, layer, E, experts, SI, rest, n_sel,
                          base)
         if victim < 0:
-            return n_evicted
+            return False, n_evicted
         _leave(CK, CP, members, scope_layer, E, pool, victim)
         CP[P_USED, pool] -= TLI[T_COST, victim // E]
         SI[S_EVICTED, n_evicted] = victim
@@ -242,11 +265,11 @@ def _admit(I, CK, CP, TLI, members, scores, kind, scope_layer, E, key, layer, ex
     if kind == _LRU or kind == _FIFO:
         I[I_STAMP] += 1
         CK[C_STAMP, key] = I[I_STAMP]
-    elif kind == _LFU:
+    elif kind == _LFU and used:
         CK[C_COUNT, key] += 1  # a demand load is a dispatch: the count survives evictions (LFUCache._on_admit)
     elif kind == _BELADY:
         CK[C_NEXT, key] = next_use
-    return n_evicted
+    return True, n_evicted
 
 
 @njit(cache=True)
@@ -273,8 +296,9 @@ def _access(I, CK, CP, TLI, members, scores, kind, scope_layer, E, layer, expert
             misses += 1
             SB[B_MISSED, j] = True
             nu = next_use[SI[S_SEL, j]] if kind == _BELADY else 0
-            n_evicted = _admit(I, CK, CP, TLI, members, scores, kind, scope_layer, E, key, layer, experts, SI, j + 1, n_sel,
-                               base, n_evicted, nu)
+            kept, n_evicted = _admit(I, CK, CP, TLI, members, scores, kind, scope_layer, E, key, layer, experts, SI,
+                                     j + 1, n_sel, base, n_evicted, nu, True)
+            SB[B_KEPT, j] = kept
     return hits, misses, n_evicted
 
 
@@ -388,13 +412,13 @@ def _cpu_task(I, LF, LI, Q, JF, JI, TT, SB, hidden, expert_tokens, a, b, now):
     up_job = _new_job(I, JF, JI, H2D, up_s, up_conc, nbytes, -1, first)
     JI[first, J_THEN] = ffn_job
     JI[ffn_job, J_THEN] = up_job
-    _enqueue(I, LF, LI, Q, D2H, first, now)
+    _enqueue(I, LF, LI, Q, JI, D2H, first, now)
     return first
 
 
 @njit(cache=True)
-def _copies(F, I, LF, LI, Q, JF, JI, TL, TLI, SI, SB, E, mode, write_back, layer, n_sel, misses, n_evicted,
-            pending):
+def _copies(F, I, LF, LI, Q, JF, JI, CK, TL, TLI, SI, SB, E, mode, write_back, layer, experts, n_sel, misses,
+            n_evicted, pending):
     """The layer's copies: accelerate's whole layer, loads (and swap's write-backs) on the compute stream, or
     demand loads on the copy lane after the pending compute. Returns (pending, loads were streamed)."""
     if mode == _LAYER:
@@ -426,33 +450,58 @@ def _copies(F, I, LF, LI, Q, JF, JI, TL, TLI, SI, SB, E, mode, write_back, layer
     if pending > 0.0:
         _sleep(F, I, LF, LI, Q, JF, JI, pending)
         pending = 0.0
-    for j in range(n_sel):
+    for j in range(n_sel):  # DecisionCore.stream_loads: a load in flight is waited for, others are issued
         if SB[B_MISSED, j]:
-            job = _new_job(I, JF, JI, H2D, TL[T_COPY_IN, layer], TL[T_COPY_CONC, layer], TLI[T_BYTES, layer], -1, -1)
-            SI[S_JOB_OF, j] = job
-            _enqueue(I, LF, LI, Q, H2D, job, F[F_NOW])
+            key = layer * E + experts[SI[S_SEL, j]]
+            number = CK[C_INFLIGHT, key]
+            if number < 0:
+                job = _new_job(I, JF, JI, H2D, TL[T_COPY_IN, layer], TL[T_COPY_CONC, layer], TLI[T_BYTES, layer], -1,
+                               -1)
+                number = JI[job, J_NUM]
+                _enqueue(I, LF, LI, Q, JI, H2D, job, F[F_NOW])
+                if SB[B_KEPT, j]:
+                    CK[C_INFLIGHT, key] = number
+            SI[S_JOB_OF, j] = number
     return pending, True
 
 
 @njit(cache=True)
-def _run_experts(F, I, LF, LI, Q, JF, JI, TT, SI, SB, expert_tokens, n_sel, streamed, pending, busy):
-    """The device experts: ready ones in routing order, then each streamed load as its copy lands
-    (DecisionCore.ready_experts / landing_order). Returns (pending, busy)."""
+def _run_experts(F, I, LF, LI, Q, JF, JI, CK, TT, SI, SB, layer, E, experts, expert_tokens, n_sel, pending, busy):
+    """The device experts: those whose weights are in place in routing order, then those waiting for a copy (a
+    load, or a prefetch still in flight) in the copies' submission order, each after its copy lands
+    (DecisionCore.ready_experts / landing_order and Simulation._stall_for). Returns (pending, busy)."""
+    n_wait = 0
     for j in range(n_sel):
-        if streamed and SB[B_MISSED, j] and JI[SI[S_JOB_OF, j], J_LANDED] == 0:
-            continue  # held back until its copy lands
-        SB[B_MISSED, j] = False
+        key = layer * E + experts[SI[S_SEL, j]]
+        number = SI[S_JOB_OF, j]
+        if number < 0:
+            number = CK[C_INFLIGHT, key]
+        if number >= 0 and _landed(JI, number):
+            if CK[C_INFLIGHT, key] == number:
+                CK[C_INFLIGHT, key] = -1
+            number = -1
+        if number >= 0:
+            SI[S_JOB_OF, j] = number
+            k = n_wait  # insertion by submission number
+            while k > 0 and JI[SI[S_JOB_OF, SI[S_ORDER, k - 1]] & (JOBS - 1), J_SEQ] > JI[number & (JOBS - 1), J_SEQ]:
+                SI[S_ORDER, k] = SI[S_ORDER, k - 1]
+                k -= 1
+            SI[S_ORDER, k] = j
+            n_wait += 1
+            continue
         c = TT[X_GPU, expert_tokens[SI[S_SEL, j]]]
         pending += c
         busy += c
-    if not streamed:
-        return pending, busy
-    for j in range(n_sel):  # the held-back loads, in submission (= routing) order
-        if not SB[B_MISSED, j]:
-            continue
-        job = SI[S_JOB_OF, j]
-        if JI[job, J_LANDED] == 0:
-            _stall_for(F, I, LF, LI, Q, JF, JI, job, pending)
+    for w in range(n_wait):
+        j = SI[S_ORDER, w]
+        key = layer * E + experts[SI[S_SEL, j]]
+        if CK[C_INFLIGHT, key] == SI[S_JOB_OF, j]:
+            CK[C_INFLIGHT, key] = -1  # nothing reads it while the driver waits
+    for w in range(n_wait):
+        j = SI[S_ORDER, w]
+        number = SI[S_JOB_OF, j]
+        if not _landed(JI, number):
+            _stall_for(F, I, LF, LI, Q, JF, JI, number & (JOBS - 1), pending)
             pending = 0.0
         c = TT[X_GPU, expert_tokens[SI[S_SEL, j]]]
         pending += c
@@ -461,10 +510,59 @@ def _run_experts(F, I, LF, LI, Q, JF, JI, TT, SI, SB, expert_tokens, n_sel, stre
 
 
 @njit(cache=True)
+def _served(CK, SI, SB, layer, E, experts, n_sel, n_evicted):
+    """DecisionCore.begin_layer after the access: hits on unused prefetches (returned), and each evicted key's
+    prefetch forgotten, unless it is a hit of this layer still landing (then the expert waits for it)."""
+    served = 0
+    for j in range(n_sel):
+        SI[S_JOB_OF, j] = -1
+        key = layer * E + experts[SI[S_SEL, j]]
+        if not SB[B_MISSED, j] and CK[C_UNUSED, key]:
+            CK[C_UNUSED, key] = 0
+            served += 1
+    for v in range(n_evicted):
+        evicted = SI[S_EVICTED, v]
+        CK[C_UNUSED, evicted] = 0
+        number = CK[C_INFLIGHT, evicted]
+        CK[C_INFLIGHT, evicted] = -1
+        if number >= 0 and evicted // E == layer:
+            for j in range(n_sel):
+                if not SB[B_MISSED, j] and layer * E + experts[SI[S_SEL, j]] == evicted:
+                    SI[S_JOB_OF, j] = number
+    return served
+
+
+@njit(cache=True)
+def _issue_prefetches(F, I, LF, LI, Q, JF, JI, CK, CP, TL, TLI, members, scores, shape, SI, layer, experts, n_sel,
+                      guess, g0, g1):
+    """DecisionCore.issue_prefetches for a next-layer guess ``guess[g0:g1]``: each guessed expert of the next layer
+    not resident is inserted into the cache (this layer's device experts protected) and copied on the copy lane."""
+    E, kind, scope_layer = shape[1], shape[4], shape[5]
+    nxt = layer + 1
+    for g in range(g0, g1):
+        pkey = nxt * E + guess[g]
+        if CK[C_RESIDENT, pkey]:
+            continue
+        admitted, n_evicted = _admit(I, CK, CP, TLI, members, scores, kind, scope_layer, E, pkey, nxt, experts, SI, 0,
+                                     n_sel, layer * E, 0, 0, False)
+        if not admitted:
+            continue
+        for v in range(n_evicted):
+            CK[C_UNUSED, SI[S_EVICTED, v]] = 0
+            CK[C_INFLIGHT, SI[S_EVICTED, v]] = -1
+        job = _new_job(I, JF, JI, H2D, TL[T_COPY_IN, nxt], TL[T_COPY_CONC, nxt], TLI[T_BYTES, nxt], -1, -1)
+        _enqueue(I, LF, LI, Q, JI, H2D, job, F[F_NOW])
+        CK[C_INFLIGHT, pkey] = JI[job, J_NUM]
+        CK[C_UNUSED, pkey] = 1
+        I[I_PF_ISSUED] += 1
+
+
+@njit(cache=True)
 def _layer(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, members, scores, SI, SB, shape, params, layer, experts,
-           expert_tokens, weights, next_use, a, b, phase, pending, busy):
+           expert_tokens, weights, next_use, guess, g0, g1, a, b, phase, pending, busy):
     """One MoE layer (DecisionCore.begin_layer and Simulation._forward's layer): scores, placement, the cache's
-    decisions, the counters, the copies, the CPU experts, the device experts. Returns (pending, busy)."""
+    decisions, the counters, the copies, the prefetches (``guess[g0:g1]``, the next layer's guessed experts),
+    the CPU experts, the device experts. Returns (pending, busy)."""
     E, mode, write_back, kind, scope_layer = shape[1], shape[2], shape[3], shape[4], shape[5]
     placement, code, hidden = shape[6], shape[7], shape[8]
     if kind == _MRS:
@@ -476,25 +574,35 @@ def _layer(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, members, scores
             SI[S_SEL, n_sel] = a + j
             n_sel += 1
     n_cpu = b - a - n_sel
-    hits, misses, n_evicted = _access(I, CK, CP, TLI, members, scores, kind, scope_layer, E, layer, experts, SI, SB, n_sel,
-                                      next_use)
+    hits, misses, n_evicted = _access(I, CK, CP, TLI, members, scores, kind, scope_layer, E, layer, experts, SI, SB,
+                                      n_sel, next_use)
+    served = _served(CK, SI, SB, layer, E, experts, n_sel, n_evicted)
+    I[I_PF_USED] += served
     if phase == DECODE:
         counts[0, layer] += b - a
         counts[1, layer] += hits
         I[I_DECODE_CPU] += n_cpu
+        I[I_PF_SERVED] += served
         I[I_DEMAND] += misses
     else:
         I[I_PREFILL_ACC] += b - a
         I[I_PREFILL_HITS] += hits
-    pending, streamed = _copies(F, I, LF, LI, Q, JF, JI, TL, TLI, SI, SB, E, mode, write_back, layer, n_sel, misses,
-                                n_evicted, pending)
+    pending, _ = _copies(F, I, LF, LI, Q, JF, JI, CK, TL, TLI, SI, SB, E, mode, write_back, layer, experts, n_sel,
+                         misses, n_evicted, pending)
+    if g1 > g0:
+        if pending > 0.0:
+            _sleep(F, I, LF, LI, Q, JF, JI, pending)
+            pending = 0.0
+        _issue_prefetches(F, I, LF, LI, Q, JF, JI, CK, CP, TL, TLI, members, scores, shape, SI, layer, experts, n_sel,
+                          guess, g0, g1)
     cpu_job = -1
     if n_cpu > 0:
         if pending > 0.0:
             _sleep(F, I, LF, LI, Q, JF, JI, pending)
             pending = 0.0
         cpu_job = _cpu_task(I, LF, LI, Q, JF, JI, TT, SB, hidden, expert_tokens, a, b, F[F_NOW])
-    pending, busy = _run_experts(F, I, LF, LI, Q, JF, JI, TT, SI, SB, expert_tokens, n_sel, streamed, pending, busy)
+    pending, busy = _run_experts(F, I, LF, LI, Q, JF, JI, CK, TT, SI, SB, layer, E, experts, expert_tokens, n_sel,
+                                 pending, busy)
     if cpu_job >= 0 and JI[cpu_job, J_LANDED] == 0:
         _stall_for(F, I, LF, LI, Q, JF, JI, cpu_job, pending)
         pending = 0.0
@@ -510,20 +618,15 @@ def _reset_request(CK, kind):
 
 
 @njit(cache=True)
-def replay_batch(F, I, LF, LI, counts, CK, CP, TL, TLI, TT, members, scores, shape, scalars, params, phase, tokens, ne, head,
-                 shared, step_offsets, layer_of, expert_offsets, experts, expert_tokens, weights, next_use, num_prefill,
-                 step_end):
-    """One batch's forward steps (replay_steps and Simulation._forward): fills the state F, I, the lanes LF, LI,
-    the decode counters (``counts``: accesses, hits per layer) and each step's end time."""
-    L, E = shape[0], shape[1]
+def replay_batch(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, members, scores, shape, scalars, params, phase,
+                 tokens, ne, head, shared, step_offsets, layer_of, expert_offsets, experts, expert_tokens, weights,
+                 next_use, guess_offsets, guess, num_prefill, step_end):
+    """One batch's forward steps (replay_steps and Simulation._forward): fills the state F, I, the lanes LF, LI
+    and their jobs Q, JF, JI, the decode counters (``counts``: accesses, hits per layer) and each step's end."""
+    L, E, prefetching, limit = shape[0], shape[1], shape[9], shape[10]
     step_overhead, layer_overhead, dense = scalars[0], scalars[1], scalars[2]
-    # every job of a layer has landed when the layer ends (no prefetch): job numbers and queues restart per layer
-    jobs = E + 4
-    JF = np.zeros((jobs, 3), dtype=np.float64)
-    JI = np.zeros((jobs, 6), dtype=np.int64)
-    Q = np.zeros((3, jobs), dtype=np.int64)
     SI = np.zeros((4, L * E), dtype=np.int64)
-    SB = np.zeros((3, E), dtype=np.bool_)
+    SB = np.zeros((4, E), dtype=np.bool_)
     for s in range(phase.shape[0]):
         if s == num_prefill:
             _reset_request(CK, shape[4])
@@ -538,14 +641,14 @@ def replay_batch(F, I, LF, LI, counts, CK, CP, TL, TLI, TT, members, scores, sha
             pending += attention
             busy += attention_busy
             if w < w_end and layer_of[w] == layer:
-                I[I_NJOBS] = 0
-                for lane in range(3):
-                    LI[lane, L_QHEAD] = 0
-                    LI[lane, L_QTAIL] = 0
+                g0 = g1 = 0
+                if prefetching and phase[s] == DECODE and layer + 1 < L:  # the guess-based prefetchers' phase
+                    g0, g1 = guess_offsets[w], guess_offsets[w + 1]
+                    if limit > 0:
+                        g1 = min(g1, g0 + limit)
                 pending, busy = _layer(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, members, scores, SI, SB,
-                                       shape,
-                                       params, layer, experts, expert_tokens, weights, next_use, expert_offsets[w],
-                                       expert_offsets[w + 1], phase[s], pending, busy)
+                                       shape, params, layer, experts, expert_tokens, weights, next_use, guess, g0, g1,
+                                       expert_offsets[w], expert_offsets[w + 1], phase[s], pending, busy)
                 w += 1
         F[F_BUSY] = busy
         if pending > 0.0:
@@ -556,3 +659,13 @@ def replay_batch(F, I, LF, LI, counts, CK, CP, TL, TLI, TT, members, scores, sha
             F[F_DECODE_TIME] += t - ts
             I[I_DECODE_TOKENS] += tokens[s]
     _reset_request(CK, shape[4])
+
+
+@njit(cache=True)
+def drain(F, I, LF, LI, Q, JF, JI):
+    """LaneClock.drain: serve what is still queued (prefetches issued at the end); the run's end time."""
+    _advance(I, LF, LI, Q, JF, JI, np.inf, 0)
+    end = F[F_NOW]
+    for lane in range(3):
+        end = max(end, LF[lane, L_LAST_EVENT])
+    return end

@@ -21,6 +21,7 @@ import numpy as np
 from moesim.simulator.cache import NEVER, BeladyCache, FIFOCache, LFUCache, LRUCache, MRSCache, StaticCache
 from moesim.simulator.decide import RunCounters
 from moesim.simulator.placement import FiddlerPlacement, GpuOnly, HybriMoEPlacement
+from moesim.simulator.prefetch import NextLayerGuess
 from moesim.tracer import DECODE
 
 _CACHE_KINDS = {LRUCache: 0, FIFOCache: 1, LFUCache: 2, StaticCache: 3, MRSCache: 4, BeladyCache: 5}
@@ -32,21 +33,22 @@ H2D, D2H, CPU = 0, 1, 2  # the lanes; the first two are each other's peer (a cop
 
 # slots of the float state F and the integer state I
 F_NOW, F_STALL, F_BUSY, F_DECODE_TIME = range(4)
-(I_ORDER, I_WAITS, I_PREFILL_ACC, I_PREFILL_HITS, I_DEMAND, I_DECODE_CPU, I_DECODE_TOKENS, I_STAMP,
- I_NJOBS) = range(9)
+(I_ORDER, I_WAITS, I_PREFILL_ACC, I_PREFILL_HITS, I_DEMAND, I_DECODE_CPU, I_DECODE_TOKENS, I_STAMP, I_NJOBS,
+ I_H2D_SEQ, I_PF_ISSUED, I_PF_USED, I_PF_SERVED) = range(13)
+JOBS = 1 << 12  # slots of the job ring (a power of two)
 # per lane (rows of LF and LI): its pending event, the job in service, its queue and its totals
 L_EV_AT, L_LAST_EVENT, L_DUR, L_BUSY_UNTIL, L_BUSY_S = range(5)
 L_STATE, L_EV_ORDER, L_CUR, L_QHEAD, L_QTAIL, L_JOBS, L_BYTES = range(7)
 _IDLE, _WAKING, _BUSY = 0, 1, 2  # the clocked lane's states (transfer.py)
 # rows of the cache's per-key integers CK, its per-pool integers CP, the per-layer tables TL (seconds) and TLI
 # (integers), the per-token-count tables TT (seconds), the scratch integers SI and flags SB of one layer
-C_RESIDENT, C_STAMP, C_COUNT, C_TIE, C_NEXT, C_POS = range(6)
+C_RESIDENT, C_STAMP, C_COUNT, C_TIE, C_NEXT, C_POS, C_INFLIGHT, C_UNUSED = range(8)
 P_USED, P_LIMIT, P_MEMBERS = range(3)
 T_COPY_IN, T_COPY_CONC, T_D2H, T_LAYER_COPY, T_PLACE_COPY = range(5)
 T_POOL, T_COST, T_BYTES, T_LAYER_COPY_BYTES = range(4)
 X_GPU, X_CPU, X_UP, X_UP_CONC, X_DOWN, X_DOWN_CONC = range(6)
 S_SEL, S_JOB_OF, S_ORDER, S_EVICTED = range(4)
-B_MISSED, B_ON_CPU, B_RES = range(3)
+B_MISSED, B_ON_CPU, B_RES, B_KEPT = range(4)
 
 
 def unsupported(prep, objs, record_hits: bool = False, timeline=None, exact_events: bool = False) -> str:
@@ -60,8 +62,14 @@ def unsupported(prep, objs, record_hits: bool = False, timeline=None, exact_even
     kind = _CACHE_KINDS.get(type(objs.cache))
     if kind is None:
         return f"cache '{objs.cache.name}'"
-    if objs.prefetcher.active or objs.prefetcher.wants_observe:
-        return f"prefetch '{objs.prefetcher.name}'"
+    prefetcher = objs.prefetcher
+    if prefetcher.active or prefetcher.wants_observe:
+        if type(prefetcher) is not NextLayerGuess:
+            return f"prefetch '{prefetcher.name}'"
+        if kind not in (_LRU, _FIFO):
+            return f"prefetch into cache '{objs.cache.name}'"
+        if objs.transfer.demand_priority:
+            return "prefetches queued behind demand loads"
     if type(objs.placement) not in _PLACEMENTS:
         return f"placement '{objs.placement.name}'"
     costs = objs.costs
@@ -106,14 +114,18 @@ class KernelRun:
         TLI = np.array(pools + [costs.expert_bytes_by_layer, objs.layer_copy_bytes or [0] * L], dtype=np.int64)
         shape = np.array([L, E, mode, int(transfer.write_back), _CACHE_KINDS[type(cache)],
                           int(cache.capacity.scope == "layer"), _PLACEMENTS[type(placement)],
-                          int(placement.spec.rule == "code"), self.hidden_size], dtype=np.int64)
+                          int(placement.spec.rule == "code"), self.hidden_size, int(objs.prefetcher.active),
+                          objs.prefetcher.limit], dtype=np.int64)
         scalars = np.array([costs.step_overhead_s, costs.layer_overhead_s, float(costs.dense_layers)])
         params = np.array([getattr(cache, "alpha", 0.0), getattr(cache, "top_p", 0)], dtype=np.float64)
         F = np.zeros(4, dtype=np.float64)
-        I = np.zeros(9, dtype=np.int64)
+        I = np.zeros(13, dtype=np.int64)
         I[I_STAMP] = stamp
         LF = np.zeros((3, 5), dtype=np.float64)
         LI = np.zeros((3, 7), dtype=np.int64)
+        Q = np.zeros((3, JOBS), dtype=np.int64)
+        JF = np.zeros((JOBS, 3), dtype=np.float64)
+        JI = np.zeros((JOBS, 9), dtype=np.int64)
         counts = np.zeros((2, L), dtype=np.int64)  # decode accesses and hits per layer
         replay = _compiled()
         next_uses = _next_uses(self.workload) if isinstance(cache, BeladyCache) else None
@@ -124,14 +136,20 @@ class KernelRun:
             step_end = np.zeros(len(store), dtype=np.float64)
             t0 = F[F_NOW]
             # one integer type for every store (they pick the smallest): one compiled signature
-            replay(F, I, LF, LI, counts, CK, CP, TL, TLI, TT, members, scores, shape, scalars, params,
+            replay(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, members, scores, shape, scalars, params,
                    np.asarray(store.phase, np.int64), np.asarray(store.tokens, np.int64), ne, head, shared,
                    _int64(store.step_offsets), _int64(store.layer), _int64(store.expert_offsets),
                    _int64(store.experts), _int64(store.expert_tokens), store.weights,
-                   _NO_FUTURE if next_uses is None else next_uses[number], batch.num_prefill, step_end)
+                   _NO_FUTURE if next_uses is None else next_uses[number], _int64(store.guess_offsets),
+                   _int64(store.guess), batch.num_prefill, step_end)
             _request_times(stats, batch, step_end, t0)
+        stats.makespan_s = float(self._drain(F, I, LF, LI, Q, JF, JI))
         self._fill(stats, F, I, LF, LI, counts)
         return stats
+
+    @staticmethod
+    def _drain(*state) -> float:
+        return _drained()(*state)
 
     def _fill(self, stats: RunCounters, F, I, LF, LI, counts) -> None:
         stats.decode_accesses = counts[0].tolist()
@@ -141,8 +159,8 @@ class KernelRun:
         stats.decode_cpu, stats.decode_tokens = int(I[I_DECODE_CPU]), int(I[I_DECODE_TOKENS])
         stats.stall_s, stats.gpu_busy_s = float(F[F_STALL]), float(F[F_BUSY])
         stats.decode_time_s = float(F[F_DECODE_TIME])
-        # the engine's drain: nothing is left queued (every copy was waited for), the run ends at the last event
-        stats.makespan_s = max([float(F[F_NOW])] + LF[:, L_LAST_EVENT].tolist())
+        stats.prefetch_issued, stats.prefetch_used = int(I[I_PF_ISSUED]), int(I[I_PF_USED])
+        stats.prefetch_served = int(I[I_PF_SERVED])
         self.h2d, self.d2h, self.cpu = (LaneTotals(float(LF[lane, L_BUSY_S]), int(LI[lane, L_BYTES]),
                                                    int(LI[lane, L_JOBS])) for lane in (H2D, D2H, CPU))
 
@@ -158,7 +176,8 @@ def _cache_arrays(cache, L: int, E: int) -> tuple:
     stamps: the smallest stamp in a pool is the least recent."""
     K = L * E
     pool_of_layer, cost_of_layer, limit, used = cache.pool_layout()
-    CK = np.zeros((6, K), dtype=np.int64)
+    CK = np.zeros((8, K), dtype=np.int64)
+    CK[C_INFLIGHT] = -1  # no copy in flight
     CK[C_RESIDENT, cache.resident_keys()] = 1
     stamp = 0
     if isinstance(cache, LRUCache):
@@ -275,6 +294,12 @@ def _compiled():
 
         _REPLAY = replay_batch
     return _REPLAY
+
+
+def _drained():
+    from moesim.simulator._kernel_jit import drain
+
+    return drain
 
 
 def run_compiled(prep, objs) -> tuple[KernelRun, object]:
