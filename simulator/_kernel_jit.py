@@ -14,8 +14,8 @@ import numpy as np
 from numba import njit
 
 from moesim.simulator.kernel import (
-    _BELADY, _BUSY, _COMPUTE, _FIDDLER, _FIFO, _HYBRIMOE, _IDLE, _LAYER, _LFU, _LRU, _MRS, _STATIC, _WAKING, B_KEPT,
-    B_MISSED, B_ON_CPU, B_RES, C_COUNT, C_INFLIGHT, C_NEXT, C_POS, C_RESIDENT, C_STAMP, C_TIE, C_UNUSED, CPU, D2H,
+    _BELADY, _BUSY, _COMPUTE, _FIDDLER, _FIFO, _FIRST_NON_RESIDENT, _HYBRIMOE, _IDLE, _LAYER, _LFU, _LRU, _MRS, _STATIC, _WAKING, B_KEPT,
+    B_MISSED, B_ON_CPU, B_RES, C_BUFFER, C_COUNT, C_INFLIGHT, C_NEXT, C_POS, C_RESIDENT, C_STAMP, C_TIE, C_UNUSED, CPU, D2H,
     F_BUSY, F_DECODE_TIME, F_NOW, F_STALL, H2D, I_DECODE_CPU, I_DECODE_TOKENS, I_DEMAND, I_H2D_SEQ, I_NJOBS, I_ORDER,
     I_PF_ISSUED, I_PF_SERVED, I_PF_USED, I_PREFILL_ACC, I_PREFILL_HITS, I_STAMP, I_WAITS, JOBS, L_BUSY_S,
     L_BUSY_UNTIL, L_BYTES, L_CUR, L_DUR, L_EV_AT, L_EV_ORDER, L_JOBS, L_LAST_EVENT, L_QHEAD, L_QTAIL, L_STATE,
@@ -511,8 +511,10 @@ def _run_experts(F, I, LF, LI, Q, JF, JI, CK, TT, SI, SB, layer, E, experts, exp
 
 @njit(cache=True)
 def _served(CK, SI, SB, layer, E, experts, n_sel, n_evicted):
-    """DecisionCore.begin_layer after the access: hits on unused prefetches (returned), and each evicted key's
-    prefetch forgotten, unless it is a hit of this layer still landing (then the expert waits for it)."""
+    """DecisionCore.begin_layer after the access: hits on unused prefetches and misses in the side buffer are
+    served by a prefetch (counted; a buffered one is no load: ``SB[B_MISSED]`` cleared, its copy waited for), the
+    layer's other buffered prefetches are dropped, and each evicted key's prefetch is forgotten, unless it is a
+    hit of this layer still landing (then the expert waits for it). Returns (served, loads)."""
     served = 0
     for j in range(n_sel):
         SI[S_JOB_OF, j] = -1
@@ -529,7 +531,19 @@ def _served(CK, SI, SB, layer, E, experts, n_sel, n_evicted):
             for j in range(n_sel):
                 if not SB[B_MISSED, j] and layer * E + experts[SI[S_SEL, j]] == evicted:
                     SI[S_JOB_OF, j] = number
-    return served
+    loads = 0
+    for j in range(n_sel):
+        if SB[B_MISSED, j]:
+            key = layer * E + experts[SI[S_SEL, j]]
+            if CK[C_BUFFER, key] >= 0:
+                served += 1
+                SI[S_JOB_OF, j] = CK[C_BUFFER, key]
+                SB[B_MISSED, j] = False
+            else:
+                loads += 1
+    for key in range(layer * E, layer * E + E):  # the rest guessed wrong: the layer's side buffer is released
+        CK[C_BUFFER, key] = -1
+    return served, loads
 
 
 @njit(cache=True)
@@ -541,7 +555,13 @@ def _issue_prefetches(F, I, LF, LI, Q, JF, JI, CK, CP, TL, TLI, members, scores,
     nxt = layer + 1
     for g in range(g0, g1):
         pkey = nxt * E + guess[g]
-        if CK[C_RESIDENT, pkey]:
+        if CK[C_RESIDENT, pkey] or CK[C_BUFFER, pkey] >= 0:
+            continue
+        if shape[9] == _FIRST_NON_RESIDENT:  # into the side buffer, not the cache
+            job = _new_job(I, JF, JI, H2D, TL[T_COPY_IN, nxt], TL[T_COPY_CONC, nxt], TLI[T_BYTES, nxt], -1, -1)
+            _enqueue(I, LF, LI, Q, JI, H2D, job, F[F_NOW])
+            CK[C_BUFFER, pkey] = JI[job, J_NUM]
+            I[I_PF_ISSUED] += 1
             continue
         admitted, n_evicted = _admit(I, CK, CP, TLI, members, scores, kind, scope_layer, E, pkey, nxt, experts, SI, 0,
                                      n_sel, layer * E, 0, 0, False)
@@ -576,19 +596,24 @@ def _layer(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, members, scores
     n_cpu = b - a - n_sel
     hits, misses, n_evicted = _access(I, CK, CP, TLI, members, scores, kind, scope_layer, E, layer, experts, SI, SB,
                                       n_sel, next_use)
-    served = _served(CK, SI, SB, layer, E, experts, n_sel, n_evicted)
+    served, loads = _served(CK, SI, SB, layer, E, experts, n_sel, n_evicted)
     I[I_PF_USED] += served
     if phase == DECODE:
         counts[0, layer] += b - a
-        counts[1, layer] += hits
+        counts[1, layer] += hits + (misses - loads)
         I[I_DECODE_CPU] += n_cpu
         I[I_PF_SERVED] += served
-        I[I_DEMAND] += misses
+        I[I_DEMAND] += loads
     else:
         I[I_PREFILL_ACC] += b - a
-        I[I_PREFILL_HITS] += hits
+        I[I_PREFILL_HITS] += hits + (misses - loads)
     pending, _ = _copies(F, I, LF, LI, Q, JF, JI, CK, TL, TLI, SI, SB, E, mode, write_back, layer, experts, n_sel,
-                         misses, n_evicted, pending)
+                         loads, n_evicted, pending)
+    if shape[9] == _FIRST_NON_RESIDENT and g1 > g0:  # FirstNonResident.predict: one guess, if any is not resident
+        g = g0
+        while g < g1 and CK[C_RESIDENT, (layer + 1) * E + guess[g]]:
+            g += 1
+        g0, g1 = g, min(g + 1, g1)
     if g1 > g0:
         if pending > 0.0:
             _sleep(F, I, LF, LI, Q, JF, JI, pending)

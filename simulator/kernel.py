@@ -21,7 +21,7 @@ import numpy as np
 from moesim.simulator.cache import NEVER, BeladyCache, FIFOCache, LFUCache, LRUCache, MRSCache, StaticCache
 from moesim.simulator.decide import RunCounters
 from moesim.simulator.placement import FiddlerPlacement, GpuOnly, HybriMoEPlacement
-from moesim.simulator.prefetch import NextLayerGuess
+from moesim.simulator.prefetch import FirstNonResident, NextLayerGuess
 from moesim.tracer import DECODE
 
 _CACHE_KINDS = {LRUCache: 0, FIFOCache: 1, LFUCache: 2, StaticCache: 3, MRSCache: 4, BeladyCache: 5}
@@ -29,6 +29,8 @@ _LRU, _FIFO, _LFU, _STATIC, _MRS, _BELADY = 0, 1, 2, 3, 4, 5
 _PLACEMENTS = {GpuOnly: 0, FiddlerPlacement: 1, HybriMoEPlacement: 2}
 _GPU, _FIDDLER, _HYBRIMOE = 0, 1, 2
 _STREAM, _COMPUTE, _LAYER = 0, 1, 2
+_PREFETCHERS = {NextLayerGuess: 1, FirstNonResident: 2}  # both act on a layer's next-layer guess, in decode
+_NO_PREFETCH, _NEXT_LAYER, _FIRST_NON_RESIDENT = 0, 1, 2
 H2D, D2H, CPU = 0, 1, 2  # the lanes; the first two are each other's peer (a copy is slower while both run)
 
 # slots of the float state F and the integer state I
@@ -42,7 +44,7 @@ L_STATE, L_EV_ORDER, L_CUR, L_QHEAD, L_QTAIL, L_JOBS, L_BYTES = range(7)
 _IDLE, _WAKING, _BUSY = 0, 1, 2  # the clocked lane's states (transfer.py)
 # rows of the cache's per-key integers CK, its per-pool integers CP, the per-layer tables TL (seconds) and TLI
 # (integers), the per-token-count tables TT (seconds), the scratch integers SI and flags SB of one layer
-C_RESIDENT, C_STAMP, C_COUNT, C_TIE, C_NEXT, C_POS, C_INFLIGHT, C_UNUSED = range(8)
+C_RESIDENT, C_STAMP, C_COUNT, C_TIE, C_NEXT, C_POS, C_INFLIGHT, C_UNUSED, C_BUFFER = range(9)
 P_USED, P_LIMIT, P_MEMBERS = range(3)
 T_COPY_IN, T_COPY_CONC, T_D2H, T_LAYER_COPY, T_PLACE_COPY = range(5)
 T_POOL, T_COST, T_BYTES, T_LAYER_COPY_BYTES = range(4)
@@ -64,7 +66,7 @@ def unsupported(prep, objs, record_hits: bool = False, timeline=None, exact_even
         return f"cache '{objs.cache.name}'"
     prefetcher = objs.prefetcher
     if prefetcher.active or prefetcher.wants_observe:
-        if type(prefetcher) is not NextLayerGuess:
+        if type(prefetcher) not in _PREFETCHERS:
             return f"prefetch '{prefetcher.name}'"
         if kind not in (_LRU, _FIFO):
             return f"prefetch into cache '{objs.cache.name}'"
@@ -114,8 +116,9 @@ class KernelRun:
         TLI = np.array(pools + [costs.expert_bytes_by_layer, objs.layer_copy_bytes or [0] * L], dtype=np.int64)
         shape = np.array([L, E, mode, int(transfer.write_back), _CACHE_KINDS[type(cache)],
                           int(cache.capacity.scope == "layer"), _PLACEMENTS[type(placement)],
-                          int(placement.spec.rule == "code"), self.hidden_size, int(objs.prefetcher.active),
-                          objs.prefetcher.limit], dtype=np.int64)
+                          int(placement.spec.rule == "code"), self.hidden_size,
+                          _PREFETCHERS.get(type(objs.prefetcher), _NO_PREFETCH), _guess_limit(objs.prefetcher)],
+                         dtype=np.int64)
         scalars = np.array([costs.step_overhead_s, costs.layer_overhead_s, float(costs.dense_layers)])
         params = np.array([getattr(cache, "alpha", 0.0), getattr(cache, "top_p", 0)], dtype=np.float64)
         F = np.zeros(4, dtype=np.float64)
@@ -165,6 +168,13 @@ class KernelRun:
                                                    int(LI[lane, L_JOBS])) for lane in (H2D, D2H, CPU))
 
 
+def _guess_limit(prefetcher) -> int:
+    """How many of a layer-step's guesses the prefetcher reads (0: all)."""
+    if isinstance(prefetcher, FirstNonResident):
+        return prefetcher.top_k
+    return prefetcher.limit if isinstance(prefetcher, NextLayerGuess) else 0
+
+
 def _int64(a: np.ndarray) -> np.ndarray:
     return a.astype(np.int64, copy=False)
 
@@ -176,8 +186,9 @@ def _cache_arrays(cache, L: int, E: int) -> tuple:
     stamps: the smallest stamp in a pool is the least recent."""
     K = L * E
     pool_of_layer, cost_of_layer, limit, used = cache.pool_layout()
-    CK = np.zeros((8, K), dtype=np.int64)
+    CK = np.zeros((9, K), dtype=np.int64)
     CK[C_INFLIGHT] = -1  # no copy in flight
+    CK[C_BUFFER] = -1  # no prefetch in the side buffer
     CK[C_RESIDENT, cache.resident_keys()] = 1
     stamp = 0
     if isinstance(cache, LRUCache):

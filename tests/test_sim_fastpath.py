@@ -145,7 +145,7 @@ def test_simulate_engine_events_writes_the_same_json_and_timeline(tmp_path):
 # ---- the compiled replay (simulator/kernel.py) against the engine it replaces --------------------------------
 # The presets it covers; a preset dropped from the kernel (or a run it gets wrong) fails here.
 COMPILED = ("lru", "lfu", "fifo", "static", "all-gpu", "accelerate", "mixtral-offloading", "moe-infinity", "fiddler",
-            "hybrimoe", "belady", "mixtral-offloading-paper")
+            "hybrimoe", "belady", "mixtral-offloading-paper", "adapmoe")
 
 
 def replay_path_of(trace, profile, config: SimConfig) -> str:
@@ -276,7 +276,8 @@ def test_simulate_json_is_byte_identical_on_the_compiled_replay_and_the_engine(p
                                     "mixtral-offloading+scope=global", "static+transfer=layer",
                                     "lru+prefetch=next-layer+transfer=swap", "fifo+prefetch=next-layer",
                                     "lru+prefetch=next-layer+scope=global", "mixtral-offloading-paper+guess=accuracy:0.3",
-                                    "lru+placement=fiddler+prefetch=next-layer"])
+                                    "lru+placement=fiddler+prefetch=next-layer", "adapmoe+transfer=swap",
+                                    "lru+prefetch=first-non-resident+scope=global"])
 def test_compiled_replay_equals_the_engine_on_composed_policies(policy):
     from moesim.simulator.compose import build_policy
 
