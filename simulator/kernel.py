@@ -1,17 +1,23 @@
-"""A compiled replay (numba) of the runs whose every rule it holds as arrays: the same answers, ~100x faster.
+"""A compiled replay (numba) of the runs whose every rule it holds as arrays: the engine's answers, ~10-30x faster.
 
 The engine (:mod:`moesim.simulator.engine`) drives Python policy objects layer by layer: a few microseconds
 per layer-step whatever the policy, so no preset reached a million activations per second. This module
-replays a whole batch in one compiled call over the compiled workload's arrays (:class:`StepStore`): the
-cache as array state (an LRU/FIFO order as a linked list per pool, LFU visit counts, a static set), the
-copy lane as the clocked lane's state machine (its events numbered in SimPy's order, so ties land as the
-engine's do), and the driver's sleep and stall rules, with every float operation in the engine's order.
+replays a whole batch in one compiled call over the compiled workload's arrays (:class:`StepStore`), with the
+decisions of :class:`~moesim.simulator.decide.DecisionCore` and the driver of
+:class:`~moesim.simulator.engine.Simulation` as array code (``_kernel_jit.py``): the cache as per-key state
+(LRU/FIFO stamps, LFU visit counts, Belady's next uses, MRS scores, a static set, each pool's members), the
+copy lanes and the CPU pool as the clocked lanes' state machines (every event numbered in SimPy's order, so
+ties land as the engine's do), copies in flight and unused prefetches per key, and the driver's sleep and
+stall rules, with every float operation in the engine's order.
 
-It covers a run when :func:`unsupported` returns "" (one explicit check, made before the run): cache
-``lru``, ``fifo``, ``lfu`` or ``static``; no prefetch; no CPU placement; copies on a copy stream, on the
-compute stream (``swap``/``sync``, write-backs included) or whole layers (``layer``); no copy/compute
-contention; no timeline or hit records; not the event engine. Every other run takes the engine. The
-contract (``tests/test_sim_fastpath.py``): on the runs it covers, the same :class:`SimResult` as the engine.
+It covers a run when :func:`unsupported` returns "" (one explicit check, made before the run): caches
+``lru``, ``fifo``, ``lfu``, ``static``, ``belady``, ``mrs``; placements ``gpu``, ``fiddler``, ``hybrimoe``;
+prefetch ``none``, ``next-layer``, ``predictive`` (into an LRU/FIFO cache) and ``first-non-resident``, with
+prefetches queued FIFO among demand loads; every transfer mode; a profile where copies and compute do not
+slow each other; no timeline or hit records; not the event engine. That is every preset as defined; other
+runs (``lfu-forget``, ``oracle``/``eam`` prefetch, ``demand_priority`` with prefetch, a CPU-calibrated
+profile) take the engine. The contract (``tests/test_sim_fastpath.py``): on the runs it covers, the
+:class:`SimResult` of the engine, field for field (times within 1e-9 relative; in practice identical).
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import numpy as np
 from moesim.simulator.cache import NEVER, BeladyCache, FIFOCache, LFUCache, LRUCache, MRSCache, StaticCache
 from moesim.simulator.decide import RunCounters
 from moesim.simulator.placement import FiddlerPlacement, GpuOnly, HybriMoEPlacement
-from moesim.simulator.prefetch import FirstNonResident, NextLayerGuess
+from moesim.simulator.prefetch import FirstNonResident, LearnedPrefetch, NextLayerGuess
+from moesim.simulator.workload import union_by_rank
 from moesim.tracer import DECODE
 
 _CACHE_KINDS = {LRUCache: 0, FIFOCache: 1, LFUCache: 2, StaticCache: 3, MRSCache: 4, BeladyCache: 5}
@@ -29,7 +36,9 @@ _LRU, _FIFO, _LFU, _STATIC, _MRS, _BELADY = 0, 1, 2, 3, 4, 5
 _PLACEMENTS = {GpuOnly: 0, FiddlerPlacement: 1, HybriMoEPlacement: 2}
 _GPU, _FIDDLER, _HYBRIMOE = 0, 1, 2
 _STREAM, _COMPUTE, _LAYER = 0, 1, 2
-_PREFETCHERS = {NextLayerGuess: 1, FirstNonResident: 2}  # both act on a layer's next-layer guess, in decode
+# each acts on a guess of the next layer's experts per layer-step, in decode: the trace's (or the guess model's)
+# guess, or the learned predictor's prediction
+_PREFETCHERS = {NextLayerGuess: 1, LearnedPrefetch: 1, FirstNonResident: 2}
 _NO_PREFETCH, _NEXT_LAYER, _FIRST_NON_RESIDENT = 0, 1, 2
 H2D, D2H, CPU = 0, 1, 2  # the lanes; the first two are each other's peer (a copy is slower while both run)
 
@@ -143,12 +152,18 @@ class KernelRun:
                    np.asarray(store.phase, np.int64), np.asarray(store.tokens, np.int64), ne, head, shared,
                    _int64(store.step_offsets), _int64(store.layer), _int64(store.expert_offsets),
                    _int64(store.experts), _int64(store.expert_tokens), store.weights,
-                   _NO_FUTURE if next_uses is None else next_uses[number], _int64(store.guess_offsets),
-                   _int64(store.guess), batch.num_prefill, step_end)
+                   _NO_FUTURE if next_uses is None else next_uses[number], *self._guesses(store),
+                   batch.num_prefill, step_end)
             _request_times(stats, batch, step_end, t0)
         stats.makespan_s = float(self._drain(F, I, LF, LI, Q, JF, JI))
         self._fill(stats, F, I, LF, LI, counts)
         return stats
+
+    def _guesses(self, store) -> tuple[np.ndarray, np.ndarray]:
+        """Per layer-step, the next layer's guessed experts the prefetcher reads: (offsets, experts)."""
+        if isinstance(self.objs.prefetcher, LearnedPrefetch):
+            return _predicted(store)
+        return _int64(store.guess_offsets), _int64(store.guess)
 
     @staticmethod
     def _drain(*state) -> float:
@@ -168,11 +183,28 @@ class KernelRun:
                                                    int(LI[lane, L_JOBS])) for lane in (H2D, D2H, CPU))
 
 
+def _predicted(store) -> tuple[np.ndarray, np.ndarray]:
+    """The learned predictor's guess per decode layer-step (LayerWork.predicted: the union of its rows'
+    predictions, best first), as (offsets, experts); prefill layer-steps have none."""
+    predictions = store.annotations.predictions or {}
+    decode = np.repeat(np.asarray(store.phase) == DECODE, np.diff(store.step_offsets.astype(np.int64)))
+    rows = store.rows.tolist()
+    bounds = store.row_offsets.tolist()
+    lengths, experts = [], []
+    for w, is_decode in enumerate(decode.tolist()):
+        guess = union_by_rank(predictions, tuple(rows[bounds[w]:bounds[w + 1]])) if is_decode else ()
+        lengths.append(len(guess))
+        experts.extend(guess)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets, np.asarray(experts, dtype=np.int64)
+
+
 def _guess_limit(prefetcher) -> int:
     """How many of a layer-step's guesses the prefetcher reads (0: all)."""
     if isinstance(prefetcher, FirstNonResident):
         return prefetcher.top_k
-    return prefetcher.limit if isinstance(prefetcher, NextLayerGuess) else 0
+    return prefetcher.limit if isinstance(prefetcher, (NextLayerGuess, LearnedPrefetch)) else 0
 
 
 def _int64(a: np.ndarray) -> np.ndarray:

@@ -145,7 +145,7 @@ def test_simulate_engine_events_writes_the_same_json_and_timeline(tmp_path):
 # ---- the compiled replay (simulator/kernel.py) against the engine it replaces --------------------------------
 # The presets it covers; a preset dropped from the kernel (or a run it gets wrong) fails here.
 COMPILED = ("lru", "lfu", "fifo", "static", "all-gpu", "accelerate", "mixtral-offloading", "moe-infinity", "fiddler",
-            "hybrimoe", "belady", "mixtral-offloading-paper", "adapmoe")
+            "hybrimoe", "belady", "mixtral-offloading-paper", "adapmoe", "predictive")
 
 
 def replay_path_of(trace, profile, config: SimConfig) -> str:
@@ -237,6 +237,16 @@ def test_runs_the_compiled_replay_cannot_reproduce_take_the_engine():
     contended = prepare(trace, load_profile_cached("cpu-calibrated"),
                         SimConfig(get_preset("lru"), cache_experts=2, gpu_mem_bytes=1 << 40))
     assert replay_path(contended, build_policy_objects(contended)).startswith("engine: copies and compute contend")
+    from moesim.simulator.compose import build_policy
+
+    for policy, why in (("lru+prefetch=oracle", "prefetch 'oracle'"),
+                        ("lfu+prefetch=next-layer", "prefetch into cache 'lfu'"),
+                        ("moe-infinity+prefetch=next-layer", "prefetch into cache 'lfu'"),
+                        ("lru+eviction=lfu-forget", "cache 'lfu-forget'")):
+        other = prepare(trace, load_profile_cached("rtx-3060"), SimConfig(build_policy(policy), cache_experts=2))
+        assert replay_path(other, build_policy_objects(other)) == f"engine: {why}", policy
+        assert assert_compiled_same(trace, load_profile_cached("rtx-3060"),
+                                    SimConfig(build_policy(policy), cache_experts=2)) == f"engine: {why}"
     # the hit records of a run the kernel would cover come from the engine, and agree with its counters
     result, hits = simulate(trace, "rtx-3060", SimConfig(get_preset("lru"), cache_experts=2), record_hits=True)
     assert differences(simulate(trace, "rtx-3060", SimConfig(get_preset("lru"), cache_experts=2)), result) == []
@@ -271,13 +281,14 @@ def test_simulate_json_is_byte_identical_on_the_compiled_replay_and_the_engine(p
     assert out["clocked"] == out["python"]
 
 
-@pytest.mark.parametrize("policy", ["fiddler+placement-rule=profile", "hybrimoe+placement-rule=code", "lru+scope=global",
-                                    "fifo+scope=global", "lru+transfer=sync", "lfu+transfer=swap",
-                                    "mixtral-offloading+scope=global", "static+transfer=layer",
-                                    "lru+prefetch=next-layer+transfer=swap", "fifo+prefetch=next-layer",
-                                    "lru+prefetch=next-layer+scope=global", "mixtral-offloading-paper+guess=accuracy:0.3",
-                                    "lru+placement=fiddler+prefetch=next-layer", "adapmoe+transfer=swap",
-                                    "lru+prefetch=first-non-resident+scope=global"])
+COMPOSED = ("fiddler+placement-rule=profile", "hybrimoe+placement-rule=code", "lru+scope=global", "fifo+scope=global",
+            "lru+transfer=sync", "lfu+transfer=swap", "mixtral-offloading+scope=global", "static+transfer=layer",
+            "lru+prefetch=next-layer+transfer=swap", "fifo+prefetch=next-layer", "lru+prefetch=next-layer+scope=global",
+            "mixtral-offloading-paper+guess=accuracy:0.3", "lru+placement=fiddler+prefetch=next-layer",
+            "adapmoe+transfer=swap", "lru+prefetch=first-non-resident+scope=global")
+
+
+@pytest.mark.parametrize("policy", COMPOSED)
 def test_compiled_replay_equals_the_engine_on_composed_policies(policy):
     from moesim.simulator.compose import build_policy
 
