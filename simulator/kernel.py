@@ -146,7 +146,7 @@ class KernelRun:
             store = batch.store
             ne, head, shared = _step_costs(store, costs, TT[X_GPU], decode_tables)
             step_end = np.zeros(len(store), dtype=np.float64)
-            t0 = F[F_NOW]
+            t0 = float(F[F_NOW])  # a Python float: results hold no numpy scalars (their repr differs)
             # one integer type for every store (they pick the smallest): one compiled signature
             replay(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, members, scores, shape, scalars, params,
                    np.asarray(store.phase, np.int64), np.asarray(store.tokens, np.int64), ne, head, shared,

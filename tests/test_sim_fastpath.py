@@ -148,6 +148,14 @@ COMPILED = ("lru", "lfu", "fifo", "static", "all-gpu", "accelerate", "mixtral-of
             "hybrimoe", "belady", "mixtral-offloading-paper", "adapmoe", "predictive")
 
 
+def value_types(result) -> list:
+    out = []
+    for f in dataclasses.fields(result):
+        value = getattr(result, f.name)
+        out.append((f.name, type(value), tuple(type(x) for x in value) if isinstance(value, tuple) else ()))
+    return out
+
+
 def replay_path_of(trace, profile, config: SimConfig) -> str:
     from moesim.simulator.run import build_policy_objects, prepare, replay_path
 
@@ -160,6 +168,7 @@ def assert_compiled_same(trace, profile, config: SimConfig) -> str:
     old = simulate(trace, profile, config, compiled=False)
     new = simulate(trace, profile, config)
     assert differences(old, new) == [], config.policy.name
+    assert value_types(new) == value_types(old), config.policy.name  # a numpy scalar would print differently
     return replay_path_of(trace, profile, config)
 
 
