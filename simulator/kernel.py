@@ -22,6 +22,8 @@ profile) take the engine. The contract (``tests/test_sim_fastpath.py``): on the 
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from moesim.simulator.cache import NEVER, BeladyCache, FIFOCache, LFUCache, LRUCache, MRSCache, StaticCache
@@ -183,10 +185,23 @@ class KernelRun:
                                                    int(LI[lane, L_JOBS])) for lane in (H2D, D2H, CPU))
 
 
+# store -> (the predictions it was computed from, its guesses): a run of the same workload and predictor reuses them
+_PREDICTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _predicted(store) -> tuple[np.ndarray, np.ndarray]:
     """The learned predictor's guess per decode layer-step (LayerWork.predicted: the union of its rows'
     predictions, best first), as (offsets, experts); prefill layer-steps have none."""
     predictions = store.annotations.predictions or {}
+    memo = _PREDICTED.get(store)
+    if memo is not None and memo[0] is predictions:
+        return memo[1]
+    guesses = _union_guesses(store, predictions)
+    _PREDICTED[store] = (predictions, guesses)
+    return guesses
+
+
+def _union_guesses(store, predictions: dict) -> tuple[np.ndarray, np.ndarray]:
     decode = np.repeat(np.asarray(store.phase) == DECODE, np.diff(store.step_offsets.astype(np.int64)))
     rows = store.rows.tolist()
     bounds = store.row_offsets.tolist()
