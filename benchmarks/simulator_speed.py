@@ -5,8 +5,9 @@
    ``moesim simulate`` on the bundled Qwen3 trace; the reference's latency sum must equal ``lru --transfer
    sync``'s makespan (goal: warm ``lru`` within 2x of the reference).
 2. Every preset on a 1,000-token decode of Mixtral-8x7B's shape (32 layers, 8 experts, top-2: 64,000 expert
-   activations): the engine with a SimPy event per copy (``exact_events=True``, the oracle) against the
-   event-free copy path, warm, on one core (goals: < 0.2 s and >= 1M activations/s per preset).
+   activations): the SimPy engine (clocked lanes; ``compiled=False``; ``--events`` adds the engine with an event
+   per copy) against the default path, which is the compiled replay (``simulator/kernel.py``) for the presets it
+   covers (the ``path`` column says which ran), warm, on one core (goals: < 0.2 s and >= 1M activations/s).
 3. Peak memory (a child process's VmHWM, Linux) of simulating a ``moesim trace synth`` trace of N activations
    (goal: 32M activations under 4 GiB; the default N is smaller, see --memory-activations).
 4. ``moesim --help`` wall time (goal < 0.2 s), and optionally a 200-configuration sweep.
@@ -16,7 +17,7 @@ the real Mixtral-8x7B-Instruct frequencies in ../shared/traces-raw/abhibambhaniy
 residency-info (uniform if absent), a token's top-1 expert repeats the previous token's with probability
 0.3, and a next-layer guess that is right 80% of the time (so guess-based prefetchers have work to do).
 
-    python benchmarks/simulator_speed.py [--tokens 1000] [--memory-activations N] [--sweep]
+    python benchmarks/simulator_speed.py [--tokens 1000] [--memory-activations N] [--events] [--sweep]
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def reference_lru_replay(trace, costs, capacity: int) -> tuple[float, int, int]:
 def bench_reference(profile: str, capacity: int, repeats: int) -> None:
     from moesim.simulator.cli import build_policy
     from moesim.simulator.config import SimConfig
-    from moesim.simulator.run import build_policy_objects, load_trace_cached, prepare, simulate
+    from moesim.simulator.run import build_policy_objects, load_trace_cached, prepare, replay_path, simulate
     from moesim.simulator.run import load_profile_cached
     from moesim.traces import bundled_traces
 
@@ -187,35 +188,45 @@ def bench_reference(profile: str, capacity: int, repeats: int) -> None:
     print(f"   simulate lru --transfer sync {sync_s:5.3f} s  makespan    {r_sync.makespan_s:.9f} s  hit rate "
           f"{r_sync.hit_rate:.4f}  (relative difference {abs(r_sync.makespan_s - ref_latency) / ref_latency:.1e})")
     print(f"   simulate lru (copy stream)  {stream_s:6.3f} s")
+    prep = prepare(trace, load_profile_cached(profile), stream)
     print(f"   ratio warm lru / reference: {stream_s / ref_s:.2f}x (sync {sync_s / ref_s:.2f}x)  goal <= 2x: "
-          f"{'ok' if stream_s <= 2 * ref_s else 'MISSED'}")
+          f"{'ok' if stream_s <= 2 * ref_s else 'MISSED'}  (path: {replay_path(prep, build_policy_objects(prep))})")
 
 
-def bench_presets(trace_path: Path, profile: str, repeats: int) -> None:
+def bench_presets(trace_path: Path, profile: str, repeats: int, with_events: bool) -> None:
     from moesim.simulator.config import SimConfig
     from moesim.simulator.presets import PRESETS, get_preset
-    from moesim.simulator.run import load_trace_cached, simulate
+    from moesim.simulator.run import build_policy_objects, load_profile_cached, load_trace_cached, prepare
+    from moesim.simulator.run import replay_path, simulate
 
     trace = load_trace_cached(trace_path)
     activations = int((trace.phase == 1).sum()) * trace.meta.top_k
     print(f"\n2. {int((trace.phase == 1).sum()) // trace.meta.num_layers:,}-token decode of Mixtral-8x7B's shape "
           f"({activations:,} decode activations) on {profile}, bf16 experts, 4 cache slots per layer, memory budget "
           f"unbounded (speed only); one core, warm, best of {repeats}")
-    print(f"   {'preset':26s} {'events_s':>8s} {'fast_s':>7s} {'old/fast':>8s} {'activations/s':>13s} "
-          f"{'sim_s':>8s} {'events':>7s}  goals <0.2s, >=1M/s")
+    print("   engine_s: the SimPy engine with clocked lanes (before); fast_s: the default path (after), which is the "
+          "compiled replay where `path` says so")
+    print(f"   {'preset':26s} {'path':9s} {'events_s':>8s} {'engine_s':>8s} {'fast_s':>7s} {'speed-up':>8s} "
+          f"{'activations/s':>13s} {'sim_s':>8s}  goals <0.2s, >=1M/s")
     for name in PRESETS.names():
         config = SimConfig(get_preset(name), cache_experts=4, gpu_mem_bytes=1 << 40)
         r = simulate(trace, profile, config)
         if not r.feasible:
             print(f"   {name:26s} does not fit: {r.reason}")
             continue
-        old_s, old = best_of(repeats, lambda: simulate(trace, profile, config, exact_events=True))
+        prep = prepare(trace, load_profile_cached(profile), config)
+        path = replay_path(prep, build_policy_objects(prep))
+        events = "-"
+        if with_events:
+            events = f"{best_of(repeats, lambda: simulate(trace, profile, config, exact_events=True))[0]:8.3f}"
+        old_s, old = best_of(repeats, lambda: simulate(trace, profile, config, compiled=False))
         fast_s, fast = best_of(repeats, lambda: simulate(trace, profile, config))
         same = old.makespan_s == fast.makespan_s and old.hit_rate == fast.hit_rate
         rate = activations / fast_s
-        print(f"   {name:26s} {old_s:8.3f} {fast_s:7.3f} {old_s / fast_s:7.2f}x {rate:13,.0f} {r.makespan_s:8.2f} "
-              f"{r.sim_events:7d}  {'ok' if fast_s < 0.2 else 'MISSED'} {'ok' if rate >= 1e6 else 'MISSED'}"
-              f"{'' if same else '  DIFFERENT RESULT'}")
+        print(f"   {name:26s} {path.split(':')[0]:9s} {events:>8s} {old_s:8.3f} {fast_s:7.3f} {old_s / fast_s:7.1f}x "
+              f"{rate:13,.0f} {r.makespan_s:8.2f}  {'ok' if fast_s < 0.2 else 'MISSED'} "
+              f"{'ok' if rate >= 1e6 else 'MISSED'}{'' if same else '  DIFFERENT RESULT'}"
+              f"{'' if path == 'compiled' else '  (' + path.split(': ', 1)[1] + ')'}")
 
 
 # The peak is the process's own VmHWM: ru_maxrss would carry over the benchmark's own peak through fork and exec.
@@ -296,6 +307,7 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-activations", type=int, default=2_000_000,
                     help="decode activations of part 3's synthetic trace (the goal is stated at 32,000,000)")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--events", action="store_true", help="also time part 2 on the engine with an event per copy")
     ap.add_argument("--sweep", action="store_true", help="also time a 200-configuration sweep")
     ap.add_argument("--sweep-configs", type=int, default=200)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -304,7 +316,7 @@ def main(argv=None) -> int:
     bench_reference(args.profile, args.reference_slots, args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         path = synthetic_mixtral_trace(Path(tmp) / "mixtral-synthetic.parquet", args.tokens)
-        bench_presets(path, args.profile, args.repeats)
+        bench_presets(path, args.profile, args.repeats, args.events)
         if not args.skip_memory:
             bench_memory(args.memory_activations, Path(tmp))
     bench_help()

@@ -124,6 +124,11 @@ class ExpertCache:
     def used(self, pool: int = 0) -> int:
         return self._used[pool]
 
+    def pool_layout(self) -> tuple[list[int], list[int], list[int], list[int]]:
+        """(pool of each layer, an expert's cost in each layer, each pool's limit, each pool's use), copies:
+        what a replay that keeps the cache as arrays (:mod:`moesim.simulator.kernel`) starts from."""
+        return list(self._pool_of_layer), list(self._cost_of_layer), list(self._limit), list(self._used)
+
     def slots_in_experts(self) -> int:
         """How many experts the cache can hold at most (for memory accounting)."""
         if self.capacity.unit == "experts":
@@ -435,6 +440,10 @@ class BeladyCache(ExpertCache):
 
     def attach_future(self, future: FutureIndex) -> None:
         self._future = future
+
+    def next_uses(self) -> dict[int, int]:
+        """Key -> the clock of its next use, for every resident key (what the eviction compares)."""
+        return dict(self._next)
 
     def _next_use(self, key: int, clock: int) -> int:
         if self._future is None:

@@ -139,9 +139,10 @@ def _notes(result, policy) -> list[str]:
 @click.option("--timeline", "timeline_path", default=None, type=click.Path(dir_okay=False),
               help="Write a Chrome-trace JSON (open in Perfetto) of the GPU, PCIe and CPU lanes.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the result as JSON.")
-@click.option("--engine", default="clocked", hidden=True, type=click.Choice(["clocked", "events"]),
-              help="events: the previous engine, a SimPy event per copy (same results, slower; kept for one "
-              "release as the oracle of the event-free copy path).")
+@click.option("--engine", default="clocked", hidden=True, type=click.Choice(["clocked", "python", "events"]),
+              help="clocked: the compiled replay where it covers the run, else the event-free engine; python: the "
+              "event-free engine always; events: the previous engine, a SimPy event per copy (same results, "
+              "slower; the oracles of the faster paths).")
 def simulate_command(trace_spec, profile_spec, host, link, policy, cache_experts, cache_mem, gpu_mem, expert_bits,
                      non_expert_bits, batch, knobs, eviction, scope, prefetch, guess, placement, placement_rule,
                      transfer, gating, predictor_train, timeline_path, json_path, engine):
@@ -189,7 +190,7 @@ def simulate_command(trace_spec, profile_spec, host, link, policy, cache_experts
     timeline = Timeline(f"moesim {policy}") if timeline_path else None
     result = simulate(trace_path, profile, config, timeline=timeline,
                       trace_name=trace_label(trace_spec) if trace_spec else trace_path.stem, profile_name=profile_name,
-                      exact_events=engine == "events")
+                      exact_events=engine == "events", compiled=engine == "clocked")
     click.echo(summary_text(result))
     for note in _notes(result, spec):
         click.echo(f"note: {note}", err=True)

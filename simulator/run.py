@@ -26,7 +26,7 @@ from moesim.simulator.cache import (
 from moesim.simulator.config import PolicySpec, SimConfig
 from moesim.simulator.costs import CostTables
 from moesim.simulator.transfer import TransferSpec
-from moesim.simulator.engine import Simulation, build_simulation
+from moesim.simulator.engine import build_simulation
 from moesim.simulator.memory import MemoryPlan, plan_memory
 from moesim.simulator.placement import make_placement
 from moesim.simulator.prefetch import make_prefetcher
@@ -228,18 +228,34 @@ def accelerate_layer_copy_s(profile, nbytes: float, experts: int, pinned: bool, 
 
 
 def run_prepared(prep: Prepared, record_hits: bool = False, timeline: Optional[Timeline] = None,
-                 exact_events: bool = False) -> tuple[SimResult, Optional[np.ndarray]]:
+                 exact_events: bool = False, compiled: bool = True) -> tuple[SimResult, Optional[np.ndarray]]:
+    """``compiled`` lets a run the compiled replay covers take it (:mod:`moesim.simulator.kernel`; same result);
+    False keeps the SimPy engine."""
     if not prep.plan.fits:
         return infeasible_result(prep), None
     objs = build_policy_objects(prep)
-    sim = build_simulation(prep, objs, record_hits=record_hits, timeline=timeline, exact_events=exact_events)
-    stats = sim.run()
+    if compiled and replay_path(prep, objs, record_hits, timeline, exact_events) == "compiled":
+        from moesim.simulator.kernel import run_compiled
+
+        sim, stats = run_compiled(prep, objs)
+    else:
+        sim = build_simulation(prep, objs, record_hits=record_hits, timeline=timeline, exact_events=exact_events)
+        stats = sim.run()
     result = simulation_result(prep, objs.costs, sim, stats)
     hits = _hit_array(prep.trace, stats) if record_hits else None
     return result, hits
 
 
-def simulation_result(prep: Prepared, costs: CostTables, sim: Simulation, stats) -> SimResult:
+def replay_path(prep: Prepared, objs: PolicyObjects, record_hits: bool = False, timeline: Optional[Timeline] = None,
+                exact_events: bool = False) -> str:
+    """Which replay runs ``prep``: "compiled" (the kernel covers it), else "engine: <why not compiled>"."""
+    from moesim.simulator.kernel import unsupported
+
+    why = unsupported(prep, objs, record_hits, timeline, exact_events)
+    return f"engine: {why}" if why else "compiled"
+
+
+def simulation_result(prep: Prepared, costs: CostTables, sim, stats) -> SimResult:
     wl = prep.workload
     makespan = stats.makespan_s
     dec_acc = sum(stats.decode_accesses)
@@ -292,9 +308,10 @@ def _hit_array(trace: Trace, stats) -> np.ndarray:
 
 def simulate(trace: Trace | str | Path, profile, config: SimConfig, *, record_hits: bool = False,
              timeline: Optional[Timeline] = None, trace_name: str = "", profile_name: str = "",
-             exact_events: bool = False):
+             exact_events: bool = False, compiled: bool = True):
     """Run one configuration. Returns the :class:`SimResult` (and the per-row hit array if asked).
-    ``exact_events`` runs the previous engine (a SimPy event per copy), the fast path's oracle."""
+    ``exact_events`` runs the previous engine (a SimPy event per copy), the fast path's oracle; ``compiled``
+    False keeps the SimPy engine where the compiled replay would run (the compiled replay's oracle)."""
     if not isinstance(trace, Trace):
         from moesim.traces import resolve_trace
 
@@ -303,5 +320,6 @@ def simulate(trace: Trace | str | Path, profile, config: SimConfig, *, record_hi
         profile_name = profile_name or profile
         profile = load_profile_cached(profile)
     prep = prepare(trace, profile, config, trace_name, profile_name)
-    result, hits = run_prepared(prep, record_hits=record_hits, timeline=timeline, exact_events=exact_events)
+    result, hits = run_prepared(prep, record_hits=record_hits, timeline=timeline, exact_events=exact_events,
+                                compiled=compiled)
     return (result, hits) if record_hits else result

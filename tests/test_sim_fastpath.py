@@ -140,3 +140,169 @@ def test_simulate_engine_events_writes_the_same_json_and_timeline(tmp_path):
         assert res.exit_code == 0, res.output
         out[engine] = (js.read_text(), tl.read_text())
     assert out["clocked"] == out["events"]
+
+
+# ---- the compiled replay (simulator/kernel.py) against the engine it replaces --------------------------------
+# The presets it covers; a preset dropped from the kernel (or a run it gets wrong) fails here.
+COMPILED = ("lru", "lfu", "fifo", "static", "all-gpu", "accelerate", "mixtral-offloading", "moe-infinity", "fiddler",
+            "hybrimoe", "belady", "mixtral-offloading-paper", "adapmoe", "predictive")
+
+
+def value_types(result) -> list:
+    out = []
+    for f in dataclasses.fields(result):
+        value = getattr(result, f.name)
+        out.append((f.name, type(value), tuple(type(x) for x in value) if isinstance(value, tuple) else ()))
+    return out
+
+
+def replay_path_of(trace, profile, config: SimConfig) -> str:
+    from moesim.simulator.run import build_policy_objects, prepare, replay_path
+
+    prep = prepare(trace, profile, config)
+    return replay_path(prep, build_policy_objects(prep)) if prep.plan.fits else "does not fit"
+
+
+def assert_compiled_same(trace, profile, config: SimConfig) -> str:
+    """The compiled replay's result equals the engine's; returns which path the default run took."""
+    old = simulate(trace, profile, config, compiled=False)
+    new = simulate(trace, profile, config)
+    assert differences(old, new) == [], config.policy.name
+    assert value_types(new) == value_types(old), config.policy.name  # a numpy scalar would print differently
+    return replay_path_of(trace, profile, config)
+
+
+def check_path(preset: str, path: str) -> None:
+    if path == "does not fit":
+        return
+    assert (path == "compiled") == (preset in COMPILED), (preset, path)
+
+
+@pytest.mark.parametrize("trace_name", BUNDLED)
+@pytest.mark.parametrize("preset", PRESETS.names())
+def test_compiled_replay_equals_the_engine_on_every_preset_and_bundled_trace_head(trace_name, preset):
+    trace = bundled_head(trace_name)
+    for cache_experts in (1, 2, 6):
+        config = SimConfig(get_preset(preset), cache_experts=cache_experts)
+        check_path(preset, assert_compiled_same(trace, load_profile_cached("rtx-3060"), config))
+
+
+@pytest.mark.parametrize("trace_name", BUNDLED)
+@pytest.mark.parametrize("preset", COMPILED)
+def test_compiled_replay_equals_the_engine_on_whole_bundled_traces(trace_name, preset):
+    paths = bundled_traces()
+    if trace_name not in paths:
+        pytest.skip(f"bundled trace {trace_name} not present")
+    trace = load_trace_cached(paths[trace_name])
+    for cache_experts in (2, 6):
+        config = SimConfig(get_preset(preset), cache_experts=cache_experts, gpu_mem_bytes=1 << 40)
+        assert assert_compiled_same(trace, load_profile_cached("rtx-4090"), config) == "compiled"
+
+
+@functools.lru_cache(maxsize=None)
+def mixtral_shaped() -> Trace:
+    """Mixtral-8x7B's shape (32 layers, 8 experts, top-2), 4 requests x 250 decode tokens: 64,000 activations."""
+    routing = read_routing("mixtral-8x7b-published")
+    return synthetic_trace(routing, np.full(4, 16), np.full(4, 250), seed=5)
+
+
+@pytest.mark.parametrize("preset", COMPILED)
+def test_compiled_replay_equals_the_engine_on_a_64k_activation_mixtral_workload_batched(preset):
+    trace = mixtral_shaped()
+    assert int((trace.phase == DECODE).sum()) * trace.meta.top_k == 64_000
+    for batch in (1, 4):
+        for cache_experts in (2, 5):
+            config = SimConfig(get_preset(preset), cache_experts=cache_experts, gpu_mem_bytes=1 << 40, batch=batch)
+            assert assert_compiled_same(trace, load_profile_cached("rtx-4090"), config) == "compiled"
+
+
+@pytest.mark.parametrize("preset", PRESETS.names())
+def test_compiled_replay_keeps_simpys_order_of_simultaneous_events(preset, tmp_path):
+    # power-of-two durations: copies land at the instant the compute stream stops to look, where the order of
+    # the clocked lane's events (not the times) decides a stall; round numbers and a global pool of bytes too
+    rng = np.random.default_rng(12)
+    for seed in range(4):
+        tokens = [[sorted(rng.choice(4, size=2, replace=False).tolist()) for _ in range(3)] for _ in range(14)]
+        path = write_tiny_trace(tmp_path / f"t{seed}.parquet", tokens, prompt=2, top_k=2, requests=2)
+        trace = load_trace_cached(path)
+        for profile in (dyadic_profile(), round_profile()):
+            for cache_experts in (1, 2, 3):
+                for batch in (1, 2):
+                    config = SimConfig(get_preset(preset), cache_experts=cache_experts, gpu_mem_bytes=1 << 40,
+                                       batch=batch)
+                    check_path(preset, assert_compiled_same(trace, profile, config))
+
+
+def test_runs_the_compiled_replay_cannot_reproduce_take_the_engine():
+    from moesim.simulator.run import build_policy_objects, prepare, replay_path
+
+    trace = bundled_head("gpt-oss-120b-bigmoeonedge")
+    prep = prepare(trace, load_profile_cached("rtx-3060"), SimConfig(get_preset("lru"), cache_experts=2))
+    objs = build_policy_objects(prep)
+    assert replay_path(prep, objs) == "compiled"
+    assert replay_path(prep, objs, timeline=Timeline()) == "engine: a timeline is recorded"
+    assert replay_path(prep, objs, record_hits=True) == "engine: per-row hits are recorded"
+    assert replay_path(prep, objs, exact_events=True) == "engine: the event engine was asked for"
+    contended = prepare(trace, load_profile_cached("cpu-calibrated"),
+                        SimConfig(get_preset("lru"), cache_experts=2, gpu_mem_bytes=1 << 40))
+    assert replay_path(contended, build_policy_objects(contended)).startswith("engine: copies and compute contend")
+    from moesim.simulator.compose import build_policy
+
+    for policy, why in (("lru+prefetch=oracle", "prefetch 'oracle'"),
+                        ("lfu+prefetch=next-layer", "prefetch into cache 'lfu'"),
+                        ("moe-infinity+prefetch=next-layer", "prefetch into cache 'lfu'"),
+                        ("lru+eviction=lfu-forget", "cache 'lfu-forget'")):
+        other = prepare(trace, load_profile_cached("rtx-3060"), SimConfig(build_policy(policy), cache_experts=2))
+        assert replay_path(other, build_policy_objects(other)) == f"engine: {why}", policy
+        assert assert_compiled_same(trace, load_profile_cached("rtx-3060"),
+                                    SimConfig(build_policy(policy), cache_experts=2)) == f"engine: {why}"
+    # the hit records of a run the kernel would cover come from the engine, and agree with its counters
+    result, hits = simulate(trace, "rtx-3060", SimConfig(get_preset("lru"), cache_experts=2), record_hits=True)
+    assert differences(simulate(trace, "rtx-3060", SimConfig(get_preset("lru"), cache_experts=2)), result) == []
+    assert hits.any()
+
+
+def test_importing_the_simulator_or_asking_for_help_does_not_import_numba():
+    import subprocess
+    import sys
+
+    probe = ("import sys\nimport moesim.simulator.run, moesim.simulator.kernel\nfrom moesim.cli import main\n"
+             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\nprint('NUMBA', 'numba' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "NUMBA False" in res.stdout
+
+
+@pytest.mark.parametrize("preset", ["lru", "moe-infinity", "mixtral-offloading", "fiddler", "hybrimoe"])
+def test_simulate_json_is_byte_identical_on_the_compiled_replay_and_the_engine(preset, tmp_path):
+    from click.testing import CliRunner
+
+    from moesim.cli import cli
+
+    out = {}
+    for engine in ("clocked", "python"):
+        js = tmp_path / f"{engine}.json"
+        res = CliRunner().invoke(cli, ["simulate", "--trace", "qwen3-30b-a3b-bigmoeonedge", "--policy", preset,
+                                       "--cache-experts", "8", "--profile", "rtx-3060", "--gpu-mem", "64GiB",
+                                       "--engine", engine, "--json", str(js)], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        out[engine] = js.read_text()
+    assert out["clocked"] == out["python"]
+
+
+COMPOSED = ("fiddler+placement-rule=profile", "hybrimoe+placement-rule=code", "lru+scope=global", "fifo+scope=global",
+            "lru+transfer=sync", "lfu+transfer=swap", "mixtral-offloading+scope=global", "static+transfer=layer",
+            "lru+prefetch=next-layer+transfer=swap", "fifo+prefetch=next-layer", "lru+prefetch=next-layer+scope=global",
+            "mixtral-offloading-paper+guess=accuracy:0.3", "lru+placement=fiddler+prefetch=next-layer",
+            "adapmoe+transfer=swap", "lru+prefetch=first-non-resident+scope=global")
+
+
+@pytest.mark.parametrize("policy", COMPOSED)
+def test_compiled_replay_equals_the_engine_on_composed_policies(policy):
+    from moesim.simulator.compose import build_policy
+
+    spec = build_policy(policy)
+    for trace in (bundled_head("qwen3-30b-a3b-bigmoeonedge"), mixtral_shaped()):
+        for cache_experts in (1, 3):
+            config = SimConfig(spec, cache_experts=cache_experts, gpu_mem_bytes=1 << 40, batch=1)
+            assert assert_compiled_same(trace, load_profile_cached("rtx-4090"), config) == "compiled"
