@@ -83,6 +83,11 @@ def unsupported(prep, objs, record_hits: bool = False, timeline=None, exact_even
             return f"prefetch into cache '{objs.cache.name}'"
         if objs.transfer.demand_priority:
             return "prefetches queued behind demand loads"
+    if objs.transfer.default_stream:
+        return "copies on the default stream serialise with compute"
+    pf_spec = prep.policy.prefetch
+    if pf_spec.replaces_queue or pf_spec.evicts_earlier_layers_only:
+        return f"prefetch part of '{pf_spec.policy}' (queue replacement or earlier-layer eviction)"
     if type(objs.placement) not in _PLACEMENTS:
         return f"placement '{objs.placement.name}'"
     costs = objs.costs

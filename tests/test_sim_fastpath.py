@@ -251,7 +251,9 @@ def test_runs_the_compiled_replay_cannot_reproduce_take_the_engine():
     for policy, why in (("lru+prefetch=oracle", "prefetch 'oracle'"),
                         ("lfu+prefetch=next-layer", "prefetch into cache 'lfu'"),
                         ("moe-infinity+prefetch=next-layer", "prefetch into cache 'lfu'"),
-                        ("lru+eviction=lfu-forget", "cache 'lfu-forget'")):
+                        ("lru+eviction=lfu-forget", "cache 'lfu-forget'"),
+                        ("moe-infinity-2024", "prefetch 'eam-all'"),
+                        ("moe-infinity-2024+prefetch=none", "copies on the default stream serialise with compute")):
         other = prepare(trace, load_profile_cached("rtx-3060"), SimConfig(build_policy(policy), cache_experts=2))
         assert replay_path(other, build_policy_objects(other)) == f"engine: {why}", policy
         assert assert_compiled_same(trace, load_profile_cached("rtx-3060"),
