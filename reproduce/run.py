@@ -13,7 +13,7 @@ import itertools
 import math
 from dataclasses import dataclass
 from statistics import median
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 from moesim.errors import MoesimError
 from moesim.reproduce.catalogue import Point
@@ -130,16 +130,6 @@ def predict(p: Point) -> Outcome:
                        synthetic=is_synthetic(p.routing), notes="; ".join(sorted(notes)))
     except MoesimError as exc:
         return Outcome(p, reason=exc.message)
-
-
-def run_all(points: Iterable[Point], progress: Optional[Callable[[Outcome], None]] = None) -> list[Outcome]:
-    out = []
-    for p in points:
-        o = predict(p)
-        out.append(o)
-        if progress:
-            progress(o)
-    return out
 
 
 # ---- scores

@@ -121,9 +121,9 @@ class Simulation:
         self.stats.makespan_s = self.env.now
         return self.stats
 
-    def _sleep_event(self, duration: float) -> simpy.Event:
-        """The compute stream runs the accumulated work: one timeout for all of it."""
-        now = self.env.now
+    def _stream_time(self, now: float, duration: float) -> float:
+        """How long the compute stream takes, from ``now``, to run ``duration`` of accumulated work (both engines
+        sleep this long), with the copy in flight accounted."""
         # default-stream copies: the kernels wait for the copy in flight, a stall
         waited = max(self.h2d.busy_until - now, 0.0) if self._serial_copies else 0.0
         if self.timeline is not None:
@@ -135,11 +135,14 @@ class Simulation:
             self.stats.stall_s += waited
         elif self.h2d.contended_by is not None:
             # compute and the copy in flight share the hardware: both slow down where they overlap
-            copy_until = self.h2d.busy_until
-            duration = stretched(duration, now, copy_until, self._compute_slowdown)
+            duration = stretched(duration, now, self.h2d.busy_until, self._compute_slowdown)
             self.h2d.slow_down_current(now, now + duration)
         self.compute_busy_until = now + duration
-        return self.env.timeout(duration)
+        return duration
+
+    def _sleep_event(self, duration: float) -> simpy.Event:
+        """The compute stream runs the accumulated work: one timeout for all of it."""
+        return self.env.timeout(self._stream_time(self.env.now, duration))
 
     def _wait_event(self, job) -> simpy.Event:
         return job.done
@@ -155,19 +158,7 @@ class Simulation:
         order SimPy would have served them, and the compute stream's time moves on."""
         clock = self.clock
         now = clock.now
-        waited = max(self.h2d.busy_until - now, 0.0) if self._serial_copies else 0.0
-        if self.timeline is not None:
-            self.timeline.gpu_segments(now + waited, self._segments)
-            self._segments.clear()
-        self.stats.waits += 1
-        if self._serial_copies:
-            duration += waited
-            self.stats.stall_s += waited
-        elif self.h2d.contended_by is not None:
-            duration = stretched(duration, now, self.h2d.busy_until, self._compute_slowdown)
-            self.h2d.slow_down_current(now, now + duration)
-        end = now + duration
-        self.compute_busy_until = end
+        end = now + self._stream_time(now, duration)
         clock.order += 1
         if clock.lanes:
             clock.advance(end, clock.order)
