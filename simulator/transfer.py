@@ -81,22 +81,30 @@ def transfer_spec(name: str, **changes) -> TransferSpec:
     return replace(TRANSFERS.get(name, "--transfer"), **changes)
 
 
-class Job(QueuedJob):
-    """One unit of work on a lane; ``done`` fires when it (and the stages chained after it) have been served."""
+class LaneWork(QueuedJob):
+    """What both lanes' jobs carry: their service times, bytes, label and the stages chained after them."""
 
-    __slots__ = ("done", "duration", "concurrent_duration", "nbytes", "label", "then")
+    __slots__ = ("duration", "concurrent_duration", "nbytes", "label", "then")
 
-    def __init__(self, done: simpy.Event, duration: float, concurrent_duration: float, nbytes: int, label: str,
-                 seq: int, background: bool, then: tuple = ()):
-        self.seq = seq
-        self.background = background
-        self.started = False
-        self.done = done
+    def __init__(self, duration: float, concurrent_duration: float, nbytes: int, label: str, seq: int,
+                 background: bool, then: tuple):
+        QueuedJob.__init__(self, seq, background)
         self.duration = duration
         self.concurrent_duration = concurrent_duration
         self.nbytes = nbytes
         self.label = label
         self.then = then  # stages to submit when this one is served: (lane, duration, concurrent, bytes, label)
+
+
+class Job(LaneWork):
+    """One unit of work on a lane; ``done`` fires when it (and the stages chained after it) have been served."""
+
+    __slots__ = ("done",)
+
+    def __init__(self, done: simpy.Event, duration: float, concurrent_duration: float, nbytes: int, label: str,
+                 seq: int, background: bool, then: tuple = ()):
+        LaneWork.__init__(self, duration, concurrent_duration, nbytes, label, seq, background, then)
+        self.done = done
 
     def landed(self) -> bool:
         return self.done.triggered
@@ -225,24 +233,16 @@ class Lane(_LaneState):
 _IDLE, _WAKING, _BUSY = 0, 1, 2
 
 
-class ClockedJob(QueuedJob):
+class ClockedJob(LaneWork):
     """One unit of work on a clocked lane. ``root`` is the first stage of its chain: the chain is done (the
     driver may read its result) when its last stage is served; ``done_at``/``done_order`` say when, as SimPy
     would have fired the job's ``done`` event."""
 
-    __slots__ = ("duration", "concurrent_duration", "nbytes", "label", "then", "root", "finished", "done_at",
-                 "done_order")
+    __slots__ = ("root", "finished", "done_at", "done_order")
 
     def __init__(self, duration: float, concurrent_duration: float, nbytes: int, label: str, seq: int,
                  background: bool, then: tuple, root: Optional["ClockedJob"]):
-        self.seq = seq
-        self.background = background
-        self.started = False
-        self.duration = duration
-        self.concurrent_duration = concurrent_duration
-        self.nbytes = nbytes
-        self.label = label
-        self.then = then
+        LaneWork.__init__(self, duration, concurrent_duration, nbytes, label, seq, background, then)
         self.root = self if root is None else root
         self.finished = False
         self.done_at = 0.0
