@@ -14,23 +14,27 @@ import numpy as np
 from numba import njit
 
 from moesim.simulator.kernel import (
-    _BELADY, _BUSY, _COMPUTE, _FIDDLER, _FIFO, _FIRST_NON_RESIDENT, _HYBRIMOE, _IDLE, _LAYER, _LFU, _LRU, _MRS,
-    _STATIC, _WAKING, B_KEPT, B_MISSED, B_ON_CPU, B_RES, C_BUFFER, C_COUNT, C_INFLIGHT, C_NEXT, C_POS, C_RESIDENT,
-    C_STAMP, C_TIE, C_UNUSED, CPU, D2H, F_BUSY, F_DECODE_TIME, F_NOW, F_STALL, H2D, I_DECODE_CPU, I_DECODE_TOKENS,
-    I_DEMAND, I_H2D_SEQ, I_NJOBS, I_ORDER, I_PF_ISSUED, I_PF_SERVED, I_PF_USED, I_PREFILL_ACC, I_PREFILL_HITS,
-    I_STAMP, I_WAITS, JOBS, L_BUSY_S, L_BUSY_UNTIL, L_BYTES, L_CUR, L_DUR, L_EV_AT, L_EV_ORDER, L_JOBS,
-    L_LAST_EVENT, L_QHEAD, L_QTAIL, L_STATE, P_LIMIT, P_MEMBERS, P_USED, S_EVICTED, S_JOB_OF, S_ORDER, S_SEL,
-    T_BYTES, T_COPY_CONC, T_COPY_IN, T_COST, T_D2H, T_LAYER_COPY, T_LAYER_COPY_BYTES, T_PLACE_COPY, T_POOL, X_CPU,
-    X_DOWN, X_DOWN_CONC, X_GPU, X_UP, X_UP_CONC,
+    _BELADY, _BUSY, _COMPUTE, _EAM_ALL, _FIDDLER, _FIFO, _FIRST_NON_RESIDENT, _HYBRIMOE, _IDLE, _LAYER, _LFU, _LRU,
+    _MRS, _NEXT_LAYER, _STATIC, _WAKING, B_KEPT, B_MISSED, B_ON_CPU, B_RES, C_BUFFER, C_COUNT, C_INFLIGHT, C_NEXT,
+    C_POS, C_RESIDENT, C_STAMP, C_TIE, C_UNUSED, CPU, D2H, F_BUSY, F_DECODE_TIME, F_NOW, F_STALL, H2D, I_DECODE_CPU,
+    I_DECODE_TOKENS, I_DEMAND, I_H2D_SEQ, I_NJOBS, I_ORDER, I_PF_ISSUED, I_PF_SERVED, I_PF_USED, I_PREFILL_ACC,
+    I_PREFILL_HITS, I_STAMP, I_WAITS, JOBS, L_BQHEAD, L_BQTAIL, L_BUSY_S, L_BUSY_UNTIL, L_BYTES, L_CONTEND_UNTIL,
+    L_CUR, L_DUR, L_EV_AT, L_EV_ORDER, L_JOBS, L_LAST_EVENT, L_QHEAD, L_QTAIL, L_SERIAL, L_STATE, P_LIMIT,
+    P_MEMBERS, P_USED, Q_BACKGROUND, S_EVICTED, S_JOB_OF, S_ORDER, S_PREFETCH, S_SEL, H_BACKGROUND, H_DROP_QUEUED,
+    H_EARLIER_ONLY, H_LIMIT, H_PREFETCHER, T_BYTES, T_COPY_CONC, T_COPY_IN, T_COST, T_D2H, T_LAYER_COPY,
+    T_LAYER_COPY_BYTES, T_PLACE_COPY, T_POOL, X_CPU, X_DOWN, X_DOWN_CONC, X_GPU, X_UP, X_UP_CONC,
 )
 from moesim.tracer import DECODE, PREFILL
 
 # columns of the job tables: floats (duration, duration while the other copy direction is busy, done at) and
 # integers (bytes, landed, done order, next stage or -1, first stage of the chain, lane)
 J_DUR, J_CONC, J_DONE_AT = 0, 1, 2
-J_BYTES, J_LANDED, J_DONE_ORDER, J_THEN, J_ROOT, J_LANE, J_NUM, J_SERVED, J_SEQ = 0, 1, 2, 3, 4, 5, 6, 7, 8
+J_BYTES, J_LANDED, J_DONE_ORDER, J_THEN, J_ROOT, J_LANE, J_NUM, J_SERVED, J_SEQ, J_QUEUE, J_KEY = range(11)
+# J_QUEUE: where a job is (DemandFirstQueue); J_KEY: the expert a prefetch copies
+IN_BACKGROUND, IN_DEMAND, STARTED, WITHDRAWN = 0, 1, 2, 3
 # jobs and lane queues are rings of JOBS slots: a job's number n is in slot n & (JOBS - 1) until a later job
-# takes the slot, by when it has long landed (a slot still in use is never taken: an error, not a wrong answer)
+# takes the slot, by when it has long landed (a slot still in use is never taken: an error, not a wrong answer).
+# Queues hold job numbers: a withdrawn prefetch's slot may be taken while its number is still queued.
 # HybriMoEPlacement's released constants (rule "code")
 HYBRIMOE_CPU_PER_TOKEN_S, HYBRIMOE_CPU_BASE_S, HYBRIMOE_GPU_S, HYBRIMOE_MOVE_S = 1e-3, 0.79e-3, 0.5e-3, 0.418e-3
 FIDDLER_CPU_PER_TOKEN, FIDDLER_GPU_TRANSFER = 7.0, 70.0  # FiddlerPlacement's (rule "code")
@@ -38,12 +42,45 @@ FIDDLER_CPU_PER_TOKEN, FIDDLER_GPU_TRANSFER = 7.0, 70.0  # FiddlerPlacement's (r
 
 # ---- the lanes: ClockedLane / LaneClock (H2D, D2H and the CPU pool), demand jobs, no contention
 @njit(cache=True)
-def _enqueue(I, LF, LI, Q, JI, lane, job, now):
-    """ClockedLane.submit's queueing: an idle lane schedules its wake-up now."""
-    if LI[lane, L_QTAIL] - LI[lane, L_QHEAD] >= JOBS:
+def _push(LI, Q, lane, row, head, tail, number):
+    if LI[lane, tail] - LI[lane, head] >= JOBS:
         raise RuntimeError("compiled replay: a lane's queue outgrew its ring")
-    Q[lane, LI[lane, L_QTAIL] & (JOBS - 1)] = job
-    LI[lane, L_QTAIL] += 1
+    Q[row, LI[lane, tail] & (JOBS - 1)] = number
+    LI[lane, tail] += 1
+
+
+@njit(cache=True)
+def _pop(LI, Q, JI, lane):
+    """DemandFirstQueue.pop: the slot of the next job to start (-1: none); a background entry whose job was
+    withdrawn or promoted since is passed over."""
+    if LI[lane, L_QHEAD] != LI[lane, L_QTAIL]:
+        number = Q[lane, LI[lane, L_QHEAD] & (JOBS - 1)]
+        LI[lane, L_QHEAD] += 1
+        return number & (JOBS - 1)
+    while LI[lane, L_BQHEAD] != LI[lane, L_BQTAIL]:
+        number = Q[Q_BACKGROUND, LI[lane, L_BQHEAD] & (JOBS - 1)]
+        LI[lane, L_BQHEAD] += 1
+        job = number & (JOBS - 1)
+        if JI[job, J_NUM] == number and JI[job, J_QUEUE] == IN_BACKGROUND:
+            return job
+    return -1
+
+
+@njit(cache=True)
+def _promote(LI, Q, JI, job):
+    """DemandFirstQueue.promote: a queued background job somebody waits for joins the demand queue."""
+    if JI[job, J_QUEUE] == IN_BACKGROUND:
+        JI[job, J_QUEUE] = IN_DEMAND
+        _push(LI, Q, JI[job, J_LANE], JI[job, J_LANE], L_QHEAD, L_QTAIL, JI[job, J_NUM])
+
+
+@njit(cache=True)
+def _enqueue(I, LF, LI, Q, JI, lane, job, now):
+    """ClockedLane.submit's queueing (DemandFirstQueue.push): an idle lane schedules its wake-up now."""
+    if JI[job, J_QUEUE] == IN_BACKGROUND:
+        _push(LI, Q, lane, Q_BACKGROUND, L_BQHEAD, L_BQTAIL, JI[job, J_NUM])
+    else:
+        _push(LI, Q, lane, lane, L_QHEAD, L_QTAIL, JI[job, J_NUM])
     if lane == H2D:  # the copy lane's submission number: waits are served in this order
         I[I_H2D_SEQ] += 1
         JI[job, J_SEQ] = I[I_H2D_SEQ]
@@ -71,6 +108,7 @@ def _new_job(I, JF, JI, lane, duration, concurrent, nbytes, then, root):
     JI[job, J_THEN] = then
     JI[job, J_ROOT] = job if root < 0 else root
     JI[job, J_LANE] = lane
+    JI[job, J_QUEUE] = IN_DEMAND
     return job
 
 
@@ -101,17 +139,32 @@ def _finish(I, LF, LI, Q, JF, JI, lane, at):
 
 
 @njit(cache=True)
+def _after_compute(duration, start, compute_until):
+    """transfer.stretched with an infinite slowdown (default-stream copies): the copy starts when the compute
+    in progress ends."""
+    if duration != duration or duration == 0.0:
+        overlap = duration * np.inf  # Python's min(nan, x) is nan
+    else:
+        overlap = compute_until - start
+    if overlap <= 0.0:
+        return duration
+    return overlap + (duration - overlap / np.inf)
+
+
+@njit(cache=True)
 def _start_next(I, LF, LI, Q, JF, JI, lane, now):
     """ClockedLane._start_next: the next queued job, at its contended time while the other copy direction is busy."""
     while True:
-        if LI[lane, L_QHEAD] == LI[lane, L_QTAIL]:
+        job = _pop(LI, Q, JI, lane)
+        if job < 0:
             LI[lane, L_STATE] = _IDLE
             return
-        job = Q[lane, LI[lane, L_QHEAD] & (JOBS - 1)]
-        LI[lane, L_QHEAD] += 1
+        JI[job, J_QUEUE] = STARTED
         duration = JF[job, J_DUR]
         if lane != CPU and LF[1 - lane, L_BUSY_UNTIL] > now:
             duration = JF[job, J_CONC]
+        if LI[lane, L_SERIAL]:
+            duration = _after_compute(duration, now, LF[lane, L_CONTEND_UNTIL])
         LF[lane, L_BUSY_UNTIL] = now + duration
         LI[lane, L_CUR] = job
         LF[lane, L_DUR] = duration
@@ -158,9 +211,16 @@ def _advance(I, LF, LI, Q, JF, JI, until, order):
 
 @njit(cache=True)
 def _sleep(F, I, LF, LI, Q, JF, JI, duration):
-    """Simulation._sleep_clocked: the compute stream runs its pending work."""
+    """Simulation._sleep_clocked: the compute stream runs its pending work (after the default-stream copy in
+    flight, a stall)."""
+    now = F[F_NOW]
+    if LI[H2D, L_SERIAL]:
+        waited = max(LF[H2D, L_BUSY_UNTIL] - now, 0.0)
+        duration += waited
+        F[F_STALL] += waited
     I[I_WAITS] += 1
-    end = F[F_NOW] + duration
+    end = now + duration
+    LF[H2D, L_CONTEND_UNTIL] = end
     I[I_ORDER] += 1
     _advance(I, LF, LI, Q, JF, JI, end, I[I_ORDER])
     F[F_NOW] = end
@@ -183,14 +243,17 @@ def _stall_for(F, I, LF, LI, Q, JF, JI, job, pending):
 
 # ---- the cache: ExpertCache.access / _admit_key with the LRU, FIFO, LFU, static or MRS rule
 @njit(cache=True)
-def _victim(CK, CP, members, scores, kind, scope_layer, pool, layer, E, experts, SI, rest, n_sel, base):
+def _victim(CK, CP, members, scores, kind, scope_layer, pool, layer, E, experts, SI, rest, n_sel, base, floor):
     """The resident key of ``pool`` the rule evicts first, passing over the device experts still to be used in
-    this access (``experts[SI[S_SEL, rest:n_sel]]``); -1 when every resident key is protected. Only the pool's
-    members are scanned (``members``: each pool's resident keys, in no order; ties go to the lower key)."""
+    this access (``experts[SI[S_SEL, rest:n_sel]]``) and the keys from ``floor`` on; -1 when every resident key
+    is protected. Only the pool's members are scanned (``members``: each pool's resident keys, in no order; ties
+    go to the lower key)."""
     start = layer * E if scope_layer else 0
     best = -1
     for m in range(start, start + CP[P_MEMBERS, pool]):
         key = members[m]
+        if key >= floor:
+            continue
         protected = False
         for j in range(rest, n_sel):
             if base + experts[SI[S_SEL, j]] == key:
@@ -238,7 +301,7 @@ def _leave(CK, CP, members, scope_layer, E, pool, key):
 
 @njit(cache=True)
 def _admit(I, CK, CP, TLI, members, scores, kind, scope_layer, E, key, layer, experts, SI, rest, n_sel, base,
-           n_evicted, next_use, used):
+           floor, n_evicted, next_use, used):
     """ExpertCache._admit_key for a demand miss (``used``) or a prefetch (Belady: whose next use is ``next_use``):
     (admitted, the evictions so far, in ``SI[S_EVICTED]``); the experts ``experts[SI[S_SEL, rest:n_sel]]`` of the
     layer at ``base`` are protected."""
@@ -249,12 +312,13 @@ def _admit(I, CK, CP, TLI, members, scores, kind, scope_layer, E, key, layer, ex
     if cost > CP[P_LIMIT, pool]:
         return False, n_evicted
     if kind == _BELADY and CP[P_USED, pool] + cost > CP[P_LIMIT, pool]:  # BeladyCache._bypass
-        found = _victim(CK, CP, members, scores, kind, scope_layer, pool, layer, E, experts, SI, rest, n_sel, base)
+        found = _victim(CK, CP, members, scores, kind, scope_layer, pool, layer, E, experts, SI, rest, n_sel, base,
+                        floor)
         if found < 0 or next_use >= CK[C_NEXT, found]:
             return False, n_evicted
     while CP[P_USED, pool] + cost > CP[P_LIMIT, pool]:
         victim = _victim(CK, CP, members, scores, kind, scope_layer, pool, layer, E, experts, SI, rest, n_sel,
-                         base)
+                         base, floor)
         if victim < 0:
             return False, n_evicted
         _leave(CK, CP, members, scope_layer, E, pool, victim)
@@ -298,7 +362,7 @@ def _access(I, CK, CP, TLI, members, scores, kind, scope_layer, E, layer, expert
             SB[B_MISSED, j] = True
             nu = next_use[SI[S_SEL, j]] if kind == _BELADY else 0
             kept, n_evicted = _admit(I, CK, CP, TLI, members, scores, kind, scope_layer, E, key, layer, experts, SI,
-                                     j + 1, n_sel, base, n_evicted, nu, True)
+                                     j + 1, n_sel, base, CK.shape[1], n_evicted, nu, True)
             SB[B_KEPT, j] = kept
     return hits, misses, n_evicted
 
@@ -483,6 +547,7 @@ def _run_experts(F, I, LF, LI, Q, JF, JI, CK, TT, SI, SB, layer, E, experts, exp
             number = -1
         if number >= 0:
             SI[S_JOB_OF, j] = number
+            _promote(LI, Q, JI, number & (JOBS - 1))
             k = n_wait  # insertion by submission number
             while k > 0 and JI[SI[S_JOB_OF, SI[S_ORDER, k - 1]] & (JOBS - 1), J_SEQ] > JI[number & (JOBS - 1), J_SEQ]:
                 SI[S_ORDER, k] = SI[S_ORDER, k - 1]
@@ -549,29 +614,36 @@ def _served(CK, SI, SB, layer, E, experts, n_sel, n_evicted):
 
 @njit(cache=True)
 def _issue_prefetches(F, I, LF, LI, Q, JF, JI, CK, CP, TL, TLI, members, scores, shape, SI, layer, experts, n_sel,
-                      guess, g0, g1):
-    """DecisionCore.issue_prefetches for a next-layer guess ``guess[g0:g1]``: each guessed expert of the next layer
-    not resident is inserted into the cache (this layer's device experts protected) and copied on the copy lane."""
+                      n_pf):
+    """DecisionCore.issue_prefetches for the keys ``SI[S_PREFETCH, :n_pf]``: each not resident is inserted into the
+    cache (this layer's device experts protected, and with ``evicts_earlier_layers_only`` this and later layers)
+    and copied on the copy lane (a background job when demand loads go first)."""
     E, kind, scope_layer = shape[1], shape[4], shape[5]
-    nxt = layer + 1
-    for g in range(g0, g1):
-        pkey = nxt * E + guess[g]
+    floor = layer * E if shape[H_EARLIER_ONLY] else CK.shape[1]
+    for g in range(n_pf):
+        pkey = SI[S_PREFETCH, g]
+        nxt = pkey // E
         if CK[C_RESIDENT, pkey] or CK[C_BUFFER, pkey] >= 0:
             continue
         if shape[9] == _FIRST_NON_RESIDENT:  # into the side buffer, not the cache
             job = _new_job(I, JF, JI, H2D, TL[T_COPY_IN, nxt], TL[T_COPY_CONC, nxt], TLI[T_BYTES, nxt], -1, -1)
+            if shape[H_BACKGROUND]:
+                JI[job, J_QUEUE] = IN_BACKGROUND
             _enqueue(I, LF, LI, Q, JI, H2D, job, F[F_NOW])
             CK[C_BUFFER, pkey] = JI[job, J_NUM]
             I[I_PF_ISSUED] += 1
             continue
         admitted, n_evicted = _admit(I, CK, CP, TLI, members, scores, kind, scope_layer, E, pkey, nxt, experts, SI, 0,
-                                     n_sel, layer * E, 0, 0, False)
+                                     n_sel, layer * E, floor, 0, 0, False)
         if not admitted:
             continue
         for v in range(n_evicted):
             CK[C_UNUSED, SI[S_EVICTED, v]] = 0
             CK[C_INFLIGHT, SI[S_EVICTED, v]] = -1
         job = _new_job(I, JF, JI, H2D, TL[T_COPY_IN, nxt], TL[T_COPY_CONC, nxt], TLI[T_BYTES, nxt], -1, -1)
+        JI[job, J_KEY] = pkey
+        if shape[H_BACKGROUND]:
+            JI[job, J_QUEUE] = IN_BACKGROUND
         _enqueue(I, LF, LI, Q, JI, H2D, job, F[F_NOW])
         CK[C_INFLIGHT, pkey] = JI[job, J_NUM]
         CK[C_UNUSED, pkey] = 1
@@ -579,11 +651,143 @@ def _issue_prefetches(F, I, LF, LI, Q, JF, JI, CK, CP, TL, TLI, members, scores,
 
 
 @njit(cache=True)
+def _drop_queued(LI, Q, JI, CK, CP, TLI, members, E, scope_layer):
+    """DecisionCore.drop_queued_prefetches: every queued background prefetch still tracked (in flight, unused) is
+    withdrawn and leaves the cache (the order of the keys changes no victim: each rule breaks ties by key)."""
+    for at in range(LI[H2D, L_BQHEAD], LI[H2D, L_BQTAIL]):
+        number = Q[Q_BACKGROUND, at & (JOBS - 1)]
+        job = number & (JOBS - 1)
+        if JI[job, J_NUM] != number or JI[job, J_QUEUE] != IN_BACKGROUND:
+            continue
+        key = JI[job, J_KEY]
+        if CK[C_INFLIGHT, key] != number or not CK[C_UNUSED, key]:
+            continue
+        JI[job, J_QUEUE] = WITHDRAWN
+        JI[job, J_SERVED] = 1  # its slot may be taken
+        CK[C_INFLIGHT, key] = -1
+        CK[C_UNUSED, key] = 0
+        if CK[C_RESIDENT, key]:
+            pool = TLI[T_POOL, key // E]
+            _leave(CK, CP, members, scope_layer, E, pool, key)
+            CP[P_USED, pool] -= TLI[T_COST, key // E]
+
+
+# ---- eam-all: EAMEveryLayerPrefetch's match, in numpy's float order (its sums are pairwise, as numpy's are)
+@njit(cache=True)
+def _pairwise_block(a, start, n):
+    """numpy's pairwise_sum of ``a[start:start + n]`` for n <= 128 (what ``add.reduce`` does along a contiguous
+    axis): a plain loop below 8, else eight running sums."""
+    if n < 8:
+        res = 0.0
+        for i in range(start, start + n):
+            res += a[i]
+        return res
+    r0, r1, r2, r3 = a[start], a[start + 1], a[start + 2], a[start + 3]
+    r4, r5, r6, r7 = a[start + 4], a[start + 5], a[start + 6], a[start + 7]
+    i = 8
+    while i < n - n % 8:
+        r0 += a[start + i]
+        r1 += a[start + i + 1]
+        r2 += a[start + i + 2]
+        r3 += a[start + i + 3]
+        r4 += a[start + i + 4]
+        r5 += a[start + i + 5]
+        r6 += a[start + i + 6]
+        r7 += a[start + i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[start + i]
+        i += 1
+    return res
+
+
+@njit(cache=True)
+def _pairwise_split(a, start, n):
+    """pairwise_sum one split deep (n <= 248): numba's disk cache cannot hold a recursive function."""
+    if n <= 128:
+        return _pairwise_block(a, start, n)
+    n2 = n // 2
+    n2 -= n2 % 8
+    return _pairwise_block(a, start, n2) + _pairwise_block(a, start + n2, n - n2)
+
+
+@njit(cache=True)
+def _pairwise(a, start, n):
+    """numpy's pairwise_sum of ``a[start:start + n]``, up to two splits deep (n <= 496)."""
+    if n <= 248:
+        return _pairwise_split(a, start, n)
+    if n > 496:
+        raise RuntimeError("compiled replay: a pairwise sum longer than 496")
+    n2 = n // 2
+    n2 -= n2 % 8
+    return _pairwise_split(a, start, n2) + _pairwise_split(a, start + n2, n - n2)
+
+
+@njit(cache=True)
+def _eam_step(EAM, EN, EA, L, E):
+    """The similarity of the request's EAM (as of the step's start) to each collection entry, per layer:
+    ``EN[1 + cap + c, l']`` (a step's layer l matches over rows l' > l, which only earlier steps filled)."""
+    cap = (EAM.shape[0] - 2) // 2
+    buf = np.empty(E, dtype=np.float64)
+    for l2 in range(L):
+        total = _pairwise(EAM[0, l2], 0, E)
+        for e in range(E):
+            EAM[1, l2, e] = EAM[0, l2, e] / total if total > 0 else 0.0
+            buf[e] = EAM[1, l2, e] * EAM[1, l2, e]
+        EN[0, l2] = np.sqrt(_pairwise(buf, 0, E))
+    for c in range(EA[0]):
+        for l2 in range(L):
+            for e in range(E):
+                buf[e] = EAM[2 + cap + c, l2, e] * EAM[1, l2, e]
+            den = max(EN[1 + c, l2] * EN[0, l2], 1e-6)
+            EN[1 + cap + c, l2] = _pairwise(buf, 0, E) / den
+
+
+@njit(cache=True)
+def _eam_pick(EAM, EN, EA, CK, SI, decay, layer, L, E, limit):
+    """EAMEveryLayerPrefetch.predict: the best-matching entry's scores for layers ``layer..L-1``, best first
+    (ties by position), the first ``limit`` non-resident, into ``SI[S_PREFETCH]``; returns how many."""
+    cap = (EAM.shape[0] - 2) // 2
+    best = -1
+    if EA[0] > 0:
+        m = L - layer - 1
+        best = 0
+        if m > 0:
+            top = 0.0
+            for c in range(EA[0]):
+                mean = _pairwise(EN[1 + cap + c], layer + 1, m) / m
+                if c == 0 or mean > top:
+                    best, top = c, mean
+        EA[1 + best] += 1
+    n = 0
+    prev_score, prev_idx = np.inf, -1
+    while n < max(limit, 1):
+        pick, pick_score = -1, 0.0
+        for idx in range((L - layer) * E):
+            key = layer * E + idx
+            if CK[C_RESIDENT, key]:
+                continue
+            count = EAM[2 + best, layer + idx // E, idx % E] if best >= 0 else 0.0
+            score = (count + 1e-8) * decay[idx // E]
+            if score > prev_score or (score == prev_score and idx <= prev_idx):
+                continue  # taken already
+            if pick < 0 or score > pick_score:
+                pick, pick_score = idx, score
+        if pick < 0:
+            break
+        SI[S_PREFETCH, n] = layer * E + pick
+        n += 1
+        prev_score, prev_idx = pick_score, pick
+    return n
+
+
+@njit(cache=True)
 def _layer(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, members, scores, SI, SB, shape, params, layer, experts,
-           expert_tokens, weights, next_use, guess, g0, g1, a, b, phase, pending, busy):
+           expert_tokens, weights, next_use, guess, g0, g1, a, b, phase, pending, busy, EAM, EN, EA, decay):
     """One MoE layer (DecisionCore.begin_layer and Simulation._forward's layer): scores, placement, the cache's
-    decisions, the counters, the copies, the prefetches (``guess[g0:g1]``, the next layer's guessed experts),
-    the CPU experts, the device experts. Returns (pending, busy)."""
+    decisions, the counters, the copies, the prefetches (``guess[g0:g1]``, the next layer's guessed experts, or
+    eam-all's picks), the CPU experts, the device experts. Returns (pending, busy)."""
     E, mode, write_back, kind, scope_layer = shape[1], shape[2], shape[3], shape[4], shape[5]
     placement, code, hidden = shape[6], shape[7], shape[8]
     if kind == _MRS:
@@ -615,12 +819,19 @@ def _layer(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, members, scores
         while g < g1 and CK[C_RESIDENT, (layer + 1) * E + guess[g]]:
             g += 1
         g0, g1 = g, min(g + 1, g1)
-    if g1 > g0:
+    n_pf = g1 - g0
+    for g in range(n_pf):
+        SI[S_PREFETCH, g] = (layer + 1) * E + guess[g0 + g]
+    if shape[H_PREFETCHER] == _EAM_ALL:
+        n_pf = _eam_pick(EAM, EN, EA, CK, SI, decay, layer, shape[0], E, shape[H_LIMIT])
+        for i in range(a, b):  # observe: the layer's routing joins the request's EAM
+            EAM[0, layer, experts[i]] += expert_tokens[i]
+    if n_pf > 0:
         if pending > 0.0:
             _sleep(F, I, LF, LI, Q, JF, JI, pending)
             pending = 0.0
         _issue_prefetches(F, I, LF, LI, Q, JF, JI, CK, CP, TL, TLI, members, scores, shape, SI, layer, experts, n_sel,
-                          guess, g0, g1)
+                          n_pf)
     cpu_job = -1
     if n_cpu > 0:
         if pending > 0.0:
@@ -646,12 +857,13 @@ def _reset_request(CK, kind):
 @njit(cache=True)
 def replay_batch(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, members, scores, shape, scalars, params, phase,
                  tokens, ne, head, shared, step_offsets, layer_of, expert_offsets, experts, expert_tokens, weights,
-                 next_use, guess_offsets, guess, num_prefill, step_end):
+                 next_use, guess_offsets, guess, num_prefill, step_end, EAM, EN, EA, decay):
     """One batch's forward steps (replay_steps and Simulation._forward): fills the state F, I, the lanes LF, LI
-    and their jobs Q, JF, JI, the decode counters (``counts``: accesses, hits per layer) and each step's end."""
+    and their jobs Q, JF, JI, the decode counters (``counts``: accesses, hits per layer), each step's end and
+    eam-all's EAM state (EAM, EN, EA)."""
     L, E, prefetching, limit = shape[0], shape[1], shape[9], shape[10]
     step_overhead, layer_overhead, dense = scalars[0], scalars[1], scalars[2]
-    SI = np.zeros((4, L * E), dtype=np.int64)
+    SI = np.zeros((5, L * E), dtype=np.int64)
     SB = np.zeros((4, E), dtype=np.bool_)
     for s in range(phase.shape[0]):
         if s == num_prefill:
@@ -663,18 +875,28 @@ def replay_batch(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, members, 
         attention = n + layer_overhead + sh
         attention_busy = n + sh
         w, w_end = step_offsets[s], step_offsets[s + 1]
+        if prefetching == _EAM_ALL and EA[0] > 0:
+            _eam_step(EAM, EN, EA, L, E)
+        drop = (shape[H_DROP_QUEUED] >> phase[s]) & 1
         for layer in range(L):
             pending += attention
             busy += attention_busy
             if w < w_end and layer_of[w] == layer:
+                if drop:  # the layer's prefetch call replaces the queue once its attention has run
+                    if pending > 0.0:
+                        _sleep(F, I, LF, LI, Q, JF, JI, pending)
+                        pending = 0.0
+                    _drop_queued(LI, Q, JI, CK, CP, TLI, members, E, shape[5])
                 g0 = g1 = 0
-                if prefetching and phase[s] == DECODE and layer + 1 < L:  # the guess-based prefetchers' phase
+                guessing = prefetching == _NEXT_LAYER or prefetching == _FIRST_NON_RESIDENT
+                if guessing and phase[s] == DECODE and layer + 1 < L:
                     g0, g1 = guess_offsets[w], guess_offsets[w + 1]
                     if limit > 0:
                         g1 = min(g1, g0 + limit)
                 pending, busy = _layer(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, members, scores, SI, SB,
                                        shape, params, layer, experts, expert_tokens, weights, next_use, guess, g0, g1,
-                                       expert_offsets[w], expert_offsets[w + 1], phase[s], pending, busy)
+                                       expert_offsets[w], expert_offsets[w + 1], phase[s], pending, busy, EAM, EN, EA,
+                                       decay)
                 w += 1
         F[F_BUSY] = busy
         if pending > 0.0:

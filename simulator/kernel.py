@@ -13,11 +13,13 @@ stall rules, with every float operation in the engine's order.
 It covers a run when :func:`unsupported` returns "" (one explicit check, made before the run): caches
 ``lru``, ``fifo``, ``lfu``, ``static``, ``belady``, ``mrs``; placements ``gpu``, ``fiddler``, ``hybrimoe``;
 prefetch ``none``, ``next-layer``, ``predictive`` (into an LRU/FIFO cache) and ``first-non-resident``, with
-prefetches queued FIFO among demand loads; every transfer mode; a profile where copies and compute do not
-slow each other; no timeline or hit records; not the event engine. That is every preset as defined; other
-runs (``lfu-forget``, ``oracle``/``eam`` prefetch, ``demand_priority`` with prefetch, a CPU-calibrated
-profile) take the engine. The contract (``tests/test_sim_fastpath.py``): on the runs it covers, the
-:class:`SimResult` of the engine, field for field (times within 1e-9 relative; in practice identical).
+prefetches queued FIFO among demand loads, and ``eam-all`` (into an LRU/FIFO/LFU cache, queued behind demand
+loads, its queue replaced at each layer call, optionally evicting earlier layers only); every transfer mode,
+default-stream copies included; a profile where copies and compute do not slow each other; no timeline or hit
+records; not the event engine. That is every preset as defined; other runs (``lfu-forget``, ``oracle``/``eam``
+prefetch, ``demand_priority`` with another prefetcher, a CPU-calibrated profile) take the engine. The contract
+(``tests/test_sim_fastpath.py``): on the runs it covers, the :class:`SimResult` of the engine, field for field
+(times within 1e-9 relative; in practice identical).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from moesim.simulator.cache import NEVER, BeladyCache, FIFOCache, LFUCache, LRUC
 from moesim.simulator.decide import RunCounters
 from moesim.simulator.placement import FiddlerPlacement, GpuOnly, HybriMoEPlacement
 from moesim.simulator.prefetch import FirstNonResident, LearnedPrefetch, NextLayerGuess
+from moesim.simulator.prefetch_eam_all import EAMEveryLayerPrefetch
 from moesim.simulator.workload import union_by_rank
 from moesim.tracer import DECODE
 
@@ -40,8 +43,8 @@ _GPU, _FIDDLER, _HYBRIMOE = 0, 1, 2
 _STREAM, _COMPUTE, _LAYER = 0, 1, 2
 # each acts on a guess of the next layer's experts per layer-step, in decode: the trace's (or the guess model's)
 # guess, or the learned predictor's prediction
-_PREFETCHERS = {NextLayerGuess: 1, LearnedPrefetch: 1, FirstNonResident: 2}
-_NO_PREFETCH, _NEXT_LAYER, _FIRST_NON_RESIDENT = 0, 1, 2
+_PREFETCHERS = {NextLayerGuess: 1, LearnedPrefetch: 1, FirstNonResident: 2, EAMEveryLayerPrefetch: 3}
+_NO_PREFETCH, _NEXT_LAYER, _FIRST_NON_RESIDENT, _EAM_ALL = 0, 1, 2, 3
 H2D, D2H, CPU = 0, 1, 2  # the lanes; the first two are each other's peer (a copy is slower while both run)
 
 # slots of the float state F and the integer state I
@@ -50,8 +53,9 @@ F_NOW, F_STALL, F_BUSY, F_DECODE_TIME = range(4)
  I_H2D_SEQ, I_PF_ISSUED, I_PF_USED, I_PF_SERVED) = range(13)
 JOBS = 1 << 12  # slots of the job ring (a power of two)
 # per lane (rows of LF and LI): its pending event, the job in service, its queue and its totals
-L_EV_AT, L_LAST_EVENT, L_DUR, L_BUSY_UNTIL, L_BUSY_S = range(5)
-L_STATE, L_EV_ORDER, L_CUR, L_QHEAD, L_QTAIL, L_JOBS, L_BYTES = range(7)
+L_EV_AT, L_LAST_EVENT, L_DUR, L_BUSY_UNTIL, L_BUSY_S, L_CONTEND_UNTIL = range(6)
+L_STATE, L_EV_ORDER, L_CUR, L_QHEAD, L_QTAIL, L_JOBS, L_BYTES, L_SERIAL, L_BQHEAD, L_BQTAIL = range(10)
+Q_BACKGROUND = 3  # the row of Q that holds the copy lane's queued background (prefetch) jobs
 _IDLE, _WAKING, _BUSY = 0, 1, 2  # the clocked lane's states (transfer.py)
 # rows of the cache's per-key integers CK, its per-pool integers CP, the per-layer tables TL (seconds) and TLI
 # (integers), the per-token-count tables TT (seconds), the scratch integers SI and flags SB of one layer
@@ -60,7 +64,10 @@ P_USED, P_LIMIT, P_MEMBERS = range(3)
 T_COPY_IN, T_COPY_CONC, T_D2H, T_LAYER_COPY, T_PLACE_COPY = range(5)
 T_POOL, T_COST, T_BYTES, T_LAYER_COPY_BYTES = range(4)
 X_GPU, X_CPU, X_UP, X_UP_CONC, X_DOWN, X_DOWN_CONC = range(6)
-S_SEL, S_JOB_OF, S_ORDER, S_EVICTED = range(4)
+S_SEL, S_JOB_OF, S_ORDER, S_EVICTED, S_PREFETCH = range(5)
+# shape: the run's integer constants
+(H_L, H_E, H_MODE, H_WRITE_BACK, H_CACHE, H_SCOPE_LAYER, H_PLACEMENT, H_CODE, H_HIDDEN, H_PREFETCHER, H_LIMIT,
+ H_BACKGROUND, H_DROP_QUEUED, H_EARLIER_ONLY) = range(14)
 B_MISSED, B_ON_CPU, B_RES, B_KEPT = range(4)
 
 
@@ -79,15 +86,15 @@ def unsupported(prep, objs, record_hits: bool = False, timeline=None, exact_even
     if prefetcher.active or prefetcher.wants_observe:
         if type(prefetcher) not in _PREFETCHERS:
             return f"prefetch '{prefetcher.name}'"
-        if kind not in (_LRU, _FIFO):
+        eam_all = type(prefetcher) is EAMEveryLayerPrefetch
+        # LFU and the demand-first queue are held for the one prefetcher whose preset has them (eam-all)
+        if kind not in (_LRU, _FIFO) and not (eam_all and kind == _LFU):
             return f"prefetch into cache '{objs.cache.name}'"
-        if objs.transfer.demand_priority:
+        if objs.transfer.demand_priority and not eam_all:
             return "prefetches queued behind demand loads"
-    if objs.transfer.default_stream:
-        return "copies on the default stream serialise with compute"
-    pf_spec = prep.policy.prefetch
-    if pf_spec.replaces_queue or pf_spec.evicts_earlier_layers_only:
-        return f"prefetch part of '{pf_spec.policy}' (queue replacement or earlier-layer eviction)"
+        if eam_all and not (objs.transfer.demand_priority and prep.policy.prefetch.replaces_queue):
+            # the queue of a prefetch that enqueues at every layer call is bounded only where each call drops it
+            return "prefetch 'eam-all' whose queue is not replaced at each layer call"
     if type(objs.placement) not in _PLACEMENTS:
         return f"placement '{objs.placement.name}'"
     costs = objs.costs
@@ -133,18 +140,24 @@ class KernelRun:
         shape = np.array([L, E, mode, int(transfer.write_back), _CACHE_KINDS[type(cache)],
                           int(cache.capacity.scope == "layer"), _PLACEMENTS[type(placement)],
                           int(placement.spec.rule == "code"), self.hidden_size,
-                          _PREFETCHERS.get(type(objs.prefetcher), _NO_PREFETCH), _guess_limit(objs.prefetcher)],
+                          _PREFETCHERS.get(type(objs.prefetcher), _NO_PREFETCH), _guess_limit(objs.prefetcher),
+                          int(transfer.demand_priority), _drop_phases(objs.prefetcher),
+                          int(bool(getattr(getattr(objs.prefetcher, "spec", None), "evicts_earlier_layers_only",
+                                           False)))],
                          dtype=np.int64)
         scalars = np.array([costs.step_overhead_s, costs.layer_overhead_s, float(costs.dense_layers)])
         params = np.array([getattr(cache, "alpha", 0.0), getattr(cache, "top_p", 0)], dtype=np.float64)
         F = np.zeros(4, dtype=np.float64)
         I = np.zeros(13, dtype=np.int64)
         I[I_STAMP] = stamp
-        LF = np.zeros((3, 5), dtype=np.float64)
-        LI = np.zeros((3, 7), dtype=np.int64)
-        Q = np.zeros((3, JOBS), dtype=np.int64)
+        LF = np.zeros((3, 6), dtype=np.float64)
+        LI = np.zeros((3, 10), dtype=np.int64)
+        # default-stream copies (Simulation._serial_copies): a copy starts after the compute in progress
+        LI[H2D, L_SERIAL] = int(transfer.default_stream and not transfer.on_compute_stream)
+        Q = np.zeros((4, JOBS), dtype=np.int64)
         JF = np.zeros((JOBS, 3), dtype=np.float64)
-        JI = np.zeros((JOBS, 9), dtype=np.int64)
+        JI = np.zeros((JOBS, 11), dtype=np.int64)
+        eam = _EAMState(objs.prefetcher, L, E, len(self.workload.batches))
         counts = np.zeros((2, L), dtype=np.int64)  # decode accesses and hits per layer
         replay = _compiled()
         next_uses = _next_uses(self.workload) if isinstance(cache, BeladyCache) else None
@@ -160,7 +173,8 @@ class KernelRun:
                    _int64(store.step_offsets), _int64(store.layer), _int64(store.expert_offsets),
                    _int64(store.experts), _int64(store.expert_tokens), store.weights,
                    _NO_FUTURE if next_uses is None else next_uses[number], *self._guesses(store),
-                   batch.num_prefill, step_end)
+                   batch.num_prefill, step_end, eam.EAM, eam.EN, eam.EA, eam.decay)
+            eam.end_batch()
             _request_times(stats, batch, step_end, t0)
         stats.makespan_s = float(self._drain(F, I, LF, LI, Q, JF, JI))
         self._fill(stats, F, I, LF, LI, counts)
@@ -224,7 +238,55 @@ def _guess_limit(prefetcher) -> int:
     """How many of a layer-step's guesses the prefetcher reads (0: all)."""
     if isinstance(prefetcher, FirstNonResident):
         return prefetcher.top_k
-    return prefetcher.limit if isinstance(prefetcher, (NextLayerGuess, LearnedPrefetch)) else 0
+    return prefetcher.limit if isinstance(prefetcher, (NextLayerGuess, LearnedPrefetch, EAMEveryLayerPrefetch)) else 0
+
+
+def _drop_phases(prefetcher) -> int:
+    """The phases (a bit per phase number) whose layer calls drop the queued prefetches (PrefetchSpec.replaces_queue,
+    as DecisionCore.replaces_queue reads it)."""
+    spec = getattr(prefetcher, "spec", None)
+    if spec is None or not spec.replaces_queue or not prefetcher.active:
+        return 0
+    return sum(1 << phase for phase in prefetcher.phases)
+
+
+class _EAMState:
+    """eam-all's state as arrays (EAMEveryLayerPrefetch's): EAM[0] the request's EAM, EAM[1] it row-normalised
+    (scratch), EAM[2:2 + cap] the collection, EAM[2 + cap:] each entry row-normalised; EN[0] the request's row
+    norms (scratch), EN[1:1 + cap] the entries', EN[1 + cap:] each entry's similarity per layer (scratch); EA[0]
+    the entries, EA[1:] their access counts. The collection never outgrows the batches, hence ``cap``."""
+
+    def __init__(self, prefetcher, L: int, E: int, batches: int):
+        self.on = isinstance(prefetcher, EAMEveryLayerPrefetch)
+        self.capacity = prefetcher.spec.eam_capacity if self.on else 0
+        cap = min(self.capacity, batches) if self.on else 0
+        self.cap = cap
+        self.EAM = np.zeros((2 + 2 * cap, L, E), dtype=np.float64)
+        self.EN = np.zeros((1 + 2 * cap, L), dtype=np.float64)
+        self.EA = np.zeros(1 + cap, dtype=np.int64)
+        self.decay = prefetcher._decay[:, 0].copy() if self.on else np.zeros(L, dtype=np.float64)
+
+    def end_batch(self) -> None:
+        """EAMEveryLayerPrefetch.end_batch (and begin_batch's fresh EAM)."""
+        if not self.on:
+            return
+        EAM, EA, cap = self.EAM, self.EA, self.cap
+        eam = EAM[0].copy()
+        EAM[0] = 0.0
+        if not eam.any():
+            return
+        n = int(EA[0])
+        if n >= self.capacity:
+            slot = int(np.argmin(EA[1:1 + n]))  # expert_tracer.finish_entry: the least accessed entry
+        else:
+            slot = n
+            EA[0] += 1
+        EA[1 + slot] = 1
+        EAM[2 + slot] = eam
+        # as EAMEveryLayerPrefetch._match normalises and measures the entries (row by row: the same floats)
+        normed = eam / np.maximum(eam.sum(axis=1, keepdims=True), 1e-30)
+        EAM[2 + cap + slot] = normed
+        self.EN[1 + slot] = np.linalg.norm(normed, axis=1)
 
 
 def _int64(a: np.ndarray) -> np.ndarray:

@@ -145,7 +145,15 @@ def test_simulate_engine_events_writes_the_same_json_and_timeline(tmp_path):
 # ---- the compiled replay (simulator/kernel.py) against the engine it replaces --------------------------------
 # The presets it covers; a preset dropped from the kernel (or a run it gets wrong) fails here.
 COMPILED = ("lru", "lfu", "fifo", "static", "all-gpu", "accelerate", "mixtral-offloading", "moe-infinity", "fiddler",
-            "hybrimoe", "belady", "mixtral-offloading-paper", "adapmoe", "predictive")
+            "hybrimoe", "belady", "mixtral-offloading-paper", "adapmoe", "predictive", "moe-infinity-2024",
+            "moe-infinity-2024+prefetch=none")
+
+
+def preset_spec(name: str):
+    """A preset, or a preset with a part replaced (``name+part=value``)."""
+    from moesim.simulator.compose import build_policy
+
+    return build_policy(name) if "+" in name else get_preset(name)
 
 
 def value_types(result) -> list:
@@ -179,11 +187,11 @@ def check_path(preset: str, path: str) -> None:
 
 
 @pytest.mark.parametrize("trace_name", BUNDLED)
-@pytest.mark.parametrize("preset", PRESETS.names())
+@pytest.mark.parametrize("preset", PRESETS.names() + ["moe-infinity-2024+prefetch=none"])
 def test_compiled_replay_equals_the_engine_on_every_preset_and_bundled_trace_head(trace_name, preset):
     trace = bundled_head(trace_name)
     for cache_experts in (1, 2, 6):
-        config = SimConfig(get_preset(preset), cache_experts=cache_experts)
+        config = SimConfig(preset_spec(preset), cache_experts=cache_experts)
         check_path(preset, assert_compiled_same(trace, load_profile_cached("rtx-3060"), config))
 
 
@@ -195,7 +203,7 @@ def test_compiled_replay_equals_the_engine_on_whole_bundled_traces(trace_name, p
         pytest.skip(f"bundled trace {trace_name} not present")
     trace = load_trace_cached(paths[trace_name])
     for cache_experts in (2, 6):
-        config = SimConfig(get_preset(preset), cache_experts=cache_experts, gpu_mem_bytes=1 << 40)
+        config = SimConfig(preset_spec(preset), cache_experts=cache_experts, gpu_mem_bytes=1 << 40)
         assert assert_compiled_same(trace, load_profile_cached("rtx-4090"), config) == "compiled"
 
 
@@ -212,11 +220,11 @@ def test_compiled_replay_equals_the_engine_on_a_64k_activation_mixtral_workload_
     assert int((trace.phase == DECODE).sum()) * trace.meta.top_k == 64_000
     for batch in (1, 4):
         for cache_experts in (2, 5):
-            config = SimConfig(get_preset(preset), cache_experts=cache_experts, gpu_mem_bytes=1 << 40, batch=batch)
+            config = SimConfig(preset_spec(preset), cache_experts=cache_experts, gpu_mem_bytes=1 << 40, batch=batch)
             assert assert_compiled_same(trace, load_profile_cached("rtx-4090"), config) == "compiled"
 
 
-@pytest.mark.parametrize("preset", PRESETS.names())
+@pytest.mark.parametrize("preset", PRESETS.names() + ["moe-infinity-2024+prefetch=none"])
 def test_compiled_replay_keeps_simpys_order_of_simultaneous_events(preset, tmp_path):
     # power-of-two durations: copies land at the instant the compute stream stops to look, where the order of
     # the clocked lane's events (not the times) decides a stall; round numbers and a global pool of bytes too
@@ -228,7 +236,7 @@ def test_compiled_replay_keeps_simpys_order_of_simultaneous_events(preset, tmp_p
         for profile in (dyadic_profile(), round_profile()):
             for cache_experts in (1, 2, 3):
                 for batch in (1, 2):
-                    config = SimConfig(get_preset(preset), cache_experts=cache_experts, gpu_mem_bytes=1 << 40,
+                    config = SimConfig(preset_spec(preset), cache_experts=cache_experts, gpu_mem_bytes=1 << 40,
                                        batch=batch)
                     check_path(preset, assert_compiled_same(trace, profile, config))
 
@@ -252,8 +260,9 @@ def test_runs_the_compiled_replay_cannot_reproduce_take_the_engine():
                         ("lfu+prefetch=next-layer", "prefetch into cache 'lfu'"),
                         ("moe-infinity+prefetch=next-layer", "prefetch into cache 'lfu'"),
                         ("lru+eviction=lfu-forget", "cache 'lfu-forget'"),
-                        ("moe-infinity-2024", "prefetch 'eam-all'"),
-                        ("moe-infinity-2024+prefetch=none", "copies on the default stream serialise with compute")):
+                        ("moe-infinity-2024+eviction=lfu-forget", "cache 'lfu-forget'"),
+                        ("static+prefetch=eam-all", "prefetch into cache 'static'"),
+                        ("lru+prefetch=eam-all", "prefetch 'eam-all' whose queue is not replaced at each layer call")):
         other = prepare(trace, load_profile_cached("rtx-3060"), SimConfig(build_policy(policy), cache_experts=2))
         assert replay_path(other, build_policy_objects(other)) == f"engine: {why}", policy
         assert assert_compiled_same(trace, load_profile_cached("rtx-3060"),
@@ -275,7 +284,8 @@ def test_importing_the_simulator_or_asking_for_help_does_not_import_numba():
     assert "NUMBA False" in res.stdout
 
 
-@pytest.mark.parametrize("preset", ["lru", "moe-infinity", "mixtral-offloading", "fiddler", "hybrimoe"])
+@pytest.mark.parametrize("preset", ["lru", "moe-infinity", "mixtral-offloading", "fiddler", "hybrimoe",
+                                    "moe-infinity-2024"])
 def test_simulate_json_is_byte_identical_on_the_compiled_replay_and_the_engine(preset, tmp_path):
     from click.testing import CliRunner
 
@@ -290,6 +300,34 @@ def test_simulate_json_is_byte_identical_on_the_compiled_replay_and_the_engine(p
         assert res.exit_code == 0, res.output
         out[engine] = js.read_text()
     assert out["clocked"] == out["python"]
+
+
+def moe_infinity_2024_parts() -> list:
+    """moe-infinity-2024 with its prefetch limit raised (queued prefetches to drop), with its earlier-layer
+    eviction or its default-stream copies switched off, and its prefetch into an LRU cache."""
+    base = get_preset("moe-infinity-2024")
+    pf, tr = base.prefetch, base.transfer
+    return [base.with_parts(name=f"limit={n}", prefetch=dataclasses.replace(pf, limit=n)) for n in (4, 64)] + [
+        base.with_parts(name="evicts-any", prefetch=dataclasses.replace(pf, evicts_earlier_layers_only=False)),
+        base.with_parts(name="own-stream", transfer=dataclasses.replace(tr, default_stream=False)),
+        get_preset("lru").with_parts(name="lru+eam-all", prefetch=dataclasses.replace(pf, limit=2),
+                                     transfer=dataclasses.replace(tr, demand_priority=True))]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_compiled_replay_equals_the_engine_on_moe_infinity_2024s_parts(index, tmp_path):
+    spec = moe_infinity_2024_parts()[index]
+    for trace in (bundled_head("qwen3-30b-a3b-bigmoeonedge"), mixtral_shaped()):
+        for cache_experts, batch in ((1, 1), (3, 1), (3, 4)):
+            config = SimConfig(spec, cache_experts=cache_experts, gpu_mem_bytes=1 << 40, batch=batch)
+            assert assert_compiled_same(trace, load_profile_cached("rtx-4090"), config) == "compiled", spec.name
+    rng = np.random.default_rng(3)
+    tokens = [[sorted(rng.choice(4, size=2, replace=False).tolist()) for _ in range(3)] for _ in range(14)]
+    trace = load_trace_cached(write_tiny_trace(tmp_path / "t.parquet", tokens, prompt=2, top_k=2, requests=3))
+    for profile in (dyadic_profile(), round_profile()):
+        for cache_experts in (1, 2, 3):
+            config = SimConfig(spec, cache_experts=cache_experts, gpu_mem_bytes=1 << 40, batch=1)
+            assert assert_compiled_same(trace, profile, config) == "compiled", spec.name
 
 
 COMPOSED = ("fiddler+placement-rule=profile", "hybrimoe+placement-rule=code", "lru+scope=global", "fifo+scope=global",
