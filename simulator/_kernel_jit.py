@@ -41,7 +41,7 @@ FIDDLER_CPU_PER_TOKEN, FIDDLER_GPU_TRANSFER = 7.0, 70.0  # FiddlerPlacement's (r
 
 
 # ---- the lanes: ClockedLane / LaneClock (H2D, D2H and the CPU pool), demand jobs, no contention
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _push(LI, Q, lane, row, head, tail, number):
     if LI[lane, tail] - LI[lane, head] >= JOBS:
         raise RuntimeError("compiled replay: a lane's queue outgrew its ring")
@@ -49,7 +49,7 @@ def _push(LI, Q, lane, row, head, tail, number):
     LI[lane, tail] += 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _pop(LI, Q, JI, lane):
     """DemandFirstQueue.pop: the slot of the next job to start (-1: none); a background entry whose job was
     withdrawn or promoted since is passed over."""
@@ -66,7 +66,7 @@ def _pop(LI, Q, JI, lane):
     return -1
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _promote(LI, Q, JI, job):
     """DemandFirstQueue.promote: a queued background job somebody waits for joins the demand queue."""
     if JI[job, J_QUEUE] == IN_BACKGROUND:
@@ -74,7 +74,7 @@ def _promote(LI, Q, JI, job):
         _push(LI, Q, JI[job, J_LANE], JI[job, J_LANE], L_QHEAD, L_QTAIL, JI[job, J_NUM])
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _enqueue(I, LF, LI, Q, JI, lane, job, now):
     """ClockedLane.submit's queueing (DemandFirstQueue.push): an idle lane schedules its wake-up now."""
     if JI[job, J_QUEUE] == IN_BACKGROUND:
@@ -91,7 +91,7 @@ def _enqueue(I, LF, LI, Q, JI, lane, job, now):
         LI[lane, L_EV_ORDER] = I[I_ORDER]
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _new_job(I, JF, JI, lane, duration, concurrent, nbytes, then, root):
     """A job's slot (its number is ``JI[slot, J_NUM]``)."""
     number = I[I_NJOBS]
@@ -112,14 +112,14 @@ def _new_job(I, JF, JI, lane, duration, concurrent, nbytes, then, root):
     return job
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _landed(JI, number):
     """Whether job ``number`` has landed (a job whose slot a later job took landed long ago)."""
     slot = number & (JOBS - 1)
     return JI[slot, J_NUM] != number or JI[slot, J_LANDED] == 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _finish(I, LF, LI, Q, JF, JI, lane, at):
     """ClockedLane._finish: the job in service is done; its chain's next stage is queued, or the chain is done."""
     cur = LI[lane, L_CUR]
@@ -138,7 +138,7 @@ def _finish(I, LF, LI, Q, JF, JI, lane, at):
         JI[root, J_DONE_ORDER] = I[I_ORDER]
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _after_compute(duration, start, compute_until):
     """transfer.stretched with an infinite slowdown (default-stream copies): the copy starts when the compute
     in progress ends."""
@@ -151,7 +151,7 @@ def _after_compute(duration, start, compute_until):
     return overlap + (duration - overlap / np.inf)
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _start_next(I, LF, LI, Q, JF, JI, lane, now):
     """ClockedLane._start_next: the next queued job, at its contended time while the other copy direction is busy."""
     while True:
@@ -177,7 +177,7 @@ def _start_next(I, LF, LI, Q, JF, JI, lane, now):
         _finish(I, LF, LI, Q, JF, JI, lane, now)
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _first_lane(LF, LI):
     """The lane whose pending event SimPy processes first (time, then event number); -1 when all are idle."""
     first = -1
@@ -188,7 +188,7 @@ def _first_lane(LF, LI):
     return first
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _fire(I, LF, LI, Q, JF, JI, lane):
     """ClockedLane.fire."""
     at = LF[lane, L_EV_AT]
@@ -198,7 +198,7 @@ def _fire(I, LF, LI, Q, JF, JI, lane):
     _start_next(I, LF, LI, Q, JF, JI, lane, at)
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _advance(I, LF, LI, Q, JF, JI, until, order):
     """LaneClock.advance: every lane event SimPy processes before the event (until, order)."""
     while True:
@@ -242,7 +242,7 @@ def _stall_for(F, I, LF, LI, Q, JF, JI, job, pending):
 
 
 # ---- the cache: ExpertCache.access / _admit_key with the LRU, FIFO, LFU, static or MRS rule
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _victim(CK, CP, members, scores, kind, scope_layer, pool, layer, E, experts, SI, rest, n_sel, base, floor):
     """The resident key of ``pool`` the rule evicts first, passing over the device experts still to be used in
     this access (``experts[SI[S_SEL, rest:n_sel]]``) and the keys from ``floor`` on; -1 when every resident key
@@ -255,10 +255,11 @@ def _victim(CK, CP, members, scores, kind, scope_layer, pool, layer, E, experts,
         if key >= floor:
             continue
         protected = False
-        for j in range(rest, n_sel):
-            if base + experts[SI[S_SEL, j]] == key:
-                protected = True
-                break
+        if base <= key < base + E:  # only the access's own layer has protected keys
+            for j in range(rest, n_sel):
+                if base + experts[SI[S_SEL, j]] == key:
+                    protected = True
+                    break
         if protected:
             continue
         if best < 0:
@@ -278,7 +279,7 @@ def _victim(CK, CP, members, scores, kind, scope_layer, pool, layer, E, experts,
     return best
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _join(CK, CP, members, scope_layer, E, pool, key):
     """``key`` becomes a member of ``pool`` (resident)."""
     at = (key // E) * E * scope_layer + CP[P_MEMBERS, pool]
@@ -288,7 +289,7 @@ def _join(CK, CP, members, scope_layer, E, pool, key):
     CK[C_RESIDENT, key] = 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _leave(CK, CP, members, scope_layer, E, pool, key):
     """``key`` leaves ``pool``: the pool's last member takes its place."""
     last = (key // E) * E * scope_layer + CP[P_MEMBERS, pool] - 1
@@ -299,7 +300,7 @@ def _leave(CK, CP, members, scope_layer, E, pool, key):
     CK[C_RESIDENT, key] = 0
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _admit(I, CK, CP, TLI, members, scores, kind, scope_layer, E, key, layer, experts, SI, rest, n_sel, base,
            floor, n_evicted, next_use, used):
     """ExpertCache._admit_key for a demand miss (``used``) or a prefetch (Belady: whose next use is ``next_use``):
@@ -337,7 +338,7 @@ def _admit(I, CK, CP, TLI, members, scores, kind, scope_layer, E, key, layer, ex
     return True, n_evicted
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _access(I, CK, CP, TLI, members, scores, kind, scope_layer, E, layer, experts, SI, SB, n_sel, next_use):
     """ExpertCache.access of the device experts ``experts[SI[S_SEL, :n_sel]]``: (hits, misses, evictions), with
     ``SB[B_MISSED, j]`` set for each miss and the evicted keys in ``SI[S_EVICTED]``."""
@@ -367,7 +368,7 @@ def _access(I, CK, CP, TLI, members, scores, kind, scope_layer, E, layer, expert
     return hits, misses, n_evicted
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _observe_scores(scores, params, layer, E, experts, weights, a, b):
     """MRSCache.observe: the layer's scores decay, the router's top-p (by weight, stable) gain ``alpha * weight``."""
     alpha, top_p = params[0], int(params[1])
@@ -384,7 +385,7 @@ def _observe_scores(scores, params, layer, E, experts, weights, a, b):
 
 
 # ---- placement: FiddlerPlacement / HybriMoEPlacement
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _hss_before(SB, experts, expert_tokens, a, q, p):
     """Whether expert ``q`` comes before ``p`` in HybriMoE's order: resident first, more tokens, lower id."""
     if SB[B_RES, q] != SB[B_RES, p]:
@@ -394,7 +395,7 @@ def _hss_before(SB, experts, expert_tokens, a, q, p):
     return experts[a + q] < experts[a + p]
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _hybrimoe_split(SI, SB, TT, experts, expert_tokens, a, b, code, move):
     """HybriMoEPlacement.place's greedy split of one decode layer: the GPU takes the head of the order, the CPU
     the tail, whichever would finish earlier."""
@@ -430,7 +431,7 @@ def _hybrimoe_split(SI, SB, TT, experts, expert_tokens, a, b, code, move):
             hi -= 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _place(placement, code, CK, TL, TT, SI, SB, layer, E, phase, experts, expert_tokens, a, b):
     """Per routed expert of the layer, whether it runs on the CPU (Placement.place): ``SB[B_ON_CPU]``."""
     n = b - a
@@ -452,7 +453,7 @@ def _place(placement, code, CK, TL, TT, SI, SB, layer, E, phase, experts, expert
 
 
 # ---- the driver: Simulation._forward's layer and step
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _cpu_task(I, LF, LI, Q, JF, JI, TT, SB, hidden, expert_tokens, a, b, now):
     """Simulation._cpu_experts: the CPU experts' activations down, their FFNs on the CPU pool, the outputs up,
     as one chain of three jobs; returns its first (the job the driver waits on)."""
@@ -481,7 +482,7 @@ def _cpu_task(I, LF, LI, Q, JF, JI, TT, SB, hidden, expert_tokens, a, b, now):
     return first
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _copies(F, I, LF, LI, Q, JF, JI, CK, TL, TLI, SI, SB, E, mode, write_back, layer, experts, n_sel, misses,
             n_evicted, pending):
     """The layer's copies: accelerate's whole layer, loads (and swap's write-backs) on the compute stream, or
@@ -530,7 +531,7 @@ def _copies(F, I, LF, LI, Q, JF, JI, CK, TL, TLI, SI, SB, E, mode, write_back, l
     return pending, True
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _run_experts(F, I, LF, LI, Q, JF, JI, CK, TT, SI, SB, layer, E, experts, expert_tokens, n_sel, pending, busy):
     """The device experts: those whose weights are in place in routing order, then those waiting for a copy (a
     load, or a prefetch still in flight) in the copies' submission order, each after its copy lands
@@ -575,7 +576,7 @@ def _run_experts(F, I, LF, LI, Q, JF, JI, CK, TT, SI, SB, layer, E, experts, exp
     return pending, busy
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _served(CK, SI, SB, layer, E, experts, n_sel, n_evicted):
     """DecisionCore.begin_layer after the access: hits on unused prefetches and misses in the side buffer are
     served by a prefetch (counted; a buffered one is no load: ``SB[B_MISSED]`` cleared, its copy waited for), the
@@ -612,7 +613,7 @@ def _served(CK, SI, SB, layer, E, experts, n_sel, n_evicted):
     return served, loads
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _issue_prefetches(F, I, LF, LI, Q, JF, JI, CK, CP, TL, TLI, members, scores, shape, SI, layer, experts, n_sel,
                       n_pf):
     """DecisionCore.issue_prefetches for the keys ``SI[S_PREFETCH, :n_pf]``: each not resident is inserted into the
@@ -650,7 +651,7 @@ def _issue_prefetches(F, I, LF, LI, Q, JF, JI, CK, CP, TL, TLI, members, scores,
         I[I_PF_ISSUED] += 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _drop_queued(LI, Q, JI, CK, CP, TLI, members, E, scope_layer):
     """DecisionCore.drop_queued_prefetches: every queued background prefetch still tracked (in flight, unused) is
     withdrawn and leaves the cache (the order of the keys changes no victim: each rule breaks ties by key)."""
@@ -724,7 +725,7 @@ def _pairwise(a, start, n):
     return _pairwise_split(a, start, n2) + _pairwise_split(a, start + n2, n - n2)
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _eam_step(EAM, EN, EA, L, E):
     """The similarity of the request's EAM (as of the step's start) to each collection entry, per layer:
     ``EN[1 + cap + c, l']`` (a step's layer l matches over rows l' > l, which only earlier steps filled)."""
@@ -744,7 +745,7 @@ def _eam_step(EAM, EN, EA, L, E):
             EN[1 + cap + c, l2] = _pairwise(buf, 0, E) / den
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _eam_pick(EAM, EN, EA, CK, SI, decay, layer, L, E, limit):
     """EAMEveryLayerPrefetch.predict: the best-matching entry's scores for layers ``layer..L-1``, best first
     (ties by position), the first ``limit`` non-resident, into ``SI[S_PREFETCH]``; returns how many."""
@@ -761,19 +762,32 @@ def _eam_pick(EAM, EN, EA, CK, SI, decay, layer, L, E, limit):
                     best, top = c, mean
         EA[1 + best] += 1
     n = 0
+    want = max(limit, 1)
+    if best < 0:
+        # No entry to match: every score is 1e-8 x the decay, which falls with the distance, so the picks are
+        # the first non-resident keys in order (ties go to the lower position, as in the scan below).
+        for key in range(layer * E, L * E):
+            if n == want:
+                break
+            if not CK[C_RESIDENT, key]:
+                SI[S_PREFETCH, n] = key
+                n += 1
+        return n
     prev_score, prev_idx = np.inf, -1
-    while n < max(limit, 1):
+    while n < want:
         pick, pick_score = -1, 0.0
-        for idx in range((L - layer) * E):
-            key = layer * E + idx
-            if CK[C_RESIDENT, key]:
-                continue
-            count = EAM[2 + best, layer + idx // E, idx % E] if best >= 0 else 0.0
-            score = (count + 1e-8) * decay[idx // E]
-            if score > prev_score or (score == prev_score and idx <= prev_idx):
-                continue  # taken already
-            if pick < 0 or score > pick_score:
-                pick, pick_score = idx, score
+        idx = 0
+        for d in range(L - layer):
+            row = EAM[2 + best, layer + d]
+            dec = decay[d]
+            base = (layer + d) * E
+            for e in range(E):
+                if not CK[C_RESIDENT, base + e]:
+                    score = (row[e] + 1e-8) * dec
+                    taken = score > prev_score or (score == prev_score and idx <= prev_idx)
+                    if not taken and (pick < 0 or score > pick_score):
+                        pick, pick_score = idx, score
+                idx += 1
         if pick < 0:
             break
         SI[S_PREFETCH, n] = layer * E + pick

@@ -54,6 +54,18 @@ def _request_rows(trace: Trace) -> Iterator[tuple[list[dict[int, int]], list[dic
 
 def causal_samples(trace: Trace) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(row at layer l, features [E, 3], label [E] bool for layer l+1) for every decode token and layer."""
+    for rows, features, labels in causal_blocks(trace):
+        for i, row in enumerate(rows.tolist()):
+            yield row, features[i], labels[i]
+
+
+def causal_blocks(trace: Trace) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """:func:`causal_samples` a decode token at a time: its rows at layers l [n], their features [n, E, 3] and
+    labels [n, E], layers ascending.
+
+    One token's layers are computed together (the per-layer loop was most of a predictor fit's time); each
+    feature is the same float as the per-layer formula gives: the reductions run over the same axis in the
+    same order."""
     L, E = trace.meta.num_layers, trace.meta.num_experts
     experts = trace.cells.experts.astype(np.int64)
     for prompt, decode in _request_rows(trace):
@@ -63,33 +75,36 @@ def causal_samples(trace: Trace) -> Iterator[tuple[int, np.ndarray, np.ndarray]]
         prev: dict[int, int] = {}
 
         def update(tok: dict[int, int]) -> None:
-            for layer, row in tok.items():
-                cur = experts[row]
-                seen[layer, cur] += 1
-                nxt = tok.get(layer + 1)
-                if nxt is not None:
-                    trans[layer, cur[:, None], experts[nxt][None, :]] += 1
+            layers = np.fromiter(tok.keys(), dtype=np.int64, count=len(tok))
+            rows = np.fromiter(tok.values(), dtype=np.int64, count=len(tok))
+            seen[layers[:, None], experts[rows]] += 1
+            pairs = [(layer, row, tok[layer + 1]) for layer, row in tok.items() if layer + 1 in tok]
+            if pairs:
+                pl, pr, pn = (np.array(c, dtype=np.int64) for c in zip(*pairs))
+                trans[pl[:, None, None], experts[pr][:, :, None], experts[pn][:, None, :]] += 1
 
         for tok in prompt:
             update(tok)
             tokens += 1
             prev = tok
         for tok in decode:
-            for layer in range(L - 1):
-                row, nxt = tok.get(layer), tok.get(layer + 1)
-                if row is None or nxt is None:
-                    continue
-                counts = trans[layer][experts[row]]
-                sums = counts.sum(axis=1, keepdims=True)
-                f_trans = (counts / np.maximum(sums, 1.0)).mean(axis=0)
-                f_rec = np.zeros(E)
-                prow = prev.get(layer + 1)
-                if prow is not None:
-                    f_rec[experts[prow]] = 1.0
-                f_pop = seen[layer + 1] / max(tokens, 1)
-                label = np.zeros(E, dtype=bool)
-                label[experts[nxt]] = True
-                yield row, np.stack([f_trans, f_rec, f_pop], axis=1), label
+            layers = [layer for layer in range(L - 1) if layer in tok and layer + 1 in tok]
+            if layers:
+                ls = np.array(layers, dtype=np.int64)
+                rows = np.array([tok[layer] for layer in layers], dtype=np.int64)
+                nxts = np.array([tok[layer + 1] for layer in layers], dtype=np.int64)
+                counts = trans[ls[:, None], experts[rows]]
+                sums = counts.sum(axis=2, keepdims=True)
+                f_trans = (counts / np.maximum(sums, 1.0)).mean(axis=1)
+                f_rec = np.zeros((len(layers), E))
+                known = [(i, prev[layer + 1]) for i, layer in enumerate(layers) if layer + 1 in prev]
+                if known:
+                    ki, kr = (np.array(c, dtype=np.int64) for c in zip(*known))
+                    f_rec[ki[:, None], experts[kr]] = 1.0
+                f_pop = seen[ls + 1] / max(tokens, 1)
+                labels = np.zeros((len(layers), E), dtype=bool)
+                labels[np.arange(len(layers))[:, None], experts[nxts]] = True
+                yield rows, np.stack([f_trans, f_rec, f_pop], axis=2), labels
             update(tok)
             tokens += 1
             prev = tok
@@ -126,9 +141,9 @@ def fit_predictor(train: Sequence[Path]) -> PredictorWeights:
 def _fit(key: tuple[str, ...]) -> tuple[tuple[float, ...], float, int]:
     feats, labels = [], []
     for path in key:
-        for _, f, y in causal_samples(read_trace(path)):
-            feats.append(f)
-            labels.append(y)
+        for _, f, y in causal_blocks(read_trace(path)):
+            feats.append(f.reshape(-1, f.shape[-1]))
+            labels.append(y.reshape(-1))
     if not feats:
         raise MoesimError(f"prefetch 'predictive': the training traces ({', '.join(key)}) have no decode tokens")
     X = np.concatenate(feats).astype(np.float64)
@@ -188,10 +203,11 @@ def predict_rows(trace: Trace, weights: PredictorWeights, top: int) -> dict[int,
 def _predict_rows(trace: Trace, weights: PredictorWeights, top: int) -> dict[int, tuple[int, ...]]:
     coef = np.asarray(weights.coef)
     out: dict[int, tuple[int, ...]] = {}
-    for row, f, _ in causal_samples(trace):
-        score = f @ coef + weights.intercept
-        order = np.lexsort((np.arange(score.size), -score))[:top]
-        out[row] = tuple(int(e) for e in order)
+    for rows, features, _ in causal_blocks(trace):
+        for row, f in zip(rows.tolist(), features):
+            score = f @ coef + weights.intercept
+            order = np.lexsort((np.arange(score.size), -score))[:top]
+            out[row] = tuple(int(e) for e in order)
     return out
 
 
