@@ -71,6 +71,10 @@ S_SEL, S_JOB_OF, S_ORDER, S_EVICTED, S_PREFETCH = range(5)
 B_MISSED, B_ON_CPU, B_RES, B_KEPT = range(4)
 
 
+# the kernel reproduces numpy's pairwise sums of eam-all's match two splits deep (numba caches no recursion)
+EAM_PAIRWISE_LIMIT = 496
+
+
 def unsupported(prep, objs, record_hits: bool = False, timeline=None, exact_events: bool = False) -> str:
     """Why the compiled replay cannot reproduce this run ("" when it can)."""
     if exact_events:
@@ -95,6 +99,8 @@ def unsupported(prep, objs, record_hits: bool = False, timeline=None, exact_even
         if eam_all and not (objs.transfer.demand_priority and prep.policy.prefetch.replaces_queue):
             # the queue of a prefetch that enqueues at every layer call is bounded only where each call drops it
             return "prefetch 'eam-all' whose queue is not replaced at each layer call"
+        if eam_all and max(prep.workload.num_layers, prep.workload.num_experts) > EAM_PAIRWISE_LIMIT:
+            return f"prefetch 'eam-all' over more than {EAM_PAIRWISE_LIMIT} layers or experts"
     if type(objs.placement) not in _PLACEMENTS:
         return f"placement '{objs.placement.name}'"
     costs = objs.costs

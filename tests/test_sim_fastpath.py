@@ -267,6 +267,17 @@ def test_runs_the_compiled_replay_cannot_reproduce_take_the_engine():
         assert replay_path(other, build_policy_objects(other)) == f"engine: {why}", policy
         assert assert_compiled_same(trace, load_profile_cached("rtx-3060"),
                                     SimConfig(build_policy(policy), cache_experts=2)) == f"engine: {why}"
+    # eam-all's match sums over more layers or experts than the kernel's pairwise sum reproduces: the engine
+    import moesim.simulator.kernel as kernel_module
+
+    wide = prepare(trace, load_profile_cached("rtx-3060"), SimConfig(get_preset("moe-infinity-2024"), cache_experts=2))
+    assert replay_path(wide, build_policy_objects(wide)) == "compiled"
+    limit = kernel_module.EAM_PAIRWISE_LIMIT
+    try:
+        kernel_module.EAM_PAIRWISE_LIMIT = min(wide.workload.num_experts, wide.workload.num_layers) - 1
+        assert replay_path(wide, build_policy_objects(wide)).startswith("engine: prefetch 'eam-all' over more than")
+    finally:
+        kernel_module.EAM_PAIRWISE_LIMIT = limit
     # the hit records of a run the kernel would cover come from the engine, and agree with its counters
     result, hits = simulate(trace, "rtx-3060", SimConfig(get_preset("lru"), cache_experts=2), record_hits=True)
     assert differences(simulate(trace, "rtx-3060", SimConfig(get_preset("lru"), cache_experts=2)), result) == []
