@@ -427,6 +427,15 @@ def _compiled():
     return _REPLAY
 
 
+def preload() -> None:
+    """Import numba, the replay's module and numba's CPU registries (most of a second), so processes forked
+    afterwards start with them: what is left of a first run is loading the replay from numba's disk cache."""
+    _compiled()
+    from numba.core.registry import cpu_target
+
+    cpu_target.target_context.refresh()
+
+
 def _drained():
     from moesim.simulator._kernel_jit import drain
 

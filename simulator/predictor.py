@@ -156,7 +156,12 @@ def _fit(key: tuple[str, ...]) -> tuple[tuple[float, ...], float, int]:
     Xk = np.concatenate([X[keep], np.zeros((2, X.shape[1]))])
     yk = np.concatenate([y[keep], [False, True]]).astype(np.float64)
     wk = np.concatenate([np.ones(int(keep.sum())), [float((zero & ~y).sum()), float((zero & y).sum())]])
-    coef, intercept = fit_logistic(Xk, yk, wk)
+    from threadpoolctl import threadpool_limits
+
+    # one BLAS thread: a multi-threaded product sums in another order, and the fit would depend on the cores
+    # (the same sweep with one worker or several, on a laptop or a cluster, must give the same weights)
+    with threadpool_limits(limits=1, user_api="blas"):
+        coef, intercept = fit_logistic(Xk, yk, wk)
     return tuple(float(v) for v in coef), float(intercept), int(len(y))
 
 

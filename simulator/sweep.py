@@ -182,35 +182,6 @@ def _warm(points: Sequence[SweepPoint]) -> None:
         _warm_unit(p)
 
 
-def _pool_tasks(todo: Sequence[SweepPoint]) -> list[tuple[bool, SweepPoint]]:
-    """The work of a pool of workers as one queue, ``(is_warm_unit, point)``: the shared set-up first, then the
-    points, those that need a learned predictor last.
-
-    One queue rather than a warm-up before the points: a warm-up phase waits for its slowest unit (a predictor
-    fit) with the other cores idle, which cost a 2-worker sweep a fifth of its speed-up (issue #14). Here a
-    worker that finishes its unit goes on to points while the fit runs beside it, and by the time a point needs
-    what a unit prepared, the unit has put it in the on-disk cache."""
-    from moesim.simulator.compose import policy_spec
-
-    def needs_predictor(p: SweepPoint) -> bool:
-        try:
-            return policy_spec(p.policy).prefetch.policy == "predictive"
-        except MoesimError:
-            return False
-
-    late = [p for p in todo if needs_predictor(p)]
-    early = [p for p in todo if not needs_predictor(p)]
-    return [(True, u) for u in _warm_units(todo)] + [(False, p) for p in early + late]
-
-
-def _run_task(task: tuple[bool, SweepPoint]) -> Optional[dict]:
-    is_unit, point = task
-    if is_unit:
-        _warm_unit(point)
-        return None
-    return run_point(point)
-
-
 def _read_journal(path: Path) -> dict[str, dict]:
     done: dict[str, dict] = {}
     try:
@@ -335,22 +306,41 @@ def run_sweep(points: Sequence[SweepPoint], out_dir: Path, jobs: int = 0, progre
 
 
 def _local_rows(todo: Sequence[SweepPoint], jobs: int) -> tuple[Iterable[dict], Callable[[], None]]:
-    """The rows of ``todo`` from ``jobs`` processes of this machine, as they finish, and how to stop them."""
+    """The rows of ``todo`` from ``jobs`` processes of this machine, as they finish, and how to stop them.
+
+    With several workers the shared set-up is computed first, in parallel, into the on-disk cache: a pool takes
+    the predictor fits and workload compiles while this process imports the compiled replay (numba and its
+    registries, most of a second). The point workers are forked after that and inherit both, the set-up loaded
+    back from the disk cache, instead of each importing numba again (issue #14)."""
     jobs = jobs or (os.cpu_count() or 1)
     jobs = max(1, min(jobs, len(todo)))
     if jobs == 1:
         _warm(todo)
         return map(run_point, todo), lambda: None
     # workers are forked before any progress-bar thread exists
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    pool = mp.get_context(method).Pool(jobs, initializer=_quiet_worker)
+    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    units = _warm_units(todo)
+    warm_pool = context.Pool(min(jobs, len(units)), initializer=_quiet_worker) if units else None
+    try:
+        pending = warm_pool.map_async(_warm_unit, units, chunksize=1) if warm_pool is not None else None
+        from moesim.simulator.kernel import preload
+
+        preload()
+        if pending is not None:
+            pending.get()
+    finally:
+        if warm_pool is not None:
+            warm_pool.terminate()
+            warm_pool.join()
+    _warm(todo)  # loads what the pool put in the disk cache, for the point workers to inherit
+    pool = context.Pool(jobs, initializer=_quiet_worker)
 
     def stop() -> None:
         pool.terminate()
         pool.join()
 
-    results = pool.imap_unordered(_run_task, _pool_tasks(todo), chunksize=1)
-    return (row for row in results if row is not None), stop
+    chunk = max(1, len(todo) // (16 * jobs))  # a few chunks per worker: fewer round trips, balanced ends
+    return pool.imap_unordered(run_point, todo, chunksize=chunk), stop
 
 
 def _quiet_worker() -> None:

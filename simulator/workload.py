@@ -481,7 +481,11 @@ def _fill_model_guess(layers, active, j, decode, ex, k, E, accuracy, rng) -> Non
                     if rng.random() < accuracy:
                         seen.setdefault(real[s], None)
                     else:
-                        others = [e for e in range(E) if e not in real]
-                        if others:
-                            seen.setdefault(others[int(rng.integers(len(others)))], None)
+                        taken = sorted({e for e in real if 0 <= e < E})
+                        if len(taken) < E:  # the drawn one among the experts not taken, in id order
+                            e = int(rng.integers(E - len(taken)))
+                            for t in taken:
+                                if t <= e:
+                                    e += 1
+                            seen.setdefault(e, None)
         work.guess = tuple(seen)
