@@ -151,12 +151,22 @@ def _warm_units(points: Sequence[SweepPoint]) -> list[SweepPoint]:
                 predictive.append(p)
         else:
             plain.append((workload, p))
-    units = list(predictive)
+    compiles = []
     for workload, p in plain:
         if workload not in covered:  # a predictive unit compiles the same workload
             covered.add(workload)
-            units.append(p)
-    return units
+            compiles.append(p)
+    # the longest traces first, so that a pool does not end on a long compile with its other workers idle
+    return list(predictive) + sorted(compiles, key=lambda p: -_trace_bytes(p.trace))
+
+
+def _trace_bytes(spec: str) -> int:
+    from moesim.traces import resolve_trace
+
+    try:
+        return Path(resolve_trace(spec)).stat().st_size
+    except (MoesimError, OSError):
+        return 0
 
 
 def _warm_unit(p: SweepPoint) -> None:
