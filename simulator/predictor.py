@@ -52,20 +52,13 @@ def _request_rows(trace: Trace) -> Iterator[tuple[list[dict[int, int]], list[dic
         yield [prompt[p] for p in sorted(prompt)], [decode[p] for p in sorted(decode)]
 
 
-def causal_samples(trace: Trace) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(row at layer l, features [E, 3], label [E] bool for layer l+1) for every decode token and layer."""
-    for rows, features, labels in causal_blocks(trace):
-        for i, row in enumerate(rows.tolist()):
-            yield row, features[i], labels[i]
-
-
 def causal_blocks(trace: Trace) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """:func:`causal_samples` a decode token at a time: its rows at layers l [n], their features [n, E, 3] and
-    labels [n, E], layers ascending.
+    """The predictor's samples, a decode token at a time: the token's rows at layers l [n] (ascending), each
+    one's features [n, E, 3] (transitions from l's experts, the previous token's experts at l+1, l+1's
+    popularity so far in the request) and labels [n, E] (l+1's real experts).
 
-    One token's layers are computed together (the per-layer loop was most of a predictor fit's time); each
-    feature is the same float as the per-layer formula gives: the reductions run over the same axis in the
-    same order."""
+    One token's layers are computed together (a loop over layers was most of a predictor fit's time); each
+    feature is the float a per-layer formula gives: the reductions run over the same axis in the same order."""
     L, E = trace.meta.num_layers, trace.meta.num_experts
     experts = trace.cells.experts.astype(np.int64)
     for prompt, decode in _request_rows(trace):

@@ -349,7 +349,7 @@ def _local_rows(todo: Sequence[SweepPoint], jobs: int) -> tuple[Iterable[dict], 
         pool.terminate()
         pool.join()
 
-    chunk = max(1, len(todo) // (16 * jobs))  # a few chunks per worker: fewer round trips, balanced ends
+    chunk = max(1, len(todo) // (16 * jobs))  # sixteen chunks per worker: fewer round trips, balanced ends
     return pool.imap_unordered(run_point, todo, chunksize=chunk), stop
 
 

@@ -162,6 +162,23 @@ def test_predictive_prefetch_is_fitted_on_other_traces(tmp_path):
                            cache_experts=4, gpu_mem_bytes=1 << 40))
 
 
+def test_the_predictor_fit_does_not_depend_on_the_blas_threads():
+    # a multi-threaded matrix product sums in another order: on two threads the weights differed in their last
+    # bits, so one sweep's rows depended on the machine's cores and on the worker count
+    from threadpoolctl import threadpool_limits
+
+    from moesim.simulator.predictor import _fit
+    from moesim.traces import bundled_traces
+
+    paths = bundled_traces()
+    key = (str(paths["gemma-4-26b-a4b-bigmoeonedge"]), str(paths["gpt-oss-120b-bigmoeonedge"]))
+    fits = []
+    for threads in (1, 2):
+        with threadpool_limits(limits=threads, user_api="blas"):
+            fits.append(_fit(key))
+    assert fits[0] == fits[1]
+
+
 def test_accelerate_copies_every_offloaded_layer_whole_each_step(tmp_path):
     tokens = [[[0], [0], [0]], [[1], [1], [1]], [[2], [2], [2]]]
     path = write_tiny_trace(tmp_path / "t.parquet", tokens, prompt=1)
