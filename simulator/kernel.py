@@ -24,6 +24,7 @@ prefetch, ``demand_priority`` with another prefetcher, a CPU-calibrated profile)
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import numpy as np
@@ -424,7 +425,18 @@ def _compiled():
         from moesim.simulator._kernel_jit import replay_batch
 
         _REPLAY = replay_batch
+        if sys.stderr.isatty() and not compiled_on_disk():
+            print("moesim: compiling the simulator's replay kernel for this install (numba, about a minute, once)",
+                  file=sys.stderr, flush=True)
     return _REPLAY
+
+
+def compiled_on_disk() -> bool:
+    """Whether numba's disk cache holds the replay for this source; True where the cache cannot be read."""
+    try:
+        return bool(_compiled()._cache._cache_file._load_index())
+    except Exception:  # numba's own cache layout (not a public API) changed: nothing to announce
+        return True
 
 
 def preload() -> None:

@@ -284,6 +284,28 @@ def test_runs_the_compiled_replay_cannot_reproduce_take_the_engine():
     assert hits.any()
 
 
+def test_a_first_run_on_a_terminal_says_the_replay_is_being_compiled(monkeypatch, capsys):
+    import io
+
+    import moesim.simulator.kernel as kernel_module
+
+    trace = bundled_head("qwen3-30b-a3b-bigmoeonedge")
+    simulate(trace, "rtx-3060", SimConfig(get_preset("lru"), cache_experts=2))  # compiled, or loaded from disk
+    assert kernel_module.compiled_on_disk()
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for cached, said in ((False, True), (True, False)):
+        terminal = Terminal()
+        monkeypatch.setattr(kernel_module.sys, "stderr", terminal)
+        monkeypatch.setattr(kernel_module, "compiled_on_disk", lambda: cached)
+        monkeypatch.setattr(kernel_module, "_REPLAY", None)
+        kernel_module._compiled()
+        assert ("compiling the simulator's replay kernel" in terminal.getvalue()) is said
+
+
 def test_importing_the_simulator_or_asking_for_help_does_not_import_numba():
     import subprocess
     import sys
