@@ -134,9 +134,9 @@ def run_point(point: SweepPoint) -> dict:
     return row
 
 
-def _warm_units(points: Sequence[SweepPoint]) -> list[SweepPoint]:
-    """One point per piece of set-up the grid shares: the learned predictor of each (trace, batch, preset)
-    that prefetches with it (the costliest, listed first), then each compiled workload not yet covered."""
+def _warm_units(points: Sequence[SweepPoint]) -> tuple[list[SweepPoint], list[SweepPoint]]:
+    """One point per piece of set-up the grid shares: (the learned predictor of each (trace, batch, preset)
+    that prefetches with it, the costliest; each compiled workload the fits do not cover, longest trace first)."""
     from moesim.simulator.compose import policy_spec
 
     predictive, plain, covered = [], [], set()
@@ -158,7 +158,7 @@ def _warm_units(points: Sequence[SweepPoint]) -> list[SweepPoint]:
             covered.add(workload)
             compiles.append(p)
     # the longest traces first, so that a pool does not end on a long compile with its other workers idle
-    return list(predictive) + sorted(compiles, key=lambda p: -_trace_bytes(p.trace))
+    return predictive, sorted(compiles, key=lambda p: -_trace_bytes(p.trace))
 
 
 def _trace_bytes(spec: str) -> int:
@@ -189,7 +189,8 @@ def _warm_unit(p: SweepPoint) -> None:
 
 def _warm(points: Sequence[SweepPoint]) -> None:
     """Prepare, in this process, what every point would otherwise redo (kept in memos and on disk)."""
-    for p in _warm_units(points):
+    fits, compiles = _warm_units(points)
+    for p in fits + compiles:
         _warm_unit(p)
 
 
@@ -319,10 +320,11 @@ def run_sweep(points: Sequence[SweepPoint], out_dir: Path, jobs: int = 0, progre
 def _local_rows(todo: Sequence[SweepPoint], jobs: int) -> tuple[Iterable[dict], Callable[[], None]]:
     """The rows of ``todo`` from ``jobs`` processes of this machine, as they finish, and how to stop them.
 
-    With several workers the shared set-up is computed first, in parallel, into the on-disk cache: a pool takes
-    the predictor fits and workload compiles while this process imports the compiled replay (numba and its
-    registries, most of a second). The point workers are forked after that and inherit both, the set-up loaded
-    back from the disk cache, instead of each importing numba again (issue #14)."""
+    With several workers the shared set-up comes first, in parallel (issue #14): a pool fits the learned
+    predictors and compiles the workloads into the on-disk cache, while this process imports the compiled replay
+    (numba and its registries, most of a second) and takes the smallest compile and its point, which loads the
+    replay (or, on an install whose numba cache is cold, compiles it once, here, rather than once per worker).
+    The point workers are forked after that and inherit all of it, the set-up loaded back from the disk cache."""
     jobs = jobs or (os.cpu_count() or 1)
     jobs = max(1, min(jobs, len(todo)))
     if jobs == 1:
@@ -330,11 +332,8 @@ def _local_rows(todo: Sequence[SweepPoint], jobs: int) -> tuple[Iterable[dict], 
         return map(run_point, todo), lambda: None
     # workers are forked before any progress-bar thread exists
     context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    units = _warm_units(todo)
-    # this process takes the last (smallest) compile and runs its point: on an install whose numba cache is
-    # cold, that compiles the replay once, here, for every worker to inherit (not once per worker)
-    own = [u for u in units[-1:] if not _fits_predictor(u)]
-    pooled = [u for u in units if u not in own]
+    fits, compiles = _warm_units(todo)
+    own, pooled = compiles[-1:], fits + compiles[:-1]
     warm_pool = context.Pool(min(jobs, len(pooled)), initializer=_quiet_worker) if pooled else None
     first_rows: list[dict] = []
     try:
@@ -363,15 +362,6 @@ def _local_rows(todo: Sequence[SweepPoint], jobs: int) -> tuple[Iterable[dict], 
 
     chunk = max(1, len(rest) // (16 * jobs))  # sixteen chunks per worker: fewer round trips, balanced ends
     return itertools.chain(first_rows, pool.imap_unordered(run_point, rest, chunksize=chunk)), stop
-
-
-def _fits_predictor(p: SweepPoint) -> bool:
-    from moesim.simulator.compose import policy_spec
-
-    try:
-        return policy_spec(p.policy).prefetch.policy == "predictive"
-    except MoesimError:
-        return False
 
 
 def _quiet_worker() -> None:

@@ -50,7 +50,7 @@ def ray_rows(todo: Sequence, jobs: int, address: Optional[str]) -> tuple[Iterabl
     pending: list = []
 
     def rows() -> Iterator[dict]:
-        ray.get([warm.remote(u) for u in _warm_units(todo)])
+        ray.get([warm.remote(u) for units in _warm_units(todo) for u in units])
         pending.extend(point.remote(p) for p in todo)
         while pending:
             ready, rest = ray.wait(pending, num_returns=1)

@@ -88,7 +88,8 @@ def test_expert_bits_change_bytes_and_kernel_and_say_so(tmp_path):
 
 
 def test_sweep_is_deterministic_across_worker_counts(tmp_path):
-    args = ["sweep", "--policy", "lru,fiddler,belady", "--trace", TRACE, "--cache-experts", "2,8",
+    # predictive: the pool fits its predictor while the parent compiles a workload and runs its point
+    args = ["sweep", "--policy", "lru,fiddler,belady,predictive", "--trace", TRACE, "--cache-experts", "2,8",
             "--expert-bits", "16,4", "--no-progress"]
     a = run(args + ["--out", str(tmp_path / "a"), "--jobs", "2"])
     b = run(args + ["--out", str(tmp_path / "b"), "--jobs", "1", "--no-plot"])
@@ -96,7 +97,7 @@ def test_sweep_is_deterministic_across_worker_counts(tmp_path):
     for name in ("sweep.csv", "sweep.parquet"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     csv_lines = (tmp_path / "a" / "sweep.csv").read_text().splitlines()
-    assert len(csv_lines) == 1 + 12
+    assert len(csv_lines) == 1 + 16
     assert csv_lines[0].startswith("trace,profile,policy,")
     assert "ttft_mean_s" in csv_lines[0] and "peak_gpu_mib" in csv_lines[0]
     assert (tmp_path / "a" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
