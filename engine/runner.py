@@ -33,6 +33,7 @@ through, as Mixtral-Offloading's prefill does.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -116,6 +117,9 @@ class OffloadEngine:
 
     def release_buffers(self) -> None:
         self._pool = None
+        # a finished run's buffers can sit in a reference cycle (run <-> lanes' jobs): collect it now, or its
+        # device memory would count in the next run's measured peak
+        gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
 
@@ -474,6 +478,11 @@ class _Run:
         work = step.layers[layer]
         if work is None:
             return out
+        if self.cuda:
+            # The systems read the router's top-k on the host before they decide (a .tolist() or .cpu() of the
+            # routing); the routes here come from the trace, so the host waits for the layer's input as theirs
+            # does. Without it the host would issue a whole step ahead, which no offloading system does.
+            self.compute_stream.synchronize()
         core = self.core
         plan = core.begin_layer(step, layer, work)
         lay = _LayerBuffers(self, plan, hidden, out)

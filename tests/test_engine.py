@@ -219,7 +219,8 @@ def test_checkpoint_outputs_do_not_depend_on_the_policy(checkpoint, tmp_path):
     model = v.engine.model
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
-        bare = model(input_ids=ids, logits_to_keep=1).logits  # outside a run the hook adds nothing
+        # outside a run the hook adds nothing
+        bare = model(input_ids=ids.to(model.device), logits_to_keep=1).logits.cpu()
         from transformers import AutoModelForCausalLM
 
         real = AutoModelForCausalLM.from_pretrained(root, dtype=torch.bfloat16)(input_ids=ids, logits_to_keep=1).logits
