@@ -18,10 +18,12 @@ from moesim.calib.kernels import KernelInfo, probe_kernels
 from moesim.calib.layers import build_attention_layer, hf_config_for, tiny_config
 from moesim.calib.measure import (
     CopyBench,
+    DeviceClock,
     Grids,
     copy_series_from_samples,
     cpu_copy_point,
     cuda_copy_samples,
+    decode_device_series,
     decode_series,
     expert_series,
     fastest_kernel,
@@ -30,6 +32,7 @@ from moesim.calib.measure import (
     head_series,
     interference_series,
     overhead_series,
+    prefill_device_series,
     prefill_series,
 )
 from moesim.calib.profile import (
@@ -156,7 +159,7 @@ def fit_profile_models(measurements: tuple[MeasuredSeries, ...], statistic: str 
     floors = {s.key[len("floor/"):]: min(p.value(statistic) for p in s.points)
               for s in measurements if s.key.startswith("floor/")}
     for s in measurements:
-        if s.key == "overhead" or s.key.startswith(("floor/", "interference/")):
+        if s.key == "overhead" or s.key.startswith(("floor/", "interference/", "non_expert_device/")):
             continue
         model = fit_series(s, statistic)
         if isinstance(model, ExpertKernelModel) and s.key in floors:
@@ -176,6 +179,22 @@ def fit_profile_models(measurements: tuple[MeasuredSeries, ...], statistic: str 
     if head is None:
         raise MoesimError("measurements have no 'head' series")
     return expert, cpu_expert, copies, non_expert, head
+
+
+def fit_device_time_models(measurements: tuple[MeasuredSeries, ...],
+                           statistic: str = "median") -> dict[str, dict[str, RooflineModel]]:
+    """kernel -> phase -> the non-expert layer's GPU kernel time (``non_expert_device/`` series), for the
+    phases where one was measured and fitted; a series the roofline cannot fit leaves its phase out."""
+    out: dict[str, dict[str, RooflineModel]] = {}
+    for s in measurements:
+        if not s.key.startswith("non_expert_device/"):
+            continue
+        _, kernel, phase = s.key.split("/")
+        try:
+            out.setdefault(kernel, {})[phase] = fit_series(s, statistic)
+        except MoesimError:
+            continue
+    return out
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -420,9 +439,31 @@ def _measure_non_expert(run: CalibRun) -> None:
                        lambda: {"series": series_to_json([prefill_series(
                            the_layer(), run.shape, run.grids.prefill_tokens, run.timer,
                            Budget(half, run.grids.complete))])})
+    found = {name: series_from_json(payload["series"], f"journal unit non-expert layer, {name}")
+             for name, payload in (("decode", decode), ("prefill", prefill))}
+    for name in ("decode", "prefill"):
+        run.series.extend(found[name])
+    if run.device.type == "cuda":
+        # the same points timed as kernels only: a decode loop hides the launches behind the GPU's backlog
+        measure_kernels = {"decode": decode_device_series, "prefill": prefill_device_series}
+        clock: list[DeviceClock] = []
+        for name in ("decode", "prefill"):
+            wall = found[name][0]
+
+            def kernels(wall=wall, name=name) -> dict[str, Any]:
+                if not clock:
+                    clock.append(DeviceClock(run.device))
+                s = measure_kernels[name](the_layer(), wall, clock[0])
+                return {"series": series_to_json([s] if s is not None else [])}
+
+            payload = run.unit(f"non-expert layer, {name}, kernel time",
+                               {"points": [p.x for p in wall.points]}, kernels)
+            got = series_from_json(payload["series"], f"journal unit non-expert layer, {name}, kernel time")
+            if not got:
+                run.log(f"  non-expert {name}: the profiler timed fewer than 4 points; no kernel-time model, "
+                        f"the layer costs its host-to-host time")
+            run.series.extend(got)
     layer.clear()
-    for name, payload in (("decode", decode), ("prefill", prefill)):
-        run.series.extend(series_from_json(payload["series"], f"journal unit non-expert layer, {name}"))
 
 
 def _measure_head(run: CalibRun) -> None:
@@ -462,7 +503,8 @@ def _planned_units(run: CalibRun) -> int:
     cpu_units *= 1 if run.opts.quick else cpu_kernels
     copies = 2 * len(run.grids.copy_bytes) if run.device.type == "cpu" else 1
     interference = 1 if run.device.type == "cpu" else 0
-    return len(run.kernels) + cpu_units + copies + interference + 2 + 1 + 1
+    kernel_times = 2 if run.device.type == "cuda" else 0  # the non-expert layer's kernels alone, each phase
+    return len(run.kernels) + cpu_units + copies + interference + 2 + kernel_times + 1 + 1
 
 
 def _measure_all(run: CalibRun) -> tuple[dict[str, str], tuple[float, float, str]]:
@@ -535,6 +577,7 @@ def _assemble_profile(run: CalibRun, reserve: int, reserve_note: str, load_befor
         cpu_expert_models=cpu_expert,
         copy_models=copies,
         non_expert_models=non_expert,
+        non_expert_device_models=fit_device_time_models(measurements, run.statistic),
         head_model=head,
         layer_overhead_s=overheads[0],
         step_overhead_s=overheads[1],
@@ -561,7 +604,9 @@ def refit(profile: HardwareProfile, statistic: str | None = None) -> HardwarePro
     slowdown = fit_interference(profile.measurements,
                                 (profile.compute_slowdown_with_copy, profile.copy_slowdown_with_compute))
     return dataclasses.replace(profile, expert_models=expert, cpu_expert_models=cpu_expert, copy_models=copies,
-                               non_expert_models=non_expert, head_model=head, fit_statistic=stat,
+                               non_expert_models=non_expert,
+                               non_expert_device_models=fit_device_time_models(profile.measurements, stat),
+                               head_model=head, fit_statistic=stat,
                                compute_slowdown_with_copy=slowdown[0], copy_slowdown_with_compute=slowdown[1])
 
 

@@ -478,6 +478,71 @@ def prefill_series(al: AttentionLayer, shape: ModelShape, tokens: tuple[int, ...
     )
 
 
+class DeviceClock:
+    """The GPU's own time for work whose host side is slower than its kernels.
+
+    A decoder layer at decode is launch-bound: timed with a synchronisation around each call (as
+    :class:`Timer` does) it takes the host's launch time, and its kernels finish long before that. In a
+    real decode loop the host launches the next layer while the GPU still works on the previous one's
+    copies and experts, so the two parts overlap. The kernels' own time is read from the CUDA profiler
+    (CUPTI through ``torch.profiler``): the sum of the durations of the kernels and device copies one
+    call launches, which is how long the call keeps a GPU busy when its launches are hidden. (Holding the
+    GPU with a sleep kernel while the host issues the call does not work for a Hugging Face decoder layer:
+    it synchronises inside a call, found on an H100 with transformers 5.17.)"""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def once(self, fn: Callable[[], object], calls: int = 5) -> float | None:
+        """Seconds of GPU kernels per call of ``fn`` (mean of ``calls``), or None if the profiler saw none."""
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize(self.device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize(self.device)
+        total_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+        return total_us / calls / 1e6 if total_us > 0 else None
+
+
+def device_time_series(wall: MeasuredSeries, make_call: Callable[[dict[str, float]], Callable[[], object]],
+                       clock: DeviceClock, repeats: int = 5) -> MeasuredSeries | None:
+    """The kernel time of each point of ``wall`` (a series timed host to host), its key prefixed
+    ``non_expert_device/``; None when the profiler timed fewer than 4 points."""
+    points = []
+    for p in wall.points:
+        fn = make_call(p.x)
+        fn()
+        fn()
+        samples = []
+        for _ in range(repeats):
+            t = clock.once(fn)
+            if t is None:
+                break
+            samples.append(t)
+        if len(samples) == repeats:
+            points.append(summarize(p.x, samples))
+    if len(points) < 4:
+        return None
+    return MeasuredSeries(
+        key=wall.key.replace("non_expert/", "non_expert_device/", 1),
+        description="the GPU's kernel time of " + wall.description + " (the durations of the kernels one call "
+                    "launches, summed: the host's launch time hidden)",
+        shape=wall.shape, params=dict(wall.params) | {"timed": "kernel durations (torch.profiler, CUDA activity)"},
+        points=tuple(points),
+    )
+
+
+def decode_device_series(al: AttentionLayer, wall: MeasuredSeries, clock: DeviceClock) -> MeasuredSeries | None:
+    return device_time_series(wall, lambda x: decode_call(al, int(x["batch"]), int(x["context"])), clock)
+
+
+def prefill_device_series(al: AttentionLayer, wall: MeasuredSeries, clock: DeviceClock) -> MeasuredSeries | None:
+    return device_time_series(wall, lambda x: prefill_call(al, int(x["tokens"])), clock)
+
+
 class _RMSNorm(torch.nn.Module):
     def __init__(self, hidden: int, eps: float = 1e-6):
         super().__init__()

@@ -469,6 +469,11 @@ class HardwareProfile:
     # while the FFN runs: time ratios measured by calib (1.0: independent, as a GPU's DMA engines are).
     compute_slowdown_with_copy: float = 1.0
     copy_slowdown_with_compute: float = 1.0
+    # GPU profiles measured by calib: the non-expert layer's kernel time alone (kernel -> phase -> model), the
+    # host's launch time hidden. The layer timed host to host (``non_expert_models``) is launch-bound at
+    # decode; a decode loop issues it while the GPU still works on the previous layer, so the simulator
+    # overlaps the two (simulator/engine.py). Empty: no overlap, the layer costs its host-to-host time.
+    non_expert_device_models: dict[str, dict[str, RooflineModel]] = field(default_factory=dict)
 
     # ---- contract attributes
     @property
@@ -552,14 +557,19 @@ class HardwareProfile:
         what = f"profile {self.name} cpu_expert_time[{kernel}, {threads or self.cpu_threads} threads]"
         return self._ffn_time(m, shape, tokens, what)
 
-    def non_expert_time(self, shape: ModelShape, phase: str, tokens, context, batch=1, kernel: str = "bf16"):
+    def non_expert_time(self, shape: ModelShape, phase: str, tokens, context, batch=1, kernel: str = "bf16",
+                        device_only: bool = False):
+        """One decoder layer without its routed experts, timed host to host; ``device_only``: its GPU kernels
+        alone (``non_expert_device_models``)."""
         if phase not in PHASES:
             raise MoesimError(f"phase '{phase}': expected 'prefill' or 'decode'")
-        models = self.non_expert_models.get(kernel)
+        family = self.non_expert_device_models if device_only else self.non_expert_models
+        models = family.get(kernel)
         if models is None or phase not in models:
-            have = ", ".join(f"{k}/{p}" for k, v in self.non_expert_models.items() for p in v) or "none"
-            raise MoesimError(f"profile {self.name} has no {kernel} non-expert {phase} model (has: {have})")
-        what = f"profile {self.name} non_expert_time[{phase}]"
+            have = ", ".join(f"{k}/{p}" for k, v in family.items() for p in v) or "none"
+            what = "non-expert kernel-time" if device_only else "non-expert"
+            raise MoesimError(f"profile {self.name} has no {kernel} {what} {phase} model (has: {have})")
+        what = f"profile {self.name} non_expert_time[{phase}{', device' if device_only else ''}]"
         t, c, b = np.broadcast_arrays(_counts(tokens, what), _counts(context, what), _counts(batch, what))
         if phase == "prefill":
             live = np.where(t > 0, t, 1.0)
@@ -600,6 +610,9 @@ class HardwareProfile:
             "cpu_expert": {k: {str(t): m.to_dict() for t, m in sorted(v.items())}
                            for k, v in self.cpu_expert_models.items()},
             "non_expert": {k: {p: m.to_dict() for p, m in v.items()} for k, v in self.non_expert_models.items()},
+        } | ({"non_expert_device": {k: {p: m.to_dict() for p, m in v.items()}
+                                    for k, v in self.non_expert_device_models.items()}}
+             if self.non_expert_device_models else {}) | {
             "head": self.head_model.to_dict(),
             "fit_statistic": self.fit_statistic,
         } | ({"interference": {"compute_with_copy": self.compute_slowdown_with_copy,
@@ -653,6 +666,16 @@ class HardwareProfile:
                 if phase not in PHASES:
                     raise MoesimError(f"{source}: field 'non_expert.{k}.{phase}': expected 'prefill' or 'decode'")
             non_expert[k] = {p: RooflineModel.from_fields(per.sub(p)) for p in per.data}
+        non_expert_device: dict[str, dict[str, RooflineModel]] = {}
+        if f.opt("non_expert_device", None, dict) is not None:
+            nd = f.sub("non_expert_device")
+            for k in nd.data:
+                per = nd.sub(k)
+                for phase in per.data:
+                    if phase not in PHASES:
+                        raise MoesimError(f"{source}: field 'non_expert_device.{k}.{phase}': expected 'prefill' or "
+                                          f"'decode'")
+                non_expert_device[k] = {p: RooflineModel.from_fields(per.sub(p)) for p in per.data}
         overheads = f.sub("overheads")
         slowdown = (1.0, 1.0)
         if f.opt("interference", None, dict) is not None:
@@ -684,6 +707,7 @@ class HardwareProfile:
             schema_version=version,
             compute_slowdown_with_copy=slowdown[0],
             copy_slowdown_with_compute=slowdown[1],
+            non_expert_device_models=non_expert_device,
         )
 
     def series(self, key: str) -> MeasuredSeries:

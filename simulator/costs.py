@@ -15,6 +15,7 @@ have is used, and the substitution is reported in the result (``expert_kernel`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -70,6 +71,10 @@ class CostTables:
     # the profile's mutual slowdowns of compute and host->device copies (1.0 on a GPU; see HardwareProfile)
     compute_slowdown_with_copy: float = 1.0
     copy_slowdown_with_compute: float = 1.0
+    # the non-expert layer's GPU kernel time alone (profile.non_expert_device_models), keyed as the two
+    # tables above; None where the profile has none: the layer then costs its host-to-host time on the stream
+    prefill_non_expert_device: Optional[dict[int, float]] = None
+    decode_non_expert_device: Optional[dict[int, list[float]]] = None
 
 
 
@@ -108,6 +113,18 @@ def build_cost_tables(profile, shape: ModelShape, expert_bytes: list[int], exper
     for b in sorted(decode_batches):
         vals = np.asarray(profile.non_expert_time(shape, "decode", b, contexts, b, kernel=nk)).reshape(-1)
         decode[int(b)] = vals.tolist()
+    prefill_dev = decode_dev = None
+    if set(profile.non_expert_device_models.get(nk, {})) == {"prefill", "decode"}:
+        prefill_dev, decode_dev = {}, {}
+        if prompt_lengths:
+            vals = np.asarray(profile.non_expert_time(shape, "prefill", lens, lens, 1, kernel=nk,
+                                                      device_only=True)).reshape(-1)
+            # never above the host-to-host time: a kernel cannot outlast the call that waited for it
+            prefill_dev = {int(p): min(float(v), prefill[int(p)]) for p, v in zip(lens, vals)}
+        for b in sorted(decode_batches):
+            vals = np.asarray(profile.non_expert_time(shape, "decode", b, contexts, b, kernel=nk,
+                                                      device_only=True)).reshape(-1)
+            decode_dev[int(b)] = np.minimum(vals, np.asarray(decode[int(b)])).tolist()
     rows = sorted({1} | set(decode_batches))
     head_vals = np.asarray(profile.head_time(shape, np.asarray(rows))).reshape(-1)
     return CostTables(
@@ -126,4 +143,5 @@ def build_cost_tables(profile, shape: ModelShape, expert_bytes: list[int], exper
         expert_bytes_by_layer=[int(b) for b in expert_bytes],
         compute_slowdown_with_copy=float(profile.compute_slowdown_with_copy),
         copy_slowdown_with_compute=float(profile.copy_slowdown_with_compute),
+        prefill_non_expert_device=prefill_dev, decode_non_expert_device=decode_dev,
     )

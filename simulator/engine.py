@@ -113,6 +113,12 @@ class Simulation:
         self._copy_in_conc = costs.h2d_conc_by_layer
         self._expert_bytes = costs.expert_bytes_by_layer
         self._prefetch_background = transfer.demand_priority
+        # A profile that times the non-expert layer's kernels apart from its launches lets the host issue a
+        # layer while the GPU still runs the previous one (the loop only waits at each router's read-back).
+        # Not where the host itself is held by the copies: accelerate's per-parameter layer copies and the
+        # default-stream copies are synchronous for it.
+        self._host_ahead = (costs.decode_non_expert_device is not None and costs.prefill_non_expert_device is not None
+                            and transfer.mode != "layer" and not self._serial_copies)
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> EngineStats:
@@ -312,11 +318,29 @@ class Simulation:
         attention = ne + lo + shared  # each MoE layer's attention, router and shared experts on the stream
         attention_busy = ne + shared
         drop_queued = core.replaces_queue and step.phase in core.prefetcher.phases
+        host_ahead = self._host_ahead
+        if host_ahead:
+            clock = self._time
+            ne_gpu = (costs.decode_non_expert_device[step.tokens][step.context] if step.phase == DECODE
+                      else costs.prefill_non_expert_device[step.tokens])
+            attention_busy = ne_gpu + shared
+            host_at = clock.now + pending  # the host has issued the step's start (head, dense layers)
         for layer, work in enumerate(step.layers):
-            pending += attention
+            if host_ahead:
+                # The host launches the layer (``ne``, launch-bound) from where it left the previous one, the
+                # GPU runs its kernels (``ne_gpu``) once it has finished the work queued before them, and the
+                # router's read-back waits for both; the per-layer overhead then delays the expert launches.
+                now = clock.now
+                end = max(now + pending + attention_busy, host_at + ne + shared)
+                grown = end + lo - now - pending
+                pending = end + lo - now
+                host_at = end + lo
+            else:
+                pending += attention
+                grown = attention
             busy += attention_busy
             if tl:
-                segs.append(("gpu", f"attn L{layer}", attention))
+                segs.append(("gpu", f"attn L{layer}", grown))
             if work is None:
                 continue
             if drop_queued:  # the layer's prefetch call clears the queue once its attention has run
@@ -333,6 +357,8 @@ class Simulation:
                 pending = self._layer_copy(layer, pending)
             elif plan.loads and on_compute:
                 pending = self._inline_copies(plan, pending)
+                if host_ahead and not transfer.pinned:  # a pageable copy returns to the host once it is done
+                    host_at = clock.now + pending
             elif plan.loads:
                 if pending > 0.0:
                     yield sleep(pending)
@@ -373,6 +399,9 @@ class Simulation:
             if cpu_task is not None and not cpu_task.landed():
                 yield from self._stall_for(cpu_task, pending)
                 pending = 0.0
+            if cpu_task is not None and host_ahead:
+                # the host takes the CPU experts' outputs once they are done (the driver's time, after a stall)
+                host_at = max(host_at, clock.now)
         stats.gpu_busy_s = busy
         if pending > 0.0:
             yield sleep(pending)

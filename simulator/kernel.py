@@ -107,6 +107,8 @@ def unsupported(prep, objs, record_hits: bool = False, timeline=None, exact_even
     costs = objs.costs
     if costs.copy_slowdown_with_compute != 1.0 or costs.compute_slowdown_with_copy != 1.0:
         return "copies and compute contend on this profile"
+    if costs.decode_non_expert_device is not None:
+        return "this profile times the non-expert layer's kernels apart from its launches (host issuing ahead)"
     return ""
 
 

@@ -96,6 +96,55 @@ def test_shared_hardware_slows_compute_and_copies_where_they_overlap(tmp_path):
     assert "interference" not in profile().to_dict()
 
 
+def test_the_host_issues_a_layer_while_the_gpu_waits_for_the_previous_layers_copy(tmp_path):
+    """A profile that times the non-expert layer's kernels apart (0.25 ms) from its host-to-host time (2 ms,
+    launch-bound): the host launches the next layer while the GPU waits for a copy, and the router's
+    read-back waits for both."""
+    import dataclasses
+
+    from moesim.calib.profile import HardwareProfile
+    from moesim.simulator.run import replay_path
+    from test_sim_support import _const
+
+    # two layers, one slot each; the prompt and the decode token miss at both layers; a copy takes 5 ms
+    path = write_tiny_trace(tmp_path / "t.parquet", [[[0], [0]], [[1], [1]]], prompt=1)
+    slow = profile(h2d_bytes_per_s=EXPERT_BYTES / (5 * MS))
+    split = dataclasses.replace(slow, non_expert_device_models={
+        "bf16": {"prefill": _const(0.25 * MS), "decode": _const(0.25 * MS)}})
+    config = SimConfig(get_preset("lru"), cache_experts=1)
+    base = simulate(path, slow, config)
+    # attention 2, copy 5, FFN 1, attention 2, copy 5, FFN 1
+    assert base.ttft_mean_s == approx(16 * MS) and base.tpot_mean_s == approx(16 * MS)
+    r = simulate(path, split, config)
+    # layer 0 as before (the host launches it: 2 ms; copy 2-7, FFN 7-8); the host launched layer 1 from 2 to
+    # 4 ms, so its kernels run right after the FFN: 8-8.25; copy 8.25-13.25, FFN to 14.25
+    assert r.ttft_mean_s == approx(14.25 * MS) and r.tpot_mean_s == approx(14.25 * MS)
+    assert r.hit_rate == base.hit_rate and r.h2d_bytes == base.h2d_bytes
+    # kernels as long as the launches: nothing to hide, the same times as without the split
+    same = dataclasses.replace(slow, non_expert_device_models={
+        "bf16": {"prefill": _const(2 * MS), "decode": _const(2 * MS)}})
+    assert simulate(path, same, config).tpot_mean_s == approx(base.tpot_mean_s)
+    # the event engine runs it (the compiled replay does not hold the split yet)
+    assert replay_path(*_prepared(path, split, config)).startswith("engine:")
+    # the split survives the profile's JSON; a profile without one writes no field for it
+    back = HardwareProfile.from_dict(split.to_dict())
+    assert back.non_expert_device_models.keys() == {"bf16"} and "non_expert_device" not in slow.to_dict()
+    assert back.non_expert_time(tiny_shape_for(path), "decode", 1, 16, device_only=True) == approx(0.25 * MS)
+
+
+def _prepared(path, prof, config):
+    from moesim.simulator.run import build_policy_objects, load_trace_cached, prepare
+
+    prep = prepare(load_trace_cached(str(path)), prof, config)
+    return prep, build_policy_objects(prep)
+
+
+def tiny_shape_for(path):
+    from moesim.tracer import load_shape
+
+    return load_shape(str(path))
+
+
 def test_cpu_expert_costs_activations_both_ways_plus_the_cpu_ffn(tmp_path):
     path = write_tiny_trace(tmp_path / "t.parquet", [[[0]], [[1]]], prompt=1)
     prof = profile()
