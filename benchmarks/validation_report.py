@@ -1,7 +1,7 @@
 """The simulator's error against the real offloading engine: prints the error table, writes the reports.
 
     python benchmarks/validation_report.py                              # CPU as the device (any machine)
-    python benchmarks/validation_report.py --device cuda --out validation/   # the GPU evidence (< 8 min, H100)
+    python benchmarks/validation_report.py --device cuda --out validation/   # the GPU evidence (~2.5 min, H100)
 
 CPU (the host plays the device): OLMoE-1B-7B-shaped layers (4 of them, 64 experts of 12 MiB, the bundled
 Qwen3 trace remapped onto them), a cache of 16 experts per layer, one request of 16 decode tokens,
