@@ -16,7 +16,8 @@ from numba import njit
 from moesim.simulator.kernel import (
     _BELADY, _BUSY, _COMPUTE, _EAM_ALL, _FIDDLER, _FIFO, _FIRST_NON_RESIDENT, _HYBRIMOE, _IDLE, _LAYER, _LFU, _LRU,
     _MRS, _NEXT_LAYER, _STATIC, _WAKING, B_KEPT, B_MISSED, B_ON_CPU, B_RES, C_BUFFER, C_COUNT, C_INFLIGHT, C_NEXT,
-    C_POS, C_RESIDENT, C_STAMP, C_TIE, C_UNUSED, CPU, D2H, F_BUSY, F_DECODE_TIME, F_NOW, F_STALL, H2D, I_DECODE_CPU,
+    C_POS, C_RESIDENT, C_STAMP, C_TIE, C_UNUSED, CPU, D2H, F_BUSY, F_DECODE_TIME, F_HOST_AT, F_NOW, F_STALL, H2D,
+    H_HOST_AHEAD, H_PAGEABLE_INLINE, I_DECODE_CPU,
     I_DECODE_TOKENS, I_DEMAND, I_H2D_SEQ, I_NJOBS, I_ORDER, I_PF_ISSUED, I_PF_SERVED, I_PF_USED, I_PREFILL_ACC,
     I_PREFILL_HITS, I_STAMP, I_WAITS, JOBS, L_BQHEAD, L_BQTAIL, L_BUSY_S, L_BUSY_UNTIL, L_BYTES, L_CONTEND_UNTIL,
     L_CUR, L_DUR, L_EV_AT, L_EV_ORDER, L_JOBS, L_LAST_EVENT, L_QHEAD, L_QTAIL, L_SERIAL, L_STATE, P_LIMIT,
@@ -828,6 +829,8 @@ def _layer(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, members, scores
         I[I_PREFILL_HITS] += hits + (misses - loads)
     pending, _ = _copies(F, I, LF, LI, Q, JF, JI, CK, TL, TLI, SI, SB, E, mode, write_back, layer, experts, n_sel,
                          loads, n_evicted, pending)
+    if loads > 0 and shape[H_HOST_AHEAD] and shape[H_PAGEABLE_INLINE]:  # a pageable copy returns once it is done
+        F[F_HOST_AT] = F[F_NOW] + pending
     if shape[9] == _FIRST_NON_RESIDENT and g1 > g0:  # FirstNonResident.predict: one guess, if any is not resident
         g = g0
         while g < g1 and CK[C_RESIDENT, (layer + 1) * E + guess[g]]:
@@ -857,6 +860,8 @@ def _layer(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, members, scores
     if cpu_job >= 0 and JI[cpu_job, J_LANDED] == 0:
         _stall_for(F, I, LF, LI, Q, JF, JI, cpu_job, pending)
         pending = 0.0
+    if cpu_job >= 0 and shape[H_HOST_AHEAD]:  # the host takes the CPU experts' outputs once they are done
+        F[F_HOST_AT] = max(F[F_HOST_AT], F[F_NOW])
     return pending, busy
 
 
@@ -870,7 +875,7 @@ def _reset_request(CK, kind):
 
 @njit(cache=True)
 def replay_batch(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, members, scores, shape, scalars, params, phase,
-                 tokens, ne, head, shared, step_offsets, layer_of, expert_offsets, experts, expert_tokens, weights,
+                 tokens, ne, ne_gpu, head, shared, step_offsets, layer_of, expert_offsets, experts, expert_tokens, weights,
                  next_use, guess_offsets, guess, num_prefill, step_end, EAM, EN, EA, decay):
     """One batch's forward steps (replay_steps and Simulation._forward): fills the state F, I, the lanes LF, LI
     and their jobs Q, JF, JI, the decode counters (``counts``: accesses, hits per layer), each step's end and
@@ -888,12 +893,22 @@ def replay_batch(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, members, 
         busy = F[F_BUSY] + (h + dense * n)
         attention = n + layer_overhead + sh
         attention_busy = n + sh
+        host_ahead = shape[H_HOST_AHEAD]
+        if host_ahead:
+            attention_busy = ne_gpu[s] + sh
+            F[F_HOST_AT] = F[F_NOW] + pending
         w, w_end = step_offsets[s], step_offsets[s + 1]
         if prefetching == _EAM_ALL and EA[0] > 0:
             _eam_step(EAM, EN, EA, L, E)
         drop = (shape[H_DROP_QUEUED] >> phase[s]) & 1
         for layer in range(L):
-            pending += attention
+            if host_ahead:  # Simulation._forward: the host launches the layer while the GPU works off its backlog
+                now = F[F_NOW]
+                end = max(now + pending + attention_busy, F[F_HOST_AT] + n + sh)
+                pending = end + layer_overhead - now
+                F[F_HOST_AT] = end + layer_overhead
+            else:
+                pending += attention
             busy += attention_busy
             if w < w_end and layer_of[w] == layer:
                 if drop:  # the layer's prefetch call replaces the queue once its attention has run

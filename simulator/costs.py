@@ -145,3 +145,11 @@ def build_cost_tables(profile, shape: ModelShape, expert_bytes: list[int], exper
         copy_slowdown_with_compute=float(profile.copy_slowdown_with_compute),
         prefill_non_expert_device=prefill_dev, decode_non_expert_device=decode_dev,
     )
+
+
+def host_issues_ahead(costs: CostTables, transfer) -> bool:
+    """Whether the host may launch a layer while the GPU still works through the previous one: the profile
+    times the non-expert layer's kernels apart from its launches, and the copies leave the host free (not
+    accelerate's per-parameter layer copies, not synchronous default-stream copies)."""
+    return (costs.decode_non_expert_device is not None and costs.prefill_non_expert_device is not None
+            and transfer.mode != "layer" and not (transfer.default_stream and not transfer.on_compute_stream))

@@ -30,7 +30,7 @@ from typing import Optional
 import simpy
 
 from moesim.simulator.cache import ExpertCache
-from moesim.simulator.costs import CostTables
+from moesim.simulator.costs import CostTables, host_issues_ahead
 from moesim.simulator.decide import DecisionCore, LayerPlan, RunCounters, replay_steps
 from moesim.simulator.placement import Placement
 from moesim.simulator.prefetch import Prefetcher
@@ -117,8 +117,7 @@ class Simulation:
         # layer while the GPU still runs the previous one (the loop only waits at each router's read-back).
         # Not where the host itself is held by the copies: accelerate's per-parameter layer copies and the
         # default-stream copies are synchronous for it.
-        self._host_ahead = (costs.decode_non_expert_device is not None and costs.prefill_non_expert_device is not None
-                            and transfer.mode != "layer" and not self._serial_copies)
+        self._host_ahead = host_issues_ahead(costs, transfer)
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> EngineStats:

@@ -29,6 +29,7 @@ import weakref
 
 import numpy as np
 
+from moesim.simulator.costs import host_issues_ahead
 from moesim.simulator.cache import NEVER, BeladyCache, FIFOCache, LFUCache, LRUCache, MRSCache, StaticCache
 from moesim.simulator.decide import RunCounters
 from moesim.simulator.placement import FiddlerPlacement, GpuOnly, HybriMoEPlacement
@@ -49,7 +50,7 @@ _NO_PREFETCH, _NEXT_LAYER, _FIRST_NON_RESIDENT, _EAM_ALL = 0, 1, 2, 3
 H2D, D2H, CPU = 0, 1, 2  # the lanes; the first two are each other's peer (a copy is slower while both run)
 
 # slots of the float state F and the integer state I
-F_NOW, F_STALL, F_BUSY, F_DECODE_TIME = range(4)
+F_NOW, F_STALL, F_BUSY, F_DECODE_TIME, F_HOST_AT = range(5)  # F_HOST_AT: where the host has issued up to
 (I_ORDER, I_WAITS, I_PREFILL_ACC, I_PREFILL_HITS, I_DEMAND, I_DECODE_CPU, I_DECODE_TOKENS, I_STAMP, I_NJOBS,
  I_H2D_SEQ, I_PF_ISSUED, I_PF_USED, I_PF_SERVED) = range(13)
 JOBS = 1 << 12  # slots of the job ring (a power of two)
@@ -68,7 +69,7 @@ X_GPU, X_CPU, X_UP, X_UP_CONC, X_DOWN, X_DOWN_CONC = range(6)
 S_SEL, S_JOB_OF, S_ORDER, S_EVICTED, S_PREFETCH = range(5)
 # shape: the run's integer constants
 (H_L, H_E, H_MODE, H_WRITE_BACK, H_CACHE, H_SCOPE_LAYER, H_PLACEMENT, H_CODE, H_HIDDEN, H_PREFETCHER, H_LIMIT,
- H_BACKGROUND, H_DROP_QUEUED, H_EARLIER_ONLY) = range(14)
+ H_BACKGROUND, H_DROP_QUEUED, H_EARLIER_ONLY, H_HOST_AHEAD, H_PAGEABLE_INLINE) = range(16)
 B_MISSED, B_ON_CPU, B_RES, B_KEPT = range(4)
 
 
@@ -107,8 +108,6 @@ def unsupported(prep, objs, record_hits: bool = False, timeline=None, exact_even
     costs = objs.costs
     if costs.copy_slowdown_with_compute != 1.0 or costs.compute_slowdown_with_copy != 1.0:
         return "copies and compute contend on this profile"
-    if costs.decode_non_expert_device is not None:
-        return "this profile times the non-expert layer's kernels apart from its launches (host issuing ahead)"
     return ""
 
 
@@ -152,11 +151,12 @@ class KernelRun:
                           _PREFETCHERS.get(type(objs.prefetcher), _NO_PREFETCH), _guess_limit(objs.prefetcher),
                           int(transfer.demand_priority), _drop_phases(objs.prefetcher),
                           int(bool(getattr(getattr(objs.prefetcher, "spec", None), "evicts_earlier_layers_only",
-                                           False)))],
+                                           False))),
+                          int(host_issues_ahead(costs, transfer)), int(mode == _COMPUTE and not transfer.pinned)],
                          dtype=np.int64)
         scalars = np.array([costs.step_overhead_s, costs.layer_overhead_s, float(costs.dense_layers)])
         params = np.array([getattr(cache, "alpha", 0.0), getattr(cache, "top_p", 0)], dtype=np.float64)
-        F = np.zeros(4, dtype=np.float64)
+        F = np.zeros(5, dtype=np.float64)
         I = np.zeros(13, dtype=np.int64)
         I[I_STAMP] = stamp
         LF = np.zeros((3, 6), dtype=np.float64)
@@ -173,12 +173,12 @@ class KernelRun:
         decode_tables: dict[int, np.ndarray] = {}
         for number, batch in enumerate(self.workload.batches):
             store = batch.store
-            ne, head, shared = _step_costs(store, costs, TT[X_GPU], decode_tables)
+            ne, ne_gpu, head, shared = _step_costs(store, costs, TT[X_GPU], decode_tables)
             step_end = np.zeros(len(store), dtype=np.float64)
             t0 = float(F[F_NOW])  # a Python float: results hold no numpy scalars (their repr differs)
             # one integer type for every store (they pick the smallest): one compiled signature
             replay(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, members, scores, shape, scalars, params,
-                   np.asarray(store.phase, np.int64), np.asarray(store.tokens, np.int64), ne, head, shared,
+                   np.asarray(store.phase, np.int64), np.asarray(store.tokens, np.int64), ne, ne_gpu, head, shared,
                    _int64(store.step_offsets), _int64(store.layer), _int64(store.expert_offsets),
                    _int64(store.experts), _int64(store.expert_tokens), store.weights,
                    _NO_FUTURE if next_uses is None else next_uses[number], *self._guesses(store),
@@ -366,28 +366,37 @@ def _next_uses(workload) -> list[np.ndarray]:
     return np.split(after, np.cumsum(sizes)[:-1])
 
 
-def _step_costs(store, costs, gpu: np.ndarray, decode_tables: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per step of a batch: one decoder layer's non-expert time, the head's time, the shared experts' time
-    (``decode_tables`` keeps each batch size's non-expert row as an array, for the run)."""
+def _step_costs(store, costs, gpu: np.ndarray, decode_tables: dict):
+    """Per step of a batch: one decoder layer's non-expert time (host to host, and its kernels alone where the
+    profile has them, else zeros), the head's time, the shared experts' time (``decode_tables`` keeps each
+    batch size's rows as arrays, for the run)."""
     tokens = np.asarray(store.tokens, dtype=np.int64)
     context = np.asarray(store.context, dtype=np.int64)
     decode = np.asarray(store.phase) == DECODE
+    split = costs.decode_non_expert_device is not None and costs.prefill_non_expert_device is not None
     ne = np.empty(len(tokens), dtype=np.float64)
+    ne_gpu = np.zeros(len(tokens), dtype=np.float64)
     head = np.empty(len(tokens), dtype=np.float64)
     for b in np.unique(tokens[decode]).tolist():
         rows = decode & (tokens == b)
         if b not in decode_tables:
             decode_tables[b] = np.asarray(costs.decode_non_expert[b], dtype=np.float64)
+            if split:
+                decode_tables[-b] = np.asarray(costs.decode_non_expert_device[b], dtype=np.float64)
         ne[rows] = decode_tables[b][context[rows]]
+        if split:
+            ne_gpu[rows] = decode_tables[-b][context[rows]]
         head[rows] = costs.head[b]
     for i in np.flatnonzero(~decode).tolist():
         ne[i] = costs.prefill_non_expert[store.tokens[i]]
+        if split:
+            ne_gpu[i] = costs.prefill_non_expert_device[store.tokens[i]]
         head[i] = costs.head[1]
     if costs.shared_experts:
         shared = costs.shared_experts * gpu[tokens]
     else:
         shared = np.zeros(len(tokens), dtype=np.float64)
-    return ne, head, shared
+    return ne, ne_gpu, head, shared
 
 
 def _request_times(stats: RunCounters, batch, step_end: np.ndarray, t0: float) -> None:

@@ -119,13 +119,14 @@ def test_the_host_issues_a_layer_while_the_gpu_waits_for_the_previous_layers_cop
     # layer 0 as before (the host launches it: 2 ms; copy 2-7, FFN 7-8); the host launched layer 1 from 2 to
     # 4 ms, so its kernels run right after the FFN: 8-8.25; copy 8.25-13.25, FFN to 14.25
     assert r.ttft_mean_s == approx(14.25 * MS) and r.tpot_mean_s == approx(14.25 * MS)
+    on_engine = simulate(path, split, config, compiled=False)
+    assert on_engine.ttft_mean_s == approx(14.25 * MS) and on_engine.tpot_mean_s == approx(14.25 * MS)
     assert r.hit_rate == base.hit_rate and r.h2d_bytes == base.h2d_bytes
     # kernels as long as the launches: nothing to hide, the same times as without the split
     same = dataclasses.replace(slow, non_expert_device_models={
         "bf16": {"prefill": _const(2 * MS), "decode": _const(2 * MS)}})
     assert simulate(path, same, config).tpot_mean_s == approx(base.tpot_mean_s)
-    # the event engine runs it (the compiled replay does not hold the split yet)
-    assert replay_path(*_prepared(path, split, config)).startswith("engine:")
+    assert replay_path(*_prepared(path, split, config)) == "compiled"
     # the split survives the profile's JSON; a profile without one writes no field for it
     back = HardwareProfile.from_dict(split.to_dict())
     assert back.non_expert_device_models.keys() == {"bf16"} and "non_expert_device" not in slow.to_dict()

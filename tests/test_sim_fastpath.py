@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,6 +240,41 @@ def test_compiled_replay_keeps_simpys_order_of_simultaneous_events(preset, tmp_p
                     config = SimConfig(preset_spec(preset), cache_experts=cache_experts, gpu_mem_bytes=1 << 40,
                                        batch=batch)
                     check_path(preset, assert_compiled_same(trace, profile, config))
+
+
+@functools.lru_cache(maxsize=1)
+def h100_validation_profile():
+    """The H100 profile of validation/ (calibrated before the GPU runs): it times the non-expert layer's kernels
+    apart from its launches, so the host issues a layer while the GPU works through its backlog."""
+    from moesim.calib.profile import load_profile
+
+    profile = load_profile(str(Path(__file__).resolve().parents[1] / "validation" / "profile-cuda-validate.json"))
+    assert profile.non_expert_device_models
+    return profile
+
+
+@pytest.mark.parametrize("preset", PRESETS.names() + ["moe-infinity-2024+prefetch=none"])
+def test_compiled_replay_equals_the_engine_where_the_host_issues_ahead(preset, tmp_path):
+    profile = h100_validation_profile()
+    trace = bundled_head("qwen3-30b-a3b-bigmoeonedge")
+    for cache_experts in (1, 2, 6):
+        config = SimConfig(preset_spec(preset), cache_experts=cache_experts, gpu_mem_bytes=1 << 40)
+        check_path(preset, assert_compiled_same(trace, profile, config))
+    # batched decode, and tiny traces with round kernel times (0.25 of a 2 ms launch-bound layer)
+    routing = read_routing("mixtral-8x7b-published")
+    batched = synthetic_trace(routing, np.full(3, 5), np.array([12, 9, 7]), seed=3)
+    config = SimConfig(preset_spec(preset), cache_experts=3, gpu_mem_bytes=1 << 40, batch=3)
+    check_path(preset, assert_compiled_same(batched, profile, config))
+    from test_sim_support import _const
+
+    split = dataclasses.replace(round_profile(), non_expert_device_models={
+        "bf16": {"prefill": _const(0.5e-3), "decode": _const(0.5e-3)}})
+    rng = np.random.default_rng(13)
+    tokens = [[sorted(rng.choice(4, size=2, replace=False).tolist()) for _ in range(3)] for _ in range(10)]
+    tiny = load_trace_cached(write_tiny_trace(tmp_path / "t.parquet", tokens, prompt=2, top_k=2, requests=2))
+    for cache_experts in (1, 2):
+        config = SimConfig(preset_spec(preset), cache_experts=cache_experts, gpu_mem_bytes=1 << 40, batch=2)
+        check_path(preset, assert_compiled_same(tiny, split, config))
 
 
 def test_runs_the_compiled_replay_cannot_reproduce_take_the_engine():
