@@ -631,6 +631,10 @@ def model_rows(profile: HardwareProfile) -> list[tuple[str, str, int, float | No
     for k, per in profile.non_expert_models.items():
         for phase, m in per.items():
             rows.append((f"non_expert {k} {phase}", m.method, m.n_points, m.loo_rel_error, m.loo_max_rel_error))
+    for k, per in profile.non_expert_device_models.items():
+        for phase, m in per.items():
+            rows.append((f"non_expert {k} {phase} kernels", m.method, m.n_points, m.loo_rel_error,
+                         m.loo_max_rel_error))
     h = profile.head_model
     rows.append(("head", h.method, h.n_points, h.loo_rel_error, h.loo_max_rel_error))
     return rows
