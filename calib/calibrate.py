@@ -446,14 +446,12 @@ def _measure_non_expert(run: CalibRun) -> None:
     if run.device.type == "cuda":
         # the same points timed as kernels only: a decode loop hides the launches behind the GPU's backlog
         measure_kernels = {"decode": decode_device_series, "prefill": prefill_device_series}
-        clock: list[DeviceClock] = []
+        clock = DeviceClock(run.device)
         for name in ("decode", "prefill"):
             wall = found[name][0]
 
             def kernels(wall=wall, name=name) -> dict[str, Any]:
-                if not clock:
-                    clock.append(DeviceClock(run.device))
-                s = measure_kernels[name](the_layer(), wall, clock[0])
+                s = measure_kernels[name](the_layer(), wall, clock)
                 return {"series": series_to_json([s] if s is not None else [])}
 
             payload = run.unit(f"non-expert layer, {name}, kernel time",

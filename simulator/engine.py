@@ -331,15 +331,15 @@ class Simulation:
                 # router's read-back waits for both; the per-layer overhead then delays the expert launches.
                 now = clock.now
                 end = max(now + pending + attention_busy, host_at + ne + shared)
-                grown = end + lo - now - pending
+                if tl:
+                    segs.append(("gpu", f"attn L{layer}", end + lo - now - pending))
                 pending = end + lo - now
                 host_at = end + lo
             else:
                 pending += attention
-                grown = attention
+                if tl:
+                    segs.append(("gpu", f"attn L{layer}", attention))
             busy += attention_busy
-            if tl:
-                segs.append(("gpu", f"attn L{layer}", grown))
             if work is None:
                 continue
             if drop_queued:  # the layer's prefetch call clears the queue once its attention has run

@@ -29,8 +29,8 @@ import weakref
 
 import numpy as np
 
-from moesim.simulator.costs import host_issues_ahead
 from moesim.simulator.cache import NEVER, BeladyCache, FIFOCache, LFUCache, LRUCache, MRSCache, StaticCache
+from moesim.simulator.costs import host_issues_ahead
 from moesim.simulator.decide import RunCounters
 from moesim.simulator.placement import FiddlerPlacement, GpuOnly, HybriMoEPlacement
 from moesim.simulator.prefetch import FirstNonResident, LearnedPrefetch, NextLayerGuess
@@ -170,7 +170,7 @@ class KernelRun:
         counts = np.zeros((2, L), dtype=np.int64)  # decode accesses and hits per layer
         replay = _compiled()
         next_uses = _next_uses(self.workload) if isinstance(cache, BeladyCache) else None
-        decode_tables: dict[int, np.ndarray] = {}
+        decode_tables: dict[int, tuple] = {}
         for number, batch in enumerate(self.workload.batches):
             store = batch.store
             ne, ne_gpu, head, shared = _step_costs(store, costs, TT[X_GPU], decode_tables)
@@ -369,7 +369,7 @@ def _next_uses(workload) -> list[np.ndarray]:
 def _step_costs(store, costs, gpu: np.ndarray, decode_tables: dict):
     """Per step of a batch: one decoder layer's non-expert time (host to host, and its kernels alone where the
     profile has them, else zeros), the head's time, the shared experts' time (``decode_tables`` keeps each
-    batch size's rows as arrays, for the run)."""
+    batch size's two rows as arrays, for the run)."""
     tokens = np.asarray(store.tokens, dtype=np.int64)
     context = np.asarray(store.context, dtype=np.int64)
     decode = np.asarray(store.phase) == DECODE
@@ -379,13 +379,13 @@ def _step_costs(store, costs, gpu: np.ndarray, decode_tables: dict):
     head = np.empty(len(tokens), dtype=np.float64)
     for b in np.unique(tokens[decode]).tolist():
         rows = decode & (tokens == b)
-        if b not in decode_tables:
-            decode_tables[b] = np.asarray(costs.decode_non_expert[b], dtype=np.float64)
-            if split:
-                decode_tables[-b] = np.asarray(costs.decode_non_expert_device[b], dtype=np.float64)
-        ne[rows] = decode_tables[b][context[rows]]
+        if b not in decode_tables:  # (host to host, kernels alone or None)
+            decode_tables[b] = (np.asarray(costs.decode_non_expert[b], dtype=np.float64),
+                                np.asarray(costs.decode_non_expert_device[b], dtype=np.float64) if split else None)
+        host_row, kernel_row = decode_tables[b]
+        ne[rows] = host_row[context[rows]]
         if split:
-            ne_gpu[rows] = decode_tables[-b][context[rows]]
+            ne_gpu[rows] = kernel_row[context[rows]]
         head[rows] = costs.head[b]
     for i in np.flatnonzero(~decode).tolist():
         ne[i] = costs.prefill_non_expert[store.tokens[i]]

@@ -12,7 +12,7 @@ from moesim.simulator.compose import build_policy
 from moesim.simulator.config import SimConfig
 from moesim.simulator.presets import get_preset
 from moesim.simulator.run import simulate
-from test_sim_support import EXPERT_BYTES, round_profile, write_tiny_trace
+from test_sim_support import EXPERT_BYTES, _const, replay_path_of, round_profile, write_tiny_trace
 
 MS = 1e-3
 BW = EXPERT_BYTES / MS  # one expert per millisecond
@@ -103,8 +103,7 @@ def test_the_host_issues_a_layer_while_the_gpu_waits_for_the_previous_layers_cop
     import dataclasses
 
     from moesim.calib.profile import HardwareProfile
-    from moesim.simulator.run import replay_path
-    from test_sim_support import _const
+    from moesim.tracer import load_shape
 
     # two layers, one slot each; the prompt and the decode token miss at both layers; a copy takes 5 ms
     path = write_tiny_trace(tmp_path / "t.parquet", [[[0], [0]], [[1], [1]]], prompt=1)
@@ -119,6 +118,7 @@ def test_the_host_issues_a_layer_while_the_gpu_waits_for_the_previous_layers_cop
     # layer 0 as before (the host launches it: 2 ms; copy 2-7, FFN 7-8); the host launched layer 1 from 2 to
     # 4 ms, so its kernels run right after the FFN: 8-8.25; copy 8.25-13.25, FFN to 14.25
     assert r.ttft_mean_s == approx(14.25 * MS) and r.tpot_mean_s == approx(14.25 * MS)
+    assert replay_path_of(path, split, config) == "compiled"  # the numbers above are the compiled replay's
     on_engine = simulate(path, split, config, compiled=False)
     assert on_engine.ttft_mean_s == approx(14.25 * MS) and on_engine.tpot_mean_s == approx(14.25 * MS)
     assert r.hit_rate == base.hit_rate and r.h2d_bytes == base.h2d_bytes
@@ -126,24 +126,10 @@ def test_the_host_issues_a_layer_while_the_gpu_waits_for_the_previous_layers_cop
     same = dataclasses.replace(slow, non_expert_device_models={
         "bf16": {"prefill": _const(2 * MS), "decode": _const(2 * MS)}})
     assert simulate(path, same, config).tpot_mean_s == approx(base.tpot_mean_s)
-    assert replay_path(*_prepared(path, split, config)) == "compiled"
     # the split survives the profile's JSON; a profile without one writes no field for it
     back = HardwareProfile.from_dict(split.to_dict())
     assert back.non_expert_device_models.keys() == {"bf16"} and "non_expert_device" not in slow.to_dict()
-    assert back.non_expert_time(tiny_shape_for(path), "decode", 1, 16, device_only=True) == approx(0.25 * MS)
-
-
-def _prepared(path, prof, config):
-    from moesim.simulator.run import build_policy_objects, load_trace_cached, prepare
-
-    prep = prepare(load_trace_cached(str(path)), prof, config)
-    return prep, build_policy_objects(prep)
-
-
-def tiny_shape_for(path):
-    from moesim.tracer import load_shape
-
-    return load_shape(str(path))
+    assert back.non_expert_time(load_shape(str(path)), "decode", 1, 16, device_only=True) == approx(0.25 * MS)
 
 
 def test_cpu_expert_costs_activations_both_ways_plus_the_cpu_ffn(tmp_path):

@@ -22,7 +22,7 @@ from moesim.tracer import DECODE, PREFILL, Trace
 from moesim.tracer.routing import read_routing
 from moesim.tracer.synth import synthetic_trace
 from moesim.traces import bundled_traces
-from test_sim_support import EXPERT_BYTES, round_profile, write_tiny_trace
+from test_sim_support import EXPERT_BYTES, _const, replay_path_of, round_profile, write_tiny_trace
 
 BUNDLED = ("qwen3-30b-a3b-bigmoeonedge", "gemma-4-26b-a4b-bigmoeonedge", "gpt-oss-120b-bigmoeonedge")
 DECODE_TOKENS = 32  # the head of each bundled trace: every preset's paths, in a test-suite budget
@@ -165,13 +165,6 @@ def value_types(result) -> list:
     return out
 
 
-def replay_path_of(trace, profile, config: SimConfig) -> str:
-    from moesim.simulator.run import build_policy_objects, prepare, replay_path
-
-    prep = prepare(trace, profile, config)
-    return replay_path(prep, build_policy_objects(prep)) if prep.plan.fits else "does not fit"
-
-
 def assert_compiled_same(trace, profile, config: SimConfig) -> str:
     """The compiled replay's result equals the engine's; returns which path the default run took."""
     old = simulate(trace, profile, config, compiled=False)
@@ -265,7 +258,6 @@ def test_compiled_replay_equals_the_engine_where_the_host_issues_ahead(preset, t
     batched = synthetic_trace(routing, np.full(3, 5), np.array([12, 9, 7]), seed=3)
     config = SimConfig(preset_spec(preset), cache_experts=3, gpu_mem_bytes=1 << 40, batch=3)
     check_path(preset, assert_compiled_same(batched, profile, config))
-    from test_sim_support import _const
 
     split = dataclasses.replace(round_profile(), non_expert_device_models={
         "bf16": {"prefill": _const(0.5e-3), "decode": _const(0.5e-3)}})

@@ -18,7 +18,7 @@ from moesim.calib.profile import (
     RooflineModel,
     copy_key,
 )
-from moesim.tracer import DECODE, PREFILL, TraceCells, write_trace
+from moesim.tracer import DECODE, PREFILL, Trace, TraceCells, write_trace
 
 FAST = 1e30  # a rate so high that the roofline term is negligible: the time is the model's latency
 
@@ -71,6 +71,16 @@ def write_tiny_trace(path: Path, tokens: list[list[list[int]]], prompt: int = 1,
         next_layer_guess=np.array([x[6] for x in rows], np.int16) if guesses else None,
     )
     return write_trace(path, tiny_meta(shape), cells)
+
+
+def replay_path_of(trace, profile, config) -> str:
+    """Which replay a default ``simulate`` of ``config`` takes: "compiled", "engine: <why>" or "does not fit"."""
+    from moesim.simulator.run import build_policy_objects, load_trace_cached, prepare, replay_path
+
+    if not isinstance(trace, Trace):
+        trace = load_trace_cached(str(trace))
+    prep = prepare(trace, profile, config)
+    return replay_path(prep, build_policy_objects(prep)) if prep.plan.fits else "does not fit"
 
 
 EXPERT_BYTES = tiny_shape().expert_params * 2  # bf16 bytes of one tiny expert (49152)
