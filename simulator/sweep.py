@@ -134,31 +134,66 @@ def run_point(point: SweepPoint) -> dict:
     return row
 
 
-def _warm_units(points: Sequence[SweepPoint]) -> tuple[list[SweepPoint], list[SweepPoint]]:
-    """One point per piece of set-up the grid shares: (the learned predictor of each (trace, batch, preset)
-    that prefetches with it, the costliest; each compiled workload the fits do not cover, longest trace first)."""
+@dataclass(frozen=True)
+class _SetupUnit:
+    """A piece of set-up that several points share, done once ahead of them: the compiled workload of
+    (trace, batch, gating, guess) (``fit`` False), or the learned predictor of a (workload, preset) (True)."""
+
+    point: SweepPoint  # a point that needs it
+    fit: bool
+
+    def run(self) -> None:
+        """Do it in this process (kept in this process's memos and in the on-disk cache)."""
+        from moesim.simulator.run import prefetch_predictions, prepare
+        from moesim.simulator.session import ReplaySession, load_profile_cached, load_trace_cached
+        from moesim.traces import resolve_trace
+
+        p = self.point
+        try:
+            trace = load_trace_cached(resolve_trace(p.trace))
+            profile = load_profile_cached(p.profile)
+            config = point_config(p)
+            if self.fit:
+                prefetch_predictions(prepare(trace, profile, config), config.policy.prefetch.train)
+            else:
+                ReplaySession.of(trace, profile).workload(p.batch, config.policy)
+        except MoesimError:
+            pass  # reported by the point itself
+
+
+def _run_setup_unit(unit: _SetupUnit) -> None:
+    unit.run()
+
+
+def _setup_units(points: Sequence[SweepPoint]) -> tuple[list[_SetupUnit], list[list[int]]]:
+    """The set-up ``points`` share, and for each point the indices of the units it waits for.
+
+    Workload compiles come first, the longest traces first (each lets many points start; a pool should not end
+    on a long compile with its other workers idle), then the predictor fits, the costliest, which only the
+    ``predictive`` points wait for."""
     from moesim.simulator.compose import policy_spec
 
-    predictive, plain, covered = [], [], set()
+    compiles: dict[tuple, SweepPoint] = {}
+    fits: dict[tuple, SweepPoint] = {}
+    keys: list[tuple[Optional[tuple], Optional[tuple]]] = []
     for p in points:
         try:
             policy = policy_spec(p.policy)
         except MoesimError:
-            continue  # reported by the point itself
+            keys.append((None, None))  # reported by the point itself
+            continue
         workload = (p.trace, p.batch, policy.gating, policy.prefetch.guess)
-        if policy.prefetch.policy == "predictive":
-            if (workload, p.policy) not in covered:
-                covered.update({(workload, p.policy), workload})
-                predictive.append(p)
-        else:
-            plain.append((workload, p))
-    compiles = []
-    for workload, p in plain:
-        if workload not in covered:  # a predictive unit compiles the same workload
-            covered.add(workload)
-            compiles.append(p)
-    # the longest traces first, so that a pool does not end on a long compile with its other workers idle
-    return predictive, sorted(compiles, key=lambda p: -_trace_bytes(p.trace))
+        compiles.setdefault(workload, p)
+        fit = (workload, p.policy) if policy.prefetch.policy == "predictive" else None
+        if fit is not None:
+            fits.setdefault(fit, p)
+        keys.append((workload, fit))
+    order = sorted(compiles, key=lambda w: -_trace_bytes(compiles[w].trace))
+    units = [_SetupUnit(compiles[w], fit=False) for w in order] + [_SetupUnit(p, fit=True) for p in fits.values()]
+    index = {w: i for i, w in enumerate(order)}
+    index.update({f: len(order) + i for i, f in enumerate(fits)})
+    needs = [[index[k] for k in pair if k is not None] for pair in keys]
+    return units, needs
 
 
 def _trace_bytes(spec: str) -> int:
@@ -168,30 +203,6 @@ def _trace_bytes(spec: str) -> int:
         return Path(resolve_trace(spec)).stat().st_size
     except (MoesimError, OSError):
         return 0
-
-
-def _warm_unit(p: SweepPoint) -> None:
-    """Load and compile what the points like ``p`` share (kept in this process's memos and on disk)."""
-    from moesim.simulator.run import prefetch_predictions, prepare
-    from moesim.simulator.session import ReplaySession, load_profile_cached, load_trace_cached
-    from moesim.traces import resolve_trace
-
-    try:
-        trace = load_trace_cached(resolve_trace(p.trace))
-        profile = load_profile_cached(p.profile)
-        config = point_config(p)
-        ReplaySession.of(trace, profile).workload(p.batch, config.policy)
-        if config.policy.prefetch.policy == "predictive":
-            prefetch_predictions(prepare(trace, profile, config), config.policy.prefetch.train)
-    except MoesimError:
-        pass  # reported by the point itself
-
-
-def _warm(points: Sequence[SweepPoint]) -> None:
-    """Prepare, in this process, what every point would otherwise redo (kept in memos and on disk)."""
-    fits, compiles = _warm_units(points)
-    for p in fits + compiles:
-        _warm_unit(p)
 
 
 def _read_journal(path: Path) -> dict[str, dict]:
@@ -320,48 +331,144 @@ def run_sweep(points: Sequence[SweepPoint], out_dir: Path, jobs: int = 0, progre
 def _local_rows(todo: Sequence[SweepPoint], jobs: int) -> tuple[Iterable[dict], Callable[[], None]]:
     """The rows of ``todo`` from ``jobs`` processes of this machine, as they finish, and how to stop them.
 
-    With several workers the shared set-up comes first, in parallel (issue #14): a pool fits the learned
-    predictors and compiles the workloads into the on-disk cache, while this process imports the compiled replay
-    (numba and its registries, most of a second) and takes the smallest compile and its point, which loads the
-    replay (or, on an install whose numba cache is cold, compiles it once, here, rather than once per worker).
-    The point workers are forked after that and inherit all of it, the set-up loaded back from the disk cache."""
+    With several workers nothing waits for the whole set-up (issue #14). Set-up processes, forked first, compile
+    the shared workloads and fit the learned predictors into the on-disk cache and say when each is done. This
+    process meanwhile imports the compiled replay (numba and its registries, most of a second), takes the
+    smallest compile and one of its points, which loads the replay (or, on an install whose numba cache is cold,
+    compiles it once, here, rather than once per worker), and then forks the point workers, which inherit all
+    of it. A point goes to them as soon as the set-up it needs is done: most points run while the predictors,
+    which only the ``predictive`` points need, are still being fitted."""
     jobs = jobs or (os.cpu_count() or 1)
     jobs = max(1, min(jobs, len(todo)))
+    units, needs = _setup_units(todo)
     if jobs == 1:
-        _warm(todo)
+        for unit in units:
+            unit.run()
         return map(run_point, todo), lambda: None
-    # workers are forked before any progress-bar thread exists
+    # forked before any thread exists in this process (the pool's and the progress bar's come later)
     context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    fits, compiles = _warm_units(todo)
-    own, pooled = compiles[-1:], fits + compiles[:-1]
-    warm_pool = context.Pool(min(jobs, len(pooled)), initializer=_quiet_worker) if pooled else None
+    own = next((i for i in reversed(range(len(units))) if not units[i].fit and [i] in needs), None)
+    own_point = todo[needs.index([own])] if own is not None else None
+    shared = [i for i in range(len(units)) if i != own]
+    setups: dict = {}  # receiving end of each set-up process's pipe -> (process, its unit indices)
+    n_setup = min(max(1, jobs - 1), len(shared))
+    for s in range(n_setup):
+        mine = shared[s::n_setup]
+        receive, send = context.Pipe(duplex=False)
+        proc = context.Process(target=_setup_worker, args=([units[i] for i in mine], mine, send), daemon=True)
+        proc.start()
+        send.close()
+        setups[receive] = (proc, mine)
     first_rows: list[dict] = []
+    done_units: set[int] = set()
     try:
-        pending = warm_pool.map_async(_warm_unit, pooled, chunksize=1) if warm_pool is not None else None
         from moesim.simulator.kernel import preload
 
         preload()
-        for p in own:
-            _warm_unit(p)
-            first_rows.append(run_point(p))
-        if pending is not None:
-            pending.get()
-    finally:
-        if warm_pool is not None:
-            warm_pool.terminate()
-            warm_pool.join()
-    _warm(todo)  # loads what the pool put in the disk cache, for the point workers to inherit
-    rest = [p for p in todo if p not in own]
-    if not rest:
-        return iter(first_rows), lambda: None
-    pool = context.Pool(min(jobs, len(rest)), initializer=_quiet_worker)
+        if own is not None:
+            units[own].run()
+            done_units.add(own)
+            first_rows.append(run_point(own_point))
+        _collect_done(setups, done_units)
+        for i in sorted(done_units - {own}):
+            units[i].run()  # loaded back from the disk cache, for every point worker to inherit
+        pool = context.Pool(jobs, initializer=_quiet_worker)
+    except BaseException:
+        _stop_setups(setups)
+        raise
 
     def stop() -> None:
         pool.terminate()
         pool.join()
+        _stop_setups(setups)
 
-    chunk = max(1, len(rest) // (16 * jobs))  # sixteen chunks per worker: fewer round trips, balanced ends
-    return itertools.chain(first_rows, pool.imap_unordered(run_point, rest, chunksize=chunk)), stop
+    rest = [(p, need) for p, need in zip(todo, needs) if p is not own_point]
+    return _dispatch(pool, jobs, first_rows, _chunks(rest, jobs), done_units, setups), stop
+
+
+def _chunks(points: Sequence[tuple[SweepPoint, list[int]]], jobs: int) -> list[tuple[list[SweepPoint], set[int]]]:
+    """The points in chunks for the workers, each with the set-up units it waits for.
+
+    A chunk keeps the points of one (trace, batch, policy) together, up to a sixteenth of a worker's share
+    (fewer round trips, balanced ends): what a policy derives from a trace on its first run (stack distances,
+    next uses, guess unions; a few tenths of a second per trace) is then derived by one worker, not by each."""
+    most = max(1, len(points) // (16 * jobs))
+    groups: dict[tuple, list] = {}
+    for p, need in points:
+        groups.setdefault((p.trace, p.batch, p.policy), []).append((p, need))
+    out = []
+    for members in groups.values():
+        for i in range(0, len(members), most):
+            part = members[i:i + most]
+            out.append(([p for p, _ in part], set().union(*(set(n) for _, n in part))))
+    return out
+
+
+def _dispatch(pool, jobs: int, first_rows: list[dict], chunks: list[tuple[list[SweepPoint], set[int]]],
+              done_units: set[int], setups: dict) -> Iterable[dict]:
+    """Rows as they finish: each chunk is sent to ``pool`` once the set-up units it needs are done."""
+    import queue
+    from multiprocessing.connection import wait
+
+    yield from first_rows
+    results: queue.SimpleQueue = queue.SimpleQueue()
+    waiting, outstanding = list(chunks), 0
+    while waiting or outstanding:
+        _collect_done(setups, done_units)
+        # a live set-up process holds a core: no more chunks in flight than the cores left (more would make
+        # every process slower, the set-up included, for no gain)
+        room = max(1, jobs - len(setups)) - outstanding if setups else len(waiting)
+        ready = [i for i, (_, need) in enumerate(waiting) if need <= done_units][: max(room, 0)]
+        for i in ready:
+            pool.apply_async(_run_points, (waiting[i][0],), callback=results.put, error_callback=results.put)
+        outstanding += len(ready)
+        taken = set(ready)
+        waiting = [c for i, c in enumerate(waiting) if i not in taken]
+        if not outstanding:
+            wait(list(setups))  # nothing running: the next chunk waits for a set-up unit
+            continue
+        try:
+            got = results.get(timeout=0.02 if setups else None)
+        except queue.Empty:
+            continue
+        outstanding -= 1
+        if isinstance(got, BaseException):
+            raise got
+        yield from got
+
+
+def _collect_done(setups: dict, done_units: set[int]) -> None:
+    """Add to ``done_units`` what the set-up processes finished since last asked (without waiting)."""
+    from multiprocessing.connection import wait
+
+    for conn in wait(list(setups), timeout=0) if setups else ():
+        try:
+            while conn.poll():
+                done_units.add(conn.recv())
+        except EOFError:  # its units are all done, or it died and the points set themselves up
+            proc, mine = setups.pop(conn)
+            proc.join()
+            done_units.update(mine)
+
+
+def _run_points(points: Sequence[SweepPoint]) -> list[dict]:
+    return [run_point(p) for p in points]
+
+
+def _setup_worker(units: Sequence[_SetupUnit], indices: Sequence[int], done) -> None:
+    """Run ``units`` in order, sending each one's index down ``done`` when it is in the on-disk cache."""
+    _quiet_worker()
+    for unit, i in zip(units, indices):
+        unit.run()
+        done.send(i)
+    done.close()
+
+
+def _stop_setups(setups: dict) -> None:
+    for proc, _ in setups.values():
+        proc.terminate()
+    for proc, _ in setups.values():
+        proc.join()
 
 
 def _quiet_worker() -> None:

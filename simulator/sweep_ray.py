@@ -31,7 +31,7 @@ def ray_rows(todo: Sequence, jobs: int, address: Optional[str]) -> tuple[Iterabl
 
     Connects to ``address`` (``auto``: the cluster this machine belongs to); without one, uses the Ray
     instance this process already started, else starts a local one of ``jobs`` CPUs (0: every core)."""
-    from moesim.simulator.sweep import _warm_unit, _warm_units, run_point
+    from moesim.simulator.sweep import _run_setup_unit, _setup_units, run_point
 
     ray = _import_ray()
     started = False
@@ -45,12 +45,12 @@ def ray_rows(todo: Sequence, jobs: int, address: Optional[str]) -> tuple[Iterabl
             raise MoesimError(f"--executor ray: cannot start or reach Ray{f' at {address}' if address else ''} "
                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
         started = True
-    warm = ray.remote(num_cpus=1)(_warm_unit)
+    warm = ray.remote(num_cpus=1)(_run_setup_unit)
     point = ray.remote(num_cpus=1, max_retries=2)(run_point)
     pending: list = []
 
     def rows() -> Iterator[dict]:
-        ray.get([warm.remote(u) for units in _warm_units(todo) for u in units])
+        ray.get([warm.remote(u) for u in _setup_units(todo)[0]])
         pending.extend(point.remote(p) for p in todo)
         while pending:
             ready, rest = ray.wait(pending, num_returns=1)
