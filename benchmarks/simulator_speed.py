@@ -9,7 +9,8 @@
    per copy) against the default path, which is the compiled replay (``simulator/kernel.py``) for the presets it
    covers (the ``path`` column says which ran), warm, on one core (goals: < 0.2 s and >= 1M activations/s).
 3. Peak memory (a child process's VmHWM, Linux) of simulating a ``moesim trace synth`` trace of N activations
-   (goal: 32M activations under 4 GiB; the default N is smaller, see --memory-activations).
+   (goal: 32M activations under 4 GiB; the default N is smaller and 32M is extrapolated from N and N/2, see
+   --memory-activations).
 4. ``moesim --help`` wall time (goal < 0.2 s), and optionally a 200-configuration sweep.
 
 The Mixtral trace is synthetic (no Mixtral routing trace is bundled): per-layer expert popularity from
@@ -245,27 +246,37 @@ print(time.perf_counter() - t0, high_water(), base, r.hit_rate)
 """
 
 
-def bench_memory(activations: int, tmp: Path) -> None:
-    """Peak RSS of one ``simulate`` of a synthetic Mixtral trace in a fresh process (the compiled-workload disk
-    cache pointed at an empty folder, so the compile is part of the run)."""
+def _peak_of_simulate(activations: int, tmp: Path) -> tuple[int, float, int, int]:
+    """(decode activations, wall s, peak RSS, RSS after imports) of one simulate of a synthetic Mixtral trace of
+    about ``activations`` in a fresh process, its compiled-workload disk cache empty (the compile is in the run)."""
     import subprocess
 
     output = 500
     requests = max(1, round(activations / (output * 32 * 2)))
     trace = tmp / f"mixtral-{requests}x{output}.parquet"
-    env = dict(os.environ, MOESIM_CACHE_DIR=str(tmp / "cache"))
+    env = dict(os.environ, MOESIM_CACHE_DIR=str(tmp / f"cache-{requests}"))
     subprocess.run([sys.executable, "-m", "moesim.cli", "trace", "synth", "--routing", "mixtral-8x7b-published",
                     "--requests", str(requests), "--prompt-len", "16", "--output-len", str(output), "--out",
                     str(trace)], check=True, capture_output=True, env=env)
     out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(trace)], check=True, capture_output=True,
                          text=True, env=env).stdout.split()
-    wall, rss, base = float(out[0]), int(out[1]), int(out[2])
-    n = requests * output * 32 * 2
-    per = (rss - base) / n
-    at_goal = "" if n >= 32_000_000 else f"; 32M at that rate: {(base + per * 32e6) / 2**30:.1f} GiB, extrapolated"
-    print(f"\n3. peak memory: lru on a synthetic Mixtral trace of {requests:,} requests x {output} tokens "
-          f"({n:,} decode activations, compiled in the run): {rss / 2**30:.2f} GiB peak RSS ({base / 2**30:.2f} GiB "
-          f"after imports, {per:.0f} bytes per activation above that{at_goal}), {wall:.1f} s  goal 32M < 4 GiB")
+    return requests * output * 32 * 2, float(out[0]), int(out[1]), int(out[2])
+
+
+def bench_memory(activations: int, tmp: Path) -> None:
+    """Peak RSS of ``simulate`` at ``activations`` and at half of it; below 32M, the goal's size is extrapolated
+    along the slope between the two (bytes per further activation: a line through one size and the imports
+    would count the fixed costs, numba's and the cost tables', as if they grew with the trace)."""
+    n, wall, rss, base = _peak_of_simulate(activations, tmp)
+    line = (f"{n:,} decode activations, compiled in the run: {rss / 2**30:.2f} GiB peak RSS ({base / 2**30:.2f} GiB "
+            f"after imports), {wall:.1f} s")
+    if n < 32_000_000:
+        n0, _, rss0, _ = _peak_of_simulate(activations // 2, tmp)
+        slope = (rss - rss0) / max(n - n0, 1)
+        line += (f"; at {n0:,}: {rss0 / 2**30:.2f} GiB; {slope:.0f} bytes per further activation, so 32M: "
+                 f"{(rss + slope * (32e6 - n)) / 2**30:.1f} GiB, extrapolated (measured directly with "
+                 f"--memory-activations 32000000, ~8 min)")
+    print(f"\n3. peak memory: lru on synthetic Mixtral traces of 500-token requests: {line}  goal 32M < 4 GiB")
 
 
 def bench_help(repeats: int = 5) -> None:
