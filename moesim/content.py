@@ -44,16 +44,21 @@ def _package_dir(module: str) -> Path:
     return Path(importlib.import_module(module).__file__).resolve().parent
 
 
+NOT_SIMULATOR = ("cli.py", "sweep.py", "sweep_ray.py")
+
+
 @lru_cache(maxsize=1)
 def simulator_version() -> str:
     """moesim's version plus the simulator's sources and the weight-format arithmetic (``moesim/quant.py``).
 
-    The simulator's command-line module only parses flags and produces no number, so it is left out.
+    The simulator's command-line module only parses flags and the sweep's modules only share the points out
+    among processes (each row is a simulation's own); they produce no number, so they are left out, and a
+    change to how a sweep is run does not make every stored row and the cost model stale.
     """
     from moesim import __version__
 
     h = hashlib.sha256(__version__.encode())
-    files = sorted(f for f in _package_dir("moesim.simulator").glob("*.py") if f.name != "cli.py")
+    files = sorted(f for f in _package_dir("moesim.simulator").glob("*.py") if f.name not in NOT_SIMULATOR)
     files += [_package_dir("moesim") / "quant.py"]
     for f in files:
         if f.exists():
