@@ -116,7 +116,6 @@ def main(argv=None) -> int:
         print(f"{mb:>5} {rate['h2d_pinned']:>11.2f} {rate['h2d_pageable']:>13.2f} {rate['memcpy']:>13.2f} "
               f"{serial:>13.2f} {overlap:>14.2f} {rate['d2h_pinned']:>11.2f} {rate['d2h_pageable']:>13.2f} "
               f"{rate['memcpy_pageable']:>16.2f}")
-        del pageable, pageable_out, pinned, gpu
     return 0
 
 
