@@ -86,21 +86,11 @@ def main(argv=None) -> int:
         pinned.copy_(pageable)
         gpu = torch.empty(n, dtype=torch.bfloat16, device=dev)
 
-        def h2d_pinned():
-            gpu.copy_(pinned, non_blocking=True)
-            torch.cuda.synchronize(dev)
-
-        def h2d_pageable():
-            gpu.copy_(pageable)
-            torch.cuda.synchronize(dev)
-
-        def d2h_pinned():
-            pinned.copy_(gpu, non_blocking=True)
-            torch.cuda.synchronize(dev)
-
-        def d2h_pageable():
-            pageable_out.copy_(gpu)
-            torch.cuda.synchronize(dev)
+        def copy(dst, src, non_blocking):
+            def run():
+                dst.copy_(src, non_blocking=non_blocking)
+                torch.cuda.synchronize(dev)
+            return run
 
         def memcpy_to_pinned():
             ctypes.memmove(pinned.data_ptr(), pageable.data_ptr(), nbytes)
@@ -109,8 +99,9 @@ def main(argv=None) -> int:
             ctypes.memmove(pageable_out.data_ptr(), pageable.data_ptr(), nbytes)
 
         rate = {name: nbytes / _median_s(fn, args.repeats) / 1e9 for name, fn in (
-            ("h2d_pinned", h2d_pinned), ("h2d_pageable", h2d_pageable), ("memcpy", memcpy_to_pinned),
-            ("d2h_pinned", d2h_pinned), ("d2h_pageable", d2h_pageable), ("memcpy_pageable", memcpy_to_pageable))}
+            ("h2d_pinned", copy(gpu, pinned, True)), ("h2d_pageable", copy(gpu, pageable, False)),
+            ("memcpy", memcpy_to_pinned), ("d2h_pinned", copy(pinned, gpu, True)),
+            ("d2h_pageable", copy(pageable_out, gpu, False)), ("memcpy_pageable", memcpy_to_pageable))}
         serial = 1 / (1 / rate["h2d_pinned"] + 1 / rate["memcpy"])
         overlap = min(rate["h2d_pinned"], rate["memcpy"])
         print(f"{mb:>5} {rate['h2d_pinned']:>11.2f} {rate['h2d_pageable']:>13.2f} {rate['memcpy']:>13.2f} "
