@@ -94,6 +94,45 @@ def test_copy_probability_sets_first_choice_repetition():
     assert (ex2[:, 1:, :, 0] == ex2[:, :-1, :, 0]).mean() == pytest.approx(chance, abs=0.05)
 
 
+def test_avoid_keeps_fresh_draws_out_of_the_source_cell():
+    # rank 0 copies the token before's first choice half the time; rank 1 is always fresh
+    base = known_model(copy_rank0_prev=0.5, copy_rank1_prev=0.0)
+    shared = {}
+    for label, avoid in (("none", None), ("all", np.ones(L))):
+        m = dataclasses.replace(base, decode=dataclasses.replace(base.decode, avoid=avoid))
+        ex = synth_trace(m, requests=60, prompt=0, output=80).experts.reshape(60, 80, L, K)
+        a, b = ex[:, 1:], ex[:, :-1]
+        first = (a[..., 0] == b[..., 0]).mean()
+        overlap = (a[..., :, None] == b[..., None, :]).sum(axis=(-1, -2))  # experts shared with the token before
+        shared[label] = (first, overlap)
+    first_none, overlap_none = shared["none"]
+    first_all, overlap_all = shared["all"]
+    # with avoid 1 a cell shares only what it copied: at most its first choice, and a fresh first choice is
+    # never the token before's first choice
+    assert overlap_all.max() == 1 and (overlap_none == 2).mean() > 0.05
+    assert first_all == pytest.approx(0.5, abs=0.03) and first_none > first_all
+    # switched off with the rest of locality
+    m = dataclasses.replace(base, decode=dataclasses.replace(base.decode, avoid=np.ones(L)))
+    flat = synth_trace(m, requests=60, prompt=0, output=80, disabled=("locality",)).experts.reshape(60, 80, L, K)
+    assert ((flat[:, 1:, :, :, None] == flat[:, :-1, :, None, :]).sum(axis=(-1, -2)) == 2).mean() > 0.05
+
+
+def test_avoid_round_trips_and_a_version_3_file_reads_without_it(tmp_path):
+    m = known_model()
+    m = dataclasses.replace(m, decode=dataclasses.replace(m.decode, avoid=np.linspace(0, 1, L)))
+    back = read_routing(write_routing(tmp_path / "r.json", m))
+    assert np.allclose(back.decode.avoid, np.linspace(0, 1, L)) and back.version == 4
+    d = json.loads(routing_to_json(known_model()))
+    del d["phases"]["decode"]["avoid"]
+    (tmp_path / "v3.json").write_text(json.dumps(dict(d, version=3)))
+    old = read_routing(tmp_path / "v3.json")
+    assert old.decode.avoid is None and old.version == 3
+    d["phases"]["decode"]["avoid"] = [1.5] * L
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(MoesimError, match="'avoid' has probabilities above 1"):
+        read_routing(tmp_path / "bad.json")
+
+
 # ------------------------------------------------------------------------------------------------
 # fit -> synth round trips
 # ------------------------------------------------------------------------------------------------
@@ -270,7 +309,7 @@ def test_fit_command_writes_a_model_that_synthesizes(tmp_path):
 
 
 def test_bundled_mixtral_model_reproduces_its_published_targets():
-    from moesim.tracer.mixtral_published import FIRST_CHOICE_REPETITION, per_layer_target
+    from moesim.tracer.mixtral_published import FIRST_CHOICE_REPETITION, FIRST_OR_SECOND_REPETITION, per_layer_target
 
     m = read_routing("mixtral-8x7b-published")
     assert (m.num_layers, m.num_experts, m.top_k) == (32, 8, 2)
@@ -279,6 +318,8 @@ def test_bundled_mixtral_model_reproduces_its_published_targets():
     first = (ex[:, 1:, :, 0] == ex[:, :-1, :, 0]).mean(axis=(0, 1))
     target = per_layer_target(FIRST_CHOICE_REPETITION)
     assert np.abs(first - target)[[0, 15, 31]].max() < 0.025
+    either = (ex[:, 1:, :, :, None] == ex[:, :-1, :, None, :]).any(axis=(-1, -2)).mean(axis=(0, 1))
+    assert np.abs(either - per_layer_target(FIRST_OR_SECOND_REPETITION))[[0, 15, 31]].max() < 0.025
     ll = lru_hit_curve(tr, "layer", "decode")
     assert ll.hit_rate(2) == pytest.approx(0.302, abs=0.05) and ll.hit_rate(6) == pytest.approx(0.806, abs=0.05)
 
@@ -328,7 +369,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path):
 def test_synthetic_meta_says_what_it_is_from():
     m = known_model()
     meta = synthetic_meta(m, routing_path="r.json", routing_sha256="ab" * 32, details={"seed": 1})
-    assert meta.source.kind == "synthetic" and meta.source.format == "moesim-routing-v3"
+    assert meta.source.kind == "synthetic" and meta.source.format == "moesim-routing-v4"
     assert meta.created == m.created
 
 

@@ -21,6 +21,9 @@ Not fitted, and why:
   the benchmark prints the synthetic working set beside the 25 %. The per-request drift is fitted, but to
   HybriMoE's 75 % hit rate (a request that keeps to fewer experts hits more often), each layer's no more
   than its B2 repetition allows.
+- rank structure: at layers 27-31 the frequencies are concentrated enough that, with the first-choice copies
+  B1 needs, any two cells share an expert 2-4 points more often than B2 says even with no second-choice
+  copies and no drift; there fresh draws keep out of the token before's cell (``avoid``), fitted to B2.
 - cross-layer correlation: no published layer-to-layer statistic with numbers (B19 is a secondary
   predictor accuracy); one token class, and each layer picks its own source token (``source_sharing``
   0), so repeats are not correlated across layers.
@@ -140,13 +143,14 @@ def fit_mixtral(shared: Path, shape, log=None) -> RoutingModel:
     fid0 = np.clip(b1 - np.sum(freq**2, axis=1), 0, 1)
     fid1 = np.clip(b2 - 0.464, 0, 1)
     drift = np.full(L, 8.0)
+    avoid = np.zeros(L)
     pop = freq.copy()
     weights = WeightModel(sum_mean=np.ones(L), sum_std=np.zeros(L), share_alpha=np.ones((L, k)))
 
     def build() -> RoutingModel:
         pm = PhaseModel(class_prior=np.ones(1), class_popularity=pop[None].copy(), source=np.array([1.0, 0.0]),
                         far_lag=2, fidelity=np.stack([fid0, fid1], axis=1), copy_rank=copy_rank, weights=weights,
-                        drift=drift.copy(), source_sharing=0.0)
+                        drift=drift.copy(), source_sharing=0.0, avoid=avoid.copy())
         return RoutingModel(name="mixtral-8x7b-published", model=shape, dtype="bfloat16",
                             expert_bytes=tuple([shape.expert_bytes("bfloat16")] * L),
                             non_expert_bytes=shape.non_expert_bytes("bfloat16"), decode=pm, prefill=None,
@@ -160,6 +164,10 @@ def fit_mixtral(shared: Path, shape, log=None) -> RoutingModel:
         # whose repetition is above the paper's with no copies left is concentrated too much already
         over = np.maximum(st.first_or_second - b2, 0) * (fid1 <= 0)
         drift = np.clip(drift * np.exp(-8 * STEP * (HYBRIMOE_LRU[6] - st.lru[6]) + 60 * STEP * over), 0.05, 1e4)
+        # where the cells still share more than the paper's with no second-choice copies and no drift left to
+        # spread them (the first-choice copies B1 needs share that expert), the rest of the cell moves away
+        spent = (fid1 <= 0) & (drift >= 1e4)
+        avoid = np.clip(avoid + STEP * 4 * (st.first_or_second - b2) * spent, 0, 1)
         pop = pop * np.sqrt(freq / np.maximum(st.share, 1e-6))
         pop /= pop.sum(axis=1, keepdims=True)
         if log:
@@ -172,7 +180,9 @@ def fit_mixtral(shared: Path, shape, log=None) -> RoutingModel:
     return replace(model, created=utc_now_iso(), fitted_to={
         "method": "moment matching through the generator: per-layer copy fidelities to the Mixtral paper's "
                   "consecutive-token repetition, the drift to HybriMoE's LRU hit rate at 75% cached (less of it "
-                  "where repetition is above the paper's without copies), popularity to the expert frequencies",
+                  "where repetition is above the paper's without copies), where neither is left the share of "
+                  "fresh draws that keep out of the token before's cell (avoid) to the first-or-second "
+                  "repetition, popularity to the expert frequencies",
         "sources": [
             {"what": "first-choice and first-or-second consecutive-token repetition at layers 0/15/31, mean of 8 "
                      "Pile subsets, interpolated between layers", "source": "arXiv 2401.04088 Table 5 (B1, B2)"},

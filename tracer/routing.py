@@ -30,6 +30,12 @@ One :class:`PhaseModel` per phase (prefill, decode) holds, for every MoE layer:
   near 1; one whose decode routing differs from its prefill routing (the demo model: 90% of decode on two
   experts per layer, prefill spread) near 0, else copies and urn counts of prompt tokens would spread decode
   over the prompt's experts. The first phase of a request has nothing to carry.
+- **rank structure of a repeat** (``avoid``, optional): at layer l, a token with a source draws its fresh
+  experts from outside the source's cell with probability ``avoid[l]``. Copying the source's first choice
+  raises the first-choice repetition and, with it, the chance that the two cells share any expert; Mixtral's
+  published repetition (its first choice repeats 9 points above chance at layer 31 while "first or
+  second" repeats 1 point above it) needs the rest of the cell to move away. ``None``: no avoidance (every
+  model fitted to a trace here).
 - **routing weights** (``weights``): the sum of a cell's k weights ~ Normal(mean, std) (clipped > 0),
   and their shares ~ Dirichlet(alpha) sorted high to low, by rank.
 
@@ -56,7 +62,8 @@ from moesim.errors import MoesimError
 from moesim.modelspec import ModelShape
 
 ROUTING_SCHEMA = "moesim.routing"
-ROUTING_VERSION = 3  # 3: the phase boundary (carry); 2: token-level sources
+ROUTING_VERSION = 4  # 4: the optional rank structure of a repeat (avoid); 3: the phase boundary (carry)
+READABLE_VERSIONS = (3, 4)  # a version 3 file is a version 4 one without avoid
 PARTS = ("popularity", "drift", "locality", "cross-layer", "phase-boundary", "weights")
 PHASE_NAMES = ("prefill", "decode")
 
@@ -82,6 +89,7 @@ class PhaseModel:
     drift: Optional[np.ndarray] = None  # float [L] Polya-urn (Dirichlet) concentration, or None (no drift)
     source_sharing: float = 1.0  # share of layers that follow the token's source (the rest pick their own)
     carry: float = 1.0  # chance a source in the previous phase is kept; share of the urn counts carried over
+    avoid: Optional[np.ndarray] = None  # float [L]: chance that fresh draws keep out of the source's cell
 
     @property
     def num_classes(self) -> int:
@@ -143,6 +151,7 @@ def _phase_to_dict(p: PhaseModel) -> dict[str, Any]:
         "far_lag": int(p.far_lag),
         "source_sharing": round(float(p.source_sharing), 6),
         "carry": round(float(p.carry), 6),
+        "avoid": None if p.avoid is None else _round(p.avoid, 6),
         "fidelity": _round(p.fidelity),
         "copy_rank": _round(p.copy_rank),
         "weights": {"sum_mean": _round(p.weights.sum_mean, 6), "sum_std": _round(p.weights.sum_std, 6),
@@ -220,9 +229,12 @@ def _phase_from_dict(d: Any, L: int, E: int, k: int, where: str) -> PhaseModel:
                           sum_std=_array(w, "sum_std", (L,), f"{where}.weights"),
                           share_alpha=_array(w, "share_alpha", (L, k), f"{where}.weights"))
     drift = None if d.get("drift") is None else _array(d, "drift", (L,), where)
+    avoid = None if d.get("avoid") is None else _array(d, "avoid", (L,), where)
+    if avoid is not None and (avoid > 1 + 1e-9).any():
+        raise MoesimError(f"{where}: field 'avoid' has probabilities above 1")
     return PhaseModel(class_prior=prior / prior.sum(), class_popularity=pop, source=src, far_lag=far_lag,
                       fidelity=fidelity, copy_rank=copy_rank, weights=weights, drift=drift,
-                      source_sharing=float(shared), carry=float(carry))
+                      source_sharing=float(shared), carry=float(carry), avoid=avoid)
 
 
 def routing_from_json(text: str, where: str) -> RoutingModel:
@@ -232,9 +244,9 @@ def routing_from_json(text: str, where: str) -> RoutingModel:
         raise MoesimError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(d, dict) or d.get("schema") != ROUTING_SCHEMA:
         raise MoesimError(f"{where}: not a moesim routing file (field 'schema' is not '{ROUTING_SCHEMA}')")
-    if d.get("version") != ROUTING_VERSION:
-        raise MoesimError(f"{where}: routing file version {d.get('version')!r}, this moesim reads version "
-                          f"{ROUTING_VERSION}; refit it with `moesim trace fit`")
+    if d.get("version") not in READABLE_VERSIONS:
+        raise MoesimError(f"{where}: routing file version {d.get('version')!r}, this moesim reads versions "
+                          f"{', '.join(map(str, READABLE_VERSIONS))}; refit it with `moesim trace fit`")
     for key in ("name", "model", "dtype", "expert_bytes", "non_expert_bytes", "phases", "fitted_to"):
         if key not in d:
             raise MoesimError(f"{where}: missing field '{key}'")

@@ -4,7 +4,8 @@ The generator is sequential in token position only: at each position, every (req
 advanced at once with numpy. Each token picks its source (an earlier token of the request, or none); at
 each cell the k experts are drawn in rank order: copy one of the source cell's experts (rank by
 ``copy_rank``, never one already in the cell) with the layer's fidelity, or draw a fresh expert from the
-popularity of the token's class and the request's urn (never an expert already in the cell). The history
+popularity of the token's class and the request's urn (never an expert already in the cell, nor, with the
+layer's ``avoid``, one of the source's). The history
 of every request is kept whole, so a source may lie in the prompt when the token is a decode step; the
 decode phase keeps such a source, and its share of the prompt's urn counts, by its ``carry``.
 """
@@ -131,6 +132,7 @@ def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, offset: np.nd
     req_of, layer_of = np.repeat(np.arange(R), L), np.tile(np.arange(L), R)
     fidelity = pm.fidelity[layer_of]  # [S, k]
     carry = 1.0 if "phase-boundary" in disabled else pm.carry
+    avoid = None if "locality" in disabled else pm.avoid
     sharing = 0.0 if "cross-layer" in disabled else pm.source_sharing
     const_cum = None
     if prior.shape[0] == 1 and drift is None:
@@ -154,6 +156,12 @@ def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, offset: np.nd
             src = np.where((src >= 0) & (src < offset[req_of]) & (rng.random(S) >= carry), -1, src)
         src_cells = np.where((src >= 0)[:, None], state.history[req_of, np.maximum(src, 0), layer_of], -1)
         taken = np.zeros((S, E), dtype=bool)
+        shunned = taken
+        if avoid is not None:
+            # fresh draws keep out of the source's cell (no draw is spent without avoid: the same streams)
+            shunned = np.zeros((S, E), dtype=bool)
+            keep_out = (rng.random(S) < avoid[layer_of])[:, None] & (src_cells >= 0)
+            shunned[np.nonzero(keep_out)[0], src_cells[keep_out]] = True
         chosen = np.empty((S, k), dtype=np.int64)
         for j in range(k):
             wants = rng.random(S) < fidelity[:, j]
@@ -161,7 +169,11 @@ def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, offset: np.nd
             e = np.where(wants, e, -1)
             need = np.flatnonzero(e < 0)
             if need.size:
-                e[need] = _draw_fresh(rng, cum, taken, need)
+                barred = taken
+                if avoid is not None:
+                    barred = taken | shunned
+                    barred[barred.all(axis=1)] = taken[barred.all(axis=1)]  # a cell needs somewhere to go
+                e[need] = _draw_fresh(rng, cum, barred, need)
                 state.counts[need, e[need]] += active[need]
             taken[streams, e] = True
             chosen[:, j] = e
