@@ -52,6 +52,8 @@ def breakdown(report, v) -> str:
         parts = [f"**{p.policy}**: TPOT {_pct(t.error)}, TTFT {_pct(f.error)}"]
         for key, what in (("expert_ffn_1tok_ms", "decode expert FFN"), ("expert_copy_pinned_ms", "expert copy"),
                           ("expert_copy_pageable_ms", "expert copy (pageable)"),
+                          ("cpu_expert_1tok_ms", "decode CPU expert forward"),
+                          ("cpu_expert_1tok_with_copies_ms", "decode CPU expert with its activation copies"),
                           ("prefill_expert_ffns_total_ms", "prefill expert FFNs (sum)")):
             x = d.get(key)
             if x:

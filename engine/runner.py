@@ -80,6 +80,8 @@ class EngineStats(RunCounters):
     outputs: list = field(default_factory=list)  # per step, the last logits row (when the engine records outputs)
     copy_times: list = field(default_factory=list)  # (pinned, seconds or a CUDA event pair) per expert copy
     expert_times: list = field(default_factory=list)  # CPU-as-device: (tokens, seconds, phase) per device expert FFN
+    # per CPU-placed expert: (tokens, seconds of its forward on the host, seconds with its activations' copies, phase)
+    cpu_expert_times: list = field(default_factory=list)
 
     def copy_seconds(self) -> list[tuple[bool, float]]:
         out = []
@@ -448,6 +450,7 @@ class _Run:
         device = self.device
         act = self.engine.act_dtype
         work = [(lbase + e, entries[e]) for e in cpu_e]
+        phase = self.step.phase
         result: dict = {}
         nbytes = sum((hidden.shape[0] if en.idx is None else en.idx.numel()) * hidden.shape[1] * hidden.element_size()
                      for _, en in work)
@@ -456,10 +459,14 @@ class _Run:
             ready.make_stream_wait(stream)
             out = torch.zeros_like(hidden)
             for key, en in work:
+                t0 = time.perf_counter()
                 rows = hidden if en.idx is None else hidden.index_select(0, en.idx)
                 x = rows.to("cpu") if self.cuda else rows.clone()  # activations down
+                t1 = time.perf_counter()
                 y = store[key].forward(x.to(act))
+                t2 = time.perf_counter()
                 y = y.to(device) if self.cuda else y.clone()  # outputs up
+                self.stats.cpu_expert_times.append((x.shape[0], t2 - t1, time.perf_counter() - t0, phase))
                 if en.idx is None:
                     out.add_(y, alpha=en.weight)
                 else:

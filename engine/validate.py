@@ -428,6 +428,13 @@ def _diagnostics(v: Validator, prep, runs: list[EngineMeasurement], sim: SimResu
     if xs:
         out["expert_ffn_1tok_ms"] = {"measured_median": 1e3 * statistics.median(xs), "measured_count": len(xs),
                                      "profile": 1e3 * float(profile.expert_time(shape, 1, kernel=kern))}
+    cpu = [(n, fwd, whole) for m in runs for n, fwd, whole, ph in m.stats.cpu_expert_times if n == 1 and ph == 1]
+    if cpu and kern in profile.cpu_expert_kernels:
+        predicted = 1e3 * float(profile.cpu_expert_time(shape, 1, kernel=kern))  # what the simulator charges
+        out["cpu_expert_1tok_ms"] = {"measured_median": 1e3 * statistics.median(f for _, f, _ in cpu),
+                                     "measured_count": len(cpu), "profile": predicted}
+        out["cpu_expert_1tok_with_copies_ms"] = {"measured_median": 1e3 * statistics.median(w for _, _, w in cpu),
+                                                 "measured_count": len(cpu), "profile": predicted}
     for m in runs[:1]:
         pre = [(n, t) for n, t, ph in m.stats.expert_times if ph == 0]
         if pre:

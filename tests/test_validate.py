@@ -45,6 +45,7 @@ def validator(tiny):
 
 def test_every_preset_makes_the_simulators_decisions(validator):
     """Same calls on the same objects: identical decision logs, hit rates, bytes and device tensors."""
+    timed_cpu_experts = []
     for policy in PRESETS.names():
         sim, sim_log = validator.predict(policy)
         # the policy objects built by the engine's copy of run_prepared give simulate()'s own result
@@ -71,6 +72,15 @@ def test_every_preset_makes_the_simulators_decisions(validator):
             assert m.memory.peak_allocated_bytes >= sum(m.memory.parts.values()), policy
         assert all(math.isfinite(r.measured) for r in report.rows if r.metric.startswith("TPOT"))
         assert m.stats.decode_tokens == 12 and len(m.stats.ttft) == 2
+        # every CPU-placed expert is timed: its forward on the host, inside the time with its activation copies
+        assert all(0 < fwd <= whole for _, fwd, whole, _ in m.stats.cpu_expert_times), policy
+        if report.row("CPU expert fraction (decode)").measured > 0:
+            cpu = report.diagnostics["cpu_expert_1tok_ms"]
+            assert cpu["measured_median"] > 0 and cpu["profile"] > 0, policy
+            timed_cpu_experts.append(policy)
+        else:
+            assert "cpu_expert_1tok_ms" not in report.diagnostics, policy
+    assert "fiddler" in timed_cpu_experts
 
 
 def test_a_finished_runs_buffers_are_freed_before_the_next_run_is_measured(validator):
