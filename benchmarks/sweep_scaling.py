@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 
@@ -81,9 +81,13 @@ def main(argv=None) -> int:
                 print(f"  {jobs} worker(s) ({executor}): {wall:6.1f} s wall, {cpu:6.1f} CPU s (all processes)   "
                       f"load average {os.getloadavg()[0]:.2f}")
     best1, bestn = min(one), min(many)
+    paired = sorted(a / b for a, b in zip(one, many))
     print(f"tables byte-identical across {2 * args.repeats} runs")
     print(f"speed-up {args.jobs} workers ({args.executor}) vs 1: {best1 / bestn:.2f}x "
           f"(best of {args.repeats}: {best1:.1f} s vs {bestn:.1f} s; goal >= 1.8x on an idle 2-core machine)")
+    # a shared machine's speed drifts between runs (the same work's CPU time moves by 10-20%), so each 1-worker
+    # run is also set against the N-worker run right after it
+    print(f"  run by run: median {statistics.median(paired):.2f}x, range {paired[0]:.2f}-{paired[-1]:.2f}x")
     return 0
 
 
