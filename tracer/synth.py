@@ -156,7 +156,7 @@ def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, offset: np.nd
             src = np.where((src >= 0) & (src < offset[req_of]) & (rng.random(S) >= carry), -1, src)
         src_cells = np.where((src >= 0)[:, None], state.history[req_of, np.maximum(src, 0), layer_of], -1)
         taken = np.zeros((S, E), dtype=bool)
-        shunned = taken
+        shunned = None
         if avoid is not None:
             # fresh draws keep out of the source's cell (no draw is spent without avoid: the same streams)
             shunned = np.zeros((S, E), dtype=bool)
@@ -170,9 +170,10 @@ def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, offset: np.nd
             need = np.flatnonzero(e < 0)
             if need.size:
                 barred = taken
-                if avoid is not None:
+                if shunned is not None:
                     barred = taken | shunned
-                    barred[barred.all(axis=1)] = taken[barred.all(axis=1)]  # a cell needs somewhere to go
+                    full = barred.all(axis=1)
+                    barred[full] = taken[full]  # a cell needs somewhere to go
                 e[need] = _draw_fresh(rng, cum, barred, need)
                 state.counts[need, e[need]] += active[need]
             taken[streams, e] = True
