@@ -16,6 +16,7 @@ Tables are sorted in grid order, so they are byte-identical however the work was
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -351,13 +352,14 @@ def _local_rows(todo: Sequence[SweepPoint], jobs: int) -> tuple[Iterable[dict], 
     shared = [i for i in range(len(units)) if i != own]
     setups: dict = {}  # receiving end of each set-up process's pipe -> (process, its unit indices)
     n_setup = min(max(1, jobs - 1), len(shared))
-    for s in range(n_setup):
-        mine = shared[s::n_setup]
-        receive, send = context.Pipe(duplex=False)
-        proc = context.Process(target=_setup_worker, args=([units[i] for i in mine], mine, send), daemon=True)
-        proc.start()
-        send.close()
-        setups[receive] = (proc, mine)
+    with _frozen_heap():
+        for s in range(n_setup):
+            mine = shared[s::n_setup]
+            receive, send = context.Pipe(duplex=False)
+            proc = context.Process(target=_setup_worker, args=([units[i] for i in mine], mine, send), daemon=True)
+            proc.start()
+            send.close()
+            setups[receive] = (proc, mine)
     first_rows: list[dict] = []
     done_units: set[int] = set()
     try:
@@ -371,7 +373,8 @@ def _local_rows(todo: Sequence[SweepPoint], jobs: int) -> tuple[Iterable[dict], 
         _collect_done(setups, done_units)
         for i in sorted(done_units - {own}):
             units[i].run()  # loaded back from the disk cache, for every point worker to inherit
-        pool = context.Pool(jobs, initializer=_quiet_worker)
+        with _frozen_heap():
+            pool = context.Pool(jobs, initializer=_quiet_worker)
     except BaseException:
         _stop_setups(setups)
         raise
@@ -383,6 +386,21 @@ def _local_rows(todo: Sequence[SweepPoint], jobs: int) -> tuple[Iterable[dict], 
 
     rest = [(p, need) for p, need in zip(todo, needs) if p is not own_point]
     return _dispatch(pool, jobs, first_rows, _chunks(rest, jobs), done_units, setups), stop
+
+
+@contextlib.contextmanager
+def _frozen_heap():
+    """Fork with this process's objects in the collector's permanent generation: a child's collections then
+    never walk them, and so never write to (and copy) the pages it shares with this process. Without it each
+    point worker walked the inherited heap (numba's, the workloads') and a 200-point sweep on two workers took
+    0.9 CPU s more (median 7.3 vs 6.4 s, wall 3.4 vs 3.0 s)."""
+    import gc
+
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _chunks(points: Sequence[tuple[SweepPoint, list[int]]], jobs: int) -> list[tuple[list[SweepPoint], set[int]]]:
