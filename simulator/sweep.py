@@ -435,7 +435,8 @@ def _dispatch(pool, jobs: int, first_rows: list[dict], chunks: list[tuple[list[S
         # a live set-up process holds a core: no more chunks in flight than the cores left (more would make
         # every process slower, the set-up included, for no gain)
         room = max(1, jobs - len(setups)) - outstanding if setups else len(waiting)
-        ready = [i for i, (_, need) in enumerate(waiting) if need <= done_units][: max(room, 0)]
+        # with no set-up process left, nothing more will be set up here: every point sets itself up
+        ready = [i for i, (_, need) in enumerate(waiting) if not setups or need <= done_units][: max(room, 0)]
         for i in ready:
             pool.apply_async(_run_points, (waiting[i][0],), callback=results.put, error_callback=results.put)
         outstanding += len(ready)
@@ -501,7 +502,7 @@ def _quiet_worker() -> None:
 
 def _one_thread_each() -> None:
     """A worker owns one core: numpy's BLAS and OpenMP pools keep to it. (The set-up's fits and predictions
-    otherwise ran two BLAS threads beside a point worker on two cores, and its points ran ~25% slower.)"""
+    otherwise ran two BLAS threads beside a point worker on two cores, and its points ran ~23% slower.)"""
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1)

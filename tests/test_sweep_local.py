@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
@@ -54,7 +55,17 @@ def test_a_set_up_process_that_dies_costs_time_not_rows(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sweep._SetupUnit, "run", dies_in_a_child)
     monkeypatch.setenv("MOESIM_CACHE_DIR", str(tmp_path / "cold-cache"))
-    two = run_sweep(points, tmp_path / "two", jobs=2, progress=False)
+
+    def stuck(signum, frame):
+        raise TimeoutError("the sweep waits for set-up that a dead process will never finish")
+
+    old = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(300)  # a waiting sweep fails here instead of hanging the suite
+    try:
+        two = run_sweep(points, tmp_path / "two", jobs=2, progress=False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
     for rows, out in ((one, tmp_path / "one"), (two, tmp_path / "two")):
         sweep.write_tables(rows, out)
     for name in (sweep.CSV, sweep.PARQUET):

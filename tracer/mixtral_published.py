@@ -64,6 +64,7 @@ MOE_INFINITY_WORKING_SET = 0.25  # B9: share of Mixtral's experts activated per 
 FIT_REQUESTS, FIT_PROMPT, FIT_OUTPUT = 256, 16, 64
 FIT_ROUNDS = 30
 STEP = 0.7  # damped fixed-point steps: the four kinds of copy interact
+DRIFT_MAX = 1e4  # a drift concentration this high is no drift
 
 
 def per_layer_target(table: dict[str, tuple[float, float, float]], num_layers: int = 32) -> np.ndarray:
@@ -163,10 +164,11 @@ def fit_mixtral(shared: Path, shape, log=None) -> RoutingModel:
         # a smaller concentration keeps a request on fewer experts: more hits at 6 of 8 cached; but a layer
         # whose repetition is above the paper's with no copies left is concentrated too much already
         over = np.maximum(st.first_or_second - b2, 0) * (fid1 <= 0)
-        drift = np.clip(drift * np.exp(-8 * STEP * (HYBRIMOE_LRU[6] - st.lru[6]) + 60 * STEP * over), 0.05, 1e4)
+        drift = np.clip(drift * np.exp(-8 * STEP * (HYBRIMOE_LRU[6] - st.lru[6]) + 60 * STEP * over), 0.05,
+                        DRIFT_MAX)
         # where the cells still share more than the paper's with no second-choice copies and no drift left to
         # spread them (the first-choice copies B1 needs share that expert), the rest of the cell moves away
-        spent = (fid1 <= 0) & (drift >= 1e4)
+        spent = (fid1 <= 0) & (drift >= DRIFT_MAX)
         avoid = np.clip(avoid + STEP * 4 * (st.first_or_second - b2) * spent, 0, 1)
         pop = pop * np.sqrt(freq / np.maximum(st.share, 1e-6))
         pop /= pop.sum(axis=1, keepdims=True)

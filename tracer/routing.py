@@ -33,9 +33,9 @@ One :class:`PhaseModel` per phase (prefill, decode) holds, for every MoE layer:
 - **rank structure of a repeat** (``avoid``, optional): at layer l, a token with a source draws its fresh
   experts from outside the source's cell with probability ``avoid[l]``. Copying the source's first choice
   raises the first-choice repetition and, with it, the chance that the two cells share any expert; Mixtral's
-  published repetition (its first choice repeats 9 points above chance at layer 31 while "first or
-  second" repeats 1 point above it) needs the rest of the cell to move away. ``None``: no avoidance (every
-  model fitted to a trace here).
+  published repetition at layer 31 (first choice 22.7% where popularity alone gives 14-15%, "first or
+  second" 50.9% where popularity alone gives 50-54%; ``benchmarks/routing_fidelity.py --only mixtral``)
+  needs the rest of the cell to move away. ``None``: no avoidance (every model fitted to a trace here).
 - **routing weights** (``weights``): the sum of a cell's k weights ~ Normal(mean, std) (clipped > 0),
   and their shares ~ Dirichlet(alpha) sorted high to low, by rank.
 
