@@ -126,12 +126,12 @@ def group_dir(trace: str, profile: str) -> Path:
 def run_group(plan: GroupPlan, jobs: int = 0, progress: bool = False) -> RunSet:
     """Simulate a group's configurations (cached runs are read back, the rest run in parallel)."""
     from moesim.costmodel.space import sweep_point
-    from moesim.simulator.sweep import run_sweep
+    from moesim.simulator.sweep import point_keys, run_sweep
 
     points = [sweep_point(plan.trace, plan.profile, r, UNLIMITED_GPU_MEM) for r in plan.configs.rows()]
     rows = run_sweep(points, group_dir(plan.trace, plan.profile), jobs=jobs, progress=progress)
     by_key = {r["point_key"]: r for r in rows}
-    ordered = [by_key[p.key()] for p in points]
+    ordered = [by_key[k] for k in point_keys(points)]
     return RunSet(plan.trace, plan.profile, trace_hash(plan.trace), profile_hash(plan.profile), plan.configs,
                   ordered)
 
@@ -148,14 +148,14 @@ def run_plan(plans: Sequence[GroupPlan], jobs: int = 0, progress: bool = False, 
 def cached_rows(plan: GroupPlan) -> Optional[RunSet]:
     """The group's runs if every one of them is already cached; None otherwise (nothing is run)."""
     from moesim.costmodel.space import sweep_point
-    from moesim.simulator.sweep import read_store
+    from moesim.simulator.sweep import point_keys, read_store
 
     done = read_store(group_dir(plan.trace, plan.profile))
-    points = [sweep_point(plan.trace, plan.profile, r, UNLIMITED_GPU_MEM) for r in plan.configs.rows()]
-    if any(p.key() not in done for p in points):
+    keys = point_keys([sweep_point(plan.trace, plan.profile, r, UNLIMITED_GPU_MEM) for r in plan.configs.rows()])
+    if any(k not in done for k in keys):
         return None
     return RunSet(plan.trace, plan.profile, trace_hash(plan.trace), profile_hash(plan.profile), plan.configs,
-                  [done[p.key()] for p in points])
+                  [done[k] for k in keys])
 
 
 def finite(x) -> bool:

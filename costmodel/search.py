@@ -346,7 +346,7 @@ class Confirmer:
                                  / f"{Path(ctx.profile_spec).stem}-{profile_hash(ctx.profile_spec)[:12]}")
 
     def run(self, configs: ConfigSet, index: np.ndarray, gpu_mem_bytes: Optional[int] = -1) -> list[dict]:
-        from moesim.simulator.sweep import run_sweep
+        from moesim.simulator.sweep import point_keys, run_sweep
 
         mem = self.gpu_mem_bytes if gpu_mem_bytes == -1 else gpu_mem_bytes
         points = [sweep_point(self.ctx.trace_spec, self.ctx.profile_spec, configs.row(int(i)), mem) for i in index]
@@ -357,7 +357,7 @@ class Confirmer:
         rows = run_sweep(points, self.dir, jobs=self.jobs, progress=self.progress,
                          label="search: confirming")
         by_key = {r["point_key"]: r for r in rows}
-        return [by_key[p.key()] for p in points]
+        return [by_key[k] for k in point_keys(points)]
 
 
 def _predicted_dict(pred: Predictions, i: int) -> dict[str, float]:

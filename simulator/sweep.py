@@ -58,13 +58,26 @@ class SweepPoint:
     non_expert_bits: Optional[str]
     batch: int
 
-    def key(self) -> str:
-        """The point's settings plus the content hashes of what its result depends on."""
+    def key(self, digests: Optional[dict] = None) -> str:
+        """The point's settings plus the content hashes of what its result depends on.
+
+        ``digests`` memoises the hashes by name across the points of one call (:func:`point_keys`): resolving a
+        name and checking its file for each of a grid's points cost a millisecond a point, before any ran."""
         d = asdict(self)
-        d["trace_sha256"] = _content(trace_sha256, self.trace)
-        d["profile_sha256"] = _content(profile_sha256, self.profile)
+        digests = {} if digests is None else digests
+        for field, digest, spec in (("trace_sha256", trace_sha256, self.trace),
+                                    ("profile_sha256", profile_sha256, self.profile)):
+            if (field, spec) not in digests:
+                digests[field, spec] = _content(digest, spec)
+            d[field] = digests[field, spec]
         d["simulator"] = simulator_version()
         return json.dumps(d, sort_keys=True, default=str)
+
+
+def point_keys(points: Sequence[SweepPoint]) -> list[str]:
+    """Each point's :meth:`SweepPoint.key`, each trace and profile hashed once."""
+    digests: dict = {}
+    return [p.key(digests) for p in points]
 
 
 def _content(digest: Callable[[str], str], spec: str) -> str:
@@ -117,8 +130,9 @@ def trace_label(spec: str) -> str:
     return spec if spec in bundled_traces() else Path(spec).stem
 
 
-def run_point(point: SweepPoint) -> dict:
-    """Simulate one point; a user error becomes a row that says why (the sweep goes on)."""
+def run_point(point: SweepPoint, key: Optional[str] = None) -> dict:
+    """Simulate one point; a user error becomes a row that says why (the sweep goes on). ``key``: the point's
+    key if the caller has it already."""
     from moesim.simulator.run import simulate
 
     try:
@@ -130,7 +144,7 @@ def run_point(point: SweepPoint) -> dict:
         row.update(trace=trace_label(point.trace), profile=point.profile, policy=point.policy,
                    cache_experts=-1 if point.cache_experts is None else point.cache_experts,
                    batch=point.batch, feasible=False, reason=f"error: {exc.message}")
-    row["point_key"] = point.key()
+    row["point_key"] = point.key() if key is None else key
     return row
 
 
@@ -292,8 +306,9 @@ def run_sweep(points: Sequence[SweepPoint], out_dir: Path, jobs: int = 0, progre
         raise MoesimError("--address is the Ray cluster to run on: it needs --executor ray")
     out_dir = check_writable(out_dir)
     done = read_store(out_dir)
-    keys = [p.key() for p in points]
+    keys = point_keys(points)
     todo = [p for p, k in zip(points, keys) if k not in done]
+    todo_keys = [k for k in keys if k not in done]
     if log is not None:
         log(f"{len(points) - len(todo)} of {len(points)} configurations reused from earlier runs with the same "
             f"trace, profile and simulator; {len(todo)} to simulate")
@@ -303,7 +318,7 @@ def run_sweep(points: Sequence[SweepPoint], out_dir: Path, jobs: int = 0, progre
 
             rows, stop = ray_rows(todo, jobs, address)
         else:
-            rows, stop = _local_rows(todo, jobs)
+            rows, stop = _local_rows(todo, jobs, todo_keys)
         bar = None
         if progress:
             from moesim.progress import Progress
@@ -328,8 +343,10 @@ def run_sweep(points: Sequence[SweepPoint], out_dir: Path, jobs: int = 0, progre
     return [done[k] for k in keys if k in done]
 
 
-def _local_rows(todo: Sequence[SweepPoint], jobs: int) -> tuple[Iterable[dict], Callable[[], None]]:
-    """The rows of ``todo`` from ``jobs`` processes of this machine, as they finish, and how to stop them.
+def _local_rows(todo: Sequence[SweepPoint], jobs: int,
+                keys: Optional[Sequence[str]] = None) -> tuple[Iterable[dict], Callable[[], None]]:
+    """The rows of ``todo`` (whose keys are ``keys``) from ``jobs`` processes of this machine, as they finish,
+    and how to stop them.
 
     With several workers nothing waits for the whole set-up (issue #14). Set-up processes, forked first, compile
     the shared workloads and fit the learned predictors into the on-disk cache and say when each is done. This
@@ -340,15 +357,16 @@ def _local_rows(todo: Sequence[SweepPoint], jobs: int) -> tuple[Iterable[dict], 
     which only the ``predictive`` points need, are still being fitted."""
     jobs = jobs or (os.cpu_count() or 1)
     jobs = max(1, min(jobs, len(todo)))
+    keys = point_keys(todo) if keys is None else keys
     units, needs = _setup_units(todo)
     if jobs == 1:
         for unit in units:
             unit.run()
-        return map(run_point, todo), lambda: None
+        return map(run_point, todo, keys), lambda: None
     # forked before any thread exists in this process (the pool's and the progress bar's come later)
     context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     own = next((i for i in reversed(range(len(units))) if not units[i].fit and [i] in needs), None)
-    own_point = todo[needs.index([own])] if own is not None else None
+    own_at = needs.index([own]) if own is not None else None
     shared = [i for i in range(len(units)) if i != own]
     setups: dict = {}  # receiving end of each set-up process's pipe -> (process, its unit indices)
     n_setup = min(max(1, jobs - 1), len(shared))
@@ -369,7 +387,7 @@ def _local_rows(todo: Sequence[SweepPoint], jobs: int) -> tuple[Iterable[dict], 
         if own is not None:
             units[own].run()
             done_units.add(own)
-            first_rows.append(run_point(own_point))
+            first_rows.append(run_point(todo[own_at], keys[own_at]))
         _collect_done(setups, done_units)
         for i in sorted(done_units - {own}):
             units[i].run()  # loaded back from the disk cache, for every point worker to inherit
@@ -384,7 +402,7 @@ def _local_rows(todo: Sequence[SweepPoint], jobs: int) -> tuple[Iterable[dict], 
         pool.join()
         _stop_setups(setups)
 
-    rest = [(p, need) for p, need in zip(todo, needs) if p is not own_point]
+    rest = [(p, k, need) for i, (p, k, need) in enumerate(zip(todo, keys, needs)) if i != own_at]
     return _dispatch(pool, jobs, first_rows, _chunks(rest, jobs), done_units, setups), stop
 
 
@@ -403,25 +421,26 @@ def _frozen_heap():
         gc.unfreeze()
 
 
-def _chunks(points: Sequence[tuple[SweepPoint, list[int]]], jobs: int) -> list[tuple[list[SweepPoint], set[int]]]:
-    """The points in chunks for the workers, each with the set-up units it waits for.
+def _chunks(points: Sequence[tuple[SweepPoint, str, list[int]]],
+            jobs: int) -> list[tuple[list[tuple[SweepPoint, str]], set[int]]]:
+    """The (point, key, needs) in chunks of (point, key) for the workers, each with the set-up units it waits for.
 
     A chunk keeps the points of one (trace, batch, policy) together, up to a sixteenth of a worker's share
     (fewer round trips, balanced ends): what a policy derives from a trace on its first run (stack distances,
     next uses, guess unions; a few tenths of a second per trace) is then derived by one worker, not by each."""
     most = max(1, len(points) // (16 * jobs))
     groups: dict[tuple, list] = {}
-    for p, need in points:
-        groups.setdefault((p.trace, p.batch, p.policy), []).append((p, need))
+    for p, k, need in points:
+        groups.setdefault((p.trace, p.batch, p.policy), []).append((p, k, need))
     out = []
     for members in groups.values():
         for i in range(0, len(members), most):
             part = members[i:i + most]
-            out.append(([p for p, _ in part], set().union(*(set(n) for _, n in part))))
+            out.append(([(p, k) for p, k, _ in part], set().union(*(set(n) for _, _, n in part))))
     return out
 
 
-def _dispatch(pool, jobs: int, first_rows: list[dict], chunks: list[tuple[list[SweepPoint], set[int]]],
+def _dispatch(pool, jobs: int, first_rows: list[dict], chunks: list[tuple[list[tuple[SweepPoint, str]], set[int]]],
               done_units: set[int], setups: dict) -> Iterable[dict]:
     """Rows as they finish: each chunk is sent to ``pool`` once the set-up units it needs are done."""
     import queue
@@ -469,8 +488,8 @@ def _collect_done(setups: dict, done_units: set[int]) -> None:
             done_units.update(mine)
 
 
-def _run_points(points: Sequence[SweepPoint]) -> list[dict]:
-    return [run_point(p) for p in points]
+def _run_points(points: Sequence[tuple[SweepPoint, str]]) -> list[dict]:
+    return [run_point(p, k) for p, k in points]
 
 
 def _setup_worker(units: Sequence[_SetupUnit], indices: Sequence[int], done) -> None:
@@ -591,8 +610,8 @@ def _csv_value(v) -> str:
 def grid_id(points: Sequence[SweepPoint]) -> str:
     """A grid's name: the hash of its points' keys in order (the same grid on the same inputs, the same id)."""
     h = hashlib.sha256()
-    for p in points:
-        h.update(p.key().encode())
+    for k in point_keys(points):
+        h.update(k.encode())
         h.update(b"\n")
     return h.hexdigest()[:12]
 

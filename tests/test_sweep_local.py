@@ -31,11 +31,14 @@ def test_setup_units_compile_every_workload_first_and_only_predictive_points_wai
 def test_chunks_keep_a_policy_together_and_wait_for_all_their_units():
     points = _grid()
     _, needs = sweep._setup_units(points)
-    chunks = sweep._chunks(list(zip(points, needs)), jobs=1)
-    assert sorted(p.key() for c, _ in chunks for p in c) == sorted(p.key() for p in points)
+    keys = sweep.point_keys(points)
+    assert keys == [p.key() for p in points]
+    chunks = sweep._chunks(list(zip(points, keys, needs)), jobs=1)
+    assert sorted(k for c, _ in chunks for _, k in c) == sorted(keys)
     for members, need in chunks:
-        assert len({(p.trace, p.batch, p.policy) for p in members}) == 1
-        assert need == set().union(*(set(needs[points.index(p)]) for p in members))
+        assert all(k == p.key() for p, k in members)
+        assert len({(p.trace, p.batch, p.policy) for p, _ in members}) == 1
+        assert need == set().union(*(set(needs[points.index(p)]) for p, _ in members))
 
 
 def test_a_set_up_process_that_dies_costs_time_not_rows(tmp_path, monkeypatch):
