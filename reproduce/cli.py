@@ -23,12 +23,12 @@ def reproduce_command(system, source, catalogue_path, out_path):
     from moesim.reproduce.run import filtered, fit_and_run, score
 
     points = filtered(read_catalogue(catalogue_path or CATALOGUE), system, source)
-    outcomes, fits, loso = fit_and_run(points)
+    outcomes, fits, held_out = fit_and_run(points)
     click.echo(format_console(outcomes))
     scores = score(outcomes)
     for line in format_fits(fits):
         click.echo(line)
-    for line in format_scores(scores, loso):
+    for line in format_scores(scores, held_out):
         click.echo(line)
     if out_path is None and system is None and source is None:
         out_path = str(Path("validation") / "published.md")
@@ -37,5 +37,5 @@ def reproduce_command(system, source, catalogue_path, out_path):
         md.parent.mkdir(parents=True, exist_ok=True)
         plot = md.with_suffix(".png")
         write_plot(plot, outcomes)
-        write_markdown(md, outcomes, scores, loso, fits, plot.name)
+        write_markdown(md, outcomes, scores, held_out, fits, plot.name)
         click.echo(f"report: {md} (plot {plot})")

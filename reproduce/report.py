@@ -42,7 +42,7 @@ def format_console(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
-def format_scores(s: Scores, loso: dict[str, float]) -> list[str]:
+def format_scores(s: Scores, held_out: dict[str, float]) -> list[str]:
     lines = [
         f"speed points (TPOT, tokens/s) simulated: {s.speed_points}; median |error| {s.median_abs_error:.1%}; "
         f"within 30%: {s.within_30:.0%}; worst factor {s.max_factor:.2f}x ({s.worst})",
@@ -52,8 +52,10 @@ def format_scores(s: Scores, loso: dict[str, float]) -> list[str]:
     ]
     for k, v in s.kendall.items():
         lines.append(f"Kendall tau, {k}: {v:.2f}")
-    for k, v in loso.items():
-        lines.append(f"leave-one-source-out median |error|, {k}: {v:.1%}")
+    for k, v in s.kendall_systems.items():
+        lines.append(f"Kendall tau between systems (same model and machine), {k}: {v:.2f}")
+    for label, v in held_out.items():
+        lines.append(f"{label}: {v:.1%}")
     return lines
 
 
@@ -74,7 +76,7 @@ def format_fits(fits: dict[str, FitResult]) -> list[str]:
     return lines
 
 
-def write_markdown(path: Path, outcomes: list[Outcome], s: Scores, loso: dict[str, float],
+def write_markdown(path: Path, outcomes: list[Outcome], s: Scores, held_out: dict[str, float],
                    fitted: dict[str, FitResult], plot_name: str) -> None:
     from moesim.atomic import write_text_atomic
 
@@ -92,12 +94,12 @@ def write_markdown(path: Path, outcomes: list[Outcome], s: Scores, loso: dict[st
         "## Scores",
         "",
     ]
-    out += [f"- {line}" for line in format_scores(s, loso)]
+    out += [f"- {line}" for line in format_scores(s, held_out)]
     out += ["", "## Parameters fitted to published numbers", ""]
     if fitted:
         out.append("Each is the unit cost of a modelled mechanism that no source gives, fitted by "
-                   "`reproduce/fit.py` (bounded least squares on log ratio); leave-one-source-out refits it "
-                   "without the held-out source's points.")
+                   "`reproduce/fit.py` (bounded least squares on log ratio); leave-one-source-out "
+                   "(leave-one-model-out) refits it without the held-out source's (model's) points.")
         out.append("")
         for name, r in fitted.items():
             param = REGISTRY.get(name)

@@ -148,7 +148,27 @@ class Scores:
     memory_within_10: float
     ttft_points: int
     ttft_median_abs_error: float
-    kendall: dict[str, float]
+    kendall: dict[str, float]  # every pair of a source's points of one metric
+    kendall_systems: dict[str, float]  # pairs of different systems run on the same model and machine
+
+
+def _system_pairs_tau(group: list[Outcome]) -> float:
+    """Kendall's tau (tau-a: concordant minus discordant over the pairs counted) over the pairs of points that
+    compare two systems: the same model, GPU and host, and a different system. Pairs of one system's own
+    configurations (Fiddler's prompt and output lengths) and pairs across models or machines order
+    workloads, not systems."""
+    def same_setup(a: Point, b: Point) -> bool:
+        return (a.model, a.gpu, a.host) == (b.model, b.gpu, b.host)
+
+    conc = disc = 0
+    for i, a in enumerate(group):
+        for b in group[i + 1:]:
+            if not same_setup(a.point, b.point) or a.point.system == b.point.system:
+                continue
+            sign = (a.point.value - b.point.value) * (a.predicted - b.predicted)
+            conc += sign > 0
+            disc += sign < 0
+    return (conc - disc) / (conc + disc) if conc + disc else math.nan
 
 
 def kendall_tau(xs: list[float], ys: list[float]) -> float:
@@ -179,13 +199,16 @@ def score(outcomes: list[Outcome]) -> Scores:
     ttft = [o for o in outcomes if o.simulated and o.point.metric == "ttft_s"]
     errs = [o.abs_error for o in speed]
     worst = max(speed, key=lambda o: o.factor, default=None)
-    kendall = {}
+    kendall, kendall_systems = {}, {}
     for source in sorted({o.point.source for o in speed}):
         for metric in sorted({o.point.metric for o in speed if o.point.source == source}):
             group = [o for o in speed if o.point.source == source and o.point.metric == metric]
             if len(group) >= 3:
                 kendall[f"{source} {metric}"] = kendall_tau([o.point.value for o in group],
                                                             [o.predicted for o in group])
+            systems = _system_pairs_tau(group)
+            if systems == systems:
+                kendall_systems[f"{source} {metric}"] = systems
     return Scores(
         speed_points=len(speed), median_abs_error=median(errs) if errs else math.nan,
         within_30=sum(e <= 0.30 for e in errs) / len(errs) if errs else math.nan,
@@ -194,13 +217,14 @@ def score(outcomes: list[Outcome]) -> Scores:
         memory_max_abs_error=max((o.abs_error for o in mem), default=math.nan),
         memory_within_10=sum(o.abs_error <= 0.10 for o in mem) / len(mem) if mem else math.nan,
         ttft_points=len(ttft), ttft_median_abs_error=median(o.abs_error for o in ttft) if ttft else math.nan,
-        kendall=kendall,
+        kendall=kendall, kendall_systems=kendall_systems,
     )
 
 
 def fit_and_run(points: list[Point], progress: Optional[Callable[[Outcome], None]] = None):
     """Fit the registered parameters (:mod:`moesim.reproduce.fit`) on the points, simulate every point with
-    the fitted values, and score leave-one-source-out: (outcomes, fits, held-out median |error| per source)."""
+    the fitted values, and score leave-one-source-out and leave-one-model-out: (outcomes, fits, held-out
+    median |error| per source and per model, each under the label it is printed with)."""
     from moesim.reproduce import fit
 
     outcome = fit.memoized(predict)
@@ -216,8 +240,11 @@ def fit_and_run(points: list[Point], progress: Optional[Callable[[Outcome], None
             outcomes.append(o)
             if progress:
                 progress(o)
-    loso = fit.leave_one_source_out(points, value, fits)
-    return outcomes, fits, loso
+    held_out = {f"leave-one-source-out median |error|, {k}": v
+                for k, v in fit.leave_one_source_out(points, value, fits).items()}
+    held_out.update({f"leave-one-model-out median |error|, {k}": v
+                     for k, v in fit.leave_one_model_out(points, value, fits).items()})
+    return outcomes, fits, held_out
 
 
 def filtered(points: list[Point], system: Optional[str], source: Optional[str]) -> list[Point]:

@@ -103,7 +103,8 @@ def moe_infinity() -> PolicySpec:
     dispatcher's scan order, lowest expert index then layer; ``simulator/cache.py``), a dedicated fetch stream
     (pinned host memory) where on-demand fetches go before queued prefetches; prefetch is disabled as in
     ``ArcherConfig.prefetch=False`` (``--prefetch eam`` enables the activation-matrix matching).
-    Runtime costs (``moe-infinity``): two stream synchronisations and five launches per expert, one per layer.
+    Runtime costs (``moe-infinity``): two stream synchronisations and five launches per expert, one per layer,
+    and a fitted 0.4 ms per expert call for the dispatcher's thread hand-offs (``simulator/runtime.py``).
     Leaves out: the SSD-to-host cold start, the 8 exec streams (experts of a layer run back to back here).
     """
     return _spec("moe-infinity", CacheSpec("lfu", scope="global", unit="bytes"), memory_fraction=0.9,
@@ -151,7 +152,8 @@ def moe_infinity_2024() -> PolicySpec:
     without the three mechanics, then with them): study mem 0.95/0.75/0.50/0.25 0.49/0.54/0.55/0.62, then
     0.72/0.80/0.82/0.88, then 0.93/0.95/0.89/0.93; 2024-04 README 0.82, 1.19, 1.27; its batch-32
     throughput 0.68 then 0.64; the 2025 README and the paper v3 stay on ``moe-infinity`` (0.99, 0.87);
-    DeepSeek-V2-Lite 0.53 either way.
+    DeepSeek-V2-Lite 0.53 either way. (All before the fitted per-expert cost; with it: study 0.95/0.97/0.90/
+    0.94, 2024-04 README 1.29, batch 32 0.62, 2025 README and paper v3 1.02 and 0.89, DeepSeek-V2-Lite 0.99.)
     """
     base = moe_infinity()
     prefetch = PrefetchSpec("eam-all", limit=1, replaces_queue=True, evicts_earlier_layers_only=True)

@@ -21,8 +21,10 @@ attention likewise moves about 1.25x the bf16 bytes of the attention weights (5 
 
 Terms fitted to published measurements (their values here; what each is, its points and bounds in
 ``moesim.reproduce.fit.REGISTRY``, which ``moesim reproduce`` refits and holds out source by source):
-``weight_overhead_s`` (``accelerate``: the hook's fixed cost per offloaded weight matrix per forward, in
-:data:`FITTED_UNIT_COSTS`) and ``layer_fitted_s`` (a per-MoE-layer cost, :data:`FITTED`; none fitted).
+``weight_overhead_s`` (``accelerate``: the hook's fixed cost per offloaded weight matrix per forward),
+``expert_fitted_s`` (``moe-infinity``: the dispatcher's cost per GPU expert call beyond its counted launches
+and syncs), both in :data:`FITTED_UNIT_COSTS`, and ``layer_fitted_s`` (a per-MoE-layer cost, :data:`FITTED`;
+none fitted).
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ class RuntimeCosts:
     @property
     def layer_fitted_s(self) -> float:
         return FITTED.get(self.name, (0.0, ()))[0]
+
+    @property
+    def expert_fitted_s(self) -> float:
+        """MoE-Infinity's fitted cost per GPU expert call beyond its counted launches and syncs (0 elsewhere)."""
+        return FITTED_UNIT_COSTS["moe-infinity.expert_overhead_s"] if self.name == "moe-infinity" else 0.0
 
     @property
     def weight_overhead_s(self) -> float:
@@ -103,6 +110,9 @@ FITTED_UNIT_COSTS: dict[str, float] = {
     # accelerate, per offloaded expert weight matrix per forward, beyond its copy (moesim/simulator/run.py
     # accelerate_layer_copy_s); fitted on study-baseline-tpot, mir-mixtral-acc, mir-dsl-acc
     "accelerate.weight_overhead_s": 8.223e-4,
+    # MoE-Infinity, per GPU expert call, beyond its counted launches and syncs (RuntimeCosts.expert_fitted_s);
+    # fitted on its ten TPOT/throughput points, in effect on the DeepSeek-V2-Lite 155 ms (reproduce/fit.py)
+    "moe-infinity.expert_overhead_s": 3.990e-4,
 }
 
 
@@ -116,7 +126,7 @@ def apply_runtime(tables, runtime: RuntimeCosts, expert_hqq: bool, attention_hqq
     """Cost tables with the runtime's terms added (a new object; the memoised tables are not touched)."""
     if runtime.name == "none":
         return tables
-    expert_s = runtime.expert_kernels * LAUNCH_S + runtime.expert_syncs * SYNC_S
+    expert_s = runtime.expert_kernels * LAUNCH_S + runtime.expert_syncs * SYNC_S + runtime.expert_fitted_s
     layer_s = runtime.layer_kernels * LAUNCH_S + runtime.layer_syncs * SYNC_S + runtime.layer_fitted_s
     extra_ne = 0.0
     if expert_hqq:

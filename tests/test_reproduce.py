@@ -199,3 +199,24 @@ def test_deepseek_v2_lite_routing_reproduces_the_published_lru_hit_rate():
     assert uniform.hits[DSL_CAPACITY] / uniform.accesses < 0.3  # i.i.d. routing: about 16/64
     points = [p for p in read_catalogue() if p.model == "deepseek-v2-lite"]
     assert points and all(p.routing == DSL for p in points)
+
+
+def test_the_systems_tau_counts_only_pairs_of_different_systems_on_one_model_and_machine():
+    from dataclasses import replace
+
+    from moesim.reproduce.run import Outcome, score
+
+    base = next(p for p in read_catalogue() if p.is_speed and not p.unsimulable)
+
+    def outcome(i, system, model, gpu, published, predicted):
+        return Outcome(replace(base, id=i, system=system, model=model, gpu=gpu, value=published), predicted=predicted)
+
+    outcomes = [
+        outcome("x1", "X", "m", "g", 1.0, 1.0), outcome("x2", "X", "m", "g", 2.0, 0.5),  # X's own configs disagree
+        outcome("y", "Y", "m", "g", 3.0, 3.0),
+        outcome("z", "Z", "other-model", "g", 0.1, 9.0),  # another model: no pair with the rest
+    ]
+    s = score(outcomes)
+    key = f"{base.source} {base.metric}"
+    assert s.kendall_systems[key] == 1.0  # x1-y and x2-y agree; x1-x2 and every pair with z are not counted
+    assert s.kendall[key] < 1.0  # every pair counts there

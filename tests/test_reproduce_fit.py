@@ -122,3 +122,36 @@ def test_a_run_without_a_parameters_points_keeps_its_committed_value():
     others = _points({"b": 3.0})
     fits = fit.fit_all(others, lambda p: store["k"], registry=reg)
     assert fits["k"].value == 4.0 and fits["k"].points == () and not fits["k"].stale
+
+
+def test_leave_one_model_out_holds_out_a_models_points_whatever_their_source():
+    # two sources publish the same run of model m: leave-one-source-out still fits k to it, by model it cannot
+    store = {"k": 1.0}
+    base = next(p for p in read_catalogue() if p.is_speed and not p.unsimulable)
+    points = [replace(base, id=i, source=src, value=v, model=m)
+              for i, src, v, m in (("a1", "a", 2.0, "m"), ("b1", "b", 2.0, "m"), ("b2", "b", 4.0, "n"))]
+    reg = _registry(points, store)
+    value = lambda p: store["k"]  # noqa: E731
+    by_source = fit.leave_one_source_out(points, value, registry=reg)
+    by_model = fit.leave_one_model_out(points, value, registry=reg)
+    assert by_source["a"] == pytest.approx(8 ** 0.5 / 2 - 1, rel=1e-2)  # fitted on b1's 2.0 and b2's 4.0
+    assert by_model["m"] == pytest.approx(1.0, rel=1e-2)  # fitted on n's 4.0 alone: twice m's 2.0
+    assert by_model["n"] == pytest.approx(0.5, rel=1e-2)  # fitted on m's 2.0: half n's 4.0
+
+
+def test_moe_infinitys_per_expert_cost_is_charged_on_each_gpu_expert_call_of_its_runtime_only(monkeypatch):
+    from types import SimpleNamespace
+
+    from moesim.simulator import runtime
+
+    tables = SimpleNamespace(gpu_expert=[0.0, 1e-3, 2e-3], cpu_expert=[0.0, 5e-3], decode_non_expert={},
+                             prefill_non_expert={}, layer_overhead_s=0.0)
+    monkeypatch.setattr(runtime, "replace", lambda t, **kw: SimpleNamespace(**{**vars(t), **kw}))
+    monkeypatch.setitem(runtime.FITTED_UNIT_COSTS, "moe-infinity.expert_overhead_s", 4e-4)
+    mi = runtime.runtime_costs("moe-infinity")
+    fixed = mi.expert_kernels * runtime.LAUNCH_S + mi.expert_syncs * runtime.SYNC_S
+    out = runtime.apply_runtime(tables, mi, expert_hqq=False, attention_hqq=False)
+    assert out.gpu_expert == pytest.approx([0.0, 1e-3 + fixed + 4e-4, 2e-3 + fixed + 4e-4])
+    assert out.cpu_expert == tables.cpu_expert
+    for other in ("mixtral-offloading", "fiddler", "accelerate"):
+        assert runtime.runtime_costs(other).expert_fitted_s == 0.0
