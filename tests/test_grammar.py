@@ -72,9 +72,11 @@ def test_tables_use_one_unit_per_quantity(tmp_path):
 
 
 def _sweep_process(out):
+    # big enough (400 points, several seconds) that it cannot finish between its first row and the signal
     cmd = [sys.executable, "-m", "moesim.cli", "sweep", "--trace", "qwen3-30b-a3b-bigmoeonedge", "--policy",
-           "lru,lfu,fifo,fiddler,mixtral-offloading", "--cache-experts", "6,12,24,48,96", "--expert-bits", "16,4",
-           "--jobs", "2", "--no-progress", "--no-plot", "--out", str(out)]
+           "lru,lfu,fifo,fiddler,mixtral-offloading,moe-infinity,static,belady,hybrimoe,adapmoe", "--cache-experts",
+           "6,8,12,16,24,32,48,64,96,128", "--expert-bits", "16,8,4,2", "--jobs", "2", "--no-progress",
+           "--no-plot", "--out", str(out)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -83,7 +85,7 @@ def _wait_for_rows(out, timeout=120):
     while time.time() - t0 < timeout:
         if any(p.stat().st_size > 0 for p in (out / "store").glob("rows-*.jsonl")):
             return
-        time.sleep(0.2)
+        time.sleep(0.05)
     pytest.fail("the sweep finished no configuration in time")
 
 
