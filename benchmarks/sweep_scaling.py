@@ -5,7 +5,12 @@ Goal (issue #14): at least 1.8x with 2 workers on an idle 2-core machine. Timing
 processes share the cores, so the load average is printed with the figures, and the runs alternate
 (1, N, 1, N, ...) so that a change in load hits both sides alike.
 
-    python benchmarks/sweep_scaling.py [--configs 200] [--jobs 2] [--repeats 1] [--executor ray]
+The machine's own ceiling is printed last (``--ceiling-rounds``, 0 to skip): N copies of one CPU-bound job
+(pure Python, then numpy) started at once against one copy alone, alternating. A virtual machine whose cores
+slow down when all are busy (shared turbo budget, host SMT siblings, memory bandwidth) caps every parallel
+speed-up there, the sweep's included.
+
+    python benchmarks/sweep_scaling.py [--configs 200] [--jobs 2] [--repeats 1] [--executor ray] [--ceiling-rounds 5]
 """
 
 from __future__ import annotations
@@ -54,12 +59,39 @@ def timed_sweep(points, out: Path, jobs: int, executor: str) -> tuple[float, flo
     return wall, cpu, (out / "sweep.parquet").read_bytes(), (out / "sweep.csv").read_bytes()
 
 
+CEILING_JOBS = {
+    "pure Python": "s = 0\nfor i in range(12_000_000):\n    s += i * i % 7",
+    "numpy": "import numpy as np\na = np.random.default_rng(0).random(4_000_000)\n"
+             "for _ in range(40):\n    b = np.sort(a[::-1] + 1.0)",
+}
+
+
+def machine_ceiling(jobs: int, rounds: int) -> None:
+    """Print how much faster ``jobs`` copies of one CPU-bound job finish together than one after another."""
+    import subprocess
+    import time
+
+    def wall(code: str, copies: int) -> float:
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(copies)]
+        for p in procs:
+            p.wait()
+        return time.perf_counter() - t0
+
+    print(f"this machine's ceiling: {jobs} copies of a CPU-bound job at once vs 1 ({rounds} alternating rounds)")
+    for name, code in CEILING_JOBS.items():
+        ratios = sorted(jobs * wall(code, 1) / wall(code, jobs) for _ in range(rounds))
+        print(f"  {name:<12} throughput {jobs} vs 1: median {statistics.median(ratios):.2f}x, "
+              f"range {ratios[0]:.2f}-{ratios[-1]:.2f}x")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", type=int, default=200)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--executor", default="local", help="executor of the N-worker side (local or ray)")
+    ap.add_argument("--ceiling-rounds", type=int, default=5, help="rounds of the machine's own ceiling (0: skip)")
     args = ap.parse_args(argv)
     points = grid(args.configs)
     print(f"{len(points)} configurations; load average before: {os.getloadavg()[0]:.2f} "
@@ -88,6 +120,8 @@ def main(argv=None) -> int:
     # a shared machine's speed drifts between runs (the same work's CPU time moves by 10-20%), so each 1-worker
     # run is also set against the N-worker run right after it
     print(f"  run by run: median {statistics.median(paired):.2f}x, range {paired[0]:.2f}-{paired[-1]:.2f}x")
+    if args.ceiling_rounds > 0:
+        machine_ceiling(args.jobs, args.ceiling_rounds)
     return 0
 
 

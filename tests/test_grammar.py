@@ -77,7 +77,10 @@ def _sweep_process(out):
            "lru,lfu,fifo,fiddler,mixtral-offloading,moe-infinity,static,belady,hybrimoe,adapmoe", "--cache-experts",
            "6,8,12,16,24,32,48,64,96,128", "--expert-bits", "16,8,4,2", "--jobs", "2", "--no-progress",
            "--no-plot", "--out", str(out)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # Ctrl-C as a terminal delivers it: with the default disposition, whatever this test process inherited (an
+    # ignored SIGINT is inherited across exec, and Python then leaves it ignored)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_rows(out, timeout=120):
