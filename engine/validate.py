@@ -297,6 +297,9 @@ class Validator:
         from moesim.simulator.run import prepare
 
         spec = policy_spec(policy) if isinstance(policy, str) else policy
+        # the engine makes the preset's decisions with its own code: the released code's fitted costs
+        # (MoE-Infinity's dispatcher, accelerate's hooks) are not in what it measures
+        spec = spec.with_parts(released_code_costs=False)
         config = SimConfig(policy=spec, cache_experts=self.opts.cache_experts, batch=1)
         return prepare(self.fitted, self.profile, config, trace_name=f"{self.trace_name}-fit",
                        profile_name=self.profile.name)

@@ -63,6 +63,10 @@ class PolicySpec:
     # host synchronisations, HQQ dequantization traffic; "none" is an idealised engine
     runtime: str = "none"
     all_resident: bool = False  # every expert must fit (no offloading)
+    # The runtime's fitted unit costs (simulator/runtime.py FITTED_UNIT_COSTS) describe the released code that
+    # published numbers were measured on; False for an engine that makes this preset's decisions with its own
+    # code (moesim validate's), which has the counted launches and syncs' kind of cost but not those
+    released_code_costs: bool = True
 
     def __post_init__(self):
         if self.memory_rule not in ("free", "pool"):

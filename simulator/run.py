@@ -125,7 +125,7 @@ def _runtime_costs(prep: Prepared, tables: CostTables) -> CostTables:
     """The preset's runtime implementation costs added to the profile's cost tables."""
     from moesim.simulator.runtime import apply_runtime, runtime_costs
 
-    runtime = runtime_costs(prep.policy.runtime)
+    runtime = runtime_costs(prep.policy.runtime, prep.policy.released_code_costs)
     hqq = runtime.hqq_traffic_factor > 1.0  # the released code runs every quantized weight through HQQ
     return apply_runtime(tables, runtime, expert_hqq=hqq and prep.expert_quantized,
                          attention_hqq=hqq and prep.non_expert_quantized)
@@ -207,7 +207,8 @@ def build_policy_objects(prep: Prepared) -> PolicyObjects:
             nbytes = missing * prep.expert_bytes[layer]
             layer_copy_bytes.append(nbytes)
             layer_copy_s.append(accelerate_layer_copy_s(prep.profile, nbytes, missing, transfer.pinned,
-                                                        runtime_costs(policy.runtime).weight_overhead_s))
+                                                        runtime_costs(policy.runtime,
+                                                                      policy.released_code_costs).weight_overhead_s))
     return PolicyObjects(cache, prefetcher, placement, transfer, costs, layer_copy_s, layer_copy_bytes)
 
 

@@ -53,6 +53,7 @@ class RuntimeCosts:
     # (0: built at its final format; simulator.memory.build_transient_bytes)
     build_trunk_bits: int = 0
     where: str = ""  # code locations of the counts
+    fitted: bool = True  # the fitted unit costs apply (the released code's run, not an engine's of the same preset)
 
     @property
     def layer_fitted_s(self) -> float:
@@ -61,12 +62,14 @@ class RuntimeCosts:
     @property
     def expert_fitted_s(self) -> float:
         """MoE-Infinity's fitted cost per GPU expert call beyond its counted launches and syncs (0 elsewhere)."""
-        return FITTED_UNIT_COSTS["moe-infinity.expert_overhead_s"] if self.name == "moe-infinity" else 0.0
+        fitted = self.fitted and self.name == "moe-infinity"
+        return FITTED_UNIT_COSTS["moe-infinity.expert_overhead_s"] if fitted else 0.0
 
     @property
     def weight_overhead_s(self) -> float:
         """accelerate's hook cost per offloaded weight matrix per forward (fitted; 0 for other runtimes)."""
-        return FITTED_UNIT_COSTS["accelerate.weight_overhead_s"] if self.name == "accelerate" else 0.0
+        fitted = self.fitted and self.name == "accelerate"
+        return FITTED_UNIT_COSTS["accelerate.weight_overhead_s"] if fitted else 0.0
 
 
 RUNTIMES: dict[str, RuntimeCosts] = {r.name: r for r in (
@@ -116,10 +119,11 @@ FITTED_UNIT_COSTS: dict[str, float] = {
 }
 
 
-def runtime_costs(name: str) -> RuntimeCosts:
+def runtime_costs(name: str, fitted: bool = True) -> RuntimeCosts:
+    """The runtime ``name``; ``fitted`` False leaves out its fitted unit costs (PolicySpec.released_code_costs)."""
     if name not in RUNTIMES:
         raise MoesimError(f"runtime '{name}': expected one of {', '.join(RUNTIMES)}")
-    return RUNTIMES[name]
+    return RUNTIMES[name] if fitted else replace(RUNTIMES[name], fitted=False)
 
 
 def apply_runtime(tables, runtime: RuntimeCosts, expert_hqq: bool, attention_hqq: bool):

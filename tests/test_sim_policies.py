@@ -284,3 +284,20 @@ def test_runtime_costs_add_the_released_codes_launches_and_syncs(tmp_path):
     assert simulate(path, profile(), mo).tpot_mean_s > simulate(path, profile(), mo_bare).tpot_mean_s
     with pytest.raises(MoesimError, match="runtime 'x'"):
         get_preset("lru").with_parts(runtime="x")
+
+
+def test_an_engine_run_of_a_preset_leaves_out_the_released_codes_fitted_costs(tmp_path):
+    """moesim validate predicts its own engine, which has no MoE-Infinity dispatcher and no accelerate hooks."""
+    from moesim.simulator import runtime
+
+    for name in ("moe-infinity", "accelerate"):
+        assert runtime.runtime_costs(name, fitted=False).expert_fitted_s == 0.0
+        assert runtime.runtime_costs(name, fitted=False).weight_overhead_s == 0.0
+    assert runtime.runtime_costs("moe-infinity").expert_fitted_s > 0
+    assert runtime.runtime_costs("accelerate").weight_overhead_s > 0
+    path = write_tiny_trace(tmp_path / "t.parquet", [[[0]], [[0]]], prompt=1)
+    spec = get_preset("moe-infinity")
+    released = simulate(path, profile(), SimConfig(spec, cache_experts=2))
+    engine = simulate(path, profile(), SimConfig(spec.with_parts(released_code_costs=False), cache_experts=2))
+    fitted = runtime.FITTED_UNIT_COSTS["moe-infinity.expert_overhead_s"]
+    assert released.tpot_mean_s - engine.tpot_mean_s == pytest.approx(fitted)  # one expert call per token
