@@ -137,17 +137,15 @@ def fit_one(param: FittedParameter, points: Sequence, fixed: Mapping[str, float]
     return best, math.sqrt(best_loss / len(points))
 
 
-def fit_all(points: Sequence, predict: Callable, exclude_source: str | None = None,
-            registry: Mapping[str, FittedParameter] | None = None,
+def fit_all(points: Sequence, predict: Callable, registry: Mapping[str, FittedParameter] | None = None,
             exclude: Callable[[object], bool] | None = None) -> dict[str, FitResult]:
-    """Fit every registered parameter on its points among ``points`` (without ``exclude_source``'s, and without
-    those ``exclude`` picks)."""
+    """Fit every registered parameter on its points among ``points`` (without those ``exclude`` picks)."""
     registry = REGISTRY if registry is None else registry
     by_id = {p.id: p for p in points}
     fitted: dict[str, FitResult] = {}
     for name, param in registry.items():
         present = [by_id[i] for i in param.points if i in by_id and not by_id[i].unsimulable]
-        own = [p for p in present if p.source != exclude_source and not (exclude is not None and exclude(p))]
+        own = [p for p in present if exclude is None or not exclude(p)]
         fixed = {n: r.value for n, r in fitted.items()}
         if not present:  # a run filtered to other points: nothing to refit it on, it keeps its committed value
             fitted[name] = FitResult(name, param.read(), param.read(), (), math.nan)

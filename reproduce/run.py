@@ -153,10 +153,11 @@ class Scores:
 
 
 def _system_pairs_tau(group: list[Outcome]) -> float:
-    """Kendall's tau (tau-a: concordant minus discordant over the pairs counted) over the pairs of points that
-    compare two systems: the same model, GPU and host, and a different system. Pairs of one system's own
-    configurations (Fiddler's prompt and output lengths) and pairs across models or machines order
-    workloads, not systems."""
+    """Kendall's rank agreement (concordant minus discordant pairs, over both; a pair tied on either side is
+    left out, which makes it Goodman and Kruskal's gamma, equal to tau where nothing ties) over the pairs of
+    points that compare two systems: the same model, GPU and host, and a different system. Pairs of one
+    system's own configurations (Fiddler's prompt and output lengths) and pairs across models or machines
+    order workloads, not systems."""
     def same_setup(a: Point, b: Point) -> bool:
         return (a.model, a.gpu, a.host) == (b.model, b.gpu, b.host)
 

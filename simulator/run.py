@@ -201,14 +201,13 @@ def build_policy_objects(prep: Prepared) -> PolicyObjects:
     if transfer.mode == "layer":
         from moesim.simulator.runtime import runtime_costs
 
+        per_matrix_s = runtime_costs(policy.runtime, policy.released_code_costs).weight_overhead_s
         layer_copy_s, layer_copy_bytes = [], []
         for layer in range(L):
             missing = sum(1 for e in range(E) if not cache.contains(layer, e))
             nbytes = missing * prep.expert_bytes[layer]
             layer_copy_bytes.append(nbytes)
-            layer_copy_s.append(accelerate_layer_copy_s(prep.profile, nbytes, missing, transfer.pinned,
-                                                        runtime_costs(policy.runtime,
-                                                                      policy.released_code_costs).weight_overhead_s))
+            layer_copy_s.append(accelerate_layer_copy_s(prep.profile, nbytes, missing, transfer.pinned, per_matrix_s))
     return PolicyObjects(cache, prefetcher, placement, transfer, costs, layer_copy_s, layer_copy_bytes)
 
 

@@ -58,26 +58,29 @@ class SweepPoint:
     non_expert_bits: Optional[str]
     batch: int
 
-    def key(self, digests: Optional[dict] = None) -> str:
-        """The point's settings plus the content hashes of what its result depends on.
+    def key(self) -> str:
+        """The point's settings plus the content hashes of what its result depends on."""
+        return self.key_with(_content(trace_sha256, self.trace), _content(profile_sha256, self.profile))
 
-        ``digests`` memoises the hashes by name across the points of one call (:func:`point_keys`): resolving a
-        name and checking its file for each of a grid's points cost a millisecond a point, before any ran."""
+    def key_with(self, trace_hash: str, profile_hash: str) -> str:
+        """:meth:`key` from its trace's and profile's hashes, already computed."""
         d = asdict(self)
-        digests = {} if digests is None else digests
-        for field, digest, spec in (("trace_sha256", trace_sha256, self.trace),
-                                    ("profile_sha256", profile_sha256, self.profile)):
-            if (field, spec) not in digests:
-                digests[field, spec] = _content(digest, spec)
-            d[field] = digests[field, spec]
+        d["trace_sha256"], d["profile_sha256"] = trace_hash, profile_hash
         d["simulator"] = simulator_version()
         return json.dumps(d, sort_keys=True, default=str)
 
 
 def point_keys(points: Sequence[SweepPoint]) -> list[str]:
-    """Each point's :meth:`SweepPoint.key`, each trace and profile hashed once."""
-    digests: dict = {}
-    return [p.key(digests) for p in points]
+    """Each point's :meth:`SweepPoint.key`, each trace and profile hashed once: resolving a name and checking
+    its file for each of a grid's points cost a millisecond a point, before any ran."""
+    hashes: dict[tuple, str] = {}
+
+    def content(digest: Callable[[str], str], spec: str) -> str:
+        if (digest, spec) not in hashes:
+            hashes[digest, spec] = _content(digest, spec)
+        return hashes[digest, spec]
+
+    return [p.key_with(content(trace_sha256, p.trace), content(profile_sha256, p.profile)) for p in points]
 
 
 def _content(digest: Callable[[str], str], spec: str) -> str:
@@ -344,7 +347,7 @@ def run_sweep(points: Sequence[SweepPoint], out_dir: Path, jobs: int = 0, progre
 
 
 def _local_rows(todo: Sequence[SweepPoint], jobs: int,
-                keys: Optional[Sequence[str]] = None) -> tuple[Iterable[dict], Callable[[], None]]:
+                keys: Sequence[str]) -> tuple[Iterable[dict], Callable[[], None]]:
     """The rows of ``todo`` (whose keys are ``keys``) from ``jobs`` processes of this machine, as they finish,
     and how to stop them.
 
@@ -357,7 +360,6 @@ def _local_rows(todo: Sequence[SweepPoint], jobs: int,
     which only the ``predictive`` points need, are still being fitted."""
     jobs = jobs or (os.cpu_count() or 1)
     jobs = max(1, min(jobs, len(todo)))
-    keys = point_keys(todo) if keys is None else keys
     units, needs = _setup_units(todo)
     if jobs == 1:
         for unit in units:

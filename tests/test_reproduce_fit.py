@@ -137,21 +137,3 @@ def test_leave_one_model_out_holds_out_a_models_points_whatever_their_source():
     assert by_source["a"] == pytest.approx(8 ** 0.5 / 2 - 1, rel=1e-2)  # fitted on b1's 2.0 and b2's 4.0
     assert by_model["m"] == pytest.approx(1.0, rel=1e-2)  # fitted on n's 4.0 alone: twice m's 2.0
     assert by_model["n"] == pytest.approx(0.5, rel=1e-2)  # fitted on m's 2.0: half n's 4.0
-
-
-def test_moe_infinitys_per_expert_cost_is_charged_on_each_gpu_expert_call_of_its_runtime_only(monkeypatch):
-    from types import SimpleNamespace
-
-    from moesim.simulator import runtime
-
-    tables = SimpleNamespace(gpu_expert=[0.0, 1e-3, 2e-3], cpu_expert=[0.0, 5e-3], decode_non_expert={},
-                             prefill_non_expert={}, layer_overhead_s=0.0)
-    monkeypatch.setattr(runtime, "replace", lambda t, **kw: SimpleNamespace(**{**vars(t), **kw}))
-    monkeypatch.setitem(runtime.FITTED_UNIT_COSTS, "moe-infinity.expert_overhead_s", 4e-4)
-    mi = runtime.runtime_costs("moe-infinity")
-    fixed = mi.expert_kernels * runtime.LAUNCH_S + mi.expert_syncs * runtime.SYNC_S
-    out = runtime.apply_runtime(tables, mi, expert_hqq=False, attention_hqq=False)
-    assert out.gpu_expert == pytest.approx([0.0, 1e-3 + fixed + 4e-4, 2e-3 + fixed + 4e-4])
-    assert out.cpu_expert == tables.cpu_expert
-    for other in ("mixtral-offloading", "fiddler", "accelerate"):
-        assert runtime.runtime_costs(other).expert_fitted_s == 0.0

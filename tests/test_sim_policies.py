@@ -286,6 +286,27 @@ def test_runtime_costs_add_the_released_codes_launches_and_syncs(tmp_path):
         get_preset("lru").with_parts(runtime="x")
 
 
+def test_moe_infinitys_fitted_cost_is_charged_on_each_gpu_expert_call_of_its_runtime_only(monkeypatch):
+    from moesim.simulator import runtime
+
+    tables = CostTables(
+        gpu_expert=[0.0, 1 * MS, 2 * MS], cpu_expert=[0.0, 5 * MS], act_d2h=[0.0] * 3, act_h2d=[0.0] * 3,
+        act_d2h_conc=[0.0] * 3, act_h2d_conc=[0.0] * 3, h2d_by_layer=[5 * MS], h2d_conc_by_layer=[5 * MS],
+        h2d_pageable_by_layer=[10 * MS], d2h_by_layer=[5 * MS], d2h_conc_by_layer=[5 * MS],
+        prefill_non_expert={}, decode_non_expert={}, head={}, layer_overhead_s=0, step_overhead_s=0,
+        dense_layers=0, shared_experts=0, expert_kernel="bf16", cpu_kernel="bf16", non_expert_kernel="bf16",
+        expert_bytes_by_layer=[1],
+    )
+    monkeypatch.setitem(runtime.FITTED_UNIT_COSTS, "moe-infinity.expert_overhead_s", 0.4 * MS)
+    mi = runtime.runtime_costs("moe-infinity")
+    fixed = mi.expert_kernels * runtime.LAUNCH_S + mi.expert_syncs * runtime.SYNC_S
+    out = runtime.apply_runtime(tables, mi, expert_hqq=False, attention_hqq=False)
+    assert out.gpu_expert == pytest.approx([0.0, 1 * MS + fixed + 0.4 * MS, 2 * MS + fixed + 0.4 * MS])
+    assert out.cpu_expert == tables.cpu_expert
+    for other in ("mixtral-offloading", "fiddler", "accelerate"):
+        assert runtime.runtime_costs(other).expert_fitted_s == 0.0
+
+
 def test_an_engine_run_of_a_preset_leaves_out_the_released_codes_fitted_costs(tmp_path):
     """moesim validate predicts its own engine, which has no MoE-Infinity dispatcher and no accelerate hooks."""
     from moesim.simulator import runtime
