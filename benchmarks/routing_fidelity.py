@@ -10,7 +10,8 @@ part's shape is synthesized, and the two are compared (decode accesses counted).
 synthetic request has the whole request's shape (prompt, all decode steps) and the same held-out positions
 are compared, since the real held-out half continues a request that had a prompt and a first half.
 Figures are means over --seeds synthetic seeds. The same comparison is made for two naive baselines fitted
-to the same part: uniform random routing, and per-layer popularity only.
+to the same part: uniform random routing, and per-layer popularity only; and, where the fit found more than
+one request group, for the full model with one set of parameters for all requests ("without groups").
 
 A last row, "real fit part", compares no model at all: the real fitting part itself (its decode half of the
 same length, or its requests) against the held-out part. It is what a model that reproduced the fitting
@@ -35,8 +36,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 BARS = "bars: LRU per-layer and global <= 3.0 pts at every capacity, Belady <= 5.0, reuse lags 1-4 <= 3.0, " \
        "per-layer entropy <= 0.020"
-BASELINES = (("full model", ()), ("popularity only", ("locality", "drift", "cross-layer")),
-             ("uniform random", ("popularity", "locality", "drift", "cross-layer")))
+BASELINES = (("full model", ()), ("without groups", ("request-groups",)),
+             ("popularity only", ("locality", "drift", "cross-layer", "request-groups")),
+             ("uniform random", ("popularity", "locality", "drift", "cross-layer", "request-groups")))
 
 
 def _row(label: str, g: dict, extra: str = "") -> None:
@@ -60,11 +62,16 @@ def heldout(name: str, train, test_select, prompt_lens, output_lens, seeds: int,
           f"top-{real.top_k} ==")
     print(f"  {'model':<16} {'LRU/layer':>9} {'LRU glob':>9} {'Belady':>7} {'reuse':>6} {'H max':>6} "
           f"{'H mean':>7}  bars met")
-    side, noise = None, None
+    side, noise, grouped = None, None, True
     for label, disabled in BASELINES:
+        if disabled == ("request-groups",) and not grouped:
+            print(f"  {label:<16} (the fit found one request group: the full model)")
+            continue
         t0 = time.perf_counter()
         model = fit_routing([train], name, disabled=disabled)
         fit_s = time.perf_counter() - t0
+        if not disabled:
+            grouped = bool(model.groups)
         rows, entropies = [], []
         for seed in range(seeds):
             syn = test_select(synthetic_trace(model, prompt_lens, output_lens, seed=100 + seed, disabled=disabled))
@@ -76,7 +83,9 @@ def heldout(name: str, train, test_select, prompt_lens, output_lens, seeds: int,
         if not disabled and len(entropies) > 1:
             # two seeds of one model differ this much: the sampling noise of a per-layer entropy of this size
             noise = np.mean([np.abs(a - b).max() for a, b in zip(entropies[:-1], entropies[1:])])
-        _row(label, {f: float(np.mean([getattr(g, f) for g in rows])) for f in GAP_FIELDS}, f"   (fit {fit_s:.0f} s)")
+        groups = f", {len(model.groups)} request groups" if model.groups else ""
+        _row(label, {f: float(np.mean([getattr(g, f) for g in rows])) for f in GAP_FIELDS},
+             f"   (fit {fit_s:.0f} s{groups})")
     if fit_part is not None:
         own = gaps(real, caching_stats(fit_part, "real fit part", with_next_layer=False))
         _row("real fit part", {f: getattr(own, f) for f in GAP_FIELDS}, "   (no model: the bars' floor)")

@@ -36,6 +36,14 @@ One :class:`PhaseModel` per phase (prefill, decode) holds, for every MoE layer:
   published repetition at layer 31 (first choice 22.7% where popularity alone gives 14-15%, "first or
   second" 50.9% where popularity alone gives 50-54%; ``benchmarks/routing_fidelity.py --only mixtral``)
   needs the rest of the cell to move away. ``None``: no avoidance (every model fitted to a trace here).
+- **request groups** (``groups``, optional): requests of one workload need not route alike. MoE-Infinity
+  reports 10-30 activation-pattern groups per dataset; the demo model on GSM8K has three locality regimes
+  (most requests repeat one token, decode on 2 experts per layer and 99% lag-1 reuse; some spread over 6 at
+  44%; a few in between), and one set of parameters fitted to all of them gives every request their average.
+  Each :class:`RequestGroup` holds its own phase models and its share of the requests; a synthetic
+  request is drawn into a group (counts as close to the shares as the request count allows) and routed by
+  that group's models. The top-level ``decode`` / ``prefill`` are the fit to all requests together, used
+  when groups are switched off and by files without groups.
 - **routing weights** (``weights``): the sum of a cell's k weights ~ Normal(mean, std) (clipped > 0),
   and their shares ~ Dirichlet(alpha) sorted high to low, by rank.
 
@@ -62,9 +70,9 @@ from moesim.errors import MoesimError
 from moesim.modelspec import ModelShape
 
 ROUTING_SCHEMA = "moesim.routing"
-ROUTING_VERSION = 4  # 4: the optional rank structure of a repeat (avoid); 3: the phase boundary (carry)
-READABLE_VERSIONS = (3, 4)  # a version 3 file is a version 4 one without avoid
-PARTS = ("popularity", "drift", "locality", "cross-layer", "phase-boundary", "weights")
+ROUTING_VERSION = 5  # 5: request groups; 4: the rank structure of a repeat (avoid); 3: the phase boundary (carry)
+READABLE_VERSIONS = (3, 4, 5)  # older files are newer ones without the later optional parts
+PARTS = ("popularity", "drift", "locality", "cross-layer", "phase-boundary", "request-groups", "weights")
 PHASE_NAMES = ("prefill", "decode")
 
 
@@ -100,8 +108,24 @@ class PhaseModel:
         return int(self.source.shape[0]) - 1
 
     def popularity(self) -> np.ndarray:
-        """Marginal popularity [L, E] (classes mixed by their prior)."""
+        """A fresh draw's weights [L, E], classes mixed by their prior (draws are without replacement within a
+        cell, so a top-k cell's expert shares are flatter than these: ``routing_fit.draw_weights``)."""
         return np.einsum("c,cle->le", self.class_prior, self.class_popularity)
+
+
+@dataclass(frozen=True)
+class RequestGroup:
+    """Requests that route alike: their share of a workload's requests and their own phase models."""
+
+    share: float
+    decode: PhaseModel
+    prefill: Optional[PhaseModel]  # None: prefill routes like this group's decode
+    fitted_requests: int  # how many of the fitting requests fell in this group
+
+    def phase(self, name: str) -> PhaseModel:
+        if name == "prefill" and self.prefill is not None:
+            return self.prefill
+        return self.decode
 
 
 @dataclass(frozen=True)
@@ -116,6 +140,7 @@ class RoutingModel:
     fitted_to: dict[str, Any]  # what the parameters were fitted to, and how
     created: str = ""
     version: int = ROUTING_VERSION
+    groups: tuple[RequestGroup, ...] = ()  # empty: every request routes by decode / prefill
 
     @property
     def num_layers(self) -> int:
@@ -159,6 +184,10 @@ def _phase_to_dict(p: PhaseModel) -> dict[str, Any]:
     }
 
 
+def _phases_to_dict(decode: PhaseModel, prefill: Optional[PhaseModel]) -> dict[str, Any]:
+    return {"decode": _phase_to_dict(decode), "prefill": None if prefill is None else _phase_to_dict(prefill)}
+
+
 def routing_to_json(m: RoutingModel) -> str:
     d = {
         "schema": ROUTING_SCHEMA,
@@ -170,8 +199,9 @@ def routing_to_json(m: RoutingModel) -> str:
         "expert_bytes": list(m.expert_bytes),
         "non_expert_bytes": int(m.non_expert_bytes),
         "fitted_to": m.fitted_to,
-        "phases": {"decode": _phase_to_dict(m.decode),
-                   "prefill": None if m.prefill is None else _phase_to_dict(m.prefill)},
+        "phases": _phases_to_dict(m.decode, m.prefill),
+        "request_groups": [{"share": round(float(g.share), 7), "fitted_requests": int(g.fitted_requests),
+                            "phases": _phases_to_dict(g.decode, g.prefill)} for g in m.groups] or None,
     }
     return json.dumps(d, indent=1, sort_keys=False) + "\n"
 
@@ -254,17 +284,45 @@ def routing_from_json(text: str, where: str) -> RoutingModel:
     L, E, k = model.num_moe_layers, model.num_experts, model.top_k
     if len(d["expert_bytes"]) != L:
         raise MoesimError(f"{where}: field 'expert_bytes' has {len(d['expert_bytes'])} entries, expected {L}")
-    phases = d["phases"]
-    if not isinstance(phases, dict) or "decode" not in phases:
-        raise MoesimError(f"{where}: field 'phases' must hold 'decode' (and optionally 'prefill')")
-    decode = _phase_from_dict(phases["decode"], L, E, k, f"{where}: phases.decode")
-    prefill = None
-    if phases.get("prefill") is not None:
-        prefill = _phase_from_dict(phases["prefill"], L, E, k, f"{where}: phases.prefill")
+    decode, prefill = _phases_from_dict(d["phases"], L, E, k, f"{where}: phases")
     return RoutingModel(name=str(d["name"]), model=model, dtype=str(d["dtype"]),
                         expert_bytes=tuple(int(x) for x in d["expert_bytes"]),
                         non_expert_bytes=int(d["non_expert_bytes"]), decode=decode, prefill=prefill,
-                        fitted_to=d["fitted_to"], created=str(d.get("created", "")), version=int(d["version"]))
+                        fitted_to=d["fitted_to"], created=str(d.get("created", "")), version=int(d["version"]),
+                        groups=_groups_from_dict(d.get("request_groups"), L, E, k, where))
+
+
+def _phases_from_dict(phases: Any, L: int, E: int, k: int, where: str):
+    if not isinstance(phases, dict) or "decode" not in phases:
+        raise MoesimError(f"{where}: expected an object holding 'decode' (and optionally 'prefill')")
+    decode = _phase_from_dict(phases["decode"], L, E, k, f"{where}.decode")
+    prefill = None
+    if phases.get("prefill") is not None:
+        prefill = _phase_from_dict(phases["prefill"], L, E, k, f"{where}.prefill")
+    return decode, prefill
+
+
+def _groups_from_dict(groups: Any, L: int, E: int, k: int, where: str) -> tuple[RequestGroup, ...]:
+    if groups is None:
+        return ()
+    if not isinstance(groups, list) or not groups:
+        raise MoesimError(f"{where}: field 'request_groups' must be a non-empty list or null")
+    out = []
+    for i, g in enumerate(groups):
+        at = f"{where}: request_groups[{i}]"
+        if not isinstance(g, dict):
+            raise MoesimError(f"{at}: expected an object")
+        share, fitted = g.get("share"), g.get("fitted_requests")
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise MoesimError(f"{at}: field 'share' must be a number in (0, 1]")
+        if isinstance(fitted, bool) or not isinstance(fitted, int) or fitted < 0:
+            raise MoesimError(f"{at}: field 'fitted_requests' must be a non-negative integer")
+        decode, prefill = _phases_from_dict(g.get("phases"), L, E, k, f"{at}.phases")
+        out.append(RequestGroup(share=float(share), decode=decode, prefill=prefill, fitted_requests=fitted))
+    total = sum(g.share for g in out)
+    if abs(total - 1.0) > 1e-4:
+        raise MoesimError(f"{where}: the request groups' shares sum to {total:.6f}, expected 1")
+    return tuple(out)
 
 
 def write_routing(path: str | os.PathLike, m: RoutingModel) -> Path:

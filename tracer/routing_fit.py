@@ -3,7 +3,8 @@
 Per phase and layer:
 
 - popularity: maximum likelihood with half a pseudo-count per expert (the Jeffreys prior of a categorical),
-  so an expert unseen in a short trace can still appear;
+  so an expert unseen in a short trace can still appear, turned into the weights of draws without
+  replacement whose top-k picks hold those shares (:func:`draw_weights`);
 - token classes (cross-layer correlation): a mixture of per-layer categoricals over the token's experts at
   all layers, fitted by EM (maximum likelihood), each class shrunk toward the layer popularity;
 - routing weights: the total by its mean and standard deviation, the sorted shares by a Dirichlet whose
@@ -18,7 +19,12 @@ Per phase and layer:
   tokens) for the share of layers that follow the token's source; and the share of first uses of an expert
   in a request (how far a request strays beyond its working set) for the drift concentration and the
   recalls of older tokens; and reuse at lags 1..K where the earlier cell lies in the previous phase (a
-  decode token against the prompt's last tokens), pooled, for the phase boundary's ``carry``.
+  decode token against the prompt's last tokens), pooled, for the phase boundary's ``carry``. The damped
+  steps can circle the fixed point, so the round whose synthesis came closest (:func:`_moment_gap`) is kept.
+
+Request groups: each request's reuse at lags 1 and 4 (per phase), a Gaussian mixture over requests with
+the number of groups chosen by BIC; each group is then fitted as above on its own requests, its share the
+fraction of requests in it. The model's top-level phases stay the fit to all requests.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import numpy as np
 
 from moesim.errors import MoesimError
 from moesim.tracer.format import DECODE, PREFILL, Trace, TraceCells, sha256_of_file, utc_now_iso
-from moesim.tracer.routing import PhaseModel, RoutingModel, WeightModel
+from moesim.tracer.routing import PhaseModel, RequestGroup, RoutingModel, WeightModel
 from moesim.tracer.synth import check_parts, synthesize
 
 POPULARITY_PSEUDO_COUNT = 0.5  # per expert (Jeffreys)
@@ -50,6 +56,11 @@ STEP = 0.5  # damped fixed-point steps
 # (version 2's routing) rather than being fitted to one template.
 MIN_BOUNDARY_REQUESTS = 8
 SOURCE_CAP = 0.9  # tokens with a source, at most: past it, reuse is carried by higher fidelity
+MAX_GROUPS = 4  # request groups, at most
+GROUP_MIN_REQUESTS = 8  # requests per request group the BIC search may ask for, at least (on average)
+GROUP_MIN_CELLS = 16  # a phase's positions every request needs for its reuse to be a grouping feature (fewer: noise)
+GROUP_MIN_SPREAD = 0.05  # requests whose reuse shares all lie within this form one group
+GROUP_REG_COVAR = 1e-3  # variance floor of the mixture (sd 0.03): reuse within a few points is one regime
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,6 +217,32 @@ def fit_token_classes(cells: TraceCells, phase: int, L: int, E: int, popularity:
     return pi, theta
 
 
+def draw_weights(share: np.ndarray, k: int) -> np.ndarray:
+    """Weights of successive draws without replacement (last axis) whose top-``k`` picks hold each expert
+    ``share`` of the time (shares of a cell's k slots, so k * share is the chance an expert is in a cell).
+
+    A cell holds k different experts, so drawing them one by one from the shares themselves under-picks the
+    popular ones (with 8 experts, top-2 and a 36% expert, by up to 4 points). Rosen's approximation of
+    successive sampling, pi_e = 1 - exp(-tau w_e), inverts in closed form: w_e ~ -ln(1 - k share_e); it leaves
+    up to 1.2 points at top-2 of 8 and under 0.1 at top-6 of 128. Top-2 (Mixtral, gpt-oss) has an exact
+    inclusion chance, which a few fixed-point steps from Rosen's start then match (checked by sampling in the
+    tests)."""
+    if k <= 1:
+        return share
+    target = np.minimum(k * np.asarray(share, dtype=np.float64), 1.0 - 1e-9)
+    w = -np.log1p(-target)
+    w = w / np.maximum(w.sum(axis=-1, keepdims=True), 1e-300)
+    if k == 2:
+        # top-2 has an exact inclusion chance, pi_e = w_e (1 + sum_f w_f / (1 - w_f) - w_e / (1 - w_e)):
+        # a few multiplicative steps take Rosen's start the rest of the way
+        for _ in range(60):
+            odds = w / np.maximum(1.0 - w, 1e-12)
+            pi = w * (1.0 + odds.sum(axis=-1, keepdims=True) - odds)
+            w = w * np.sqrt(np.maximum(target, 1e-300) / np.maximum(pi, 1e-300))
+            w = np.minimum(w / np.maximum(w.sum(axis=-1, keepdims=True), 1e-300), 1.0 - 1e-9)
+    return w
+
+
 def phase_shape(cells: TraceCells, phase: int) -> np.ndarray:
     """Cells per layer of each request in ``phase`` (distinct positions), indexed by request 0..R-1."""
     reqs = np.unique(cells.request)
@@ -253,6 +290,10 @@ def _init_phase(cells, phase, L, E, k, far_lag, classes: Optional[int], seed: in
     if "popularity" in parts:
         pop = np.full((L, E), 1.0 / E)
     prior, theta = fit_token_classes(cells, phase, L, E, pop, C, seed=seed)
+    # the classes keep their tilts; the marginal becomes weights whose top-k draws hold the trace's shares
+    marginal = np.einsum("c,cle->le", prior, theta)
+    theta = theta * (draw_weights(marginal, k) / np.maximum(marginal, 1e-300))[None]
+    theta = theta / theta.sum(axis=2, keepdims=True)
     target = dataclasses.replace(mom, near=_shrunk(mom.near, mom.cells),
                                  first=_shrunk(mom.first, mom.cells), share=pop)
     copy_rank = (mom.rank_pairs + 0.5) / (mom.rank_pairs + 0.5).sum(axis=1, keepdims=True)
@@ -295,6 +336,15 @@ def _correct(pm: PhaseModel, target: PhaseMoments, got: PhaseMoments) -> PhaseMo
     return dataclasses.replace(pm, source=source, fidelity=fid, drift=drift, source_sharing=sharing, carry=carry)
 
 
+def _moment_gap(target: PhaseMoments, got: PhaseMoments) -> float:
+    """How far a synthesis is from the trace on the matched moments: the largest reuse gap over lags 1..K
+    (mean of layers and ranks), plus the mean first-use gap and the phase-boundary reuse gap."""
+    gap = float(np.abs(got.near - target.near).mean(axis=(0, 1)).max()) + float(np.abs(got.first - target.first).mean())
+    if np.isfinite(target.cross) and np.isfinite(got.cross):
+        gap += abs(float(target.cross - got.cross))
+    return gap
+
+
 def _start_locality(pm: PhaseModel, target: PhaseMoments, got: PhaseMoments) -> PhaseModel:
     """Copies explain only the reuse that popularity, token classes and the urn do not already produce:
     start the near sources at the excess of the trace's reuse over a synthesis without copies."""
@@ -305,16 +355,12 @@ def _start_locality(pm: PhaseModel, target: PhaseMoments, got: PhaseMoments) -> 
     return dataclasses.replace(pm, source=source, fidelity=np.full_like(pm.fidelity, fid))
 
 
-def fit_routing_cells(cells: TraceCells, shape_meta, name: str, *, classes: Optional[int] = None,
-                      iterations: int = FIT_ITERATIONS, seed: int = 0, sources: Sequence[dict] = (),
-                      disabled: Sequence[str] = (), log=None) -> RoutingModel:
-    """Fit to ``cells`` (one or more requests, rows in execution order); ``shape_meta`` a TraceMeta.
+def _fit_phases(cells: TraceCells, meta, name: str, *, classes: Optional[int], iterations: int, seed: int,
+                parts: frozenset, min_boundaries: int = MIN_BOUNDARY_REQUESTS, log=None):
+    """One set of phase models for every request in ``cells``: ({phase: PhaseModel}, what it rests on).
 
-    ``disabled`` parts are left out of the model (no locality: no sources; no drift: None; no cross-layer:
-    one token class and a source per layer; no popularity: uniform), as the naive baselines need.
-    """
-    parts = check_parts(disabled)
-    meta = shape_meta
+    ``boundary_carry``: the carry to keep when ``cells`` hold too few phase boundaries to fit their own
+    (a request group's fit takes the one fitted to all requests; else 1, version 2's routing)."""
     L, E, k = meta.num_layers, meta.num_experts, meta.top_k
     has = {ph: bool((cells.phase == ph).any()) for ph in (PREFILL, DECODE)}
     if not has[DECODE]:
@@ -326,7 +372,13 @@ def fit_routing_cells(cells: TraceCells, shape_meta, name: str, *, classes: Opti
         if has[ph]:
             phases[ph], targets[ph] = _init_phase(cells, ph, L, E, k, far_lag, classes, seed, parts)
     boundaries = int(((prompt_lens > 0) & (output_lens > 0)).sum())
-    keep_boundary = "phase-boundary" in parts or boundaries < MIN_BOUNDARY_REQUESTS
+    kept_carry = None
+    if "phase-boundary" in parts:
+        kept_carry = 1.0
+    elif boundaries < max(min_boundaries, 1):
+        kept_carry = 1.0
+    if kept_carry is not None:
+        phases = {ph: dataclasses.replace(pm, carry=kept_carry) for ph, pm in phases.items()}
     per_layer_cells = max(int(prompt_lens.sum() + output_lens.sum()), 1)
     copies = int(np.ceil(FIT_MIN_CELLS / per_layer_cells))
     P, G = np.tile(prompt_lens, copies), np.tile(output_lens, copies)
@@ -345,21 +397,123 @@ def fit_routing_cells(cells: TraceCells, shape_meta, name: str, *, classes: Opti
             phases[ph] = _start_locality(phases[ph], targets[ph], moments_of(res, ph))
     if "locality" in parts and "drift" in parts:
         iterations = 0  # nothing is moment-matched: popularity stays the maximum-likelihood fit
-    for it in range(iterations):
+    best, best_gap = dict(phases), np.inf
+    for it in range(iterations + 1):
         res = synthesize(model_of(phases), P, G, seed=seed + 1)  # same draws every round: a steady fixed point
-        err = 0.0
+        got = {ph: moments_of(res, ph) for ph in phases}
+        # phases weighted by their cells: a short prompt's few lags should not pick the round for the decode
+        weight = {ph: float(targets[ph].cells.sum()) for ph in phases}
+        gap = sum(weight[ph] * _moment_gap(targets[ph], got[ph]) for ph in phases) / max(sum(weight.values()), 1.0)
+        if gap < best_gap:
+            # the damped steps can circle the fixed point rather than settle on it: keep the closest round
+            best, best_gap = dict(phases), gap
+        if log:
+            log(f"  fit round {it}/{iterations}: moment gap {gap:.4f} (largest reuse gap at a lag 1-{LAGS}, mean of "
+                f"layers, plus the first-use and phase-boundary gaps; phases weighted by cells)")
+        if it == iterations:
+            break
         for ph in phases:
-            got = moments_of(res, ph)
-            err = max(err, float(np.abs(got.near - targets[ph].near).mean(axis=(0, 1)).max()))
-            phases[ph] = _correct(phases[ph], targets[ph], got)
+            phases[ph] = _correct(phases[ph], targets[ph], got[ph])
             if "cross-layer" in parts:
                 phases[ph] = dataclasses.replace(phases[ph], source_sharing=0.0)
-            if keep_boundary:
-                phases[ph] = dataclasses.replace(phases[ph], carry=1.0)
+            if kept_carry is not None:
+                phases[ph] = dataclasses.replace(phases[ph], carry=kept_carry)
             if "locality" in parts:
                 phases[ph] = dataclasses.replace(phases[ph], source=np.zeros(LAGS + 1), fidelity=np.zeros((L, k)))
-        if log:
-            log(f"  fit round {it + 1}/{iterations}: largest gap in reuse at a lag 1-{LAGS}, mean of layers {err:.4f}")
+    phases = best
+    facts = {
+        "phase_boundary": (f"carry fitted on {boundaries} requests with a prompt" if kept_carry is None
+                           else f"carry kept at {kept_carry:g}: {boundaries} request(s) with a prompt, fewer than "
+                                f"{MIN_BOUNDARY_REQUESTS} boundaries to fit it on" if "phase-boundary" not in parts
+                           else "carry kept at 1: the phase boundary is left out"),
+        "requests": int(prompt_lens.size),
+        "prefill_cells_per_layer": int(prompt_lens.sum()),
+        "decode_cells_per_layer": int(output_lens.sum()),
+        "token_classes": {("prefill" if ph == PREFILL else "decode"): int(phases[ph].num_classes) for ph in phases},
+    }
+    return phases, facts
+
+
+# ------------------------------------------------------------------------------------------------
+# Request groups
+# ------------------------------------------------------------------------------------------------
+def request_features(cells: TraceCells) -> tuple[np.ndarray, np.ndarray]:
+    """Each request's locality, the features request groups are found by: per phase that every request has
+    at least GROUP_MIN_CELLS positions of, the mean over layers of the share of a cell's experts also in the
+    cell 1 and 4 positions back. Reuse shares, unlike working-set sizes, do not grow with a request's length,
+    so requests of one regime but different lengths land together. Returns (features [R, F], request ids)."""
+    grid, phase_of, reqs = request_grid(cells)
+    columns = []
+    for ph in (PREFILL, DECODE):
+        here = phase_of == ph  # [R, T]
+        if here.size == 0 or here.sum(axis=1).min() < GROUP_MIN_CELLS:
+            continue
+        for d in (1, 4):
+            a, b = grid[:, d:], grid[:, :-d]
+            ok = here[:, d:] & here[:, :-d]
+            ok = ok[:, :, None] & (a[..., 0] >= 0) & (b[..., 0] >= 0)  # [R, T-d, L]
+            hit = ((a[..., :, None] == b[..., None, :]).any(axis=-1) & ok[..., None]).sum(axis=(1, 2, 3))
+            columns.append(hit / np.maximum(ok.sum(axis=(1, 2)) * grid.shape[3], 1))
+    return (np.stack(columns, axis=1) if columns else np.zeros((reqs.size, 0))), reqs
+
+
+def find_request_groups(features: np.ndarray, seed: int = 0, groups: Optional[int] = None) -> np.ndarray:
+    """Group label of each request (0 = the largest group): a Gaussian mixture of the features, with the
+    number of groups chosen by BIC among 1..MAX_GROUPS (at most one per GROUP_MIN_REQUESTS requests), or
+    ``groups`` when given. Labels are ordered by group size, then by first request, so they do not depend
+    on the mixture's internal order."""
+    from sklearn.mixture import GaussianMixture
+
+    R = features.shape[0]
+    most = min(MAX_GROUPS, R // GROUP_MIN_REQUESTS) if groups is None else min(groups, R)
+    if most <= 1 or features.shape[1] == 0 or np.ptp(features, axis=0).max(initial=0.0) < GROUP_MIN_SPREAD:
+        return np.zeros(R, dtype=np.int64)
+    best, best_bic = None, np.inf
+    for G in ([groups] if groups is not None else range(1, most + 1)):
+        gm = GaussianMixture(n_components=G, covariance_type="diag", reg_covar=GROUP_REG_COVAR, n_init=4,
+                             random_state=seed).fit(features)
+        bic = gm.bic(features)
+        if bic < best_bic - 1e-9:
+            best, best_bic = gm.predict(features), bic
+    labels = np.unique(best, return_inverse=True)[1]
+    sizes = np.bincount(labels)
+    first = np.array([np.flatnonzero(labels == g)[0] for g in range(sizes.size)])
+    order = np.lexsort((first, -sizes))
+    return np.argsort(order)[labels]
+
+
+# ------------------------------------------------------------------------------------------------
+# The fit
+# ------------------------------------------------------------------------------------------------
+def fit_routing_cells(cells: TraceCells, shape_meta, name: str, *, classes: Optional[int] = None,
+                      iterations: int = FIT_ITERATIONS, seed: int = 0, sources: Sequence[dict] = (),
+                      disabled: Sequence[str] = (), groups: Optional[int] = None, log=None) -> RoutingModel:
+    """Fit to ``cells`` (one or more requests, rows in execution order); ``shape_meta`` a TraceMeta.
+
+    ``disabled`` parts are left out of the model (no locality: no sources; no drift: None; no cross-layer:
+    one token class and a source per layer; no popularity: uniform; no request groups: one set of
+    parameters for all requests), as the naive baselines need. ``groups``: how many request groups
+    (None: chosen by BIC; 1: none).
+    """
+    parts = check_parts(disabled)
+    meta = shape_meta
+    if groups is not None and groups < 1:
+        raise MoesimError(f"--request-groups {groups}: expected a positive integer or 'auto'")
+    kw = dict(classes=classes, iterations=iterations, seed=seed, parts=parts)
+    phases, facts = _fit_phases(cells, meta, name, log=log, **kw)
+    found = []
+    if "request-groups" not in parts and groups != 1:
+        features, reqs = request_features(cells)
+        labels = find_request_groups(features, seed=seed, groups=groups)
+        for g in range(int(labels.max(initial=0)) + 1 if labels.max(initial=0) > 0 else 0):
+            members = reqs[labels == g]
+            if log:
+                log(f"request group {g + 1}: {members.size} of {reqs.size} requests")
+            part = cells.take(np.flatnonzero(np.isin(cells.request, members)))
+            g_phases, _ = _fit_phases(part, meta, f"{name} group {g + 1}", log=log,
+                                      min_boundaries=1 if phases[DECODE].carry < 1 else MIN_BOUNDARY_REQUESTS, **kw)
+            found.append(RequestGroup(share=members.size / reqs.size, decode=g_phases[DECODE],
+                                      prefill=g_phases.get(PREFILL), fitted_requests=int(members.size)))
     fitted_to = {
         "parts_left_out": sorted(parts),
         "method": "popularity: ML with 0.5 pseudo-count; token classes: EM; weights: moments; copy ranks: counted; "
@@ -368,17 +522,17 @@ def fit_routing_cells(cells: TraceCells, shape_meta, name: str, *, classes: Opti
                   "and drift (share of first uses of an expert in a request): moment "
                   f"matching through the generator, {iterations} rounds",
         "sources": list(sources),
-        "phase_boundary": (f"carry fitted on {boundaries} requests with a prompt" if boundaries >= MIN_BOUNDARY_REQUESTS
-                           else f"carry kept at 1: {boundaries} request(s) with a prompt, fewer than "
-                                f"{MIN_BOUNDARY_REQUESTS} boundaries to fit it on"),
-        "requests": int(prompt_lens.size),
-        "prefill_cells_per_layer": int(prompt_lens.sum()),
-        "decode_cells_per_layer": int(output_lens.sum()),
-        "token_classes": {("prefill" if ph == PREFILL else "decode"): int(phases[ph].num_classes) for ph in phases},
+        **facts,
         "drift": "Polya-urn concentration per layer, moment-matched to the share of first uses in a request",
+        "request_groups": (
+            f"{len(found)} groups of {', '.join(str(g.fitted_requests) for g in found)} requests: a Gaussian mixture "
+            f"(BIC) of each request's reuse at lags 1 and 4, each group fitted on its own requests"
+            if found else "none: " + ("left out" if "request-groups" in parts or groups == 1 else
+                                      "one group fits best (BIC), or too few requests to split")),
     }
-    m = model_of(phases)
-    return dataclasses.replace(m, fitted_to=fitted_to, created=utc_now_iso())
+    return RoutingModel(name=name, model=meta.model, dtype=meta.dtype, expert_bytes=tuple(meta.expert_bytes),
+                        non_expert_bytes=int(meta.non_expert_bytes), decode=phases[DECODE],
+                        prefill=phases.get(PREFILL), fitted_to=fitted_to, created=utc_now_iso(), groups=tuple(found))
 
 
 def fit_routing(traces: Sequence[Trace], name: str, **kw) -> RoutingModel:

@@ -7,11 +7,13 @@ each cell the k experts are drawn in rank order: copy one of the source cell's e
 popularity of the token's class and the request's urn (never an expert already in the cell, nor, with the
 layer's ``avoid``, one of the source's). The history
 of every request is kept whole, so a source may lie in the prompt when the token is a decode step; the
-decode phase keeps such a source, and its share of the prompt's urn counts, by its ``carry``.
+decode phase keeps such a source, and its share of the prompt's urn counts, by its ``carry``. A model with
+request groups routes each request by its group's phases (:func:`group_counts` requests per group).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -208,25 +210,60 @@ def _weights(rng, pm: PhaseModel, disabled, layer: np.ndarray, k: int) -> np.nda
     return (shares * total[:, None]).astype(np.float32)
 
 
+def group_counts(shares: np.ndarray, requests: int) -> np.ndarray:
+    """Requests per group, as close to ``shares * requests`` as whole numbers allow (largest remainders;
+    ties to the earlier group), so a synthetic workload holds its groups in the fitted proportions rather
+    than in a random draw of them."""
+    exact = np.asarray(shares, dtype=np.float64) / float(np.sum(shares)) * requests
+    counts = np.floor(exact).astype(np.int64)
+    left = requests - int(counts.sum())
+    counts[np.argsort(-(exact - counts), kind="stable")[:left]] += 1
+    return counts
+
+
 def synthesize(model: RoutingModel, prompt_lens: np.ndarray, output_lens: np.ndarray, seed: int = 0,
                disabled: Iterable[str] = ()) -> SynthResult:
     """Requests r = 0..R-1 with ``prompt_lens[r]`` prefill and ``output_lens[r]`` decode cells per layer.
 
     Decode positions continue from the prompt (position P .. P+G-1). Same inputs and seed, same arrays.
+    With request groups, a random permutation of :func:`group_counts` says which group each request is in.
     """
     disabled = check_parts(disabled)
     prompt_lens = np.asarray(prompt_lens, dtype=np.int64)
     output_lens = np.asarray(output_lens, dtype=np.int64)
     R = int(prompt_lens.shape[0])
-    L, E, k = model.num_layers, model.num_experts, model.top_k
+    if R == 0 or (prompt_lens.max(initial=0) == 0 and output_lens.max(initial=0) == 0):
+        raise MoesimError("nothing to synthesize: every request has a prompt and output length of 0")
     rng = np.random.default_rng(seed)
+    if not model.groups or "request-groups" in disabled:
+        return SynthResult(cells=_synthesize_group(rng, model, prompt_lens, output_lens, disabled))
+    counts = group_counts(np.array([g.share for g in model.groups]), R)
+    group_of = rng.permutation(np.repeat(np.arange(len(model.groups)), counts))
+    parts = []
+    for g, group in enumerate(model.groups):
+        members = np.flatnonzero(group_of == g)
+        lens = prompt_lens[members] + output_lens[members]
+        if members.size == 0 or lens.max() == 0:
+            continue
+        c = _synthesize_group(rng, group, prompt_lens[members], output_lens[members], disabled)
+        parts.append(dataclasses.replace(c, request=members[c.request].astype(np.int32)))
+    cells = TraceCells(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in
+                          ("request", "phase", "position", "layer", "experts", "weights")})
+    return SynthResult(cells=cells.take(cells.execution_order()))
+
+
+def _synthesize_group(rng, phases, prompt_lens: np.ndarray, output_lens: np.ndarray, disabled) -> TraceCells:
+    """Requests that all route by ``phases`` (a RoutingModel or a RequestGroup: anything with ``phase``)."""
+    R = int(prompt_lens.shape[0])
+    first = phases.phase("decode")
+    L, E, k = first.class_popularity.shape[1], first.class_popularity.shape[2], first.fidelity.shape[1]
     state = _Streams(R, L, E, k, int((prompt_lens + output_lens).max(initial=0)))
     parts = []
     for phase_id, name, lens, offset in ((PREFILL, "prefill", prompt_lens, np.zeros(R, np.int64)),
                                           (DECODE, "decode", output_lens, prompt_lens)):
-        if R == 0 or lens.max(initial=0) == 0:
+        if lens.max(initial=0) == 0:
             continue
-        pm = model.phase(name)
+        pm = phases.phase(name)
         if "phase-boundary" not in disabled and pm.carry < 1.0:
             state.counts *= pm.carry
         ex = _run_phase(rng, pm, disabled, lens, offset, state)
@@ -238,13 +275,10 @@ def synthesize(model: RoutingModel, prompt_lens: np.ndarray, output_lens: np.nda
         parts.append(dict(request=rr.astype(np.int32), phase=np.full(rr.shape[0], phase_id, np.uint8),
                           position=(offset[rr] + tt).astype(np.int32), layer=ll.astype(np.int16),
                           experts=ex[rr, tt, ll], weights=weights))
-    if not parts:
-        raise MoesimError("nothing to synthesize: every request has a prompt and output length of 0")
     cat = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     cells = TraceCells(request=cat["request"], phase=cat["phase"], position=cat["position"], layer=cat["layer"],
                        experts=cat["experts"], weights=cat["weights"])
-    order = cells.execution_order()
-    return SynthResult(cells=cells.take(order))
+    return cells.take(cells.execution_order())
 
 
 def synthetic_meta(model: RoutingModel, shape: Optional[ModelShape] = None, *, routing_path: str = "",

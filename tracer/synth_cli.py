@@ -49,9 +49,12 @@ def write_trace_whole(path: str | Path, meta: TraceMeta, trace: Trace) -> Path:
 @click.option("--classes", type=int, default=None,
               help="Token classes for cross-layer correlation (default: 1 per 64 tokens of a phase, at most 4).")
 @click.option("--disable", default=None, metavar="PART,...", help=f"Leave parts out of the model: {', '.join(PARTS)}.")
+@click.option("--request-groups", "request_groups", default="auto", show_default=True, metavar="auto|N",
+              help="Groups of requests that route alike, each fitted on its own requests: 'auto' chooses how many "
+                   "(BIC, at most 4), a number fixes it, 1 fits one set of parameters to all requests.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the EM start and of the fit's syntheses.")
 def fit_command(traces: tuple[str, ...], out: str, name: Optional[str], classes: Optional[int],
-                disable: Optional[str], seed: int) -> None:
+                disable: Optional[str], request_groups: str, seed: int) -> None:
     """Fit a routing model to TRACE... (files or bundled trace names) and write it to --out."""
     from moesim.tracer.format import read_trace
     from moesim.tracer.routing_fit import fit_routing
@@ -60,16 +63,26 @@ def fit_command(traces: tuple[str, ...], out: str, name: Optional[str], classes:
     parts = _parts(disable)
     if classes is not None and classes < 1:
         raise MoesimError(f"--classes {classes}: expected a positive integer")
+    groups = None
+    if request_groups != "auto":
+        try:
+            groups = int(request_groups)
+        except ValueError:
+            groups = 0
+        if groups < 1:
+            raise MoesimError(f"--request-groups {request_groups}: expected 'auto' or a positive integer")
     if Path(out).suffix.lower() != ".json":
         raise MoesimError(f"--out {out}: expected a .json file name")
     prepare_output_path(out)
     loaded = [read_trace(resolve_trace(t)) for t in traces]
     t0 = time.perf_counter()
-    model = fit_routing(loaded, name or Path(out).stem, classes=classes, seed=seed, disabled=parts)
+    model = fit_routing(loaded, name or Path(out).stem, classes=classes, seed=seed, disabled=parts, groups=groups)
     write_routing(out, model)
     dec = model.decode
+    grouped = (f"{len(model.groups)} request groups ({', '.join(str(g.fitted_requests) for g in model.groups)} "
+               f"requests)" if model.groups else "one request group")
     click.echo(f"wrote {out}: {model.num_layers} MoE layers x {model.num_experts} experts, top-{model.top_k}; "
-               f"{dec.num_classes} decode token class(es); fitted to {len(loaded)} trace(s) in "
+               f"{dec.num_classes} decode token class(es); {grouped}; fitted to {len(loaded)} trace(s) in "
                f"{time.perf_counter() - t0:.1f} s")
 
 
