@@ -13,12 +13,13 @@ Per phase and layer:
   pairs of cells K or fewer positions apart that share an expert;
 - locality and drift by moment matching through the generator itself: synthesize the training shape,
   compare, correct, repeat. The matched moments are reuse per (layer, rank) at each lag 1..K (the source
-  probabilities take the level of each lag pooled over layers, the fidelities each layer's and rank's
-  departure from it; past what tokens can carry, SOURCE_CAP, the fidelities rise); the variance over tokens
-  of the share of a token's experts reused from the token before (how much reuse comes in whole recurring
-  tokens) for the share of layers that follow the token's source; and the share of first uses of an expert
-  in a request (how far a request strays beyond its working set) for the drift concentration and the
-  recalls of older tokens; and reuse at lags 1..K where the earlier cell lies in the previous phase (a
+  probabilities take the level of each lag pooled over layers, half from the reuse at that lag and half from
+  the reuse whose latest use was that lag back, the fidelities each layer's and rank's departure from it;
+  past what tokens can carry, SOURCE_CAP, the fidelities rise); the variance over tokens of the share of a
+  token's experts reused from the token before (how much reuse comes in whole recurring tokens) for the
+  share of layers that follow the token's source; and the share of first uses of an expert in a request
+  (how far a request strays beyond its working set) for the drift concentration and the recalls of older
+  tokens; and reuse at lags 1..K where the earlier cell lies in the previous phase (a
   decode token against the prompt's last tokens), pooled, for the phase boundary's ``carry``. The damped
   steps can circle the fixed point, so the round whose synthesis came closest (:func:`_moment_gap`) is kept.
 
@@ -89,6 +90,7 @@ class PhaseMoments:
     share: np.ndarray  # [L, E] share of accesses per expert
     rank_pairs: np.ndarray  # [k, k] counts: rank j's expert was at rank j' in a cell 1..K back
     cross: float = float("nan")  # reuse at lags 1..K where the earlier cell is of another phase (nan: none)
+    latest: Optional[np.ndarray] = None  # [L, k, K] share of rank j's experts last used d = 1..K positions back
 
 
 MOMENT_CHUNK = 20_000_000  # expert comparisons held in memory at once (requests are taken in chunks)
@@ -102,6 +104,8 @@ def _lag_counts(cells: TraceCells, phase: int, L: int, lags: int):
     grid = np.pad(grid, ((0, 0), (0, 0), (0, max(L - grid.shape[2], 0)), (0, 0)), constant_values=-1)
     here = (phase_of == phase)[:, :, None] & (grid[..., 0] >= 0)  # [R, T, L] counted cells
     hits, pairs, rank_pairs, frac = np.zeros((L, k, lags)), np.zeros((L, lags)), np.zeros((k, k)), np.zeros(0)
+    latest = np.zeros((L, k, lags))
+    seen = np.zeros(grid.shape, dtype=bool)  # [R, T, L, k]: the expert was in a cell fewer than d back
     cross = np.zeros(2)  # hits, slots where the earlier cell is of another phase
     for d in range(1, min(lags, T - 1) + 1):
         a, b = grid[:, d:], grid[:, :-d]
@@ -111,12 +115,14 @@ def _lag_counts(cells: TraceCells, phase: int, L: int, lags: int):
         other = ok & (phase_of[:, :-d] != phase)[:, :, None]
         cross += (float((hit & other[..., None]).sum()), float(other.sum() * k))
         hits[:, :, d - 1] = hit.sum(axis=(0, 1))
+        latest[:, :, d - 1] = (hit & ~seen[:, d:]).sum(axis=(0, 1))
+        seen[:, d:] |= hit
         pairs[:, d - 1] = ok.sum(axis=(0, 1))
         rank_pairs += same.sum(axis=(0, 1, 2))
         if d == 1:
             n_tok = ok.sum(axis=2)  # [R, T-1] layers counted per token
             frac = hit.sum(axis=(2, 3))[n_tok > 0] / (n_tok[n_tok > 0] * k)
-    return hits, pairs, rank_pairs, frac, cross
+    return hits, pairs, rank_pairs, frac, cross, latest
 
 
 def phase_moments(cells: TraceCells, phase: int, L: int, E: int, lags: int = LAGS) -> PhaseMoments:
@@ -125,11 +131,11 @@ def phase_moments(cells: TraceCells, phase: int, L: int, E: int, lags: int = LAG
     per_request = (int(cells.position.max()) + 1 if len(cells) else 1) * L * k * k
     chunks = np.array_split(reqs, max(1, int(np.ceil(reqs.size * per_request / MOMENT_CHUNK))))
     hits, pairs, rank_pairs, fracs = np.zeros((L, k, lags)), np.zeros((L, lags)), np.zeros((k, k)), []
-    cross = np.zeros(2)
+    cross, latest = np.zeros(2), np.zeros((L, k, lags))
     for chunk in chunks:
         part = cells if len(chunks) == 1 else cells.take(np.flatnonzero(np.isin(cells.request, chunk)))
-        h, p, rp, f, c = _lag_counts(part, phase, L, lags)
-        hits, pairs, rank_pairs, cross = hits + h, pairs + p, rank_pairs + rp, cross + c
+        h, p, rp, f, c, lt = _lag_counts(part, phase, L, lags)
+        hits, pairs, rank_pairs, cross, latest = hits + h, pairs + p, rank_pairs + rp, cross + c, latest + lt
         fracs.append(f)
     frac = np.concatenate(fracs)
     rows = cells.phase == phase
@@ -140,7 +146,8 @@ def phase_moments(cells: TraceCells, phase: int, L: int, E: int, lags: int = LAG
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     return PhaseMoments(near=hits / np.maximum(pairs, 1)[:, None, :], lag1_var=float(frac.var()) if frac.size > 1
                         else 0.0, first=first_use_share(cells, phase, L, E), cells=n, share=share,
-                        rank_pairs=rank_pairs, cross=cross[0] / cross[1] if cross[1] else float("nan"))
+                        rank_pairs=rank_pairs, cross=cross[0] / cross[1] if cross[1] else float("nan"),
+                        latest=latest / np.maximum(pairs, 1)[:, None, :])
 
 
 def first_use_share(cells: TraceCells, phase: int, L: int, E: int) -> np.ndarray:
@@ -294,7 +301,7 @@ def _init_phase(cells, phase, L, E, k, far_lag, classes: Optional[int], seed: in
     marginal = np.einsum("c,cle->le", prior, theta)
     theta = theta * (draw_weights(marginal, k) / np.maximum(marginal, 1e-300))[None]
     theta = theta / theta.sum(axis=2, keepdims=True)
-    target = dataclasses.replace(mom, near=_shrunk(mom.near, mom.cells),
+    target = dataclasses.replace(mom, near=_shrunk(mom.near, mom.cells), latest=_shrunk(mom.latest, mom.cells),
                                  first=_shrunk(mom.first, mom.cells), share=pop)
     copy_rank = (mom.rank_pairs + 0.5) / (mom.rank_pairs + 0.5).sum(axis=1, keepdims=True)
     drift = None if "drift" in parts else np.full(L, float(E))
@@ -308,10 +315,15 @@ def _correct(pm: PhaseModel, target: PhaseMoments, got: PhaseMoments) -> PhaseMo
     """One damped step of the moment matching (see the module docstring)."""
     err_near = target.near - got.near  # [L, k, K]
     pooled_near = err_near.mean(axis=(0, 1))
+    # reuse at lag d says how much comes back from d tokens ago, but a token that repeats the one before also
+    # reuses the one two back through it; reuse whose latest use was d back says which lag a repeat comes
+    # from. Matched on either alone, repeats of the token before spread over every lag (a near-certain repeat
+    # left at 0.8 a request), or the per-lag levels drift (gemma-4 held out): the sources follow both
+    pooled_lag = 0.5 * (pooled_near + (target.latest - got.latest).mean(axis=(0, 1)))
     fid = pm.fidelity
     mean_fid = max(float(fid.mean()), 0.05)
     source = pm.source.copy()
-    source[:-1] += STEP * pooled_near / mean_fid
+    source[:-1] += STEP * pooled_lag / mean_fid
     source[-1] += STEP * float((got.first - target.first).mean()) / (mean_fid * max(float(got.first.mean()), 0.01))
     source = np.maximum(source, 0.0)
     if source.sum() > SOURCE_CAP:
