@@ -172,6 +172,20 @@ def test_fit_recovers_popularity_and_locality(round_trip):
         assert np.median([getattr(g, field) for g in found]) < bar, (field, found)
 
 
+def test_popularity_pseudo_count_is_the_empirical_bayes_one():
+    """Layers whose popularities are drawn from a symmetric Dirichlet(a): the evidence-maximizing pseudo-count
+    finds a again; a peaked router gets a smaller one than a flat one."""
+    from moesim.tracer.routing_fit import popularity_pseudo_count
+
+    rng = np.random.default_rng(5)
+    for a in (0.05, 0.2, 0.8):
+        p = rng.dirichlet(np.full(64, a), size=300)
+        counts = np.array([rng.multinomial(400, row) for row in p])
+        assert popularity_pseudo_count(counts) == pytest.approx(a, rel=0.15)
+    flat = np.array([rng.multinomial(400, np.full(64, 1 / 64)) for _ in range(40)])
+    assert popularity_pseudo_count(flat) == pytest.approx(1.0, abs=1e-3)  # the bound: as flat as it gets
+
+
 def test_draw_weights_hold_the_shares_a_top_k_cell_draws():
     """A cell's k experts are drawn without replacement: drawn from the shares themselves, a popular expert
     is under-picked; the draw weights hold it (exact for top-2, Rosen's approximation beyond)."""
