@@ -197,7 +197,8 @@ def test_draw_weights_hold_the_shares_a_top_k_cell_draws():
         top = np.argsort(-(np.log(np.maximum(w, 1e-300))[None] + rng.gumbel(size=(n, w.size))), axis=1)[:, :k]
         return np.bincount(top.reshape(-1), minlength=w.size) / (n * k)
 
-    for E_, k, conc, naive_off, bar in ((8, 2, 0.3, 0.02, 0.003), (32, 4, 0.5, 0.02, 0.008), (128, 6, 0.3, 0.003, 0.002)):
+    cases = ((8, 2, 0.3, 0.02, 0.003), (32, 4, 0.5, 0.02, 0.008), (128, 6, 0.3, 0.003, 0.002))
+    for E_, k, conc, naive_off, bar in cases:
         share = rng.dirichlet(np.full(E_, conc))
         for _ in range(50):  # a cell holds each expert at most once: no share above 1/k
             share = np.minimum(share, 0.98 / k)

@@ -4,8 +4,8 @@ Per phase and layer:
 
 - popularity: the posterior mean under a symmetric Dirichlet whose pseudo-count per expert maximizes the
   evidence of every layer's counts (empirical Bayes, :func:`popularity_pseudo_count`), so an expert unseen
-  in a short trace can still appear without a fixed prior flattening a peaked router, turned into the weights of draws without
-  replacement whose top-k picks hold those shares (:func:`draw_weights`);
+  in a short trace can still appear without a fixed prior flattening a peaked router; then turned into the
+  weights of draws without replacement whose top-k picks hold those shares (:func:`draw_weights`);
 - token classes (cross-layer correlation): a mixture of per-layer categoricals over the token's experts at
   all layers, fitted by EM (maximum likelihood), each class shrunk toward the layer popularity;
 - routing weights: the total by its mean and standard deviation, the sorted shares by a Dirichlet whose
@@ -20,9 +20,9 @@ Per phase and layer:
   token's experts reused from the token before (how much reuse comes in whole recurring tokens) for the
   share of layers that follow the token's source; and the share of first uses of an expert in a request
   (how far a request strays beyond its working set) for the drift concentration and the recalls of older
-  tokens; and reuse at lags 1..K where the earlier cell lies in the previous phase (a
-  decode token against the prompt's last tokens), pooled, for the phase boundary's ``carry``. The damped
-  steps can circle the fixed point, so the round whose synthesis came closest (:func:`_moment_gap`) is kept.
+  tokens; and reuse at lags 1..K where the earlier cell lies in the previous phase (a decode token against
+  the prompt's last tokens), pooled, for the phase boundary's ``carry``. The damped steps can circle the
+  fixed point, so the round whose synthesis came closest (:func:`_moment_gap`) is kept.
 
 Request groups: each request's reuse at lags 1 and 4 (per phase), a Gaussian mixture over requests with
 the number of groups chosen by BIC; each group is then fitted as above on its own requests, its share the
@@ -227,9 +227,10 @@ def fit_token_classes(cells: TraceCells, phase: int, L: int, E: int, popularity:
 
 def popularity_pseudo_count(counts: np.ndarray) -> float:
     """The pseudo-count per expert that maximizes the Dirichlet-multinomial evidence of the layers' access
-    counts ``counts`` [L, E] under one symmetric Dirichlet (empirical Bayes). A fixed Jeffreys 0.5 spread 27%
-    of gpt-oss's 234 decode accesses per layer (128 experts, 117 tokens, top-2) over all experts and
-    flattened its synthetic popularity; a router that concentrates gets a small one, a flat one a large one.
+    counts ``counts`` [L, E] under one symmetric Dirichlet (empirical Bayes). A fixed Jeffreys 0.5 adds 64
+    pseudo-accesses per layer at 128 experts: on gpt-oss's 64 decode tokens (top-2, 128 accesses per layer) a
+    third of the fitted popularity was spread evenly over every expert. A router that concentrates gets a
+    small pseudo-count, a flat one a large one.
     (A cell's k experts are distinct, not k independent draws: the evidence is an approximation.)"""
     from scipy.optimize import minimize_scalar
     from scipy.special import gammaln
@@ -394,8 +395,8 @@ def _fit_phases(cells: TraceCells, meta, name: str, *, classes: Optional[int], i
                 parts: frozenset, min_boundaries: int = MIN_BOUNDARY_REQUESTS, log=None):
     """One set of phase models for every request in ``cells``: ({phase: PhaseModel}, what it rests on).
 
-    ``boundary_carry``: the carry to keep when ``cells`` hold too few phase boundaries to fit their own
-    (a request group's fit takes the one fitted to all requests; else 1, version 2's routing)."""
+    ``min_boundaries``: below this many requests with both phases, carry stays 1 (version 2's routing); a
+    request group's fit asks for one, where the fit to all requests had enough to fit its own."""
     L, E, k = meta.num_layers, meta.num_experts, meta.top_k
     has = {ph: bool((cells.phase == ph).any()) for ph in (PREFILL, DECODE)}
     if not has[DECODE]:
@@ -407,13 +408,9 @@ def _fit_phases(cells: TraceCells, meta, name: str, *, classes: Optional[int], i
         if has[ph]:
             phases[ph], targets[ph], pseudo[ph] = _init_phase(cells, ph, L, E, k, far_lag, classes, seed, parts)
     boundaries = int(((prompt_lens > 0) & (output_lens > 0)).sum())
-    kept_carry = None
-    if "phase-boundary" in parts:
-        kept_carry = 1.0
-    elif boundaries < max(min_boundaries, 1):
-        kept_carry = 1.0
-    if kept_carry is not None:
-        phases = {ph: dataclasses.replace(pm, carry=kept_carry) for ph, pm in phases.items()}
+    keep_boundary = "phase-boundary" in parts or boundaries < max(min_boundaries, 1)
+    if keep_boundary:
+        phases = {ph: dataclasses.replace(pm, carry=1.0) for ph, pm in phases.items()}
     per_layer_cells = max(int(prompt_lens.sum() + output_lens.sum()), 1)
     copies = int(np.ceil(FIT_MIN_CELLS / per_layer_cells))
     P, G = np.tile(prompt_lens, copies), np.tile(output_lens, copies)
@@ -451,17 +448,18 @@ def _fit_phases(cells: TraceCells, meta, name: str, *, classes: Optional[int], i
             phases[ph] = _correct(phases[ph], targets[ph], got[ph])
             if "cross-layer" in parts:
                 phases[ph] = dataclasses.replace(phases[ph], source_sharing=0.0)
-            if kept_carry is not None:
-                phases[ph] = dataclasses.replace(phases[ph], carry=kept_carry)
+            if keep_boundary:
+                phases[ph] = dataclasses.replace(phases[ph], carry=1.0)
             if "locality" in parts:
                 phases[ph] = dataclasses.replace(phases[ph], source=np.zeros(LAGS + 1), fidelity=np.zeros((L, k)))
     phases = best
     facts = {
-        "phase_boundary": (f"carry fitted on {boundaries} requests with a prompt" if kept_carry is None
-                           else f"carry kept at {kept_carry:g}: {boundaries} request(s) with a prompt, fewer than "
-                                f"{MIN_BOUNDARY_REQUESTS} boundaries to fit it on" if "phase-boundary" not in parts
-                           else "carry kept at 1: the phase boundary is left out"),
+        "phase_boundary": ("carry kept at 1: the phase boundary is left out" if "phase-boundary" in parts
+                           else f"carry kept at 1: {boundaries} request(s) with a prompt, fewer than "
+                                f"{max(min_boundaries, 1)} boundaries to fit it on" if keep_boundary
+                           else f"carry fitted on {boundaries} requests with a prompt"),
         "requests": int(prompt_lens.size),
+        "boundaries": boundaries,
         "prefill_cells_per_layer": int(prompt_lens.sum()),
         "decode_cells_per_layer": int(output_lens.sum()),
         "token_classes": {("prefill" if ph == PREFILL else "decode"): int(phases[ph].num_classes) for ph in phases},
@@ -505,7 +503,7 @@ def find_request_groups(features: np.ndarray, seed: int = 0, groups: Optional[in
     if most <= 1 or features.shape[1] == 0 or np.ptp(features, axis=0).max(initial=0.0) < GROUP_MIN_SPREAD:
         return np.zeros(R, dtype=np.int64)
     best, best_bic = None, np.inf
-    for G in ([groups] if groups is not None else range(1, most + 1)):
+    for G in ([most] if groups is not None else range(1, most + 1)):
         gm = GaussianMixture(n_components=G, covariance_type="diag", reg_covar=GROUP_REG_COVAR, n_init=4,
                              random_state=seed).fit(features)
         bic = gm.bic(features)
@@ -541,19 +539,24 @@ def fit_routing_cells(cells: TraceCells, shape_meta, name: str, *, classes: Opti
     if "request-groups" not in parts and groups != 1:
         features, reqs = request_features(cells)
         labels = find_request_groups(features, seed=seed, groups=groups)
-        for g in range(int(labels.max(initial=0)) + 1 if labels.max(initial=0) > 0 else 0):
+        n_groups = int(labels.max(initial=0)) + 1
+        # a group's boundary is fitted on however few of its requests have one, where all requests together
+        # had enough for the fit to all of them to fit its own
+        whole = facts["boundaries"] >= MIN_BOUNDARY_REQUESTS and "phase-boundary" not in parts
+        for g in range(n_groups if n_groups > 1 else 0):
             members = reqs[labels == g]
             if log:
                 log(f"request group {g + 1}: {members.size} of {reqs.size} requests")
             part = cells.take(np.flatnonzero(np.isin(cells.request, members)))
             g_phases, _ = _fit_phases(part, meta, f"{name} group {g + 1}", log=log,
-                                      min_boundaries=1 if phases[DECODE].carry < 1 else MIN_BOUNDARY_REQUESTS, **kw)
+                                      min_boundaries=1 if whole else MIN_BOUNDARY_REQUESTS, **kw)
             found.append(RequestGroup(share=members.size / reqs.size, decode=g_phases[DECODE],
                                       prefill=g_phases.get(PREFILL), fitted_requests=int(members.size)))
     fitted_to = {
         "parts_left_out": sorted(parts),
         "method": "popularity: posterior mean, pseudo-count per expert by empirical Bayes (Dirichlet-multinomial "
-                  "evidence), as draw weights of top-k cells; token classes: EM; weights: moments; copy ranks: counted; "
+                  "evidence), as draw weights of top-k cells; token classes: EM; weights: moments; copy ranks: "
+                  "counted; "
                   f"locality (reuse per layer and rank at lags 1-{LAGS}; variance over tokens of lag-1 reuse for "
                   "the source sharing; reuse of the previous phase's last tokens for the phase boundary's carry) "
                   "and drift (share of first uses of an expert in a request): moment "
