@@ -536,7 +536,7 @@ def test_request_groups_synthesize_their_regimes_and_the_fit_finds_them():
     syn = np.sort(per_request_lag1(synth_trace(fitted, requests=48, prompt=8, output=48, seed=2), 48, 48))
     # two regimes again, 36 and 12 requests, with a gap between them; each near its own (the repeating one
     # lower: the fit spreads a near-certain repeat of the token before over the lags 1-4, which all reuse
-    # 95-98% of it, and so leaves it at 0.7-0.95 a request)
+    # 95-98% of it, and so leaves it at 0.7-0.9 a request)
     assert syn[12] - syn[11] > 0.15 and np.median(syn[:12]) < 0.5 and np.median(syn[12:]) > 0.7
     assert abs(syn[:12].mean() - np.sort(reuse)[:12].mean()) < 0.15
     # one set of parameters gives every request the average: no such gap, and a narrow spread

@@ -39,7 +39,8 @@ One :class:`PhaseModel` per phase (prefill, decode) holds, for every MoE layer:
 - **request groups** (``groups``, optional): requests of one workload need not route alike. MoE-Infinity
   reports 10-30 activation-pattern groups per dataset; the demo model on GSM8K has three locality regimes
   (most requests repeat one token, decode on 2 experts per layer and 99% lag-1 reuse; some spread over 6 at
-  44%; a few in between), and one set of parameters fitted to all of them gives every request their average.
+  44%; a few in between, which the fit puts with the repeating ones), and one set of parameters fitted to
+  all of them gives every request their average.
   Each :class:`RequestGroup` holds its own phase models and its share of the requests; a synthetic
   request is drawn into a group (counts as close to the shares as the request count allows) and routed by
   that group's models. The top-level ``decode`` / ``prefill`` are the fit to all requests together, used
@@ -113,6 +114,13 @@ class PhaseModel:
         return np.einsum("c,cle->le", self.class_prior, self.class_popularity)
 
 
+def phase_of(decode: PhaseModel, prefill: Optional[PhaseModel], name: str) -> PhaseModel:
+    """The phase model that routes phase ``name``: prefill routes like decode where it has none of its own."""
+    if name == "prefill" and prefill is not None:
+        return prefill
+    return decode
+
+
 @dataclass(frozen=True)
 class RequestGroup:
     """Requests that route alike: their share of a workload's requests and their own phase models."""
@@ -123,9 +131,7 @@ class RequestGroup:
     fitted_requests: int  # how many of the fitting requests fell in this group
 
     def phase(self, name: str) -> PhaseModel:
-        if name == "prefill" and self.prefill is not None:
-            return self.prefill
-        return self.decode
+        return phase_of(self.decode, self.prefill, name)
 
 
 @dataclass(frozen=True)
@@ -155,9 +161,7 @@ class RoutingModel:
         return self.model.top_k
 
     def phase(self, name: str) -> PhaseModel:
-        if name == "prefill" and self.prefill is not None:
-            return self.prefill
-        return self.decode
+        return phase_of(self.decode, self.prefill, name)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -235,8 +235,9 @@ def synthesize(model: RoutingModel, prompt_lens: np.ndarray, output_lens: np.nda
     if R == 0 or (prompt_lens.max(initial=0) == 0 and output_lens.max(initial=0) == 0):
         raise MoesimError("nothing to synthesize: every request has a prompt and output length of 0")
     rng = np.random.default_rng(seed)
+    shape = (model.num_layers, model.num_experts, model.top_k)
     if not model.groups or "request-groups" in disabled:
-        return SynthResult(cells=_synthesize_group(rng, model, prompt_lens, output_lens, disabled))
+        return SynthResult(cells=_synthesize_group(rng, model, shape, prompt_lens, output_lens, disabled))
     counts = group_counts(np.array([g.share for g in model.groups]), R)
     group_of = rng.permutation(np.repeat(np.arange(len(model.groups)), counts))
     parts = []
@@ -245,18 +246,19 @@ def synthesize(model: RoutingModel, prompt_lens: np.ndarray, output_lens: np.nda
         lens = prompt_lens[members] + output_lens[members]
         if members.size == 0 or lens.max() == 0:
             continue
-        c = _synthesize_group(rng, group, prompt_lens[members], output_lens[members], disabled)
+        c = _synthesize_group(rng, group, shape, prompt_lens[members], output_lens[members], disabled)
         parts.append(dataclasses.replace(c, request=members[c.request].astype(np.int32)))
     cells = TraceCells(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in
                           ("request", "phase", "position", "layer", "experts", "weights")})
     return SynthResult(cells=cells.take(cells.execution_order()))
 
 
-def _synthesize_group(rng, phases, prompt_lens: np.ndarray, output_lens: np.ndarray, disabled) -> TraceCells:
-    """Requests that all route by ``phases`` (a RoutingModel or a RequestGroup: anything with ``phase``)."""
+def _synthesize_group(rng, phases, shape: tuple[int, int, int], prompt_lens: np.ndarray, output_lens: np.ndarray,
+                      disabled) -> TraceCells:
+    """Requests that all route by ``phases`` (a RoutingModel or a RequestGroup: anything with ``phase``);
+    ``shape`` is (layers, experts, top-k)."""
     R = int(prompt_lens.shape[0])
-    first = phases.phase("decode")
-    L, E, k = first.class_popularity.shape[1], first.class_popularity.shape[2], first.fidelity.shape[1]
+    L, E, k = shape
     state = _Streams(R, L, E, k, int((prompt_lens + output_lens).max(initial=0)))
     parts = []
     for phase_id, name, lens, offset in ((PREFILL, "prefill", prompt_lens, np.zeros(R, np.int64)),
