@@ -17,7 +17,7 @@ This script times, per expert of a Mixtral-8x7B-shaped layer (three bf16 matrice
 and prints the overhead per matrix = (hooked - copies - compute) / 3 (hooked - copies: the median of rounds that
 time one after the other), for the installed accelerate and for
 any other release whose wheel is unpacked at a path given with ``--also NAME=DIR`` (run in a subprocess
-with that directory first on ``sys.path``). Shapes: ``--shape mixtral`` (4096 x 14336, 117 MB per matrix)
+with that directory on ``PYTHONPATH``, ahead of the installed release). Shapes: ``--shape mixtral`` (4096 x 14336, 117 MB per matrix)
 and ``--shape small`` (1024 x 1024, 2 MB: the overhead is then most of the time).
 
     python benchmarks/accelerate_hook_cost.py [--repeats 5] [--also accelerate-0.26.1=/path/to/unpacked/wheel]
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -146,10 +147,10 @@ def main(argv=None) -> int:
     setups = [("installed", None)] + [tuple(a.split("=", 1)) for a in args.also]
     for label, path in setups:
         for shape in args.shapes.split(","):
-            code = ([sys.executable, "-c", f"import sys; sys.path.insert(0, {path!r}); sys.argv[0] = {__file__!r}; "
-                     f"exec(open({__file__!r}).read())"] if path else [sys.executable, __file__])
-            out = subprocess.run(code + ["--one", shape, "--repeats", str(args.repeats), "--experts",
-                                         str(args.experts)], capture_output=True, text=True)
+            # PYTHONPATH comes before site-packages: the unpacked release shadows the installed one
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [path, os.environ.get("PYTHONPATH")])))
+            out = subprocess.run([sys.executable, __file__, "--one", shape, "--repeats", str(args.repeats),
+                                  "--experts", str(args.experts)], capture_output=True, text=True, env=env)
             if out.returncode:
                 print(f"  {label} {shape}: failed: {out.stderr.strip().splitlines()[-1] if out.stderr else '?'}")
                 continue
