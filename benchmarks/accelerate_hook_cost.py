@@ -14,13 +14,14 @@ This script times, per expert of a Mixtral-8x7B-shaped layer (three bf16 matrice
 - **compute**: the forward with the weights already on the device;
 - **empty_cache**: one ``torch.cuda.empty_cache()`` after freeing a matrix-sized block, and one allocation;
 
-and prints the overhead per matrix = (hooked - copies - compute) / 3 (hooked - copies: the median of rounds that
-time one after the other), for the installed accelerate and for
-any other release whose wheel is unpacked at a path given with ``--also NAME=DIR`` (run in a subprocess
-with that directory on ``PYTHONPATH``, ahead of the installed release). Shapes: ``--shape mixtral`` (4096 x 14336, 117 MB per matrix)
-and ``--shape small`` (1024 x 1024, 2 MB: the overhead is then most of the time).
+and prints the overhead per matrix = (hooked - copies - compute) / 3 (hooked - copies: the median over rounds
+that time the two one after the other), for the installed accelerate and for any other release whose wheel is
+unpacked at a path given with ``--also NAME=DIR`` (run in a subprocess with that directory on ``PYTHONPATH``,
+ahead of the installed release). ``--shapes``: ``mixtral`` (4096 x 14336, 117 MB per matrix) and ``small``
+(1024 x 1024, 2 MB: the overhead is then most of the time).
 
-    python benchmarks/accelerate_hook_cost.py [--repeats 5] [--also accelerate-0.26.1=/path/to/unpacked/wheel]
+    python benchmarks/accelerate_hook_cost.py [--repeats 9] [--shapes small,mixtral] [--json F]
+        [--also accelerate-0.26.1=/path/to/unpacked/wheel]
 """
 
 from __future__ import annotations
@@ -162,8 +163,9 @@ def main(argv=None) -> int:
                   f"{row['compute_ms']:5.2f} -> overhead per matrix {row['overhead_per_matrix_ms']:6.3f} ms "
                   f"(one allocation + empty_cache: {row['alloc_and_empty_cache_ms']:.3f} ms)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        from moesim.atomic import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(rows, indent=1) + "\n")
     return 0
 
 
