@@ -1,7 +1,8 @@
 """Routing synthesizer: held-out fidelity on real traces, the Mixtral model against published statistics,
 synthesis speed and determinism, and bad-input handling (issue #12). Prints every figure.
 
-    python benchmarks/routing_fidelity.py [--gsm8k-trace T.parquet] [--seeds 3] [--only heldout|mixtral|speed|bad]
+    python benchmarks/routing_fidelity.py [--gsm8k-trace T.parquet] [--seeds 3] [--fit-seeds 3]
+                                          [--only heldout|mixtral|speed|bad]
 
 Held-out fidelity: each bundled BigMoeOnEdge trace is split by decode position (fit on the prefill and the
 first half of decode; the second half is held out); a trace of the demo model on GSM8K prompts is split by
@@ -9,9 +10,11 @@ request (fit on the first half of the requests). A model is fitted on the fittin
 part's shape is synthesized, and the two are compared (decode accesses counted). For the decode split the
 synthetic request has the whole request's shape (prompt, all decode steps) and the same held-out positions
 are compared, since the real held-out half continues a request that had a prompt and a first half.
-Figures are means over --seeds synthetic seeds. The same comparison is made for two naive baselines fitted
-to the same part: uniform random routing, and per-layer popularity only; and, where the fit found more than
-one request group, for the full model with one set of parameters for all requests ("without groups").
+Figures are means over --seeds synthetic seeds of each of --fit-seeds fits (fit seeds 0..N-1: the fit's damped
+rounds circle its fixed point, so one fit is one draw, and single fits differ by 0.5-1 point; the range over fit
+seeds is printed). The same comparison is made for two naive baselines fitted to the same part: uniform
+random routing, and per-layer popularity only; and, where the fit found more than one request group, for the
+full model with one set of parameters for all requests ("without groups").
 
 A last row, "real fit part", compares no model at all: the real fitting part itself (its decode half of the
 same length, or its requests) against the held-out part. It is what a model that reproduced the fitting
@@ -52,7 +55,7 @@ def _row(label: str, g: dict, extra: str = "") -> None:
 GAP_FIELDS = ("lru_layer", "lru_global", "belady", "reuse", "entropy_max", "entropy_mean")
 
 
-def heldout(name: str, train, test_select, prompt_lens, output_lens, seeds: int, fit_part=None):
+def heldout(name: str, train, test_select, prompt_lens, output_lens, seeds: int, fit_seeds: int, fit_part=None):
     from moesim.tracer.compare import caching_stats, format_side_by_side, gaps
     from moesim.tracer.routing_fit import fit_routing
     from moesim.tracer.synth import synthetic_trace
@@ -62,35 +65,54 @@ def heldout(name: str, train, test_select, prompt_lens, output_lens, seeds: int,
           f"top-{real.top_k} ==")
     print(f"  {'model':<16} {'LRU/layer':>9} {'LRU glob':>9} {'Belady':>7} {'reuse':>6} {'H max':>6} "
           f"{'H mean':>7}  bars met")
-    side, noise, grouped = None, None, True
+    side, noise, grouped, per_fit = None, None, True, []
     for label, disabled in BASELINES:
         if disabled == ("request-groups",) and not grouped:
             print(f"  {label:<16} (the fit found one request group: the full model)")
             continue
-        t0 = time.perf_counter()
-        model = fit_routing([train], name, disabled=disabled)
-        fit_s = time.perf_counter() - t0
-        if not disabled:
-            grouped = bool(model.groups)
-        rows, entropies = [], []
-        for seed in range(seeds):
-            syn = test_select(synthetic_trace(model, prompt_lens, output_lens, seed=100 + seed, disabled=disabled))
-            st = caching_stats(syn, f"synthetic ({label})", with_next_layer=(seed == 0 and not disabled))
-            if seed == 0 and not disabled:
-                side = format_side_by_side(real, st, "decode")
-            rows.append(gaps(real, st))
-            entropies.append(st.entropy)
-        if not disabled and len(entropies) > 1:
-            # two seeds of one model differ this much: the sampling noise of a per-layer entropy of this size
-            noise = np.mean([np.abs(a - b).max() for a, b in zip(entropies[:-1], entropies[1:])])
-        groups = f", {len(model.groups)} request groups" if model.groups else ""
+        # the baselines without locality or drift are not moment-matched: their fit draws nothing from its seed
+        matched = "locality" not in disabled or "drift" not in disabled
+        rows, fit_s, groups = [], [], set()
+        for fit_seed in range(fit_seeds if matched else 1):
+            t0 = time.perf_counter()
+            model = fit_routing([train], name, disabled=disabled, seed=fit_seed)
+            fit_s.append(time.perf_counter() - t0)
+            if not disabled and fit_seed == 0:
+                grouped = bool(model.groups)
+            groups.add(len(model.groups))
+            fit_rows, entropies = [], []
+            for seed in range(seeds):
+                syn = test_select(synthetic_trace(model, prompt_lens, output_lens, seed=100 + seed,
+                                                  disabled=disabled))
+                first = seed == 0 and fit_seed == 0 and not disabled
+                st = caching_stats(syn, f"synthetic ({label})", with_next_layer=first)
+                if first:
+                    side = format_side_by_side(real, st, "decode")
+                fit_rows.append(gaps(real, st))
+                entropies.append(st.entropy)
+            if not disabled and fit_seed == 0 and len(entropies) > 1:
+                # two seeds of one model differ this much: the sampling noise of a per-layer entropy of this size
+                noise = np.mean([np.abs(a - b).max() for a, b in zip(entropies[:-1], entropies[1:])])
+            if not disabled:
+                per_fit.append({f: float(np.mean([getattr(g, f) for g in fit_rows])) for f in GAP_FIELDS})
+            rows += fit_rows
+        n_groups = "/".join(str(g) for g in sorted(groups))
+        extra = f", {n_groups} request groups" if groups != {0} else ""
         _row(label, {f: float(np.mean([getattr(g, f) for g in rows])) for f in GAP_FIELDS},
-             f"   (fit {fit_s:.0f} s{groups})")
+             f"   (fit {np.mean(fit_s):.0f} s{extra})")
     if fit_part is not None:
         own = gaps(real, caching_stats(fit_part, "real fit part", with_next_layer=False))
         _row("real fit part", {f: getattr(own, f) for f in GAP_FIELDS}, "   (no model: the bars' floor)")
-    print("  (largest |synthetic - real| over capacities / lags / layers, mean of the seeds; H = normalized "
-          "entropy per layer)")
+    print(f"  (largest |synthetic - real| over capacities / lags / layers, mean of {seeds} synthetic seeds of "
+          f"{fit_seeds} fit seed(s); H = normalized entropy per layer)")
+    if len(per_fit) > 1:
+        def span(field: str, scale: float, digits: int) -> str:
+            values = [r[field] * scale for r in per_fit]
+            return f"{min(values):.{digits}f}-{max(values):.{digits}f}"
+
+        print(f"  full model, fit seed to fit seed: LRU/layer {span('lru_layer', 100, 1)}, LRU global "
+              f"{span('lru_global', 100, 1)}, Belady {span('belady', 100, 1)}, reuse {span('reuse', 100, 1)}, "
+              f"H max {span('entropy_max', 1, 3)}")
     if noise is not None:
         print(f"  per-layer entropy, seed to seed of the full model (its sampling noise at this size): largest "
               f"layer difference {noise:.3f}")
@@ -98,7 +120,7 @@ def heldout(name: str, train, test_select, prompt_lens, output_lens, seeds: int,
     print("\n".join(("  " + line).rstrip() for line in side.rstrip().splitlines()))
 
 
-def bigmoe_heldout(seeds: int) -> None:
+def bigmoe_heldout(seeds: int, fit_seeds: int) -> None:
     from moesim.tracer import DECODE, read_trace
     from moesim.tracer.routing_fit import phase_shape
     from moesim.traces import resolve_trace
@@ -116,10 +138,10 @@ def bigmoe_heldout(seeds: int) -> None:
         held = int(dec.max()) + 1 - mid  # the fitting part's last decode positions, as many as are held out
         fit_part = tr.select((tr.phase == DECODE) & (tr.position < mid) & (tr.position >= mid - held))
         heldout(f"{name}, decode positions >= {mid} held out", train, select, phase_shape(tr.cells, 0),
-                phase_shape(tr.cells, 1), seeds, fit_part=fit_part)
+                phase_shape(tr.cells, 1), seeds, fit_seeds, fit_part=fit_part)
 
 
-def gsm8k_heldout(path: Path, seeds: int) -> None:
+def gsm8k_heldout(path: Path, seeds: int, fit_seeds: int) -> None:
     from moesim.tracer import read_trace
     from moesim.tracer.routing_fit import phase_shape
 
@@ -138,7 +160,7 @@ def gsm8k_heldout(path: Path, seeds: int) -> None:
         return test if t is None else t
 
     heldout(f"demo model on GSM8K ({path.name}): requests {reqs.size // 2}..{reqs.size - 1} held out", train,
-            select, phase_shape(test.cells, 0), phase_shape(test.cells, 1), seeds, fit_part=train)
+            select, phase_shape(test.cells, 0), phase_shape(test.cells, 1), seeds, fit_seeds, fit_part=train)
 
 
 def _mixtral_frequencies():
@@ -264,13 +286,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gsm8k-trace", default=str(REPO / "benchmarks" / "data" / "demo-gsm8k.parquet"),
                     help="a trace of the demo model on GSM8K prompts, split by request")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=3, help="synthetic traces per fitted model")
+    ap.add_argument("--fit-seeds", type=int, default=3,
+                    help="fits per moment-matched model (seeds 0..N-1): one fit is one draw, 0.5-1 point apart")
     ap.add_argument("--only", choices=("heldout", "mixtral", "speed", "bad"), default=None)
     args = ap.parse_args()
     print(BARS)
     if args.only in (None, "heldout"):
-        bigmoe_heldout(args.seeds)
-        gsm8k_heldout(Path(args.gsm8k_trace), args.seeds)
+        bigmoe_heldout(args.seeds, args.fit_seeds)
+        gsm8k_heldout(Path(args.gsm8k_trace), args.seeds, args.fit_seeds)
     if args.only in (None, "mixtral"):
         mixtral()
     if args.only in (None, "speed"):
