@@ -80,17 +80,16 @@ def heldout(name: str, train, test_select, prompt_lens, output_lens, seeds: int,
             if not disabled and fit_seed == 0:
                 grouped = bool(model.groups)
             groups.add(len(model.groups))
-            fit_rows, entropies = [], []
-            for seed in range(seeds):
-                syn = test_select(synthetic_trace(model, prompt_lens, output_lens, seed=100 + seed,
-                                                  disabled=disabled))
-                first = seed == 0 and fit_seed == 0 and not disabled
-                st = caching_stats(syn, f"synthetic ({label})", with_next_layer=first)
-                if first:
-                    side = format_side_by_side(real, st, "decode")
-                fit_rows.append(gaps(real, st))
-                entropies.append(st.entropy)
-            if not disabled and fit_seed == 0 and len(entropies) > 1:
+            first = fit_seed == 0 and not disabled
+            stats = [caching_stats(test_select(synthetic_trace(model, prompt_lens, output_lens, seed=100 + seed,
+                                                               disabled=disabled)),
+                                   f"synthetic ({label})", with_next_layer=first and seed == 0)
+                     for seed in range(seeds)]
+            if first:
+                side = format_side_by_side(real, stats[0], "decode")
+            fit_rows = [gaps(real, st) for st in stats]
+            entropies = [st.entropy for st in stats]
+            if first and len(entropies) > 1:
                 # two seeds of one model differ this much: the sampling noise of a per-layer entropy of this size
                 noise = np.mean([np.abs(a - b).max() for a, b in zip(entropies[:-1], entropies[1:])])
             if not disabled:

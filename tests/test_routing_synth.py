@@ -172,6 +172,23 @@ def test_fit_recovers_popularity_and_locality(round_trip):
         assert np.median([getattr(g, field) for g in found]) < bar, (field, found)
 
 
+def test_a_fit_round_is_judged_on_other_draws_than_its_corrections(monkeypatch):
+    """The round kept is picked on a synthesis of its own: picked on the draw its corrections came from, it
+    favoured rounds whose draw happened to sit near the trace."""
+    import moesim.tracer.routing_fit as rf
+
+    judged, corrected = [], []
+    gap, correct = rf._moment_gap, rf._correct
+    monkeypatch.setattr(rf, "_moment_gap", lambda target, got: judged.append(got.near) or gap(target, got))
+    monkeypatch.setattr(rf, "_correct", lambda pm, target, got: corrected.append(got.near) or correct(pm, target, got))
+    tr = synth_trace(known_model(drift=np.full(L, 3.0)), requests=6, prompt=4, output=16, seed=1)
+    fit_routing_cells(tr.cells, tr.meta, "judged", iterations=3, groups=1)
+    assert len(corrected) == 3 * 2 and len(judged) == 4 * 2  # two phases: 3 corrections, 4 rounds judged
+    # the draws differ, so their moments do too, and no round is judged on the arrays a correction used
+    assert not any(j is c for j in judged for c in corrected)
+    assert not any(np.array_equal(j, c) for j in judged[:2] for c in corrected[:2])
+
+
 def test_popularity_pseudo_count_is_the_empirical_bayes_one():
     """Layers whose popularities are drawn from a symmetric Dirichlet(a): the evidence-maximizing pseudo-count
     finds a again; a peaked router gets a smaller one than a flat one."""

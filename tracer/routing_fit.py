@@ -431,17 +431,16 @@ def _fit_phases(cells: TraceCells, meta, name: str, *, classes: Optional[int], i
     if "locality" in parts and "drift" in parts:
         iterations = 0  # nothing is moment-matched: popularity stays the maximum-likelihood fit
     best, best_gap = dict(phases), np.inf
+    # phases weighted by their cells: a short prompt's few lags should not pick the round for the decode
+    weight = {ph: float(targets[ph].cells.sum()) for ph in phases}
+    total_weight = max(sum(weight.values()), 1.0)
     for it in range(iterations + 1):
-        res = synthesize(model_of(phases), P, G, seed=seed + 1)  # same draws every round: a steady fixed point
-        got = {ph: moments_of(res, ph) for ph in phases}
-        # the round is judged on a second, independent draw: judged on the draw its corrections came from, the
-        # pick favoured rounds whose draw happened to sit near the trace (held-out per-layer LRU gap over fit
+        # the round is judged on a draw of its own: judged on the draw its corrections come from, the pick
+        # favoured rounds whose draw happened to sit near the trace (held-out per-layer LRU gap over fit
         # seeds 0-5: qwen3 3.7 -> 3.5 points, gemma-4 2.2 -> 1.9)
         check = synthesize(model_of(phases), P, G, seed=seed + 2)
         judged = {ph: moments_of(check, ph) for ph in phases}
-        # phases weighted by their cells: a short prompt's few lags should not pick the round for the decode
-        weight = {ph: float(targets[ph].cells.sum()) for ph in phases}
-        gap = sum(weight[ph] * _moment_gap(targets[ph], judged[ph]) for ph in phases) / max(sum(weight.values()), 1.0)
+        gap = sum(weight[ph] * _moment_gap(targets[ph], judged[ph]) for ph in phases) / total_weight
         if gap < best_gap:
             # the damped steps can circle the fixed point rather than settle on it: keep the closest round
             best, best_gap = dict(phases), gap
@@ -450,6 +449,8 @@ def _fit_phases(cells: TraceCells, meta, name: str, *, classes: Optional[int], i
                 f"layers, plus the first-use and phase-boundary gaps; phases weighted by cells)")
         if it == iterations:
             break
+        res = synthesize(model_of(phases), P, G, seed=seed + 1)  # same draws every round: a steady fixed point
+        got = {ph: moments_of(res, ph) for ph in phases}
         for ph in phases:
             phases[ph] = _correct(phases[ph], targets[ph], got[ph])
             if "cross-layer" in parts:
