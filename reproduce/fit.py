@@ -155,6 +155,10 @@ def fit_all(points: Sequence, predict: Callable, registry: Mapping[str, FittedPa
     return fitted
 
 
+# the key of the median over all groups' points together, each predicted by the fit without its own group
+POOLED = "all points, each held out with its group"
+
+
 def leave_one_source_out(points: Sequence, predict: Callable, full: Mapping[str, FitResult] | None = None,
                          registry: Mapping[str, FittedParameter] | None = None) -> dict[str, float]:
     """Median |predicted / published - 1| of each source's simulable speed points, every parameter refitted
@@ -175,11 +179,12 @@ def leave_one_group_out(points: Sequence, predict: Callable, group: Callable[[ob
                         full: Mapping[str, FitResult] | None = None,
                         registry: Mapping[str, FittedParameter] | None = None) -> dict[str, float]:
     """Median |predicted / published - 1| of each group's simulable speed points (``group(point)`` names it),
-    every parameter refitted without that group's points; a group no parameter is fitted to keeps ``full``."""
+    every parameter refitted without that group's points; a group no parameter is fitted to keeps ``full``.
+    Under :data:`POOLED`, the median over every group's points together, each predicted without its group."""
     registry = REGISTRY if registry is None else registry
     full = fit_all(points, predict, registry=registry) if full is None else full
     fitted_ids = {i for param in registry.values() for i in param.points}
-    out = {}
+    out, pooled = {}, []
     for name in sorted({group(p) for p in points}):
         held = [p for p in points if group(p) == name and p.is_speed and not p.unsimulable]
         if not held:
@@ -191,6 +196,9 @@ def leave_one_group_out(points: Sequence, predict: Callable, group: Callable[[ob
             errs = [abs(v / p.value - 1.0) for p in held for v in [predict(p)] if v == v]
         if errs:
             out[name] = median(errs)
+            pooled += errs
+    if pooled:
+        out[POOLED] = median(pooled)
     return out
 
 

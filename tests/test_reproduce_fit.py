@@ -137,3 +137,5 @@ def test_leave_one_model_out_holds_out_a_models_points_whatever_their_source():
     assert by_source["a"] == pytest.approx(8 ** 0.5 / 2 - 1, rel=1e-2)  # fitted on b1's 2.0 and b2's 4.0
     assert by_model["m"] == pytest.approx(1.0, rel=1e-2)  # fitted on n's 4.0 alone: twice m's 2.0
     assert by_model["n"] == pytest.approx(0.5, rel=1e-2)  # fitted on m's 2.0: half n's 4.0
+    # pooled: the median of the three points' held-out errors (1, 1, 0.5), not of the two models' medians (0.75)
+    assert by_model[fit.POOLED] == pytest.approx(1.0, rel=1e-2)
