@@ -49,21 +49,22 @@ class StepLog:
 
 
 def culprit(exc: BaseException) -> tuple[str, str]:
-    """(package, version) of the installed distribution whose code raised ``exc``, innermost frame first.
-
-    A frame counts when its file lies in an installed package (under site-packages or dist-packages); an
-    exception raised in moesim's own code names moesim.
-    """
-    frames = traceback.extract_tb(exc.__traceback__)
-    for frame in reversed(frames):
-        parts = Path(frame.filename).parts
-        for marker in ("site-packages", "dist-packages"):
-            if marker in parts:
-                i = parts.index(marker)
-                if i + 1 < len(parts):
-                    top = parts[i + 1].removesuffix(".py")
-                    if top != "moesim":
-                        return top, _version_of(top)
+    """(package, version) of the code that raised ``exc``: the innermost frame of moesim or of an installed
+    distribution, by the frame's module name (the standard library's frames are passed over, so a moesim call
+    that fails inside ``json`` names moesim, and a moesim hook that fails when torch calls it names moesim,
+    not torch). Module names, not file paths, so an editable install of moesim counts as moesim."""
+    modules = []
+    tb = exc.__traceback__
+    while tb is not None:
+        modules.append(str(tb.tb_frame.f_globals.get("__name__") or ""))
+        tb = tb.tb_next
+    installed = metadata.packages_distributions()
+    for module in reversed(modules):
+        top = module.partition(".")[0]
+        if top == "moesim":
+            break
+        if top and top not in sys.stdlib_module_names and top in installed:
+            return top, _version_of(top)
     return "moesim", _version_of("moesim")
 
 

@@ -111,11 +111,36 @@ def test_user_errors_pass_through_unchanged():
     assert type(info.value) is MoesimError and info.value.exit_code == 2
 
 
-def test_culprit_names_moesim_for_its_own_bugs():
+def _functions(module: str, source: str, **names) -> dict:
+    """The functions of ``source``, run as if they were code of ``module`` (their frames carry its name)."""
+    namespace = {"__name__": module, **names}
+    exec(compile(source, f"/x/site-packages/{module.replace('.', '/')}.py", "exec"), namespace)
+    return namespace
+
+
+def _culprit_of(call) -> str:
     try:
-        {}["missing"]
-    except KeyError as exc:
-        assert culprit(exc)[0] == "moesim"
+        call()
+    except Exception as exc:  # noqa: BLE001 - whatever the fake code raised
+        return culprit(exc)[0]
+    raise AssertionError("the call did not raise")
+
+
+def test_culprit_names_the_library_whose_code_raised():
+    library = _functions("transformers.models.fake", "def load():\n    raise ValueError('unknown architecture')")
+    ours = _functions("moesim.tracer.fake", "def trace():\n    load()", load=library["load"])
+    assert _culprit_of(ours["trace"]) == "transformers"
+
+
+def test_culprit_names_moesim_for_its_own_bugs():
+    ours = _functions("moesim.simulator.fake", "def step():\n    return {}['missing']")
+    assert _culprit_of(ours["step"]) == "moesim"
+    # a moesim hook that fails when a library calls it is moesim's bug, not the library's
+    library = _functions("torch.nn.fake", "def forward(hook):\n    return hook()")
+    assert _culprit_of(lambda: library["forward"](ours["step"])) == "moesim"
+    # a moesim call that fails inside the standard library is moesim's too
+    parse = _functions("moesim.calib.fake", "import json\ndef parse():\n    return json.loads('{')")
+    assert _culprit_of(parse["parse"]) == "moesim"
 
 
 def test_calib_cli_reports_a_library_failure_in_one_line(tmp_path, monkeypatch):
