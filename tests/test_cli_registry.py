@@ -27,5 +27,8 @@ def test_help_lists_every_command_without_importing_numpy_pyarrow_or_torch():
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "LOADED []" in res.stdout, res.stdout
+    commands = res.stdout.split("\nCommands:\n", 1)[1]
     for name, (_, summary) in COMMANDS.items():
-        assert name in res.stdout
+        # its own row of the Commands section: the name, then its summary
+        row = rf"^ +{re.escape(name)} +{re.escape(summary.rstrip('.'))}"
+        assert re.search(row, commands, re.M), (name, summary, commands)

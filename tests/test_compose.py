@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from click.testing import CliRunner
 
@@ -77,10 +79,20 @@ def test_sweep_takes_composed_policies_and_resumes_them_under_any_spelling(tmp_p
 
 
 def test_a_knob_belongs_to_the_preset_under_its_parts():
-    res = run(["simulate", "--trace", TRACE, "--policy", "moe-infinity+scope=layer", "--knob",
-               "device_memory_ratio=0.5"])
-    assert res.exit_code == 0, res.output
-    assert "policy moe-infinity+scope=layer" in res.output
+    sized = {}
+    for ratio in (0.5, 0.25):
+        res = run(["simulate", "--trace", TRACE, "--policy", "moe-infinity+scope=layer", "--knob",
+                   f"device_memory_ratio={ratio}"])
+        assert res.exit_code == 0, res.output
+        assert "policy moe-infinity+scope=layer" in res.output
+        slots, cache = map(int, re.search(r"cache +(\d+) expert slots, (\d+) MiB", res.output).groups())
+        total, dense = map(int, re.search(r"of (\d+) MiB \(non-expert (\d+),", res.output).groups())
+        layers = 36  # gpt-oss-120b: a per-layer cache holds whole rows of 36 slots
+        # MoE-Infinity's rule, ratio x GPU memory less the dense weights, in whole rows of the per-layer cache
+        room = ratio * total - dense
+        assert room - layers * cache / slots < cache <= room, (ratio, cache, room)
+        sized[ratio] = cache
+    assert sized[0.25] < sized[0.5]
 
 
 def test_search_and_the_cost_model_take_composed_policies(tmp_path):

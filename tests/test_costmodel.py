@@ -59,11 +59,8 @@ def test_lru_miss_table_reproduces_the_simulators_hits_at_every_size(tiny_trace)
             per_layer_acc = np.bincount(fe.decode.layer, weights=fe.decode.experts, minlength=4)
             per_layer_miss = np.bincount(fe.decode.layer, weights=table.decode[:, c], minlength=4)
             predicted = 1.0 - per_layer_miss / per_layer_acc
-            # exact whenever the cache holds a whole cell (c >= distinct experts of a step)
-            if c >= 2 * batch:
-                np.testing.assert_allclose(predicted, r.hit_rate_per_layer, atol=1e-12)
-            else:
-                np.testing.assert_allclose(predicted, r.hit_rate_per_layer, atol=0.2)
+            # exact at every size, below a whole cell (c < distinct experts of a step) too
+            np.testing.assert_allclose(predicted, r.hit_rate_per_layer, atol=1e-12, err_msg=f"c={c} batch={batch}")
 
 
 @pytest.mark.parametrize("policy", ["lru", "static", "fiddler", "accelerate", "all-gpu", "mixtral-offloading",
@@ -123,7 +120,7 @@ def test_bundled_artifact_is_small_versioned_and_loads():
     assert len(meta["fitted_on"]["traces"]) >= 2 and len(meta["fitted_on"]["profiles"]) >= 3
     assert all(len(h) == 64 for h in meta["fitted_on"]["profiles"].values())
     assert meta["chosen"]["tpot"] in ("none", "ridge", "gbm")
-    assert isinstance(model.stale_reasons(), list)
+    assert model.stale_reasons() == []  # the bundled artifact matches this simulator (else: costmodel fit --force)
 
 
 def test_stale_artifact_says_what_changed(tmp_path):

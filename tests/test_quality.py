@@ -195,7 +195,7 @@ def test_quality_cli_end_to_end(tmp_path, demo_dir):
     name = demo_dir.name
     ppl16 = lookup_perplexity(table, name, 16)
     ppl2 = lookup_perplexity(table, name, 2)
-    assert np.isfinite(ppl16) and ppl2 != ppl16
+    assert np.isfinite(ppl16) and ppl2 > ppl16, (ppl16, ppl2)  # a trained model: 2-bit experts cost perplexity
     gated = lookup_row(table, name, 16, gating=0.45)
     assert 1.0 <= gated.experts_per_token < 2.0
     assert lookup_row(table, name, 16, top_k=1).experts_per_token == 1.0

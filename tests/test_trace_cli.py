@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import SHARED
+from faults import readonly_folder
 from moesim.cli import cli
 from moesim.tracer import DECODE, PREFILL, read_trace
 from test_trace_capture import FAMILIES, build_model_folder
@@ -150,18 +151,12 @@ def test_unreachable_hub_model_is_one_line(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_unwritable_output(model_dir, tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
+    with readonly_folder(tmp_path) as locked:  # a read-only tmpfs when run as root
         result = run(["--prompts", str(GSM8K), "--model", str(model_dir), "--limit", "1",
                       "--out", str(locked / "sub" / "t.parquet")])
         one_line_error(result, "--out", "not writable")
         assert list(locked.iterdir()) == []
-    finally:
-        locked.chmod(0o700)
 
 
 def test_output_path_that_is_a_folder_or_under_a_file(model_dir, tmp_path):
