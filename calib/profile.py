@@ -763,6 +763,9 @@ def load_profile(spec: str | Path) -> HardwareProfile:
                 f"profile '{spec_str}': not a bundled profile ({', '.join(sorted(bundled)) or 'none'}) "
                 f"or an existing JSON file"
             )
+    from moesim.atomic import note_input
+
+    note_input(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:

@@ -26,6 +26,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from moesim.atomic import note_input
 from moesim.costmodel.context import TraceProfileContext
 from moesim.costmodel.model import OBJECTIVES, CostModel, Predictions
 from moesim.costmodel.space import (
@@ -119,6 +120,7 @@ def lookup_quality(ctx: TraceProfileContext, configs: ConfigSet, table_path: str
     from moesim.simulator.compose import policy_spec
     from moesim.simulator.run import trace_format
 
+    note_input(table_path)
     table = load_quality_table(table_path)
     name = model or ctx.shape.model_id
     if not table.rows_for(name):

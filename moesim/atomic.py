@@ -6,14 +6,56 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from moesim.errors import MoesimError
+
+# The files the running command has read as its inputs (a trace, a profile, a config, ...), while a command
+# runs (:func:`tracking_inputs`); an output path may not name one of them, or the output would replace it.
+_inputs: Optional[set[Path]] = None
+
+
+@contextlib.contextmanager
+def tracking_inputs() -> Iterator[None]:
+    """Within: the readers' :func:`note_input` calls are kept, and every output path is checked against them."""
+    global _inputs
+    saved, _inputs = _inputs, set()
+    try:
+        yield
+    finally:
+        _inputs = saved
+
+
+def note_input(path: str | os.PathLike) -> None:
+    """Record that the running command read ``path`` as an input (nothing outside :func:`tracking_inputs`)."""
+    if _inputs is not None:
+        with contextlib.suppress(OSError, RuntimeError):
+            _inputs.add(Path(path).resolve())
+
+
+def forget_input(path: str | os.PathLike) -> None:
+    """``path`` was read as this command's own earlier output (e.g. a trace to resume), not as an input."""
+    if _inputs is not None:
+        with contextlib.suppress(OSError, RuntimeError):
+            _inputs.discard(Path(path).resolve())
+
+
+def check_not_input(path: str | os.PathLike) -> None:
+    if not _inputs:
+        return
+    try:
+        same = Path(path).resolve() in _inputs
+    except (OSError, RuntimeError):
+        return
+    if same:
+        raise MoesimError(f"{path}: is also an input of this command; write the output to another path "
+                          f"(nothing was written)")
 
 
 def prepare_output_path(path: str | os.PathLike) -> Path:
     """Create the parent folder of ``path`` and check it is writable, or raise a one-line error."""
     path = Path(path)
+    check_not_input(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -31,6 +73,7 @@ def check_output_target(path: str | os.PathLike) -> Path:
     Commands call this before long work so a read-only or misspelt target fails in a second, not after it.
     """
     path = Path(path)
+    check_not_input(path)
     if path.is_dir():
         raise MoesimError(f"{path}: is a folder, expected a file path")
     parent = path.parent
@@ -105,6 +148,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise MoesimError(f"{final}: cannot write ({exc.strerror or exc})") from None
     try:
         yield tmp
+        check_not_input(final)  # an input read after the path was first checked
         os.replace(tmp, final)
     except BaseException as exc:
         with contextlib.suppress(OSError):

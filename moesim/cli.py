@@ -51,6 +51,30 @@ def _module_exists(module: str) -> bool:
                for folder in spec.submodule_search_locations)
 
 
+# the flags that name what a command writes; every other existing file on the command line is an input
+OUTPUT_FLAGS = ("--out", "--json", "--timeline", "--report", "--plot")
+
+
+def _named_input_files(argv) -> list[str]:
+    """The existing files the command line names, other than the values of :data:`OUTPUT_FLAGS` (an output
+    may replace a file of its own, e.g. a trace it resumes, but never one the command reads)."""
+    files, after_output_flag = [], False
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if after_output_flag:
+            after_output_flag = False
+            continue
+        if arg in OUTPUT_FLAGS:
+            after_output_flag = True
+            continue
+        if eq and flag in OUTPUT_FLAGS:
+            continue
+        candidate = value if eq and flag.startswith("--") else arg
+        if candidate and candidate != "-" and Path(candidate).is_file():
+            files.append(candidate)
+    return files
+
+
 class _LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(name for name, (target, _) in COMMANDS.items() if _module_exists(target.split(":")[0]))
@@ -70,9 +94,18 @@ class _LazyGroup(click.Group):
         module = importlib.import_module(module_name)
         return getattr(module, attr, None)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["moesim.argv"] = list(args)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):
+        from moesim.atomic import note_input, tracking_inputs
+
         try:
-            return super().invoke(ctx)
+            with tracking_inputs():
+                for path in _named_input_files(ctx.meta.get("moesim.argv", ())):
+                    note_input(path)
+                return super().invoke(ctx)
         except MoesimError as exc:
             click.echo(f"moesim: error: {exc.message}", err=True)
             ctx.exit(exc.exit_code)

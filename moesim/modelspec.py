@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from moesim.atomic import note_input
 from moesim.errors import MoesimError
 
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "float8": 1.0}
@@ -138,14 +139,25 @@ def load_hf_config(spec: str | Path):
         return AutoConfig.from_pretrained(str(bundled[spec_str]))
     path = Path(spec_str)
     if path.suffix == ".json" and path.is_file():
-        data = json.loads(path.read_text())
+        note_input(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MoesimError(f"{path}: not a JSON model config ({exc})") from None
+        if not isinstance(data, dict):
+            raise MoesimError(f"{path}: expected a JSON object (a transformers config), found {type(data).__name__}")
         model_type = data.get("model_type")
         if not model_type:
             raise MoesimError(f"{path}: missing field 'model_type' in the config")
-        return AutoConfig.for_model(model_type, **{k: v for k, v in data.items() if k != "model_type"})
+        try:
+            return AutoConfig.for_model(model_type, **{k: v for k, v in data.items() if k != "model_type"})
+        except (ValueError, TypeError, KeyError) as exc:
+            first = (str(exc).splitlines() or [""])[0].split(". ")[0][:160]  # e.g. not the list of 900 types
+            raise MoesimError(f"{path}: transformers cannot read this config ({type(exc).__name__}: {first})") from None
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise MoesimError(f"{path}: folder has no config.json")
+        note_input(path / "config.json")
         return AutoConfig.from_pretrained(str(path))
     offline = hub_unreachable_reason()
     try:

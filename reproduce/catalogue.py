@@ -133,11 +133,16 @@ def parse_row(row: dict[str, str], where: str) -> Point:
 
 
 def read_catalogue(path: str | Path = CATALOGUE) -> list[Point]:
+    from moesim.atomic import note_input
+
     path = Path(path)
+    note_input(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise MoesimError(f"{path}: cannot read the catalogue ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise MoesimError(f"{path}: not a UTF-8 CSV catalogue ({exc.reason} at byte {exc.start})") from None
     reader = csv.DictReader(text.splitlines())
     header = tuple(reader.fieldnames or ())
     absent = [c for c in COLUMNS if c not in header]

@@ -79,3 +79,31 @@ def test_shared_flags_have_one_help_text_in_every_command():
     assert len({help_of(c, "--cache-experts") for c in (["sweep"], ["search"], ["costmodel", "predict"])}) == 1
     assert help_of(["simulate"], "--cache-experts").startswith(help_of(["validate"], "--cache-experts"))
     assert len({help_of(c, "--batch") for c in (["sweep"], ["search"], ["costmodel", "predict"])}) == 1
+
+
+def test_an_output_path_that_names_an_input_is_refused_and_the_input_kept(tmp_path):
+    import shutil
+
+    from moesim.calib.profile import bundled_profiles
+    from moesim.traces import resolve_trace
+
+    trace, profile = tmp_path / "t.parquet", tmp_path / "p.json"
+    shutil.copy(resolve_trace(TRACE), trace)
+    shutil.copy(bundled_profiles()["rtx-3060"], profile)
+    before = {p: p.read_bytes() for p in (trace, profile)}
+    sim = ["simulate", "--trace", str(trace), "--cache-experts", "4"]
+    for args, target in (
+            (["trace", "stats", str(trace), "--json", str(trace)], trace),
+            (sim + ["--json", str(trace)], trace),
+            (sim + ["--timeline", str(trace)], trace),
+            (sim + ["--profile", str(profile), "--json", str(profile)], profile),
+            (["search", "--trace", str(trace), "--policy", "lru", "--cache-experts", "4", "--json", str(trace)], trace)):
+        res = run(args)
+        line = res.output.strip()
+        assert res.exit_code != 0 and "\n" not in line, (args, res.output)
+        assert line == f"moesim: error: {target}: is also an input of this command; write the output to another " \
+                       f"path (nothing was written)", (args, res.output)
+    assert {p: p.read_bytes() for p in before} == before
+    # the same command writes beside its input
+    res = run(sim + ["--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0 and (tmp_path / "r.json").is_file(), res.output

@@ -145,3 +145,19 @@ def test_spec_efficiencies_come_from_the_measured_h100():
     nbytes = load_model_shape("mixtral-8x7b").expert_bytes()
     # the spec profile's copy equals the measurement it was derived from
     assert p.copy_time(nbytes) == pytest.approx(measured.copy_time(nbytes), rel=0.05)
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"{not json", "not a JSON model config"),
+    (b"[1, 2]", "expected a JSON object (a transformers config), found list"),
+    (b"\xff\xfe\x00", "not a JSON model config"),
+    (b'{"model_type": "no-such-architecture"}', "transformers cannot read this config (ValueError: "),
+    (b'{"hidden_size": 8}', "missing field 'model_type'"),
+])
+def test_a_malformed_model_config_file_is_one_line_naming_it(tmp_path, content, expected):
+    path = tmp_path / "config.json"
+    path.write_bytes(content)
+    with pytest.raises(MoesimError) as err:
+        load_model_shape(path)
+    assert err.value.message.startswith(f"{path}: ") and expected in err.value.message
+    assert "\n" not in err.value.message and len(err.value.message) < 300

@@ -489,10 +489,14 @@ def resumable_trace(out_path: Path, meta: TraceMeta):
 
     if not Path(out_path).is_file():
         return None, ""
+    from moesim.atomic import forget_input
+
     try:
         old = read_trace(out_path)
     except MoesimError:
         return None, ""  # not a trace we can continue: it is replaced
+    finally:
+        forget_input(out_path)  # this command's own output, read to resume it
     if old.complete or old.meta.source.kind != "prompts":
         return None, ""
     before, now = old.meta.source.details, meta.source.details

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moesim import __version__
-from moesim.atomic import atomic_path, prepare_output_path
+from moesim.atomic import atomic_path, note_input, prepare_output_path
 from moesim.errors import MoesimError
 from moesim.modelspec import ModelShape, load_model_shape
 
@@ -423,6 +423,7 @@ def load_shape(spec: str | os.PathLike) -> ModelShape:
 def read_trace_meta(path: str | os.PathLike) -> TraceMeta:
     """Only the metadata of a trace file (cheap)."""
     path = Path(path)
+    note_input(path)
     meta = _open_parquet(path).schema_arrow.metadata or {}
     if METADATA_KEY not in meta:
         raise MoesimError(f"{path}: not a moesim trace (no '{METADATA_KEY.decode()}' metadata)")
@@ -448,6 +449,7 @@ def _fixed_lists(table: pa.Table, name: str, k: int, dtype, path: Path, fill=-1)
 def read_trace(path: str | os.PathLike) -> Trace:
     """Read and validate a trace file; rows come back in execution order."""
     path = Path(path)
+    note_input(path)
     pf = _open_parquet(path)
     meta = read_trace_meta(path)
     kv = pf.metadata.metadata or {}

@@ -45,7 +45,7 @@ from typing import Any, Optional, Protocol
 import click
 import numpy as np
 
-from moesim.atomic import atomic_path
+from moesim.atomic import atomic_path, note_input
 from moesim.errors import MoesimError
 from moesim.modelspec import ModelShape, bundled_model_configs, load_model_shape
 from moesim.options import out_option
@@ -814,6 +814,7 @@ def get_importer(fmt: str) -> Importer:
 
 def import_trace(fmt: str, src: str | Path, options: ImportOptions = ImportOptions()) -> ImportResult:
     """Read ``src`` with the importer ``fmt`` (library entry point; writes nothing)."""
+    note_input(src)
     return get_importer(fmt).load(Path(src), options)
 
 

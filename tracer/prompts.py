@@ -46,6 +46,9 @@ def load_prompts(path: str | os.PathLike, field: Optional[str] = None, limit: Op
         raise MoesimError(f"{path}: prompts file not found")
     if path.is_dir():
         raise MoesimError(f"{path}: is a folder, expected a JSONL prompts file")
+    from moesim.atomic import note_input
+
+    note_input(path)
     chosen = field
     prompts: list[Prompt] = []
     try:

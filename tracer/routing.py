@@ -358,7 +358,10 @@ def resolve_routing(name_or_path: str) -> Path:
 
 
 def read_routing(name_or_path: str | os.PathLike) -> RoutingModel:
+    from moesim.atomic import note_input
+
     path = resolve_routing(str(name_or_path))
+    note_input(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

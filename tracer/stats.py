@@ -661,10 +661,10 @@ def stats_command(trace: Optional[str], json_path: Optional[str], plot: Optional
         raise MoesimError(f"--plot {plot}: expected a .png file name")
     from moesim.atomic import check_output_target, write_text_atomic
 
+    path = resolve_trace(trace)
     for target in (plot, None if json_path == "-" else json_path):
         if target is not None:
             check_output_target(target)
-    path = resolve_trace(trace)
     if against is not None:
         from moesim.tracer.compare import caching_stats, format_side_by_side
 

@@ -51,6 +51,9 @@ def resolve_trace(name_or_path: str | None) -> Path:
         return verified_bundled_trace(key)
     path = Path(key)
     if path.is_file():
+        from moesim.atomic import note_input
+
+        note_input(path)  # named as an input: no output of this command may replace it
         return path
     if path.exists():
         raise MoesimError(f"trace '{key}': is a folder, expected a trace file or a bundled name")
