@@ -82,7 +82,26 @@ class ModelShape:
         if missing:
             raise MoesimError(f"{where}: missing field '{missing[0]}'")
         kwargs = {k: v for k, v in d.items() if k in names}
-        kwargs["moe_layer_ids"] = tuple(int(x) for x in kwargs["moe_layer_ids"])
+        for f in dataclasses.fields(cls):
+            value = kwargs.get(f.name)
+            if f.name not in kwargs:
+                continue
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise MoesimError(f"{where}: field '{f.name}' is {value!r}, expected a non-negative integer")
+            if f.type == "str" and not isinstance(value, str):
+                raise MoesimError(f"{where}: field '{f.name}' is {value!r}, expected a string")
+        ids = kwargs["moe_layer_ids"]
+        if not isinstance(ids, (list, tuple)) or not ids or any(isinstance(x, bool) or not isinstance(x, int)
+                                                                    or x < 0 for x in ids):
+            raise MoesimError(f"{where}: field 'moe_layer_ids' is {ids!r}, expected a non-empty list of layer "
+                              f"indices")
+        for positive in ("num_experts", "top_k", "hidden_size"):
+            if kwargs[positive] < 1:
+                raise MoesimError(f"{where}: field '{positive}' is {kwargs[positive]}, expected at least 1")
+        if kwargs["top_k"] > kwargs["num_experts"]:
+            raise MoesimError(f"{where}: field 'top_k' is {kwargs['top_k']}, more than num_experts "
+                              f"{kwargs['num_experts']}")
+        kwargs["moe_layer_ids"] = tuple(ids)
         return cls(**kwargs)
 
 

@@ -138,7 +138,8 @@ def _notes(result, policy) -> list[str]:
               "(default: the other bundled traces).")
 @click.option("--timeline", "timeline_path", default=None, type=click.Path(dir_okay=False),
               help="Write a Chrome-trace JSON (open in Perfetto) of the GPU, PCIe and CPU lanes.")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the result as JSON.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write the result as JSON ('-': only the JSON, to stdout).")
 @click.option("--engine", default="clocked", hidden=True, type=click.Choice(["clocked", "python", "events"]),
               help="clocked: the compiled replay where it covers the run, else the event-free engine; python: the "
               "event-free engine always; events: the previous engine, a SimPy event per copy (same results, "
@@ -172,7 +173,8 @@ def simulate_command(trace_spec, profile_spec, host, link, policy, cache_experts
     )
     if timeline_path:
         prepare_output_path(timeline_path)
-    if json_path:
+    to_stdout = json_path == "-"
+    if json_path and not to_stdout:
         prepare_output_path(json_path)
     if knobs:
         from moesim.simulator.knobs import apply_knobs, parse_knobs
@@ -191,18 +193,24 @@ def simulate_command(trace_spec, profile_spec, host, link, policy, cache_experts
     result = simulate(trace_path, profile, config, timeline=timeline,
                       trace_name=trace_label(trace_spec) if trace_spec else trace_path.stem, profile_name=profile_name,
                       exact_events=engine == "events", compiled=engine == "clocked")
-    click.echo(summary_text(result))
+    if not to_stdout:
+        click.echo(summary_text(result))
     for note in _notes(result, spec):
         click.echo(f"note: {note}", err=True)
     if timeline is not None:
         if result.feasible:
             timeline.write(timeline_path)
-            click.echo(f"timeline: {timeline_path} ({len(timeline.events)} events; open in https://ui.perfetto.dev)")
+            click.echo(f"timeline: {timeline_path} ({len(timeline.events)} events; open in https://ui.perfetto.dev)",
+                       err=to_stdout)
         else:
             click.echo("timeline: not written (the configuration does not fit)", err=True)
     if json_path:
-        write_text_atomic(json_path, json.dumps(_json_safe(result.to_dict()), indent=1, sort_keys=True) + "\n")
-        click.echo(f"result: {json_path}")
+        text = json.dumps(_json_safe(result.to_dict()), indent=1, sort_keys=True) + "\n"
+        if to_stdout:
+            click.echo(text, nl=False)
+        else:
+            write_text_atomic(json_path, text)
+            click.echo(f"result: {json_path}")
 
 
 def _command_line(name: str) -> str:

@@ -106,8 +106,14 @@ def causal_blocks(trace: Trace) -> Iterator[tuple[np.ndarray, np.ndarray, np.nda
 _FITTED: dict[tuple, PredictorWeights] = {}
 
 
-def fit_predictor(train: Sequence[Path]) -> PredictorWeights:
-    key = tuple(sorted(str(Path(p).resolve()) for p in train))
+def fit_predictor(train: Sequence[str | Path]) -> PredictorWeights:
+    """The predictor fitted on ``train``: trace files or bundled trace names (as every other trace flag takes)."""
+    from moesim.traces import resolve_trace
+
+    try:
+        key = tuple(sorted(str(resolve_trace(str(p)).resolve()) for p in train))
+    except MoesimError as exc:
+        raise MoesimError(f"--predictor-train: {exc.message}") from None
     stamp = tuple((Path(p).stat().st_size, Path(p).stat().st_mtime_ns) if Path(p).exists() else (-1, -1) for p in key)
     if (key, stamp) in _FITTED:
         return _FITTED[(key, stamp)]

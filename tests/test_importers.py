@@ -223,6 +223,7 @@ TINY_QWEN = {"model_type": "qwen3_moe", "hidden_size": 32, "intermediate_size": 
     (ROUTE_HEADER + ROUTE_ROWS.replace("0,1,0,1,", "0,1,1,1,").replace("0,1,0,0,", "0,1,2,0,"),
      ["execution order"]),
     (ROUTE_HEADER.replace("# layer=1 expert_bytes=100 dense_bytes=10\n", "") + ROUTE_ROWS, ["layer=1"]),
+    (ROUTE_HEADER + ROUTE_ROWS.replace("0,1,0,1,0,3,0.7", "0,1,0,1,0,3,-5"), ["line 8", "'weight'", "non-negative"]),
 ])
 def test_route_csv_bad_input_is_one_line_exit_2_and_no_output(tmp_path, text, fragments):
     src = tmp_path / "x.route.csv"
@@ -233,6 +234,18 @@ def test_route_csv_bad_input_is_one_line_exit_2_and_no_output(tmp_path, text, fr
                 "1MiB", "--model-config", str(tmp_path / "cfg.json"))
     assert_one_line_error(r, str(src), *fragments)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "x.route.csv"]
+
+
+def test_route_csv_malformed_metrics_budget_names_the_file_and_line(tmp_path):
+    src = tmp_path / "x.route.csv"
+    src.write_text(ROUTE_HEADER + ROUTE_ROWS)
+    (tmp_path / "x.metrics").write_text("step,steps,wall_ms\n1,1,2.0\n# summary cache_budget_MiB=1.2.3 tokens=1\n")
+    (tmp_path / "cfg.json").write_text(json.dumps(TINY_QWEN))
+    out = tmp_path / "out.parquet"
+    r = run_cli("import", "--format", "llama-route-csv", str(src), "--out", str(out), "--model-config",
+                str(tmp_path / "cfg.json"))
+    assert_one_line_error(r, f"{tmp_path / 'x.metrics'}: line 3: cache_budget_MiB=1.2.3, expected a positive")
+    assert not out.exists()
 
 
 def test_route_csv_small_file_imports_with_a_given_config(tmp_path):
@@ -499,3 +512,14 @@ def test_vllm_any_line_order_gives_the_same_trace(tmp_path, rng, mixtral_config)
         base = base or key
         assert key == base
         assert key[0] == want
+
+
+def test_vllm_a_negative_gating_prob_drops_its_cell(tmp_path, rng, mixtral_config):
+    records, truth = decode_only_dump(rng, [3], 4)
+    records[5]["gating_probs"] = [-3.0, 0.4]
+    lost = (records[5]["problem_id"], records[5]["token_idx"], records[5]["layer"])
+    res = import_trace("vllm-jsonl", write_jsonl(tmp_path / "neg.jsonl", records),
+                       ImportOptions(model_config=mixtral_config))
+    assert res.meta.source.details["repairs"]["dropped_bad_weights"] == 1
+    assert (res.cells.weights >= 0).all() and len(res.cells) == len(truth) - 1
+    assert lost in truth

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -427,6 +428,18 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path):
     one_line(run("synth", "--routing", str(tmp_path / "e16.json"), "--requests", "1", *base), "expected")
     with pytest.raises(MoesimError, match="not valid JSON"):
         routing_from_json("{", "x.json")
+    # fields of the wrong type or sign (each was a traceback or a negative size blamed on the profile)
+    for field, value, fragment in (("expert_bytes", -1, "field 'expert_bytes': expected a list of"),
+                                   ("expert_bytes", [-5] * len(d["expert_bytes"]), "positive integers"),
+                                   ("non_expert_bytes", "big", "field 'non_expert_bytes' is 'big'"),
+                                   ("non_expert_bytes", -1, "expected a non-negative integer")):
+        with pytest.raises(MoesimError, match=re.escape(fragment)):
+            routing_from_json(json.dumps(dict(d, **{field: value})), "x.json")
+    with pytest.raises(MoesimError, match=re.escape("field 'num_experts' is '8', expected a non-negative integer")):
+        routing_from_json(json.dumps(dict(d, model=dict(d["model"], num_experts="8"))), "x.json")
+    # a trace that would not fit in memory is refused before anything is allocated
+    one_line(run("synth", "--routing", str(path), "--requests", "1000", "--prompt-len", "100000000",
+                 "--output-len", "1", "--out", str(out)), "GiB to synthesize, more than the")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["carry.json", "e16.json", "good.json", "v1.json", "v2.json"]
 
 

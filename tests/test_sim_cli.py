@@ -38,6 +38,27 @@ def test_simulate_prints_the_headline_figures_and_writes_timeline_and_json(tmp_p
         assert col in result
 
 
+def test_simulate_json_dash_prints_only_the_json_and_writes_no_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(cli, ["simulate", "--trace", TRACE, "--cache-experts", "4", "--json", "-"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)  # the whole of stdout: no summary around it
+    assert result["policy"] == "lru" and result["cache_experts"] == 4
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_predictor_train_takes_a_bundled_trace_name():
+    res = run(["simulate", "--trace", TRACE, "--policy", "predictive", "--cache-experts", "4",
+               "--predictor-train", "qwen3-30b-a3b-bigmoeonedge"])
+    assert res.exit_code == 0, res.output
+    assert "hit rate" in res.output
+    missing = run(["simulate", "--trace", TRACE, "--policy", "predictive", "--cache-experts", "4",
+                   "--predictor-train", "no-such.parquet"])
+    assert missing.exit_code == 2 and missing.output.startswith("moesim: error: --predictor-train: trace "
+                                                                "'no-such.parquet'"), missing.output
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--policy", "nope"], "--policy policy 'nope': expected one of"),
     (["--trace", "missing.parquet"], "trace 'missing.parquet'"),

@@ -92,6 +92,20 @@ def test_bad_files_give_one_line_errors(tmp_path, rng):
     pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()}), tmp_path / "m.parquet")
     with pytest.raises(MoesimError, match="missing field 'expert_bytes'"):
         read_trace(tmp_path / "m.parquet")
+    # a negative expert size names the metadata field (it surfaced as a negative copy in the profile)
+    meta["expert_bytes"] = [-1] * tiny_meta().num_layers
+    pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()}), tmp_path / "n.parquet")
+    with pytest.raises(MoesimError, match="trace metadata field 'expert_bytes': expected a list of"):
+        read_trace(tmp_path / "n.parquet")
+
+
+@pytest.mark.parametrize("weight", [float("nan"), -5.0, float("inf")])
+def test_a_non_finite_or_negative_routing_weight_names_the_row(tmp_path, rng, weight):
+    cells = random_cells(rng)
+    cells.weights[7, 0] = weight
+    path = write_trace(tmp_path / "w.parquet", tiny_meta(), cells)
+    with pytest.raises(MoesimError, match=r"row \d+ column 'weights' is \[.*\], expected finite non-negative"):
+        read_trace(path)
 
 
 def test_an_unknown_phase_names_the_row_and_the_value(tmp_path, rng):

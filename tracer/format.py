@@ -128,6 +128,7 @@ class TraceMeta:
                 f"({FORMAT_VERSION}); upgrade moesim"
             )
         model = ModelShape.from_dict(d["model"], where=f"{where}: trace metadata 'model'")
+        check_byte_counts(d["expert_bytes"], d["non_expert_bytes"], model.num_moe_layers, f"{where}: trace metadata")
         engine = d.get("recorded_engine")
         return cls(
             model=model,
@@ -140,6 +141,18 @@ class TraceMeta:
             created=d.get("created", ""),
             format_version=int(d.get("format_version", FORMAT_VERSION)),
         )
+
+
+def check_byte_counts(expert_bytes: Any, non_expert_bytes: Any, layers: int, where: str) -> None:
+    """One expert's bytes per MoE layer (positive) and the non-expert bytes (non-negative), as a trace's
+    metadata and a routing file hold them; else a one-line error (a negative size surfaced as the profile's)."""
+    if (not isinstance(expert_bytes, list) or len(expert_bytes) != layers
+            or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in expert_bytes)):
+        raise MoesimError(f"{where} field 'expert_bytes': expected a list of {layers} positive integers (one "
+                          f"expert's bytes per MoE layer)")
+    if isinstance(non_expert_bytes, bool) or not isinstance(non_expert_bytes, int) or non_expert_bytes < 0:
+        raise MoesimError(f"{where} field 'non_expert_bytes' is {non_expert_bytes!r}, expected a non-negative "
+                          f"integer")
 
 
 def utc_now_iso() -> str:
@@ -522,6 +535,13 @@ def _validate_cells(cells: TraceCells, meta: TraceMeta, path: Path) -> None:
         fail(((cells.experts < 0) | (cells.experts >= E)).any(axis=1), "experts", f"0..{E - 1}")
     if (cells.position < 0).any():
         fail(cells.position < 0, "position", ">= 0")
+    if cells.weights is not None:
+        # a NaN or negative weight fits a routing model that its own synthesizer then refuses
+        bad = ~np.isfinite(cells.weights) | (cells.weights < 0)
+        if bad.any():
+            row = int(np.flatnonzero(bad.any(axis=1))[0])
+            raise MoesimError(f"{path}: row {row} column 'weights' is {cells.weights[row].tolist()}, expected "
+                              f"finite non-negative routing weights (or the whole column null)")
     if cells.next_layer_guess is not None and (cells.next_layer_guess >= E).any():
         fail((cells.next_layer_guess >= E).any(axis=1), "next_layer_guess", f"-1..{E - 1}")
 
@@ -536,4 +556,6 @@ def trace_requests(path) -> int:
         column = pq.read_table(path, columns=["request"]).column("request")
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
         raise MoesimError(f"{path}: cannot read its request column ({str(exc).splitlines()[0]})") from None
+    if len(column) == 0:
+        raise MoesimError(f"{path}: trace has no rows")  # as read_trace says it (not "0 requests" under --batch)
     return int(pc.count_distinct(column).as_py())

@@ -26,7 +26,7 @@ Formats
     stops increasing) and otherwise dropped alone as ambiguous, with a count. With ``token_pos`` (raw) a new forward pass starts wherever the layer
     index stops increasing, the first pass of a problem is its prefill, and positions follow from the
     pass and the rank of ``token_pos`` inside it. Cells with the wrong number of experts, expert or
-    layer ids out of range, repeated experts, or non-finite weights are dropped; cells not in
+    layer ids out of range, repeated experts, or non-finite or negative weights are dropped; cells not in
     descending weight order are reordered; all counted in the summary.
 """
 
@@ -228,10 +228,18 @@ def _metrics_budget(src: Path) -> Optional[int]:
     metrics = src.with_name(stem + ".metrics")
     if not metrics.is_file():
         return None
-    for line in metrics.read_text(errors="replace").splitlines():
-        m = re.search(r"\bcache_budget_MiB=([0-9.]+)", line)
+    note_input(metrics)
+    for number, line in enumerate(metrics.read_text(errors="replace").splitlines(), start=1):
+        m = re.search(r"\bcache_budget_MiB=(\S*)", line)
         if line.startswith("#") and m:
-            return int(round(float(m.group(1)) * 2**20))
+            try:
+                mib = float(m.group(1))
+            except ValueError:
+                mib = math.nan
+            if not math.isfinite(mib) or mib <= 0:
+                raise MoesimError(f"{metrics}: line {number}: cache_budget_MiB={m.group(1)}, expected a positive "
+                                  f"number of MiB (or give --engine-cache-budget)")
+            return int(round(mib * 2**20))
     return None
 
 
@@ -312,7 +320,7 @@ def read_route_csv(src: Path) -> RouteCsvRows:
     check((layer < 0) | (layer >= L), "layer", layer, f"0..{L - 1}")
     check((slot < 0) | (slot >= k), "slot", slot, f"0..{k - 1}")
     check((expert < 0) | (expert >= E), "expert", expert, f"0..{E - 1}")
-    check(~np.isfinite(weights), "weight", weights, "a finite number")
+    check(~np.isfinite(weights) | (weights < 0), "weight", weights, "a finite non-negative number")
     check((residency < 0) | (residency > 2), "residency", residency, "0 (miss), 1 (hit) or 2 (prefetched hit)")
     layer_eb = np.asarray(header.expert_bytes, dtype=np.int64)[layer]
     check((nbytes != 0) & (nbytes != layer_eb), "expert_bytes", nbytes,
@@ -516,7 +524,7 @@ class VllmRepairs:
         for name, why in (("dropped_wrong_k", "with the wrong number of experts"),
                           ("dropped_out_of_range", "with expert or layer ids out of range"),
                           ("dropped_repeated_expert", "listing an expert twice"),
-                          ("dropped_bad_weights", "with weights not matching the experts or not finite"),
+                          ("dropped_bad_weights", "with weights not matching the experts, not finite or negative"),
                           ("dropped_duplicate_cell", "repeating a cell already read")):
             if getattr(self, name):
                 out.append(f"dropped {getattr(self, name)} cells {why}")
@@ -662,7 +670,7 @@ class VllmJsonlImporter:
                 r.defect = "out_of_range"
             elif len(set(r.experts)) != k:
                 r.defect = "repeated_expert"
-            elif len(r.probs) != k or not all(math.isfinite(p) for p in r.probs):
+            elif len(r.probs) != k or not all(math.isfinite(p) and p >= 0 for p in r.probs):
                 r.defect = "bad_weights"
 
     @staticmethod

@@ -69,6 +69,7 @@ import numpy as np
 from moesim.atomic import write_text_atomic
 from moesim.errors import MoesimError
 from moesim.modelspec import ModelShape
+from moesim.tracer.format import check_byte_counts
 
 ROUTING_SCHEMA = "moesim.routing"
 ROUTING_VERSION = 5  # 5: request groups; 4: the rank structure of a repeat (avoid); 3: the phase boundary (carry)
@@ -286,8 +287,7 @@ def routing_from_json(text: str, where: str) -> RoutingModel:
             raise MoesimError(f"{where}: missing field '{key}'")
     model = ModelShape.from_dict(d["model"], where=f"{where}: field 'model'")
     L, E, k = model.num_moe_layers, model.num_experts, model.top_k
-    if len(d["expert_bytes"]) != L:
-        raise MoesimError(f"{where}: field 'expert_bytes' has {len(d['expert_bytes'])} entries, expected {L}")
+    check_byte_counts(d["expert_bytes"], d["non_expert_bytes"], L, f"{where}:")
     decode, prefill = _phases_from_dict(d["phases"], L, E, k, f"{where}: phases")
     return RoutingModel(name=str(d["name"]), model=model, dtype=str(d["dtype"]),
                         expert_bytes=tuple(int(x) for x in d["expert_bytes"]),
