@@ -29,7 +29,7 @@ def _ints(text: Optional[str], flag: str) -> list[int]:
 def _formats(text: Optional[str], flag: str) -> list[Optional[str]]:
     from moesim.costmodel.space import parse_format_choice
 
-    return [parse_format_choice(t, flag) for t in _split(text)]
+    return [parse_format_choice(t, flag) for t in _split(text, flag)]
 
 
 def _load_model(path: Optional[str]):
@@ -84,7 +84,8 @@ def _space(ctx, policies, cache_experts, expert_bits, non_expert_bits, batches):
               help="Cost model artifact (default: the bundled costmodel/artifacts/costmodel.json).")
 @out_option("folder", "write report.md with the plots, confirmed.csv and search.json into it.", dest="report_dir",
             flag="--report")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the result as JSON.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write the result as JSON ('-': only the JSON, to stdout).")
 def search_command(trace_spec, profile_spec, objective, max_gpu_mem, max_tpot, max_ttft, max_ppl, quality_table,
                    quality_model, policies, cache_experts, expert_bits, non_expert_bits, batches, confirm, front_points,
                    jobs, model_path, report_dir, json_path):
@@ -124,7 +125,8 @@ def search_command(trace_spec, profile_spec, objective, max_gpu_mem, max_tpot, m
     # outputs are checked before the work, so a read-only target fails now rather than after the search
     if report_dir is not None:
         check_output_target(Path(report_dir) / "report.md")
-    if json_path is not None:
+    to_stdout = json_path == "-"
+    if json_path is not None and not to_stdout:
         check_output_target(json_path)
     model = _load_model(model_path)
     ctx = TraceProfileContext(trace, profile_spec)
@@ -134,13 +136,18 @@ def search_command(trace_spec, profile_spec, objective, max_gpu_mem, max_tpot, m
     result = search(trace, profile_spec, objective, constraints, model=model, space=space,
                     quality_table=quality_table, quality_model=quality_model, confirm=confirm,
                     front_points=front_points, jobs=jobs, log=log, progress=True)
-    click.echo(format_result(result), nl=False)
+    if not to_stdout:
+        click.echo(format_result(result), nl=False)
     if report_dir is not None:
         files = write_report(result, report_dir)
-        click.echo(f"report: {files['report']}")
+        click.echo(f"report: {files['report']}", err=to_stdout)
     if json_path is not None:
-        write_text_atomic(json_path, json.dumps(result_json(result), indent=1) + "\n")
-        click.echo(f"result: {json_path}")
+        text = json.dumps(result_json(result), indent=1) + "\n"
+        if to_stdout:
+            click.echo(text, nl=False)
+        else:
+            write_text_atomic(json_path, text)
+            click.echo(f"result: {json_path}")
     if not result.found:
         sys.exit(1)
 
@@ -171,10 +178,10 @@ def fit_command(traces, profiles, per_preset, seed, jobs, out_path, force):
     from moesim.simulator.presets import PRESETS
     from moesim.traces import bundled_traces, resolve_trace
 
-    trace_list = _split(traces) or sorted(bundled_traces())
+    trace_list = _split(traces, "--trace") or sorted(bundled_traces())
     for t in trace_list:
         resolve_trace(t)
-    profile_list = _split(profiles) or sorted(bundled_profiles())
+    profile_list = _split(profiles, "--profile") or sorted(bundled_profiles())
     for p in profile_list:
         load_profile(p)
     per = per_preset if per_preset is not None else DEFAULT_PER_PRESET
@@ -260,8 +267,10 @@ def predict_command(trace_spec, profile_spec, policy, cache_experts, expert_bits
     pols = policy_names(_split(policy, "--policy"))
     sizes = cache_experts_list(cache_experts)
     check_cache_experts(sizes, ctx.E)
+    bs = _ints(batches, "--batch") or [1]
+    check_batches(bs, trace_requests(ctx.trace_path))
     grid = enumerate_space(pols, sizes, _formats(expert_bits, "--expert-bits"),
-                           _formats(non_expert_bits, "--non-expert-bits"), _ints(batches, "--batch") or [1])
+                           _formats(non_expert_bits, "--non-expert-bits"), bs)
     t0 = time.perf_counter()
     pred = model.predict(ctx, grid)
     dt = time.perf_counter() - t0

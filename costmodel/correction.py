@@ -14,7 +14,7 @@ The target is ``log(simulated / backbone)``, so a correction multiplies the back
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -100,8 +100,10 @@ class TreeEnsemble:
         return {"kind": "gbm", "base": float(self.base), "depth": self.depth, "trees": trees}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TreeEnsemble":
+    def from_dict(cls, d: dict[str, Any], n_features: Optional[int] = None) -> "TreeEnsemble":
         trees = d["trees"]
+        if n_features is not None:
+            _check_trees(trees, n_features)
         N = max(len(t["feature"]) for t in trees) if trees else 1
         T = len(trees)
         feature = np.full((T, N), -1, dtype=np.int64)
@@ -135,7 +137,11 @@ class RidgeModel:
                 "coef": self.coef.tolist(), "intercept": float(self.intercept)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RidgeModel":
+    def from_dict(cls, d: dict[str, Any], n_features: Optional[int] = None) -> "RidgeModel":
+        if n_features is not None:
+            for name in ("mean", "scale", "coef"):
+                if not isinstance(d[name], list) or len(d[name]) != n_features:
+                    raise ValueError(f"'{name}' must list {n_features} numbers, one per feature")
         return cls(np.asarray(d["mean"]), np.asarray(d["scale"]), np.asarray(d["coef"]), float(d["intercept"]))
 
 
@@ -151,13 +157,35 @@ class NoCorrection:
 Correction = TreeEnsemble | RidgeModel | NoCorrection
 
 
-def correction_from_dict(d: dict[str, Any], where: str) -> Correction:
+def _check_trees(trees: Any, n_features: int) -> None:
+    """The indices a walk follows, so a corrupted artifact is refused when loaded rather than failing (or
+    reading another feature) in the middle of a prediction."""
+    if not isinstance(trees, list):
+        raise ValueError("'trees' must be a list")
+    for i, t in enumerate(trees):
+        n = len(t["feature"])
+        for name in ("feature", "threshold", "left", "right", "value"):
+            if not isinstance(t[name], list) or len(t[name]) != n:
+                raise ValueError(f"trees[{i}].{name} must list {n} nodes, as many as trees[{i}].feature")
+        for j, f in enumerate(t["feature"]):
+            if isinstance(f, bool) or not isinstance(f, int) or not -1 <= f < n_features:
+                raise ValueError(f"trees[{i}].feature[{j}] is {f!r}, expected -1 (a leaf) or a feature index "
+                                 f"0..{n_features - 1}")
+            if f >= 0:
+                for side in ("left", "right"):
+                    c = t[side][j]
+                    if isinstance(c, bool) or not isinstance(c, int) or not 0 < c < n:
+                        raise ValueError(f"trees[{i}].{side}[{j}] is {c!r}, expected a node index 1..{n - 1}")
+
+
+def correction_from_dict(d: dict[str, Any], where: str, n_features: Optional[int] = None) -> Correction:
+    """A correction from its artifact form; with ``n_features``, its feature indices and sizes are checked too."""
     kind = d.get("kind") if isinstance(d, dict) else None
     try:
         if kind == "gbm":
-            return TreeEnsemble.from_dict(d)
+            return TreeEnsemble.from_dict(d, n_features)
         if kind == "ridge":
-            return RidgeModel.from_dict(d)
+            return RidgeModel.from_dict(d, n_features)
         if kind == "none":
             return NoCorrection()
     except (KeyError, TypeError, ValueError) as exc:

@@ -25,11 +25,10 @@ import numpy as np
 from moesim.costmodel.context import FEATURE_NAMES, TraceProfileContext
 from moesim.costmodel.correction import GbmSettings, NoCorrection, fit_gbm, fit_ridge
 from moesim.costmodel.dataset import RunSet, finite, make_plan, moesim_hash, run_plan
-from moesim.costmodel.model import TARGETS, CostModel, mape
+from moesim.costmodel.model import CANDIDATES, TARGETS, CostModel, mape
 
 SAMPLING_METHOD = ("stratified over trace x profile x preset (each preset per_preset times per group), Latin "
                    "hypercube over cache size (log-uniform 0..E), expert format, non-expert format and batch")
-CANDIDATES = ("none", "ridge", "gbm", "direct")
 DEFAULT_SEED = 1
 DEFAULT_PER_PRESET = 3
 TEST_SEED = 2

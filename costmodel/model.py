@@ -22,13 +22,15 @@ from typing import Any, Optional
 import numpy as np
 
 from moesim.costmodel.context import FEATURE_NAMES, TraceProfileContext
-from moesim.costmodel.correction import Correction, NoCorrection, correction_from_dict
+from moesim.costmodel.correction import KINDS, Correction, NoCorrection, correction_from_dict
 from moesim.costmodel.space import ConfigSet
 from moesim.errors import MoesimError
 
 ARTIFACT_FORMAT = "moesim.costmodel"
 ARTIFACT_VERSION = 1
 TARGETS = ("tpot", "ttft")
+# the corrections a fit compares ("direct" is reported, never stored)
+CANDIDATES = (*KINDS, "direct")
 
 
 def default_artifact_path() -> Path:
@@ -145,7 +147,9 @@ class CostModel:
         corr = doc.get("corrections")
         if not isinstance(corr, dict) or any(t not in corr for t in TARGETS):
             raise MoesimError(f"{path}: field 'corrections' must hold {', '.join(TARGETS)}")
-        corrections = {t: correction_from_dict(corr[t], f"{path}: corrections.{t}") for t in TARGETS}
+        corrections = {t: correction_from_dict(corr[t], f"{path}: corrections.{t}", len(FEATURE_NAMES))
+                       for t in TARGETS}
+        _check_fit_record(doc, path)
         meta = {k: v for k, v in doc.items() if k not in ("format", "format_version", "feature_names",
                                                           "corrections")}
         return cls(corrections, names, meta, str(path))
@@ -169,6 +173,38 @@ class CostModel:
                 if now != sha:
                     out.append(f"{kind[:-1]} {name} changed ({sha[:12]} -> {now[:12]})")
         return out
+
+
+def _check_fit_record(doc: dict[str, Any], path: Path) -> None:
+    """The fields that `costmodel show`, `costmodel fit` and :meth:`CostModel.stale_reasons` read. Each may be
+    absent (a model fitted without a record still predicts), but one that is present must have the shape they
+    expect, so a corrupted artifact is refused here and not with a traceback in whichever command reads it."""
+
+    def expect(ok: bool, name: str, what: str) -> None:
+        if not ok:
+            raise MoesimError(f"{path}: field '{name}' must be {what}")
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    for name in ("moesim_version", "moesim_sha256"):
+        expect(isinstance(doc.get(name, ""), str), name, "a string")
+    fitted = doc.get("fitted_on", {})
+    expect(isinstance(fitted, dict), "fitted_on", "an object with 'traces' and 'profiles'")
+    for kind in ("traces", "profiles"):
+        hashes = fitted.get(kind, {})
+        expect(isinstance(hashes, dict) and all(isinstance(h, str) for h in hashes.values()), f"fitted_on.{kind}",
+               "an object of name: sha256")
+    expect(isinstance(doc.get("sampling", {}), dict), "sampling", "an object")
+    if "cross_validation_mape" in doc:
+        cv = doc["cross_validation_mape"]
+        ok = isinstance(cv, dict) and all(isinstance(cv.get(t), dict) for t in TARGETS)
+        expect(ok and all(number(cv[t].get(k)) for t in TARGETS for k in CANDIDATES), "cross_validation_mape",
+               f"an object of {', '.join(TARGETS)}, each with the MAPE of {', '.join(CANDIDATES)}")
+        # the cross-validation is shown beside the correction it chose
+        chosen = doc.get("chosen")
+        expect(isinstance(chosen, dict) and all(chosen.get(t) in KINDS for t in TARGETS), "chosen",
+               f"an object of {', '.join(TARGETS)}, each one of {', '.join(KINDS)}")
 
 
 def mape(pred: np.ndarray, true: np.ndarray) -> float:

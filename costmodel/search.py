@@ -385,13 +385,14 @@ def search(trace: str, profile: str, objective: str = "tpot", constraints: Const
     configs = build_space(spec, ctx.E)
     if len(configs) == 0:
         raise MoesimError("the search space is empty")
+    # before the predictions, so a bad table fails at once rather than after them (seconds on a large space)
+    quality = lookup_quality(ctx, configs, quality_table, quality_model) if quality_table else None
     device = int(ctx.profile.device.memory_bytes)
     limit = constraints.memory_limit(device)
     log(f"predicting {len(configs)} configurations")
     t0 = time.perf_counter()
     pred = model.predict(ctx, configs)
     predict_s = time.perf_counter() - t0
-    quality = lookup_quality(ctx, configs, quality_table, quality_model) if quality_table else None
     ppl = quality.per_config if quality is not None else None
     notes = list(quality.notes) if quality is not None else []
     invalid = sorted({r for r in pred.reason if r})

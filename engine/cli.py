@@ -25,6 +25,32 @@ def _policies(policy: str, all_presets: bool) -> tuple[str, ...]:
     return tuple(policy_names(split_list(policy, "--policy")))
 
 
+def _check_counts(trace_path: Path, requests: int, decode_tokens: int, warmup_steps: int, repeats: int,
+                  threads: int | None) -> None:
+    """The run's counts against the trace, before minutes of loading weights (and so the report's settings
+    are what ran: the trace cannot give more requests or decode tokens than it holds)."""
+    import numpy as np
+
+    from moesim.tracer import DECODE, read_trace
+
+    for flag, value, least in (("--requests", requests, 1), ("--decode-tokens", decode_tokens, 0),
+                               ("--warmup-steps", warmup_steps, 0), ("--repeats", repeats, 1),
+                               ("--threads", threads, 1)):
+        if value is not None and value < least:
+            raise MoesimError(f"{flag} {value}: expected {least} or more")
+    cells = read_trace(trace_path).cells
+    held = np.unique(cells.request).size
+    if requests > held:
+        raise MoesimError(f"--requests {requests}: the trace holds {held} request(s)")
+    dec = cells.phase == DECODE
+    longest = max((np.unique(cells.position[dec & (cells.request == r)]).size for r in np.unique(cells.request)),
+                  default=0)
+    given = click.get_current_context().get_parameter_source("decode_tokens").name == "COMMANDLINE"
+    if given and decode_tokens > longest:  # the default is "up to 32"
+        raise MoesimError(f"--decode-tokens {decode_tokens}: the trace's requests have at most {longest} decode "
+                          f"tokens")
+
+
 def engine_format(expert_bits: str | None, expert_format: str | None) -> str:
     """The engine's expert format from --expert-bits (the grammar of every other command) or --expert-format."""
     from moesim.costmodel.space import VALIDATE_FORMATS
@@ -95,7 +121,11 @@ def validate_command(trace_spec, policy, all_presets, cache_experts, model_confi
         raise MoesimError("no hardware profile: expected --profile P (calibrated on this machine) or --calibrate")
     expert_format = engine_format(expert_bits, expert_format)
     cache_experts = one_int(cache_experts, "--cache-experts", minimum=0)
-    check_cache_experts([cache_experts], read_trace_meta(resolve_trace(trace_spec)).num_experts)
+    trace_path = resolve_trace(trace_spec)
+    check_cache_experts([cache_experts], read_trace_meta(trace_path).num_experts)
+    _check_counts(trace_path, requests, decode_tokens, warmup_steps, repeats, threads)
+    if all_presets and click.get_current_context().get_parameter_source("policy").name == "COMMANDLINE":
+        raise MoesimError("--all-presets and --policy: give one (--all-presets runs every preset)")
     policies = _policies(policy, all_presets)
     created = not out.exists()
     t0 = time.perf_counter()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,12 @@ def _row_from_dict(d: dict, where: str) -> QualityRow:
         if isinstance(value, bool) or not isinstance(value, py):
             raise MoesimError(f"{where}: field '{name}' is {type(value).__name__}, expected {typ}")
         values[name] = float(value) if typ == "float" else value
+    # search compares perplexities against --max-ppl, where a zero or negative one would meet any bound
+    ppl, nll = values["perplexity"], values["mean_nll"]
+    if not (math.isfinite(ppl) and ppl > 0):
+        raise MoesimError(f"{where}: field 'perplexity' is {ppl!r}, expected a positive finite number")
+    if not math.isfinite(nll):
+        raise MoesimError(f"{where}: field 'mean_nll' is {nll!r}, expected a finite number")
     return QualityRow(**values)
 
 

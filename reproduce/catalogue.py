@@ -6,7 +6,8 @@ Schema (every column is present on every row; empty means "not stated" or "not a
 ``source``            the source table it comes from (the unit of leave-one-source-out)
 ``row``               its row in ../shared/research/published-measurements.md (or the file it was read from)
 ``system``            the system as the source names it
-``preset``            the moesim preset that models it (empty: no preset; the point cannot be simulated)
+``preset``            the moesim preset that models it, or a composed policy (``lru+prefetch=oracle``; empty: no
+                      preset; the point cannot be simulated)
 ``knobs``             the system's own settings: ``offload_per_layer=N``, ``device_memory_ratio=R``,
                       ``gpu_mem_mib=M`` (a GPU memory budget), separated by ``;``
 ``model``             model config name (``moesim/model_configs``)
@@ -97,6 +98,55 @@ def _knobs(text: str, where: str) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
+def _one_of(names) -> str:
+    names = list(dict.fromkeys(names))  # an error is one line: a long registry is cut short
+    more = f", ... ({len(names)} in all)" if len(names) > 16 else ""
+    return "one of " + ", ".join(names[:16]) + more
+
+
+def _check_names(r: dict[str, str], where: str) -> None:
+    """Every name a simulable row gives must exist: an unknown one would otherwise only show up as a point
+    the report leaves unsimulated, its error buried in the point's note."""
+    from moesim.calib.hosts import EXTRA_GPUS, HOSTS, LINKS, UNSTATED
+    from moesim.calib.specs import GPUS
+    from moesim.modelspec import bundled_model_configs
+    from moesim.quant import SUPPORTED_BITS, WeightFormat
+    from moesim.reproduce.routing import DSL, IID, is_synthetic
+    from moesim.simulator.compose import policy_spec
+    from moesim.tracer.routing import bundled_routing
+    from moesim.traces import bundled_traces
+
+    def bad(field: str, why: str) -> MoesimError:
+        return MoesimError(f"{where}: field '{field}' = '{r[field]}': {why}")
+
+    try:
+        policy_spec(r["preset"], flag="")
+    except MoesimError as exc:  # the parser's own words, less the string the field already names
+        raise bad("preset", exc.message.removeprefix(f"policy '{r['preset']}': ")) from None
+    gpus = [g.name for g in GPUS + EXTRA_GPUS]
+    if r["gpu"] not in gpus:
+        raise bad("gpu", f"expected {_one_of(gpus)}")
+    if r["host"] != UNSTATED and r["host"] not in HOSTS:
+        raise bad("host", f"expected {_one_of([*HOSTS, UNSTATED])}")
+    if r["link"] and r["link"] not in LINKS:
+        raise bad("link", f"expected {_one_of(LINKS)} (or empty: the GPU's own PCIe generation)")
+    # files are read from the working directory, as the simulator reads a trace or a model config
+    routing, model = r["routing"], Path(r["model"])
+    if routing not in bundled_traces() and not is_synthetic(routing) and not Path(routing).is_file():
+        raise bad("routing", f"expected a bundled trace or routing model "
+                             f"({_one_of([*bundled_traces(), *bundled_routing(), DSL, IID])}) or a trace file")
+    configs = bundled_model_configs()
+    local = (model.suffix == ".json" and model.is_file()) or (model / "config.json").is_file()
+    if r["model"] not in configs and not local:
+        raise bad("model", f"expected a bundled model config ({_one_of(sorted(configs))}) or a config file")
+    for field in ("expert_format", "non_expert_format"):
+        try:
+            WeightFormat.parse(r[field])
+        except MoesimError:
+            raise bad(field, f"expected bits ({', '.join(map(str, SUPPORTED_BITS))}) or a name like int4-g64 "
+                             f"or int2-g16-m8") from None
+
+
 def parse_row(row: dict[str, str], where: str) -> Point:
     missing = [c for c in COLUMNS if row.get(c) is None]
     if missing:
@@ -123,6 +173,7 @@ def parse_row(row: dict[str, str], where: str) -> Point:
             if not r[field]:
                 raise MoesimError(f"{where}: field '{field}' is empty on a simulable point (or say why in "
                                   f"'unsimulable')")
+        _check_names(r, where)
     prompts = _ints(r["prompt_tokens"], where, "prompt_tokens") if r["prompt_tokens"] else ()
     outputs = _ints(r["output_tokens"], where, "output_tokens") if r["output_tokens"] else ()
     batch = _ints(r["batch"], where, "batch")[0] if r["batch"] else 1

@@ -22,7 +22,8 @@ def reproduce_command(system, source, catalogue_path, out_path):
     from moesim.reproduce.report import format_console, format_fits, format_scores, write_markdown, write_plot
     from moesim.reproduce.run import filtered, fit_and_run, score
 
-    points = filtered(read_catalogue(catalogue_path or CATALOGUE), system, source)
+    catalogue = catalogue_path or CATALOGUE
+    points = filtered(read_catalogue(catalogue), system, source)
     outcomes, fits, held_out = fit_and_run(points)
     click.echo(format_console(outcomes))
     scores = score(outcomes)
@@ -37,5 +38,5 @@ def reproduce_command(system, source, catalogue_path, out_path):
         md.parent.mkdir(parents=True, exist_ok=True)
         plot = md.with_suffix(".png")
         write_plot(plot, outcomes)
-        write_markdown(md, outcomes, scores, held_out, fits, plot.name)
+        write_markdown(md, outcomes, scores, held_out, fits, plot.name, catalogue)
         click.echo(f"report: {md} (plot {plot})")

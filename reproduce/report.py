@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moesim.reproduce.catalogue import METRICS
+from moesim.reproduce.catalogue import CATALOGUE, METRICS
 from moesim.reproduce.fit import REGISTRY, FitResult
 from moesim.reproduce.run import Outcome, Scores
 
@@ -77,15 +77,17 @@ def format_fits(fits: dict[str, FitResult]) -> list[str]:
 
 
 def write_markdown(path: Path, outcomes: list[Outcome], s: Scores, held_out: dict[str, float],
-                   fitted: dict[str, FitResult], plot_name: str) -> None:
+                   fitted: dict[str, FitResult], plot_name: str, catalogue: str | Path = CATALOGUE) -> None:
     from moesim.atomic import write_text_atomic
 
     head = ["point", "source", "system", "GPU / host / link", "metric", "published", "predicted", "ratio",
             "routing", "assumed / why not simulated"]
+    # the bundled catalogue keeps its repository path wherever the command runs; another is named as given
+    named = "reproduce/catalogue.csv" if Path(catalogue).resolve() == CATALOGUE else str(catalogue)
     out = [
         "# moesim against published measurements",
         "",
-        "Written by `moesim reproduce` from `reproduce/catalogue.csv` (one row per published number; schema in",
+        f"Written by `moesim reproduce` from `{named}` (one row per published number; schema in",
         "`reproduce/catalogue.py`). Each simulable point is simulated with its preset, the system's own knobs, a",
         "profile composed from its GPU, host CPU and link (`calib/hosts.py`), and its routing: a real bundled trace,",
         "or a named routing model marked *synthetic* (`reproduce/routing.py`; no Mixtral trace exists here). No",

@@ -81,13 +81,13 @@ def _trace(p: Point, prompt: int, output: int, requests: int):
 
 def _config(p: Point, shape):
     from moesim.quant import WeightFormat
+    from moesim.simulator.compose import policy_spec
     from moesim.simulator.config import SimConfig
     from moesim.simulator.knobs import apply_knobs
-    from moesim.simulator.presets import get_preset
 
     knobs = dict(p.knobs)
     vram = knobs.pop("gpu_mem_mib", None)
-    policy = get_preset(p.preset)
+    policy = policy_spec(p.preset, flag="")  # as --policy reads it: a preset may replace parts (lru+prefetch=oracle)
     ef, nf = WeightFormat.parse(p.expert_format), WeightFormat.parse(p.non_expert_format)
     cache_bytes = None
     if vram:

@@ -149,6 +149,64 @@ def test_bad_artifact_is_a_one_line_error(tmp_path, text, fragment):
     assert res.exit_code == 2 and res.output.count("\n") == 1 and fragment in res.output
 
 
+def _drop_chosen(doc):
+    del doc["chosen"]
+
+
+def _fitted_on_list(doc):
+    doc["fitted_on"] = ["qwen3"]
+
+
+def _feature_999(doc):
+    doc["corrections"]["tpot"]["trees"][0]["feature"][0] = 999
+
+
+def _child_out_of_range(doc):
+    tree = doc["corrections"]["ttft"]["trees"][0]
+    tree["left"][0] = len(tree["feature"]) + 5
+
+
+def _ridge_too_short(doc):
+    doc["corrections"]["tpot"] = {"kind": "ridge", "mean": [0.0], "scale": [1.0], "coef": [0.0], "intercept": 0.0}
+
+
+@pytest.mark.parametrize("corrupt, fragment", [
+    (_drop_chosen, "field 'chosen' must be an object of tpot, ttft"),
+    (_fitted_on_list, "field 'fitted_on' must be an object"),
+    (_feature_999, "corrections.tpot: malformed gbm correction (trees[0].feature[0] is 999, expected -1 (a leaf) or "
+                   "a feature index 0.."),
+    (_child_out_of_range, "corrections.ttft: malformed gbm correction (trees[0].left[0] is"),
+    (_ridge_too_short, f"corrections.tpot: malformed ridge correction ('mean' must list {len(FEATURE_NAMES)} numbers"),
+])
+def test_corrupted_artifact_is_refused_when_loaded(tiny_trace, tmp_path, corrupt, fragment):
+    doc = json.loads(default_artifact_path().read_text())
+    corrupt(doc)
+    p = tmp_path / "corrupt.json"
+    p.write_text(json.dumps(doc))
+    for args in (["costmodel", "show", "--model", str(p)],
+                 ["costmodel", "predict", "--model", str(p), "--trace", tiny_trace, "--cache-experts", "4"]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 2, res.output
+        assert res.output.count("\n") == 1 and res.output.startswith(f"moesim: error: {p}: ") and fragment in res.output
+
+
+def test_costmodel_predict_refuses_a_batch_larger_than_the_trace(tiny_trace):
+    res = CliRunner().invoke(cli, ["costmodel", "predict", "--trace", tiny_trace, "--profile", PROFILE,
+                                   "--cache-experts", "2", "--batch", "1,4"])
+    assert res.exit_code == 2, res.output
+    assert res.output == ("moesim: error: --batch 4: the trace has 3 requests, so a batch holds at most 3; record or "
+                          "import a trace with more requests\n")
+
+
+@pytest.mark.parametrize("flag", ["--trace", "--profile"])
+def test_costmodel_fit_names_the_flag_of_an_empty_list(tmp_path, flag):
+    out = tmp_path / "m.json"
+    res = CliRunner().invoke(cli, ["costmodel", "fit", flag, ",", "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert res.output == f"moesim: error: {flag} ',': expected a comma-separated list, got nothing\n"
+    assert not out.exists()
+
+
 def test_predictions_are_deterministic_and_vectorised(tiny_trace):
     ctx = TraceProfileContext(tiny_trace, PROFILE)
     grid = enumerate_space(list(PRESETS.names()), range(9), [None, "16", "8", "4", "3", "2"], [None, "8"], [1, 2])

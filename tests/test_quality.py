@@ -101,6 +101,23 @@ def test_load_rejects_bad_tables(tmp_path):
         load_quality_table(bad)
 
 
+@pytest.mark.parametrize("field, value, expected", [
+    ("perplexity", -1.0, "field 'perplexity' is -1.0, expected a positive finite number"),
+    ("perplexity", 0, "field 'perplexity' is 0.0, expected a positive finite number"),
+    ("perplexity", float("nan"), "field 'perplexity' is nan, expected a positive finite number"),
+    ("perplexity", float("inf"), "field 'perplexity' is inf, expected a positive finite number"),
+    ("mean_nll", float("nan"), "field 'mean_nll' is nan, expected a finite number"),
+])
+def test_load_rejects_perplexities_no_bound_can_judge(tmp_path, field, value, expected):
+    bad = tmp_path / "bad.json"
+    rows = [dataclasses.asdict(row(expert_bits=16)), dataclasses.asdict(row())]
+    rows[1][field] = value
+    bad.write_text(json.dumps({"format": "moesim.quality-table", "format_version": 1, "rows": rows}))
+    with pytest.raises(MoesimError) as exc:
+        load_quality_table(bad)
+    assert str(exc.value) == f"{bad}: rows[1]: {expected}"
+
+
 def _run(args):
     result = CliRunner().invoke(cli, args)
     return result.exit_code, result.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 
 import numpy as np
 import pytest
@@ -67,6 +68,42 @@ def test_reader_rejects_duplicate_ids_and_missing_columns(tmp_path):
         read_catalogue(p)
 
 
+@pytest.mark.parametrize("field,value,expected", [
+    ("preset", "acelerate", "one of lru, .*accelerate"),
+    ("preset", "lru+prefetch=oracel", "prefetch 'oracel': expected one of none, .*oracle"),
+    ("gpu", "a600", "one of .*a6000"),
+    ("host", "xeon-gold-6126", "one of xeon-gold-6126-x2, .*unstated"),
+    ("link", "pcie-4", "one of pcie3, pcie4, pcie5"),
+    ("routing", "mixtral-8x7b-publshed", "a bundled trace or routing model .*mixtral-8x7b-published"),
+    ("model", "mixtral-8x7", "a bundled model config .*mixtral-8x7b"),
+    ("expert_format", "int5", "bits \\(16, 8, 4, 3, 2\\)"),
+    ("non_expert_format", "in4-g64", "bits \\(16, 8, 4, 3, 2\\)"),
+])
+def test_reader_rejects_an_unknown_name_on_a_simulable_point(tmp_path, field, value, expected):
+    rows = _rows()[:3]
+    assert not rows[1]["unsimulable"]
+    rows[1][field] = value
+    with pytest.raises(MoesimError, match=f"cat.csv line 3: field '{field}' = '{re.escape(value)}': .*{expected}"):
+        read_catalogue(_write(tmp_path, rows))
+
+
+def test_an_unknown_name_stops_reproduce_before_anything_is_simulated_or_written(tmp_path):
+    rows = _rows()[:3]
+    rows[2]["gpu"] = "a600"
+    out = tmp_path / "pub.md"
+    r = CliRunner().invoke(cli, ["reproduce", "--catalogue", str(_write(tmp_path, rows)), "--out", str(out)])
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("moesim: error: cat.csv line 4: field 'gpu' = 'a600': expected one of")
+    assert not out.exists() and not out.with_suffix(".png").exists()
+
+
+def test_names_are_checked_only_on_simulable_points_and_a_composed_policy_is_a_name(tmp_path):
+    rows = _rows()[:2] + [next(r for r in _rows() if r["unsimulable"] and r["gpu"] == "oneplus-15r")]
+    rows[1]["preset"] = "lru+prefetch=oracle"
+    points = read_catalogue(_write(tmp_path, rows))
+    assert points[1].preset == "lru+prefetch=oracle" and points[2].link == "ufs"
+
+
 def test_routing_sources_are_real_traces_or_named_routing_models():
     from moesim.reproduce.routing import is_synthetic
 
@@ -109,6 +146,15 @@ def test_reproduce_command_prints_and_writes_the_report(tmp_path):
     assert "| study-mi25-mem |" in text and (tmp_path / "pub.png").exists()
     bad = CliRunner().invoke(cli, ["reproduce", "--catalogue", str(cat), "--source", "nope"])
     assert bad.exit_code == 2 and "no catalogue point matches" in bad.output
+
+
+def test_the_report_names_the_catalogue_it_was_read_from(tmp_path):
+    cat = _write(tmp_path, [r for r in _rows() if r["id"] == "kt-v02-2s"])
+    out = tmp_path / "pub.md"
+    r = CliRunner().invoke(cli, ["reproduce", "--catalogue", str(cat), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    head = out.read_text().splitlines()[2]
+    assert f"from `{cat}`" in head and "reproduce/catalogue.csv" not in head
 
 
 def test_a_profile_states_its_host_and_takes_its_cpu_side_from_it():

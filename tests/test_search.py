@@ -187,6 +187,32 @@ def test_quality_table_without_the_model_is_a_clear_error(tiny_trace, tmp_path):
     assert res.exit_code == 2 and "no rows for model 'tiny'" in res.output and "--quality-model" in res.output
 
 
+def _negative_perplexity(path):
+    table = _quality_table(path)
+    doc = json.loads(path.read_text())
+    doc["rows"][0]["perplexity"] = -1
+    path.write_text(json.dumps(doc))
+    return table
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (_negative_perplexity, "q.json: rows[0]: field 'perplexity' is -1.0, expected a positive finite number"),
+    (lambda path: _quality_table(path, model="other-model"), "no rows for model 'tiny'"),
+])
+def test_bad_quality_table_fails_before_any_prediction(tiny_trace, tmp_path, monkeypatch, make, fragment):
+    def no_predict(*args, **kwargs):
+        raise AssertionError("predicted before the quality table was read")
+
+    monkeypatch.setattr(CostModel, "predict", no_predict)
+    table = make(tmp_path / "q.json")
+    res = CliRunner().invoke(cli, ["search", "--trace", tiny_trace, "--profile", PROFILE, "--max-ppl", "100",
+                                   "--quality-table", table, "--report", str(tmp_path / "rep")])
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("moesim: error: ") and fragment in lines[0], res.output
+    assert not (tmp_path / "rep").exists()
+
+
 def test_pareto_masks():
     pts = np.array([[1.0, 5.0], [2.0, 4.0], [2.0, 6.0], [3.0, 1.0], [4.0, 1.0], [np.inf, 0.0]])
     assert pareto_mask(pts).tolist() == [True, True, False, True, False, False]
@@ -235,3 +261,17 @@ def test_bundled_model_predicts_the_bundled_traces_closely():
         r = simulate(trace, PROFILE, point_config(SweepPoint(trace, PROFILE, p, c, 2**40, e, n, b)))
         assert pred.tpot_s[i] == pytest.approx(r.tpot_mean_s, rel=0.05)
         assert pred.peak_gpu_bytes[i] == r.memory.total_bytes
+
+
+def test_search_json_dash_prints_only_the_json_and_writes_no_file(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from moesim.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(cli, ["search", "--trace", "gpt-oss-120b-bigmoeonedge", "--policy", "lru",
+                                   "--cache-experts", "4", "--jobs", "1", "--json", "-"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)  # the whole of stdout: no table around it
+    assert result["trace"] and result["objective"] == "tpot"
+    assert not (tmp_path / "-").exists()

@@ -143,6 +143,12 @@ def test_cli_writes_json_and_markdown(tiny, tmp_path):
     (["--decode-tokens", "-2"], "--decode-tokens -2"),
     (["--model", "/nonexistent/ckpt"], "--model /nonexistent/ckpt: expected a Hugging Face checkpoint folder"),
     (["--trace", "/nonexistent.parquet"], "trace '/nonexistent.parquet'"),
+    # the run's counts against the trace, before the weights load (the report recorded them as run)
+    (["--requests", "5"], "--requests 5: the trace holds"),
+    (["--decode-tokens", "100000"], "--decode-tokens 100000: the trace's requests have at most"),
+    (["--threads", "0"], "--threads 0: expected 1 or more"),
+    (["--repeats", "0"], "--repeats 0: expected 1 or more"),
+    (["--policy", "fiddler", "--all-presets", None], "--all-presets and --policy: give one"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, args, message):
     root, trace = tiny
@@ -150,7 +156,8 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, args, mess
             "--profile": "rtx-3060", "--decode-tokens": "2"}
     for i in range(0, len(args), 2):
         base[args[i]] = args[i + 1]
-    argv = ["validate", "--out", str(tmp_path / "o"), "--quiet"] + [x for kv in base.items() for x in kv]
+    argv = ["validate", "--out", str(tmp_path / "o"), "--quiet"] + [x for kv in base.items() for x in kv
+                                                                     if x is not None]  # None: a flag
     res = CliRunner().invoke(cli, argv)
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
