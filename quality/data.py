@@ -37,24 +37,24 @@ class EvalText:
     text: str
 
 
-def resolve_text_path(data: str | os.PathLike) -> Path:
+def resolve_text_path(data: str | os.PathLike, flag: str = "--data") -> Path:
     key = str(data)
     if key in NAMED_TEXTS:
         path = shared_data_dir() / NAMED_TEXTS[key]
         if not path.is_file():
             raise MoesimError(
-                f"--data {key}: expected the file {path} (set ${DATA_DIR_ENV} to the folder holding wikitext-2/)"
+                f"{flag} {key}: expected the file {path} (set ${DATA_DIR_ENV} to the folder holding wikitext-2/)"
             )
         return path
     path = Path(key)
     if not path.is_file():
         names = ", ".join(sorted(NAMED_TEXTS))
-        raise MoesimError(f"--data {key}: no such text file, and not a named data set ({names})")
+        raise MoesimError(f"{flag} {key}: no such text file, and not a named data set ({names})")
     return path
 
 
-def load_eval_text(data: str | os.PathLike) -> EvalText:
-    path = resolve_text_path(data)
+def load_eval_text(data: str | os.PathLike, flag: str = "--data") -> EvalText:
+    path = resolve_text_path(data, flag)
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")

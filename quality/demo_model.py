@@ -217,8 +217,8 @@ def train_demo_model(
 
     out = Path(out)
     _check_output_folder(out)
-    train_text = load_eval_text(train_text_path or "wikitext-2-valid")
-    test_text = load_eval_text(test_text_path or "wikitext-2")
+    train_text = load_eval_text(train_text_path or "wikitext-2-valid", "--train-data")
+    test_text = load_eval_text(test_text_path or "wikitext-2", "--test-data")
 
     with _torch_threads(cfg.threads):
         t0 = time.perf_counter()

@@ -189,6 +189,14 @@ def test_demo_model_is_deterministic_given_seed(tmp_path):
     assert c.test_perplexity != a.test_perplexity
 
 
+def test_demo_model_names_its_own_data_flags(tmp_path):
+    _assert_one_line_error(["demo-model", "--out", str(tmp_path / "m"), "--quick", "--train-data",
+                            str(tmp_path / "nope.txt")], "--train-data ")
+    _assert_one_line_error(["demo-model", "--out", str(tmp_path / "m"), "--quick", "--test-data",
+                            str(tmp_path / "nope.txt")], "--test-data ")
+    assert not (tmp_path / "m").exists()
+
+
 @needs_wikitext
 def test_demo_model_refuses_a_foreign_folder(tmp_path):
     (tmp_path / "busy").mkdir()

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from conftest import random_cells, tiny_meta, tiny_shape
 from moesim.cli import cli
 from moesim.errors import MoesimError
-from moesim.tracer import DECODE, PREFILL, Trace, TraceCells, read_trace
+from moesim.tracer import DECODE, PREFILL, Trace, TraceCells, read_trace, write_trace
 from moesim.tracer.compare import (
     belady_hits,
     caching_stats,
@@ -437,6 +437,13 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path):
             routing_from_json(json.dumps(dict(d, **{field: value})), "x.json")
     with pytest.raises(MoesimError, match=re.escape("field 'num_experts' is '8', expected a non-negative integer")):
         routing_from_json(json.dumps(dict(d, model=dict(d["model"], num_experts="8"))), "x.json")
+    # a trace with no decode rows is named (the error named the output's stem)
+    prefill_only = tmp_path / "prefill.parquet"
+    write_trace(prefill_only, tiny_meta(), random_cells(np.random.default_rng(0), decode=0))
+    res = run("fit", str(prefill_only), "--out", str(tmp_path / "keep.json"))
+    assert res.exit_code == 2 and res.output.startswith(f"moesim: error: {prefill_only}: no decode rows"), res.output
+    assert not (tmp_path / "keep.json").exists()
+    prefill_only.unlink()
     # a trace that would not fit in memory is refused before anything is allocated
     one_line(run("synth", "--routing", str(path), "--requests", "1000", "--prompt-len", "100000000",
                  "--output-len", "1", "--out", str(out)), "GiB to synthesize, more than the")

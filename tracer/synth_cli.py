@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from moesim.atomic import atomic_path, prepare_output_path
 from moesim.errors import MoesimError
 from moesim.options import out_option
-from moesim.tracer.format import METADATA_KEY, SCHEMA, STATUS_KEY, Trace, TraceMeta, sha256_of_file
+from moesim.tracer.format import DECODE, METADATA_KEY, SCHEMA, STATUS_KEY, Trace, TraceMeta, sha256_of_file
 from moesim.tracer.routing import PARTS, RoutingModel, read_routing, resolve_routing, write_routing
 
 
@@ -76,6 +76,9 @@ def fit_command(traces: tuple[str, ...], out: str, name: Optional[str], classes:
         raise MoesimError(f"--out {out}: expected a .json file name")
     prepare_output_path(out)
     loaded = [read_trace(resolve_trace(t)) for t in traces]
+    if not any((tr.cells.phase == DECODE).any() for tr in loaded):
+        raise MoesimError(f"{', '.join(traces)}: no decode rows to fit (the routing model's decode phase is fitted "
+                          f"on them)")
     t0 = time.perf_counter()
     model = fit_routing(loaded, name or Path(out).stem, classes=classes, seed=seed, disabled=parts, groups=groups)
     write_routing(out, model)
