@@ -171,7 +171,7 @@ def fit_command(traces, profiles, per_preset, seed, jobs, out_path, force):
     """Simulate a stratified Latin-hypercube sample of configurations (cached under $MOESIM_CACHE_DIR/costmodel), compare
     corrections by cross-validation, and write the artifact. Does nothing when the artifact is up to date
     (same simulator, traces, profiles and settings) unless --force."""
-    from moesim.atomic import write_text_atomic
+    from moesim.atomic import check_output_target, write_text_atomic
     from moesim.calib.profile import bundled_profiles, load_profile
     from moesim.costmodel.fit import DEFAULT_PER_PRESET, DEFAULT_SEED, fit_costmodel, format_cv
     from moesim.costmodel.model import CostModel, default_artifact_path
@@ -189,6 +189,7 @@ def fit_command(traces, profiles, per_preset, seed, jobs, out_path, force):
     if per < 1:
         raise MoesimError(f"--per-preset {per}: expected a positive integer")
     out = Path(out_path) if out_path else default_artifact_path()
+    check_output_target(out)  # before minutes of simulating (e.g. --out naming one of its --trace files)
     presets = list(PRESETS.names())
     if out.exists() and not force:
         try:
