@@ -31,6 +31,7 @@ class Case:
     what: str
     args: tuple[str, ...]
     output: str = ""  # a path (relative to the work folder) that must not exist afterwards
+    kept: str = ""  # a copy of the bundled trace (relative to the work folder) that must keep its bytes
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,16 @@ def make_inputs(d: Path) -> None:
     (d / "wrongk.jsonl").write_text(json.dumps({**line, "experts": [1, 2, 3, 4], "gating_probs": [1, 1, 1, 1]}) + "\n")
     (d / "a-file").write_text("x")
     (d / "not-png.txt").write_text("x")
+    # an output that names an input: the input must survive (the case checks it is still a trace)
+    (d / "mine.parquet").write_bytes(good)
+    from moesim.tracer import read_trace, write_trace
+
+    tr = read_trace(resolve_trace(TRACE))
+    tr.cells.weights = tr.cells.weights.copy()
+    tr.cells.weights[3, 0] = float("nan")
+    write_trace(d / "nanweight.parquet", tr.meta, tr.cells)
+    routing = json.loads((REPO / "traces" / "routing" / "mixtral-8x7b-published.json").read_text())
+    (d / "badbytes-routing.json").write_text(json.dumps({**routing, "non_expert_bytes": "big"}))
 
 
 def cases() -> list[Case]:
@@ -109,8 +120,8 @@ def cases() -> list[Case]:
     lc = ("trace", "import", "--format", "llama-route-csv")
     c: list[Case] = []
 
-    def add(area, what, *args, output=""):
-        c.append(Case(area, what, tuple(args), output))
+    def add(area, what, *args, output="", kept=""):
+        c.append(Case(area, what, tuple(args), output, kept))
 
     # traces
     for name, what in (("empty.parquet", "empty trace file"), ("text.parquet", "text file as a trace"),
@@ -194,6 +205,28 @@ def cases() -> list[Case]:
     add("flags", "search: unknown policy", "search", *t, "--policy", "nope")
     add("flags", "stats: --phase sideways", "trace", "stats", TRACE, "--phase", "sideways")
     add("flags", "stats: --plot not .png", "trace", "stats", TRACE, "--plot", "not-png.txt")
+    # an output path that names an input (the input was replaced by the output)
+    add("output is an input", "simulate --json onto its trace", "simulate", "--trace", "mine.parquet", "--json",
+        "mine.parquet", kept="mine.parquet")
+    add("output is an input", "simulate --timeline onto its trace", "simulate", "--trace", "mine.parquet",
+        "--timeline", "mine.parquet", kept="mine.parquet")
+    add("output is an input", "stats --json onto its trace", "trace", "stats", "mine.parquet", "--json",
+        "mine.parquet", kept="mine.parquet")
+    add("output is an input", "search --json onto its trace", "search", "--trace", "mine.parquet", "--json",
+        "mine.parquet", kept="mine.parquet")
+    add("output is an input", "costmodel fit --out onto its trace", "costmodel", "fit", "--trace", "mine.parquet",
+        "--profile", "rtx-3060", "--out", "mine.parquet", kept="mine.parquet")
+    # files of the wrong content, and sizes no machine holds
+    add("model config", "profiles: --model-config not JSON", "profiles", "--model-config", "notjson.json")
+    add("model config", "synth: --model-config a JSON list", "trace", "synth", "--routing", "mixtral-8x7b-published",
+        "--model-config", "list.json", "--requests", "1", "--prompt-len", "4", "--output-len", "4", "--out",
+        "s.parquet", output="s.parquet")
+    add("routing file", "synth: non_expert_bytes a string", "trace", "synth", "--routing", "badbytes-routing.json",
+        "--requests", "1", "--prompt-len", "4", "--output-len", "4", "--out", "s.parquet", output="s.parquet")
+    add("routing file", "synth: 3.2e9 cells", "trace", "synth", "--routing", "mixtral-8x7b-published", "--requests",
+        "1000", "--prompt-len", "100000", "--output-len", "1", "--out", "s.parquet", output="s.parquet")
+    add("trace file", "fit: a NaN routing weight", "trace", "fit", "nanweight.parquet", "--out", "r.json",
+        output="r.json")
     # validate
     add("validate", "no profile", "validate", *t, "--cache-experts", "2", "--out", "v1", output="v1")
     add("validate", "--cache-experts 500", "validate", *t, "--cache-experts", "500", "--calibrate", "--out", "v2",
@@ -239,6 +272,11 @@ def run_case(case: Case, work: Path) -> Outcome:
         why.append("traceback")
     if case.output and (work / case.output).exists():
         why.append(f"left {case.output}")
+    if case.kept:
+        from moesim.traces import resolve_trace
+
+        if (work / case.kept).read_bytes() != resolve_trace(TRACE).read_bytes():
+            why.append(f"replaced {case.kept}")
     return Outcome(case, r.returncode, message.removeprefix("moesim: error: "), not why, ", ".join(why))
 
 
