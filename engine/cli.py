@@ -127,6 +127,10 @@ def validate_command(trace_spec, policy, all_presets, cache_experts, model_confi
     if all_presets and click.get_current_context().get_parameter_source("policy").name == "COMMANDLINE":
         raise MoesimError("--all-presets and --policy: give one (--all-presets runs every preset)")
     policies = _policies(policy, all_presets)
+    if quiet:  # transformers' "Loading weights" bar is progress too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     created = not out.exists()
     t0 = time.perf_counter()
     log = (lambda msg: None) if quiet else (
