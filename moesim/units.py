@@ -16,25 +16,33 @@ _BYTE_UNITS = {
 _TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "min": 60.0}
 
 
+# a number as users type it: '16', '0.5', '1e3', '2.5E-3'; the sign is read apart to say what is wrong with it
+_NUMBER = r"\s*(-?)([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*"
+
+
 def parse_bytes(text: str | int, what: str = "size") -> int:
     """'16GiB' -> 17179869184; a bare number is bytes."""
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _BYTE_UNITS:
+    m = re.fullmatch(_NUMBER, str(text))
+    if m and m.group(1) and m.group(3).lower() in _BYTE_UNITS:
+        raise MoesimError(f"{what} '{text}': expected a size of 0 or more")
+    if not m or m.group(3).lower() not in _BYTE_UNITS:
         raise MoesimError(f"{what} '{text}': expected a number with an optional unit (B, KiB, MiB, GiB, MB, GB)")
     # Exact decimal arithmetic: a float loses whole bytes above 2**53 ('4611686019GB' came out 512 B short).
-    return int(Fraction(m.group(1)) * _BYTE_UNITS[m.group(2).lower()])
+    return int(Fraction(m.group(2)) * _BYTE_UNITS[m.group(3).lower()])
 
 
 def parse_seconds(text: str | float, what: str = "duration") -> float:
     """'0.5s' -> 0.5, '200ms' -> 0.2; a bare number is seconds."""
     if isinstance(text, (int, float)):
         return float(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _TIME_UNITS:
+    m = re.fullmatch(_NUMBER, str(text))
+    if m and m.group(1) and m.group(3).lower() in _TIME_UNITS:
+        raise MoesimError(f"{what} '{text}': expected a duration of 0 or more")
+    if not m or m.group(3).lower() not in _TIME_UNITS:
         raise MoesimError(f"{what} '{text}': expected a number with an optional unit (s, ms, us)")
-    return float(m.group(1)) * _TIME_UNITS[m.group(2).lower()]
+    return float(m.group(2)) * _TIME_UNITS[m.group(3).lower()]
 
 
 def format_bytes(n: float) -> str:

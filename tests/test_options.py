@@ -75,3 +75,16 @@ def test_parsers():
                 lambda: check_batches([2], 1), lambda: jobs_count(-1), lambda: int_list("a..3", "--x")):
         with pytest.raises(MoesimError):
             bad()
+
+
+def test_sizes_and_durations_take_scientific_notation_and_say_what_is_wrong_with_a_negative():
+    from moesim.units import parse_bytes, parse_seconds
+
+    assert parse_bytes("1e3") == 1000 and parse_bytes("2.5e-3GiB") == int(2.5e-3 * 2**30)
+    assert parse_seconds("1e-3s") == pytest.approx(1e-3) and parse_seconds("2E2ms") == pytest.approx(0.2)
+    with pytest.raises(MoesimError, match=r"--gpu-mem '-4GiB': expected a size of 0 or more"):
+        parse_bytes("-4GiB", "--gpu-mem")
+    with pytest.raises(MoesimError, match=r"--max-tpot '-1s': expected a duration of 0 or more"):
+        parse_seconds("-1s", "--max-tpot")
+    with pytest.raises(MoesimError, match="expected a number with an optional unit"):
+        parse_bytes("lots", "--gpu-mem")
