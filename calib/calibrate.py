@@ -263,7 +263,7 @@ def _start(opts: CalibOptions) -> CalibRun:
     """Resolve the device, threads, model and grids, and open the journal."""
     device = facts.resolve_device(opts.device)
     cores = facts.cpu_cores()
-    threads = opts.threads or cores
+    threads = cores if opts.threads is None else opts.threads  # 0 is not "all cores": the flag says 1..N
     if threads < 1 or threads > cores:
         raise MoesimError(f"--threads {threads}: expected 1..{cores} (the CPU cores available here)")
     torch.set_num_threads(threads)

@@ -253,6 +253,11 @@ def test_cli_errors_and_profiles_listing(tmp_path):
     res = runner.invoke(cli, ["calib", "--device", "tpu", "--out", str(tmp_path / "p.json")])
     assert res.exit_code == 2 and "--device 'tpu'" in res.output
     assert not (tmp_path / "p.json").exists()
+    # 0 is refused as -1 is (it meant "all cores", which is what leaving the flag out says)
+    for threads in ("0", "-1"):
+        res = runner.invoke(cli, ["calib", "--quick", "--threads", threads, "--out", str(tmp_path / "p.json")])
+        assert res.exit_code == 2 and f"--threads {threads}: expected 1.." in res.output, res.output
+    assert not (tmp_path / "p.json").exists()
     res = runner.invoke(cli, ["profiles"])
     assert res.exit_code == 0, res.output
     for name in ("h100-sxm", "rtx-3060", "t4", "a100-80gb"):
