@@ -127,7 +127,7 @@ def measure(shape: str, experts: int, repeats: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--shapes", default="small,mixtral")

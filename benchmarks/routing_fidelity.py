@@ -282,7 +282,7 @@ def bad_inputs() -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--gsm8k-trace", default=str(REPO / "benchmarks" / "data" / "demo-gsm8k.parquet"),
                     help="a trace of the demo model on GSM8K prompts, split by request")
     ap.add_argument("--seeds", type=int, default=3, help="synthetic traces per fitted model")
