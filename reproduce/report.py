@@ -43,12 +43,16 @@ def format_console(outcomes: list[Outcome]) -> str:
 
 
 def format_scores(s: Scores, held_out: dict[str, float]) -> list[str]:
+    # a filtered run may hold no point of a kind: its count alone, not "nan%"
     lines = [
         f"speed points (TPOT, tokens/s) simulated: {s.speed_points}; median |error| {s.median_abs_error:.1%}; "
-        f"within 30%: {s.within_30:.0%}; worst factor {s.max_factor:.2f}x ({s.worst})",
+        f"within 30%: {s.within_30:.0%}; worst factor {s.max_factor:.2f}x ({s.worst})" if s.speed_points else
+        "speed points (TPOT, tokens/s) simulated: 0",
         f"peak memory points: {s.memory_points}; median |error| {s.memory_median_abs_error:.1%}; max "
-        f"{s.memory_max_abs_error:.1%}; within 10%: {s.memory_within_10:.0%}",
-        f"TTFT points: {s.ttft_points}; median |error| {s.ttft_median_abs_error:.1%}",
+        f"{s.memory_max_abs_error:.1%}; within 10%: {s.memory_within_10:.0%}" if s.memory_points else
+        "peak memory points: 0",
+        f"TTFT points: {s.ttft_points}; median |error| {s.ttft_median_abs_error:.1%}" if s.ttft_points else
+        "TTFT points: 0",
     ]
     for k, v in s.kendall.items():
         lines.append(f"Kendall tau, {k}: {v:.2f}")

@@ -266,3 +266,11 @@ def test_the_systems_tau_counts_only_pairs_of_different_systems_on_one_model_and
     key = f"{base.source} {base.metric}"
     assert s.kendall_systems[key] == 1.0  # x1-y and x2-y agree; x1-x2 and every pair with z are not counted
     assert s.kendall[key] < 1.0  # every pair counts there
+
+
+def test_scores_of_a_run_with_no_point_of_a_kind_print_its_count_not_nan():
+    from moesim.reproduce.report import format_scores
+    from moesim.reproduce.run import score
+
+    lines = format_scores(score([]), {})
+    assert lines == ["speed points (TPOT, tokens/s) simulated: 0", "peak memory points: 0", "TTFT points: 0"]
