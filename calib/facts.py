@@ -52,14 +52,9 @@ def cpu_cores() -> int:
 
 
 def host_memory_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    from moesim.machine import memory_bytes
+
+    return memory_bytes()
 
 
 def cpu_flags() -> list[str]:

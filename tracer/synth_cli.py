@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -101,25 +100,13 @@ def check_fits_in_memory(requests: int, tokens: int, layers: int, top_k: int) ->
     available memory (numpy's allocation error otherwise surfaced as a traceback, or swapping for minutes)."""
     cells = requests * tokens * layers
     need = SYNTH_BASE_BYTES + cells * (SYNTH_BYTES_PER_CELL[0] + SYNTH_BYTES_PER_CELL[1] * top_k)
-    have = _available_memory()
-    if have is not None and need > have:
+    from moesim.machine import memory_bytes
+
+    have = memory_bytes(available=True)
+    if need > have:
         raise MoesimError(f"--requests {requests} x {tokens} tokens (--prompt-len + --output-len) x {layers} layers "
                           f"= {cells:,} cells need about {need / 2**30:.1f} GiB to synthesize, more than the "
                           f"{have / 2**30:.1f} GiB available; synthesize fewer requests or tokens per file")
-
-
-def _available_memory() -> Optional[int]:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def check_model_config(model: RoutingModel, spec: str, where: str):
