@@ -525,8 +525,6 @@ def _validate_cells(cells: TraceCells, meta: TraceMeta, path: Path) -> None:
         raise MoesimError(f"{path}: row {row} column '{column}' is out of range, expected {expected}")
 
     L, E = meta.num_layers, meta.num_experts
-    if len(meta.expert_bytes) != L:
-        raise MoesimError(f"{path}: metadata 'expert_bytes' has {len(meta.expert_bytes)} entries, expected num_layers={L}")
     if len(cells) == 0:
         raise MoesimError(f"{path}: trace has no rows")
     if (cells.layer < 0).any() or (cells.layer >= L).any():
