@@ -72,6 +72,15 @@ HOSTS: dict[str, HostCpu] = {h.name: h for h in (
             "typical workstation: 24-core Zen 3 (AVX2, no AVX-512), 8 x DDR4-3200", 24, "avx2", 8 * 25.6 * GB,
             256 * GIB, "AMD product page: 24 cores, 8 channels DDR4-3200, PCIe 4.0; Zen 3 has AVX2 and no AVX-512",
             pcie_gen=4),
+    HostCpu("xeon-gold-6454s", "Intel Xeon Gold 6454S", "KTransformers' single-socket runs: one Xeon Gold 6454S "
+            "(Sapphire Rapids, 32 cores), 8 x DDR5-4800", 32, "amx", 8 * 38.4 * GB, 382 * GIB,
+            "kvcache-ai/ktransformers 95009ea doc/en/DeepseekR1_V3_tutorial.md (Xeon Gold 6454S, 32 cores per socket, "
+            "DDR5-4800 8 channels per socket; single-socket runs use 382 GB); 4th-gen Xeon Scalable: AMX, PCI "
+            "Express 5.0; DDR5-4800: 4800 MT/s x 8 B = 38.4 GB/s per channel", pcie_gen=5),
+    HostCpu("xeon-gold-6454s-x2", "Intel Xeon Gold 6454S (2 sockets)", "KTransformers' dual-socket host: 2 x Xeon "
+            "Gold 6454S (2 NUMA nodes), 8 x DDR5-4800 per socket, 1 TB", 32, "amx", 8 * 38.4 * GB, 1024 * GIB,
+            "kvcache-ai/ktransformers 95009ea doc/en/DeepseekR1_V3_tutorial.md; the CPU side is one socket's, as for "
+            "every host here", pcie_gen=5),
     HostCpu("i9-10900x", "Intel Core i9-10900X", "llmfit PR #755 host: 10 cores, quad-channel DDR4", 10, "avx512",
             102 * GB, 128 * GIB, "AlexsJones/llmfit PR #755 (~102 GB/s measured quad-channel DDR4); Intel ARK "
             "Core i9-10900X (Cascade Lake-X): PCI Express Revision 3.0", pcie_gen=3),
@@ -105,6 +114,14 @@ TYPICAL_HOST_PCIE = {
 CPU_MEMORY_EFFICIENCY = Efficiency(
     0.88, "llama.cpp Mixtral fp16 on a Xeon E5-2683 v4 (quad-channel DDR4-2133): 2.32 tok/s = about 60 GB/s of "
           "68 GB/s peak (component-costs.md 2.9 and 6); a memory-bound GEMV streams the weights once")
+# The same for ggml's quantized mat-vec (the CPU int4 kernel of spec profiles, calib.specs.SPEC_CPU_INT4), which
+# dequantizes in registers whatever the instruction set: a second llama.cpp measurement, on quantized weights.
+CPU_QUANT_MEMORY_EFFICIENCY = Efficiency(
+    0.85, "llama.cpp Mixtral Q8_0 on a Ryzen 9 5900X with dual-channel DDR4-3600 (57.6 GB/s): 3.58 tok/s x about "
+          "12.9 B active weights x 8.5 bits = 49 GB/s (llama.cpp issue #4716; component-costs.md 2.10)")
+# ggml's quantized dot products: int8 multiply-adds on the vector units, about one instruction's lanes x 2 flop
+# per cycle at about 2 GHz (stated, not measured); a batch-1 expert stays bandwidth-bound, so only prefill sees it
+CPU_QUANT_LANES = {"avx2": 32, "avx512": 64, "avx512_bf16": 64, "amx": 64}
 # Slowdown of PyTorch's bf16 matmul by instruction set, relative to a native bf16 GEMV (sources per entry).
 CPU_BF16_KERNEL_FACTOR: dict[str, Efficiency] = {
     "avx2": Efficiency(1.0, "bound by the fallback's rate, not by bandwidth: CPU_BF16_AVX2_FLOPS"),
@@ -177,6 +194,48 @@ EXTRA_GPUS: tuple[GpuSpec, ...] = (
         },
         notes="Turing: no bf16 (the 16-bit kernel runs fp16), no int4 tinygemm kernel.",
     ),
+    GpuSpec(
+        "rtx-2080", "NVIDIA GeForce RTX 2080", 8 * GIB, 448 * GB, 40.3e12, 161.1e12, "7.5", 3, 16,
+        HOSTS["i9-10900x"].as_host_spec(),
+        sources={
+            "memory": "GeForce RTX 2080: 8 GB GDDR6 at 14 Gbps on a 256-bit bus (NVIDIA Turing whitepaper)",
+            "memory_bandwidth": "14 Gbps x 256 bit / 8 = 448 GB/s",
+            "flops": "Turing whitepaper rates: 368 tensor cores x 64 FMA x 2 flop x 1.71 GHz boost = 80.5 TFLOPS FP16 "
+                     "with FP16 accumulate, half that with FP32 accumulate on GeForce (40.3; the 2080 Ti's 56.9 by "
+                     "the same rule, as nlzy/turing-unlock quotes the whitepaper); INT8 4x the FP32-accumulate rate "
+                     "(measured 238.6 vs 59.9 on a 2080 Ti, KohakuBlueleaf/KohakUnlock RESULTS.md)",
+            "pcie": "GeForce RTX 2080: PCI Express 3.0 x16",
+        },
+        notes="Turing: no bf16 (the 16-bit kernel runs fp16), no int4 tinygemm kernel.",
+    ),
+    GpuSpec(
+        "rtx-4090d", "NVIDIA GeForce RTX 4090 D", 24 * GIB, 1008 * GB, 147.09e12, 588.35e12, "8.9", 4, 16,
+        HOSTS["xeon-gold-6454s-x2"].as_host_spec(),
+        sources={
+            "memory": "GeForce RTX 4090 D: 24 GB GDDR6X, 384-bit, 21 Gbps, 1008 GB/s (114 SMs, 14592 CUDA cores; "
+                      "hmc-tech.com/gpu/nvidia-geforce-rtx-4090-d)",
+            "memory_bandwidth": "1008 GB/s (21 Gbps x 384 bit / 8)",
+            "flops": "BF16 tensor 147.09 TFLOPS with FP32 accumulate (dense), INT8 tensor 588.35 TOPS (dense) "
+                     "(hmc-tech.com/gpu/nvidia-geforce-rtx-4090-d): the RTX 4090's 165.2 x 114/128 SMs",
+            "pcie": "PCIe 4.0 x16, as the RTX 4090 (AD102)",
+        },
+    ),
+    GpuSpec(
+        "rtx-5090", "NVIDIA GeForce RTX 5090", 32 * GIB, 1792 * GB, 209.6e12, 838.4e12, "12.0", 5, 16,
+        HostSpec("typical desktop: 16-core CPU, dual-channel DDR5-5600, 128 GB", "16-core desktop CPU (DDR5-5600 x2)",
+                 16, 128 * GIB, 2 * 44.8 * GB, "JEDEC DDR5-5600: 5600 MT/s x 8 B = 44.8 GB/s per channel; 2 channels "
+                 "on desktop platforms; ASSUMED: no host was stated with this card"),
+        sources={
+            "memory": "GeForce RTX 5090: 32 GB GDDR7, 512-bit, 28 Gbps, 1792 GB/s (Linux Format May 2025 review specs; "
+                      "spheron.network RTX 5090 datasheet)",
+            "memory_bandwidth": "1792 GB/s (28 Gbps x 512 bit / 8)",
+            "flops": "FP16 tensor 838.4 TFLOPS sparse with FP16 accumulate (spheron.network datasheet): 419.2 dense, "
+                     "209.6 with FP32 accumulate (half rate on GeForce, as the Ada whitepaper's 4090: 660.6 sparse to "
+                     "165.2); FP8/INT8 1676.8 sparse, 838.4 dense",
+            "pcie": "GeForce RTX 5090: PCI Express 5.0 x16",
+        },
+        notes="Blackwell consumer (sm_120); the int4 tinygemm kernel is assumed to run as on sm_80+.",
+    ),
 )
 
 
@@ -227,6 +286,10 @@ def host_and_link_factors(eff: dict[str, Efficiency], lat: dict, cpu: HostCpu, g
     lanes = {"avx2": 32, "avx512": 64, "avx512_bf16": 128, "amx": 1024}[cpu.isa]
     eff["cpu_bf16_per_core_flops"] = CPU_BF16_AVX512_PER_CORE_FLOPS if cpu.isa == "avx512" else Efficiency(
         lanes * 2.0e9 / factor.value, f"{cpu.isa}: {lanes} flop/cycle x 2 GHz, over the kernel factor")
+    eff["host_memory_quantized"] = CPU_QUANT_MEMORY_EFFICIENCY
+    eff["cpu_quant_per_core_flops"] = Efficiency(CPU_QUANT_LANES[cpu.isa] * 2 * 2.0e9,
+                                                 f"{cpu.isa}: {CPU_QUANT_LANES[cpu.isa]} int8 lanes x 2 flop x 2 GHz "
+                                                 f"(stated, not measured)")
     eff.pop("cpu_bf16_total_flops", None)
     if cpu.isa == "avx2":
         eff["cpu_bf16_total_flops"] = CPU_BF16_AVX2_FLOPS

@@ -51,6 +51,10 @@ KERNEL_LIBRARY_CPU = {
     "int8": "torch._weight_int8pack_mm (W8A16, per-channel scales)",
     "int4": "torch._weight_int4pack_mm_for_cpu (W4A16, group 128)",
 }
+# A spec profile's CPU int4 kernel is the one the CPU-expert systems that run 4-bit experts use: ggml's quantized
+# mat-vec (llama.cpp's CPU backend, which kTransformers/HybriMoE and llama.cpp --n-cpu-moe run on GGUF Q4_K:
+# 256-weight super-blocks of 144 bytes, 4.5 bits per weight)
+SPEC_CPU_INT4 = ("ggml quantized mat-vec (llama.cpp CPU backend), GGUF Q4_K", 4.5)
 
 
 @dataclass(frozen=True)
@@ -267,6 +271,9 @@ def default_efficiencies() -> dict[str, Efficiency]:
         "pcie_concurrent": Efficiency(0.85, "assumed: with both directions busy each direction keeps about 85% of "
                                             "its alone rate (full-duplex link, shared host memory and DMA engines)"),
         "host_memory": Efficiency(0.50, "assumed: PyTorch CPU GEMV reaches about 50% of the memory channels' peak"),
+        "host_memory_quantized": Efficiency(0.50, "assumed: a quantized CPU GEMV reaches about 50% of the memory "
+                                                  "channels' peak"),
+        "cpu_quant_per_core_flops": Efficiency(100e9, "assumed: 100 GFLOP/s of dequantize-and-dot per core"),
         "cpu_bf16_per_core_flops": Efficiency(100e9, "assumed: 100 GFLOP/s of bf16 matmul per core (AVX-512 class "
                                                     "core, oneDNN)"),
     }
@@ -412,11 +419,18 @@ def build_spec_profile(gpu: GpuSpec, eff: dict[str, Efficiency], lat: dict[str, 
     cpu_flops_core = e["cpu_bf16_per_core_flops"]
     # a kernel class that does not scale with threads (calib.hosts.CPU_BF16_AVX2_FLOPS) caps the total
     cpu_flops_cap = e.get("cpu_bf16_total_flops", float("inf"))
+    threads = sorted({1, max(1, cores // 2), cores})
     cpu_expert = {"bf16": {
         t: ExpertKernelModel("bf16", KERNEL_LIBRARY_CPU["bf16"], KERNEL_BITS["bf16"],
                              _roofline(lat["cpu_expert_s"][0], min(cpu_flops_core * t, cpu_flops_cap), host_bw))
-        for t in sorted({1, max(1, cores // 2), cores})
+        for t in threads
     }}
+    quant_bw = gpu.host.memory_bandwidth * e["host_memory_quantized"]
+    cpu_expert["int4"] = {
+        t: ExpertKernelModel("int4", SPEC_CPU_INT4[0], SPEC_CPU_INT4[1],
+                             _roofline(lat["cpu_expert_s"][0], e["cpu_quant_per_core_flops"] * t, quant_bw))
+        for t in threads
+    }
     ctx_ranges = (MeasuredRange("batch", 1.0, None), MeasuredRange("context", 0.0, None))
     non_expert = {"bf16": {
         "prefill": _roofline(lat["non_expert_s"][0], bf16, mem),

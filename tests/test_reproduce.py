@@ -189,6 +189,22 @@ def test_a_profile_states_its_host_and_takes_its_cpu_side_from_it():
         compose_profile("a6000", "nope")
 
 
+def test_a_quantized_cpu_expert_streams_its_packed_bytes_whatever_the_instruction_set():
+    from moesim.calib.hosts import CPU_QUANT_MEMORY_EFFICIENCY, compose_profile
+    from moesim.modelspec import load_model_shape
+
+    shape = load_model_shape("mixtral-8x7b")
+    packed = 3 * 4096 * 14336 * 4.5 / 8  # GGUF Q4_K: 4.5 bits per weight
+    for gpu, host, socket_bw in (("quadro-rtx-6000", "xeon-gold-6126-x2", 6 * 21.33e9),
+                                 ("a6000", "threadripper-pro-5965wx", 8 * 25.6e9)):
+        p = compose_profile(gpu, host)
+        assert "int4" in p.cpu_expert_kernels and p.cpu_expert_model("int4").weight_bits_per_param == 4.5
+        one = float(p.cpu_expert_time(shape, np.array([1]), kernel="int4")[0])
+        # bandwidth-bound at one token: no bf16 up-conversion (AVX-512) or scalar fallback (AVX2) applies
+        assert one == pytest.approx(5e-5 + packed / (socket_bw * CPU_QUANT_MEMORY_EFFICIENCY.value), rel=0.02)
+        assert one < float(p.cpu_expert_time(shape, np.array([1]), kernel="bf16")[0]) / 3
+
+
 def test_a_link_trains_at_the_older_generation_of_card_and_host():
     from moesim.calib.hosts import compose_profile
 
