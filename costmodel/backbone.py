@@ -32,7 +32,7 @@ from typing import Optional
 import numpy as np
 
 from moesim.errors import MoesimError
-from moesim.simulator.config import PolicySpec
+from moesim.simulator.config import LAYERED_INITIAL, PolicySpec
 from moesim.costmodel.features import MissTable, WorkloadFeatures, static_global_table
 
 
@@ -136,8 +136,8 @@ def miss_table(fe: WorkloadFeatures, spec: PolicySpec, expert_bytes: list[int]) 
     cache = spec.cache
     if spec.all_resident or cache.initial == "all":
         return None
-    if cache.initial == "first-layers":
-        return None  # accelerate: handled by layers
+    if cache.initial in LAYERED_INITIAL:
+        return None  # accelerate, llama.cpp: whole layers, handled by layers
     if MISS_TABLES[cache.policy] == "static":
         if cache.scope == "global":
             return static_global_table(fe, np.asarray(expert_bytes))
@@ -190,6 +190,12 @@ def _decode_fiddler(a, m, t, g, oc: OpCosts, cp: _Copies, code_rule: bool):
     to_cpu = (t * FIDDLER_CODE_CPU < FIDDLER_CODE_GPU) if code_rule else (_interp(oc.cpu, t) < xp)
     f = np.where(to_cpu, np.where(m >= 1, np.maximum((a - m) * g, m * chain), a * g), a * g + m * xp)
     return f, f - a * g, np.where(to_cpu, m + 0 * a, 0.0)
+
+
+def _decode_cpu_host(a, m, t, g, oc: OpCosts, cp: _Copies, code_rule: bool):
+    chain = _interp(oc.act_d2h, t) + _interp(oc.cpu, t) + _interp(oc.act_h2d, t)
+    f = np.where(m >= 1, np.maximum((a - m) * g, m * chain), a * g)
+    return f, np.zeros_like(f), m + 0 * a
 
 
 def _decode_hybrimoe(a, m, t, g, oc: OpCosts, cp: _Copies, code_rule: bool):
@@ -304,11 +310,23 @@ def _prefill_cells(fe: WorkloadFeatures, misses: Optional[np.ndarray], mode: str
     if misses is None:
         if layers_resident is None:
             return np.broadcast_to(G, (len(G), C)).copy()
+        missing = layer_on_host(pc.layer, layers_resident, fe.num_layers, spec.cache.initial)
+        if placement == "cpu":
+            # llama.cpp: a host layer's experts run on the CPU, each its activations down, FFN and outputs up
+            tk = np.minimum(tok, len(oc.cpu) - 1)
+            chain = np.where(present, oc.act_d2h[tk] + oc.cpu[tk] + oc.act_h2d[tk], 0.0).sum(axis=1)[:, None]
+            return np.where(missing, chain, G)
         # accelerate: a layer not among the first resident ones is copied whole on every forward pass
-        missing = pc.layer[:, None] >= layers_resident[None, :]
         return G + missing * oc.layer_copy[pc.layer][:, None]
     m = misses.astype(np.float64)
     x = oc.copy[pc.layer][:, None]
+    if placement == "cpu":
+        # a composed per-expert cache whose non-resident experts run on the CPU (prefill too): the misses' share
+        # of the cell's CPU chains beside the hits' share of its GPU time (which experts miss is not known here)
+        tk = np.minimum(tok, len(oc.cpu) - 1)
+        chain = np.where(present, oc.act_d2h[tk] + oc.cpu[tk] + oc.act_h2d[tk], 0.0).sum(axis=1)[:, None]
+        share = m / a
+        return np.maximum(G * (1.0 - share), chain * share)
     own = PLACEMENT_TIMES[placement].prefill
     if own is not None:
         return own(fe, oc, expert_bytes, spec.placement.rule == "code")
@@ -358,6 +376,9 @@ PLACEMENT_TIMES: dict[str, PartTime] = {
     "gpu": PartTime(None, None),  # every expert on the GPU: the transfer mode times the copies
     "fiddler": PartTime(_decode_fiddler, _fiddler_prefill),
     "hybrimoe": PartTime(_decode_hybrimoe, None),  # HSS in decode; prefill runs on the GPU
+    # llama.cpp's host layers (a whole-layer cache, timed by layers in the backbone; this cell times a composed
+    # per-expert cache whose non-resident experts all run on the CPU)
+    "cpu": PartTime(_decode_cpu_host, None),
 }
 TRANSFER_TIMES: dict[str, PartTime] = {
     "stream": PartTime(_decode_stream, _prefill_stream),
@@ -376,8 +397,8 @@ def analytic_gap(spec: PolicySpec) -> str:
         return f"the cost model has no analytic time for placement '{placement}'"
     if mode not in TRANSFER_TIMES:
         return f"the cost model has no analytic time for transfer '{mode}'"
-    if spec.all_resident or spec.cache.initial in ("all", "first-layers"):
-        return ""  # nothing is copied per expert: every expert resident, or accelerate's whole layers
+    if spec.all_resident or spec.cache.initial in ("all",) + LAYERED_INITIAL:
+        return ""  # nothing is copied per expert: every expert resident, or whole layers (accelerate, llama.cpp)
     part, transfer = PLACEMENT_TIMES[placement], TRANSFER_TIMES[mode]
     if (part.decode or transfer.decode) is None or (part.prefill or transfer.prefill) is None:
         return (f"the cost model times transfer '{mode}' for whole resident layers only (accelerate's first-layers "
@@ -385,12 +406,21 @@ def analytic_gap(spec: PolicySpec) -> str:
     return ""
 
 
-def accelerate_layers(expert_bytes: list[int], num_experts: int, cache_experts: np.ndarray) -> np.ndarray:
-    """Whole layers resident for each cache size (the simulator's first-layers fill)."""
+def accelerate_layers(expert_bytes: list[int], num_experts: int, cache_experts: np.ndarray,
+                      initial: str = "first-layers") -> np.ndarray:
+    """Whole layers resident for each cache size (the simulator's first-layers fill, or last-layers': from the
+    last layer back)."""
     eb = np.asarray(expert_bytes, dtype=np.int64)
     budget = cache_experts.astype(np.int64) * int(eb.sum())
-    cum = np.cumsum(num_experts * eb)
+    cum = np.cumsum(num_experts * (eb if initial == "first-layers" else eb[::-1]))
     return np.searchsorted(cum, budget, side="right")
+
+
+def layer_on_host(layer: np.ndarray, layers_resident: np.ndarray, num_layers: int, initial: str) -> np.ndarray:
+    """[N, C] whether each cell's layer is outside the ``layers_resident`` whole layers at each cache size."""
+    if initial == "first-layers":
+        return layer[:, None] >= layers_resident[None, :]
+    return layer[:, None] < (num_layers - layers_resident)[None, :]
 
 
 def backbone(fe: WorkloadFeatures, spec: PolicySpec, oc: OpCosts, expert_bytes: list[int]) -> Backbone:
@@ -406,13 +436,21 @@ def backbone(fe: WorkloadFeatures, spec: PolicySpec, oc: OpCosts, expert_bytes: 
     g_dec = _interp(oc.gpu, oc.decode_tokens_per_expert)
     layers_res = None
     if table is None:
-        if spec.cache.initial == "first-layers":
-            layers_res = accelerate_layers(expert_bytes, E, caps)
-            missing = dec.layer[:, None] >= layers_res[None, :]  # [N, C]
-            per_cell = dec.experts[:, None] * g_dec + missing * oc.layer_copy[dec.layer][:, None]
+        cpu_n = np.zeros(C)
+        if spec.cache.initial in LAYERED_INITIAL:
+            layers_res = accelerate_layers(expert_bytes, E, caps, spec.cache.initial)
+            missing = layer_on_host(dec.layer, layers_res, fe.num_layers, spec.cache.initial)  # [N, C]
+            if placement == "cpu":  # llama.cpp: a host layer's experts run on the CPU, nothing is copied
+                t = oc.decode_tokens_per_expert
+                chain = _interp(oc.act_d2h, t) + _interp(oc.cpu, t) + _interp(oc.act_h2d, t)
+                per_cell = dec.experts[:, None] * np.where(missing, chain, g_dec)
+                copy = np.zeros(C)
+                cpu_n = (missing * dec.experts[:, None]).sum(axis=0).astype(np.float64)
+            else:
+                per_cell = dec.experts[:, None] * g_dec + missing * oc.layer_copy[dec.layer][:, None]
+                copy = (missing * oc.layer_copy[dec.layer][:, None]).sum(axis=0)
             dec_w = (per_cell * dec.active[:, None]).sum(axis=0)
             dec_u = per_cell.sum(axis=0)
-            copy = (missing * oc.layer_copy[dec.layer][:, None]).sum(axis=0)
             hit = 1.0 - (missing * dec.experts[:, None]).sum(axis=0) / max(dec.experts.sum(), 1)
         else:
             base = float((dec.experts * g_dec).sum())
@@ -420,7 +458,6 @@ def backbone(fe: WorkloadFeatures, spec: PolicySpec, oc: OpCosts, expert_bytes: 
             dec_w = np.full(C, float((dec.experts * dec.active * g_dec).sum()))
             copy = np.zeros(C)
             hit = np.ones(C)
-        cpu_n = np.zeros(C)
     else:
         hist_w = fe.decode_histogram(table, weighted=True)
         hist_u = fe.decode_histogram(table, weighted=False)
@@ -447,7 +484,10 @@ def backbone(fe: WorkloadFeatures, spec: PolicySpec, oc: OpCosts, expert_bytes: 
     dec_total = fixed_u + dec_u
     makespan = pre_total + dec_total
     copy_share = np.where(dec_u > 0, copy / np.where(dec_u > 0, dec_u, 1.0), 0.0)
-    cpu_share = np.zeros(C) if table is None else cpu_n / np.maximum(1.0, table.decode.sum(axis=0))
+    if table is None:  # the CPU's share of the experts not resident (whole host layers)
+        cpu_share = cpu_n / np.maximum(1.0, (1.0 - hit) * max(dec.experts.sum(), 1))
+    else:
+        cpu_share = cpu_n / np.maximum(1.0, table.decode.sum(axis=0))
     if n_steps == 0:
         tpot = np.full(C, np.nan)
     return Backbone(ttft, tpot, makespan, pre_total, dec_total, hit, copy_share, cpu_share.astype(np.float64))

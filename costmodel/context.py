@@ -49,9 +49,9 @@ class Evaluated:
 
 CACHE_RULES = ("lru", "lfu", "fifo", "static", "belady", "mrs")
 PREFETCHES = ("none", "next-layer", "first-non-resident", "predictive", "eam", "oracle")
-PLACEMENTS = ("gpu", "fiddler", "hybrimoe")
+PLACEMENTS = ("gpu", "fiddler", "hybrimoe", "cpu")
 TRANSFERS = ("stream", "swap", "sync", "layer")
-INITIALS = ("empty", "last-experts", "popular", "all", "first-layers")
+INITIALS = ("empty", "last-experts", "popular", "all", "first-layers", "last-layers")
 
 FEATURE_NAMES: tuple[str, ...] = (
     "log_bb_tpot", "log_bb_ttft", "cache_frac", "log1p_cache", "cache_over_k", "bb_hit_rate", "lru_hit_rate",

@@ -96,7 +96,7 @@ def _config(p: Point, shape):
         cache_bytes = max(0, int(policy.memory_fraction * vram * 2**20) - nf.bytes_for(shape.non_expert_params))
     config = SimConfig(policy=policy, batch=p.batch, cache_bytes=cache_bytes, expert_format=ef,
                        non_expert_format=nf)
-    return apply_knobs(config, knobs, shape.num_experts)
+    return apply_knobs(config, knobs, shape.num_experts, [ef.bytes_for(shape.expert_params)] * shape.num_moe_layers)
 
 
 def _metric(result, metric: str) -> float:

@@ -14,8 +14,8 @@ import numpy as np
 from numba import njit
 
 from moesim.simulator.kernel import (
-    _BELADY, _BUSY, _COMPUTE, _EAM_ALL, _FIDDLER, _FIFO, _FIRST_NON_RESIDENT, _HYBRIMOE, _IDLE, _LAYER, _LFU, _LRU,
-    _MRS, _NEXT_LAYER, _STATIC, _WAKING, B_KEPT, B_MISSED, B_ON_CPU, B_RES, C_BUFFER, C_COUNT, C_INFLIGHT, C_NEXT,
+    _BELADY, _BUSY, _COMPUTE, _CPU_HOST, _EAM_ALL, _FIDDLER, _FIFO, _FIRST_NON_RESIDENT, _HYBRIMOE, _IDLE, _LAYER,
+    _LFU, _LRU, _MRS, _NEXT_LAYER, _STATIC, _WAKING, B_KEPT, B_MISSED, B_ON_CPU, B_RES, C_BUFFER, C_COUNT, C_INFLIGHT, C_NEXT,
     C_POS, C_RESIDENT, C_STAMP, C_TIE, C_UNUSED, CPU, D2H, F_BUSY, F_DECODE_TIME, F_HOST_AT, F_NOW, F_STALL, H2D,
     H_HOST_AHEAD, H_PAGEABLE_INLINE, I_DECODE_CPU,
     I_DECODE_TOKENS, I_DEMAND, I_H2D_SEQ, I_NJOBS, I_ORDER, I_PF_ISSUED, I_PF_SERVED, I_PF_USED, I_PREFILL_ACC,
@@ -385,7 +385,7 @@ def _observe_scores(scores, params, layer, E, experts, weights, a, b):
             scores[layer * E + experts[i]] += alpha * weights[i]
 
 
-# ---- placement: FiddlerPlacement / HybriMoEPlacement
+# ---- placement: FiddlerPlacement / HybriMoEPlacement / CpuForHostExperts
 @njit(cache=True, inline='always')
 def _hss_before(SB, experts, expert_tokens, a, q, p):
     """Whether expert ``q`` comes before ``p`` in HybriMoE's order: resident first, more tokens, lower id."""
@@ -451,6 +451,9 @@ def _place(placement, code, CK, TL, TT, SI, SB, layer, E, phase, experts, expert
     elif placement == _HYBRIMOE and phase != PREFILL and n > 0:
         _hybrimoe_split(SI, SB, TT, experts, expert_tokens, a, b, code,
                         HYBRIMOE_MOVE_S if code else TL[T_PLACE_COPY, layer])
+    elif placement == _CPU_HOST:
+        for j in range(n):
+            SB[B_ON_CPU, j] = not SB[B_RES, j]
 
 
 # ---- the driver: Simulation._forward's layer and step

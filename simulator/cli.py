@@ -126,7 +126,8 @@ def _notes(result, policy) -> list[str]:
 @click.option("--prefetch", default=None, help="Replace the prefetcher: none, next-layer, first-non-resident, eam, "
               "predictive, oracle.")
 @click.option("--knob", "knobs", multiple=True, help="A system's own setting, NAME=VALUE: offload_per_layer "
-              "(mixtral-offloading), device_memory_ratio (moe-infinity), gpu_memory_fraction (fiddler).")
+              "(mixtral-offloading), device_memory_ratio (moe-infinity), gpu_memory_fraction (fiddler), n_cpu_moe "
+              "(llama-cpp).")
 @click.option("--guess", default=None, help="Next-layer guess of next-layer/first-non-resident prefetch: auto "
               "(the trace's column, else a guess model), trace, previous-token, or accuracy:P.")
 @click.option("--placement", default=None, help="Replace the placement: gpu, fiddler, hybrimoe.")
@@ -181,7 +182,10 @@ def simulate_command(trace_spec, profile_spec, host, link, policy, cache_experts
 
         # a knob belongs to its preset, whatever parts the string replaced
         as_preset = replace(config, policy=replace(spec, name=policy.partition("+")[0].strip()))
-        config = apply_knobs(as_preset, parse_knobs(knobs), read_trace_meta(trace_path).num_experts)
+        meta = read_trace_meta(trace_path)
+        layer_bytes = ([config.expert_format.bytes_for(meta.model.expert_params)] * meta.num_layers
+                       if config.expert_format is not None else list(meta.expert_bytes))
+        config = apply_knobs(as_preset, parse_knobs(knobs), meta.num_experts, layer_bytes)
         config = replace(config, policy=replace(config.policy, name=spec.name))
     profile, profile_name = profile_spec, profile_spec
     if host is not None or link is not None:

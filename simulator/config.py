@@ -13,7 +13,9 @@ from moesim.simulator.placement import PlacementSpec
 from moesim.simulator.prefetch import PrefetchSpec
 from moesim.simulator.transfer import TransferSpec
 
-INITIAL_STATES = ("empty", "last-experts", "popular", "all", "first-layers")
+INITIAL_STATES = ("empty", "last-experts", "popular", "all", "first-layers", "last-layers")
+# whole layers resident (accelerate fills the first layers, llama.cpp --n-cpu-moe keeps the first on the host)
+LAYERED_INITIAL = ("first-layers", "last-layers")
 SIZINGS = ("uniform", "dp")
 
 

@@ -75,6 +75,10 @@ class CostTables:
     # tables above; None where the profile has none: the layer then costs its host-to-host time on the stream
     prefill_non_expert_device: Optional[dict[int, float]] = None
     decode_non_expert_device: Optional[dict[int, list[float]]] = None
+    # the fixed latency of one non-expert layer call in the two tables above (the profile's model's ``latency_s``:
+    # an eager PyTorch layer's launches and host work), which a graph runtime replaces by its own (runtime.py)
+    prefill_non_expert_latency_s: float = 0.0
+    decode_non_expert_latency_s: float = 0.0
 
 
 
@@ -144,6 +148,8 @@ def build_cost_tables(profile, shape: ModelShape, expert_bytes: list[int], exper
         compute_slowdown_with_copy=float(profile.compute_slowdown_with_copy),
         copy_slowdown_with_compute=float(profile.copy_slowdown_with_compute),
         prefill_non_expert_device=prefill_dev, decode_non_expert_device=decode_dev,
+        prefill_non_expert_latency_s=float(profile.non_expert_models[nk]["prefill"].latency_s),
+        decode_non_expert_latency_s=float(profile.non_expert_models[nk]["decode"].latency_s),
     )
 
 

@@ -11,7 +11,7 @@ ties land as the engine's do), copies in flight and unused prefetches per key, a
 stall rules, with every float operation in the engine's order.
 
 It covers a run when :func:`unsupported` returns "" (one explicit check, made before the run): caches
-``lru``, ``fifo``, ``lfu``, ``static``, ``belady``, ``mrs``; placements ``gpu``, ``fiddler``, ``hybrimoe``;
+``lru``, ``fifo``, ``lfu``, ``static``, ``belady``, ``mrs``; placements ``gpu``, ``fiddler``, ``hybrimoe``, ``cpu``;
 prefetch ``none``, ``next-layer``, ``predictive`` (into an LRU/FIFO cache) and ``first-non-resident``, with
 prefetches queued FIFO among demand loads, and ``eam-all`` (into an LRU/FIFO/LFU cache, queued behind demand
 loads, its queue replaced at each layer call, optionally evicting earlier layers only); every transfer mode,
@@ -32,7 +32,7 @@ import numpy as np
 from moesim.simulator.cache import NEVER, BeladyCache, FIFOCache, LFUCache, LRUCache, MRSCache, StaticCache
 from moesim.simulator.costs import host_issues_ahead
 from moesim.simulator.decide import RunCounters
-from moesim.simulator.placement import FiddlerPlacement, GpuOnly, HybriMoEPlacement
+from moesim.simulator.placement import CpuForHostExperts, FiddlerPlacement, GpuOnly, HybriMoEPlacement
 from moesim.simulator.prefetch import FirstNonResident, LearnedPrefetch, NextLayerGuess
 from moesim.simulator.prefetch_eam_all import EAMEveryLayerPrefetch
 from moesim.simulator.workload import union_by_rank
@@ -40,8 +40,8 @@ from moesim.tracer import DECODE
 
 _CACHE_KINDS = {LRUCache: 0, FIFOCache: 1, LFUCache: 2, StaticCache: 3, MRSCache: 4, BeladyCache: 5}
 _LRU, _FIFO, _LFU, _STATIC, _MRS, _BELADY = 0, 1, 2, 3, 4, 5
-_PLACEMENTS = {GpuOnly: 0, FiddlerPlacement: 1, HybriMoEPlacement: 2}
-_GPU, _FIDDLER, _HYBRIMOE = 0, 1, 2
+_PLACEMENTS = {GpuOnly: 0, FiddlerPlacement: 1, HybriMoEPlacement: 2, CpuForHostExperts: 3}
+_GPU, _FIDDLER, _HYBRIMOE, _CPU_HOST = 0, 1, 2, 3
 _STREAM, _COMPUTE, _LAYER = 0, 1, 2
 # each acts on a guess of the next layer's experts per layer-step, in decode: the trace's (or the guess model's)
 # guess, or the learned predictor's prediction

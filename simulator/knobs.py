@@ -10,7 +10,7 @@ given to another preset is an error, as is a knob together with an explicit cach
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from moesim.errors import MoesimError
 from moesim.simulator.config import SimConfig
@@ -34,6 +34,9 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("gpu_memory_fraction", ("fiddler",),
          "experts on the GPU = (FRACTION x VRAM - dense weights) / expert bytes, by profiled popularity",
          "efeslab/fiddler 227715b src/fiddler/mixtral.py calc_n_expert_on_gpu (0.95)"),
+    Knob("n_cpu_moe", ("llama-cpp",),
+         "the routed experts of the first N MoE layers stay on the CPU; the other layers' experts on the GPU",
+         "ggml-org/llama.cpp PR #15077: --n-cpu-moe N (--cpu-moe: all layers), common/arg.cpp"),
 )}
 
 
@@ -51,8 +54,11 @@ def parse_knobs(texts: Iterable[str]) -> dict[str, float]:
     return out
 
 
-def apply_knobs(config: SimConfig, knobs: dict[str, float], num_experts: int) -> SimConfig:
-    """``config`` with the knobs turned into its cache size or its policy's memory fraction."""
+def apply_knobs(config: SimConfig, knobs: dict[str, float], num_experts: int,
+                layer_expert_bytes: Sequence[int] = ()) -> SimConfig:
+    """``config`` with the knobs turned into its cache size or its policy's memory fraction.
+    ``layer_expert_bytes``: one expert's bytes in each MoE layer, in the run's expert format (``n_cpu_moe``
+    sizes the GPU's whole layers with them)."""
     policy = config.policy
     for name, value in knobs.items():
         knob = KNOBS[name]
@@ -65,6 +71,14 @@ def apply_knobs(config: SimConfig, knobs: dict[str, float], num_experts: int) ->
             if n != value or not 0 <= n <= num_experts:
                 raise MoesimError(f"--knob offload_per_layer={value:g}: expected an integer 0..{num_experts}")
             config = replace(config, cache_experts=num_experts - n)
+        elif name == "n_cpu_moe":
+            n = int(value)
+            if n != value or n < 0:
+                raise MoesimError(f"--knob n_cpu_moe={value:g}: expected a whole number of layers, 0 or more")
+            if not layer_expert_bytes:
+                raise MoesimError("--knob n_cpu_moe: the model's per-layer expert sizes are not known here")
+            # the last L - N layers on the GPU; llama.cpp takes an N past the layer count as every layer
+            config = replace(config, cache_bytes=num_experts * sum(int(b) for b in list(layer_expert_bytes)[n:]))
         else:
             if not 0.0 < value <= 1.0:
                 raise MoesimError(f"--knob {name}={value:g}: expected a fraction 0 < value <= 1")

@@ -21,7 +21,7 @@ import numpy as np
 
 from moesim.modelspec import ModelShape
 from moesim.simulator.cache import CacheCapacity
-from moesim.simulator.config import PolicySpec
+from moesim.simulator.config import LAYERED_INITIAL, PolicySpec
 from moesim.simulator.results import MIB, MemoryBreakdown
 from moesim.simulator.workload import Workload
 
@@ -134,9 +134,10 @@ def cache_bytes_at_sizes(spec: PolicySpec, expert_bytes: list[int], num_experts:
     cache = spec.cache
     if spec.all_resident:
         return np.full(c.shape, all_bytes, dtype=np.int64)
-    if cache.initial == "first-layers":
+    if cache.initial in LAYERED_INITIAL:
         budget = c * per_layer_sum
-        cum = np.concatenate([[0], np.cumsum(E * eb)])
+        order = eb if cache.initial == "first-layers" else eb[::-1]
+        cum = np.concatenate([[0], np.cumsum(E * order)])
         n = np.searchsorted(cum, budget, side="right") - 1
         return cum[n]
     per_layer = np.minimum(c, E)
@@ -194,20 +195,22 @@ def plan_memory(policy: PolicySpec, shape: ModelShape, expert_bytes: list[int], 
         else:
             limits, unit = (all_bytes,), "bytes"
         cache_bytes = all_bytes
-    elif spec.initial == "first-layers":
+    elif spec.initial in LAYERED_INITIAL:
         if cache_experts is not None:
             budget_for_cache = cache_experts * per_layer_sum
         elif cache_mem is not None:
             budget_for_cache = cache_mem
         else:
             budget_for_cache = max(0, int(budget * policy.memory_fraction) - carve)
+        first = spec.initial == "first-layers"  # fill from the first layer on, or from the last one back
         used, n_layers = 0, 0
-        for b in expert_bytes:
+        for b in (expert_bytes if first else expert_bytes[::-1]):
             if used + E * b > budget_for_cache:
                 break
             used += E * b
             n_layers += 1
-        limits = tuple([E] * n_layers + [0] * (L - n_layers))
+        resident, host = [E] * n_layers, [0] * (L - n_layers)
+        limits = tuple(resident + host if first else host + resident)
         unit = "experts"
         cache_bytes = used
     else:
@@ -241,7 +244,7 @@ def plan_memory(policy: PolicySpec, shape: ModelShape, expert_bytes: list[int], 
             unit = "experts"
             limits = (int(total_bytes // max_eb),)
             cache_bytes = limits[0] * max_eb
-    capacity = CacheCapacity(spec.scope if not (spec.initial == "first-layers") else "layer", unit, limits)
+    capacity = CacheCapacity("layer" if spec.initial in LAYERED_INITIAL else spec.scope, unit, limits)
     breakdown = MemoryBreakdown(non_expert_bytes, int(cache_bytes), int(staging), int(prefetch_buf), int(kv),
                                 int(act), reserve, build_transient_bytes(policy, shape, non_expert_bytes, kv, act))
     total = breakdown.total_bytes

@@ -13,6 +13,9 @@
               finishes earlier. Prefill runs everything on the GPU. ``rule="profile"`` uses the profile's
               costs; ``rule="code"`` the released constants (CPU 1 ms/token + 0.79 ms, GPU 0.5 ms per
               expert, copy 0.418 ms).
+``cpu``       llama.cpp's ``--cpu-moe`` / ``--n-cpu-moe N``: a layer's experts live either in GPU memory or in
+              host memory, and an expert in host memory always runs on the CPU (never copied over), in both
+              phases.
 
 Placements are plain Python over the per-run cost tables (:class:`moesim.simulator.costs.CostTables`).
 """
@@ -131,6 +134,16 @@ class HybriMoEPlacement(Placement):
                 cpu_end = new_cpu
                 out[c] = True
                 hi -= 1
+        return out if any(out) else None
+
+
+@PLACEMENTS.register("cpu")
+class CpuForHostExperts(Placement):
+    name = "cpu"
+    needs_cpu = True
+
+    def place(self, layer, phase, experts, tokens, resident):
+        out = [not resident(layer, e) for e in experts]
         return out if any(out) else None
 
 

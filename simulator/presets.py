@@ -248,5 +248,23 @@ def accelerate() -> PolicySpec:
     return _spec("accelerate", CacheSpec("static", initial="first-layers"), transfer="layer", runtime="accelerate")
 
 
+@PRESETS.register("llama-cpp")
+def llama_cpp() -> PolicySpec:
+    """llama.cpp with ``--n-cpu-moe N`` (``--cpu-moe``: every layer; ggml-org/llama.cpp PR #15077).
+
+    Models: a layer's routed experts are one merged tensor per projection, so placement is per layer: the
+    experts of the first N MoE layers stay in host memory and run on the CPU (``MUL_MAT_ID`` on the CPU
+    backend), the others live on the GPU; nothing is cached or copied per expert. ``--knob n_cpu_moe=N`` states
+    N; a cache size (or the memory sizing) fills the GPU with whole layers from the last one back. A CPU layer
+    sends its activations to the host and the outputs back (the CPU experts' chain of the Fiddler placement).
+    Leaves out: op offload in prefill (a ubatch of at least ``GGML_OP_OFFLOAD_MIN_BATCH`` = 32 tokens uploads
+    each host expert tensor to the GPU instead; here every host layer's experts run on the CPU in both phases);
+    ggml's own kernels (the profile's kernels stand in; with no 4-bit non-expert kernel in a profile, quantized
+    attention is timed at 16 bits). Runtime (``llama-cpp``): a layer is a few fused kernels, not an eager PyTorch
+    module, so the profile's eager per-layer costs give way to llama.cpp's launches (simulator/runtime.py).
+    """
+    return _spec("llama-cpp", CacheSpec("static", initial="last-layers"), placement="cpu", runtime="llama-cpp")
+
+
 def get_preset(name: str) -> PolicySpec:
     return PRESETS.get(name, "--policy")()

@@ -141,7 +141,7 @@ def _initial_keys(initial: str, prep: Prepared) -> list[tuple[int, int]]:
         return [(layer, e) for e in range(E - 1, -1, -1) for layer in range(L)]
     if initial == "popular":
         return popularity_order(wl.popularity, prep.plan.capacity, _geometry(prep))
-    return [(layer, e) for layer in range(L) for e in range(E)]  # "all", "first-layers"
+    return [(layer, e) for layer in range(L) for e in range(E)]  # "all", "first-layers", "last-layers"
 
 
 def _geometry(prep: Prepared) -> CacheGeometry:

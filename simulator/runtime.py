@@ -19,6 +19,10 @@ dequantizes its 8-bit scale and zero with 3 elementwise kernels each before one 
 expert moves about 5x its packed bytes through GPU memory per call (``hqq_traffic_factor``); 4-bit HQQ
 attention likewise moves about 1.25x the bf16 bytes of the attention weights (5 x 4/16).
 
+A graph runtime (``llama-cpp``, ``RuntimeCosts.graph_layers``) runs each decoder layer as a few fused kernels
+launched back to back rather than an eager PyTorch module: the profile's eager per-layer host costs (the
+non-expert call's latency and the per-MoE-layer overhead, measured on HF eager) give way to its own launches.
+
 Terms fitted to published measurements (their values here; what each is, its points and bounds in
 ``moesim.reproduce.fit.REGISTRY``, which ``moesim reproduce`` refits and holds out source by source):
 ``weight_overhead_s`` (``accelerate``: the hook's fixed cost per offloaded weight matrix per forward),
@@ -52,6 +56,10 @@ class RuntimeCosts:
     # (quantized) layers after; the freed 16-bit blocks stay reserved while the expert cache is allocated
     # (0: built at its final format; simulator.memory.build_transient_bytes)
     build_trunk_bits: int = 0
+    # each decoder layer runs as fused kernels launched back to back (ggml-cuda), not as an eager PyTorch module:
+    # the profile's per-layer host costs, measured on eager PyTorch (the non-expert call's latency and the
+    # per-MoE-layer overhead), give way to layer_kernels launches; only for the released system's own run
+    graph_layers: bool = False
     where: str = ""  # code locations of the counts
     fitted: bool = True  # the fitted unit costs apply (the released code's run, not an engine's of the same preset)
 
@@ -96,6 +104,11 @@ RUNTIMES: dict[str, RuntimeCosts] = {r.name: r for r in (
               "torch.where/index_add_; current_state.to('cpu') per CPU expert is a synchronous copy; per layer "
               "the routing is read on the host)"),
     RuntimeCosts(
+        "llama-cpp", layer_kernels=49, graph_layers=True,
+        where="KTransformers SOSP'25 Fig. 4 (component-costs 4.2): llama.cpp issues about 3,000 CUDA launches per "
+              "DeepSeek-V3 token, 49 per layer of its 61, averaging 5 us; each CPU layer's split synchronises "
+              "(ggml_backend_sched copies its activations to the host), so the next split's launches are exposed"),
+    RuntimeCosts(
         "accelerate",
         where="huggingface/accelerate v0.26 hooks.py:279-310 (AlignDevicesHook per module: one synchronous "
               "pageable .to(device) per parameter); modelled in the 'layer' transfer itself: each offloaded "
@@ -130,8 +143,12 @@ def apply_runtime(tables, runtime: RuntimeCosts, expert_hqq: bool, attention_hqq
     """Cost tables with the runtime's terms added (a new object; the memoised tables are not touched)."""
     if runtime.name == "none":
         return tables
+    # a graph runtime (llama.cpp) pays its own launches per layer instead of the eager layer's host costs; an
+    # engine's run of the same preset (fitted False) is eager: it keeps those costs and pays no graph launches
+    graph = runtime.graph_layers and runtime.fitted
+    layer_kernels = 0 if runtime.graph_layers and not graph else runtime.layer_kernels
     expert_s = runtime.expert_kernels * LAUNCH_S + runtime.expert_syncs * SYNC_S + runtime.expert_fitted_s
-    layer_s = runtime.layer_kernels * LAUNCH_S + runtime.layer_syncs * SYNC_S + runtime.layer_fitted_s
+    layer_s = layer_kernels * LAUNCH_S + runtime.layer_syncs * SYNC_S + runtime.layer_fitted_s
     extra_ne = 0.0
     if expert_hqq:
         expert_s += runtime.hqq_expert_launches * LAUNCH_S
@@ -146,8 +163,12 @@ def apply_runtime(tables, runtime: RuntimeCosts, expert_hqq: bool, attention_hqq
     cpu_s = runtime.cpu_expert_syncs * SYNC_S
     gpu = [t + expert_s if i else t for i, t in enumerate(tables.gpu_expert)]
     cpu = [t + cpu_s if i else t for i, t in enumerate(tables.cpu_expert)]
-    decode = {b: [v + extra_ne for v in vals] for b, vals in tables.decode_non_expert.items()}
-    prefill = {p: v + extra_ne for p, v in tables.prefill_non_expert.items()}
+    drop_dec = tables.decode_non_expert_latency_s if graph else 0.0
+    drop_pre = tables.prefill_non_expert_latency_s if graph else 0.0
+    decode = {b: [max(0.0, v - drop_dec) + extra_ne for v in vals] for b, vals in tables.decode_non_expert.items()}
+    prefill = {p: max(0.0, v - drop_pre) + extra_ne for p, v in tables.prefill_non_expert.items()}
     return replace(tables, gpu_expert=gpu, cpu_expert=cpu, decode_non_expert=decode, prefill_non_expert=prefill,
-                   layer_overhead_s=tables.layer_overhead_s + layer_s)
+                   layer_overhead_s=(0.0 if graph else tables.layer_overhead_s) + layer_s,
+                   prefill_non_expert_latency_s=tables.prefill_non_expert_latency_s - drop_pre,
+                   decode_non_expert_latency_s=tables.decode_non_expert_latency_s - drop_dec)
 

@@ -60,6 +60,8 @@ def test_every_issue_preset_exists_documents_itself_and_composes_its_system():
     assert (hy.cache.policy, hy.cache.alpha, hy.cache.top_p, hy.placement.policy) == ("mrs", 0.5, 12, "hybrimoe")
     assert get_preset("accelerate").transfer.mode == "layer"
     assert get_preset("all-gpu").all_resident
+    lc = get_preset("llama-cpp")
+    assert (lc.cache.policy, lc.cache.initial, lc.placement.policy) == ("static", "last-layers", "cpu")
 
 
 def test_parts_can_be_replaced_from_their_registries():
@@ -263,6 +265,46 @@ def test_presets_speak_their_systems_knobs(tmp_path):
         apply_knobs(base, parse_knobs(["offload_per_layer=9"]), 4)
     with pytest.raises(MoesimError, match="NAME=VALUE"):
         parse_knobs(["cache=2"])
+
+
+def test_llama_cpp_runs_the_first_n_layers_experts_on_the_cpu_and_copies_none(tmp_path):
+    from moesim.simulator.knobs import apply_knobs, parse_knobs
+
+    path = write_tiny_trace(tmp_path / "t.parquet", [[[0], [1], [2]], [[1], [2], [3]], [[2], [3], [0]]], prompt=1)
+    from moesim.simulator.runtime import LAUNCH_S, RUNTIMES
+
+    eager = get_preset("llama-cpp").with_parts(runtime="none")  # the placement alone, on the profile's costs
+    base = SimConfig(eager)
+    cfg = apply_knobs(base, parse_knobs(["n_cpu_moe=2"]), 4, [EXPERT_BYTES] * 3)
+    assert cfg.cache_bytes == 4 * EXPERT_BYTES  # the last layer's four experts
+    r = simulate(path, profile(), cfg)
+    assert (r.cache_slots, r.memory.cache_bytes) == (4, 4 * EXPERT_BYTES)
+    assert r.hit_rate == pytest.approx(1 / 3) and r.cpu_expert_fraction == pytest.approx(2 / 3)
+    assert r.h2d_bytes < EXPERT_BYTES  # activations only: no expert is ever copied
+    # per token: 3 layers' non-expert work (2 ms), the GPU layer's expert (1 ms), the two CPU layers' experts
+    # (4 ms each) with their activations down and up
+    assert r.tpot_mean_s == pytest.approx(3 * 2 * MS + MS + 2 * 4 * MS, rel=1e-3)
+    # llama.cpp's own runtime: each layer's fused kernels cost their launches instead of the profile's eager
+    # layer call (here all latency); an engine's run of the preset (released_code_costs off) keeps the eager costs
+    graph = simulate(path, profile(), replace(cfg, policy=get_preset("llama-cpp")))
+    launches = RUNTIMES["llama-cpp"].layer_kernels * LAUNCH_S
+    activations = r.tpot_mean_s - (3 * 2 * MS + MS + 2 * 4 * MS)  # the two CPU layers' copies, microseconds
+    assert graph.tpot_mean_s == pytest.approx(3 * launches + MS + 2 * 4 * MS + activations, rel=1e-9)
+    engine = simulate(path, profile(), replace(cfg, policy=get_preset("llama-cpp").with_parts(
+        released_code_costs=False)))
+    assert engine.tpot_mean_s == pytest.approx(r.tpot_mean_s, rel=1e-12)
+    every = simulate(path, profile(), apply_knobs(base, parse_knobs(["n_cpu_moe=9"]), 4, [EXPERT_BYTES] * 3))
+    assert (every.cache_slots, every.cpu_expert_fraction) == (0, 1.0)  # past the layer count: every layer
+    none = simulate(path, profile(), apply_knobs(base, parse_knobs(["n_cpu_moe=0"]), 4, [EXPERT_BYTES] * 3))
+    assert (none.hit_rate, none.cpu_expert_fraction) == (1.0, 0.0)
+    # a cache size fills whole layers from the last one back (llama.cpp keeps the first layers on the host)
+    sized = simulate(path, profile(), SimConfig(get_preset("llama-cpp"), cache_experts=3))
+    assert sized.cache_slots == 8 and sized.hit_rate == pytest.approx(2 / 3)
+    for bad, match in (("n_cpu_moe=-1", "0 or more"), ("n_cpu_moe=1.5", "whole number")):
+        with pytest.raises(MoesimError, match=match):
+            apply_knobs(base, parse_knobs([bad]), 4, [EXPERT_BYTES] * 3)
+    with pytest.raises(MoesimError, match="not of preset 'accelerate'"):
+        apply_knobs(SimConfig(get_preset("accelerate")), parse_knobs(["n_cpu_moe=1"]), 4, [EXPERT_BYTES] * 3)
 
 
 def test_runtime_costs_add_the_released_codes_launches_and_syncs(tmp_path):
