@@ -8,7 +8,7 @@ Schema (every column is present on every row; empty means "not stated" or "not a
 ``system``            the system as the source names it
 ``preset``            the moesim preset that models it, or a composed policy (``lru+prefetch=oracle``; empty: no
                       preset; the point cannot be simulated)
-``knobs``             the system's own settings: ``offload_per_layer=N``, ``device_memory_ratio=R``,
+``knobs``             the system's own settings: ``offload_per_layer=N``, ``device_memory_ratio=R``, ``n_cpu_moe=N``,
                       ``gpu_mem_mib=M`` (a GPU memory budget), separated by ``;``
 ``model``             model config name (``moesim/model_configs``)
 ``gpu`` / ``host`` / ``link``   the machine: GPU spec, host CPU (``unstated`` when the source does not say),
@@ -41,7 +41,7 @@ COLUMNS = ("id", "source", "row", "system", "preset", "knobs", "model", "gpu", "
 METRICS = {"tpot_s": "s", "ttft_s": "s", "tokens_per_s": "tok/s", "decode_tokens_per_s": "tok/s",
            "peak_mem_mib": "MiB"}
 CONFIDENCES = ("E-T", "E-X", "E-R", "E-F", "A-F", "A-P", "U", "S", "S-AI")
-KNOB_NAMES = ("offload_per_layer", "device_memory_ratio", "gpu_memory_fraction", "gpu_mem_mib")
+KNOB_NAMES = ("offload_per_layer", "device_memory_ratio", "gpu_memory_fraction", "n_cpu_moe", "gpu_mem_mib")
 
 
 @dataclass(frozen=True)
