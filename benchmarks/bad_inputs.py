@@ -194,6 +194,8 @@ def cases() -> list[Case]:
     add("flags", "simulate: --cache-experts and --cache-mem", "simulate", *t, "--cache-experts", "4",
         "--cache-mem", "1GiB")
     add("flags", "simulate: unknown policy", "simulate", *t, "--policy", "nope")
+    add("flags", "simulate: --knob n_cpu_moe=-3", "simulate", *t, "--policy", "llama-cpp", "--knob", "n_cpu_moe=-3")
+    add("flags", "simulate: --knob n_cpu_moe on lru", "simulate", *t, "--knob", "n_cpu_moe=4")
     add("flags", "simulate: unknown prefetcher", "simulate", *t, "--prefetch", "psychic")
     add("flags", "simulate: unknown eviction", "simulate", *t, "--eviction", "random")
     add("flags", "simulate: --gating often", "simulate", *t, "--gating", "often")
