@@ -189,6 +189,17 @@ def test_a_profile_states_its_host_and_takes_its_cpu_side_from_it():
         compose_profile("a6000", "nope")
 
 
+def test_every_machine_in_the_catalogue_has_a_profile_but_the_phone():
+    from moesim.calib.hosts import compose_profile
+
+    machines = {(p.gpu, p.host, p.link) for p in read_catalogue()}
+    for gpu, host, link in sorted(machines):
+        if link == "ufs":  # BigMoeOnEdge's phone: no public spec of its SoC (the rows say so)
+            continue
+        profile = compose_profile(gpu, host, link)
+        assert profile.cpu_expert_kernels == ("bf16", "int4"), (gpu, host)
+
+
 def test_a_quantized_cpu_expert_streams_its_packed_bytes_whatever_the_instruction_set():
     from moesim.calib.hosts import CPU_QUANT_MEMORY_EFFICIENCY, compose_profile
     from moesim.modelspec import load_model_shape
