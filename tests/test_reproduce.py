@@ -132,7 +132,10 @@ def test_a_point_is_simulated_with_its_knobs_and_machine():
     assert o.simulated and o.synthetic and "a6000" in o.profile
     assert abs(o.ratio - 1) < 0.10  # device_memory_ratio=0.25 of 48 GB, minus the dense weights
     unsim = next(p for p in read_catalogue() if p.id == "kt-v02-2s")
-    assert predict(unsim).reason == "no DeepSeek-V3 shape or routing here"
+    assert predict(unsim).reason.startswith("no DeepSeek-V3 config here")
+    # llama.cpp --n-cpu-moe: the knob keeps the first N layers' experts on the CPU of the stated machine
+    ll = predict(next(p for p in read_catalogue() if p.id == "llamacpp-qwen3-36"))
+    assert ll.simulated and "rtx-2080+i9-10900x" in ll.profile and 0.4 < ll.ratio < 0.6
 
 
 def test_reproduce_command_prints_and_writes_the_report(tmp_path):
@@ -141,7 +144,7 @@ def test_reproduce_command_prints_and_writes_the_report(tmp_path):
     out = tmp_path / "pub.md"
     r = CliRunner().invoke(cli, ["reproduce", "--catalogue", str(cat), "--out", str(out)])
     assert r.exit_code == 0, r.output
-    assert "study-mo4-mem" in r.output and "no DeepSeek-V3 shape" in r.output
+    assert "study-mo4-mem" in r.output and "no DeepSeek-V3 config" in r.output
     text = out.read_text()
     assert "| study-mi25-mem |" in text and (tmp_path / "pub.png").exists()
     bad = CliRunner().invoke(cli, ["reproduce", "--catalogue", str(cat), "--source", "nope"])
