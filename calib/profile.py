@@ -36,6 +36,9 @@ from moesim.calib import workload
 
 SCHEMA_VERSION = 1
 EXPERT_KERNEL_KEYS = ("bf16", "int8", "int4", "int3", "int2")
+# Bits per weight a non-expert kernel reads (its key as the expert kernels'; scales included: int4 is W4A16 with a
+# 16-bit scale and zero per 128 weights, as the GPU int4 expert kernel)
+NON_EXPERT_WEIGHT_BITS = {"bf16": 16.0, "int8": 8.0 + 16.0 / 4096, "int4": 4.0 + 32.0 / 128}
 DIRECTIONS = ("h2d", "d2h")
 EXTRAPOLATIONS = ("roofline", "error")
 PHASES = ("prefill", "decode")
@@ -571,13 +574,15 @@ class HardwareProfile:
             raise MoesimError(f"profile {self.name} has no {kernel} {what} {phase} model (has: {have})")
         what = f"profile {self.name} non_expert_time[{phase}{', device' if device_only else ''}]"
         t, c, b = np.broadcast_arrays(_counts(tokens, what), _counts(context, what), _counts(batch, what))
+        bits = NON_EXPERT_WEIGHT_BITS.get(kernel, 16.0)
         if phase == "prefill":
             live = np.where(t > 0, t, 1.0)
-            y = models[phase].predict(workload.prefill_work(shape, live), {"tokens": live}, what)
+            y = models[phase].predict(workload.prefill_work(shape, live, bits), {"tokens": live}, what)
             y = np.where(t > 0, y, 0.0)
         else:
             live_b = np.where(b > 0, b, 1.0)
-            y = models[phase].predict(workload.decode_work(shape, live_b, c), {"batch": live_b, "context": c}, what)
+            y = models[phase].predict(workload.decode_work(shape, live_b, c, bits), {"batch": live_b, "context": c},
+                                      what)
             y = np.where(b > 0, y, 0.0)
         scalar = all(np.ndim(v) == 0 for v in (tokens, context, batch))
         return float(y) if scalar else np.asarray(y, dtype=np.float64)

@@ -436,6 +436,15 @@ def build_spec_profile(gpu: GpuSpec, eff: dict[str, Efficiency], lat: dict[str, 
         "prefill": _roofline(lat["non_expert_s"][0], bf16, mem),
         "decode": _roofline(lat["non_expert_s"][0], bf16, mem, ctx_ranges),
     }}
+    if "int4" in gpu.kernels:
+        # 4-bit attention (HQQ in Mixtral-Offloading, GGUF in llama.cpp): weights streamed at the int4 kernel's
+        # memory efficiency; arithmetic at the 16-bit tensor rate (at prefill sizes 4-bit layers dequantize and
+        # run the 16-bit GEMM)
+        int4_mem = gpu.memory_bandwidth * e["gpu_int4_memory"]
+        non_expert["int4"] = {
+            "prefill": _roofline(lat["non_expert_s"][0], bf16, int4_mem),
+            "decode": _roofline(lat["non_expert_s"][0], bf16, int4_mem, ctx_ranges),
+        }
     sources = {
         "device.memory_bytes": gpu.sources["memory"],
         "memory_bandwidth": gpu.sources["memory_bandwidth"],

@@ -67,26 +67,28 @@ def kv_bytes_per_token(shape: ModelShape) -> float:
     return float(per or 2 * shape.num_key_value_heads * shape.head_dim * ACT_BYTES)
 
 
-def decode_work(shape: ModelShape, batch, context) -> Work:
-    """One decoder layer without its experts, ``batch`` sequences each adding one token at KV length ``context``."""
+def decode_work(shape: ModelShape, batch, context, weight_bits: float = 16.0) -> Work:
+    """One decoder layer without its experts, ``batch`` sequences each adding one token at KV length ``context``;
+    its weights read at ``weight_bits`` per parameter (activations and KV cache stay 16-bit)."""
     b = np.asarray(batch, dtype=np.float64)
     c = np.asarray(context, dtype=np.float64)
     p = attention_params(shape)
     qk_av = 4.0 * shape.num_attention_heads * shape.head_dim * c  # QK^T and AV for one query row
     kv = b * c * kv_bytes_per_token(shape)
     flops = b * (2.0 * p + qk_av)
-    nbytes = p * ACT_BYTES + kv + b * 4 * shape.hidden_size * ACT_BYTES
+    nbytes = p * weight_bits / 8.0 + kv + b * 4 * shape.hidden_size * ACT_BYTES
     return Work(flops, nbytes, b * qk_av)
 
 
-def prefill_work(shape: ModelShape, tokens) -> Work:
-    """One decoder layer without its experts over a ``tokens``-long prompt (causal attention)."""
+def prefill_work(shape: ModelShape, tokens, weight_bits: float = 16.0) -> Work:
+    """One decoder layer without its experts over a ``tokens``-long prompt (causal attention); weights at
+    ``weight_bits`` per parameter."""
     t = np.asarray(tokens, dtype=np.float64)
     p = attention_params(shape)
     qk_av = 4.0 * shape.num_attention_heads * shape.head_dim * t * (t + 1) / 2.0
     kv = t * kv_bytes_per_token(shape)
     flops = 2.0 * p * t + qk_av
-    nbytes = p * ACT_BYTES + kv + t * 6 * shape.hidden_size * ACT_BYTES
+    nbytes = p * weight_bits / 8.0 + kv + t * 6 * shape.hidden_size * ACT_BYTES
     return Work(flops, nbytes, qk_av)
 
 

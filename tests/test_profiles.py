@@ -161,3 +161,20 @@ def test_a_malformed_model_config_file_is_one_line_naming_it(tmp_path, content, 
         load_model_shape(path)
     assert err.value.message.startswith(f"{path}: ") and expected in err.value.message
     assert "\n" not in err.value.message and len(err.value.message) < 300
+
+
+def test_a_4bit_non_expert_layer_streams_its_packed_weights():
+    """Spec profiles of sm80+ cards time 4-bit attention (HQQ, GGUF) with the int4 kernel's memory efficiency
+    on the packed bytes; Turing cards have no int4 kernel and keep the 16-bit one."""
+    from moesim.calib import workload
+
+    shape = load_model_shape("mixtral-8x7b")
+    a6000, t4 = load_profile("a6000"), load_profile("t4")
+    assert "int4" in a6000.non_expert_models and "int4" not in t4.non_expert_models
+    lat = a6000.non_expert_models["int4"]["decode"].latency_s
+    bw = a6000.device.facts["memory_bandwidth_bytes_per_s"] * a6000.efficiency["gpu_int4_memory"]["value"]
+    four = a6000.non_expert_time(shape, "decode", 1, 16, kernel="int4")
+    packed = float(workload.decode_work(shape, 1, 16, 4.25).nbytes)
+    assert four == pytest.approx(lat + packed / bw, rel=1e-6)
+    assert packed < 0.3 * float(workload.decode_work(shape, 1, 16).nbytes)
+    assert four < a6000.non_expert_time(shape, "decode", 1, 16, kernel="bf16")
