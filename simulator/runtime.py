@@ -17,7 +17,8 @@ Unit costs:
 HQQ data movement (component-costs section 6, derived from hqq@37502bea): each HQQ linear call
 dequantizes its 8-bit scale and zero with 3 elementwise kernels each before one Triton matmul, so an
 expert moves about 5x its packed bytes through GPU memory per call (``hqq_traffic_factor``); 4-bit HQQ
-attention likewise moves about 1.25x the bf16 bytes of the attention weights (5 x 4/16).
+attention likewise moves about 5x its packed bytes (on a profile without a 4-bit non-expert kernel, which times
+it at 16 bits: 1.25x those bytes, 5 x 4/16).
 
 A graph runtime (``llama-cpp``, ``RuntimeCosts.graph_layers``) runs each decoder layer as a few fused kernels
 launched back to back rather than an eager PyTorch module: the profile's eager per-layer host costs (the
@@ -157,9 +158,15 @@ def apply_runtime(tables, runtime: RuntimeCosts, expert_hqq: bool, attention_hqq
         expert_s += (runtime.hqq_traffic_factor - 1.0) * tables.gpu_expert[1]
     if attention_hqq:
         layer_s += runtime.hqq_attention_launches * LAUNCH_S
-        # 4-bit attention is timed as bf16 (no 4-bit non-expert model); HQQ moves 5 x 4/16 = 1.25x that
         one = tables.decode_non_expert.get(1)
-        extra_ne = 0.25 * (one[1] if one and len(one) > 1 else 0.0)
+        one = one[1] if one and len(one) > 1 else 0.0
+        if tables.non_expert_kernel == "int4":
+            # timed with the profile's 4-bit kernel, which streams the packed bytes once; HQQ's dequantize-then-
+            # matmul moves hqq_traffic_factor x them: the difference on the call's streaming part (not its latency)
+            extra_ne = (runtime.hqq_traffic_factor - 1.0) * max(0.0, one - tables.decode_non_expert_latency_s)
+        else:
+            # timed as bf16 (the profile has no 4-bit non-expert model); HQQ moves 5 x 4/16 = 1.25x that
+            extra_ne = 0.25 * one
     cpu_s = runtime.cpu_expert_syncs * SYNC_S
     gpu = [t + expert_s if i else t for i, t in enumerate(tables.gpu_expert)]
     cpu = [t + cpu_s if i else t for i, t in enumerate(tables.cpu_expert)]
