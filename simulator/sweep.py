@@ -413,14 +413,26 @@ def _frozen_heap():
     """Fork with this process's objects in the collector's permanent generation: a child's collections then
     never walk them, and so never write to (and copy) the pages it shares with this process. Without it each
     point worker walked the inherited heap (numba's, the workloads') and a 200-point sweep on two workers took
-    0.9 CPU s more (median 7.3 vs 6.4 s, wall 3.4 vs 3.0 s)."""
-    import gc
+    0.9 CPU s more (median 7.3 vs 6.4 s, wall 3.4 vs 3.0 s).
 
+    The children are also forked ignoring Ctrl-C: a terminal's SIGINT reaches the whole process group, and one
+    that came before a child's own set-up (``_quiet_worker``) ran printed "Process ForkPoolWorker-N:" from the
+    child (seen on a loaded machine). This process keeps its own handler and stops the children itself."""
+    import gc
+    import signal
+    import threading
+
+    # None: not the main thread, or a handler not set from Python (which signal.signal could not put back)
+    old = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if old is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     gc.freeze()
     try:
         yield
     finally:
         gc.unfreeze()
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
 
 
 def _chunks(points: Sequence[tuple[SweepPoint, str, list[int]]],
