@@ -130,7 +130,7 @@ def _notes(result, policy) -> list[str]:
               "(llama-cpp).")
 @click.option("--guess", default=None, help="Next-layer guess of next-layer/first-non-resident prefetch: auto "
               "(the trace's column, else a guess model), trace, previous-token, or accuracy:P.")
-@click.option("--placement", default=None, help="Replace the placement: gpu, fiddler, hybrimoe.")
+@click.option("--placement", default=None, help="Replace the placement: gpu, fiddler, hybrimoe, cpu.")
 @click.option("--placement-rule", default=None, type=click.Choice(["profile", "code"]),
               help="CPU/GPU decision from the profile's costs or the released code's constants.")
 @click.option("--transfer", default=None, help="Replace the transfer mode: swap, stream, sync, layer.")
