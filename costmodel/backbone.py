@@ -55,6 +55,17 @@ class OpCosts:
     cpu_available: bool
 
 
+def _cpu_chain(oc: OpCosts, t: float) -> float:
+    """One CPU expert's chain at ``t`` tokens (interpolated): its activations down, its FFN, its outputs up."""
+    return _interp(oc.act_d2h, t) + _interp(oc.cpu, t) + _interp(oc.act_h2d, t)
+
+
+def _cpu_chains(oc: OpCosts, tokens: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """[P, 1] the summed CPU chains of each prefill cell's experts (``tokens``, ``present``: [P, A])."""
+    tk = np.minimum(tokens, len(oc.cpu) - 1)
+    return np.where(present, oc.act_d2h[tk] + oc.cpu[tk] + oc.act_h2d[tk], 0.0).sum(axis=1)[:, None]
+
+
 FIDDLER_CODE_CPU, FIDDLER_CODE_GPU = 7.0, 70.0  # efeslab/fiddler 227715b mixtral.py latency_cpu / latency_gpu
 
 
@@ -184,7 +195,7 @@ def _effective_copies(fe: WorkloadFeatures, table: MissTable, oc: OpCosts) -> _C
 # experts itself (and Fiddler its prefill too); otherwise the transfer mode does. A cell function takes the
 # cell's ``a`` experts with ``m`` non-resident and returns (time, copy part, experts run on the CPU).
 def _decode_fiddler(a, m, t, g, oc: OpCosts, cp: _Copies, code_rule: bool):
-    chain = _interp(oc.act_d2h, t) + _interp(oc.cpu, t) + _interp(oc.act_h2d, t)
+    chain = _cpu_chain(oc, t)
     xp = cp.pageable
     # the released constants (CPU 7 per token against a 70 transfer) or the profile's costs
     to_cpu = (t * FIDDLER_CODE_CPU < FIDDLER_CODE_GPU) if code_rule else (_interp(oc.cpu, t) < xp)
@@ -193,7 +204,7 @@ def _decode_fiddler(a, m, t, g, oc: OpCosts, cp: _Copies, code_rule: bool):
 
 
 def _decode_cpu_host(a, m, t, g, oc: OpCosts, cp: _Copies, code_rule: bool):
-    chain = _interp(oc.act_d2h, t) + _interp(oc.cpu, t) + _interp(oc.act_h2d, t)
+    chain = _cpu_chain(oc, t)
     f = np.where(m >= 1, np.maximum((a - m) * g, m * chain), a * g)
     return f, np.zeros_like(f), m + 0 * a
 
@@ -313,9 +324,7 @@ def _prefill_cells(fe: WorkloadFeatures, misses: Optional[np.ndarray], mode: str
         missing = layer_on_host(pc.layer, layers_resident, fe.num_layers, spec.cache.initial)
         if placement == "cpu":
             # llama.cpp: a host layer's experts run on the CPU, each its activations down, FFN and outputs up
-            tk = np.minimum(tok, len(oc.cpu) - 1)
-            chain = np.where(present, oc.act_d2h[tk] + oc.cpu[tk] + oc.act_h2d[tk], 0.0).sum(axis=1)[:, None]
-            return np.where(missing, chain, G)
+            return np.where(missing, _cpu_chains(oc, tok, present), G)
         # accelerate: a layer not among the first resident ones is copied whole on every forward pass
         return G + missing * oc.layer_copy[pc.layer][:, None]
     m = misses.astype(np.float64)
@@ -323,10 +332,8 @@ def _prefill_cells(fe: WorkloadFeatures, misses: Optional[np.ndarray], mode: str
     if placement == "cpu":
         # a composed per-expert cache whose non-resident experts run on the CPU (prefill too): the misses' share
         # of the cell's CPU chains beside the hits' share of its GPU time (which experts miss is not known here)
-        tk = np.minimum(tok, len(oc.cpu) - 1)
-        chain = np.where(present, oc.act_d2h[tk] + oc.cpu[tk] + oc.act_h2d[tk], 0.0).sum(axis=1)[:, None]
         share = m / a
-        return np.maximum(G * (1.0 - share), chain * share)
+        return np.maximum(G * (1.0 - share), _cpu_chains(oc, tok, present) * share)
     own = PLACEMENT_TIMES[placement].prefill
     if own is not None:
         return own(fe, oc, expert_bytes, spec.placement.rule == "code")
@@ -441,8 +448,7 @@ def backbone(fe: WorkloadFeatures, spec: PolicySpec, oc: OpCosts, expert_bytes: 
             layers_res = accelerate_layers(expert_bytes, E, caps, spec.cache.initial)
             missing = layer_on_host(dec.layer, layers_res, fe.num_layers, spec.cache.initial)  # [N, C]
             if placement == "cpu":  # llama.cpp: a host layer's experts run on the CPU, nothing is copied
-                t = oc.decode_tokens_per_expert
-                chain = _interp(oc.act_d2h, t) + _interp(oc.cpu, t) + _interp(oc.act_h2d, t)
+                chain = _cpu_chain(oc, oc.decode_tokens_per_expert)
                 per_cell = dec.experts[:, None] * np.where(missing, chain, g_dec)
                 copy = np.zeros(C)
                 cpu_n = (missing * dec.experts[:, None]).sum(axis=0).astype(np.float64)
