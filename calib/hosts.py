@@ -180,6 +180,7 @@ COPY_LATENCY_PAGEABLE_S = (45e-6, "a synchronous copy: single 8 KiB D2H + synchr
 
 LINKS = {"pcie3": 3, "pcie4": 4, "pcie5": 5}
 
+TURING_NOTES = "Turing: no bf16 (the 16-bit kernel runs fp16), no int4 tinygemm kernel."
 EXTRA_GPUS: tuple[GpuSpec, ...] = (
     GpuSpec(
         "quadro-rtx-6000", "Quadro RTX 6000", 24 * GIB, 672 * GB, 130.5e12, 261e12, "7.5", 3, 16,
@@ -192,7 +193,7 @@ EXTRA_GPUS: tuple[GpuSpec, ...] = (
             "flops": "NVIDIA Quadro RTX 6000 datasheet: 130.5 TFLOPS tensor (fp16; Turing has no bf16), INT8 261 TOPS",
             "pcie": "NVIDIA Quadro RTX 6000 datasheet: PCI Express 3.0 x16",
         },
-        notes="Turing: no bf16 (the 16-bit kernel runs fp16), no int4 tinygemm kernel.",
+        notes=TURING_NOTES,
     ),
     GpuSpec(
         "rtx-2080", "NVIDIA GeForce RTX 2080", 8 * GIB, 448 * GB, 40.3e12, 161.1e12, "7.5", 3, 16,
@@ -206,7 +207,7 @@ EXTRA_GPUS: tuple[GpuSpec, ...] = (
                      "(measured 238.6 vs 59.9 on a 2080 Ti, KohakuBlueleaf/KohakUnlock RESULTS.md)",
             "pcie": "GeForce RTX 2080: PCI Express 3.0 x16",
         },
-        notes="Turing: no bf16 (the 16-bit kernel runs fp16), no int4 tinygemm kernel.",
+        notes=TURING_NOTES,
     ),
     GpuSpec(
         "rtx-4090d", "NVIDIA GeForce RTX 4090 D", 24 * GIB, 1008 * GB, 147.09e12, 588.35e12, "8.9", 4, 16,

@@ -36,9 +36,10 @@ from moesim.calib import workload
 
 SCHEMA_VERSION = 1
 EXPERT_KERNEL_KEYS = ("bf16", "int8", "int4", "int3", "int2")
-# Bits per weight a non-expert kernel reads (its key as the expert kernels'; scales included: int4 is W4A16 with a
-# 16-bit scale and zero per 128 weights, as the GPU int4 expert kernel)
-NON_EXPERT_WEIGHT_BITS = {"bf16": 16.0, "int8": 8.0 + 16.0 / 4096, "int4": 4.0 + 32.0 / 128}
+# Bits per weight the real kernels read (see measure.py), experts' and non-expert layers' alike: int8
+# per-output-channel scales are negligible; int4 torch._weight_int4pack_mm packs 4-bit weights with a bf16 scale
+# and zero per group of 128.
+KERNEL_BITS = {"bf16": 16.0, "int8": 8.0 + 16.0 / 4096, "int4": 4.0 + 32.0 / 128}
 DIRECTIONS = ("h2d", "d2h")
 EXTRAPOLATIONS = ("roofline", "error")
 PHASES = ("prefill", "decode")
@@ -574,7 +575,7 @@ class HardwareProfile:
             raise MoesimError(f"profile {self.name} has no {kernel} {what} {phase} model (has: {have})")
         what = f"profile {self.name} non_expert_time[{phase}{', device' if device_only else ''}]"
         t, c, b = np.broadcast_arrays(_counts(tokens, what), _counts(context, what), _counts(batch, what))
-        bits = NON_EXPERT_WEIGHT_BITS.get(kernel, 16.0)
+        bits = KERNEL_BITS.get(kernel, 16.0)
         if phase == "prefill":
             live = np.where(t > 0, t, 1.0)
             y = models[phase].predict(workload.prefill_work(shape, live, bits), {"tokens": live}, what)

@@ -19,6 +19,7 @@ import numpy as np
 from moesim.errors import MoesimError
 
 from moesim.calib.profile import (
+    KERNEL_BITS,
     CopyModel,
     DeviceInfo,
     ExpertKernelModel,
@@ -38,9 +39,6 @@ PCIE_X16_BYTES_PER_S = {3: 15.754e9, 4: 31.508e9, 5: 63.015e9}
 PCIE_SOURCE = ("PCI-SIG, PCI Express Base Specification Rev. 3.0/4.0/5.0: 8/16/32 GT/s per lane, 128b/130b "
                "encoding (https://pcisig.com/specifications)")
 
-# Bits per weight the real kernels read (see measure.py): int8 per-output-channel scales are negligible;
-# int4 torch._weight_int4pack_mm packs 4-bit weights with a bf16 scale and zero per group of 128.
-KERNEL_BITS = {"bf16": 16.0, "int8": 8.0 + 16.0 / 4096, "int4": 4.0 + 32.0 / 128}
 KERNEL_LIBRARY_CUDA = {
     "bf16": "torch.matmul (cuBLAS), bf16 weights and activations",
     "int8": "torch._int_mm (cuBLASLt int8 GEMM, W8A8 with per-token activation quantization)",
