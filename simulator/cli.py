@@ -182,10 +182,11 @@ def simulate_command(trace_spec, profile_spec, host, link, policy, cache_experts
 
         # a knob belongs to its preset, whatever parts the string replaced
         as_preset = replace(config, policy=replace(spec, name=policy.partition("+")[0].strip()))
+        from moesim.simulator.run import layer_expert_bytes
+
         meta = read_trace_meta(trace_path)
-        layer_bytes = ([config.expert_format.bytes_for(meta.model.expert_params)] * meta.num_layers
-                       if config.expert_format is not None else list(meta.expert_bytes))
-        config = apply_knobs(as_preset, parse_knobs(knobs), meta.num_experts, layer_bytes)
+        config = apply_knobs(as_preset, parse_knobs(knobs), meta.num_experts,
+                             layer_expert_bytes(meta, config.expert_format))
         config = replace(config, policy=replace(config.policy, name=spec.name))
     profile, profile_name = profile_spec, profile_spec
     if host is not None or link is not None:

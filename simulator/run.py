@@ -84,17 +84,20 @@ def _label(trace_name: str, profile_name: str, config: SimConfig, plan_budget: i
     )
 
 
+def layer_expert_bytes(meta, expert_format: Optional[WeightFormat]) -> list[int]:
+    """One expert's bytes in each MoE layer of a trace (its metadata ``meta``) in ``expert_format`` (None: the
+    trace's own dtype and bytes)."""
+    if expert_format is not None:
+        return [expert_format.bytes_for(meta.model.expert_params)] * meta.num_layers
+    return [int(b) for b in meta.expert_bytes]
+
+
 def prepare(trace: Trace, profile, config: SimConfig, trace_name: str = "", profile_name: str = "") -> Prepared:
     meta = trace.meta
     shape = meta.model
-    L = meta.num_layers
     own = trace_format(meta.dtype)
-    if config.expert_format is not None:
-        expert_bytes = [config.expert_format.bytes_for(shape.expert_params)] * L
-        expert_kernel = config.expert_format.kernel
-    else:
-        expert_bytes = [int(b) for b in meta.expert_bytes]
-        expert_kernel = own.kernel
+    expert_bytes = layer_expert_bytes(meta, config.expert_format)
+    expert_kernel = config.expert_format.kernel if config.expert_format is not None else own.kernel
     if config.non_expert_format is not None:
         non_expert_bytes = config.non_expert_format.bytes_for(shape.non_expert_params)
         non_expert_kernel = config.non_expert_format.kernel
