@@ -194,18 +194,22 @@ def _effective_copies(fe: WorkloadFeatures, table: MissTable, oc: OpCosts) -> _C
 # simulator/transfer.py TRANSFERS): a placement that runs experts on the CPU times a decode layer-step's
 # experts itself (and Fiddler its prefill too); otherwise the transfer mode does. A cell function takes the
 # cell's ``a`` experts with ``m`` non-resident and returns (time, copy part, experts run on the CPU).
+def _misses_on_cpu(a, m, g, chain):
+    """A cell whose ``m`` non-resident experts run on the CPU, one chain after another, beside its ``a - m``
+    resident ones on the GPU."""
+    return np.where(m >= 1, np.maximum((a - m) * g, m * chain), a * g)
+
+
 def _decode_fiddler(a, m, t, g, oc: OpCosts, cp: _Copies, code_rule: bool):
-    chain = _cpu_chain(oc, t)
     xp = cp.pageable
     # the released constants (CPU 7 per token against a 70 transfer) or the profile's costs
     to_cpu = (t * FIDDLER_CODE_CPU < FIDDLER_CODE_GPU) if code_rule else (_interp(oc.cpu, t) < xp)
-    f = np.where(to_cpu, np.where(m >= 1, np.maximum((a - m) * g, m * chain), a * g), a * g + m * xp)
+    f = np.where(to_cpu, _misses_on_cpu(a, m, g, _cpu_chain(oc, t)), a * g + m * xp)
     return f, f - a * g, np.where(to_cpu, m + 0 * a, 0.0)
 
 
 def _decode_cpu_host(a, m, t, g, oc: OpCosts, cp: _Copies, code_rule: bool):
-    chain = _cpu_chain(oc, t)
-    f = np.where(m >= 1, np.maximum((a - m) * g, m * chain), a * g)
+    f = _misses_on_cpu(a, m, g, _cpu_chain(oc, t))
     return f, np.zeros_like(f), m + 0 * a
 
 
@@ -447,23 +451,26 @@ def backbone(fe: WorkloadFeatures, spec: PolicySpec, oc: OpCosts, expert_bytes: 
         if spec.cache.initial in LAYERED_INITIAL:
             layers_res = accelerate_layers(expert_bytes, E, caps, spec.cache.initial)
             missing = layer_on_host(dec.layer, layers_res, fe.num_layers, spec.cache.initial)  # [N, C]
-            if placement == "cpu":  # llama.cpp: a host layer's experts run on the CPU, nothing is copied
+            missed = (missing * dec.experts[:, None]).sum(axis=0).astype(np.float64)
+            if placement == "cpu":  # llama.cpp: every host layer's expert runs on the CPU, nothing is copied
                 chain = _cpu_chain(oc, oc.decode_tokens_per_expert)
                 per_cell = dec.experts[:, None] * np.where(missing, chain, g_dec)
                 copy = np.zeros(C)
-                cpu_n = (missing * dec.experts[:, None]).sum(axis=0).astype(np.float64)
+                cpu_n = missed
             else:
                 per_cell = dec.experts[:, None] * g_dec + missing * oc.layer_copy[dec.layer][:, None]
                 copy = (missing * oc.layer_copy[dec.layer][:, None]).sum(axis=0)
             dec_w = (per_cell * dec.active[:, None]).sum(axis=0)
             dec_u = per_cell.sum(axis=0)
-            hit = 1.0 - (missing * dec.experts[:, None]).sum(axis=0) / max(dec.experts.sum(), 1)
+            hit = 1.0 - missed / max(dec.experts.sum(), 1)
+            cpu_share = cpu_n / np.maximum(1.0, missed)
         else:
             base = float((dec.experts * g_dec).sum())
             dec_u = np.full(C, base)
             dec_w = np.full(C, float((dec.experts * dec.active * g_dec).sum()))
             copy = np.zeros(C)
             hit = np.ones(C)
+            cpu_share = np.zeros(C)
     else:
         hist_w = fe.decode_histogram(table, weighted=True)
         hist_u = fe.decode_histogram(table, weighted=False)
@@ -474,6 +481,7 @@ def backbone(fe: WorkloadFeatures, spec: PolicySpec, oc: OpCosts, expert_bytes: 
         dec_u, copy, cpu_n = _decode_expert_time(hist_u, mode, placement, oc, cp, evicts, code)
         accesses = max(dec.experts.sum(), 1)
         hit = 1.0 - table.decode.sum(axis=0) / accesses
+        cpu_share = cpu_n / np.maximum(1.0, table.decode.sum(axis=0))
     pre_cells = _prefill_cells(fe, None if table is None else table.prefill, mode, placement, oc, spec,
                                expert_bytes, layers_res)  # [P, C]
     R = len(fe.prefills.tokens)
@@ -490,10 +498,6 @@ def backbone(fe: WorkloadFeatures, spec: PolicySpec, oc: OpCosts, expert_bytes: 
     dec_total = fixed_u + dec_u
     makespan = pre_total + dec_total
     copy_share = np.where(dec_u > 0, copy / np.where(dec_u > 0, dec_u, 1.0), 0.0)
-    if table is None:  # the CPU's share of the experts not resident (whole host layers)
-        cpu_share = cpu_n / np.maximum(1.0, (1.0 - hit) * max(dec.experts.sum(), 1))
-    else:
-        cpu_share = cpu_n / np.maximum(1.0, table.decode.sum(axis=0))
     if n_steps == 0:
         tpot = np.full(C, np.nan)
     return Backbone(ttft, tpot, makespan, pre_total, dec_total, hit, copy_share, cpu_share.astype(np.float64))
