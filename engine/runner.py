@@ -255,7 +255,7 @@ class _Run:
         max_eb = max(prep.expert_bytes)
         staging = t.staging_experts if t.mode != "layer" else self.E
         count = plan.slots + staging + t.prefetch_buffer_experts
-        if count < 1:
+        if count < 1 and objects.placement.copies_misses:
             raise MoesimError("the memory plan has no expert buffer on the device: expected --cache-experts >= 1")
         if engine._pool is None or engine._pool.planned != count:
             engine.release_buffers()

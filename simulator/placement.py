@@ -46,6 +46,9 @@ class PlacementSpec:
 class Placement:
     name = "base"
     needs_cpu = False
+    # False when a non-resident expert never comes to the GPU (it runs where it lives): such a run may
+    # hold no expert buffer on the device at all (llama.cpp's --cpu-moe)
+    copies_misses = True
 
     def __init__(self, costs: CostTables, spec: PlacementSpec, copy_by_layer: Sequence[float]):
         self.costs = costs
@@ -141,6 +144,7 @@ class HybriMoEPlacement(Placement):
 class CpuForHostExperts(Placement):
     name = "cpu"
     needs_cpu = True
+    copies_misses = False
 
     def place(self, layer, phase, experts, tokens, resident):
         out = [not resident(layer, e) for e in experts]

@@ -201,8 +201,15 @@ def test_checkpoint_outputs_do_not_depend_on_the_policy(checkpoint, tmp_path):
     from moesim.simulator.presets import get_preset
 
     policies = ("all-gpu", "lru", "mixtral-offloading", "static", "fiddler", "hybrimoe", "accelerate", "moe-infinity",
-                "mixtral-offloading-paper", "belady")
-    outputs = {p: torch.stack(v.measure(p).stats.outputs) for p in policies}
+                "mixtral-offloading-paper", "belady", "llama-cpp")
+    measured = {p: v.measure(p) for p in policies}
+    outputs = {p: torch.stack(m.stats.outputs) for p, m in measured.items()}
+    # llama.cpp's layers whose experts live on the host: one slot per layer holds no whole layer, so every
+    # expert runs on the CPU, none is copied and the device holds no expert buffer at all
+    cpu_moe = measured["llama-cpp"].stats
+    assert cpu_moe.decode_cpu == sum(cpu_moe.decode_accesses) > 0 and sum(cpu_moe.decode_hits) == 0
+    assert cpu_moe.cpu_expert_times and not cpu_moe.copy_times and cpu_moe.h2d_bytes < 1e5
+    assert v.engine._pool.count == 0
     ref = outputs.pop("all-gpu")
     assert ref.shape[0] == 2 * (1 + 5)
     # AdapMoE's gating skips experts, so it is compared with every expert resident under the same gating
