@@ -53,13 +53,26 @@ def expert_work(shape: ModelShape, tokens, weight_bits_per_param: float) -> Work
 
 
 def attention_params(shape: ModelShape) -> int:
-    """Parameters of one layer's attention projections, router and the two norms (no experts)."""
+    """Parameters of one layer's attention, router and the two norms (no experts): the attention block as
+    counted on the built model when the shape records it (multi-head latent attention has low-rank q and kv
+    projections), else q, k, v and o projections of the heads."""
     h = shape.hidden_size
-    q = h * shape.num_attention_heads * shape.head_dim
-    kv = 2 * h * shape.num_key_value_heads * shape.head_dim
-    o = shape.num_attention_heads * shape.head_dim * h
+    if shape.attention_params:
+        attention = shape.attention_params
+    else:
+        q = h * shape.num_attention_heads * shape.head_dim
+        kv = 2 * h * shape.num_key_value_heads * shape.head_dim
+        o = shape.num_attention_heads * shape.head_dim * h
+        attention = q + kv + o
     router = h * shape.num_experts
-    return q + kv + o + router + 2 * h
+    return attention + router + 2 * h
+
+
+def score_flops_per_key(shape: ModelShape) -> float:
+    """FLOPs of QK^T and AV for one query row against one cached key, over all heads."""
+    qk = shape.qk_head_dim or shape.head_dim
+    v = shape.v_head_dim or shape.head_dim
+    return 2.0 * shape.num_attention_heads * (qk + v)
 
 
 def kv_bytes_per_token(shape: ModelShape) -> float:
@@ -73,7 +86,7 @@ def decode_work(shape: ModelShape, batch, context, weight_bits: float = 16.0) ->
     b = np.asarray(batch, dtype=np.float64)
     c = np.asarray(context, dtype=np.float64)
     p = attention_params(shape)
-    qk_av = 4.0 * shape.num_attention_heads * shape.head_dim * c  # QK^T and AV for one query row
+    qk_av = score_flops_per_key(shape) * c  # QK^T and AV for one query row
     kv = b * c * kv_bytes_per_token(shape)
     flops = b * (2.0 * p + qk_av)
     nbytes = p * weight_bits / 8.0 + kv + b * 4 * shape.hidden_size * ACT_BYTES
@@ -85,7 +98,7 @@ def prefill_work(shape: ModelShape, tokens, weight_bits: float = 16.0) -> Work:
     ``weight_bits`` per parameter."""
     t = np.asarray(tokens, dtype=np.float64)
     p = attention_params(shape)
-    qk_av = 4.0 * shape.num_attention_heads * shape.head_dim * t * (t + 1) / 2.0
+    qk_av = score_flops_per_key(shape) * t * (t + 1) / 2.0
     kv = t * kv_bytes_per_token(shape)
     flops = 2.0 * p * t + qk_av
     nbytes = p * weight_bits / 8.0 + kv + t * 6 * shape.hidden_size * ACT_BYTES

@@ -47,6 +47,13 @@ class ModelShape:
     non_expert_params: int  # everything else: embeddings, attention, norms, routers, shared experts, lm_head
     num_shared_experts: int = 0
     kv_bytes_per_token_per_layer_fp16: int = 0  # K and V of one token in one attention layer at 16 bit
+    # one decoder layer's self-attention parameters, counted on the built model (0: not known, as in traces
+    # written before it was recorded; then sized as q, k, v and o projections of the heads)
+    attention_params: int = 0
+    # query-key and value widths per head where they differ from head_dim (multi-head latent attention:
+    # DeepSeek's q/k heads are nope + rope wide, its v heads v_head_dim); 0: head_dim
+    qk_head_dim: int = 0
+    v_head_dim: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -241,6 +248,7 @@ def shape_from_config(config, model_id: str | None = None) -> ModelShape:
     kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
     kv_per_token = _kv_bytes_per_token(text_config, kv_heads, head_dim)
+    nope, rope = (int(getattr(text_config, k, 0) or 0) for k in ("qk_nope_head_dim", "qk_rope_head_dim"))
     return ModelShape(
         model_id=model_id or getattr(config, "_name_or_path", "") or config.model_type,
         architecture=str(config.model_type),
@@ -258,7 +266,23 @@ def shape_from_config(config, model_id: str | None = None) -> ModelShape:
         non_expert_params=int(non_expert),
         num_shared_experts=int(_first_attr(text_config, _SHARED_EXPERT_KEYS, 0) or 0),
         kv_bytes_per_token_per_layer_fp16=kv_per_token,
+        attention_params=_attention_param_count(moe[0][0], model),
+        qk_head_dim=nope + rope if nope else 0,
+        v_head_dim=int(getattr(text_config, "v_head_dim", 0) or 0) if nope else 0,
     )
+
+
+def _attention_param_count(layer_index: int, model) -> int:
+    """Parameters of the self-attention block of decoder layer ``layer_index`` (0 when none is found)."""
+    for name, module in model.named_modules():
+        if name.endswith("layers") and hasattr(module, "__len__") and len(module) > layer_index:
+            layer = module[layer_index]
+            for child in ("self_attn", "attention", "attn"):
+                block = getattr(layer, child, None)
+                if block is not None:
+                    return int(sum(p.numel() for p in block.parameters()))
+            return 0
+    return 0
 
 
 def _kv_bytes_per_token(config, kv_heads: int, head_dim: int) -> int:

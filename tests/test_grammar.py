@@ -56,6 +56,27 @@ def test_bundled_shapes_match_a_fresh_derivation():
     assert derive() == SHAPES_FILE.read_text()
 
 
+def test_multi_head_latent_attention_is_sized_from_the_built_model():
+    """DeepSeek-V3's attention has low-rank q and kv projections: its parameters are counted on the meta model,
+    not guessed from the heads (128 heads x 128 wide would give 470M per layer instead of 187M)."""
+    from moesim.calib.workload import attention_params, score_flops_per_key
+    from moesim.modelspec import load_model_shape
+
+    v3 = load_model_shape("deepseek-v3")
+    h, heads = 7168, 128
+    mla = h * 1536 + 1536 + 1536 * heads * 192 + h * (512 + 64) + 512 + 512 * heads * (128 + 128) + heads * 128 * h
+    assert v3.attention_params == mla == 187_107_328
+    assert attention_params(v3) == mla + h * 256 + 2 * h
+    assert (v3.num_moe_layers, v3.num_experts, v3.top_k, v3.num_shared_experts) == (58, 256, 8, 1)
+    assert abs(v3.total_params / 671e9 - 1) < 0.01  # without the multi-token-prediction layer
+    assert score_flops_per_key(v3) == 2 * heads * (192 + 128)
+    # a shape without the count (an older trace's) keeps the heads' sizing
+    mixtral = load_model_shape("mixtral-8x7b")
+    from dataclasses import replace
+
+    assert attention_params(replace(mixtral, attention_params=0)) == attention_params(mixtral)
+
+
 def _header(output: str, first: str) -> list[str]:
     return next(l.split() for l in output.splitlines() if l.startswith(first))
 
