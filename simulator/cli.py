@@ -127,7 +127,7 @@ def _notes(result, policy) -> list[str]:
               "predictive, oracle.")
 @click.option("--knob", "knobs", multiple=True, help="A system's own setting, NAME=VALUE: offload_per_layer "
               "(mixtral-offloading), device_memory_ratio (moe-infinity), gpu_memory_fraction (fiddler), n_cpu_moe "
-              "(llama-cpp).")
+              "(llama-cpp, ktransformers).")
 @click.option("--guess", default=None, help="Next-layer guess of next-layer/first-non-resident prefetch: auto "
               "(the trace's column, else a guess model), trace, previous-token, or accuracy:P.")
 @click.option("--placement", default=None, help="Replace the placement: gpu, fiddler, hybrimoe, cpu.")

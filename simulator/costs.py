@@ -79,6 +79,11 @@ class CostTables:
     # an eager PyTorch layer's launches and host work), which a graph runtime replaces by its own (runtime.py)
     prefill_non_expert_latency_s: float = 0.0
     decode_non_expert_latency_s: float = 0.0
+    # the fixed latency of one CPU expert call in cpu_expert (its model's ``latency_s``: the host's dispatch of
+    # a call), and the routed experts per token: a runtime that runs a layer's host experts as one op pays the
+    # dispatch once per layer (runtime.py cpu_layer_op)
+    cpu_expert_latency_s: float = 0.0
+    top_k: int = 1
 
 
 
@@ -95,8 +100,10 @@ def build_cost_tables(profile, shape: ModelShape, expert_bytes: list[int], exper
     if needs_cpu:
         ck = resolve_kernel(expert_kernel, tuple(profile.cpu_expert_kernels), "CPU expert", name)
         cpu = np.asarray(profile.cpu_expert_time(shape, tokens, kernel=ck), dtype=np.float64)
+        cpu_latency = float(profile.cpu_expert_model(ck).model.latency_s)
     else:
         cpu = np.full(tokens.shape, np.inf)
+        cpu_latency = 0.0
     act_bytes = tokens * shape.hidden_size * 2
     act_d2h = np.asarray(profile.copy_time(act_bytes, "d2h", pinned=True), dtype=np.float64)
     act_h2d = np.asarray(profile.copy_time(act_bytes, "h2d", pinned=True), dtype=np.float64)
@@ -150,6 +157,7 @@ def build_cost_tables(profile, shape: ModelShape, expert_bytes: list[int], exper
         prefill_non_expert_device=prefill_dev, decode_non_expert_device=decode_dev,
         prefill_non_expert_latency_s=float(profile.non_expert_models[nk]["prefill"].latency_s),
         decode_non_expert_latency_s=float(profile.non_expert_models[nk]["decode"].latency_s),
+        cpu_expert_latency_s=cpu_latency, top_k=int(shape.top_k),
     )
 
 

@@ -34,9 +34,10 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("gpu_memory_fraction", ("fiddler",),
          "experts on the GPU = (FRACTION x VRAM - dense weights) / expert bytes, by profiled popularity",
          "efeslab/fiddler 227715b src/fiddler/mixtral.py calc_n_expert_on_gpu (0.95)"),
-    Knob("n_cpu_moe", ("llama-cpp",),
+    Knob("n_cpu_moe", ("llama-cpp", "ktransformers"),
          "the routed experts of the first N MoE layers stay on the CPU; the other layers' experts on the GPU",
-         "ggml-org/llama.cpp PR #15077: --n-cpu-moe N (--cpu-moe: all layers), common/arg.cpp"),
+         "ggml-org/llama.cpp PR #15077: --n-cpu-moe N (--cpu-moe: all layers), common/arg.cpp; KTransformers: "
+         "the optimize rules that map layers' experts to KExpertsCPU (its DeepSeek-V3 rules: every layer)"),
 )}
 
 

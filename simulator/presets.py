@@ -266,5 +266,22 @@ def llama_cpp() -> PolicySpec:
     return _spec("llama-cpp", CacheSpec("static", initial="last-layers"), placement="cpu", runtime="llama-cpp")
 
 
+@PRESETS.register("ktransformers")
+def ktransformers() -> PolicySpec:
+    """KTransformers (kvcache-ai/ktransformers V0.2, offloading-systems 7.4): attention, shared experts and the KV
+    cache on the GPU, routed experts on the host CPU, placed per layer by its YAML optimize rules.
+
+    Models: the placement of ``llama-cpp`` (a layer's routed experts live on the CPU or the GPU as a whole, none
+    is cached or copied); ``--knob n_cpu_moe=N`` puts the first N MoE layers' experts on the CPU (the shipped
+    DeepSeek-V3 rules put every layer's there: N at least the layer count). Runtime (``ktransformers``): the decode
+    step replays one captured CUDA graph, so no launch is exposed per layer, and a layer's routed experts are one
+    CPUInfer task (one dispatch, one copy of the activations each way). Leaves out: its own CPU kernels (llamafile
+    / AMX; the profile's CPU kernels stand in), its NUMA-aware split of each expert over two sockets (a host's CPU
+    side is one socket's), and the Marlin GPU kernels (the profile's 4-bit kernels stand in).
+    """
+    return _spec("ktransformers", CacheSpec("static", initial="last-layers"), placement="cpu",
+                 runtime="ktransformers")
+
+
 def get_preset(name: str) -> PolicySpec:
     return PRESETS.get(name, "--policy")()

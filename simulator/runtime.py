@@ -20,9 +20,12 @@ expert moves about 5x its packed bytes through GPU memory per call (``hqq_traffi
 attention likewise moves about 5x its packed bytes (on a profile without a 4-bit non-expert kernel, which times
 it at 16 bits: 1.25x those bytes, 5 x 4/16).
 
-A graph runtime (``llama-cpp``, ``RuntimeCosts.graph_layers``) runs each decoder layer as a few fused kernels
-launched back to back rather than an eager PyTorch module: the profile's eager per-layer host costs (the
-non-expert call's latency and the per-MoE-layer overhead, measured on HF eager) give way to its own launches.
+A graph runtime (``llama-cpp``, ``ktransformers``; ``RuntimeCosts.graph_layers``) runs each decoder layer as a
+few fused kernels launched back to back (llama.cpp) or replays the whole decode step as one captured CUDA graph
+(KTransformers) rather than an eager PyTorch module: the profile's eager per-layer host costs (the non-expert
+call's latency and the per-MoE-layer overhead, measured on HF eager) give way to its own launches. Both run a
+layer's host experts as one op (``cpu_layer_op``): one dispatch and one copy of the activations each way per
+layer, where the engine and Fiddler pay them per expert.
 
 Terms fitted to published measurements (their values here; what each is, its points and bounds in
 ``moesim.reproduce.fit.REGISTRY``, which ``moesim reproduce`` refits and holds out source by source):
@@ -61,6 +64,9 @@ class RuntimeCosts:
     # the profile's per-layer host costs, measured on eager PyTorch (the non-expert call's latency and the
     # per-MoE-layer overhead), give way to layer_kernels launches; only for the released system's own run
     graph_layers: bool = False
+    # a layer's host experts run as one op (ggml's MUL_MAT_ID; KTransformers' CPUInfer task): one dispatch and
+    # one copy of the layer's activations each way per layer, not per expert; only for the released system's run
+    cpu_layer_op: bool = False
     where: str = ""  # code locations of the counts
     fitted: bool = True  # the fitted unit costs apply (the released code's run, not an engine's of the same preset)
 
@@ -105,10 +111,18 @@ RUNTIMES: dict[str, RuntimeCosts] = {r.name: r for r in (
               "torch.where/index_add_; current_state.to('cpu') per CPU expert is a synchronous copy; per layer "
               "the routing is read on the host)"),
     RuntimeCosts(
-        "llama-cpp", layer_kernels=49, graph_layers=True,
+        "llama-cpp", layer_kernels=49, graph_layers=True, cpu_layer_op=True,
         where="KTransformers SOSP'25 Fig. 4 (component-costs 4.2): llama.cpp issues about 3,000 CUDA launches per "
               "DeepSeek-V3 token, 49 per layer of its 61, averaging 5 us; each CPU layer's split synchronises "
-              "(ggml_backend_sched copies its activations to the host), so the next split's launches are exposed"),
+              "(ggml_backend_sched copies its activations to the host), so the next split's launches are exposed; "
+              "the host experts of a layer are one MUL_MAT_ID op per projection on the CPU backend, fed by one "
+              "copy of the split's input (offloading-systems 7.5)"),
+    RuntimeCosts(
+        "ktransformers", graph_layers=True, cpu_layer_op=True,
+        where="kvcache-ai/ktransformers 95009ea (offloading-systems 7.4; SOSP'25 via component-costs 4.2): the decode "
+              "step is one captured CUDA graph (its CPU experts joined to the stream by host functions), so no "
+              "launch is exposed per layer; a layer's routed experts are one CPUInfer task on its own thread pool, "
+              "its activations copied once each way"),
     RuntimeCosts(
         "accelerate",
         where="huggingface/accelerate v0.26 hooks.py:279-310 (AlignDevicesHook per module: one synchronous "
@@ -170,11 +184,22 @@ def apply_runtime(tables, runtime: RuntimeCosts, expert_hqq: bool, attention_hqq
     cpu_s = runtime.cpu_expert_syncs * SYNC_S
     gpu = [t + expert_s if i else t for i, t in enumerate(tables.gpu_expert)]
     cpu = [t + cpu_s if i else t for i, t in enumerate(tables.cpu_expert)]
+    act = {}
+    k = tables.top_k
+    if runtime.cpu_layer_op and runtime.fitted and k > 1:
+        # One op per layer, spread over the layer's expert calls: each pays 1/k of the dispatch and of the
+        # activations' copies. At decode every layer routes k experts per token, so the layer pays exactly one
+        # dispatch and one copy of its tokens each way; in prefill the tokens' bytes sum right (each token goes
+        # to k experts) and the layer pays between 1 and E/k dispatches for its distinct experts.
+        spare = tables.cpu_expert_latency_s * (1.0 - 1.0 / k)
+        cpu = [max(t - spare, 0.0) if i else t for i, t in enumerate(cpu)]
+        act = {name: [t / k for t in getattr(tables, name)]
+               for name in ("act_d2h", "act_h2d", "act_d2h_conc", "act_h2d_conc")}
     drop_dec = tables.decode_non_expert_latency_s if graph else 0.0
     drop_pre = tables.prefill_non_expert_latency_s if graph else 0.0
     decode = {b: [max(0.0, v - drop_dec) + extra_ne for v in vals] for b, vals in tables.decode_non_expert.items()}
     prefill = {p: max(0.0, v - drop_pre) + extra_ne for p, v in tables.prefill_non_expert.items()}
-    return replace(tables, gpu_expert=gpu, cpu_expert=cpu, decode_non_expert=decode, prefill_non_expert=prefill,
+    return replace(tables, gpu_expert=gpu, cpu_expert=cpu, decode_non_expert=decode, prefill_non_expert=prefill, **act,
                    layer_overhead_s=(0.0 if graph else tables.layer_overhead_s) + layer_s,
                    prefill_non_expert_latency_s=tables.prefill_non_expert_latency_s - drop_pre,
                    decode_non_expert_latency_s=tables.decode_non_expert_latency_s - drop_dec)

@@ -147,7 +147,7 @@ def test_simulate_engine_events_writes_the_same_json_and_timeline(tmp_path):
 # The presets it covers; a preset dropped from the kernel (or a run it gets wrong) fails here.
 COMPILED = ("lru", "lfu", "fifo", "static", "all-gpu", "accelerate", "mixtral-offloading", "moe-infinity", "fiddler",
             "hybrimoe", "belady", "mixtral-offloading-paper", "adapmoe", "predictive", "moe-infinity-2024",
-            "moe-infinity-2024+prefetch=none", "llama-cpp")
+            "moe-infinity-2024+prefetch=none", "llama-cpp", "ktransformers")
 
 
 def preset_spec(name: str):

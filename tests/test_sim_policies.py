@@ -307,6 +307,56 @@ def test_llama_cpp_runs_the_first_n_layers_experts_on_the_cpu_and_copies_none(tm
         apply_knobs(SimConfig(get_preset("accelerate")), parse_knobs(["n_cpu_moe=1"]), 4, [EXPERT_BYTES] * 3)
 
 
+def test_llama_cpp_and_ktransformers_run_a_layers_host_experts_as_one_op(tmp_path, monkeypatch):
+    """ggml's MUL_MAT_ID (and KTransformers' CPUInfer task) runs all of a layer's host experts in one op: one
+    dispatch and one copy of the activations each way per layer, where the engine pays them per expert."""
+    from moesim.simulator import runtime as rt
+    from moesim.simulator.knobs import apply_knobs, parse_knobs
+
+    tokens = [[[0, 1], [1, 2], [2, 3]], [[1, 2], [2, 3], [3, 0]], [[2, 3], [3, 0], [0, 1]]]
+    path = write_tiny_trace(tmp_path / "t.parquet", tokens, prompt=1, top_k=2)
+    every_layer = parse_knobs(["n_cpu_moe=3"])
+
+    def run(preset, **parts):
+        policy = get_preset(preset).with_parts(**parts) if parts else get_preset(preset)
+        return simulate(path, profile(), apply_knobs(SimConfig(policy), every_layer, 4, [EXPERT_BYTES] * 3))
+
+    one_op = run("llama-cpp")
+    assert one_op.cpu_expert_fraction == 1.0 and one_op.h2d_bytes < EXPERT_BYTES
+    monkeypatch.setitem(rt.RUNTIMES, "llama-cpp", replace(rt.RUNTIMES["llama-cpp"], cpu_layer_op=False))
+    per_expert = run("llama-cpp")
+    monkeypatch.undo()
+    # the test profile's CPU expert is all dispatch (4 ms): per layer one op pays it once, not twice; the two
+    # experts' one-token activations are one token's copy each way
+    tables = build_cost_tables_for(path)
+    copies = tables.act_d2h[1] + tables.act_h2d[1]
+    assert per_expert.tpot_mean_s - one_op.tpot_mean_s == pytest.approx(3 * (4 * MS + copies), rel=1e-9)
+    # an engine's run of the preset computes expert by expert, as moesim's engine does
+    engine = run("llama-cpp", released_code_costs=False)
+    assert engine.tpot_mean_s == pytest.approx(per_expert.tpot_mean_s + 3 * 2 * MS - 3 * rt.RUNTIMES[
+        "llama-cpp"].layer_kernels * rt.LAUNCH_S, rel=1e-9)
+    # KTransformers: the same placement and one op per layer, its step one CUDA graph (no launch per layer)
+    kt = run("ktransformers")
+    assert kt.tpot_mean_s == pytest.approx(one_op.tpot_mean_s - 3 * rt.RUNTIMES["llama-cpp"].layer_kernels
+                                           * rt.LAUNCH_S, rel=1e-9)
+    # at top-1 there is nothing to merge
+    single = [[[e[0]] for e in layers] for layers in tokens]
+    path1 = write_tiny_trace(tmp_path / "t1.parquet", single, prompt=1, top_k=1)
+    a = simulate(path1, profile(), apply_knobs(SimConfig(get_preset("llama-cpp")), every_layer, 4, [EXPERT_BYTES] * 3))
+    monkeypatch.setitem(rt.RUNTIMES, "llama-cpp", replace(rt.RUNTIMES["llama-cpp"], cpu_layer_op=False))
+    b = simulate(path1, profile(), apply_knobs(SimConfig(get_preset("llama-cpp")), every_layer, 4, [EXPERT_BYTES] * 3))
+    assert a.tpot_mean_s == pytest.approx(b.tpot_mean_s, rel=1e-12)
+
+
+def build_cost_tables_for(path):
+    from moesim.simulator.costs import build_cost_tables
+    from moesim.tracer import read_trace
+
+    shape = read_trace(path).meta.model
+    return build_cost_tables(profile(), shape, [EXPERT_BYTES] * shape.num_moe_layers, "bf16", "bf16", 4, {1}, {1},
+                             8, needs_cpu=True)
+
+
 def test_runtime_costs_add_the_released_codes_launches_and_syncs(tmp_path):
     from moesim.simulator.runtime import FITTED_UNIT_COSTS, LAUNCH_S, SYNC_S
 
