@@ -227,6 +227,8 @@ def cases() -> list[Case]:
         "--requests", "1", "--prompt-len", "4", "--output-len", "4", "--out", "s.parquet", output="s.parquet")
     add("routing file", "synth: 3.2e9 cells", "trace", "synth", "--routing", "mixtral-8x7b-published", "--requests",
         "1000", "--prompt-len", "100000", "--output-len", "1", "--out", "s.parquet", output="s.parquet")
+    add("routing file", "synth: uniform with no --model-config", "trace", "synth", "--routing", "uniform",
+        "--requests", "1", "--prompt-len", "4", "--output-len", "4", "--out", "s.parquet", output="s.parquet")
     add("trace file", "fit: a NaN routing weight", "trace", "fit", "nanweight.parquet", "--out", "r.json",
         output="r.json")
     # validate

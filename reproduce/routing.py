@@ -13,7 +13,8 @@
   above B6, while OLMoE's 6.79 could not be a share's std; B13's segment-routing score is no cache
   statistic. No cross-layer or per-request statistic is published: the model has neither.
 - ``iid-uniform``: every token picks top-k distinct experts uniformly at random, a stated stand-in for
-  models whose routing is available in no form here.
+  models whose routing is available in no form here (``moesim trace synth --routing uniform``;
+  :func:`moesim.tracer.routing.uniform_routing`).
 
 Synthetic traces are deterministic (fixed seed) and are marked synthetic in the report.
 """
@@ -24,7 +25,7 @@ import numpy as np
 
 from moesim.errors import MoesimError
 from moesim.modelspec import load_model_shape
-from moesim.tracer import DECODE, PREFILL, Trace, TraceCells, TraceMeta, TraceSource
+from moesim.tracer import Trace
 
 IID = "iid-uniform"
 DSL = "deepseek-v2-lite-published"
@@ -54,7 +55,11 @@ def is_synthetic(routing: str) -> bool:
 def synthetic_trace(routing: str, model: str, prompts: list[int], outputs: list[int], seed: int = SEED) -> Trace:
     """A trace of ``len(prompts)`` requests (prompt, output lengths) from routing model ``routing``."""
     if routing == IID:
-        return _iid_trace(model, prompts, outputs, seed)
+        from moesim.tracer.routing import PARTS, uniform_routing
+        from moesim.tracer.synth import synthetic_trace as synth
+
+        return synth(uniform_routing(load_model_shape(model)), np.asarray(prompts), np.asarray(outputs), seed=seed,
+                     disabled=PARTS)
     if routing == DSL:
         from moesim.tracer.synth import synthetic_trace as synth
 
@@ -71,30 +76,6 @@ def synthetic_trace(routing: str, model: str, prompts: list[int], outputs: list[
         raise MoesimError(f"routing '{routing}' is for {rm.num_layers} x {rm.num_experts} top-{rm.top_k}, "
                           f"not model {model}")
     return synth(rm, np.asarray(prompts), np.asarray(outputs), seed=seed)
-
-
-def _iid_trace(model: str, prompts: list[int], outputs: list[int], seed: int) -> Trace:
-    shape = load_model_shape(model)
-    L, E, k = shape.num_moe_layers, shape.num_experts, shape.top_k
-    rng = np.random.default_rng(seed)
-    req, phase, pos, lay, exs = [], [], [], [], []
-    for r, (P, O) in enumerate(zip(prompts, outputs)):
-        for t in range(P + O):
-            for layer in range(L):
-                req.append(r)
-                phase.append(PREFILL if t < P else DECODE)
-                pos.append(t)
-                lay.append(layer)
-                exs.append(rng.choice(E, size=k, replace=False))
-    n = len(req)
-    w = np.full((n, k), 1.0 / k, dtype=np.float32)
-    cells = TraceCells(request=np.asarray(req, np.int32), phase=np.asarray(phase, np.uint8),
-                       position=np.asarray(pos, np.int32), layer=np.asarray(lay, np.int16),
-                       experts=np.asarray(exs, np.int16), weights=w)
-    meta = TraceMeta(model=shape, dtype="bfloat16", expert_bytes=tuple([shape.expert_bytes()] * L),
-                     non_expert_bytes=shape.non_expert_bytes(),
-                     source=TraceSource(kind="synthetic", path="", sha256="", details={"routing": IID, "seed": seed}))
-    return Trace(meta, cells)
 
 
 def deepseek_v2_lite_routing(model: str = "deepseek-v2-lite", repeat: float = DSL_REPEAT):

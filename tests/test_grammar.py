@@ -58,7 +58,7 @@ def test_bundled_shapes_match_a_fresh_derivation():
 
 def test_multi_head_latent_attention_is_sized_from_the_built_model():
     """DeepSeek-V3's attention has low-rank q and kv projections: its parameters are counted on the meta model,
-    not guessed from the heads (128 heads x 128 wide would give 470M per layer instead of 187M)."""
+    not guessed from the heads (q, k, v and o of 128 heads x head_dim 64 would give 235M per layer, not 187M)."""
     from moesim.calib.workload import attention_params, score_flops_per_key
     from moesim.modelspec import load_model_shape
 

@@ -361,6 +361,34 @@ def test_synth_is_byte_identical_for_the_same_seed(tmp_path):
     assert tr.meta.source.details["seed"] == 3 and len(tr) == 3 * (5 + 6) * L
 
 
+def test_uniform_routing_draws_k_distinct_experts_evenly_for_any_model_config(tmp_path):
+    """`--routing uniform` needs no fitted model: DeepSeek-V3 (256 experts, top-8), which nothing here traced."""
+    out = tmp_path / "u.parquet"
+    r = run("synth", "--routing", "uniform", "--model-config", "deepseek-v3", "--requests", "2", "--prompt-len", "8",
+            "--output-len", "40", "--seed", "1", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    tr = read_trace(out)
+    assert tr.meta.model.model_id == "deepseek-v3" and tr.meta.source.details["routing"] == "uniform"
+    ex = tr.experts
+    assert ex.shape == (2 * 48 * 58, 8)
+    assert all(len(set(row)) == 8 for row in ex[:500])  # without replacement in a cell
+    counts = np.bincount(ex.ravel(), minlength=256)
+    expected = ex.size / 256
+    assert counts.min() > 0.7 * expected and counts.max() < 1.3 * expected  # 174 per expert on average
+    # no locality: a token keeps about k/E of the previous token's experts at a layer, as chance gives
+    dec = tr.cells.phase == DECODE
+    first = ex[dec][: 58 * 20].reshape(20, 58, 8)
+    kept = np.mean([len(set(a) & set(b)) / 8 for t in range(19) for a, b in zip(first[t], first[t + 1])])
+    assert kept < 0.1
+    again = tmp_path / "v.parquet"
+    assert run("synth", "--routing", "uniform", "--model-config", "deepseek-v3", "--requests", "2", "--prompt-len",
+               "8", "--output-len", "40", "--seed", "1", "--out", str(again)).exit_code == 0
+    assert again.read_bytes() == out.read_bytes()
+    bad = run("synth", "--routing", "uniform", "--requests", "1", "--prompt-len", "1", "--output-len", "1",
+              "--out", str(tmp_path / "w.parquet"))
+    assert bad.exit_code == 2 and "expected --model-config" in bad.output and not (tmp_path / "w.parquet").exists()
+
+
 def test_fit_command_writes_a_model_that_synthesizes(tmp_path):
     routing = write_routing(tmp_path / "r.json", known_model())
     assert run("synth", "--routing", str(routing), "--requests", "6", "--prompt-len", "4", "--output-len", "20",

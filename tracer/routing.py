@@ -344,6 +344,25 @@ def bundled_routing() -> dict[str, Path]:
     return {p.name[: -len(".json")]: Path(str(p)) for p in root.iterdir() if p.name.endswith(".json")}
 
 
+UNIFORM = "uniform"  # the routing name of :func:`uniform_routing`, for any model config
+
+
+def uniform_routing(shape: ModelShape) -> RoutingModel:
+    """Routing with no structure, for a model nobody has traced: each cell's k experts drawn uniformly without
+    replacement, equal weights; no popularity, locality, drift or cross-layer correlation. Only the number of
+    experts per token is real. Right for placements that do not care which experts a token picks (whole layers
+    on the CPU: llama.cpp's ``--cpu-moe``, KTransformers), a lower bound on the reuse a cache would see."""
+    L, E, k = shape.num_moe_layers, shape.num_experts, shape.top_k
+    phase = PhaseModel(
+        class_prior=np.ones(1), class_popularity=np.full((1, L, E), 1.0 / E), source=np.array([0.0, 1.0]),
+        far_lag=1, fidelity=np.zeros((L, k)), copy_rank=np.eye(k),
+        weights=WeightModel(sum_mean=np.ones(L), sum_std=np.zeros(L), share_alpha=np.ones((L, k))))
+    return RoutingModel(name=UNIFORM, model=shape, dtype="bfloat16",
+                        expert_bytes=tuple([shape.expert_bytes()] * L), non_expert_bytes=shape.non_expert_bytes(),
+                        decode=phase, prefill=None,
+                        fitted_to={"kind": UNIFORM, "note": "fitted to nothing: uniform top-k without replacement"})
+
+
 def resolve_routing(name_or_path: str) -> Path:
     bundled = bundled_routing()
     if name_or_path in bundled:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Optional
@@ -14,7 +15,8 @@ from moesim.atomic import atomic_path, prepare_output_path
 from moesim.errors import MoesimError
 from moesim.options import out_option
 from moesim.tracer.format import DECODE, METADATA_KEY, SCHEMA, STATUS_KEY, Trace, TraceMeta, sha256_of_file
-from moesim.tracer.routing import PARTS, RoutingModel, read_routing, resolve_routing, write_routing
+from moesim.tracer.routing import (PARTS, UNIFORM, RoutingModel, read_routing, resolve_routing, routing_to_json,
+                                   uniform_routing, write_routing)
 
 
 def _parts(text: Optional[str]) -> tuple[str, ...]:
@@ -125,7 +127,8 @@ def check_model_config(model: RoutingModel, spec: str, where: str):
 
 @click.command(name="synth")
 @click.option("--routing", "routing", required=True, metavar="FILE|NAME",
-              help="A routing model file (`moesim trace fit`) or a bundled name (e.g. mixtral-8x7b-published).")
+              help="A routing model file (`moesim trace fit`), a bundled name (e.g. mixtral-8x7b-published), or "
+                   "'uniform' (no structure: k experts uniformly per cell, for any --model-config).")
 @click.option("--model-config", "model_config", default=None, metavar="M",
               help="Model the trace is labelled with (a bundled name, config.json or folder); must match the "
                    "routing's layers, experts and top-k. Default: the model the routing was fitted for.")
@@ -150,16 +153,27 @@ def synth_command(routing: str, model_config: Optional[str], requests: int, prom
     if Path(out).suffix.lower() != ".parquet":
         raise MoesimError(f"--out {out}: expected a .parquet file name")
     parts = _parts(disable)
-    path = resolve_routing(routing)
-    model = read_routing(path)
-    shape = check_model_config(model, model_config, routing) if model_config else None
+    if routing == UNIFORM and not Path(routing).is_file():
+        if not model_config:
+            raise MoesimError("--routing uniform: expected --model-config (the model whose layers, experts and top-k "
+                              "to draw)")
+        from moesim.modelspec import load_model_shape
+
+        model = uniform_routing(load_model_shape(model_config))
+        shape, routing_sha = None, hashlib.sha256(routing_to_json(model).encode()).hexdigest()
+        parts = tuple(PARTS)  # nothing to switch on: every part of the model is absent
+    else:
+        path = resolve_routing(routing)
+        model = read_routing(path)
+        shape = check_model_config(model, model_config, routing) if model_config else None
+        routing_sha = sha256_of_file(path)
     check_fits_in_memory(requests, prompt_len + output_len, model.num_layers, model.top_k)
     prepare_output_path(out)
     t0 = time.perf_counter()
     details = {"seed": seed, "requests": requests, "prompt_len": prompt_len, "output_len": output_len,
                "disabled": list(parts)}
     meta = synthetic_meta(model, shape, routing_path=routing if not Path(routing).is_file() else str(path),
-                          routing_sha256=sha256_of_file(path), details=details)
+                          routing_sha256=routing_sha, details=details)
     trace = synthetic_trace(model, np.full(requests, prompt_len), np.full(requests, output_len), seed=seed,
                             disabled=parts, meta=meta)
     write_trace_whole(out, meta, trace)

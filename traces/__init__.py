@@ -16,9 +16,9 @@ from pathlib import Path
 DEFAULT_TRACE = "qwen3-30b-a3b-bigmoeonedge"
 
 BUNDLED_SHA256: dict[str, str] = {
-    "gemma-4-26b-a4b-bigmoeonedge": "48bcfcc4b83623198e8bd69e27bcb49e56aaa55f9cc865196119a81599b4e3a9",
-    "gpt-oss-120b-bigmoeonedge": "0ac92a6e0845e4dbd857a365c2321d7fb68e07d6e2c1775d3d9d94f9cf91ae0e",
-    "qwen3-30b-a3b-bigmoeonedge": "35a1e6625afb12db1833eeecd350905969b8b43c673edf9e1a1e57d977254f0a",
+    "gemma-4-26b-a4b-bigmoeonedge": "8c4e832208dcdc62f3135384f87a24210a95078194568c92e09ba142f2b2a882",
+    "gpt-oss-120b-bigmoeonedge": "30fee25a9cc1edcd98f3e5e0cd5ecc8d02a9816bc0b63b9c4c29701d56793a5a",
+    "qwen3-30b-a3b-bigmoeonedge": "410ffa4e8364ec1a09fa4d7521f918fe6b18f5e8aa053d45776ace65e077443a",
 }
 
 
