@@ -196,13 +196,17 @@ def load_hf_config(spec: str | Path):
         ) from None
 
 
-def find_moe_layers(model) -> list[tuple[int, Any]]:
-    """(decoder-layer index, MoE block) for every decoder layer whose MLP is a routed-expert block."""
-    layers = None
+def _decoder_layers(model):
+    """The model's list of decoder layers (the first non-empty module named ``...layers``), or None."""
     for name, module in model.named_modules():
         if name.endswith("layers") and hasattr(module, "__len__") and len(module) > 0:
-            layers = module
-            break
+            return module
+    return None
+
+
+def find_moe_layers(model) -> list[tuple[int, Any]]:
+    """(decoder-layer index, MoE block) for every decoder layer whose MLP is a routed-expert block."""
+    layers = _decoder_layers(model)
     if layers is None:
         return []
     found = []
@@ -274,14 +278,11 @@ def shape_from_config(config, model_id: str | None = None) -> ModelShape:
 
 def _attention_param_count(layer_index: int, model) -> int:
     """Parameters of the self-attention block of decoder layer ``layer_index`` (0 when none is found)."""
-    for name, module in model.named_modules():
-        if name.endswith("layers") and hasattr(module, "__len__") and len(module) > layer_index:
-            layer = module[layer_index]
-            for child in ("self_attn", "attention", "attn"):
-                block = getattr(layer, child, None)
-                if block is not None:
-                    return int(sum(p.numel() for p in block.parameters()))
-            return 0
+    layer = _decoder_layers(model)[layer_index]  # a layer find_moe_layers found
+    for child in ("self_attn", "attention", "attn"):
+        block = getattr(layer, child, None)
+        if block is not None:
+            return int(sum(p.numel() for p in block.parameters()))
     return 0
 
 
