@@ -54,21 +54,17 @@ def is_synthetic(routing: str) -> bool:
 
 def synthetic_trace(routing: str, model: str, prompts: list[int], outputs: list[int], seed: int = SEED) -> Trace:
     """A trace of ``len(prompts)`` requests (prompt, output lengths) from routing model ``routing``."""
-    if routing == IID:
-        from moesim.tracer.routing import PARTS, uniform_routing
-        from moesim.tracer.synth import synthetic_trace as synth
+    from moesim.tracer.routing import PARTS, read_routing, uniform_routing
+    from moesim.tracer.synth import synthetic_trace as synth
 
+    if routing == IID:
         return synth(uniform_routing(load_model_shape(model)), np.asarray(prompts), np.asarray(outputs), seed=seed,
                      disabled=PARTS)
     if routing == DSL:
-        from moesim.tracer.synth import synthetic_trace as synth
-
         return synth(deepseek_v2_lite_routing(model), np.asarray(prompts), np.asarray(outputs), seed=seed)
     if routing not in _routing_models():
         raise MoesimError(f"routing '{routing}': expected a bundled trace, a bundled routing model "
                           f"({', '.join(_routing_models())}), {DSL} or {IID}")
-    from moesim.tracer.routing import read_routing
-    from moesim.tracer.synth import synthetic_trace as synth
 
     rm = read_routing(routing)
     shape = load_model_shape(model)

@@ -17,6 +17,7 @@ from moesim.options import (batch_list, batch_option, byte_size, byte_sizes, cac
                             out_option, policy_option, split_list)
 from moesim.quant import WeightFormat
 from moesim.simulator.compose import PARTS, build_policy, policy_names
+from moesim.simulator.knobs import KNOBS
 from moesim.tracer.format import trace_requests
 
 DEFAULT_PROFILE = "rtx-3060"  # 12 GiB: the smallest GPU of the Mixtral-Offloading paper
@@ -125,9 +126,8 @@ def _notes(result, policy) -> list[str]:
 @click.option("--scope", default=None, type=click.Choice(["layer", "global"]), help="Cache per layer or global.")
 @click.option("--prefetch", default=None, help="Replace the prefetcher: none, next-layer, first-non-resident, eam, "
               "predictive, oracle.")
-@click.option("--knob", "knobs", multiple=True, help="A system's own setting, NAME=VALUE: offload_per_layer "
-              "(mixtral-offloading), device_memory_ratio (moe-infinity), gpu_memory_fraction (fiddler), n_cpu_moe "
-              "(llama-cpp, ktransformers).")
+@click.option("--knob", "knobs", multiple=True, help="A system's own setting, NAME=VALUE: " + ", ".join(
+    f"{k.name} ({', '.join(k.presets)})" for k in KNOBS.values()) + ".")
 @click.option("--guess", default=None, help="Next-layer guess of next-layer/first-non-resident prefetch: auto "
               "(the trace's column, else a guess model), trace, previous-token, or accuracy:P.")
 @click.option("--placement", default=None, help="Replace the placement: gpu, fiddler, hybrimoe, cpu.")
