@@ -43,6 +43,11 @@ class HostCpu:
     source: str
     # newest PCIe generation the CPU's root ports run: a faster card trains down to it (5: no limit known)
     pcie_gen: int = 5
+    # sockets (NUMA nodes) of the machine; ``cores`` and ``memory_bandwidth`` are one socket's. Only a runtime
+    # that splits each host expert over the sockets (simulator/runtime.py numa_split) uses more than one
+    sockets: int = 1
+    # the fitted factor (FITTED_CPU_INT4_RATE) on the CPU int4 class's rates for this host's cores, if any
+    cpu_int4_rate: str = ""
 
     def __post_init__(self):
         if self.isa not in ISAS:
@@ -59,15 +64,16 @@ HOSTS: dict[str, HostCpu] = {h.name: h for h in (
             "avx512", 6 * 21.33 * GB, 192 * GIB,
             "Intel ARK Xeon Gold 6126: 12 cores, AVX-512, 6 channels DDR4-2666 (6 x 21.33 GB/s); Fiddler "
             "README (48-core Skylake) and ICLR'25 text (2 x Xeon Gold 6126); Intel ARK: PCI Express Revision 3.0",
-            pcie_gen=3),
+            pcie_gen=3, sockets=2, cpu_int4_rate="server"),
     HostCpu("cascade-lake-32c", "Intel Xeon Cascade Lake (32 cores)",
             "Fiddler Env2 host: 32-core Intel Cascade Lake, 6 x DDR4-2933", 32, "avx512", 6 * 23.47 * GB, 128 * GIB,
             "Fiddler README (L4 + 32-core Cascade Lake); Intel ARK 2nd-gen Xeon Scalable: AVX-512 (VNNI, no "
-            "BF16), 6 channels DDR4-2933 per socket, PCI Express Revision 3.0 (48 lanes)", pcie_gen=3),
+            "BF16), 6 channels DDR4-2933 per socket, PCI Express Revision 3.0 (48 lanes)", pcie_gen=3,
+            cpu_int4_rate="server"),
     HostCpu("xeon-gold-5220r-10c", "Intel Xeon Gold 5220R (10 cores used)",
             "HybriMoE host: Xeon Gold 5220R restricted to 10 cores", 10, "avx512", 6 * 23.47 * GB, 256 * GIB,
             "arXiv 2504.05897 VI; Intel ARK Xeon Gold 5220R: AVX-512, 6 channels DDR4-2933, PCI Express "
-            "Revision 3.0", pcie_gen=3),
+            "Revision 3.0", pcie_gen=3, cpu_int4_rate="server"),
     HostCpu("threadripper-pro-5965wx", "AMD Ryzen Threadripper PRO 5965WX",
             "typical workstation: 24-core Zen 3 (AVX2, no AVX-512), 8 x DDR4-3200", 24, "avx2", 8 * 25.6 * GB,
             256 * GIB, "AMD product page: 24 cores, 8 channels DDR4-3200, PCIe 4.0; Zen 3 has AVX2 and no AVX-512",
@@ -76,11 +82,12 @@ HOSTS: dict[str, HostCpu] = {h.name: h for h in (
             "(Sapphire Rapids, 32 cores), 8 x DDR5-4800", 32, "amx", 8 * 38.4 * GB, 382 * GIB,
             "kvcache-ai/ktransformers 95009ea doc/en/DeepseekR1_V3_tutorial.md (Xeon Gold 6454S, 32 cores per socket, "
             "DDR5-4800 8 channels per socket; single-socket runs use 382 GB); 4th-gen Xeon Scalable: AMX, PCI "
-            "Express 5.0; DDR5-4800: 4800 MT/s x 8 B = 38.4 GB/s per channel", pcie_gen=5),
+            "Express 5.0; DDR5-4800: 4800 MT/s x 8 B = 38.4 GB/s per channel", pcie_gen=5,
+            cpu_int4_rate="server"),
     HostCpu("xeon-gold-6454s-x2", "Intel Xeon Gold 6454S (2 sockets)", "KTransformers' dual-socket host: 2 x Xeon "
             "Gold 6454S (2 NUMA nodes), 8 x DDR5-4800 per socket, 1 TB", 32, "amx", 8 * 38.4 * GB, 1024 * GIB,
-            "kvcache-ai/ktransformers 95009ea doc/en/DeepseekR1_V3_tutorial.md; the CPU side is one socket's, as for "
-            "every host here", pcie_gen=5),
+            "kvcache-ai/ktransformers 95009ea doc/en/DeepseekR1_V3_tutorial.md; cores and bandwidth are one "
+            "socket's", pcie_gen=5, sockets=2, cpu_int4_rate="server"),
     HostCpu("i9-10900x", "Intel Core i9-10900X", "llmfit PR #755 host: 10 cores, quad-channel DDR4", 10, "avx512",
             102 * GB, 128 * GIB, "AlexsJones/llmfit PR #755 (~102 GB/s measured quad-channel DDR4); Intel ARK "
             "Core i9-10900X (Cascade Lake-X): PCI Express Revision 3.0", pcie_gen=3),
@@ -103,6 +110,11 @@ TYPICAL_HOST_ISA = {
     "Intel Xeon Platinum 8480C": ("amx", "Sapphire Rapids: AMX-BF16 (Intel ARK)"),
 }
 
+# The spec profiles' typical hosts that are server sockets (their CPU int4 class takes the "server" rate of
+# FITTED_CPU_INT4_RATE, as the named server hosts above do); a cloud instance's vCPUs are a slice of one.
+TYPICAL_HOST_SERVER = {"AMD EPYC 7742", "Intel Xeon Platinum 8480C", "Intel Xeon Platinum 8259CL (8 vCPU)",
+                       "Intel Xeon Cascade Lake (16 vCPU)"}
+
 # Newest PCIe generation of the spec profiles' typical hosts, where it limits the card (Intel ARK: 2nd-gen Xeon
 # Scalable (Cascade Lake) root ports run PCI Express 3.0); a host not listed does not limit its card.
 TYPICAL_HOST_PCIE = {
@@ -119,6 +131,15 @@ CPU_MEMORY_EFFICIENCY = Efficiency(
 CPU_QUANT_MEMORY_EFFICIENCY = Efficiency(
     0.85, "llama.cpp Mixtral Q8_0 on a Ryzen 9 5900X with dual-channel DDR4-3600 (57.6 GB/s): 3.58 tok/s x about "
           "12.9 B active weights x 8.5 bits = 49 GB/s (llama.cpp issue #4716; component-costs.md 2.10)")
+# The fraction of the CPU int4 class's rates above (streaming and computing) that ggml-family int4 kernels reach
+# on a class of host, where published runs say it is below them; fitted by ``moesim reproduce`` (reproduce/fit.py
+# lists the points), 1.0 where nothing is fitted. "server": the Xeon Scalable sockets here (6 to 8 memory
+# channels each). KTransformers V0.2's decode on one Xeon Gold 6454S socket (115 ms per DeepSeek-V3 token)
+# leaves about 100 ms for 11.5 GB of Q4_K experts, about 0.4 of the socket's 307 GB/s channel peak, where the
+# class assumes 0.85 (llama.cpp on a desktop's two channels). The socket itself streams more: 220 GB/s measured
+# within one socket of a Xeon Platinum 8452Y with the same 8 x DDR5-4800 (KTransformers SOSP'25 section 6;
+# component-costs 2.7), 0.72 of the peak.
+FITTED_CPU_INT4_RATE: dict[str, float] = {"server": 0.4409}
 # ggml's quantized dot products: int8 multiply-adds on the vector units, about one instruction's lanes x 2 flop
 # per cycle at about 2 GHz (stated, not measured); a batch-1 expert stays bandwidth-bound, so only prefill sees it
 CPU_QUANT_LANES = {"avx2": 32, "avx512": 64, "avx512_bf16": 64, "amx": 64}
@@ -271,7 +292,8 @@ def host_of_spec(spec: GpuSpec) -> HostCpu:
     gen, gen_why = TYPICAL_HOST_PCIE.get(spec.host.cpu_name, (5, ""))
     return HostCpu("typical", spec.host.cpu_name, spec.host.description, spec.host.cores, isa,
                    spec.host.memory_bandwidth, spec.host.memory_bytes,
-                   f"{spec.host.source}; ISA: {why}" + (f"; PCIe: {gen_why}" if gen_why else ""), pcie_gen=gen)
+                   f"{spec.host.source}; ISA: {why}" + (f"; PCIe: {gen_why}" if gen_why else ""), pcie_gen=gen,
+                   cpu_int4_rate="server" if spec.host.cpu_name in TYPICAL_HOST_SERVER else "")
 
 
 def host_and_link_factors(eff: dict[str, Efficiency], lat: dict, cpu: HostCpu, gen: int):
@@ -287,10 +309,16 @@ def host_and_link_factors(eff: dict[str, Efficiency], lat: dict, cpu: HostCpu, g
     lanes = {"avx2": 32, "avx512": 64, "avx512_bf16": 128, "amx": 1024}[cpu.isa]
     eff["cpu_bf16_per_core_flops"] = CPU_BF16_AVX512_PER_CORE_FLOPS if cpu.isa == "avx512" else Efficiency(
         lanes * 2.0e9 / factor.value, f"{cpu.isa}: {lanes} flop/cycle x 2 GHz, over the kernel factor")
-    eff["host_memory_quantized"] = CPU_QUANT_MEMORY_EFFICIENCY
-    eff["cpu_quant_per_core_flops"] = Efficiency(CPU_QUANT_LANES[cpu.isa] * 2 * 2.0e9,
+    rate, why = 1.0, ""
+    if cpu.cpu_int4_rate:
+        rate = FITTED_CPU_INT4_RATE[cpu.cpu_int4_rate]
+        why = (f"; x {rate:.4g}: the fitted rate of ggml-family int4 kernels on {cpu.cpu_int4_rate} sockets "
+               f"(calib/hosts.py FITTED_CPU_INT4_RATE, reproduce/fit.py)")
+    eff["host_memory_quantized"] = Efficiency(CPU_QUANT_MEMORY_EFFICIENCY.value * rate,
+                                              CPU_QUANT_MEMORY_EFFICIENCY.source + why)
+    eff["cpu_quant_per_core_flops"] = Efficiency(CPU_QUANT_LANES[cpu.isa] * 2 * 2.0e9 * rate,
                                                  f"{cpu.isa}: {CPU_QUANT_LANES[cpu.isa]} int8 lanes x 2 flop x 2 GHz "
-                                                 f"(stated, not measured)")
+                                                 f"(stated, not measured){why}")
     eff.pop("cpu_bf16_total_flops", None)
     if cpu.isa == "avx2":
         eff["cpu_bf16_total_flops"] = CPU_BF16_AVX2_FLOPS
@@ -312,6 +340,7 @@ def finish_profile(profile, cpu: HostCpu, stated: bool, gen: int):
     profile.sources["host"] = cpu.source + ("" if stated else "; ASSUMED: the source does not state its host CPU")
     profile.host.facts["isa"] = cpu.isa
     profile.host.facts["stated"] = stated
+    profile.host.facts["sockets"] = cpu.sockets
     profile.sources["link"] = f"PCIe Gen{gen} x16: {LINK_PINNED[gen].source}"
     return profile
 

@@ -75,8 +75,10 @@ def op_costs(fe: WorkloadFeatures, profile, shape, expert_bytes: list[int], expe
     simulator adds them (HQQ attention's extra cost is not included: the non-expert format's delta is
     computed without a runtime)."""
     from moesim.simulator.costs import build_cost_tables
-    from moesim.simulator.runtime import apply_runtime, runtime_costs
+    from moesim.simulator.runtime import apply_runtime, runtime_costs, runtime_profile
 
+    rt = runtime_costs(runtime)
+    profile = runtime_profile(profile, rt)
     max_tokens = max([fe.max_tokens_per_expert] + fe.steps.tokens.tolist() + fe.prefills.tokens.tolist())
     args = (profile, shape, expert_bytes, expert_kernel, non_expert_kernel, max_tokens,
             set(fe.prefills.tokens.tolist()), set(fe.steps.tokens.tolist()), fe.max_context)
@@ -86,7 +88,6 @@ def op_costs(fe: WorkloadFeatures, profile, shape, expert_bytes: list[int], expe
     except MoesimError:
         ct = build_cost_tables(*args, False)
         cpu_ok = False
-    rt = runtime_costs(runtime)
     ct = apply_runtime(ct, rt, expert_hqq=rt.hqq_traffic_factor > 1.0 and expert_quantized, attention_hqq=False)
     gpu = np.asarray(ct.gpu_expert)
     L = fe.num_layers

@@ -59,9 +59,10 @@ _TRACES: dict = {}
 
 
 def _profile(p: Point):
-    from moesim.calib.hosts import compose_profile
+    from moesim.calib.hosts import FITTED_CPU_INT4_RATE, compose_profile
 
-    key = (p.gpu, p.host, p.link or None)
+    # the fitted host rates are read when the profile is composed: a fit that changes one needs a new profile
+    key = (p.gpu, p.host, p.link or None, tuple(sorted(FITTED_CPU_INT4_RATE.items())))
     if key not in _PROFILES:
         _PROFILES[key] = compose_profile(p.gpu, p.host, p.link or None)
     return _PROFILES[key]

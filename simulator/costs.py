@@ -84,6 +84,9 @@ class CostTables:
     # dispatch once per layer (runtime.py cpu_layer_op)
     cpu_expert_latency_s: float = 0.0
     top_k: int = 1
+    # the host's sockets (NUMA nodes; the profile's host facts): cpu_expert is one socket's time, and a runtime
+    # that splits each host expert over the sockets divides its work among them (runtime.py numa_split)
+    host_sockets: int = 1
 
 
 
@@ -158,6 +161,7 @@ def build_cost_tables(profile, shape: ModelShape, expert_bytes: list[int], exper
         prefill_non_expert_latency_s=float(profile.non_expert_models[nk]["prefill"].latency_s),
         decode_non_expert_latency_s=float(profile.non_expert_models[nk]["decode"].latency_s),
         cpu_expert_latency_s=cpu_latency, top_k=int(shape.top_k),
+        host_sockets=max(1, int(profile.host.facts.get("sockets", 1))),
     )
 
 

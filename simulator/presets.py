@@ -259,8 +259,10 @@ def llama_cpp() -> PolicySpec:
     sends its activations to the host and the outputs back (the CPU experts' chain of the Fiddler placement).
     Leaves out: op offload in prefill (a ubatch of at least ``GGML_OP_OFFLOAD_MIN_BATCH`` = 32 tokens uploads
     each host expert tensor to the GPU instead; here every host layer's experts run on the CPU in both phases);
-    ggml's own kernels (the profile's kernels stand in; with no 4-bit non-expert kernel in a profile, quantized
-    attention is timed at 16 bits). Runtime (``llama-cpp``): a layer is a few fused kernels, not an eager PyTorch
+    ggml's own kernel rates (the profile's kernels stand in; where a card has no 4-bit class because PyTorch's
+    needs sm80, as on Turing, ggml's quantized kernels are timed at the profile's int8 and 16-bit classes' rates
+    on their 4-bit bytes: ``RuntimeCosts.gpu_quant_kernels``); NUMA placement on a two-socket host (one socket's
+    rate, no cross-socket cost). Runtime (``llama-cpp``): a layer is a few fused kernels, not an eager PyTorch
     module, so the profile's eager per-layer costs give way to llama.cpp's launches (simulator/runtime.py).
     """
     return _spec("llama-cpp", CacheSpec("static", initial="last-layers"), placement="cpu", runtime="llama-cpp")
@@ -275,9 +277,11 @@ def ktransformers() -> PolicySpec:
     is cached or copied); ``--knob n_cpu_moe=N`` puts the first N MoE layers' experts on the CPU (the shipped
     DeepSeek-V3 rules put every layer's there: N at least the layer count). Runtime (``ktransformers``): the decode
     step replays one captured CUDA graph, so no launch is exposed per layer, and a layer's routed experts are one
-    CPUInfer task (one dispatch, one copy of the activations each way). Leaves out: its own CPU kernels (llamafile
-    / AMX; the profile's CPU kernels stand in), its NUMA-aware split of each expert over two sockets (a host's CPU
-    side is one socket's), and the Marlin GPU kernels (the profile's 4-bit kernels stand in).
+    CPUInfer task (one dispatch, one copy of the activations each way); on a two-socket host each routed expert
+    is split between the sockets, each computing from its own NUMA node's copy (``numa_split``: half of one
+    socket's time beyond the dispatch; the reduction across sockets is left out). Leaves out: its own CPU kernels
+    (llamafile / AMX; the profile's CPU int4 class stands in, at the rate fitted for server sockets in
+    calib/hosts.py) and the Marlin GPU kernels (the profile's 4-bit kernels stand in).
     """
     return _spec("ktransformers", CacheSpec("static", initial="last-layers"), placement="cpu",
                  runtime="ktransformers")

@@ -93,6 +93,10 @@ def layer_expert_bytes(meta, expert_format: Optional[WeightFormat]) -> list[int]
 
 
 def prepare(trace: Trace, profile, config: SimConfig, trace_name: str = "", profile_name: str = "") -> Prepared:
+    from moesim.simulator.runtime import runtime_costs, runtime_profile
+
+    profile_name = profile_name or profile.name
+    profile = runtime_profile(profile, runtime_costs(config.policy.runtime, config.policy.released_code_costs))
     meta = trace.meta
     shape = meta.model
     own = trace_format(meta.dtype)
@@ -111,7 +115,7 @@ def prepare(trace: Trace, profile, config: SimConfig, trace_name: str = "", prof
         curves = session.miss_curves()
     plan = plan_memory(config.policy, shape, expert_bytes, non_expert_bytes, workload, profile,
                        config.cache_experts, config.gpu_mem_bytes, curves, config.cache_bytes)
-    label = _label(trace_name or (trace.path.stem if trace.path else "trace"), profile_name or profile.name,
+    label = _label(trace_name or (trace.path.stem if trace.path else "trace"), profile_name,
                    config, plan.budget_bytes, meta.dtype)
     return Prepared(label, trace, workload, plan, expert_bytes, expert_kernel, non_expert_kernel, profile,
                     config.policy,

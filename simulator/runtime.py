@@ -32,7 +32,12 @@ Terms fitted to published measurements (their values here; what each is, its poi
 ``weight_overhead_s`` (``accelerate``: the hook's fixed cost per offloaded weight matrix per forward),
 ``expert_fitted_s`` (``moe-infinity``: the dispatcher's cost per GPU expert call beyond its counted launches
 and syncs), both in :data:`FITTED_UNIT_COSTS`, and ``layer_fitted_s`` (a per-MoE-layer cost, :data:`FITTED`;
-none fitted).
+none fitted). The rate of ggml-family int4 kernels on a host's CPU cores is fitted in the same registry and
+lives with the host (``calib/hosts.py FITTED_CPU_INT4_RATE``).
+
+Two implementation facts come with a runtime rather than a profile: its own 4-bit GPU kernels where PyTorch has
+none (``gpu_quant_kernels``: llama.cpp's run on a Turing card, :func:`runtime_profile`), and KTransformers'
+split of each host expert over the sockets of a two-socket host (``numa_split``).
 """
 
 from __future__ import annotations
@@ -67,6 +72,14 @@ class RuntimeCosts:
     # a layer's host experts run as one op (ggml's MUL_MAT_ID; KTransformers' CPUInfer task): one dispatch and
     # one copy of the layer's activations each way per layer, not per expert; only for the released system's run
     cpu_layer_op: bool = False
+    # the system's own quantized GPU kernels, where they run on cards PyTorch's 4-bit kernel does not (tinygemm
+    # needs compute capability 8.0): a profile without an int4 class gets one for this runtime's run
+    # (runtime_profile); empty: the profile's kernel classes as they are
+    gpu_quant_kernels: str = ""
+    # each host expert is split over every socket of the host, each computing its share from its own NUMA node's
+    # copy of the weights (KTransformers' dual-socket mode): a host expert takes 1/sockets of one socket's time
+    # beyond its dispatch; only for the released system's run
+    numa_split: bool = False
     where: str = ""  # code locations of the counts
     fitted: bool = True  # the fitted unit costs apply (the released code's run, not an engine's of the same preset)
 
@@ -112,17 +125,21 @@ RUNTIMES: dict[str, RuntimeCosts] = {r.name: r for r in (
               "the routing is read on the host)"),
     RuntimeCosts(
         "llama-cpp", layer_kernels=49, graph_layers=True, cpu_layer_op=True,
+        gpu_quant_kernels="ggml-cuda mul_mat_vec_q (quantized dot products with dp4a, compute capability >= 6.1; "
+                          "ggml/src/ggml-cuda/mmvq.cu)",
         where="KTransformers SOSP'25 Fig. 4 (component-costs 4.2): llama.cpp issues about 3,000 CUDA launches per "
               "DeepSeek-V3 token, 49 per layer of its 61, averaging 5 us; each CPU layer's split synchronises "
               "(ggml_backend_sched copies its activations to the host), so the next split's launches are exposed; "
               "the host experts of a layer are one MUL_MAT_ID op per projection on the CPU backend, fed by one "
               "copy of the split's input (offloading-systems 7.5)"),
     RuntimeCosts(
-        "ktransformers", graph_layers=True, cpu_layer_op=True,
+        "ktransformers", graph_layers=True, cpu_layer_op=True, numa_split=True,
         where="kvcache-ai/ktransformers 95009ea (offloading-systems 7.4; SOSP'25 via component-costs 4.2): the decode "
               "step is one captured CUDA graph (its CPU experts joined to the stream by host functions), so no "
               "launch is exposed per layer; a layer's routed experts are one CPUInfer task on its own thread pool, "
-              "its activations copied once each way"),
+              "its activations copied once each way; on two sockets it holds the experts once per NUMA node (the "
+              "tutorial's dual-socket runs need 1 TB where one socket's need 382 GB) and splits each expert's rows "
+              "between the sockets (SOSP'25: NUMA-aware tensor parallelism)"),
     RuntimeCosts(
         "accelerate",
         where="huggingface/accelerate v0.26 hooks.py:279-310 (AlignDevicesHook per module: one synchronous "
@@ -154,6 +171,38 @@ def runtime_costs(name: str, fitted: bool = True) -> RuntimeCosts:
     return RUNTIMES[name] if fitted else replace(RUNTIMES[name], fitted=False)
 
 
+_RUNTIME_PROFILES: dict = {}
+
+
+def runtime_profile(profile, runtime: RuntimeCosts):
+    """``profile`` as the released system's run sees it: where the system brings its own 4-bit GPU kernels
+    (``gpu_quant_kernels``) and the profile has no int4 class (a Turing card: PyTorch's tinygemm needs sm80),
+    an int4 class that streams the packed bytes at the rate the profile's own classes stream theirs (experts
+    at the int8 kernel's, the non-expert layer at its 16-bit one's; not measured). Unchanged otherwise, and for
+    an engine's run of the preset (``fitted`` False), which runs PyTorch's kernels."""
+    if not (runtime.gpu_quant_kernels and runtime.fitted) or "int4" in profile.expert_models \
+            or "int8" not in profile.expert_models:
+        return profile
+    key = (id(profile), profile.name, runtime.name)
+    if key not in _RUNTIME_PROFILES:
+        from moesim.calib.profile import KERNEL_BITS, ExpertKernelModel
+
+        base = profile.expert_models["int8"]
+        library = f"{runtime.gpu_quant_kernels}; timed at the profile's int8 kernel's rates (not measured)"
+        expert = {**profile.expert_models, "int4": ExpertKernelModel("int4", library, KERNEL_BITS["int4"], base.model)}
+        non_expert = dict(profile.non_expert_models)
+        if "int4" not in non_expert and "bf16" in non_expert:
+            non_expert["int4"] = non_expert["bf16"]  # the layer's bytes are counted at the int4 kernel's bits
+        device = dict(profile.non_expert_device_models)
+        if device and "int4" not in device and "bf16" in device:
+            device["int4"] = device["bf16"]
+        derived = replace(profile, name=f"{profile.name}+{runtime.name}-kernels", expert_models=expert,
+                          non_expert_models=non_expert, non_expert_device_models=device)
+        # the entry keeps ``profile`` alive, so its id is not reused while the derived profile is remembered
+        _RUNTIME_PROFILES[key] = (profile, derived)
+    return _RUNTIME_PROFILES[key][1]
+
+
 def apply_runtime(tables, runtime: RuntimeCosts, expert_hqq: bool, attention_hqq: bool):
     """Cost tables with the runtime's terms added (a new object; the memoised tables are not touched)."""
     if runtime.name == "none":
@@ -183,7 +232,12 @@ def apply_runtime(tables, runtime: RuntimeCosts, expert_hqq: bool, attention_hqq
             extra_ne = 0.25 * one
     cpu_s = runtime.cpu_expert_syncs * SYNC_S
     gpu = [t + expert_s if i else t for i, t in enumerate(tables.gpu_expert)]
-    cpu = [t + cpu_s if i else t for i, t in enumerate(tables.cpu_expert)]
+    cpu = list(tables.cpu_expert)
+    sockets = tables.host_sockets
+    if runtime.numa_split and runtime.fitted and sockets > 1:
+        lat = tables.cpu_expert_latency_s
+        cpu = [lat + (t - lat) / sockets if i else t for i, t in enumerate(cpu)]
+    cpu = [t + cpu_s if i else t for i, t in enumerate(cpu)]
     act = {}
     k = tables.top_k
     if runtime.cpu_layer_op and runtime.fitted and k > 1:

@@ -22,7 +22,7 @@ from moesim.simulator.run import simulate
 from moesim.simulator.timeline import Timeline
 from moesim.simulator.transfer import Lane
 from moesim.tracer import DECODE, PREFILL
-from test_sim_support import EXPERT_BYTES, round_profile, write_tiny_trace
+from test_sim_support import EXPERT_BYTES, round_profile, tiny_shape, write_tiny_trace
 
 MS = 1e-3
 BW = EXPERT_BYTES / MS
@@ -414,3 +414,85 @@ def test_an_engine_run_of_a_preset_leaves_out_the_released_codes_fitted_costs(tm
     engine = simulate(path, profile(), SimConfig(spec.with_parts(released_code_costs=False), cache_experts=2))
     fitted = runtime.FITTED_UNIT_COSTS["moe-infinity.expert_overhead_s"]
     assert released.tpot_mean_s - engine.tpot_mean_s == pytest.approx(fitted)  # one expert call per token
+
+
+def test_llama_cpp_brings_its_own_4bit_gpu_kernels_to_a_turing_card(tmp_path):
+    """PyTorch's 4-bit kernel (tinygemm) needs sm80, so a T4's spec profile has no int4 class and a 4-bit expert
+    is timed with its int8 kernel; llama.cpp's run uses ggml's own quantized kernels, which Turing runs: its
+    experts and trunk stream their 4-bit bytes (at the int8 and 16-bit classes' rates). Other presets, and an
+    engine's run of llama-cpp (PyTorch kernels), keep the profile's classes."""
+    from moesim.calib.profile import load_profile
+    from moesim.simulator.knobs import apply_knobs, parse_knobs
+
+    tokens = [[[0, 1], [1, 2], [2, 3]], [[1, 2], [2, 3], [3, 0]], [[2, 3], [3, 0], [0, 1]]]
+    path = write_tiny_trace(tmp_path / "t.parquet", tokens, prompt=1, top_k=2)
+    t4 = load_profile("t4")
+    assert "int4" not in t4.expert_kernels
+    four = WeightFormat.parse("int4")
+
+    def run(preset, **parts):
+        policy = get_preset(preset).with_parts(**parts) if parts else get_preset(preset)
+        config = SimConfig(policy, expert_format=four, non_expert_format=four)
+        if preset == "llama-cpp":
+            config = apply_knobs(config, parse_knobs(["n_cpu_moe=1"]), 4, [four.bytes_for(tiny_shape().expert_params)] * 3)
+        return simulate(path, t4, config)
+
+    own = run("llama-cpp")
+    assert (own.expert_kernel, own.non_expert_kernel) == ("int4", "int4")
+    assert own.label.profile == "t4"  # the run is labelled with the profile it was given
+    engine = run("llama-cpp", released_code_costs=False)
+    assert (engine.expert_kernel, engine.non_expert_kernel) == ("int8 (for int4)", "bf16 (for int4)")
+    lru = run("lru")
+    assert lru.expert_kernel == "int8 (for int4)"
+    assert own.tpot_mean_s < engine.tpot_mean_s
+    # an sm80 card's own int4 class is left as it is
+    from moesim.simulator.runtime import runtime_costs, runtime_profile
+    a6000 = load_profile("a6000")
+    assert runtime_profile(a6000, runtime_costs("llama-cpp")) is a6000
+    derived = runtime_profile(t4, runtime_costs("llama-cpp"))
+    assert derived is runtime_profile(t4, runtime_costs("llama-cpp"))  # made once per profile
+    assert "mul_mat_vec_q" in derived.expert_models["int4"].library
+
+
+def test_ktransformers_splits_each_host_expert_over_the_sockets(tmp_path):
+    """KTransformers' dual-socket mode holds the experts once per NUMA node and splits each expert between the
+    sockets: a host expert costs its dispatch plus half of one socket's time. llama.cpp (no NUMA placement) and
+    an engine's run keep one socket's time; a one-socket host changes nothing."""
+    from moesim.calib.hosts import compose_profile
+    from moesim.simulator.runtime import apply_runtime, runtime_costs
+
+    dual = compose_profile("rtx-4090d", "xeon-gold-6454s-x2")
+    assert dual.host.facts["sockets"] == 2
+    assert compose_profile("rtx-4090d", "xeon-gold-6454s").host.facts["sockets"] == 1
+    tokens = [[[0, 1], [1, 2], [2, 3]], [[1, 2], [2, 3], [3, 0]]]
+    tables = build_cost_tables_for(write_tiny_trace(tmp_path / "t.parquet", tokens, prompt=1, top_k=2))
+    tables = replace(tables, cpu_expert=[0.0, 5 * MS, 7 * MS], cpu_expert_latency_s=1 * MS)
+    two = replace(tables, host_sockets=2)
+    kt = runtime_costs("ktransformers")
+    one_socket = apply_runtime(tables, kt, False, False).cpu_expert
+    split = apply_runtime(two, kt, False, False).cpu_expert
+    assert [a - b for a, b in zip(one_socket, split)] == pytest.approx([0.0, 2 * MS, 3 * MS], abs=1e-15)
+    for runtime in (runtime_costs("llama-cpp"), runtime_costs("ktransformers", fitted=False)):
+        assert apply_runtime(two, runtime, False, False).cpu_expert == apply_runtime(tables, runtime, False,
+                                                                                      False).cpu_expert
+
+
+def test_the_fitted_server_int4_rate_scales_only_server_hosts_cpu_int4_class(monkeypatch):
+    from moesim.calib import hosts
+    from moesim.reproduce.fit import REGISTRY, values
+
+    def quant(host):
+        eff = compose_profile_eff(host)
+        return eff["host_memory_quantized"]["value"], eff["cpu_quant_per_core_flops"]["value"]
+
+    def compose_profile_eff(host):
+        return hosts.compose_profile("rtx-4090d", host).efficiency
+
+    base_mem = hosts.CPU_QUANT_MEMORY_EFFICIENCY.value
+    with values({"server.cpu_int4_rate": 0.5}):
+        mem, flops = quant("xeon-gold-6454s")
+        assert mem == pytest.approx(0.5 * base_mem)
+        assert flops == pytest.approx(0.5 * hosts.CPU_QUANT_LANES["amx"] * 2 * 2.0e9)
+        assert quant("xeon-gold-6454s-x2") == (mem, flops)
+        assert quant("threadripper-pro-5965wx")[0] == pytest.approx(base_mem)
+    assert REGISTRY["server.cpu_int4_rate"].read() == hosts.FITTED_CPU_INT4_RATE["server"]
