@@ -133,8 +133,8 @@ def _check_names(r: dict[str, str], where: str) -> None:
     # files are read from the working directory, as the simulator reads a trace or a model config
     routing, model = r["routing"], Path(r["model"])
     if routing not in bundled_traces() and not is_synthetic(routing) and not Path(routing).is_file():
-        raise bad("routing", f"expected a bundled trace or routing model "
-                             f"({_one_of([*bundled_traces(), *bundled_routing(), DSL, IID])}) or a trace file")
+        names = [*bundled_traces(), *bundled_routing(), DSL, IID, f"{IID}-topK"]
+        raise bad("routing", f"expected a bundled trace or routing model ({_one_of(names)}) or a trace file")
     configs = bundled_model_configs()
     local = (model.suffix == ".json" and model.is_file()) or (model / "config.json").is_file()
     if r["model"] not in configs and not local:

@@ -14,12 +14,16 @@
   statistic. No cross-layer or per-request statistic is published: the model has neither.
 - ``iid-uniform``: every token picks top-k distinct experts uniformly at random, a stated stand-in for
   models whose routing is available in no form here (``moesim trace synth --routing uniform``;
-  :func:`moesim.tracer.routing.uniform_routing`).
+  :func:`moesim.tracer.routing.uniform_routing`). ``iid-uniform-topK`` picks K experts per token instead of the
+  model's own top-k, for a system run with fewer experts per token than the model was trained with
+  (KTransformers' "6 experts" runs of DeepSeek-V3, which routes 8).
 
 Synthetic traces are deterministic (fixed seed) and are marked synthetic in the report.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 
@@ -43,13 +47,20 @@ def _routing_models() -> dict:
     return bundled_routing()
 
 
+def iid_top_k(routing: str) -> int | None:
+    """K of an ``iid-uniform-topK`` name (None for any other name)."""
+    prefix = f"{IID}-top"
+    digits = routing[len(prefix):] if routing.startswith(prefix) else ""
+    return int(digits) if digits.isdigit() and int(digits) > 0 else None
+
+
 def is_synthetic(routing: str) -> bool:
     """A bundled trace's name means its real routing, even where a routing model shares the name."""
     from moesim.traces import bundled_traces
 
     if routing in bundled_traces():
         return False
-    return routing in (IID, DSL) or routing in _routing_models()
+    return routing in (IID, DSL) or iid_top_k(routing) is not None or routing in _routing_models()
 
 
 def synthetic_trace(routing: str, model: str, prompts: list[int], outputs: list[int], seed: int = SEED) -> Trace:
@@ -57,14 +68,19 @@ def synthetic_trace(routing: str, model: str, prompts: list[int], outputs: list[
     from moesim.tracer.routing import PARTS, read_routing, uniform_routing
     from moesim.tracer.synth import synthetic_trace as synth
 
-    if routing == IID:
-        return synth(uniform_routing(load_model_shape(model)), np.asarray(prompts), np.asarray(outputs), seed=seed,
+    if routing == IID or iid_top_k(routing) is not None:
+        shape = load_model_shape(model)
+        k = iid_top_k(routing) or shape.top_k
+        if k > shape.num_experts:
+            raise MoesimError(f"routing '{routing}': {k} experts per token, more than model {model}'s "
+                              f"{shape.num_experts}")
+        return synth(uniform_routing(replace(shape, top_k=k)), np.asarray(prompts), np.asarray(outputs), seed=seed,
                      disabled=PARTS)
     if routing == DSL:
         return synth(deepseek_v2_lite_routing(model), np.asarray(prompts), np.asarray(outputs), seed=seed)
     if routing not in _routing_models():
         raise MoesimError(f"routing '{routing}': expected a bundled trace, a bundled routing model "
-                          f"({', '.join(_routing_models())}), {DSL} or {IID}")
+                          f"({', '.join(_routing_models())}), {DSL}, {IID} or {IID}-topK")
 
     rm = read_routing(routing)
     shape = load_model_shape(model)

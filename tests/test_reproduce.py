@@ -311,3 +311,16 @@ def test_scores_of_a_run_with_no_point_of_a_kind_print_its_count_not_nan():
 
     lines = format_scores(score([]), {})
     assert lines == ["speed points (TPOT, tokens/s) simulated: 0", "peak memory points: 0", "TTFT points: 0"]
+
+
+def test_iid_uniform_routing_can_route_fewer_experts_than_the_model():
+    """KTransformers' "6 experts" runs route 6 of DeepSeek-V3's 256 experts per token where the model routes 8."""
+    from moesim.reproduce.routing import iid_top_k, is_synthetic
+
+    assert iid_top_k("iid-uniform-top6") == 6 and iid_top_k("iid-uniform") is None
+    assert iid_top_k("iid-uniform-top0") is None and iid_top_k("iid-uniform-topx") is None
+    assert is_synthetic("iid-uniform-top6")
+    trace = synthetic_trace("iid-uniform-top6", "deepseek-v3", [3], [2])
+    assert trace.meta.model.top_k == 6 and trace.meta.model.num_experts == 256
+    with pytest.raises(MoesimError, match="more than model mixtral-8x7b's 8"):
+        synthetic_trace("iid-uniform-top9", "mixtral-8x7b", [3], [2])
