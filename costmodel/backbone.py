@@ -53,6 +53,9 @@ class OpCosts:
     decode_tokens_per_expert: float
     expert_kernel: str
     cpu_available: bool
+    # a prefill cell whose routed tokens (the step's tokens x top_k) reach this runs host experts on the GPU,
+    # each uploaded on the compute stream (llama.cpp's op offload; CostTables.prefill_offload_tokens; 0: never)
+    prefill_offload_routed: int = 0
 
 
 def _cpu_chain(oc: OpCosts, t: float) -> float:
@@ -112,6 +115,7 @@ def op_costs(fe: WorkloadFeatures, profile, shape, expert_bytes: list[int], expe
         copy_d2h=np.asarray(ct.d2h_by_layer),
         layer_copy=layer_copy, decode_fixed=dec_fixed, prefill_fixed=pre_fixed, decode_tokens_per_expert=tpe,
         expert_kernel=ct.expert_kernel, cpu_available=cpu_ok,
+        prefill_offload_routed=ct.prefill_offload_tokens * ct.top_k,
     )
 
 
@@ -328,8 +332,14 @@ def _prefill_cells(fe: WorkloadFeatures, misses: Optional[np.ndarray], mode: str
             return np.broadcast_to(G, (len(G), C)).copy()
         missing = layer_on_host(pc.layer, layers_resident, fe.num_layers, spec.cache.initial)
         if placement == "cpu":
-            # llama.cpp: a host layer's experts run on the CPU, each its activations down, FFN and outputs up
-            return np.where(missing, _cpu_chains(oc, tok, present), G)
+            # llama.cpp: a host layer's experts run on the CPU, each its activations down, FFN and outputs up;
+            # in a prefill step of enough tokens (op offload) each is uploaded and run on the GPU, in turn
+            host = _cpu_chains(oc, tok, present)
+            if oc.prefill_offload_routed:
+                routed = np.where(present, tok, 0).sum(axis=1)[:, None]
+                upload = G + a * oc.copy[pc.layer][:, None]
+                host = np.where(routed >= oc.prefill_offload_routed, upload, host)
+            return np.where(missing, host, G)
         # accelerate: a layer not among the first resident ones is copied whole on every forward pass
         return G + missing * oc.layer_copy[pc.layer][:, None]
     m = misses.astype(np.float64)

@@ -30,7 +30,11 @@ class MemoryParts:
 
 def buffer_bytes(spec: PolicySpec, expert_bytes: list[int], num_experts: int) -> int:
     """Staging and prefetch buffers (the simulator's rule)."""
-    return sum(transfer_buffers(spec.transfer, [int(b) for b in expert_bytes], num_experts))
+    from moesim.simulator.memory import op_offload_bytes
+
+    expert_bytes = [int(b) for b in expert_bytes]
+    return sum(transfer_buffers(spec.transfer, expert_bytes, num_experts)) + op_offload_bytes(spec, expert_bytes,
+                                                                                             num_experts)
 
 
 def memory_parts(shape, workload, non_expert_bytes: int, profile) -> MemoryParts:

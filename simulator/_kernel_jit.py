@@ -433,8 +433,10 @@ def _hybrimoe_split(SI, SB, TT, experts, expert_tokens, a, b, code, move):
 
 
 @njit(cache=True, inline='always')
-def _place(placement, code, CK, TL, TT, SI, SB, layer, E, phase, experts, expert_tokens, a, b):
-    """Per routed expert of the layer, whether it runs on the CPU (Placement.place): ``SB[B_ON_CPU]``."""
+def _place(placement, code, CK, TL, TT, SI, SB, layer, E, phase, experts, expert_tokens, a, b, offload_routed):
+    """Per routed expert of the layer, whether it runs on the CPU (Placement.place): ``SB[B_ON_CPU]``.
+    ``offload_routed``: the routed experts' token sum (the step's tokens x top_k) from which a prefill step runs
+    host experts on the GPU (CpuForHostExperts; 0: never)."""
     n = b - a
     for j in range(n):
         SB[B_ON_CPU, j] = False
@@ -452,8 +454,13 @@ def _place(placement, code, CK, TL, TT, SI, SB, layer, E, phase, experts, expert
         _hybrimoe_split(SI, SB, TT, experts, expert_tokens, a, b, code,
                         HYBRIMOE_MOVE_S if code else TL[T_PLACE_COPY, layer])
     elif placement == _CPU_HOST:
-        for j in range(n):
-            SB[B_ON_CPU, j] = not SB[B_RES, j]
+        routed = 0
+        if offload_routed > 0 and phase == PREFILL:
+            for j in range(n):
+                routed += expert_tokens[a + j]
+        if not (offload_routed > 0 and phase == PREFILL and routed >= offload_routed):
+            for j in range(n):
+                SB[B_ON_CPU, j] = not SB[B_RES, j]
 
 
 # ---- the driver: Simulation._forward's layer and step
@@ -810,7 +817,7 @@ def _layer(F, I, LF, LI, Q, JF, JI, counts, CK, CP, TL, TLI, TT, members, scores
     placement, code, hidden = shape[6], shape[7], shape[8]
     if kind == _MRS:
         _observe_scores(scores, params, layer, E, experts, weights, a, b)
-    _place(placement, code, CK, TL, TT, SI, SB, layer, E, phase, experts, expert_tokens, a, b)
+    _place(placement, code, CK, TL, TT, SI, SB, layer, E, phase, experts, expert_tokens, a, b, shape[16])
     n_sel = 0
     for j in range(b - a):
         if not SB[B_ON_CPU, j]:

@@ -87,6 +87,9 @@ class CostTables:
     # the host's sockets (NUMA nodes; the profile's host facts): cpu_expert is one socket's time, and a runtime
     # that splits each host expert over the sockets divides its work among them (runtime.py numa_split)
     host_sockets: int = 1
+    # a prefill step of at least this many tokens runs host-placed experts on the GPU, their weights uploaded
+    # for it (the runtime's op offload, runtime.py; 0: never; placement.py ``cpu``)
+    prefill_offload_tokens: int = 0
 
 
 

@@ -152,7 +152,8 @@ class KernelRun:
                           int(transfer.demand_priority), _drop_phases(objs.prefetcher),
                           int(bool(getattr(getattr(objs.prefetcher, "spec", None), "evicts_earlier_layers_only",
                                            False))),
-                          int(host_issues_ahead(costs, transfer)), int(mode == _COMPUTE and not transfer.pinned)],
+                          int(host_issues_ahead(costs, transfer)), int(mode == _COMPUTE and not transfer.pinned),
+                          costs.prefill_offload_tokens * costs.top_k],
                          dtype=np.int64)
         scalars = np.array([costs.step_overhead_s, costs.layer_overhead_s, float(costs.dense_layers)])
         params = np.array([getattr(cache, "alpha", 0.0), getattr(cache, "top_p", 0)], dtype=np.float64)

@@ -122,6 +122,18 @@ def buffer_bytes(transfer, expert_bytes: list[int], num_experts: int) -> tuple[i
     return int(staging), int(transfer.prefetch_buffer_experts * max_eb)
 
 
+def op_offload_bytes(policy: PolicySpec, expert_bytes: list[int], num_experts: int) -> int:
+    """The device buffer of a runtime whose prefill uploads host experts (llama.cpp's op offload): the scheduler
+    copies a split's inputs into its compute buffer, and a layer's three merged expert tensors are inputs of one
+    split, so it holds one whole layer of experts (reserved at start-up for the largest batch)."""
+    from moesim.simulator.runtime import runtime_costs
+
+    runtime = runtime_costs(policy.runtime, policy.released_code_costs)
+    if not (runtime.fitted and runtime.prefill_op_offload_tokens):  # an engine's run uploads nothing
+        return 0
+    return int(num_experts * max(expert_bytes))
+
+
 def cache_bytes_at_sizes(spec: PolicySpec, expert_bytes: list[int], num_experts: int, cache_experts: np.ndarray,
                 dp_sizes: np.ndarray | None = None) -> np.ndarray:
     """Bytes the cache holds at each ``cache_experts`` (experts per MoE layer), as :func:`plan_memory` sizes it,
@@ -180,6 +192,7 @@ def plan_memory(policy: PolicySpec, shape: ModelShape, expert_bytes: list[int], 
     budget = int(gpu_mem_bytes if gpu_mem_bytes is not None else profile.device.memory_bytes)
     max_eb = max(expert_bytes)
     staging, prefetch_buf = buffer_bytes(transfer, expert_bytes, E)
+    staging += op_offload_bytes(policy, expert_bytes, E)
     kv = kv_cache_bytes(shape, workload)
     act = activation_bytes(shape, workload)
     reserve = int(profile.runtime_reserve_bytes)

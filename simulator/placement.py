@@ -14,8 +14,9 @@
               costs; ``rule="code"`` the released constants (CPU 1 ms/token + 0.79 ms, GPU 0.5 ms per
               expert, copy 0.418 ms).
 ``cpu``       llama.cpp's ``--cpu-moe`` / ``--n-cpu-moe N``: a layer's experts live either in GPU memory or in
-              host memory, and an expert in host memory always runs on the CPU (never copied over), in both
-              phases.
+              host memory, and an expert in host memory runs on the CPU, except in a prefill step of at least
+              ``CostTables.prefill_offload_tokens`` tokens (llama.cpp's op offload, a runtime fact: 32 for the
+              released code, 0 for an engine's run), where it is uploaded for the step and runs on the GPU.
 
 Placements are plain Python over the per-run cost tables (:class:`moesim.simulator.costs.CostTables`).
 """
@@ -147,6 +148,10 @@ class CpuForHostExperts(Placement):
     copies_misses = False
 
     def place(self, layer, phase, experts, tokens, resident):
+        offload = self.costs.prefill_offload_tokens
+        # every token of a step routes top_k experts in each layer: the step's tokens are their sum over top_k
+        if offload and phase == PREFILL and sum(tokens) >= offload * self.costs.top_k:
+            return None
         out = [not resident(layer, e) for e in experts]
         return out if any(out) else None
 

@@ -257,15 +257,19 @@ def llama_cpp() -> PolicySpec:
     backend), the others live on the GPU; nothing is cached or copied per expert. ``--knob n_cpu_moe=N`` states
     N; a cache size (or the memory sizing) fills the GPU with whole layers from the last one back. A CPU layer
     sends its activations to the host and the outputs back (the CPU experts' chain of the Fiddler placement).
-    Leaves out: op offload in prefill (a ubatch of at least ``GGML_OP_OFFLOAD_MIN_BATCH`` = 32 tokens uploads
-    each host expert tensor to the GPU instead; here every host layer's experts run on the CPU in both phases);
-    ggml's own kernel rates (the profile's kernels stand in; where a card has no 4-bit class because PyTorch's
+    Op offload: a prefill step of at least ``GGML_OP_OFFLOAD_MIN_BATCH`` = 32 tokens runs the host layers'
+    experts on the GPU, each uploaded for the step (pinned copies on the compute stream, ahead of the layer's
+    compute, as ggml's scheduler copies a split's inputs), the device holding one layer's experts for it.
+    Leaves out: the upload of experts no token routed to (the merged tensor goes whole; at a ubatch of
+    hundreds of tokens nearly every expert is routed), whether the host weights are pinned (mmap'd weights
+    are pageable; not stated by the published runs); ggml's own kernel rates (the profile's kernels stand in; where a card has no 4-bit class because PyTorch's
     needs sm80, as on Turing, ggml's quantized kernels are timed at the profile's int8 and 16-bit classes' rates
     on their 4-bit bytes: ``RuntimeCosts.gpu_quant_kernels``); NUMA placement on a two-socket host (one socket's
     rate, no cross-socket cost). Runtime (``llama-cpp``): a layer is a few fused kernels, not an eager PyTorch
     module, so the profile's eager per-layer costs give way to llama.cpp's launches (simulator/runtime.py).
     """
-    return _spec("llama-cpp", CacheSpec("static", initial="last-layers"), placement="cpu", runtime="llama-cpp")
+    return _spec("llama-cpp", CacheSpec("static", initial="last-layers"), placement="cpu", runtime="llama-cpp",
+                 transfer="sync", pinned=True, staging_experts=0)
 
 
 @PRESETS.register("ktransformers")

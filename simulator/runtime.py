@@ -35,9 +35,10 @@ and syncs), both in :data:`FITTED_UNIT_COSTS`, and ``layer_fitted_s`` (a per-MoE
 none fitted). The rate of ggml-family int4 kernels on a host's CPU cores is fitted in the same registry and
 lives with the host (``calib/hosts.py FITTED_CPU_INT4_RATE``).
 
-Two implementation facts come with a runtime rather than a profile: its own 4-bit GPU kernels where PyTorch has
-none (``gpu_quant_kernels``: llama.cpp's run on a Turing card, :func:`runtime_profile`), and KTransformers'
-split of each host expert over the sockets of a two-socket host (``numa_split``).
+Three implementation facts come with a runtime rather than a profile: its own 4-bit GPU kernels where PyTorch has
+none (``gpu_quant_kernels``: llama.cpp's run on a Turing card, :func:`runtime_profile`), KTransformers' split of
+each host expert over the sockets of a two-socket host (``numa_split``), and llama.cpp's op offload, which runs a
+prefill step's host experts on the GPU (``prefill_op_offload_tokens``; placement.py ``cpu``).
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class RuntimeCosts:
     # copy of the weights (KTransformers' dual-socket mode): a host expert takes 1/sockets of one socket's time
     # beyond its dispatch; only for the released system's run
     numa_split: bool = False
+    # a prefill step of at least this many tokens runs the host layers' experts on the GPU, their weights
+    # uploaded for the step (llama.cpp's op offload; 0: never); only for the released system's run
+    prefill_op_offload_tokens: int = 0
     where: str = ""  # code locations of the counts
     fitted: bool = True  # the fitted unit costs apply (the released code's run, not an engine's of the same preset)
 
@@ -127,11 +131,15 @@ RUNTIMES: dict[str, RuntimeCosts] = {r.name: r for r in (
         "llama-cpp", layer_kernels=49, graph_layers=True, cpu_layer_op=True,
         gpu_quant_kernels="ggml-cuda mul_mat_vec_q (quantized dot products with dp4a, compute capability >= 6.1; "
                           "ggml/src/ggml-cuda/mmvq.cu)",
+        prefill_op_offload_tokens=32,
         where="KTransformers SOSP'25 Fig. 4 (component-costs 4.2): llama.cpp issues about 3,000 CUDA launches per "
               "DeepSeek-V3 token, 49 per layer of its 61, averaging 5 us; each CPU layer's split synchronises "
               "(ggml_backend_sched copies its activations to the host), so the next split's launches are exposed; "
               "the host experts of a layer are one MUL_MAT_ID op per projection on the CPU backend, fed by one "
-              "copy of the split's input (offloading-systems 7.5)"),
+              "copy of the split's input (offloading-systems 7.5); op offload (on by default): an op whose weights "
+              "are in host memory runs on the GPU, its weights uploaded, when the batch has at least "
+              "GGML_OP_OFFLOAD_MIN_BATCH = 32 tokens (ggml/src/ggml-backend.cpp, ggml-cuda.cu; offloading-systems "
+              "7.5), so a prefill ubatch streams every host layer's experts over the link"),
     RuntimeCosts(
         "ktransformers", graph_layers=True, cpu_layer_op=True, numa_split=True,
         where="kvcache-ai/ktransformers 95009ea (offloading-systems 7.4; SOSP'25 via component-costs 4.2): the decode "
@@ -238,6 +246,7 @@ def apply_runtime(tables, runtime: RuntimeCosts, expert_hqq: bool, attention_hqq
         lat = tables.cpu_expert_latency_s
         cpu = [lat + (t - lat) / sockets if i else t for i, t in enumerate(cpu)]
     cpu = [t + cpu_s if i else t for i, t in enumerate(cpu)]
+    offload = runtime.prefill_op_offload_tokens if runtime.fitted else 0
     act = {}
     k = tables.top_k
     if runtime.cpu_layer_op and runtime.fitted and k > 1:
@@ -254,6 +263,7 @@ def apply_runtime(tables, runtime: RuntimeCosts, expert_hqq: bool, attention_hqq
     decode = {b: [max(0.0, v - drop_dec) + extra_ne for v in vals] for b, vals in tables.decode_non_expert.items()}
     prefill = {p: max(0.0, v - drop_pre) + extra_ne for p, v in tables.prefill_non_expert.items()}
     return replace(tables, gpu_expert=gpu, cpu_expert=cpu, decode_non_expert=decode, prefill_non_expert=prefill, **act,
+                   prefill_offload_tokens=offload,
                    layer_overhead_s=(0.0 if graph else tables.layer_overhead_s) + layer_s,
                    prefill_non_expert_latency_s=tables.prefill_non_expert_latency_s - drop_pre,
                    decode_non_expert_latency_s=tables.decode_non_expert_latency_s - drop_dec)

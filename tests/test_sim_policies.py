@@ -496,3 +496,30 @@ def test_the_fitted_server_int4_rate_scales_only_server_hosts_cpu_int4_class(mon
         assert quant("xeon-gold-6454s-x2") == (mem, flops)
         assert quant("threadripper-pro-5965wx")[0] == pytest.approx(base_mem)
     assert REGISTRY["server.cpu_int4_rate"].read() == hosts.FITTED_CPU_INT4_RATE["server"]
+
+
+def test_llama_cpp_runs_a_long_prefill_steps_host_experts_on_the_gpu(tmp_path):
+    """llama.cpp's op offload: an op whose weights live in host memory runs on the GPU, its weights uploaded,
+    when the batch has at least GGML_OP_OFFLOAD_MIN_BATCH = 32 tokens; a shorter prefill and every decode step
+    run the host experts on the CPU. The device holds one layer's experts for the upload. An engine's run of the
+    preset (PyTorch, no op offload) keeps them on the CPU. The compiled replay agrees with the event engine."""
+    from moesim.simulator.knobs import apply_knobs, parse_knobs
+
+    def trace(prompt):
+        tokens = [[[t % 4, (t + 1) % 4]] * 3 for t in range(prompt + 3)]
+        return write_tiny_trace(tmp_path / f"p{prompt}.parquet", tokens, prompt=prompt, top_k=2)
+
+    def run(path, **parts):
+        policy = get_preset("llama-cpp").with_parts(**parts) if parts else get_preset("llama-cpp")
+        config = apply_knobs(SimConfig(policy), parse_knobs(["n_cpu_moe=3"]), 4, [EXPERT_BYTES] * 3)
+        fast = simulate(path, profile(), config)
+        assert fast == simulate(path, profile(), config, exact_events=True)
+        return fast
+
+    long, short = run(trace(32)), run(trace(31))
+    # 32 tokens route all 4 experts of each layer: 12 uploads; nothing else crosses host to device but activations
+    assert long.h2d_bytes >= 12 * EXPERT_BYTES > short.h2d_bytes
+    assert long.memory.staging_bytes == 4 * EXPERT_BYTES  # one whole layer's experts
+    assert long.cpu_expert_fraction == short.cpu_expert_fraction == 1.0  # decode stays on the CPU
+    engine = run(trace(32), released_code_costs=False)
+    assert engine.h2d_bytes < EXPERT_BYTES and engine.memory.staging_bytes == 0
