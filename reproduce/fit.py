@@ -220,16 +220,34 @@ def memoized(predict: Callable, registry: Mapping[str, FittedParameter] | None =
 # ---- the registry: one entry per fitted unit cost
 
 
-def _unit_cost(key: str) -> tuple[Callable[[], float], Callable[[float], None]]:
-    from moesim.simulator import runtime
-
+def _entry(table: Callable[[], dict], key: str) -> tuple[Callable[[], float], Callable[[float], None]]:
+    """Read and write one entry of the dict where the simulator reads a fitted value (``table()``, looked up
+    when called, so the defining module is imported only then)."""
     def read() -> float:
-        return runtime.FITTED_UNIT_COSTS[key]
+        return table()[key]
 
     def write(value: float) -> None:
-        runtime.FITTED_UNIT_COSTS[key] = float(value)
+        table()[key] = float(value)
 
     return read, write
+
+
+def _unit_cost(key: str) -> tuple[Callable[[], float], Callable[[float], None]]:
+    def table() -> dict:
+        from moesim.simulator import runtime
+
+        return runtime.FITTED_UNIT_COSTS
+
+    return _entry(table, key)
+
+
+def _host_rate(key: str) -> tuple[Callable[[], float], Callable[[float], None]]:
+    def table() -> dict:
+        from moesim.calib import hosts
+
+        return hosts.FITTED_CPU_INT4_RATE
+
+    return _entry(table, key)
 
 
 register(FittedParameter(
@@ -275,18 +293,6 @@ register(FittedParameter(
     read=_unit_cost("moe-infinity.expert_overhead_s")[0],
     write=_unit_cost("moe-infinity.expert_overhead_s")[1],
 ))
-
-
-def _host_rate(key: str) -> tuple[Callable[[], float], Callable[[float], None]]:
-    from moesim.calib import hosts
-
-    def read() -> float:
-        return hosts.FITTED_CPU_INT4_RATE[key]
-
-    def write(value: float) -> None:
-        hosts.FITTED_CPU_INT4_RATE[key] = float(value)
-
-    return read, write
 
 
 register(FittedParameter(
