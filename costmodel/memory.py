@@ -14,6 +14,7 @@ import numpy as np
 
 from moesim.simulator.config import PolicySpec
 from moesim.simulator.memory import buffer_bytes as transfer_buffers
+from moesim.simulator.memory import op_offload_bytes
 from moesim.simulator.memory import cache_bytes_at_sizes as cache_bytes
 
 
@@ -30,8 +31,6 @@ class MemoryParts:
 
 def buffer_bytes(spec: PolicySpec, expert_bytes: list[int], num_experts: int) -> int:
     """Staging and prefetch buffers (the simulator's rule)."""
-    from moesim.simulator.memory import op_offload_bytes
-
     expert_bytes = [int(b) for b in expert_bytes]
     return sum(transfer_buffers(spec.transfer, expert_bytes, num_experts)) + op_offload_bytes(spec, expert_bytes,
                                                                                              num_experts)

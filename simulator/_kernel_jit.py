@@ -454,11 +454,13 @@ def _place(placement, code, CK, TL, TT, SI, SB, layer, E, phase, experts, expert
         _hybrimoe_split(SI, SB, TT, experts, expert_tokens, a, b, code,
                         HYBRIMOE_MOVE_S if code else TL[T_PLACE_COPY, layer])
     elif placement == _CPU_HOST:
-        routed = 0
+        offloaded = False
         if offload_routed > 0 and phase == PREFILL:
+            routed = 0
             for j in range(n):
                 routed += expert_tokens[a + j]
-        if not (offload_routed > 0 and phase == PREFILL and routed >= offload_routed):
+            offloaded = routed >= offload_routed
+        if not offloaded:
             for j in range(n):
                 SB[B_ON_CPU, j] = not SB[B_RES, j]
 

@@ -125,7 +125,8 @@ def buffer_bytes(transfer, expert_bytes: list[int], num_experts: int) -> tuple[i
 def op_offload_bytes(policy: PolicySpec, expert_bytes: list[int], num_experts: int) -> int:
     """The device buffer of a runtime whose prefill uploads host experts (llama.cpp's op offload): the scheduler
     copies a split's inputs into its compute buffer, and a layer's three merged expert tensors are inputs of one
-    split, so it holds one whole layer of experts (reserved at start-up for the largest batch)."""
+    split, so it holds one whole layer of experts (reserved at start-up for the largest batch; charged whatever
+    the placement, also where every layer fits on the GPU and llama.cpp would need none)."""
     from moesim.simulator.runtime import runtime_costs
 
     runtime = runtime_costs(policy.runtime, policy.released_code_costs)

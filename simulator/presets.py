@@ -262,11 +262,12 @@ def llama_cpp() -> PolicySpec:
     compute, as ggml's scheduler copies a split's inputs), the device holding one layer's experts for it.
     Leaves out: the upload of experts no token routed to (the merged tensor goes whole; at a ubatch of
     hundreds of tokens nearly every expert is routed), whether the host weights are pinned (mmap'd weights
-    are pageable; not stated by the published runs); ggml's own kernel rates (the profile's kernels stand in; where a card has no 4-bit class because PyTorch's
-    needs sm80, as on Turing, ggml's quantized kernels are timed at the profile's int8 and 16-bit classes' rates
-    on their 4-bit bytes: ``RuntimeCosts.gpu_quant_kernels``); NUMA placement on a two-socket host (one socket's
-    rate, no cross-socket cost). Runtime (``llama-cpp``): a layer is a few fused kernels, not an eager PyTorch
-    module, so the profile's eager per-layer costs give way to llama.cpp's launches (simulator/runtime.py).
+    are pageable; not stated by the published runs); ggml's own kernel rates (the profile's kernels stand in;
+    where a card has no 4-bit class because PyTorch's needs sm80, as on Turing, ggml's quantized kernels are
+    timed at the profile's int8 and 16-bit classes' rates on their 4-bit bytes:
+    ``RuntimeCosts.gpu_quant_kernels``); NUMA placement on a two-socket host (one socket's rate, no
+    cross-socket cost). Runtime (``llama-cpp``): a layer is a few fused kernels, not an eager PyTorch module,
+    so the profile's eager per-layer costs give way to llama.cpp's launches (simulator/runtime.py).
     """
     return _spec("llama-cpp", CacheSpec("static", initial="last-layers"), placement="cpu", runtime="llama-cpp",
                  transfer="sync", pinned=True, staging_experts=0)
