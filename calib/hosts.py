@@ -88,6 +88,21 @@ HOSTS: dict[str, HostCpu] = {h.name: h for h in (
             "Gold 6454S (2 NUMA nodes), 8 x DDR5-4800 per socket, 1 TB", 32, "amx", 8 * 38.4 * GB, 1024 * GIB,
             "kvcache-ai/ktransformers 95009ea doc/en/DeepseekR1_V3_tutorial.md; cores and bandwidth are one "
             "socket's", pcie_gen=5, sockets=2, cpu_int4_rate="server"),
+    HostCpu("xeon-platinum-8352y", "Intel Xeon Platinum 8352Y", "a KTransformers user's host (issue #319): one "
+            "Xeon Platinum 8352Y (Ice Lake-SP, 32 cores), 8 x DDR4-3200 assumed (memory not stated)", 32, "avx512",
+            8 * 25.6 * GB, 512 * GIB, "Intel ARK Xeon Platinum 8352Y: 32 cores, AVX-512, 8 channels DDR4-3200, "
+            "PCI Express 4.0; the report gives cpu_infer 65 and no socket count: one socket assumed",
+            pcie_gen=4, cpu_int4_rate="server"),
+    HostCpu("epyc-7c13-4ch", "AMD EPYC 7C13 (4 channels populated)", "a KTransformers user's host (issue #319): 2 x "
+            "EPYC 7C13 with 8 x 64 GB DDR4-2933, i.e. 4 channels per socket; 56 cores used", 56, "avx2",
+            4 * 23.47 * GB, 512 * GIB, "AMD EPYC 7C13 (Zen 3, 64 cores, AVX2, no AVX-512, 8 channels DDR4-3200, "
+            "PCIe 4.0); the report's 8 DIMMs over two sockets populate 4 channels each, at 2933 MT/s; "
+            "KTransformers without its NUMA build reads one node's memory: one socket's channels",
+            pcie_gen=4, cpu_int4_rate="server"),
+    HostCpu("epyc-9654", "AMD EPYC 9654", "a KTransformers user's host (issue #477): one EPYC 9654 (Zen 4, 96 "
+            "cores), 12 x DDR5-4800 assumed (memory not stated)", 96, "avx512_bf16", 12 * 38.4 * GB, 768 * GIB,
+            "AMD EPYC 9654: 96 cores, Zen 4 (AVX-512 with BF16), 12 channels DDR5-4800, PCIe 5.0",
+            pcie_gen=5, cpu_int4_rate="server"),
     HostCpu("i9-10900x", "Intel Core i9-10900X", "llmfit PR #755 host: 10 cores, quad-channel DDR4", 10, "avx512",
             102 * GB, 128 * GIB, "AlexsJones/llmfit PR #755 (~102 GB/s measured quad-channel DDR4); Intel ARK "
             "Core i9-10900X (Cascade Lake-X): PCI Express Revision 3.0", pcie_gen=3),
@@ -138,8 +153,9 @@ CPU_QUANT_MEMORY_EFFICIENCY = Efficiency(
 # leaves about 100 ms for 11.5 GB of Q4_K experts, about 0.4 of the socket's 307 GB/s channel peak, where the
 # class assumes 0.85 (llama.cpp on a desktop's two channels). The socket itself streams more: 220 GB/s measured
 # within one socket of a Xeon Platinum 8452Y with the same 8 x DDR5-4800 (KTransformers SOSP'25 section 6;
-# component-costs 2.7), 0.72 of the peak.
-FITTED_CPU_INT4_RATE: dict[str, float] = {"server": 0.4409}
+# component-costs 2.7), 0.72 of the peak. Users' KTransformers reports on an Ice Lake Xeon and on EPYC Milan and
+# Genoa sockets share the fit (the catalogue's ktransformers-issues rows).
+FITTED_CPU_INT4_RATE: dict[str, float] = {"server": 0.4512}
 # ggml's quantized dot products: int8 multiply-adds on the vector units, about one instruction's lanes x 2 flop
 # per cycle at about 2 GHz (stated, not measured); a batch-1 expert stays bandwidth-bound, so only prefill sees it
 CPU_QUANT_LANES = {"avx2": 32, "avx512": 64, "avx512_bf16": 64, "amx": 64}

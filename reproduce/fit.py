@@ -303,17 +303,18 @@ register(FittedParameter(
             "ran llamafile's Q4_K kernels on Xeon Gold 6454S sockets (32 cores, 8 x DDR5-4800 each), llama.cpp "
             "its own. No source gives that rate; the socket itself streams 220 GB/s (0.72 of its peak, measured on "
             "a Xeon Platinum 8452Y with the same memory; KTransformers SOSP'25, component-costs 2.7), so a kernel "
-            "bound by memory alone would reach about 0.84 of the class. Fitted on the decode rates only; the "
-            "prefill rates of the same runs (the kt-*-ttft points) and llama.cpp's run on that host (kt-llamacpp) "
-            "are predicted with it. Users' KTransformers reports on other server sockets, too vague for the "
-            "catalogue (published-measurements rows 147, 149: DeepSeek-R1 4-bit, 6-7 tok/s on a 32-core Xeon "
-            "Platinum 8352Y with 8 x DDR4-3200, up to 14 tok/s on an EPYC 9654 with 12 x DDR5-4800), imply "
-            "about 0.42 and 0.50 of their sockets' peaks, near the fitted 0.37 (0.44 x 0.85)",
+            "bound by memory alone would reach about 0.84 of the class. Fitted on decode rates only, of two sources: "
+            "KTransformers' tutorial (three runs on the Xeon Gold 6454S host) and three users' reports of "
+            "KTransformers on other server sockets (a Xeon Platinum 8352Y, two EPYC 7C13 with 4 channels each "
+            "populated, an EPYC 9654; rows 147-149, confidence U: vague figures, memory mostly not stated), so "
+            "leave-one-source-out predicts each source with the rate the other gives. The prefill rates of the "
+            "tutorial's runs (the kt-*-ttft points) and llama.cpp's run on its host (kt-llamacpp) are predicted "
+            "with it",
     unit="fraction",
     used_in="calib/hosts.py FITTED_CPU_INT4_RATE['server'] (host_and_link_factors: host_memory_quantized and "
             "cpu_quant_per_core_flops of every host with cpu_int4_rate='server': the Xeon Scalable hosts and the "
             "server hosts the spec GPUs assume, TYPICAL_HOST_SERVER)",
-    points=("kt-v02-2s", "kt-v02-1s", "kt-v021-1k"),
+    points=("kt-v02-2s", "kt-v02-1s", "kt-v021-1k", "ktu-8352y", "ktu-7c13", "ktu-9654"),
     bounds=(0.1, 1.0),
     neutral=1.0,
     read=_host_rate("server")[0],
