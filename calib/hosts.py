@@ -46,8 +46,9 @@ class HostCpu:
     # sockets (NUMA nodes) of the machine; ``cores`` and ``memory_bandwidth`` are one socket's. Only a runtime
     # that splits each host expert over the sockets (simulator/runtime.py numa_split) uses more than one
     sockets: int = 1
-    # the fitted factor (FITTED_CPU_INT4_RATE) on the CPU int4 class's rates for this host's cores, if any
-    cpu_int4_rate: str = ""
+    # the kind of socket ("server", or "" for none): its key in FITTED_CPU_INT4_RATE, the fitted factor on the
+    # CPU int4 class's rates for such sockets' cores
+    socket_class: str = ""
 
     def __post_init__(self):
         if self.isa not in ISAS:
@@ -64,16 +65,16 @@ HOSTS: dict[str, HostCpu] = {h.name: h for h in (
             "avx512", 6 * 21.33 * GB, 192 * GIB,
             "Intel ARK Xeon Gold 6126: 12 cores, AVX-512, 6 channels DDR4-2666 (6 x 21.33 GB/s); Fiddler "
             "README (48-core Skylake) and ICLR'25 text (2 x Xeon Gold 6126); Intel ARK: PCI Express Revision 3.0",
-            pcie_gen=3, sockets=2, cpu_int4_rate="server"),
+            pcie_gen=3, sockets=2, socket_class="server"),
     HostCpu("cascade-lake-32c", "Intel Xeon Cascade Lake (32 cores)",
             "Fiddler Env2 host: 32-core Intel Cascade Lake, 6 x DDR4-2933", 32, "avx512", 6 * 23.47 * GB, 128 * GIB,
             "Fiddler README (L4 + 32-core Cascade Lake); Intel ARK 2nd-gen Xeon Scalable: AVX-512 (VNNI, no "
             "BF16), 6 channels DDR4-2933 per socket, PCI Express Revision 3.0 (48 lanes)", pcie_gen=3,
-            cpu_int4_rate="server"),
+            socket_class="server"),
     HostCpu("xeon-gold-5220r-10c", "Intel Xeon Gold 5220R (10 cores used)",
             "HybriMoE host: Xeon Gold 5220R restricted to 10 cores", 10, "avx512", 6 * 23.47 * GB, 256 * GIB,
             "arXiv 2504.05897 VI; Intel ARK Xeon Gold 5220R: AVX-512, 6 channels DDR4-2933, PCI Express "
-            "Revision 3.0", pcie_gen=3, cpu_int4_rate="server"),
+            "Revision 3.0", pcie_gen=3, socket_class="server"),
     HostCpu("threadripper-pro-5965wx", "AMD Ryzen Threadripper PRO 5965WX",
             "typical workstation: 24-core Zen 3 (AVX2, no AVX-512), 8 x DDR4-3200", 24, "avx2", 8 * 25.6 * GB,
             256 * GIB, "AMD product page: 24 cores, 8 channels DDR4-3200, PCIe 4.0; Zen 3 has AVX2 and no AVX-512",
@@ -83,26 +84,26 @@ HOSTS: dict[str, HostCpu] = {h.name: h for h in (
             "kvcache-ai/ktransformers 95009ea doc/en/DeepseekR1_V3_tutorial.md (Xeon Gold 6454S, 32 cores per socket, "
             "DDR5-4800 8 channels per socket; single-socket runs use 382 GB); 4th-gen Xeon Scalable: AMX, PCI "
             "Express 5.0; DDR5-4800: 4800 MT/s x 8 B = 38.4 GB/s per channel", pcie_gen=5,
-            cpu_int4_rate="server"),
+            socket_class="server"),
     HostCpu("xeon-gold-6454s-x2", "Intel Xeon Gold 6454S (2 sockets)", "KTransformers' dual-socket host: 2 x Xeon "
             "Gold 6454S (2 NUMA nodes), 8 x DDR5-4800 per socket, 1 TB", 32, "amx", 8 * 38.4 * GB, 1024 * GIB,
             "kvcache-ai/ktransformers 95009ea doc/en/DeepseekR1_V3_tutorial.md; cores and bandwidth are one "
-            "socket's", pcie_gen=5, sockets=2, cpu_int4_rate="server"),
+            "socket's", pcie_gen=5, sockets=2, socket_class="server"),
     HostCpu("xeon-platinum-8352y", "Intel Xeon Platinum 8352Y", "a KTransformers user's host (issue #319): one "
             "Xeon Platinum 8352Y (Ice Lake-SP, 32 cores), 8 x DDR4-3200 assumed (memory not stated)", 32, "avx512",
             8 * 25.6 * GB, 512 * GIB, "Intel ARK Xeon Platinum 8352Y: 32 cores, AVX-512, 8 channels DDR4-3200, "
             "PCI Express 4.0; the report gives cpu_infer 65 and no socket count: one socket assumed",
-            pcie_gen=4, cpu_int4_rate="server"),
+            pcie_gen=4, socket_class="server"),
     HostCpu("epyc-7c13-4ch", "AMD EPYC 7C13 (4 channels populated)", "a KTransformers user's host (issue #319): 2 x "
             "EPYC 7C13 with 8 x 64 GB DDR4-2933, i.e. 4 channels per socket; 56 cores used", 56, "avx2",
             4 * 23.47 * GB, 512 * GIB, "AMD EPYC 7C13 (Zen 3, 64 cores, AVX2, no AVX-512, 8 channels DDR4-3200, "
             "PCIe 4.0); the report's 8 DIMMs over two sockets populate 4 channels each, at 2933 MT/s; "
             "KTransformers without its NUMA build reads one node's memory: one socket's channels",
-            pcie_gen=4, cpu_int4_rate="server"),
+            pcie_gen=4, socket_class="server"),
     HostCpu("epyc-9654", "AMD EPYC 9654", "a KTransformers user's host (issue #477): one EPYC 9654 (Zen 4, 96 "
             "cores), 12 x DDR5-4800 assumed (memory not stated)", 96, "avx512_bf16", 12 * 38.4 * GB, 768 * GIB,
             "AMD EPYC 9654: 96 cores, Zen 4 (AVX-512 with BF16), 12 channels DDR5-4800, PCIe 5.0",
-            pcie_gen=5, cpu_int4_rate="server"),
+            pcie_gen=5, socket_class="server"),
     HostCpu("i9-10900x", "Intel Core i9-10900X", "llmfit PR #755 host: 10 cores, quad-channel DDR4", 10, "avx512",
             102 * GB, 128 * GIB, "AlexsJones/llmfit PR #755 (~102 GB/s measured quad-channel DDR4); Intel ARK "
             "Core i9-10900X (Cascade Lake-X): PCI Express Revision 3.0", pcie_gen=3),
@@ -309,7 +310,7 @@ def host_of_spec(spec: GpuSpec) -> HostCpu:
     return HostCpu("typical", spec.host.cpu_name, spec.host.description, spec.host.cores, isa,
                    spec.host.memory_bandwidth, spec.host.memory_bytes,
                    f"{spec.host.source}; ISA: {why}" + (f"; PCIe: {gen_why}" if gen_why else ""), pcie_gen=gen,
-                   cpu_int4_rate="server" if spec.host.cpu_name in TYPICAL_HOST_SERVER else "")
+                   socket_class="server" if spec.host.cpu_name in TYPICAL_HOST_SERVER else "")
 
 
 def host_and_link_factors(eff: dict[str, Efficiency], lat: dict, cpu: HostCpu, gen: int):
@@ -326,9 +327,9 @@ def host_and_link_factors(eff: dict[str, Efficiency], lat: dict, cpu: HostCpu, g
     eff["cpu_bf16_per_core_flops"] = CPU_BF16_AVX512_PER_CORE_FLOPS if cpu.isa == "avx512" else Efficiency(
         lanes * 2.0e9 / factor.value, f"{cpu.isa}: {lanes} flop/cycle x 2 GHz, over the kernel factor")
     rate, why = 1.0, ""
-    if cpu.cpu_int4_rate:
-        rate = FITTED_CPU_INT4_RATE[cpu.cpu_int4_rate]
-        why = (f"; x {rate:.4g}: the fitted rate of ggml-family int4 kernels on {cpu.cpu_int4_rate} sockets "
+    if cpu.socket_class:
+        rate = FITTED_CPU_INT4_RATE[cpu.socket_class]
+        why = (f"; x {rate:.4g}: the fitted rate of ggml-family int4 kernels on {cpu.socket_class} sockets "
                f"(calib/hosts.py FITTED_CPU_INT4_RATE, reproduce/fit.py)")
     eff["host_memory_quantized"] = Efficiency(CPU_QUANT_MEMORY_EFFICIENCY.value * rate,
                                               CPU_QUANT_MEMORY_EFFICIENCY.source + why)

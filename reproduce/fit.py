@@ -312,7 +312,7 @@ register(FittedParameter(
             "with it",
     unit="fraction",
     used_in="calib/hosts.py FITTED_CPU_INT4_RATE['server'] (host_and_link_factors: host_memory_quantized and "
-            "cpu_quant_per_core_flops of every host with cpu_int4_rate='server': the Xeon Scalable hosts and the "
+            "cpu_quant_per_core_flops of every host with socket_class='server': the Xeon Scalable hosts and the "
             "server hosts the spec GPUs assume, TYPICAL_HOST_SERVER)",
     points=("kt-v02-2s", "kt-v02-1s", "kt-v021-1k", "ktu-8352y", "ktu-7c13", "ktu-9654"),
     bounds=(0.1, 1.0),

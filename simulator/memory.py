@@ -129,8 +129,7 @@ def op_offload_bytes(policy: PolicySpec, expert_bytes: list[int], num_experts: i
     the placement, also where every layer fits on the GPU and llama.cpp would need none)."""
     from moesim.simulator.runtime import runtime_costs
 
-    runtime = runtime_costs(policy.runtime, policy.released_code_costs)
-    if not (runtime.fitted and runtime.prefill_op_offload_tokens):  # an engine's run uploads nothing
+    if not runtime_costs(policy.runtime, policy.released_code_costs).op_offload_tokens:
         return 0
     return int(num_experts * max(expert_bytes))
 

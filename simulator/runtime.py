@@ -88,6 +88,12 @@ class RuntimeCosts:
     fitted: bool = True  # the fitted unit costs apply (the released code's run, not an engine's of the same preset)
 
     @property
+    def op_offload_tokens(self) -> int:
+        """The prefill step size from which host experts are uploaded and run on the GPU in this run (0: never;
+        an engine's run of the preset, ``fitted`` False, never uploads)."""
+        return self.prefill_op_offload_tokens if self.fitted else 0
+
+    @property
     def layer_fitted_s(self) -> float:
         return FITTED.get(self.name, (0.0, ()))[0]
 
@@ -246,7 +252,6 @@ def apply_runtime(tables, runtime: RuntimeCosts, expert_hqq: bool, attention_hqq
         lat = tables.cpu_expert_latency_s
         cpu = [lat + (t - lat) / sockets if i else t for i, t in enumerate(cpu)]
     cpu = [t + cpu_s if i else t for i, t in enumerate(cpu)]
-    offload = runtime.prefill_op_offload_tokens if runtime.fitted else 0
     act = {}
     k = tables.top_k
     if runtime.cpu_layer_op and runtime.fitted and k > 1:
@@ -263,7 +268,7 @@ def apply_runtime(tables, runtime: RuntimeCosts, expert_hqq: bool, attention_hqq
     decode = {b: [max(0.0, v - drop_dec) + extra_ne for v in vals] for b, vals in tables.decode_non_expert.items()}
     prefill = {p: max(0.0, v - drop_pre) + extra_ne for p, v in tables.prefill_non_expert.items()}
     return replace(tables, gpu_expert=gpu, cpu_expert=cpu, decode_non_expert=decode, prefill_non_expert=prefill, **act,
-                   prefill_offload_tokens=offload,
+                   prefill_offload_tokens=runtime.op_offload_tokens,
                    layer_overhead_s=(0.0 if graph else tables.layer_overhead_s) + layer_s,
                    prefill_non_expert_latency_s=tables.prefill_non_expert_latency_s - drop_pre,
                    decode_non_expert_latency_s=tables.decode_non_expert_latency_s - drop_dec)
