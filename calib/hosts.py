@@ -46,8 +46,8 @@ class HostCpu:
     # sockets (NUMA nodes) of the machine; ``cores`` and ``memory_bandwidth`` are one socket's. Only a runtime
     # that splits each host expert over the sockets (simulator/runtime.py numa_split) uses more than one
     sockets: int = 1
-    # the kind of socket ("server", or "" for none): its key in FITTED_CPU_INT4_RATE, the fitted factor on the
-    # CPU int4 class's rates for such sockets' cores
+    # the kind of socket ("server", or "" for none): its key in FITTED_CPU_INT4_RATE and
+    # FITTED_CPU_INT4_COMPUTE_RATE, the fitted factors on the CPU int4 class's rates for such sockets' cores
     socket_class: str = ""
 
     def __post_init__(self):
@@ -126,8 +126,9 @@ TYPICAL_HOST_ISA = {
     "Intel Xeon Platinum 8480C": ("amx", "Sapphire Rapids: AMX-BF16 (Intel ARK)"),
 }
 
-# The spec profiles' typical hosts that are server sockets (their CPU int4 class takes the "server" rate of
-# FITTED_CPU_INT4_RATE, as the named server hosts above do); a cloud instance's vCPUs are a slice of one.
+# The spec profiles' typical hosts that are server sockets (their CPU int4 class takes the "server" rates of
+# FITTED_CPU_INT4_RATE and FITTED_CPU_INT4_COMPUTE_RATE, as the named server hosts above do); a cloud instance's
+# vCPUs are a slice of one.
 TYPICAL_HOST_SERVER = {"AMD EPYC 7742", "Intel Xeon Platinum 8480C", "Intel Xeon Platinum 8259CL (8 vCPU)",
                        "Intel Xeon Cascade Lake (16 vCPU)"}
 
@@ -147,19 +148,26 @@ CPU_MEMORY_EFFICIENCY = Efficiency(
 CPU_QUANT_MEMORY_EFFICIENCY = Efficiency(
     0.85, "llama.cpp Mixtral Q8_0 on a Ryzen 9 5900X with dual-channel DDR4-3600 (57.6 GB/s): 3.58 tok/s x about "
           "12.9 B active weights x 8.5 bits = 49 GB/s (llama.cpp issue #4716; component-costs.md 2.10)")
-# The fraction of the CPU int4 class's rates above (streaming and computing) that ggml-family int4 kernels reach
-# on a class of host, where published runs say it is below them; fitted by ``moesim reproduce`` (reproduce/fit.py
-# lists the points), 1.0 where nothing is fitted. "server": the Xeon Scalable sockets here (6 to 8 memory
-# channels each). KTransformers V0.2's decode on one Xeon Gold 6454S socket (115 ms per DeepSeek-V3 token)
-# leaves about 100 ms for 11.5 GB of Q4_K experts, about 0.4 of the socket's 307 GB/s channel peak, where the
-# class assumes 0.85 (llama.cpp on a desktop's two channels). The socket itself streams more: 220 GB/s measured
-# within one socket of a Xeon Platinum 8452Y with the same 8 x DDR5-4800 (KTransformers SOSP'25 section 6;
-# component-costs 2.7), 0.72 of the peak. Users' KTransformers reports on an Ice Lake Xeon and on EPYC Milan and
-# Genoa sockets share the fit (the catalogue's ktransformers-issues rows).
+# The fraction of the CPU int4 class's streaming rate above that ggml-family int4 kernels reach on a class of host,
+# where published runs say it is below it; fitted by ``moesim reproduce`` (reproduce/fit.py lists the points), 1.0
+# where nothing is fitted. "server": the Xeon Scalable and EPYC sockets here.
+# KTransformers V0.2's decode on one Xeon Gold 6454S socket (115 ms per DeepSeek-V3 token) leaves about 100 ms for
+# 11.5 GB of Q4_K experts, about 0.4 of the socket's 307 GB/s channel peak, where the class assumes 0.85 (llama.cpp
+# on a desktop's two channels). The socket itself streams more: 220 GB/s measured within one socket of a Xeon
+# Platinum 8452Y with the same 8 x DDR5-4800 (KTransformers SOSP'25 section 6; component-costs 2.7), 0.72 of the
+# peak. Users' KTransformers reports on an Ice Lake Xeon and on EPYC Milan and Genoa sockets share the fit (the
+# catalogue's ktransformers-issues rows).
 FITTED_CPU_INT4_RATE: dict[str, float] = {"server": 0.4512}
 # ggml's quantized dot products: int8 multiply-adds on the vector units, about one instruction's lanes x 2 flop
 # per cycle at about 2 GHz (stated, not measured); a batch-1 expert stays bandwidth-bound, so only prefill sees it
 CPU_QUANT_LANES = {"avx2": 32, "avx512": 64, "avx512_bf16": 64, "amx": 64}
+# The fraction of that computing rate the same kernels reach on a class of host, fitted as the streaming rate is
+# (1.0 where nothing is fitted). Only a prefill step puts enough tokens on one host expert to be bound by it, and
+# the only prefill rates of CPU-expert runs with a stated machine are KTransformers V0.2's on its Xeon Gold 6454S
+# host (one source, five runs; reproduce/fit.py). No source says why the fit is a quarter of the stated rate:
+# ggml's x86 K-quant dot products are 256-bit AVX2 code even on AVX-512 cores (ggml-cpu/arch/x86/quants.c), while
+# llamafile's iqk_mul_mat, which KTransformers builds, has AVX-512 paths; each block of columns dequantizes again.
+FITTED_CPU_INT4_COMPUTE_RATE: dict[str, float] = {"server": 0.2581}
 # Slowdown of PyTorch's bf16 matmul by instruction set, relative to a native bf16 GEMV (sources per entry).
 CPU_BF16_KERNEL_FACTOR: dict[str, Efficiency] = {
     "avx2": Efficiency(1.0, "bound by the fallback's rate, not by bandwidth: CPU_BF16_AVX2_FLOPS"),
@@ -326,16 +334,19 @@ def host_and_link_factors(eff: dict[str, Efficiency], lat: dict, cpu: HostCpu, g
     lanes = {"avx2": 32, "avx512": 64, "avx512_bf16": 128, "amx": 1024}[cpu.isa]
     eff["cpu_bf16_per_core_flops"] = CPU_BF16_AVX512_PER_CORE_FLOPS if cpu.isa == "avx512" else Efficiency(
         lanes * 2.0e9 / factor.value, f"{cpu.isa}: {lanes} flop/cycle x 2 GHz, over the kernel factor")
-    rate, why = 1.0, ""
+    rate, compute_rate, why, compute_why = 1.0, 1.0, "", ""
     if cpu.socket_class:
         rate = FITTED_CPU_INT4_RATE[cpu.socket_class]
-        why = (f"; x {rate:.4g}: the fitted rate of ggml-family int4 kernels on {cpu.socket_class} sockets "
+        compute_rate = FITTED_CPU_INT4_COMPUTE_RATE[cpu.socket_class]
+        why = (f"; x {rate:.4g}: the fitted streaming rate of ggml-family int4 kernels on {cpu.socket_class} sockets "
                f"(calib/hosts.py FITTED_CPU_INT4_RATE, reproduce/fit.py)")
+        compute_why = (f"; x {compute_rate:.4g}: the fitted computing rate of ggml-family int4 kernels on "
+                       f"{cpu.socket_class} sockets (calib/hosts.py FITTED_CPU_INT4_COMPUTE_RATE, reproduce/fit.py)")
     eff["host_memory_quantized"] = Efficiency(CPU_QUANT_MEMORY_EFFICIENCY.value * rate,
                                               CPU_QUANT_MEMORY_EFFICIENCY.source + why)
-    eff["cpu_quant_per_core_flops"] = Efficiency(CPU_QUANT_LANES[cpu.isa] * 2 * 2.0e9 * rate,
+    eff["cpu_quant_per_core_flops"] = Efficiency(CPU_QUANT_LANES[cpu.isa] * 2 * 2.0e9 * compute_rate,
                                                  f"{cpu.isa}: {CPU_QUANT_LANES[cpu.isa]} int8 lanes x 2 flop x 2 GHz "
-                                                 f"(stated, not measured){why}")
+                                                 f"(stated, not measured){compute_why}")
     eff.pop("cpu_bf16_total_flops", None)
     if cpu.isa == "avx2":
         eff["cpu_bf16_total_flops"] = CPU_BF16_AVX2_FLOPS

@@ -241,11 +241,11 @@ def _unit_cost(key: str) -> tuple[Callable[[], float], Callable[[float], None]]:
     return _entry(table, key)
 
 
-def _host_rate(key: str) -> tuple[Callable[[], float], Callable[[float], None]]:
+def _host_rate(table_name: str, key: str) -> tuple[Callable[[], float], Callable[[float], None]]:
     def table() -> dict:
         from moesim.calib import hosts
 
-        return hosts.FITTED_CPU_INT4_RATE
+        return getattr(hosts, table_name)
 
     return _entry(table, key)
 
@@ -297,9 +297,8 @@ register(FittedParameter(
 
 register(FittedParameter(
     name="server.cpu_int4_rate",
-    meaning="the fraction of the CPU int4 class's stated rates (0.85 of a socket's channel peak when streaming, "
-            "from llama.cpp on a desktop's two channels; 64 int8 lanes x 2 flop x 2 GHz per core when computing) "
-            "that ggml-family int4 kernels reach on a server socket (6 to 8 memory channels): KTransformers V0.2 "
+    meaning="the fraction of the CPU int4 class's stated streaming rate (0.85 of a socket's channel peak, from "
+            "llama.cpp on a desktop's two channels) that ggml-family int4 kernels reach on a server socket (6 to 8 memory channels): KTransformers V0.2 "
             "ran llamafile's Q4_K kernels on Xeon Gold 6454S sockets (32 cores, 8 x DDR5-4800 each), llama.cpp "
             "its own. No source gives that rate; the socket itself streams 220 GB/s (0.72 of its peak, measured on "
             "a Xeon Platinum 8452Y with the same memory; KTransformers SOSP'25, component-costs 2.7), so a kernel "
@@ -307,16 +306,39 @@ register(FittedParameter(
             "KTransformers' tutorial (three runs on the Xeon Gold 6454S host) and three users' reports of "
             "KTransformers on other server sockets (a Xeon Platinum 8352Y, two EPYC 7C13 with 4 channels each "
             "populated, an EPYC 9654; rows 147-149, confidence U: vague figures, memory mostly not stated), so "
-            "leave-one-source-out predicts each source with the rate the other gives. The prefill rates of the "
-            "tutorial's runs (the kt-*-ttft points) and llama.cpp's run on its host (kt-llamacpp) are predicted "
-            "with it",
+            "leave-one-source-out predicts each source with the rate the other gives. llama.cpp's decode on the "
+            "tutorial's host (kt-llamacpp) is predicted with it",
     unit="fraction",
-    used_in="calib/hosts.py FITTED_CPU_INT4_RATE['server'] (host_and_link_factors: host_memory_quantized and "
-            "cpu_quant_per_core_flops of every host with socket_class='server': the Xeon Scalable hosts and the "
-            "server hosts the spec GPUs assume, TYPICAL_HOST_SERVER)",
+    used_in="calib/hosts.py FITTED_CPU_INT4_RATE['server'] (host_and_link_factors: host_memory_quantized of every "
+            "host with socket_class='server': the Xeon Scalable and EPYC hosts and the server hosts the spec GPUs "
+            "assume, TYPICAL_HOST_SERVER)",
     points=("kt-v02-2s", "kt-v02-1s", "kt-v021-1k", "ktu-8352y", "ktu-7c13", "ktu-9654"),
     bounds=(0.1, 1.0),
     neutral=1.0,
-    read=_host_rate("server")[0],
-    write=_host_rate("server")[1],
+    read=_host_rate("FITTED_CPU_INT4_RATE", "server")[0],
+    write=_host_rate("FITTED_CPU_INT4_RATE", "server")[1],
+))
+
+
+register(FittedParameter(
+    name="server.cpu_int4_compute_rate",
+    meaning="the fraction of the CPU int4 class's stated computing rate (the instruction set's int8 lanes x 2 flop "
+            "x 2 GHz per core) that ggml-family int4 kernels reach on a server socket, where a host expert has "
+            "enough tokens to be bound by it: a prefill step (a decode token's expert streams its weights long "
+            "before it runs out of arithmetic). No source gives it, nor says why it is below the stated rate: ggml's "
+            "x86 K-quant dot products are 256-bit AVX2 code even on AVX-512 cores (ggml-cpu/arch/x86/quants.c), "
+            "while llamafile's iqk_mul_mat, which KTransformers builds, has AVX-512 paths, and every block of "
+            "columns dequantizes the weights again. Fitted on the only prefill rates of CPU-expert runs whose "
+            "machine is stated: KTransformers V0.2's tutorial on its Xeon Gold 6454S host (one or two sockets, 6 or "
+            "8 experts, and V0.2.1 at a 969-token prompt), so leave-one-source-out has nothing to hold it out on "
+            "(the time to the first token is not among its speed points); the other prefill figures of CPU-expert runs "
+            "cannot be simulated (rows 133, 146 and 150; the catalogue gives each one's reason)",
+    unit="fraction",
+    used_in="calib/hosts.py FITTED_CPU_INT4_COMPUTE_RATE['server'] (host_and_link_factors: cpu_quant_per_core_flops "
+            "of every host with socket_class='server')",
+    points=("kt-v02-2s-ttft", "kt-v02-1s-ttft", "kt-v02-2s-6e-ttft", "kt-v02-1s-6e-ttft", "kt-v021-1k-ttft"),
+    bounds=(0.05, 1.0),
+    neutral=1.0,
+    read=_host_rate("FITTED_CPU_INT4_COMPUTE_RATE", "server")[0],
+    write=_host_rate("FITTED_CPU_INT4_COMPUTE_RATE", "server")[1],
 ))

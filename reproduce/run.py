@@ -59,10 +59,11 @@ _TRACES: dict = {}
 
 
 def _profile(p: Point):
-    from moesim.calib.hosts import FITTED_CPU_INT4_RATE, compose_profile
+    from moesim.calib.hosts import FITTED_CPU_INT4_COMPUTE_RATE, FITTED_CPU_INT4_RATE, compose_profile
 
     # the fitted host rates are read when the profile is composed: a fit that changes one needs a new profile
-    key = (p.gpu, p.host, p.link or None, tuple(sorted(FITTED_CPU_INT4_RATE.items())))
+    key = (p.gpu, p.host, p.link or None, tuple(sorted(FITTED_CPU_INT4_RATE.items())),
+           tuple(sorted(FITTED_CPU_INT4_COMPUTE_RATE.items())))
     if key not in _PROFILES:
         _PROFILES[key] = compose_profile(p.gpu, p.host, p.link or None)
     return _PROFILES[key]

@@ -477,25 +477,29 @@ def test_ktransformers_splits_each_host_expert_over_the_sockets(tmp_path):
                                                                                       False).cpu_expert
 
 
-def test_the_fitted_server_int4_rate_scales_only_server_hosts_cpu_int4_class(monkeypatch):
+def test_the_fitted_server_int4_rates_scale_only_server_hosts_cpu_int4_class(monkeypatch):
+    """The streaming rate (fitted on decode) scales only what the int4 class streams, the computing rate (fitted on
+    prefill) only what it computes; a host that is not a server socket keeps the stated rates."""
     from moesim.calib import hosts
     from moesim.reproduce.fit import REGISTRY, values
 
     def quant(host):
-        eff = compose_profile_eff(host)
+        eff = hosts.compose_profile("rtx-4090d", host).efficiency
         return eff["host_memory_quantized"]["value"], eff["cpu_quant_per_core_flops"]["value"]
 
-    def compose_profile_eff(host):
-        return hosts.compose_profile("rtx-4090d", host).efficiency
-
     base_mem = hosts.CPU_QUANT_MEMORY_EFFICIENCY.value
-    with values({"server.cpu_int4_rate": 0.5}):
+    stated_flops = hosts.CPU_QUANT_LANES["amx"] * 2 * 2.0e9
+    with values({"server.cpu_int4_rate": 0.5, "server.cpu_int4_compute_rate": 0.25}):
         mem, flops = quant("xeon-gold-6454s")
         assert mem == pytest.approx(0.5 * base_mem)
-        assert flops == pytest.approx(0.5 * hosts.CPU_QUANT_LANES["amx"] * 2 * 2.0e9)
+        assert flops == pytest.approx(0.25 * stated_flops)
         assert quant("xeon-gold-6454s-x2") == (mem, flops)
-        assert quant("threadripper-pro-5965wx")[0] == pytest.approx(base_mem)
+        assert quant("threadripper-pro-5965wx") == pytest.approx(
+            (base_mem, hosts.CPU_QUANT_LANES["avx2"] * 2 * 2.0e9))
+    with values({"server.cpu_int4_rate": 0.5, "server.cpu_int4_compute_rate": 1.0}):
+        assert quant("xeon-gold-6454s") == pytest.approx((0.5 * base_mem, stated_flops))
     assert REGISTRY["server.cpu_int4_rate"].read() == hosts.FITTED_CPU_INT4_RATE["server"]
+    assert REGISTRY["server.cpu_int4_compute_rate"].read() == hosts.FITTED_CPU_INT4_COMPUTE_RATE["server"]
 
 
 def test_llama_cpp_runs_a_long_prefill_steps_host_experts_on_the_gpu(tmp_path):
