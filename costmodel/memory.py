@@ -14,7 +14,7 @@ import numpy as np
 
 from moesim.simulator.config import PolicySpec
 from moesim.simulator.memory import buffer_bytes as transfer_buffers
-from moesim.simulator.memory import op_offload_bytes
+from moesim.simulator.memory import host_offload_bytes, op_offload_bytes
 from moesim.simulator.memory import cache_bytes_at_sizes as cache_bytes
 
 
@@ -29,11 +29,12 @@ class MemoryParts:
     shape: object = None  # the model shape (a released build's load-time trunk is sized from it)
 
 
-def buffer_bytes(spec: PolicySpec, expert_bytes: list[int], num_experts: int) -> int:
-    """Staging and prefetch buffers (the simulator's rule)."""
+def buffer_bytes(spec: PolicySpec, expert_bytes: list[int], num_experts: int, cache_bytes_now) -> np.ndarray:
+    """Staging and prefetch buffers at each of the cache's sizes (``cache_bytes_now``; the simulator's rule)."""
     expert_bytes = [int(b) for b in expert_bytes]
-    return sum(transfer_buffers(spec.transfer, expert_bytes, num_experts)) + op_offload_bytes(spec, expert_bytes,
-                                                                                             num_experts)
+    op_offload = host_offload_bytes(op_offload_bytes(spec, expert_bytes, num_experts), cache_bytes_now,
+                                    num_experts * sum(expert_bytes))
+    return sum(transfer_buffers(spec.transfer, expert_bytes, num_experts)) + op_offload
 
 
 def memory_parts(shape, workload, non_expert_bytes: int, profile) -> MemoryParts:
@@ -50,5 +51,5 @@ def peak_bytes(spec: PolicySpec, parts: MemoryParts, expert_bytes: list[int], nu
     fixed = parts.non_expert + parts.kv_cache + parts.activations + parts.reserve
     if parts.shape is not None:
         fixed += build_transient_bytes(spec, parts.shape, parts.non_expert, parts.kv_cache, parts.activations)
-    return (fixed + buffer_bytes(spec, expert_bytes, num_experts)
-            + cache_bytes(spec, expert_bytes, num_experts, cache_experts, dp_sizes))
+    cached = cache_bytes(spec, expert_bytes, num_experts, cache_experts, dp_sizes)
+    return fixed + buffer_bytes(spec, expert_bytes, num_experts, cached) + cached

@@ -125,13 +125,19 @@ def buffer_bytes(transfer, expert_bytes: list[int], num_experts: int) -> tuple[i
 def op_offload_bytes(policy: PolicySpec, expert_bytes: list[int], num_experts: int) -> int:
     """The device buffer of a runtime whose prefill uploads host experts (llama.cpp's op offload): the scheduler
     copies a split's inputs into its compute buffer, and a layer's three merged expert tensors are inputs of one
-    split, so it holds one whole layer of experts (reserved at start-up for the largest batch; charged whatever
-    the placement, also where every layer fits on the GPU and llama.cpp would need none)."""
+    split, so it holds one whole layer of experts (reserved at start-up for the largest batch, where some layer's
+    experts stay on the host: a plan that holds every expert on the GPU drops it, :func:`host_offload_bytes`)."""
     from moesim.simulator.runtime import runtime_costs
 
     if not runtime_costs(policy.runtime, policy.released_code_costs).op_offload_tokens:
         return 0
     return int(num_experts * max(expert_bytes))
+
+
+def host_offload_bytes(op_offload: int, cache_bytes, all_expert_bytes: int):
+    """The op-offload buffer a plan needs: ``op_offload`` (:func:`op_offload_bytes`) while the cache holds
+    fewer than all experts (``cache_bytes`` below ``all_expert_bytes``; arrays or numbers), else none."""
+    return np.where(np.asarray(cache_bytes) < all_expert_bytes, op_offload, 0)
 
 
 def cache_bytes_at_sizes(spec: PolicySpec, expert_bytes: list[int], num_experts: int, cache_experts: np.ndarray,
@@ -192,7 +198,8 @@ def plan_memory(policy: PolicySpec, shape: ModelShape, expert_bytes: list[int], 
     budget = int(gpu_mem_bytes if gpu_mem_bytes is not None else profile.device.memory_bytes)
     max_eb = max(expert_bytes)
     staging, prefetch_buf = buffer_bytes(transfer, expert_bytes, E)
-    staging += op_offload_bytes(policy, expert_bytes, E)
+    op_offload = op_offload_bytes(policy, expert_bytes, E)
+    staging += op_offload  # a memory-sized cache leaves room for it; dropped below if every expert fits
     kv = kv_cache_bytes(shape, workload)
     act = activation_bytes(shape, workload)
     reserve = int(profile.runtime_reserve_bytes)
@@ -257,6 +264,7 @@ def plan_memory(policy: PolicySpec, shape: ModelShape, expert_bytes: list[int], 
             unit = "experts"
             limits = (int(total_bytes // max_eb),)
             cache_bytes = limits[0] * max_eb
+    staging += int(host_offload_bytes(op_offload, cache_bytes, all_bytes)) - op_offload
     capacity = CacheCapacity("layer" if spec.initial in LAYERED_INITIAL else spec.scope, unit, limits)
     breakdown = MemoryBreakdown(non_expert_bytes, int(cache_bytes), int(staging), int(prefetch_buf), int(kv),
                                 int(act), reserve, build_transient_bytes(policy, shape, non_expert_bytes, kv, act))

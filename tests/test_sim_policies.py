@@ -527,3 +527,24 @@ def test_llama_cpp_runs_a_long_prefill_steps_host_experts_on_the_gpu(tmp_path):
     assert long.cpu_expert_fraction == short.cpu_expert_fraction == 1.0  # decode stays on the CPU
     engine = run(trace(32), released_code_costs=False)
     assert engine.h2d_bytes < EXPERT_BYTES and engine.memory.staging_bytes == 0
+
+
+def test_llama_cpp_reserves_the_upload_buffer_only_while_a_layer_stays_on_the_host(tmp_path):
+    """Every layer's experts on the GPU: nothing to upload, no op-offload buffer; a layer on the host: one whole
+    layer of experts. The cost model's peak memory follows the same rule at every cache size."""
+    from moesim.costmodel.memory import memory_parts, peak_bytes
+    from moesim.simulator.run import prepare
+    from moesim.tracer import read_trace
+
+    tokens = [[[t % 4, (t + 1) % 4]] * 3 for t in range(40)]
+    path = write_tiny_trace(tmp_path / "t.parquet", tokens, prompt=36, top_k=2)
+    staging = {}
+    for cache_experts in (4, 3, 1):  # layers on the GPU: all 3, the last 2, none (4 experts a layer)
+        config = SimConfig(get_preset("llama-cpp"), cache_experts=cache_experts)
+        result = simulate(path, profile(), config)
+        staging[cache_experts] = result.memory.staging_bytes
+        prep = prepare(read_trace(path), profile(), config)
+        parts = memory_parts(prep.trace.meta.model, prep.workload, prep.plan.breakdown.non_expert_bytes, prep.profile)
+        peak = peak_bytes(config.policy, parts, [EXPERT_BYTES] * 3, 4, np.array([cache_experts]))
+        assert int(peak[0]) == result.memory.total_bytes
+    assert staging == {4: 0, 3: 4 * EXPERT_BYTES, 1: 4 * EXPERT_BYTES}
