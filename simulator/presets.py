@@ -283,10 +283,11 @@ def ktransformers() -> PolicySpec:
     DeepSeek-V3 rules put every layer's there: N at least the layer count). Runtime (``ktransformers``): the decode
     step replays one captured CUDA graph, so no launch is exposed per layer, and a layer's routed experts are one
     CPUInfer task (one dispatch, one copy of the activations each way); on a two-socket host each routed expert
-    is split between the sockets, each computing from its own NUMA node's copy (``numa_split``: half of one
-    socket's time beyond the dispatch; the reduction across sockets is left out). Leaves out: its own CPU kernels
-    (llamafile / AMX; the profile's CPU int4 class stands in, at the rate fitted for server sockets in
-    calib/hosts.py) and the Marlin GPU kernels (the profile's 4-bit kernels stand in).
+    is split between the sockets, each computing from its own NUMA node's copy (``numa_split``: one socket's time
+    beyond the dispatch over 1 + the fitted gain of the second socket, 0.67, which holds what the sockets lose
+    meeting at every expert). Leaves out: its own CPU kernels (llamafile / AMX; the profile's CPU int4 class
+    stands in, at the streaming and computing rates fitted for server sockets in calib/hosts.py) and the Marlin
+    GPU kernels (the profile's 4-bit kernels stand in).
     """
     return _spec("ktransformers", CacheSpec("static", initial="last-layers"), placement="cpu",
                  runtime="ktransformers")

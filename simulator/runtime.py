@@ -78,8 +78,8 @@ class RuntimeCosts:
     # (runtime_profile); empty: the profile's kernel classes as they are
     gpu_quant_kernels: str = ""
     # each host expert is split over every socket of the host, each computing its share from its own NUMA node's
-    # copy of the weights (KTransformers' dual-socket mode): a host expert takes 1/sockets of one socket's time
-    # beyond its dispatch; only for the released system's run
+    # copy of the weights (KTransformers' dual-socket mode): beyond its dispatch, a host expert takes one socket's
+    # time over 1 + gain x (sockets - 1), the gain fitted (numa_split_gain); only for the released system's run
     numa_split: bool = False
     # a prefill step of at least this many tokens runs the host layers' experts on the GPU, their weights
     # uploaded for the step (llama.cpp's op offload; 0: never); only for the released system's run
@@ -102,6 +102,12 @@ class RuntimeCosts:
         """MoE-Infinity's fitted cost per GPU expert call beyond its counted launches and syncs (0 elsewhere)."""
         fitted = self.fitted and self.name == "moe-infinity"
         return FITTED_UNIT_COSTS["moe-infinity.expert_overhead_s"] if fitted else 0.0
+
+    @property
+    def numa_split_gain(self) -> float:
+        """What each further socket adds to one socket's rate on a host expert split over the sockets (fitted;
+        1 would be an ideal split)."""
+        return FITTED_UNIT_COSTS["ktransformers.numa_split_gain"]
 
     @property
     def weight_overhead_s(self) -> float:
@@ -175,6 +181,9 @@ FITTED_UNIT_COSTS: dict[str, float] = {
     # MoE-Infinity, per GPU expert call, beyond its counted launches and syncs (RuntimeCosts.expert_fitted_s);
     # fitted on its ten TPOT/throughput points, in effect on the DeepSeek-V2-Lite 155 ms (reproduce/fit.py)
     "moe-infinity.expert_overhead_s": 3.990e-4,
+    # KTransformers' dual-socket split, what the second socket adds to one socket's rate on a host expert (a
+    # fraction; RuntimeCosts.numa_split_gain); fitted on its two-socket decode rates (reproduce/fit.py)
+    "ktransformers.numa_split_gain": 0.6667,
 }
 
 
@@ -250,7 +259,8 @@ def apply_runtime(tables, runtime: RuntimeCosts, expert_hqq: bool, attention_hqq
     sockets = tables.host_sockets
     if runtime.numa_split and runtime.fitted and sockets > 1:
         lat = tables.cpu_expert_latency_s
-        cpu = [lat + (t - lat) / sockets if i else t for i, t in enumerate(cpu)]
+        speedup = 1.0 + runtime.numa_split_gain * (sockets - 1)
+        cpu = [lat + (t - lat) / speedup if i else t for i, t in enumerate(cpu)]
     cpu = [t + cpu_s if i else t for i, t in enumerate(cpu)]
     act = {}
     k = tables.top_k

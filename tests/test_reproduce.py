@@ -137,11 +137,12 @@ def test_a_point_is_simulated_with_its_knobs_and_machine():
     ll = predict(next(p for p in read_catalogue() if p.id == "llamacpp-qwen3-36"))
     assert ll.simulated and "rtx-2080+i9-10900x" in ll.profile and 0.8 < ll.ratio < 1.0
     # KTransformers on DeepSeek-V3 (bundled config, multi-head latent attention): every routed expert on the
-    # host CPU, at the Sapphire Rapids int4 rate fitted on its decode points; on two sockets each expert is split
+    # host CPU, at the server int4 rate fitted on one-socket decode points; on two sockets each expert is split,
+    # the second socket adding the fitted gain (published: 1.40x the one-socket rate; an ideal split gave 1.67x)
     kt = predict(next(p for p in read_catalogue() if p.id == "kt-v02-1s"))
     assert kt.simulated and "rtx-4090d+xeon-gold-6454s" in kt.profile and 0.8 < kt.ratio < 1.1
     dual = predict(next(p for p in read_catalogue() if p.id == "kt-v02-2s"))
-    assert dual.predicted > 1.5 * kt.predicted
+    assert 1.3 * kt.predicted < dual.predicted < 1.6 * kt.predicted
 
 
 def test_reproduce_command_prints_and_writes_the_report(tmp_path):

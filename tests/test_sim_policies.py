@@ -456,10 +456,12 @@ def test_llama_cpp_brings_its_own_4bit_gpu_kernels_to_a_turing_card(tmp_path):
 
 def test_ktransformers_splits_each_host_expert_over_the_sockets(tmp_path):
     """KTransformers' dual-socket mode holds the experts once per NUMA node and splits each expert between the
-    sockets: a host expert costs its dispatch plus half of one socket's time. llama.cpp (no NUMA placement) and
-    an engine's run keep one socket's time; a one-socket host changes nothing."""
+    sockets: a host expert costs its dispatch plus one socket's time over 1 + gain (the fitted gain of the second
+    socket; 1: half of it). llama.cpp (no NUMA placement) and an engine's run keep one socket's time; a
+    one-socket host changes nothing."""
     from moesim.calib.hosts import compose_profile
-    from moesim.simulator.runtime import apply_runtime, runtime_costs
+    from moesim.reproduce.fit import REGISTRY, values
+    from moesim.simulator.runtime import FITTED_UNIT_COSTS, apply_runtime, runtime_costs
 
     dual = compose_profile("rtx-4090d", "xeon-gold-6454s-x2")
     assert dual.host.facts["sockets"] == 2
@@ -470,8 +472,13 @@ def test_ktransformers_splits_each_host_expert_over_the_sockets(tmp_path):
     two = replace(tables, host_sockets=2)
     kt = runtime_costs("ktransformers")
     one_socket = apply_runtime(tables, kt, False, False).cpu_expert
-    split = apply_runtime(two, kt, False, False).cpu_expert
+    with values({"ktransformers.numa_split_gain": 1.0}):
+        split = apply_runtime(two, kt, False, False).cpu_expert
     assert [a - b for a, b in zip(one_socket, split)] == pytest.approx([0.0, 2 * MS, 3 * MS], abs=1e-15)
+    with values({"ktransformers.numa_split_gain": 0.25}):  # the second socket adds a quarter: 1.25x
+        split = apply_runtime(two, kt, False, False).cpu_expert
+    assert [a - b for a, b in zip(one_socket, split)] == pytest.approx([0.0, 0.8 * MS, 1.2 * MS], abs=1e-15)
+    assert REGISTRY["ktransformers.numa_split_gain"].read() == FITTED_UNIT_COSTS["ktransformers.numa_split_gain"]
     for runtime in (runtime_costs("llama-cpp"), runtime_costs("ktransformers", fitted=False)):
         assert apply_runtime(two, runtime, False, False).cpu_expert == apply_runtime(tables, runtime, False,
                                                                                       False).cpu_expert
