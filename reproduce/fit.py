@@ -220,19 +220,19 @@ def memoized(predict: Callable, registry: Mapping[str, FittedParameter] | None =
 # ---- the registry: one entry per fitted unit cost
 
 
-def _entry(table: Callable[[], dict], key: str) -> tuple[Callable[[], float], Callable[[float], None]]:
-    """Read and write one entry of the dict where the simulator reads a fitted value (``table()``, looked up
-    when called, so the defining module is imported only then)."""
+def _entry(table: Callable[[], dict], key: str) -> dict[str, Callable]:
+    """``read`` and ``write`` (FittedParameter's fields) of one entry of the dict where the simulator reads a
+    fitted value (``table()``, looked up when called, so the defining module is imported only then)."""
     def read() -> float:
         return table()[key]
 
     def write(value: float) -> None:
         table()[key] = float(value)
 
-    return read, write
+    return {"read": read, "write": write}
 
 
-def _unit_cost(key: str) -> tuple[Callable[[], float], Callable[[float], None]]:
+def _unit_cost(key: str) -> dict[str, Callable]:
     def table() -> dict:
         from moesim.simulator import runtime
 
@@ -241,7 +241,7 @@ def _unit_cost(key: str) -> tuple[Callable[[], float], Callable[[float], None]]:
     return _entry(table, key)
 
 
-def _host_rate(table_name: str, key: str) -> tuple[Callable[[], float], Callable[[float], None]]:
+def _host_rate(table_name: str, key: str) -> dict[str, Callable]:
     def table() -> dict:
         from moesim.calib import hosts
 
@@ -268,8 +268,7 @@ register(FittedParameter(
     points=("study-baseline-tpot", "mir-mixtral-acc", "mir-dsl-acc"),
     bounds=(0.0, 0.005),
     neutral=0.0,
-    read=_unit_cost("accelerate.weight_overhead_s")[0],
-    write=_unit_cost("accelerate.weight_overhead_s")[1],
+    **_unit_cost("accelerate.weight_overhead_s"),
 ))
 
 
@@ -290,8 +289,7 @@ register(FittedParameter(
             "study-mi50-tpot", "study-mi25-tpot", "mir24-mixtral-mi", "mir24-mixtral-mi-b32"),
     bounds=(0.0, 0.003),
     neutral=0.0,
-    read=_unit_cost("moe-infinity.expert_overhead_s")[0],
-    write=_unit_cost("moe-infinity.expert_overhead_s")[1],
+    **_unit_cost("moe-infinity.expert_overhead_s"),
 ))
 
 
@@ -316,8 +314,7 @@ register(FittedParameter(
     points=("kt-v02-1s", "ktu-8352y", "ktu-7c13", "ktu-9654"),
     bounds=(0.1, 1.0),
     neutral=1.0,
-    read=_host_rate("FITTED_CPU_INT4_RATE", "server")[0],
-    write=_host_rate("FITTED_CPU_INT4_RATE", "server")[1],
+    **_host_rate("FITTED_CPU_INT4_RATE", "server"),
 ))
 
 
@@ -338,8 +335,7 @@ register(FittedParameter(
     points=("kt-v02-2s", "kt-v02-2s-6e", "kt-v021-1k"),
     bounds=(0.0, 1.0),
     neutral=1.0,
-    read=_unit_cost("ktransformers.numa_split_gain")[0],
-    write=_unit_cost("ktransformers.numa_split_gain")[1],
+    **_unit_cost("ktransformers.numa_split_gain"),
 ))
 
 
@@ -362,6 +358,5 @@ register(FittedParameter(
     points=("kt-v02-2s-ttft", "kt-v02-1s-ttft", "kt-v02-2s-6e-ttft", "kt-v02-1s-6e-ttft", "kt-v021-1k-ttft"),
     bounds=(0.05, 1.0),
     neutral=1.0,
-    read=_host_rate("FITTED_CPU_INT4_COMPUTE_RATE", "server")[0],
-    write=_host_rate("FITTED_CPU_INT4_COMPUTE_RATE", "server")[1],
+    **_host_rate("FITTED_CPU_INT4_COMPUTE_RATE", "server"),
 ))

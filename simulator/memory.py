@@ -198,12 +198,12 @@ def plan_memory(policy: PolicySpec, shape: ModelShape, expert_bytes: list[int], 
     budget = int(gpu_mem_bytes if gpu_mem_bytes is not None else profile.device.memory_bytes)
     max_eb = max(expert_bytes)
     staging, prefetch_buf = buffer_bytes(transfer, expert_bytes, E)
-    op_offload = op_offload_bytes(policy, expert_bytes, E)
-    staging += op_offload  # a memory-sized cache leaves room for it; dropped below if every expert fits
+    op_offload = op_offload_bytes(policy, expert_bytes, E)  # charged below only where a layer stays on the host
     kv = kv_cache_bytes(shape, workload)
     act = activation_bytes(shape, workload)
     reserve = int(profile.runtime_reserve_bytes)
-    fixed = non_expert_bytes + staging + prefetch_buf + kv + act + reserve
+    # a memory-sized cache leaves room for the op-offload buffer
+    fixed = non_expert_bytes + staging + op_offload + prefetch_buf + kv + act + reserve
     # what a memory-sized cache must leave free: everything, or the dense weights only (see PolicySpec)
     carve = fixed if policy.memory_rule == "free" else non_expert_bytes
     per_layer_sum = sum(expert_bytes)
@@ -264,7 +264,7 @@ def plan_memory(policy: PolicySpec, shape: ModelShape, expert_bytes: list[int], 
             unit = "experts"
             limits = (int(total_bytes // max_eb),)
             cache_bytes = limits[0] * max_eb
-    staging += int(host_offload_bytes(op_offload, cache_bytes, all_bytes)) - op_offload
+    staging += int(host_offload_bytes(op_offload, cache_bytes, all_bytes))
     capacity = CacheCapacity("layer" if spec.initial in LAYERED_INITIAL else spec.scope, unit, limits)
     breakdown = MemoryBreakdown(non_expert_bytes, int(cache_bytes), int(staging), int(prefetch_buf), int(kv),
                                 int(act), reserve, build_transient_bytes(policy, shape, non_expert_bytes, kv, act))
