@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from moesim.errors import MoesimError
+from moesim.fitted import FittedTable
 from moesim.calib.specs import GB, GIB, GPUS, Efficiency, GpuSpec, HostSpec, build_spec_profile
 
 ISAS = ("avx2", "avx512", "avx512_bf16", "amx")
@@ -157,7 +158,7 @@ CPU_QUANT_MEMORY_EFFICIENCY = Efficiency(
 # Platinum 8452Y with the same 8 x DDR5-4800 (KTransformers SOSP'25 section 6; component-costs 2.7), 0.72 of the
 # peak. Users' KTransformers reports on an Ice Lake Xeon and on EPYC Milan and Genoa sockets share the fit (the
 # catalogue's ktransformers-issues rows).
-FITTED_CPU_INT4_RATE: dict[str, float] = {"server": 0.4649}
+FITTED_CPU_INT4_RATE: dict[str, float] = FittedTable("FITTED_CPU_INT4_RATE", {"server": 0.4649})
 # ggml's quantized dot products: int8 multiply-adds on the vector units, about one instruction's lanes x 2 flop
 # per cycle at about 2 GHz (stated, not measured); a batch-1 expert stays bandwidth-bound, so only prefill sees it
 CPU_QUANT_LANES = {"avx2": 32, "avx512": 64, "avx512_bf16": 64, "amx": 64}
@@ -167,7 +168,8 @@ CPU_QUANT_LANES = {"avx2": 32, "avx512": 64, "avx512_bf16": 64, "amx": 64}
 # host (one source, five runs; reproduce/fit.py). No source says why the fit is a quarter of the stated rate:
 # ggml's x86 K-quant dot products are 256-bit AVX2 code even on AVX-512 cores (ggml-cpu/arch/x86/quants.c), while
 # llamafile's iqk_mul_mat, which KTransformers builds, has AVX-512 paths; each block of columns dequantizes again.
-FITTED_CPU_INT4_COMPUTE_RATE: dict[str, float] = {"server": 0.2864}
+FITTED_CPU_INT4_COMPUTE_RATE: dict[str, float] = FittedTable("FITTED_CPU_INT4_COMPUTE_RATE",
+                                                             {"server": 0.2864})
 # Slowdown of PyTorch's bf16 matmul by instruction set, relative to a native bf16 GEMV (sources per entry).
 CPU_BF16_KERNEL_FACTOR: dict[str, Efficiency] = {
     "avx2": Efficiency(1.0, "bound by the fallback's rate, not by bandwidth: CPU_BF16_AVX2_FLOPS"),

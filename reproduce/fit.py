@@ -52,6 +52,9 @@ class FittedParameter:
     neutral: float
     read: Callable[[], float]
     write: Callable[[float], None]
+    # (table name, key) of the moesim.fitted.FittedTable entry the simulator reads it from; None: not known, so
+    # every prediction is taken to depend on it (memoized)
+    cell: tuple[str, str] | None = None
 
     def __post_init__(self):
         lo, hi = self.bounds
@@ -203,16 +206,31 @@ def leave_one_group_out(points: Sequence, predict: Callable, group: Callable[[ob
 
 
 def memoized(predict: Callable, registry: Mapping[str, FittedParameter] | None = None) -> Callable:
-    """``predict`` remembered per (point, current values of every registered parameter): a fit evaluates the
-    same points many times, and leave-one-source-out repeats the fit once per source."""
+    """``predict`` remembered per (point, current values of the registered parameters its prediction read): a
+    fit evaluates the same points many times, leave-one-source-out repeats the fit once per source, and a
+    point that never reads a parameter (a KTransformers point, accelerate's hook cost) is not simulated again
+    when only that parameter changes. What a prediction read is noted by moesim.fitted.reads, exactly; a
+    parameter without a ``cell`` counts as read by every prediction."""
+    from moesim.fitted import reads
+
     registry = REGISTRY if registry is None else registry
-    memo: dict = {}
+    # point id -> names of the parameters a prediction of it read -> their values -> the prediction
+    memo: dict[str, dict[tuple[str, ...], dict[tuple[float, ...], object]]] = {}
+
+    def current(names: tuple[str, ...]) -> tuple[float, ...]:
+        return tuple(registry[name].read() for name in names)
 
     def cached(p):
-        key = (p.id, tuple(param.read() for param in registry.values()))
-        if key not in memo:
-            memo[key] = predict(p)
-        return memo[key]
+        known = memo.setdefault(p.id, {})
+        for names, by_values in known.items():
+            key = current(names)
+            if key in by_values:
+                return by_values[key]
+        with reads() as read:
+            out = predict(p)
+        names = tuple(name for name, param in registry.items() if param.cell is None or param.cell in read)
+        known.setdefault(names, {})[current(names)] = out
+        return out
 
     return cached
 
@@ -220,34 +238,35 @@ def memoized(predict: Callable, registry: Mapping[str, FittedParameter] | None =
 # ---- the registry: one entry per fitted unit cost
 
 
-def _entry(table: Callable[[], dict], key: str) -> dict[str, Callable]:
-    """``read`` and ``write`` (FittedParameter's fields) of one entry of the dict where the simulator reads a
-    fitted value (``table()``, looked up when called, so the defining module is imported only then)."""
+def _entry(table: Callable[[], dict], name: str, key: str) -> dict:
+    """``read``, ``write`` and ``cell`` (FittedParameter's fields) of entry ``key`` of the FittedTable ``name``
+    where the simulator reads a fitted value (``table()``, looked up when called, so the defining module is
+    imported only then)."""
     def read() -> float:
         return table()[key]
 
     def write(value: float) -> None:
         table()[key] = float(value)
 
-    return {"read": read, "write": write}
+    return {"read": read, "write": write, "cell": (name, key)}
 
 
-def _unit_cost(key: str) -> dict[str, Callable]:
+def _unit_cost(key: str) -> dict:
     def table() -> dict:
         from moesim.simulator import runtime
 
         return runtime.FITTED_UNIT_COSTS
 
-    return _entry(table, key)
+    return _entry(table, "FITTED_UNIT_COSTS", key)
 
 
-def _host_rate(table_name: str, key: str) -> dict[str, Callable]:
+def _host_rate(table_name: str, key: str) -> dict:
     def table() -> dict:
         from moesim.calib import hosts
 
         return getattr(hosts, table_name)
 
-    return _entry(table, key)
+    return _entry(table, table_name, key)
 
 
 register(FittedParameter(

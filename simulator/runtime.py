@@ -46,6 +46,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from moesim.errors import MoesimError
+from moesim.fitted import FittedTable
 
 LAUNCH_S = 5e-6
 SYNC_S = 35e-6
@@ -174,7 +175,7 @@ FITTED: dict[str, tuple[float, tuple[str, ...]]] = {}
 # Unit costs of modelled mechanisms that no source gives, fitted to published measurements. Each is declared
 # in moesim.reproduce.fit.REGISTRY (what it is, the catalogue points it is fitted to, its bounds), which
 # `moesim reproduce` refits and holds out source by source; the values here are what every simulation uses.
-FITTED_UNIT_COSTS: dict[str, float] = {
+FITTED_UNIT_COSTS: dict[str, float] = FittedTable("FITTED_UNIT_COSTS", {
     # accelerate, per offloaded expert weight matrix per forward, beyond its copy (moesim/simulator/run.py
     # accelerate_layer_copy_s); fitted on study-baseline-tpot, mir-mixtral-acc, mir-dsl-acc
     "accelerate.weight_overhead_s": 8.223e-4,
@@ -184,7 +185,7 @@ FITTED_UNIT_COSTS: dict[str, float] = {
     # KTransformers' dual-socket split, what the second socket adds to one socket's rate on a host expert (a
     # fraction; RuntimeCosts.numa_split_gain); fitted on its two-socket decode rates (reproduce/fit.py)
     "ktransformers.numa_split_gain": 0.6667,
-}
+})
 
 
 def runtime_costs(name: str, fitted: bool = True) -> RuntimeCosts:

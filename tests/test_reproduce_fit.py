@@ -139,3 +139,82 @@ def test_leave_one_model_out_holds_out_a_models_points_whatever_their_source():
     assert by_model["n"] == pytest.approx(0.5, rel=1e-2)  # fitted on m's 2.0: half n's 4.0
     # pooled: the median of the three points' held-out errors (1, 1, 0.5), not of the two models' medians (0.75)
     assert by_model[fit.POOLED] == pytest.approx(1.0, rel=1e-2)
+
+
+def test_a_fitted_table_notes_each_read_while_reads_is_open():
+    from moesim.fitted import FittedTable, reads
+
+    table = FittedTable("T", {"a": 1.0, "b": 2.0})
+    assert table["a"] == 1.0  # outside reads(): a plain dict
+    with reads() as outer:
+        assert table["a"] == 1.0 and table.get("missing") is None
+        with reads() as inner:
+            assert dict(table) == {"a": 1.0, "b": 2.0}  # a copy reads every entry
+        table["b"] = 3.0  # a write is not a read
+    assert inner == {("T", "a"), ("T", "b")}
+    assert outer == {("T", "a"), ("T", "missing"), ("T", "a"), ("T", "b")}
+    with reads() as after:
+        sorted(table.items())
+    assert after == {("T", "a"), ("T", "b")}
+
+
+def test_every_registered_parameter_names_the_cell_the_simulator_reads_it_from():
+    from moesim.fitted import reads
+
+    for name, param in fit.REGISTRY.items():
+        assert param.cell is not None, f"{name}: no cell, so every prediction would depend on it"
+        with reads() as read:
+            param.read()
+        assert read == {param.cell}, name
+
+
+def test_a_memoized_point_is_simulated_again_only_when_a_value_it_read_changes():
+    from moesim.fitted import FittedTable
+
+    table = FittedTable("T", {"a": 1.0, "b": 1.0})
+    store = {"c": 1.0}
+
+    def param(name, cell, read, write):
+        return fit.FittedParameter(name=name, meaning="", unit="x", used_in="", points=("x",), bounds=(0.1, 10.0),
+                                   neutral=1.0, read=read, write=write, cell=cell)
+
+    reg = {n: param(n, ("T", n), lambda n=n: table[n], lambda v, n=n: table.__setitem__(n, v)) for n in "ab"}
+    base = next(p for p in read_catalogue() if p.is_speed and not p.unsimulable)
+    x, y = replace(base, id="x"), replace(base, id="y")
+    calls = []
+
+    def predict(p):
+        calls.append(p.id)
+        return table["a"] if p.id == "x" else table["b"] * (2.0 if table["b"] > 1.5 else 1.0)
+
+    value = fit.memoized(predict, reg)
+    assert (value(x), value(y)) == (1.0, 1.0) and calls == ["x", "y"]
+    with fit.values({"a": 2.0}, reg):
+        assert (value(x), value(y)) == (2.0, 1.0) and calls == ["x", "y", "x"]  # y never read a
+    with fit.values({"b": 2.0}, reg):
+        assert (value(x), value(y)) == (1.0, 4.0) and calls == ["x", "y", "x", "y"]
+    assert (value(x), value(y)) == (1.0, 1.0) and len(calls) == 4  # the committed values, remembered
+    # a parameter without a cell: every prediction is taken to depend on it
+    reg["c"] = param("c", None, lambda: store["c"], lambda v: store.__setitem__("c", v))
+    value = fit.memoized(predict, reg)
+    value(x)
+    with fit.values({"c": 2.0}, reg):
+        value(x)
+    assert calls[-2:] == ["x", "x"]
+
+
+def test_a_ktransformers_point_does_not_read_the_gpu_offloading_runtimes_fitted_costs():
+    """What makes the memo pay: refits of accelerate's or MoE-Infinity's cost leave the CPU-expert points as
+    they were, and the slowest points to simulate are KTransformers' long decodes."""
+    from moesim.fitted import reads
+    from moesim.reproduce.run import predict
+
+    points = {p.id: p for p in read_catalogue()}
+    with reads() as kt:
+        predict(points["kt-v02-2s"])
+    with reads() as mi:
+        predict(points["mir-mixtral-mi"])
+    cells = {name: param.cell for name, param in fit.REGISTRY.items()}
+    assert cells["ktransformers.numa_split_gain"] in kt and cells["server.cpu_int4_rate"] in kt
+    assert cells["accelerate.weight_overhead_s"] not in kt and cells["moe-infinity.expert_overhead_s"] not in kt
+    assert cells["moe-infinity.expert_overhead_s"] in mi and cells["accelerate.weight_overhead_s"] not in mi
