@@ -10,8 +10,10 @@ API (for every area that needs a fitted parameter):
   ``meaning`` (what mechanism it is the unit cost of), ``unit``, ``used_in`` (the profile or preset field that
   reads it, file and name), ``points`` (the catalogue ids it is fitted to), ``bounds`` (the search interval,
   in ``unit``), ``neutral`` (the value that switches the mechanism off: used when leave-one-source-out holds
-  out every point the parameter has), and ``read``/``write`` (get and set the value where the simulator reads
-  it; ``write`` is only ever called inside :func:`values`, which restores the committed value afterwards).
+  out every point the parameter has), ``read``/``write`` (get and set the value where the simulator reads
+  it; ``write`` is only ever called inside :func:`values`, which restores the committed value afterwards) and
+  ``cell`` (that place: an entry of a :class:`moesim.fitted.FittedTable`, which notes who reads it, so
+  :func:`memoized` simulates a point again only when a value its simulation read has changed).
 - The value the simulator uses outside ``moesim reproduce`` is the one committed in the code (``read()``);
   ``moesim reproduce`` refits every parameter, uses the fitted values for its table, and says so when a
   committed value differs from its fit by more than :data:`STALE_RELATIVE` (then update the committed value).
