@@ -18,7 +18,8 @@ HQQ data movement (component-costs section 6, derived from hqq@37502bea): each H
 dequantizes its 8-bit scale and zero with 3 elementwise kernels each before one Triton matmul, so an
 expert moves about 5x its packed bytes through GPU memory per call (``hqq_traffic_factor``); 4-bit HQQ
 attention likewise moves about 5x its packed bytes (on a profile without a 4-bit non-expert kernel, which times
-it at 16 bits: 1.25x those bytes, 5 x 4/16).
+it at 16 bits: 1.25x those bytes, 5 x 4/16). The Triton matmul works in tiles of 16 rows (component-costs 1.6),
+so a prefill call of up to 16 tokens costs what a one-token call does (``hqq_tile_rows``).
 
 A graph runtime (``llama-cpp``, ``ktransformers``; ``RuntimeCosts.graph_layers``) runs each decoder layer as a
 few fused kernels launched back to back (llama.cpp) or replays the whole decode step as one captured CUDA graph
@@ -63,6 +64,11 @@ class RuntimeCosts:
     layer_syncs: int = 0  # host synchronisations per MoE layer
     hqq_attention_launches: int = 0  # extra launches per layer when attention is HQQ-quantized
     hqq_traffic_factor: float = 1.0  # bytes moved per packed byte by an HQQ expert call
+    # the row tile (BLOCK_M) of the system's HQQ Triton matmul: a call of n tokens runs ceil(n / rows) tiles,
+    # each streaming and dequantizing the weights as a one-token call does (a one-token input is padded to a
+    # full tile), in place of the profile's kernel class; 0: the profile's class. Only for the released
+    # system's run, and only for HQQ experts
+    hqq_tile_rows: int = 0
     # the released build first creates the dense trunk on the GPU at this width and swaps in the final
     # (quantized) layers after; the freed 16-bit blocks stay reserved while the expert cache is allocated
     # (0: built at its final format; simulator.memory.build_transient_bytes)
@@ -121,11 +127,13 @@ RUNTIMES: dict[str, RuntimeCosts] = {r.name: r for r in (
     RuntimeCosts("none"),
     RuntimeCosts(
         "mixtral-offloading", expert_kernels=8, expert_syncs=2, hqq_expert_launches=18, layer_syncs=1,
-        hqq_attention_launches=24, hqq_traffic_factor=5.0, build_trunk_bits=16,
+        hqq_attention_launches=24, hqq_traffic_factor=5.0, hqq_tile_rows=16, build_trunk_bits=16,
         where="dvmazur/mixtral-offloading ce54518 src/custom_layers.py:243-314 (per expert: 3 linears, SiLU, "
               "multiply, torch.where + index_add_, two .tolist() syncs; per layer: unique().tolist()); "
               "custom_layers.py:55-92 (per HQQ linear: 6 dequant kernels for scale and zero, then the Triton "
-              "matmul; 4 HQQ attention projections per layer); src/build_model.py build_model (the trunk is "
+              "matmul; 4 HQQ attention projections per layer); src/triton_kernels.py:6-36, 194-224, 383-395 (one "
+              "autotune config per kernel, BLOCK_M=16, grid cdiv(M, 16) x cdiv(N, 32), each program looping over "
+              "all of K: component-costs 1.6); src/build_model.py build_model (the trunk is "
               "built on the GPU under with_default_dtype(torch.float16) with num_local_experts=0, then "
               "replace_attn_layers swaps in HQQ attention; ExpertCache allocates every main module and "
               "device buffer before the first torch.cuda.empty_cache(), inside the expert-loading loop)"),
@@ -255,7 +263,12 @@ def apply_runtime(tables, runtime: RuntimeCosts, expert_hqq: bool, attention_hqq
             # timed as bf16 (the profile has no 4-bit non-expert model); HQQ moves 5 x 4/16 = 1.25x that
             extra_ne = 0.25 * one
     cpu_s = runtime.cpu_expert_syncs * SYNC_S
-    gpu = [t + expert_s if i else t for i, t in enumerate(tables.gpu_expert)]
+    gpu = tables.gpu_expert
+    if expert_hqq and runtime.hqq_tile_rows and runtime.fitted and len(gpu) > 1:
+        # the Triton matmul's cost per row tile is the one-token call's: prefill tokens up to a tile are free
+        rows, one = runtime.hqq_tile_rows, tables.gpu_expert[1]
+        gpu = [-(-i // rows) * one if i else t for i, t in enumerate(gpu)]
+    gpu = [t + expert_s if i else t for i, t in enumerate(gpu)]
     cpu = list(tables.cpu_expert)
     sockets = tables.host_sockets
     if runtime.numa_split and runtime.fitted and sockets > 1:

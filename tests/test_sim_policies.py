@@ -399,6 +399,35 @@ def test_moe_infinitys_fitted_cost_is_charged_on_each_gpu_expert_call_of_its_run
         assert runtime.runtime_costs(other).expert_fitted_s == 0.0
 
 
+def test_mixtral_offloadings_hqq_expert_call_costs_one_tile_per_16_tokens():
+    """The released Triton matmul tiles rows by 16 (a one-token input is padded to a tile; grid cdiv(M, 16) x
+    cdiv(N, 32), component-costs 1.6): a prefill call of up to 16 tokens costs what one token's does, 17 tokens
+    two tiles. The profile's kernel class (here linear past one token) still times other presets, 16-bit
+    experts, and an engine's run of the preset."""
+    from moesim.simulator import runtime
+
+    gpu = [0.0] + [t * MS for t in range(1, 34)]  # 1 ms per token
+    tables = CostTables(
+        gpu_expert=gpu, cpu_expert=[0.0] * 34, act_d2h=[0.0] * 34, act_h2d=[0.0] * 34,
+        act_d2h_conc=[0.0] * 34, act_h2d_conc=[0.0] * 34, h2d_by_layer=[5 * MS], h2d_conc_by_layer=[5 * MS],
+        h2d_pageable_by_layer=[10 * MS], d2h_by_layer=[5 * MS], d2h_conc_by_layer=[5 * MS],
+        prefill_non_expert={}, decode_non_expert={}, head={}, layer_overhead_s=0, step_overhead_s=0,
+        dense_layers=0, shared_experts=0, expert_kernel="int4", cpu_kernel="", non_expert_kernel="bf16",
+        expert_bytes_by_layer=[1],
+    )
+    mo = runtime.runtime_costs("mixtral-offloading")
+    assert mo.hqq_tile_rows == 16
+    out = runtime.apply_runtime(tables, mo, expert_hqq=True, attention_hqq=False).gpu_expert
+    per_call = out[1] - 1 * MS  # the call's launches, syncs and HQQ scale/zero traffic
+    assert per_call > 0
+    assert [out[n] - per_call for n in (1, 2, 16, 17, 32, 33)] == pytest.approx([MS, MS, MS, 2 * MS, 2 * MS, 3 * MS])
+    sixteen_bit = runtime.apply_runtime(tables, mo, expert_hqq=False, attention_hqq=False).gpu_expert
+    engine = runtime.apply_runtime(tables, runtime.runtime_costs("mixtral-offloading", fitted=False),
+                                   expert_hqq=True, attention_hqq=False).gpu_expert
+    for other in (sixteen_bit, engine):
+        assert other[16] - other[1] == pytest.approx(15 * MS)
+
+
 def test_an_engine_run_of_a_preset_leaves_out_the_released_codes_fitted_costs(tmp_path):
     """moesim validate predicts its own engine, which has no MoE-Infinity dispatcher and no accelerate hooks."""
     from moesim.simulator import runtime
