@@ -53,6 +53,11 @@ class FittedTable(dict):
             self._note(super().keys())
         return super().values()
 
+    def copy(self) -> dict:
+        if _ACTIVE:
+            self._note(super().keys())
+        return dict(super().items())
+
 
 @contextlib.contextmanager
 def reads() -> Iterator[set[tuple[str, str]]]:

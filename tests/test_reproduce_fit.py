@@ -156,6 +156,9 @@ def test_a_fitted_table_notes_each_read_while_reads_is_open():
     with reads() as after:
         sorted(table.items())
     assert after == {("T", "a"), ("T", "b")}
+    with reads() as copied:
+        assert table.copy() == {"a": 1.0, "b": 3.0}
+    assert copied == {("T", "a"), ("T", "b")}
 
 
 def test_every_registered_parameter_names_the_cell_the_simulator_reads_it_from():
