@@ -18,8 +18,10 @@ from moesim.options import out_option
             dest="out_path")
 def reproduce_command(system, source, catalogue_path, out_path):
     """Simulate every published point with its preset and machine; print published, predicted and ratio."""
+    from moesim.reproduce.bounds import link_floors
     from moesim.reproduce.catalogue import CATALOGUE, read_catalogue
-    from moesim.reproduce.report import format_console, format_fits, format_scores, write_markdown, write_plot
+    from moesim.reproduce.report import (format_console, format_fits, format_floors, format_scores, write_markdown,
+                                         write_plot)
     from moesim.reproduce.run import filtered, fit_and_run, score
 
     catalogue = catalogue_path or CATALOGUE
@@ -31,6 +33,9 @@ def reproduce_command(system, source, catalogue_path, out_path):
         click.echo(line)
     for line in format_scores(scores, held_out):
         click.echo(line)
+    floors = link_floors(outcomes)
+    for line in format_floors(outcomes, floors):
+        click.echo(line)
     if out_path is None and system is None and source is None:
         out_path = str(Path("validation") / "published.md")
     if out_path:
@@ -38,5 +43,5 @@ def reproduce_command(system, source, catalogue_path, out_path):
         md.parent.mkdir(parents=True, exist_ok=True)
         plot = md.with_suffix(".png")
         write_plot(plot, outcomes)
-        write_markdown(md, outcomes, scores, held_out, fits, plot.name, catalogue)
+        write_markdown(md, outcomes, scores, held_out, fits, plot.name, catalogue, floors)
         click.echo(f"report: {md} (plot {plot})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from moesim.reproduce.catalogue import CATALOGUE, METRICS
 from moesim.reproduce.fit import REGISTRY, FitResult
@@ -63,6 +64,29 @@ def format_scores(s: Scores, held_out: dict[str, float]) -> list[str]:
     return lines
 
 
+def _floor_breaches(outcomes: list[Outcome], floors: dict[str, float]) -> list[tuple[Outcome, float]]:
+    from moesim.reproduce.bounds import beats_floor
+
+    return [(o, floors[o.point.id]) for o in outcomes
+            if o.point.id in floors and beats_floor(o.point, floors[o.point.id])]
+
+
+def _floor_breach(o: Outcome, best: float) -> str:
+    p = o.point
+    limit = "at least" if p.metric == "tpot_s" else "at most"
+    return (f"published {_num(p.value)} {METRICS[p.metric]}, the stated setup allows {limit} {_num(best)} "
+            f"({abs(p.value / best - 1):.1%} beyond it)")
+
+
+def format_floors(outcomes: list[Outcome], floors: dict[str, float]) -> list[str]:
+    """The link floor's summary line, then one line per point whose published value beats it."""
+    breaches = _floor_breaches(outcomes, floors)
+    lines = [f"link floor (every expert on the GPU, the whole card as its cache, pinned copies and nothing else; "
+             f"reproduce/bounds.py): {len(floors)} points have one; published faster than it: {len(breaches)}"]
+    lines += [f"  {o.point.id}: {_floor_breach(o, best)}" for o, best in breaches]
+    return lines
+
+
 def format_fits(fits: dict[str, FitResult]) -> list[str]:
     """One line per fitted parameter: value, unit, where it is used, the points behind it, and whether the
     value committed in the code (what `moesim simulate` uses) is stale."""
@@ -81,7 +105,8 @@ def format_fits(fits: dict[str, FitResult]) -> list[str]:
 
 
 def write_markdown(path: Path, outcomes: list[Outcome], s: Scores, held_out: dict[str, float],
-                   fitted: dict[str, FitResult], plot_name: str, catalogue: str | Path = CATALOGUE) -> None:
+                   fitted: dict[str, FitResult], plot_name: str, catalogue: str | Path = CATALOGUE,
+                   floors: Optional[dict[str, float]] = None) -> None:
     from moesim.atomic import write_text_atomic
 
     head = ["point", "source", "system", "GPU / host / link", "metric", "published", "predicted", "ratio",
@@ -117,6 +142,18 @@ def write_markdown(path: Path, outcomes: list[Outcome], s: Scores, held_out: dic
         out.append("None: every cost comes from a specification, a cited measurement or a stated assumption "
                    "(see the profile's `sources` and the presets' docstrings), so leave-one-source-out equals "
                    "each source's plain error.")
+    if floors is not None:
+        out += ["", "## Published faster than the link allows", "",
+                "Whatever a system caches or prefetches, an expert a decode step routes that is not on the card must",
+                "cross the link during the step, and no cache is larger than the card. The least number of such",
+                "copies (Belady's MIN over the point's routing, from the best starting cache, with the whole card",
+                "beside the dense weights as the cache) at the profile's pinned copy time, with compute and every",
+                "other cost left out, is a floor under any system that runs its experts on the GPU. A published",
+                "figure beyond it needs a link faster than the profile's pinned rate (a measurement on another host),",
+                "or a setup other than the one stated for it (smaller experts, another batch, another metric); the",
+                "margin says how much faster. Such a point keeps its prediction and ratio.",
+                "", f"- {format_floors(outcomes, floors)[0]}"]
+        out += [f"- `{o.point.id}`: {_floor_breach(o, best)}" for o, best in _floor_breaches(outcomes, floors)]
     off = sorted((o for o in outcomes if o.simulated and o.abs_error > 0.30), key=lambda o: -o.factor)
     out += ["", "## Points off by more than 30%", ""]
     out += [f"- `{o.point.id}` ({o.point.system}, {o.point.metric}): ratio {o.ratio:.2f}"

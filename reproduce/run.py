@@ -58,7 +58,7 @@ _PROFILES: dict = {}
 _TRACES: dict = {}
 
 
-def _profile(p: Point):
+def point_profile(p: Point):
     from moesim.calib.hosts import FITTED_CPU_INT4_COMPUTE_RATE, FITTED_CPU_INT4_RATE, compose_profile
 
     # the fitted host rates are read when the profile is composed: a fit that changes one needs a new profile
@@ -69,7 +69,7 @@ def _profile(p: Point):
     return _PROFILES[key]
 
 
-def _trace(p: Point, prompt: int, output: int, requests: int):
+def point_trace(p: Point, prompt: int, output: int, requests: int):
     if is_synthetic(p.routing):
         key = (p.routing, p.model, prompt, output, requests)
         if key not in _TRACES:
@@ -79,6 +79,13 @@ def _trace(p: Point, prompt: int, output: int, requests: int):
     from moesim.traces import resolve_trace
 
     return load_trace_cached(resolve_trace(p.routing))
+
+
+def configurations(p: Point) -> list[tuple[int, int, int]]:
+    """(prompt, output, requests) of each simulation behind the point's value (their mean is the value)."""
+    grid = list(itertools.product(p.prompts, p.outputs))
+    requests = max(p.batch, REQUESTS_PER_CONFIG if len(grid) == 1 else 1)
+    return [(prompt, output, requests) for prompt, output in grid]
 
 
 def _config(p: Point, shape):
@@ -114,12 +121,11 @@ def predict(p: Point) -> Outcome:
     if p.unsimulable:
         return Outcome(p, reason=p.unsimulable)
     try:
-        profile = _profile(p)
+        profile = point_profile(p)
         values = []
         notes = set()
-        for prompt, output in itertools.product(p.prompts, p.outputs):
-            requests = max(p.batch, REQUESTS_PER_CONFIG if len(p.prompts) * len(p.outputs) == 1 else 1)
-            trace = _trace(p, prompt, output, requests)
+        for prompt, output, requests in configurations(p):
+            trace = point_trace(p, prompt, output, requests)
             config = _config(p, trace.meta.model)
             result = simulate(trace, profile, config, trace_name=p.routing, profile_name=profile.name)
             if not result.feasible:

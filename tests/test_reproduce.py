@@ -261,15 +261,15 @@ def test_mixtral_offloading_peak_is_its_load_time_16bit_trunk():
     """The released build creates the trunk at 16 bits before swapping in HQQ attention; the freed blocks
     are still reserved when the expert cache is allocated, so that is the peak."""
     from moesim.modelspec import load_model_shape
-    from moesim.reproduce.run import _config, _profile, _trace
+    from moesim.reproduce.run import _config, point_profile, point_trace
     from moesim.simulator.memory import build_transient_bytes
     from moesim.simulator.presets import get_preset
     from moesim.simulator.run import simulate
 
     shape = load_model_shape("mixtral-8x7b")
     point = next(p for p in read_catalogue() if p.id == "study-mo2-mem")
-    trace = _trace(point, 64, 50, 2)
-    m = simulate(trace, _profile(point), _config(point, trace.meta.model)).memory
+    trace = point_trace(point, 64, 50, 2)
+    m = simulate(trace, point_profile(point), _config(point, trace.meta.model)).memory
     trunk16 = shape.non_expert_params * 2
     assert m.total_bytes == trunk16 + m.cache_bytes + m.staging_bytes + m.prefetch_buffer_bytes + m.reserve_bytes
     assert predict(point).ratio == pytest.approx(1.0, abs=0.03)
