@@ -3,8 +3,6 @@ list of published figures beyond it."""
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import random
 
@@ -14,11 +12,12 @@ from click.testing import CliRunner
 from moesim.calib.hosts import compose_profile
 from moesim.cli import cli
 from moesim.reproduce.bounds import card_slots, decode_floor, fewest_copies, link_floor
-from moesim.reproduce.catalogue import CATALOGUE, COLUMNS, read_catalogue
+from moesim.reproduce.catalogue import read_catalogue
 from moesim.reproduce.routing import synthetic_trace
 from moesim.simulator.compose import policy_spec
 from moesim.simulator.config import SimConfig
 from moesim.simulator.run import get_workload, simulate
+from test_reproduce import _rows as catalogue_rows, _write as write_catalogue
 
 
 def _optimum(cells, capacity, universe):
@@ -89,14 +88,8 @@ def test_points_that_may_run_experts_on_the_host_or_count_the_prefill_have_no_fl
 
 
 def test_reproduce_names_a_published_figure_faster_than_its_setup_allows(tmp_path):
-    rows = [r for r in csv.DictReader(CATALOGUE.read_text().splitlines())
-            if r["id"] in ("mir24-mixtral-mo-b16", "mir24-mixtral-acc-b32")]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS)
-    w.writeheader()
-    w.writerows(rows)
-    cat = tmp_path / "cat.csv"
-    cat.write_text(buf.getvalue())
+    cat = write_catalogue(tmp_path, [r for r in catalogue_rows()
+                                     if r["id"] in ("mir24-mixtral-mo-b16", "mir24-mixtral-acc-b32")])
     out = tmp_path / "pub.md"
     r = CliRunner().invoke(cli, ["reproduce", "--catalogue", str(cat), "--out", str(out)])
     assert r.exit_code == 0, r.output
