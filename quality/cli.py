@@ -143,7 +143,10 @@ def quality_command(model_path, expert_bits, group_size, quantizer, adaptive_gat
 @click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads for training.")
 @click.option("--train-data", default="wikitext-2-valid", show_default=True, help="Training text.")
 @click.option("--test-data", default="wikitext-2", show_default=True, help="Text the model is scored on.")
-def demo_model_command(out, quick, seed, steps, threads, train_data, test_data):
+@click.option("--stop-at-step", type=int, default=None,
+              help="Stop after this many steps of the schedule: that checkpoint of the full run (its learning "
+                   "rate still decays over --steps).")
+def demo_model_command(out, quick, seed, steps, threads, train_data, test_data, stop_at_step):
     """Train a small Mixtral-architecture MoE (8 experts, top-2) on WikiText-2 valid, score it on test."""
     _quiet_transformers()
     from moesim.quality.demo_model import FULL, QUICK, train_demo_model
@@ -155,9 +158,10 @@ def demo_model_command(out, quick, seed, steps, threads, train_data, test_data):
         raise MoesimError(f"--threads {threads}: expected a positive integer")
     cfg = dataclasses.replace(cfg, seed=seed, threads=threads, steps=steps or cfg.steps,
                               warmup_steps=min(cfg.warmup_steps, max(1, (steps or cfg.steps) // 10)))
-    report = train_demo_model(out, cfg, train_data, test_data, log=click.echo)
+    report = train_demo_model(out, cfg, train_data, test_data, log=click.echo, stop_at_step=stop_at_step)
+    steps_run = f"{report.trained_steps} of {cfg.steps}" if report.trained_steps < cfg.steps else f"{cfg.steps}"
     click.echo(
-        f"wrote {out}: {report.parameters} parameters, {cfg.steps} steps in {report.train_seconds:.1f} s "
+        f"wrote {out}: {report.parameters} parameters, {steps_run} steps in {report.train_seconds:.1f} s "
         f"({report.steps_per_second:.2f} steps/s); test perplexity {report.test_perplexity:.2f} vs unigram "
         f"{report.unigram_perplexity:.2f}; top-expert share per layer "
         f"{', '.join(f'{s:.2f}' for s in report.top_expert_share)}; reuse "

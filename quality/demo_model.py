@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -84,6 +84,7 @@ class DemoReport:
     top_expert_share: tuple[float, ...]  # per MoE layer, on the test tokens
     reuse_rate: tuple[float, ...]  # per MoE layer: share of experts the previous token also used
     uniform_reuse_rate: float
+    trained_steps: int = 0  # steps run: config.steps, or fewer where training stopped early (stop_at_step)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1) + "\n"
@@ -200,8 +201,13 @@ def train_demo_model(
     test_text_path: str | os.PathLike | None = None,
     log: Callable[[str], None] = lambda line: None,
     checkpoint_every: int = CHECKPOINT_EVERY,
+    stop_at_step: Optional[int] = None,
 ) -> DemoReport:
     """Train, score and save the demo model into ``out`` (written beside it, then moved into place).
+
+    ``stop_at_step``: stop after this many steps of ``cfg``'s schedule (its learning rate still decays over
+    ``cfg.steps``), so ``out`` holds that checkpoint of the full run: the same weights as a run of ``cfg``
+    has at that step. An early checkpoint routes less concentrated than the finished model.
 
     Every ``checkpoint_every`` steps the model, optimizer and step are saved beside ``out``; a rerun with the
     same settings and data resumes from there and ends with the same weights as an uninterrupted run (the
@@ -217,6 +223,9 @@ def train_demo_model(
 
     out = Path(out)
     _check_output_folder(out)
+    last = cfg.steps if stop_at_step is None else stop_at_step
+    if not 1 <= last <= cfg.steps:
+        raise MoesimError(f"--stop-at-step {stop_at_step}: expected 1 to {cfg.steps} (the schedule's steps)")
     train_text = load_eval_text(train_text_path or "wikitext-2-valid", "--train-data")
     test_text = load_eval_text(test_text_path or "wikitext-2", "--test-data")
 
@@ -253,7 +262,7 @@ def train_demo_model(
             log(f"resumed from {ckpt} at step {first}/{cfg.steps}")
         model.train()
         t_train = time.perf_counter() - done_seconds
-        for step in range(first, cfg.steps):
+        for step in range(first, last):
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(cfg, step)
             batch = torch.from_numpy(next(batches)).long()
@@ -263,11 +272,11 @@ def train_demo_model(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss_value = float(output.loss.detach())
-            if step == 0 or (step + 1) % max(1, cfg.steps // 10) == 0 or step + 1 == cfg.steps:
+            if step == 0 or (step + 1) % max(1, cfg.steps // 10) == 0 or step + 1 == last:
                 elapsed = time.perf_counter() - t_train
                 log(f"step {step + 1}/{cfg.steps}: loss {loss_value:.3f} (aux {float(output.aux_loss.detach()):.3f}), "
                     f"{(step + 1) / elapsed:.2f} steps/s")
-            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
+            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < last:
                 _save_checkpoint(ckpt, key, step + 1, model, optimizer, loss_value, time.perf_counter() - t_train)
         train_seconds = time.perf_counter() - t_train
         model.eval()
@@ -285,11 +294,11 @@ def train_demo_model(
     report = DemoReport(
         config=cfg, train_text_sha256=train_text.sha256, test_text_sha256=test_text.sha256,
         train_tokens=int(len(train_ids)), parameters=int(params), train_seconds=round(train_seconds, 3),
-        steps_per_second=round(cfg.steps / train_seconds, 4), final_train_loss=loss_value,
+        steps_per_second=round(last / train_seconds, 4), final_train_loss=loss_value,
         test_tokens=result.predicted_tokens, test_perplexity=result.perplexity,
         unigram_perplexity=unigram.perplexity,
         top_expert_share=tuple(s.top_expert_share for s in stats), reuse_rate=tuple(s.reuse_rate for s in stats),
-        uniform_reuse_rate=stats[0].uniform_reuse_rate,
+        uniform_reuse_rate=stats[0].uniform_reuse_rate, trained_steps=last,
     )
     _save_folder(out, model, tokenizer, report)
     checkpoint_path(out).unlink(missing_ok=True)

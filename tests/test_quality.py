@@ -189,6 +189,46 @@ def test_demo_model_is_deterministic_given_seed(tmp_path):
     assert c.test_perplexity != a.test_perplexity
 
 
+@needs_wikitext
+def test_demo_model_stopped_early_holds_the_full_runs_checkpoint_of_that_step(tmp_path):
+    """--stop-at-step keeps the full schedule (its learning rate decays over all steps) and stops: the weights
+    equal those the full run checkpoints at that step, not those of a shorter schedule."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moesim.quality.demo_model import checkpoint_path
+
+    micro = dataclasses.replace(TINY, steps=6, warmup_steps=1, train_chars=40_000, eval_max_tokens=512,
+                                vocab_size=300, hidden_size=32, intermediate_size=64)
+    early = train_demo_model(tmp_path / "early", micro, stop_at_step=4)
+    assert early.trained_steps == 4 and early.config.steps == 6
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_4(line):
+        if line.startswith("step 5/6"):
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_demo_model(tmp_path / "full", micro, log=stop_after_4, checkpoint_every=2)
+    state = torch.load(checkpoint_path(tmp_path / "full"), map_location="cpu", weights_only=False)
+    assert state["step"] == 4
+    saved = AutoModelForCausalLM.from_pretrained(str(tmp_path / "early")).state_dict()
+    assert set(saved) == set(state["model"])
+    assert all(torch.equal(saved[k], state["model"][k]) for k in saved)
+    short = train_demo_model(tmp_path / "short", dataclasses.replace(micro, steps=4))
+    assert (tmp_path / "short" / "model.safetensors").read_bytes() != (tmp_path / "early" / "model.safetensors").read_bytes()
+    assert short.trained_steps == 4
+
+
+@pytest.mark.parametrize("step", ["0", "31"])
+def test_demo_model_refuses_a_stop_step_outside_its_schedule(tmp_path, step):
+    _assert_one_line_error(["demo-model", "--out", str(tmp_path / "m"), "--quick", "--stop-at-step", step],
+                           "--stop-at-step")
+    assert not (tmp_path / "m").exists()
+
+
 def test_demo_model_names_its_own_data_flags(tmp_path):
     _assert_one_line_error(["demo-model", "--out", str(tmp_path / "m"), "--quick", "--train-data",
                             str(tmp_path / "nope.txt")], "--train-data ")
