@@ -26,7 +26,7 @@ For the demo-model trace, each request group the fit finds is then set against i
 the share of the synthetic decode on experts the group's fitted decode popularity gives under 0.5%. It shows
 which group the held-out entropy gap comes from.
 
-The demo-model trace (--gsm8k-trace, default benchmarks/data/demo-gsm8k.parquet) holds 64 GSM8K test
+The demo-model trace (--gsm8k-trace, default benchmarks/data/demo-gsm8k.parquet) holds 256 GSM8K test
 prompts, 47 decode steps each (see benchmarks/data/README.md for how it was recorded).
 """
 
@@ -151,8 +151,9 @@ def gsm8k_heldout(path: Path, seeds: int, fit_seeds: int) -> None:
 
     if not path.is_file():
         print(f"\n== demo model on GSM8K: {path} not found; make it with\n"
-              f"   moesim demo-model --out out/demo && moesim trace --prompts ../shared/data/gsm8k/test.jsonl "
-              f"--model out/demo --limit 64 --max-new-tokens 48 --ignore-eos --device cpu --out {path}")
+              f"   moesim demo-model --out out/demo250 --stop-at-step 250 && moesim trace --prompts "
+              f"../shared/data/gsm8k/test.jsonl --model out/demo250 --limit 256 --max-new-tokens 48 --ignore-eos "
+              f"--device cpu --out {path}")
         return
     tr = read_trace(path)
     reqs = np.unique(tr.request)
