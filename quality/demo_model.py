@@ -251,6 +251,9 @@ def train_demo_model(
         ckpt = checkpoint_path(out)
         key = _checkpoint_key(cfg, train_text.sha256, test_text.sha256)
         state = _load_checkpoint(ckpt, key, log)
+        if state is not None and int(state["step"]) > last:
+            log(f"checkpoint {ckpt}: at step {state['step']}, past --stop-at-step {last}; training from step 0")
+            state = None
         first, done_seconds = 0, 0.0
         loss_value = float("nan")
         if state is not None:

@@ -128,7 +128,6 @@ def beats_floor(p: Point, best: Optional[float]) -> bool:
     return p.value < best if p.metric == "tpot_s" else p.value > best
 
 
-
 def link_floors(outcomes) -> dict[str, float]:
     """Each simulated point's :func:`link_floor`, by point id (points without one are left out)."""
     floors = {}

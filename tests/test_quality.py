@@ -217,6 +217,10 @@ def test_demo_model_stopped_early_holds_the_full_runs_checkpoint_of_that_step(tm
     saved = AutoModelForCausalLM.from_pretrained(str(tmp_path / "early")).state_dict()
     assert set(saved) == set(state["model"])
     assert all(torch.equal(saved[k], state["model"][k]) for k in saved)
+    # a checkpoint past the stop (step 4 beside "full") is not resumed from
+    train_demo_model(tmp_path / "full", micro, stop_at_step=2)
+    train_demo_model(tmp_path / "two", micro, stop_at_step=2)
+    assert (tmp_path / "full" / "model.safetensors").read_bytes() == (tmp_path / "two" / "model.safetensors").read_bytes()
     short = train_demo_model(tmp_path / "short", dataclasses.replace(micro, steps=4))
     assert (tmp_path / "short" / "model.safetensors").read_bytes() != (tmp_path / "early" / "model.safetensors").read_bytes()
     assert short.trained_steps == 4
