@@ -61,6 +61,7 @@ GAP_FIELDS = ("lru_layer", "lru_global", "belady", "reuse", "entropy_max", "entr
 
 
 def heldout(name: str, train, test_select, prompt_lens, output_lens, seeds: int, fit_seeds: int, fit_part=None):
+    """Prints the comparison; returns the full model of fit seed 0."""
     from moesim.tracer.compare import caching_stats, format_side_by_side, gaps
     from moesim.tracer.routing_fit import fit_routing
     from moesim.tracer.synth import synthetic_trace
@@ -86,6 +87,8 @@ def heldout(name: str, train, test_select, prompt_lens, output_lens, seeds: int,
                 grouped = bool(model.groups)
             groups.add(len(model.groups))
             first = fit_seed == 0 and not disabled
+            if first:
+                full_model = model
             stats = [caching_stats(test_select(synthetic_trace(model, prompt_lens, output_lens, seed=100 + seed,
                                                                disabled=disabled)),
                                    f"synthetic ({label})", with_next_layer=first and seed == 0)
@@ -122,6 +125,7 @@ def heldout(name: str, train, test_select, prompt_lens, output_lens, seeds: int,
               f"layer difference {noise:.3f}")
     print("\n  full model, seed 0, side by side (moesim trace stats --against):")
     print("\n".join(("  " + line).rstrip() for line in side.rstrip().splitlines()))
+    return full_model
 
 
 def bigmoe_heldout(seeds: int, fit_seeds: int) -> None:
@@ -164,23 +168,24 @@ def gsm8k_heldout(path: Path, seeds: int, fit_seeds: int) -> None:
     def select(t, test=test):
         return test if t is None else t
 
-    heldout(f"demo model on GSM8K ({path.name}): requests {reqs.size // 2}..{reqs.size - 1} held out", train,
-            select, phase_shape(test.cells, 0), phase_shape(test.cells, 1), seeds, fit_seeds, fit_part=train)
-    groups_in_sample(train)
+    model = heldout(f"demo model on GSM8K ({path.name}): requests {reqs.size // 2}..{reqs.size - 1} held out",
+                    train, select, phase_shape(test.cells, 0), phase_shape(test.cells, 1), seeds, fit_seeds,
+                    fit_part=train)
+    groups_in_sample(train, model)
 
 
-def groups_in_sample(train, copies: int = 20) -> None:
-    """Each request group of the fit (seed 0) against its own training requests: decode entropy per layer,
-    and the share of the synthetic decode on experts the group's decode never routes (popularity < 0.5%).
-    ``copies`` tiled copies of the group's request shapes take the synthesis's sampling noise out."""
+def groups_in_sample(train, model, copies: int = 20) -> None:
+    """Each request group of ``model`` (fitted to ``train`` with seed 0) against its own training requests:
+    decode entropy per layer, and the share of the synthetic decode on experts the group's decode never routes
+    (popularity < 0.5%). ``copies`` tiled copies of the group's request shapes take the synthesis's sampling
+    noise out."""
     import dataclasses
 
     from moesim.tracer import DECODE
     from moesim.tracer.compare import layer_entropy
-    from moesim.tracer.routing_fit import find_request_groups, fit_routing, phase_shape, request_features
+    from moesim.tracer.routing_fit import find_request_groups, phase_shape, request_features
     from moesim.tracer.synth import synthetic_trace
 
-    model = fit_routing([train], "in-sample", seed=0)
     if not model.groups:
         return
     labels = find_request_groups(request_features(train.cells)[0], seed=0)  # the fit's own grouping

@@ -84,7 +84,7 @@ class DemoReport:
     top_expert_share: tuple[float, ...]  # per MoE layer, on the test tokens
     reuse_rate: tuple[float, ...]  # per MoE layer: share of experts the previous token also used
     uniform_reuse_rate: float
-    trained_steps: int = 0  # steps run: config.steps, or fewer where training stopped early (stop_at_step)
+    trained_steps: int  # steps run: config.steps, or fewer where training stopped early (stop_at_step)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1) + "\n"

@@ -32,10 +32,14 @@ BOUNDED_METRICS = ("tpot_s", "decode_tokens_per_s")
 
 @dataclass(frozen=True)
 class LinkFloor:
-    step_s: float  # least mean time of a decode step
     copies_per_step: float  # least mean number of experts that cross the link in a decode step
     slots: int  # experts the whole card holds beside the dense weights
     copy_s: float  # one expert's pinned host-to-device copy on the profile
+
+    @property
+    def step_s(self) -> float:
+        """The least mean time of a decode step."""
+        return self.copies_per_step * self.copy_s
 
     def best(self, metric: str, batch: int) -> float:
         """The best value of ``metric`` the floor allows: the least TPOT, or the most decode tokens per second."""
@@ -86,7 +90,7 @@ def decode_floor(workload, slots: int, copy_s: float) -> LinkFloor:
         copies += fewest_copies(cells, slots)
         steps += len(batch.decode)
     per_step = copies / steps if steps else 0.0
-    return LinkFloor(step_s=per_step * copy_s, copies_per_step=per_step, slots=slots, copy_s=copy_s)
+    return LinkFloor(copies_per_step=per_step, slots=slots, copy_s=copy_s)
 
 
 def card_slots(memory_bytes: int, expert_bytes: int, non_expert_bytes: int) -> int:
@@ -121,10 +125,8 @@ def link_floor(p: Point) -> Optional[float]:
     return sum(values) / len(values)
 
 
-def beats_floor(p: Point, best: Optional[float]) -> bool:
+def beats_floor(p: Point, best: float) -> bool:
     """Whether the published value is faster than the floor allows."""
-    if best is None:
-        return False
     return p.value < best if p.metric == "tpot_s" else p.value > best
 
 

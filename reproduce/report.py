@@ -78,13 +78,15 @@ def _floor_breach(o: Outcome, best: float) -> str:
             f"({abs(p.value / best - 1):.1%} beyond it)")
 
 
+def _floor_summary(floors: dict[str, float], breaches: list) -> str:
+    return (f"link floor (every expert on the GPU, the whole card as its cache, pinned copies and nothing else; "
+            f"reproduce/bounds.py): {len(floors)} points have one; published faster than it: {len(breaches)}")
+
+
 def format_floors(outcomes: list[Outcome], floors: dict[str, float]) -> list[str]:
     """The link floor's summary line, then one line per point whose published value beats it."""
     breaches = _floor_breaches(outcomes, floors)
-    lines = [f"link floor (every expert on the GPU, the whole card as its cache, pinned copies and nothing else; "
-             f"reproduce/bounds.py): {len(floors)} points have one; published faster than it: {len(breaches)}"]
-    lines += [f"  {o.point.id}: {_floor_breach(o, best)}" for o, best in breaches]
-    return lines
+    return [_floor_summary(floors, breaches)] + [f"  {o.point.id}: {_floor_breach(o, best)}" for o, best in breaches]
 
 
 def format_fits(fits: dict[str, FitResult]) -> list[str]:
@@ -152,8 +154,10 @@ def write_markdown(path: Path, outcomes: list[Outcome], s: Scores, held_out: dic
                 "figure beyond it needs a link faster than the profile's pinned rate (a measurement on another host),",
                 "or a setup other than the one stated for it (smaller experts, another batch, another metric); the",
                 "margin says how much faster. Such a point keeps its prediction and ratio.",
-                "", f"- {format_floors(outcomes, floors)[0]}"]
-        out += [f"- `{o.point.id}`: {_floor_breach(o, best)}" for o, best in _floor_breaches(outcomes, floors)]
+                ""]
+        breaches = _floor_breaches(outcomes, floors)
+        out += [f"- {_floor_summary(floors, breaches)}"]
+        out += [f"- `{o.point.id}`: {_floor_breach(o, best)}" for o, best in breaches]
     off = sorted((o for o in outcomes if o.simulated and o.abs_error > 0.30), key=lambda o: -o.factor)
     out += ["", "## Points off by more than 30%", ""]
     out += [f"- `{o.point.id}` ({o.point.system}, {o.point.metric}): ratio {o.ratio:.2f}"
