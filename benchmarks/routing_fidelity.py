@@ -24,7 +24,10 @@ more than the bar and no model fitted on the fitting part alone can be expected 
 For the demo-model trace, each request group the fit finds is then set against its own training requests
 (in sample, its synthetic requests tiled 20 times to take out sampling noise): decode entropy per layer, and
 the share of the synthetic decode on experts the group's fitted decode popularity gives under 0.5%. It shows
-which group the held-out entropy gap comes from.
+which group the held-out entropy gap comes from. Last, the positions around the phase boundary, real against
+synthetic: how much of each cell the cell before holds, and how far the position's expert shares lie from its
+whole phase's (total variation). The prompts end on the chat template's tokens and the first output tokens route
+unlike the rest of decode; the routing model has one popularity per phase and does not tell them apart.
 
 The demo-model trace (--gsm8k-trace, default benchmarks/data/demo-gsm8k.parquet) holds 256 GSM8K test
 prompts, 47 decode steps each (see benchmarks/data/README.md for how it was recorded).
@@ -172,6 +175,53 @@ def gsm8k_heldout(path: Path, seeds: int, fit_seeds: int) -> None:
                     train, select, phase_shape(test.cells, 0), phase_shape(test.cells, 1), seeds, fit_seeds,
                     fit_part=train)
     groups_in_sample(train, model)
+    boundary_positions(train, model)
+
+
+def _position_profile(trace, offsets: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """For each offset from the first decode position (negative: the prompt's last positions): the share of a
+    cell's experts also in the cell one position before, and the total-variation distance of the position's expert
+    shares from its whole phase's, both means over layers (and requests for the first)."""
+    from moesim.tracer.routing_fit import request_grid
+
+    grid, phase, _ = request_grid(trace.cells)  # [R, T, L, k], phase [R, T]
+    L, E = grid.shape[2], trace.meta.num_experts
+    first_decode = (phase == 0).sum(axis=1)
+    rows = np.flatnonzero(first_decode + min(offsets) >= 1)  # requests whose prompt reaches the first offset
+
+    def shares(cells):  # [n, L, k] -> [L, E]
+        out = np.zeros((L, E))
+        np.add.at(out, (np.broadcast_to(np.arange(L)[None, :, None], cells.shape), cells), 1.0)
+        return out / out.sum(axis=1, keepdims=True)
+
+    whole = {ph: shares(grid[phase == ph]) for ph in (0, 1)}
+    reuse, distance = [], []
+    for d in offsets:
+        pos = first_decode + d
+        now, before = grid[rows, pos], grid[rows, pos - 1]  # [R, L, k]
+        reuse.append(float((now[..., :, None] == before[..., None, :]).any(axis=-1).mean()))
+        distance.append(float(0.5 * np.abs(shares(now) - whole[0 if d < 0 else 1]).sum(axis=1).mean()))
+    return np.array(reuse), np.array(distance)
+
+
+def boundary_positions(train, model, copies: int = 5) -> None:
+    """The positions around the phase boundary, real against the full model (fit seed 0, the training shapes x
+    ``copies``): a prompt ends on the chat template's tokens and the first output tokens route unlike the rest of
+    decode, which the model's phases (one popularity and one set of sources each) do not tell apart."""
+    from moesim.tracer.routing_fit import phase_shape
+    from moesim.tracer.synth import synthetic_trace
+
+    decode_len = int(phase_shape(train.cells, 1).min())
+    offsets = (-2, -1, 0, 1, 2, 3, 4, decode_len // 2)
+    syn = synthetic_trace(model, np.tile(phase_shape(train.cells, 0), copies),
+                          np.tile(phase_shape(train.cells, 1), copies), seed=7)
+    print(f"\n  positions around the phase boundary (fitting requests; synthetic: full model, fit seed 0, x{copies}; "
+          f"means over layers):")
+    print(f"  {'position (0: first decode)':<42}" + "".join(f"{d:>7}" for d in offsets))
+    for label, trace in (("real", train), ("synthetic", syn)):
+        reuse, distance = _position_profile(trace, offsets)
+        print(f"  {label + ', reuse of the position before':<42}" + "".join(f"{v:>7.2f}" for v in reuse))
+        print(f"  {label + ', distance from its phase':<42}" + "".join(f"{v:>7.2f}" for v in distance))
 
 
 def groups_in_sample(train, model, copies: int = 20) -> None:
