@@ -23,11 +23,11 @@ more than the bar and no model fitted on the fitting part alone can be expected 
 
 For the demo-model trace, each request group the fit finds is then set against its own training requests
 (in sample, its synthetic requests tiled 20 times to take out sampling noise): decode entropy per layer, and
-the share of the synthetic decode on experts the group's fitted decode popularity gives under 0.5%. It shows
+the share of the synthetic decode on experts the group's real decode routes under 0.5% of the time. It shows
 which group the held-out entropy gap comes from. Last, the positions around the phase boundary, real against
 synthetic: how much of each cell the cell before holds, and how far the position's expert shares lie from its
 whole phase's (total variation). The prompts end on the chat template's tokens and the first output tokens route
-unlike the rest of decode; the routing model has one popularity per phase and does not tell them apart.
+unlike the rest of decode: the routing model's phase edges (tracer/routing.py).
 
 The demo-model trace (--gsm8k-trace, default benchmarks/data/demo-gsm8k.parquet) holds 256 GSM8K test
 prompts, 47 decode steps each (see benchmarks/data/README.md for how it was recorded).
@@ -47,9 +47,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 BARS = "bars: LRU per-layer and global <= 3.0 pts at every capacity, Belady <= 5.0, reuse lags 1-4 <= 3.0, " \
        "per-layer entropy <= 0.020"
-BASELINES = (("full model", ()), ("without groups", ("request-groups",)),
-             ("popularity only", ("locality", "drift", "cross-layer", "request-groups")),
-             ("uniform random", ("popularity", "locality", "drift", "cross-layer", "request-groups")))
+# the naive baselines leave the phase edges out too: with them, "popularity only" would have a popularity per
+# position next to the boundary, no longer per-layer popularity alone
+NAIVE = ("locality", "drift", "cross-layer", "phase-boundary", "request-groups")
+BASELINES = (("full model", ()), ("without groups", ("request-groups",)), ("popularity only", NAIVE),
+             ("uniform random", ("popularity",) + NAIVE))
 
 
 def _row(label: str, g: dict, extra: str = "") -> None:
@@ -178,37 +180,11 @@ def gsm8k_heldout(path: Path, seeds: int, fit_seeds: int) -> None:
     boundary_positions(train, model)
 
 
-def _position_profile(trace, offsets: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """For each offset from the first decode position (negative: the prompt's last positions): the share of a
-    cell's experts also in the cell one position before, and the total-variation distance of the position's expert
-    shares from its whole phase's, both means over layers (and requests for the first)."""
-    from moesim.tracer.routing_fit import request_grid
-
-    grid, phase, _ = request_grid(trace.cells)  # [R, T, L, k], phase [R, T]
-    L, E = grid.shape[2], trace.meta.num_experts
-    first_decode = (phase == 0).sum(axis=1)
-    rows = np.flatnonzero(first_decode + min(offsets) >= 1)  # requests whose prompt reaches the first offset
-
-    def shares(cells):  # [n, L, k] -> [L, E]
-        out = np.zeros((L, E))
-        np.add.at(out, (np.broadcast_to(np.arange(L)[None, :, None], cells.shape), cells), 1.0)
-        return out / out.sum(axis=1, keepdims=True)
-
-    whole = {ph: shares(grid[phase == ph]) for ph in (0, 1)}
-    reuse, distance = [], []
-    for d in offsets:
-        pos = first_decode + d
-        now, before = grid[rows, pos], grid[rows, pos - 1]  # [R, L, k]
-        reuse.append(float((now[..., :, None] == before[..., None, :]).any(axis=-1).mean()))
-        distance.append(float(0.5 * np.abs(shares(now) - whole[0 if d < 0 else 1]).sum(axis=1).mean()))
-    return np.array(reuse), np.array(distance)
-
-
 def boundary_positions(train, model, copies: int = 5) -> None:
     """The positions around the phase boundary, real against the full model (fit seed 0, the training shapes x
     ``copies``): a prompt ends on the chat template's tokens and the first output tokens route unlike the rest of
-    decode, which the model's phases (one popularity and one set of sources each) do not tell apart."""
-    from moesim.tracer.routing_fit import phase_shape
+    decode, which the model's phase edges reproduce."""
+    from moesim.tracer.routing_fit import boundary_profile, phase_shape
     from moesim.tracer.synth import synthetic_trace
 
     decode_len = int(phase_shape(train.cells, 1).min())
@@ -217,23 +193,27 @@ def boundary_positions(train, model, copies: int = 5) -> None:
                           np.tile(phase_shape(train.cells, 1), copies), seed=7)
     print(f"\n  positions around the phase boundary (fitting requests; synthetic: full model, fit seed 0, x{copies}; "
           f"means over layers):")
+    fits = [(f"group {g}", grp) for g, grp in enumerate(model.groups)] or [("all requests", model)]
+    print("  phase edges of the fit: " + "; ".join(
+        f"{label}: the prompt's last {fit.phase('prefill').edge_positions}, decode's first "
+        f"{fit.phase('decode').edge_positions}" for label, fit in fits))
     print(f"  {'position (0: first decode)':<42}" + "".join(f"{d:>7}" for d in offsets))
     for label, trace in (("real", train), ("synthetic", syn)):
-        reuse, distance = _position_profile(trace, offsets)
-        print(f"  {label + ', reuse of the position before':<42}" + "".join(f"{v:>7.2f}" for v in reuse))
-        print(f"  {label + ', distance from its phase':<42}" + "".join(f"{v:>7.2f}" for v in distance))
+        profile = boundary_profile(trace.cells, offsets, model.num_experts)
+        print(f"  {label + ', reuse of the position before':<42}" + "".join(f"{v:>7.2f}" for v in profile.reuse))
+        print(f"  {label + ', distance from its phase':<42}" + "".join(f"{v:>7.2f}" for v in profile.distance))
 
 
 def groups_in_sample(train, model, copies: int = 20) -> None:
     """Each request group of ``model`` (fitted to ``train`` with seed 0) against its own training requests:
-    decode entropy per layer, and the share of the synthetic decode on experts the group's decode never routes
-    (popularity < 0.5%). ``copies`` tiled copies of the group's request shapes take the synthesis's sampling
-    noise out."""
+    decode entropy per layer, and the share of the synthetic decode on experts the group's real decode never
+    routes (under 0.5% of its accesses). ``copies`` tiled copies of the group's request shapes take the
+    synthesis's sampling noise out."""
     import dataclasses
 
     from moesim.tracer import DECODE
     from moesim.tracer.compare import layer_entropy
-    from moesim.tracer.routing_fit import find_request_groups, phase_shape, request_features
+    from moesim.tracer.routing_fit import access_counts, find_request_groups, phase_shape, request_features
     from moesim.tracer.synth import synthetic_trace
 
     if not model.groups:
@@ -248,7 +228,8 @@ def groups_in_sample(train, model, copies: int = 20) -> None:
         alone = dataclasses.replace(model, groups=(dataclasses.replace(group, share=1.0),))
         syn = synthetic_trace(alone, np.tile(phase_shape(real.cells, 0), copies),
                               np.tile(phase_shape(real.cells, 1), copies), seed=7)
-        never = group.phase("decode").popularity() < 0.005  # [L, E]
+        counts = access_counts(real.cells, DECODE, model.num_layers, model.num_experts)
+        never = counts < 0.005 * counts.sum(axis=1, keepdims=True)  # [L, E]
         dec = syn.cells.phase == DECODE
         on_never = never[syn.cells.layer[dec][:, None], syn.cells.experts[dec]].mean()
         h_real, h_syn = layer_entropy(real), layer_entropy(syn)

@@ -26,6 +26,7 @@ from moesim.tracer.compare import (
     token_recurrence,
 )
 from moesim.tracer.routing import (
+    ROUTING_VERSION,
     PhaseModel,
     RoutingModel,
     WeightModel,
@@ -122,7 +123,7 @@ def test_avoid_round_trips_and_a_version_3_file_reads_without_it(tmp_path):
     m = known_model()
     m = dataclasses.replace(m, decode=dataclasses.replace(m.decode, avoid=np.linspace(0, 1, L)))
     back = read_routing(write_routing(tmp_path / "r.json", m))
-    assert np.allclose(back.decode.avoid, np.linspace(0, 1, L)) and back.version == 5
+    assert np.allclose(back.decode.avoid, np.linspace(0, 1, L)) and back.version == ROUTING_VERSION
     d = json.loads(routing_to_json(known_model()))
     del d["phases"]["decode"]["avoid"]
     (tmp_path / "v3.json").write_text(json.dumps(dict(d, version=3)))
@@ -481,7 +482,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path):
 def test_synthetic_meta_says_what_it_is_from():
     m = known_model()
     meta = synthetic_meta(m, routing_path="r.json", routing_sha256="ab" * 32, details={"seed": 1})
-    assert meta.source.kind == "synthetic" and meta.source.format == "moesim-routing-v5"
+    assert meta.source.kind == "synthetic" and meta.source.format == f"moesim-routing-v{ROUTING_VERSION}"
     assert meta.created == m.created
 
 

@@ -30,6 +30,18 @@ One :class:`PhaseModel` per phase (prefill, decode) holds, for every MoE layer:
   near 1; one whose decode routing differs from its prefill routing (the demo model: 90% of decode on two
   experts per layer, prefill spread) near 0, else copies and urn counts of prompt tokens would spread decode
   over the prompt's experts. The first phase of a request has nothing to carry.
+- **phase edges** (``edge_popularity``, ``edge_copy``, optional): the positions next to the phase boundary
+  route unlike the rest of their phase: a prompt ends on a chat template's tokens, and an answer opens with a
+  few set tokens. The demo model on GSM8K: the prompt's last two positions and decode's first six lie 0.17-0.35
+  (total variation) from their phase's expert shares, a mid-decode position 0.05
+  (``benchmarks/routing_fidelity.py``). A phase's edge is B positions at the boundary: the prefill's last B,
+  decode's first B. At edge position b every rank copies an expert of the cell just before it (the position
+  before, in either phase) with probability ``edge_copy[b]``, and otherwise draws fresh from
+  ``edge_popularity[b]`` (no urn, no token class). An edge position is a source for no token but the edge
+  position after it, so the rest of the phase does not continue the template's experts, and its draws do not
+  enter the urn. Where decode has an edge, the reuse across the boundary is the edges': its ``carry`` is 0.
+  None: no edges (files before version 6, and fits to fewer than 8 requests with a prompt). Switched off with
+  the phase boundary.
 - **rank structure of a repeat** (``avoid``, optional): at layer l, a token with a source draws its fresh
   experts from outside the source's cell with probability ``avoid[l]``. Copying the source's first choice
   raises the first-choice repetition and, with it, the chance that the two cells share any expert; Mixtral's
@@ -72,8 +84,8 @@ from moesim.modelspec import ModelShape
 from moesim.tracer.format import check_byte_counts
 
 ROUTING_SCHEMA = "moesim.routing"
-ROUTING_VERSION = 5  # 5: request groups; 4: the rank structure of a repeat (avoid); 3: the phase boundary (carry)
-READABLE_VERSIONS = (3, 4, 5)  # older files are newer ones without the later optional parts
+ROUTING_VERSION = 6  # 6: phase edges; 5: request groups; 4: the rank structure of a repeat (avoid); 3: the phase boundary (carry)
+READABLE_VERSIONS = (3, 4, 5, 6)  # older files are newer ones without the later optional parts
 PARTS = ("popularity", "drift", "locality", "cross-layer", "phase-boundary", "request-groups", "weights")
 PHASE_NAMES = ("prefill", "decode")
 
@@ -100,10 +112,16 @@ class PhaseModel:
     source_sharing: float = 1.0  # share of layers that follow the token's source (the rest pick their own)
     carry: float = 1.0  # chance a source in the previous phase is kept; share of the urn counts carried over
     avoid: Optional[np.ndarray] = None  # float [L]: chance that fresh draws keep out of the source's cell
+    edge_popularity: Optional[np.ndarray] = None  # float [B, L, E]: fresh-draw weights at the B edge positions
+    edge_copy: Optional[np.ndarray] = None  # float [B]: chance a rank at edge position b copies the cell before
 
     @property
     def num_classes(self) -> int:
         return int(self.class_prior.shape[0])
+
+    @property
+    def edge_positions(self) -> int:
+        return 0 if self.edge_popularity is None else int(self.edge_popularity.shape[0])
 
     @property
     def lags(self) -> int:
@@ -182,6 +200,8 @@ def _phase_to_dict(p: PhaseModel) -> dict[str, Any]:
         "source_sharing": round(float(p.source_sharing), 6),
         "carry": round(float(p.carry), 6),
         "avoid": None if p.avoid is None else _round(p.avoid, 6),
+        "edge_popularity": None if p.edge_popularity is None else _round(p.edge_popularity),
+        "edge_copy": None if p.edge_copy is None else _round(p.edge_copy, 6),
         "fidelity": _round(p.fidelity),
         "copy_rank": _round(p.copy_rank),
         "weights": {"sum_mean": _round(p.weights.sum_mean, 6), "sum_std": _round(p.weights.sum_std, 6),
@@ -267,9 +287,30 @@ def _phase_from_dict(d: Any, L: int, E: int, k: int, where: str) -> PhaseModel:
     avoid = None if d.get("avoid") is None else _array(d, "avoid", (L,), where)
     if avoid is not None and (avoid > 1 + 1e-9).any():
         raise MoesimError(f"{where}: field 'avoid' has probabilities above 1")
+    edge_popularity, edge_copy = _edges_from_dict(d, L, E, where)
     return PhaseModel(class_prior=prior / prior.sum(), class_popularity=pop, source=src, far_lag=far_lag,
                       fidelity=fidelity, copy_rank=copy_rank, weights=weights, drift=drift,
-                      source_sharing=float(shared), carry=float(carry), avoid=avoid)
+                      source_sharing=float(shared), carry=float(carry), avoid=avoid,
+                      edge_popularity=edge_popularity, edge_copy=edge_copy)
+
+
+def _edges_from_dict(d: dict, L: int, E: int, where: str):
+    """(edge_popularity, edge_copy), both None where the file has no phase edges."""
+    if (d.get("edge_popularity") is None) != (d.get("edge_copy") is None):
+        raise MoesimError(f"{where}: fields 'edge_popularity' and 'edge_copy' come together (both or neither)")
+    if d.get("edge_copy") is None:
+        return None, None
+    copy = np.asarray(d["edge_copy"], dtype=object)
+    B = int(copy.shape[0]) if copy.ndim == 1 else 0
+    if B < 1:
+        raise MoesimError(f"{where}: field 'edge_copy' must be a non-empty list")
+    copy = _array(d, "edge_copy", (B,), where)
+    if (copy > 1 + 1e-9).any():
+        raise MoesimError(f"{where}: field 'edge_copy' has probabilities above 1")
+    pop = _array(d, "edge_popularity", (B, L, E), where)
+    if not np.allclose(pop.sum(axis=2), 1.0, atol=1e-4):
+        raise MoesimError(f"{where}: field 'edge_popularity' rows must each sum to 1")
+    return pop, copy
 
 
 def routing_from_json(text: str, where: str) -> RoutingModel:

@@ -25,6 +25,13 @@ Per phase and layer:
   fixed point, so the round whose synthesis came closest (:func:`_moment_gap`) is kept, judged on a second
   synthesis with other draws than the one the corrections use.
 
+Phase edges (where 8 or more requests have a prompt): the positions next to the boundary, one after the other,
+whose expert shares lie further from their phase's (total variation, mean of layers) than 3x a position inside
+the phase does and than 0.1 (:func:`find_edge`), up to 8 a side; their popularity is the posterior mean of their
+counts (the phase's pseudo-count), and the phase's own popularity and token classes are fitted to the cells off
+the edges; each edge position's copy chance is moment-matched to its reuse of the cell before. Decode with an
+edge has carry 0: the reuse across the boundary is the edges'.
+
 Request groups: each request's reuse at lags 1 and 4 (per phase), a Gaussian mixture over requests with
 the number of groups chosen by BIC; each group is then fitted as above on its own requests, its share the
 fraction of requests in it. The model's top-level phases stay the fit to all requests.
@@ -59,6 +66,11 @@ STEP = 0.5  # damped fixed-point steps
 # (version 2's routing) rather than being fitted to one template.
 MIN_BOUNDARY_REQUESTS = 8
 SOURCE_CAP = 0.9  # tokens with a source, at most: past it, reuse is carried by higher fidelity
+MAX_EDGE = 8  # phase edge positions, at most
+EDGE_NOISE_POSITIONS = 16  # positions inside a phase (from 2 * MAX_EDGE on) whose distance gives the noise level
+EDGE_NOISE_FACTOR = 3.0  # an edge position lies this many times further from its phase's shares than the noise
+EDGE_MIN_DISTANCE = 0.1  # ... and further than this (total variation, mean of layers)
+EDGE_MIN_REQUESTS = MIN_BOUNDARY_REQUESTS  # requests a position needs to count
 MAX_GROUPS = 4  # request groups, at most
 GROUP_MIN_REQUESTS = 8  # requests per request group the BIC search may ask for, at least (on average)
 GROUP_MIN_CELLS = 16  # a phase's positions every request needs for its reuse to be a grouping feature (fewer: noise)
@@ -140,16 +152,92 @@ def phase_moments(cells: TraceCells, phase: int, L: int, E: int, lags: int = LAG
         hits, pairs, rank_pairs, cross, latest = hits + h, pairs + p, rank_pairs + rp, cross + c, latest + lt
         fracs.append(f)
     frac = np.concatenate(fracs)
-    rows = cells.phase == phase
-    layer = cells.layer[rows].astype(np.int64)
-    n = np.bincount(layer, minlength=L).astype(np.float64)
-    counts = np.zeros((L, E))
-    np.add.at(counts, (np.repeat(layer, k), cells.experts[rows].astype(np.int64).reshape(-1)), 1.0)
+    n = np.bincount(cells.layer[cells.phase == phase].astype(np.int64), minlength=L).astype(np.float64)
+    counts = access_counts(cells, phase, L, E)
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     return PhaseMoments(near=hits / np.maximum(pairs, 1)[:, None, :], lag1_var=float(frac.var()) if frac.size > 1
                         else 0.0, first=first_use_share(cells, phase, L, E), cells=n, share=share,
                         rank_pairs=rank_pairs, cross=cross[0] / cross[1] if cross[1] else float("nan"),
                         latest=latest / np.maximum(pairs, 1)[:, None, :])
+
+
+def access_counts(cells: TraceCells, phase: int, L: int, E: int) -> np.ndarray:
+    """[L, E] how many of ``phase``'s cells hold each expert."""
+    rows = cells.phase == phase
+    k = cells.experts.shape[1]
+    counts = np.zeros((L, E))
+    np.add.at(counts, (np.repeat(cells.layer[rows].astype(np.int64), k),
+                       cells.experts[rows].astype(np.int64).reshape(-1)), 1.0)
+    return counts
+
+
+@dataclass(frozen=True)
+class BoundaryProfile:
+    """Cells at offsets from each request's first decode position (-1: the prompt's last), across requests."""
+
+    offsets: np.ndarray  # int [n]
+    requests: np.ndarray  # int [n] requests that have the offset
+    reuse: np.ndarray  # [n] share of a cell's experts also in the cell one position before (mean of layers)
+    distance: np.ndarray  # [n] total variation of the offset's expert shares from its phase's (mean of layers)
+    shares: np.ndarray  # [n, L, E] expert counts at the offset (not normalized)
+
+
+def boundary_profile(cells: TraceCells, offsets: Sequence[int], E: int) -> BoundaryProfile:
+    grid, phase, _ = request_grid(cells)  # [R, T, L, k]
+    L = grid.shape[2]
+    first_decode = (phase == PREFILL).sum(axis=1)
+    decode_len = (phase == DECODE).sum(axis=1)
+
+    def counts(c: np.ndarray) -> np.ndarray:  # cells [n, L, k] -> [L, E]
+        out = np.zeros((L, E))
+        np.add.at(out, (np.broadcast_to(np.arange(L)[None, :, None], c.shape), c), 1.0)
+        return out
+
+    def normalized(c: np.ndarray) -> np.ndarray:
+        return c / np.maximum(c.sum(axis=1, keepdims=True), 1.0)
+
+    whole = {ph: normalized(counts(grid[phase == ph])) for ph in (PREFILL, DECODE)}
+    n, reuse, distance, shares = [], [], [], []
+    for d in offsets:
+        has = (d < decode_len) if d >= 0 else (first_decode + d >= 0)
+        rows = np.flatnonzero(has)
+        pos = first_decode[rows] + d
+        now = grid[rows, pos]
+        c = counts(now)
+        later = pos >= 1  # a cell before it exists
+        before = grid[rows[later], pos[later] - 1]
+        n.append(rows.size)
+        reuse.append(float((now[later][..., :, None] == before[..., None, :]).any(axis=-1).mean())
+                     if later.any() else 0.0)
+        distance.append(float(0.5 * np.abs(normalized(c) - whole[DECODE if d >= 0 else PREFILL]).sum(axis=1).mean())
+                        if rows.size else 0.0)
+        shares.append(c)
+    return BoundaryProfile(offsets=np.asarray(offsets, dtype=np.int64), requests=np.asarray(n, dtype=np.int64),
+                           reuse=np.asarray(reuse), distance=np.asarray(distance),
+                           shares=np.asarray(shares).reshape(len(offsets), L, E))
+
+
+def edge_offsets(phase: int, B: int) -> list[int]:
+    """A phase's B edge positions as offsets from the first decode position, edge index 0 first."""
+    return list(range(-B, 0)) if phase == PREFILL else list(range(B))
+
+
+def find_edge(cells: TraceCells, phase: int, E: int) -> int:
+    """How many positions at ``phase``'s side of the boundary route unlike the rest of the phase: the positions
+    next to the boundary, one after the other, whose expert shares lie further from the phase's (total
+    variation) than EDGE_NOISE_FACTOR times a position inside the phase does (the noise of as many requests'
+    cells), and than EDGE_MIN_DISTANCE; each with at least EDGE_MIN_REQUESTS requests. 0: no edge."""
+    # offsets from the first decode position, outward from the boundary (-1: the prompt's last)
+    outward = (lambda i: -1 - i) if phase == PREFILL else (lambda i: i)
+    near = [outward(i) for i in range(MAX_EDGE)]
+    inside = [outward(2 * MAX_EDGE + i) for i in range(EDGE_NOISE_POSITIONS)]
+    profile = boundary_profile(cells, near + inside, E)
+    counted = profile.requests[MAX_EDGE:] >= EDGE_MIN_REQUESTS
+    if not counted.any():
+        return 0  # no position inside the phase to tell an edge from noise
+    threshold = max(EDGE_MIN_DISTANCE, EDGE_NOISE_FACTOR * float(np.median(profile.distance[MAX_EDGE:][counted])))
+    beyond = (profile.distance[:MAX_EDGE] > threshold) & (profile.requests[:MAX_EDGE] >= EDGE_MIN_REQUESTS)
+    return int(np.argmin(beyond)) if not beyond.all() else MAX_EDGE
 
 
 def first_use_share(cells: TraceCells, phase: int, L: int, E: int) -> np.ndarray:
@@ -308,10 +396,13 @@ def _shrunk(per_layer: np.ndarray, n: np.ndarray) -> np.ndarray:
     return (per_layer * w + SHRINK_CELLS * pooled[None]) / (w + SHRINK_CELLS)
 
 
-def _init_phase(cells, phase, L, E, k, far_lag, classes: Optional[int], seed: int, parts: frozenset):
-    """Initial parameters (no locality yet) and the fit's targets for one phase."""
+def _init_phase(cells, phase, L, E, k, far_lag, classes: Optional[int], seed: int, parts: frozenset,
+                steady: Optional[TraceCells] = None):
+    """Initial parameters (no locality yet) and the fit's targets for one phase. ``steady``: the cells off the
+    phase edges, which the popularity and token classes are fitted to (None: all cells)."""
     mom = phase_moments(cells, phase, L, E, LAGS)
-    counts = mom.share * (mom.cells[:, None] * k)
+    cells = cells if steady is None else steady
+    counts = access_counts(cells, phase, L, E)
     pseudo = popularity_pseudo_count(counts)
     pop = (counts + pseudo) / (counts.sum(axis=1, keepdims=True) + pseudo * E)
     tokens = np.unique(cells.request[cells.phase == phase].astype(np.int64) * (1 << 32)
@@ -373,6 +464,47 @@ def _correct(pm: PhaseModel, target: PhaseMoments, got: PhaseMoments) -> PhaseMo
     return dataclasses.replace(pm, source=source, fidelity=fid, drift=drift, source_sharing=sharing, carry=carry)
 
 
+def _on_edge(cells: TraceCells, edges: dict[int, int]) -> np.ndarray:
+    """Which rows lie on a phase edge: the prompt's last ``edges[PREFILL]`` positions, decode's first
+    ``edges[DECODE]``."""
+    reqs, r = np.unique(cells.request, return_inverse=True)
+    prompt = np.zeros(reqs.size, dtype=np.int64)  # each request's prompt length: its first decode position
+    pre = cells.phase == PREFILL
+    np.maximum.at(prompt, r[pre], cells.position[pre].astype(np.int64) + 1)
+    offset = cells.position.astype(np.int64) - prompt[r]
+    return ((cells.phase == PREFILL) & (offset >= -edges.get(PREFILL, 0))) | \
+        ((cells.phase == DECODE) & (offset < edges.get(DECODE, 0)))
+
+
+def _fit_edges(cells: TraceCells, phases: dict, edges: dict[int, int], pseudo: dict, E: int, k: int,
+               parts: frozenset) -> dict:
+    """Gives each phase with an edge of ``edges[phase]`` positions (:func:`find_edge`) its edge popularity (the
+    posterior mean of the edge positions' expert counts, as draw weights) and a first edge copy (the positions'
+    reuse of the cell before); decode with an edge gets carry 0. Returns each such phase's edge reuse, the
+    target of :func:`_correct_edge`."""
+    targets = {}
+    for ph, B in edges.items():
+        profile = boundary_profile(cells, edge_offsets(ph, B), E)
+        share = (profile.shares + pseudo[ph]) / (profile.shares.sum(axis=2, keepdims=True) + pseudo[ph] * E)
+        targets[ph] = profile.reuse
+        phases[ph] = dataclasses.replace(
+            phases[ph], edge_popularity=draw_weights(share, k),
+            edge_copy=np.zeros(B) if "locality" in parts else profile.reuse.copy(),
+            carry=0.0 if ph == DECODE else phases[ph].carry)
+    return targets
+
+
+def _correct_edge(pm: PhaseModel, phase: int, target: np.ndarray, synthetic: TraceCells, E: int,
+                  parts: frozenset) -> PhaseModel:
+    """One damped step of the edge copies toward the trace's reuse of the cell before, position by position;
+    decode's carry stays 0 (the reuse across the boundary is the edges')."""
+    carry = 0.0 if phase == DECODE else pm.carry
+    if "locality" in parts:
+        return dataclasses.replace(pm, carry=carry)
+    got = boundary_profile(synthetic, edge_offsets(phase, pm.edge_positions), E).reuse
+    return dataclasses.replace(pm, edge_copy=np.clip(pm.edge_copy + STEP * (target - got), 0.0, 1.0), carry=carry)
+
+
 def _moment_gap(target: PhaseMoments, got: PhaseMoments) -> float:
     """How far a synthesis is from the trace on the matched moments: the largest reuse gap over lags 1..K
     (mean of layers and ranks), plus the mean first-use gap and the phase-boundary reuse gap."""
@@ -404,14 +536,20 @@ def _fit_phases(cells: TraceCells, meta, name: str, *, classes: Optional[int], i
         raise MoesimError(f"{name}: the trace has no decode rows to fit")
     prompt_lens, output_lens = phase_shape(cells, PREFILL), phase_shape(cells, DECODE)
     far_lag = int(np.clip((prompt_lens + output_lens).max() - 1, LAGS + 1, FAR_LAG))
+    boundaries = int(((prompt_lens > 0) & (output_lens > 0)).sum())
+    keep_boundary = "phase-boundary" in parts or boundaries < max(min_boundaries, 1)
+    edges = {} if keep_boundary else {ph: find_edge(cells, ph, E) for ph in (PREFILL, DECODE) if has[ph]}
+    edges = {ph: B for ph, B in edges.items() if B}
+    # popularity and token classes are the steady phase's: the edge positions have their own
+    steady = cells.take(np.flatnonzero(~_on_edge(cells, edges))) if edges else None
     phases, targets, pseudo = {}, {}, {}
     for ph in (PREFILL, DECODE):
         if has[ph]:
-            phases[ph], targets[ph], pseudo[ph] = _init_phase(cells, ph, L, E, k, far_lag, classes, seed, parts)
-    boundaries = int(((prompt_lens > 0) & (output_lens > 0)).sum())
-    keep_boundary = "phase-boundary" in parts or boundaries < max(min_boundaries, 1)
+            phases[ph], targets[ph], pseudo[ph] = _init_phase(cells, ph, L, E, k, far_lag, classes, seed, parts,
+                                                              steady=steady)
     if keep_boundary:
         phases = {ph: dataclasses.replace(pm, carry=1.0) for ph, pm in phases.items()}
+    edge_reuse = _fit_edges(cells, phases, edges, pseudo, E, k, parts)
     per_layer_cells = max(int(prompt_lens.sum() + output_lens.sum()), 1)
     copies = int(np.ceil(FIT_MIN_CELLS / per_layer_cells))
     P, G = np.tile(prompt_lens, copies), np.tile(output_lens, copies)
@@ -457,6 +595,8 @@ def _fit_phases(cells: TraceCells, meta, name: str, *, classes: Optional[int], i
                 phases[ph] = dataclasses.replace(phases[ph], source_sharing=0.0)
             if keep_boundary:
                 phases[ph] = dataclasses.replace(phases[ph], carry=1.0)
+            if ph in edge_reuse:
+                phases[ph] = _correct_edge(phases[ph], ph, edge_reuse[ph], res.cells, E, parts)
             if "locality" in parts:
                 phases[ph] = dataclasses.replace(phases[ph], source=np.zeros(LAGS + 1), fidelity=np.zeros((L, k)))
     phases = best
@@ -469,6 +609,7 @@ def _fit_phases(cells: TraceCells, meta, name: str, *, classes: Optional[int], i
         "boundaries": boundaries,
         "prefill_cells_per_layer": int(prompt_lens.sum()),
         "decode_cells_per_layer": int(output_lens.sum()),
+        "phase_edges": {("prefill" if ph == PREFILL else "decode"): int(phases[ph].edge_positions) for ph in phases},
         "token_classes": {("prefill" if ph == PREFILL else "decode"): int(phases[ph].num_classes) for ph in phases},
         "popularity_pseudo_count": {("prefill" if ph == PREFILL else "decode"): round(pseudo[ph], 4) for ph in phases},
     }
@@ -567,7 +708,9 @@ def fit_routing_cells(cells: TraceCells, shape_meta, name: str, *, classes: Opti
                   f"locality (reuse per layer and rank at lags 1-{LAGS}; variance over tokens of lag-1 reuse for "
                   "the source sharing; reuse of the previous phase's last tokens for the phase boundary's carry) "
                   "and drift (share of first uses of an expert in a request): moment "
-                  f"matching through the generator, {iterations} rounds",
+                  f"matching through the generator, {iterations} rounds; phase edges: the positions next to the "
+                  "boundary whose expert shares lie beyond 3x the noise from their phase's, their popularity the "
+                  "posterior mean of their counts, their copies moment-matched to their reuse of the cell before",
         "sources": list(sources),
         **facts,
         "drift": "Polya-urn concentration per layer, moment-matched to the share of first uses in a request",

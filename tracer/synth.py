@@ -114,9 +114,30 @@ def _copy_from_source(rng, src_cells: np.ndarray, taken: np.ndarray, rank_weight
     return np.where(c[:, -1] > 0, src_cells[np.arange(S), pick], -1)
 
 
-def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, offset: np.ndarray, state: "_Streams"):
+class _Edges:
+    """A phase's edge positions in one synthesis (the routing model's phase edges): the phase's last B steps
+    (``at_end``: the prefill) or its first B."""
+
+    def __init__(self, pm: PhaseModel, disabled, lengths: np.ndarray, at_end: bool, E: int):
+        self.B = 0 if "phase-boundary" in disabled else pm.edge_positions
+        if self.B:
+            pop = np.full_like(pm.edge_popularity, 1.0 / E) if "popularity" in disabled else pm.edge_popularity
+            self.cum = np.cumsum(pop, axis=2)  # [B, L, E]
+            self.copy = np.zeros(self.B) if "locality" in disabled else np.asarray(pm.edge_copy, dtype=np.float64)
+            self.start = lengths - self.B if at_end else np.zeros_like(lengths)  # each request's step of edge index 0
+            self.lengths = lengths
+
+    def index(self, t: int) -> np.ndarray:
+        """Each request's edge index at phase step ``t``, -1 off the edge."""
+        b = t - self.start
+        return np.where((b >= 0) & (b < self.B) & (t < self.lengths), b, -1)
+
+
+def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, offset: np.ndarray, state: "_Streams",
+               at_end: bool = False):
     """Advance every (request, layer) stream through ``lengths[r]`` cells of one phase, at request positions
-    ``offset[r]`` on. Returns experts [R, T, L, k]; ``state`` (history and urn counts) is updated in place."""
+    ``offset[r]`` on; ``at_end``: the phase's edge is its last positions (the prefill), else its first. Returns
+    experts [R, T, L, k]; ``state`` (history, edge marks and urn counts) is updated in place."""
     R, L, E, k = state.R, state.L, state.E, state.k
     S = R * L
     T = int(lengths.max()) if R else 0
@@ -139,6 +160,8 @@ def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, offset: np.nd
     const_cum = None
     if prior.shape[0] == 1 and drift is None:
         const_cum = _row_cumsum(np.tile(pop_class[0], (R, 1)))
+    edges = _Edges(pm, disabled, lengths, at_end, E)
+    on_edge = np.zeros(0, dtype=np.int64)
     for t in range(T):
         active = np.repeat(t < lengths, L)  # [S]
         now = offset + t  # [R]
@@ -156,6 +179,19 @@ def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, offset: np.nd
         src = np.minimum(src, state.history.shape[1] - 1)
         if carry < 1.0:
             src = np.where((src >= 0) & (src < offset[req_of]) & (rng.random(S) >= carry), -1, src)
+        fid, urn_add = fidelity, active.astype(np.float64)
+        if edges.B:
+            # an edge position is the source of the edge position after it only; an edge cell copies the cell
+            # before it or draws from its position's own popularity, outside the urn
+            b = edges.index(t)[req_of]
+            on_edge = np.flatnonzero(b >= 0)
+            src = np.where((src >= 0) & state.edge[req_of, np.maximum(src, 0)], -1, src)
+            src[on_edge] = now[req_of[on_edge]] - 1
+            fid = fidelity.copy()
+            fid[on_edge] = edges.copy[b[on_edge]][:, None]
+            cum = cum.copy() if cum is const_cum else cum
+            cum[on_edge] = edges.cum[b[on_edge], layer_of[on_edge]]
+            urn_add[on_edge] = 0.0
         src_cells = np.where((src >= 0)[:, None], state.history[req_of, np.maximum(src, 0), layer_of], -1)
         taken = np.zeros((S, E), dtype=bool)
         shunned = None
@@ -163,10 +199,11 @@ def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, offset: np.nd
             # fresh draws keep out of the source's cell (no draw is spent without avoid: the same streams)
             shunned = np.zeros((S, E), dtype=bool)
             keep_out = (rng.random(S) < avoid[layer_of])[:, None] & (src_cells >= 0)
+            keep_out[on_edge] = False
             shunned[np.nonzero(keep_out)[0], src_cells[keep_out]] = True
         chosen = np.empty((S, k), dtype=np.int64)
         for j in range(k):
-            wants = rng.random(S) < fidelity[:, j]
+            wants = rng.random(S) < fid[:, j]
             e = _copy_from_source(rng, src_cells, taken, pm.copy_rank[j])
             e = np.where(wants, e, -1)
             need = np.flatnonzero(e < 0)
@@ -177,22 +214,26 @@ def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, offset: np.nd
                     full = barred.all(axis=1)
                     barred[full] = taken[full]  # a cell needs somewhere to go
                 e[need] = _draw_fresh(rng, cum, barred, need)
-                state.counts[need, e[need]] += active[need]
+                state.counts[need, e[need]] += urn_add[need]
             taken[streams, e] = True
             chosen[:, j] = e
         experts[:, t] = chosen.reshape(R, L, k)
         live = np.flatnonzero(t < lengths)
         state.history[live, now[live]] = experts[live, t]
+        if edges.B:
+            state.edge[live, now[live]] = edges.index(t)[live] >= 0
     return experts
 
 
 class _Streams:
     """What the generator remembers of every request: its cells so far ``history`` [R, positions, L, k]
-    (-1 before they exist) and, per (request, layer) stream, the urn's fresh-draw counts ``counts`` [R*L, E]."""
+    (-1 before they exist), which positions are phase edges ``edge`` [R, positions] and, per (request, layer)
+    stream, the urn's fresh-draw counts ``counts`` [R*L, E]."""
 
     def __init__(self, R: int, L: int, E: int, k: int, positions: int):
         self.R, self.L, self.E, self.k = R, L, E, k
         self.history = np.full((R, max(positions, 1), L, k), -1, dtype=np.int16)
+        self.edge = np.zeros((R, max(positions, 1)), dtype=bool)
         self.counts = np.zeros((R * L, E))
 
 
@@ -268,7 +309,7 @@ def _synthesize_group(rng, phases, shape: tuple[int, int, int], prompt_lens: np.
         pm = phases.phase(name)
         if "phase-boundary" not in disabled and pm.carry < 1.0:
             state.counts *= pm.carry
-        ex = _run_phase(rng, pm, disabled, lens, offset, state)
+        ex = _run_phase(rng, pm, disabled, lens, offset, state, at_end=phase_id == PREFILL)
         T = ex.shape[1]
         # rows of active (request, step, layer) in (request, step, layer) order
         valid = np.broadcast_to((np.arange(T)[None, :] < lens[:, None])[:, :, None], (R, T, L))

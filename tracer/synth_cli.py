@@ -86,8 +86,10 @@ def fit_command(traces: tuple[str, ...], out: str, name: Optional[str], classes:
     dec = model.decode
     grouped = (f"{len(model.groups)} request groups ({', '.join(str(g.fitted_requests) for g in model.groups)} "
                f"requests)" if model.groups else "one request group")
+    prompt_edge = model.prefill.edge_positions if model.prefill is not None else 0
     click.echo(f"wrote {out}: {model.num_layers} MoE layers x {model.num_experts} experts, top-{model.top_k}; "
-               f"{dec.num_classes} decode token class(es); {grouped}; fitted to {len(loaded)} trace(s) in "
+               f"{dec.num_classes} decode token class(es); {grouped}; phase edges: the prompt's last {prompt_edge} "
+               f"positions, decode's first {dec.edge_positions}; fitted to {len(loaded)} trace(s) in "
                f"{time.perf_counter() - t0:.1f} s")
 
 
