@@ -175,7 +175,6 @@ def access_counts(cells: TraceCells, phase: int, L: int, E: int) -> np.ndarray:
 class BoundaryProfile:
     """Cells at offsets from each request's first decode position (-1: the prompt's last), across requests."""
 
-    offsets: np.ndarray  # int [n]
     requests: np.ndarray  # int [n] requests that have the offset
     reuse: np.ndarray  # [n] share of a cell's experts also in the cell one position before (mean of layers)
     distance: np.ndarray  # [n] total variation of the offset's expert shares from its phase's (mean of layers)
@@ -212,7 +211,7 @@ def boundary_profile(cells: TraceCells, offsets: Sequence[int], E: int) -> Bound
         distance.append(float(0.5 * np.abs(normalized(c) - whole[DECODE if d >= 0 else PREFILL]).sum(axis=1).mean())
                         if rows.size else 0.0)
         shares.append(c)
-    return BoundaryProfile(offsets=np.asarray(offsets, dtype=np.int64), requests=np.asarray(n, dtype=np.int64),
+    return BoundaryProfile(requests=np.asarray(n, dtype=np.int64),
                            reuse=np.asarray(reuse), distance=np.asarray(distance),
                            shares=np.asarray(shares).reshape(len(offsets), L, E))
 
