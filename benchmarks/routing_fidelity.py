@@ -184,6 +184,7 @@ def boundary_positions(train, model, copies: int = 5) -> None:
     """The positions around the phase boundary, real against the full model (fit seed 0, the training shapes x
     ``copies``): a prompt ends on the chat template's tokens and the first output tokens route unlike the rest of
     decode, which the model's phase edges reproduce."""
+    from moesim.tracer.routing import edge_positions
     from moesim.tracer.routing_fit import boundary_profile, phase_shape
     from moesim.tracer.synth import synthetic_trace
 
@@ -195,8 +196,7 @@ def boundary_positions(train, model, copies: int = 5) -> None:
           f"means over layers):")
     fits = [(f"group {g}", grp) for g, grp in enumerate(model.groups)] or [("all requests", model)]
     print("  phase edges of the fit: " + "; ".join(
-        f"{label}: the prompt's last {fit.phase('prefill').edge_positions}, decode's first "
-        f"{fit.phase('decode').edge_positions}" for label, fit in fits))
+        "{}: the prompt's last {}, decode's first {}".format(label, *edge_positions(fit)) for label, fit in fits))
     print(f"  {'position (0: first decode)':<42}" + "".join(f"{d:>7}" for d in offsets))
     for label, trace in (("real", train), ("synthetic", syn)):
         profile = boundary_profile(trace.cells, offsets, model.num_experts)

@@ -11,7 +11,7 @@ import pytest
 
 from moesim.errors import MoesimError
 from moesim.tracer import DECODE, PREFILL, write_trace
-from moesim.tracer.routing import read_routing, routing_to_json, write_routing
+from moesim.tracer.routing import edge_positions, read_routing, routing_to_json, write_routing
 from moesim.tracer.routing_fit import boundary_profile, find_edge, fit_routing_cells, request_grid
 from moesim.tracer.synth import synthesize
 from test_routing_synth import E, L, known_model, run, synth_trace
@@ -54,6 +54,16 @@ def test_edge_positions_draw_their_own_experts_and_are_no_source_past_the_edge(d
     # they counted in it
     assert (ex[:, 9:] < 4).all()
     assert (ex[:, 10:] == ex[:, 9:10]).all()
+
+
+def test_a_model_without_a_prefill_phase_has_no_prompt_edge():
+    m = edged_model()
+    assert edge_positions(m) == (PROMPT_EDGE, DECODE_EDGE)
+    # its prefill routes like decode, but decode's edge lies at decode's start, not at the prompt's end
+    no_prefill = dataclasses.replace(m, prefill=None)
+    assert edge_positions(no_prefill) == (0, DECODE_EDGE)
+    ex = grid(no_prefill)
+    assert (ex[:, :6] < 4).all() and (ex[:, 6] >= 4).all()
 
 
 def test_edges_switch_off_with_the_phase_boundary_and_copy_only_with_locality():

@@ -69,6 +69,7 @@ Requests are independent given their drift. ``tracer/routing_fit.py`` fits a mod
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -84,7 +85,8 @@ from moesim.modelspec import ModelShape
 from moesim.tracer.format import check_byte_counts
 
 ROUTING_SCHEMA = "moesim.routing"
-ROUTING_VERSION = 6  # 6: phase edges; 5: request groups; 4: the rank structure of a repeat (avoid); 3: the phase boundary (carry)
+# 6: phase edges; 5: request groups; 4: the rank structure of a repeat (avoid); 3: the phase boundary (carry)
+ROUTING_VERSION = 6
 READABLE_VERSIONS = (3, 4, 5, 6)  # older files are newer ones without the later optional parts
 PARTS = ("popularity", "drift", "locality", "cross-layer", "phase-boundary", "request-groups", "weights")
 PHASE_NAMES = ("prefill", "decode")
@@ -133,10 +135,18 @@ class PhaseModel:
         return np.einsum("c,cle->le", self.class_prior, self.class_popularity)
 
 
+def edge_positions(phases) -> tuple[int, int]:
+    """(the prompt's edge positions, decode's) of a RoutingModel or a RequestGroup."""
+    return phases.phase("prefill").edge_positions, phases.phase("decode").edge_positions
+
+
 def phase_of(decode: PhaseModel, prefill: Optional[PhaseModel], name: str) -> PhaseModel:
-    """The phase model that routes phase ``name``: prefill routes like decode where it has none of its own."""
+    """The phase model that routes phase ``name``: prefill routes like decode where it has none of its own,
+    but without decode's edge (decode's first positions are not the prompt's last)."""
     if name == "prefill" and prefill is not None:
         return prefill
+    if name == "prefill" and decode.edge_popularity is not None:
+        return dataclasses.replace(decode, edge_popularity=None, edge_copy=None)
     return decode
 
 

@@ -183,7 +183,8 @@ def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, offset: np.nd
         if edges.B:
             # an edge position is the source of the edge position after it only; an edge cell copies the cell
             # before it or draws from its position's own popularity, outside the urn
-            b = edges.index(t)[req_of]
+            edge_of_request = edges.index(t)
+            b = edge_of_request[req_of]
             on_edge = np.flatnonzero(b >= 0)
             src = np.where((src >= 0) & state.edge[req_of, np.maximum(src, 0)], -1, src)
             src[on_edge] = now[req_of[on_edge]] - 1
@@ -221,7 +222,7 @@ def _run_phase(rng, pm: PhaseModel, disabled, lengths: np.ndarray, offset: np.nd
         live = np.flatnonzero(t < lengths)
         state.history[live, now[live]] = experts[live, t]
         if edges.B:
-            state.edge[live, now[live]] = edges.index(t)[live] >= 0
+            state.edge[live, now[live]] = edge_of_request[live] >= 0
     return experts
 
 

@@ -15,8 +15,8 @@ from moesim.atomic import atomic_path, prepare_output_path
 from moesim.errors import MoesimError
 from moesim.options import out_option
 from moesim.tracer.format import DECODE, METADATA_KEY, SCHEMA, STATUS_KEY, Trace, TraceMeta, sha256_of_file
-from moesim.tracer.routing import (PARTS, UNIFORM, RoutingModel, read_routing, resolve_routing, routing_to_json,
-                                   uniform_routing, write_routing)
+from moesim.tracer.routing import (PARTS, UNIFORM, RoutingModel, edge_positions, read_routing, resolve_routing,
+                                   routing_to_json, uniform_routing, write_routing)
 
 
 def _parts(text: Optional[str]) -> tuple[str, ...]:
@@ -86,10 +86,10 @@ def fit_command(traces: tuple[str, ...], out: str, name: Optional[str], classes:
     dec = model.decode
     grouped = (f"{len(model.groups)} request groups ({', '.join(str(g.fitted_requests) for g in model.groups)} "
                f"requests)" if model.groups else "one request group")
-    prompt_edge = model.prefill.edge_positions if model.prefill is not None else 0
+    prompt_edge, decode_edge = edge_positions(model)
     click.echo(f"wrote {out}: {model.num_layers} MoE layers x {model.num_experts} experts, top-{model.top_k}; "
                f"{dec.num_classes} decode token class(es); {grouped}; phase edges: the prompt's last {prompt_edge} "
-               f"positions, decode's first {dec.edge_positions}; fitted to {len(loaded)} trace(s) in "
+               f"positions, decode's first {decode_edge}; fitted to {len(loaded)} trace(s) in "
                f"{time.perf_counter() - t0:.1f} s")
 
 
