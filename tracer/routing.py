@@ -7,11 +7,13 @@ One :class:`PhaseModel` per phase (prefill, decode) holds, for every MoE layer:
   popularity of every layer at once, which is the model's **cross-layer correlation** (expert at layer l
   -> expert at layer l+1). ``C = 1`` is plain per-layer popularity.
 - **drift** across requests: a fresh expert is drawn from a Polya urn, with weight ``drift[l] * p_l[e]``
-  plus the times e was already drawn fresh at this layer in the request, times the token class's tilt
+  plus the request's fresh-draw counts of e at this layer, times the token class's tilt
   ``class_popularity[c, l, e] / p_l[e]``. Without classes, integrated out, that is a per-request
   popularity ``Dirichlet(drift[l] * p_l)``: each request drifts from the layer popularity toward its own
   working set (small ``drift``: strong drift, a small working set). ``None``: every token draws from
-  the layer popularity alone.
+  the layer popularity alone. A fresh draw skips the experts already in its cell, so it counts as its
+  expected shares (each skipped expert its share of the urn, the drawn one the rest: version 7): counted as
+  the drawn expert alone, the urn filled with the less popular experts and a long request's reuse sank.
 - **temporal locality** (``source``, ``fidelity``, ``copy_rank``): real routing repeats because tokens
   recur (the same or a similar token routes alike at every layer) and because neighbouring tokens share
   context. Each token picks one *source*, an earlier token of its request: the token ``d`` positions back
@@ -85,9 +87,12 @@ from moesim.modelspec import ModelShape
 from moesim.tracer.format import check_byte_counts
 
 ROUTING_SCHEMA = "moesim.routing"
+# 7: the urn counts a fresh draw by its expected shares (same fields; drift fitted under the new counting);
 # 6: phase edges; 5: request groups; 4: the rank structure of a repeat (avoid); 3: the phase boundary (carry)
-ROUTING_VERSION = 6
-READABLE_VERSIONS = (3, 4, 5, 6)  # older files are newer ones without the later optional parts
+ROUTING_VERSION = 7
+# older files are newer ones without the later optional parts; a file before 7 has its drift fitted to the
+# old urn, which flattened a request's routing as it went: it synthesizes a little more reuse now
+READABLE_VERSIONS = (3, 4, 5, 6, 7)
 PARTS = ("popularity", "drift", "locality", "cross-layer", "phase-boundary", "request-groups", "weights")
 PHASE_NAMES = ("prefill", "decode")
 
