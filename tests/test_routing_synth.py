@@ -414,7 +414,7 @@ def test_fit_command_writes_a_model_that_synthesizes(tmp_path):
     assert run("synth", "--routing", str(routing), "--requests", "6", "--prompt-len", "4", "--output-len", "20",
                "--out", str(tmp_path / "t.parquet")).exit_code == 0
     r = run("fit", str(tmp_path / "t.parquet"), "--out", str(tmp_path / "fit.json"))
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 0 and "phase edges: none;" in r.output, r.output  # 6 requests: too few to fit edges
     fitted = read_routing(tmp_path / "fit.json")
     assert fitted.fitted_to["sources"][0]["path"] == "t.parquet" and fitted.num_experts == E
     r = run("stats", str(tmp_path / "t.parquet"), "--against", str(tmp_path / "t.parquet"))

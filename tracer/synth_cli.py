@@ -87,10 +87,11 @@ def fit_command(traces: tuple[str, ...], out: str, name: Optional[str], classes:
     grouped = (f"{len(model.groups)} request groups ({', '.join(str(g.fitted_requests) for g in model.groups)} "
                f"requests)" if model.groups else "one request group")
     prompt_edge, decode_edge = edge_positions(model)
+    edges = (f"the prompt's last {prompt_edge} positions, decode's first {decode_edge}" if prompt_edge or decode_edge
+             else "none")
     click.echo(f"wrote {out}: {model.num_layers} MoE layers x {model.num_experts} experts, top-{model.top_k}; "
-               f"{dec.num_classes} decode token class(es); {grouped}; phase edges: the prompt's last {prompt_edge} "
-               f"positions, decode's first {decode_edge}; fitted to {len(loaded)} trace(s) in "
-               f"{time.perf_counter() - t0:.1f} s")
+               f"{dec.num_classes} decode token class(es); {grouped}; phase edges: {edges}; fitted to "
+               f"{len(loaded)} trace(s) in {time.perf_counter() - t0:.1f} s")
 
 
 # Peak memory of `trace synth` per routed cell, bytes: 48 + 36 per expert of the cell, fitted to measured peaks
