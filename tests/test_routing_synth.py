@@ -200,7 +200,7 @@ def test_a_fit_round_is_judged_on_other_draws_than_its_corrections(monkeypatch):
 
     judged, corrected = [], []
     gap, correct = rf._moment_gap, rf._correct
-    monkeypatch.setattr(rf, "_moment_gap", lambda target, got: judged.append(got.near) or gap(target, got))
+    monkeypatch.setattr(rf, "_moment_gap", lambda target, got, **kw: judged.append(got.near) or gap(target, got, **kw))
     monkeypatch.setattr(rf, "_correct", lambda pm, target, got: corrected.append(got.near) or correct(pm, target, got))
     tr = synth_trace(known_model(drift=np.full(L, 3.0)), requests=6, prompt=4, output=16, seed=1)
     fit_routing_cells(tr.cells, tr.meta, "judged", iterations=3, groups=1)
@@ -566,16 +566,24 @@ def test_a_kept_boundary_draws_nothing_extra():
     assert np.array_equal(on.cells.experts, off.cells.experts)
 
 
-def test_a_boundary_seen_in_too_few_requests_is_not_fitted():
-    """One request's boundary is one sample (mostly its chat template): carry stays 1, and the file says why."""
-    from moesim.tracer.routing_fit import MIN_BOUNDARY_REQUESTS
+def test_a_boundary_seen_in_too_few_requests_is_not_fitted(monkeypatch):
+    """One request's boundary is one sample (mostly its chat template): carry stays 1, the file says why, and
+    the fit's rounds are not judged on that boundary's reuse (it would only add the draw's noise to the pick)."""
+    import moesim.tracer.routing_fit as rf
 
-    few = _prompt_unlike_output(seed=3, requests=MIN_BOUNDARY_REQUESTS - 1)
+    judged_on_boundary = []
+    gap = rf._moment_gap
+    monkeypatch.setattr(rf, "_moment_gap", lambda target, got, boundary=True: judged_on_boundary.append(boundary)
+                        or gap(target, got, boundary))
+    few = _prompt_unlike_output(seed=3, requests=rf.MIN_BOUNDARY_REQUESTS - 1)
     model = fit_routing_cells(few.cells, few.meta, "few")
     assert model.decode.carry == 1.0
     assert "kept at 1" in model.fitted_to["phase_boundary"]
-    enough = _prompt_unlike_output(seed=3, requests=MIN_BOUNDARY_REQUESTS)
+    assert judged_on_boundary and not any(judged_on_boundary)
+    judged_on_boundary.clear()
+    enough = _prompt_unlike_output(seed=3, requests=rf.MIN_BOUNDARY_REQUESTS)
     assert fit_routing_cells(enough.cells, enough.meta, "enough").decode.carry < 0.5
+    assert judged_on_boundary and all(judged_on_boundary)
 
 
 # ------------------------------------------------------------------------------------------------
