@@ -35,7 +35,7 @@ from moesim.tracer.routing import (
     routing_to_json,
     write_routing,
 )
-from moesim.tracer.routing_fit import fit_routing_cells, fit_token_classes, fit_weights, phase_moments
+from moesim.tracer.routing_fit import fit_routing_cells, fit_token_classes, fit_weights, phase_moments, request_spread
 from moesim.tracer.stats import lru_hit_curve
 from moesim.tracer.synth import synthesize, synthetic_meta, synthetic_trace
 
@@ -191,6 +191,25 @@ def test_fit_recovers_popularity_and_locality(round_trip):
     # (the refit also carries that drift, fitted to first uses: close, not exact)
     for field, bar in (("lru_layer", 0.04), ("lru_global", 0.04), ("reuse", 0.04), ("belady", 0.05)):
         assert np.median([getattr(g, field) for g in found]) < bar, (field, found)
+
+
+def test_with_many_requests_the_drift_follows_how_far_requests_differ():
+    """Requests of 48 prompt and 48 decode tokens over 8 experts: a request's prompt already holds nearly every
+    expert, so its decode has few first uses to fit the drift on. With 48 requests the fit matches the spread of
+    the requests' own expert shares instead, and a refit's requests differ as much as the truth's. (Fitted to
+    decode's first uses, as every fit was before, the refit's spread fell 20-40% short on these seeds.)"""
+    gaps_by_seed = []
+    for seed in range(3):
+        tr = synth_trace(known_model(drift=np.full(L, 1.5), copy_rank0_prev=0.3), requests=48, prompt=48,
+                         output=48, seed=seed)
+        fitted = fit_routing_cells(tr.cells, tr.meta, "spread", groups=1, seed=seed)
+        truth = request_spread(tr.cells, DECODE, L, E)
+        refit = request_spread(synth_trace(fitted, requests=192, prompt=48, output=48, seed=9).cells, DECODE, L, E)
+        gaps_by_seed.append(np.abs(refit - truth) / truth)
+    assert np.max(gaps_by_seed) < 0.15, gaps_by_seed
+    assert np.median([g.mean() for g in gaps_by_seed]) < 0.08, gaps_by_seed
+    # too few requests to say how they differ: no spread, and the drift goes back to the first uses
+    assert request_spread(tr.select(tr.request < 7).cells, DECODE, L, E) is None
 
 
 def test_a_fit_round_is_judged_on_other_draws_than_its_corrections(monkeypatch):
