@@ -172,29 +172,30 @@ def phase_moments(cells: TraceCells, phase: int, L: int, E: int, lags: int = LAG
 def request_spread(cells: TraceCells, phase: int, L: int, E: int) -> Optional[np.ndarray]:
     """[L] how far a request's own expert shares in ``phase`` lie from the phase's pooled shares: the mean over
     requests of the squared distance (None below SPREAD_MIN_REQUESTS requests in the phase)."""
-    rows = np.flatnonzero(cells.phase == phase)
-    reqs, r = np.unique(cells.request[rows], return_inverse=True)
-    if reqs.size < SPREAD_MIN_REQUESTS:
+    counts = access_counts(cells, phase, L, E, by_request=True)  # [R, L, E]
+    if counts.shape[0] < SPREAD_MIN_REQUESTS:
         return None
-    k = cells.experts.shape[1]
-    counts = np.zeros((reqs.size, L, E))
-    np.add.at(counts, (np.repeat(r, k), np.repeat(cells.layer[rows].astype(np.int64), k),
-                       cells.experts[rows].astype(np.int64).reshape(-1)), 1.0)
     seen = counts.sum(axis=2, keepdims=True)
     share = counts / np.maximum(seen, 1)
-    pooled = counts.sum(axis=0) / np.maximum(counts.sum(axis=(0, 2))[:, None], 1)
+    pooled = counts.sum(axis=0) / np.maximum(seen.sum(axis=0), 1)
     has = seen[..., 0] > 0  # [R, L]
     dist = ((share - pooled[None]) ** 2).sum(axis=2)
     return (dist * has).sum(axis=0) / np.maximum(has.sum(axis=0), 1)
 
 
-def access_counts(cells: TraceCells, phase: int, L: int, E: int) -> np.ndarray:
-    """[L, E] how many of ``phase``'s cells hold each expert."""
+def access_counts(cells: TraceCells, phase: int, L: int, E: int, by_request: bool = False) -> np.ndarray:
+    """[L, E] how many of ``phase``'s cells hold each expert; ``by_request``: [R, L, E], one row per request
+    that has cells in the phase (in request-id order)."""
     rows = cells.phase == phase
     k = cells.experts.shape[1]
-    counts = np.zeros((L, E))
-    np.add.at(counts, (np.repeat(cells.layer[rows].astype(np.int64), k),
-                       cells.experts[rows].astype(np.int64).reshape(-1)), 1.0)
+    index = (np.repeat(cells.layer[rows].astype(np.int64), k), cells.experts[rows].astype(np.int64).reshape(-1))
+    if by_request:
+        reqs, r = np.unique(cells.request[rows], return_inverse=True)
+        counts = np.zeros((reqs.size, L, E))
+        index = (np.repeat(r, k),) + index
+    else:
+        counts = np.zeros((L, E))
+    np.add.at(counts, index, 1.0)
     return counts
 
 
